@@ -1,0 +1,37 @@
+"""lossy_hooks: simulate packet loss in DDP gradient communication with a comm hook.
+
+Two lines in existing DDP code::
+
+    state = LossyState(loss_rate=0.05, mtu=1500, drop_point="worker", fill="rescale")
+    ddp_model.register_comm_hook(state, lossy_allreduce_hook)
+"""
+
+from .hook import LossyState, lossy_allreduce_hook
+from .loss_models import (
+    Bernoulli,
+    ExactCount,
+    GilbertElliott,
+    LossModel,
+    MarkovFourState,
+    TailDrop,
+    Trace,
+    parse_loss_model,
+)
+from .packetization import PacketLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bernoulli",
+    "ExactCount",
+    "GilbertElliott",
+    "LossModel",
+    "LossyState",
+    "MarkovFourState",
+    "PacketLayout",
+    "TailDrop",
+    "Trace",
+    "__version__",
+    "lossy_allreduce_hook",
+    "parse_loss_model",
+]

@@ -1,0 +1,541 @@
+r"""The lossy allreduce communication hook for DDP, and its state.
+
+Usage (PyTorch's PowerSGD convention: a state object plus a hook function)::
+
+    from lossy_hooks import LossyState, lossy_allreduce_hook
+    state = LossyState(loss_rate=0.05, mtu=1500, drop_point="worker", fill="rescale")
+    ddp_model.register_comm_hook(state, lossy_allreduce_hook)
+    ...
+    print(state.stats())
+
+The math (``W`` ranks, rank ``r`` holds bucket ``g_r``, split into packets ``j = 0..n-1`` by
+:class:`~lossy_hooks.packetization.PacketLayout`; ``a_{r,j} = 1`` when rank ``r``'s copy of
+packet ``j`` arrives; ``c_j = sum_r a_{r,j}``; ``s = 1/W`` for ``reduction="mean"``, ``1``
+for ``"sum"``):
+
+- lossless (and DDP's own): ``R = sum_r s * g_r``. With loss 0 the hook computes exactly
+  this (each rank divides by ``W`` before the sum, like DDP), so results are bitwise equal
+  to DDP without a hook.
+- worker drop, ``fill="zero"``: ``R_j = sum_r s * a_{r,j} g_{r,j}`` (a lost copy counts as 0).
+- worker drop, ``fill="rescale"``: ``R_j = (W / c_j) * sum_r s * a_{r,j} g_{r,j}`` (``0`` if
+  ``c_j = 0``): the mean over the copies that arrived, unbiased given ``c_j > 0``. The counts
+  ``c_j`` are summed by one small extra allreduce (``counts_transport="separate"``) or
+  appended to the bucket in the same allreduce (``"append"``).
+- post drop (after the collective), mask ``b_j = 1`` when packet ``j`` of the result arrives:
+  ``"zero"``: ``b_j R_j``; ``"rescale"``: ``b_j R_j / (1 - p)`` with ``p`` the loss model's
+  long-run rate (unbiased: ``E[b_j] = 1 - p``); ``"stale"``: ``R_j`` if ``b_j`` else the value this
+  rank last received for packet ``j`` (0 before the first). ``post_sync="shared"`` draws one mask
+  for all ranks (replicas stay identical); ``"independent"`` one per rank (replicas drift).
+- ``drop_point="both"``: worker drop, the collective, then post drop; rescale factors multiply.
+"""
+
+import contextlib
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .loss_models import Bernoulli, LossModel, check_probability, parse_loss_model
+from .packetization import PacketLayout
+
+__all__ = ["LossyState", "derive_seed", "lossy_allreduce_hook"]
+
+DROP_POINTS = ("worker", "post", "both")
+FILLS = ("zero", "rescale", "stale")
+REDUCTIONS = ("mean", "sum")
+POST_SYNCS = ("shared", "independent")
+PACKETIZATIONS = ("mtu", "tensor")
+COUNTS_TRANSPORTS = ("separate", "append")
+
+# Random streams: one seed per (run seed, stream, rank).
+_STREAM_WORKER, _STREAM_POST_SHARED, _STREAM_POST_INDEPENDENT = 1, 2, 3
+
+BucketKey = tuple[int, int]  # (bucket index, numel): a rebuilt bucket is a new key
+
+
+def derive_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """A 63-bit generator seed for ``(seed, stream, rank)`` (numpy's SeedSequence hash)."""
+    state = np.random.SeedSequence([int(seed), int(stream), int(rank)]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def _key_str(key: BucketKey) -> str:
+    return f"{key[0]}:{key[1]}"
+
+
+def _key_from_str(text: str) -> BucketKey:
+    index, numel = text.split(":")
+    return int(index), int(numel)
+
+
+class DropSite:
+    """One place where packets are lost (``"worker"`` or ``"post"``): its own copy of the
+    loss model, its own generator, and its counters (device tensors, read when asked)."""
+
+    def __init__(self, name: str, model: LossModel, stream: int, per_rank: bool) -> None:
+        self.name = name
+        self.model = model
+        self.lossless = model.is_lossless()
+        self.stream = stream
+        self.per_rank = per_rank
+        self.generator: torch.Generator | None = None
+        self._saved_generator: tuple[str, torch.Tensor] | None = None
+        self.sent: dict[BucketKey, int] = {}
+        self.lost: dict[BucketKey, torch.Tensor] = {}
+        self.unrecovered: dict[BucketKey, torch.Tensor] = {}
+
+    def prepare(self, device: torch.device, seed: int, rank: int) -> None:
+        if self.generator is not None and self.generator.device == device:
+            return
+        gen = torch.Generator(device=device)
+        gen.manual_seed(derive_seed(seed, self.stream, rank if self.per_rank else 0))
+        saved = self._saved_generator
+        if saved is not None:
+            if saved[0] == device.type:
+                gen.set_state(saved[1])
+            else:
+                warnings.warn(
+                    f"{self.name} drop generator state was saved on {saved[0]!r} and is resumed "
+                    f"on {device.type!r}: the loss sequence restarts from the seed",
+                    stacklevel=3,
+                )
+            self._saved_generator = None
+        self.generator = gen
+        for d in (self.lost, self.unrecovered):
+            for k, v in d.items():
+                d[k] = v.to(device)
+
+    def draw(self, key: BucketKey, num_packets: int) -> torch.Tensor | None:
+        """The loss mask for this bucket (``None`` when the model is lossless); counts it."""
+        self.sent[key] = self.sent.get(key, 0) + num_packets
+        if self.lossless:
+            return None
+        assert self.generator is not None
+        lost = self.model.sample(num_packets, self.generator)
+        counter = self.lost.get(key)
+        if counter is None:
+            counter = self.lost[key] = torch.zeros((), dtype=torch.long, device=lost.device)
+        counter.add_(lost.sum())
+        return lost
+
+    def unrecovered_counter(self, key: BucketKey, device: torch.device) -> torch.Tensor:
+        counter = self.unrecovered.get(key)
+        if counter is None:
+            counter = self.unrecovered[key] = torch.zeros((), dtype=torch.long, device=device)
+        return counter
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.generator is not None:
+            gen = (self.generator.device.type, self.generator.get_state())
+        else:
+            gen = self._saved_generator
+        return {
+            "model": self.model.state_dict(),
+            "generator": gen,
+            "sent": {_key_str(k): v for k, v in self.sent.items()},
+            "lost": {_key_str(k): v.detach().cpu() for k, v in self.lost.items()},
+            "unrecovered": {_key_str(k): v.detach().cpu() for k, v in self.unrecovered.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.generator = None
+        gen = sd["generator"]
+        self._saved_generator = None if gen is None else (str(gen[0]), gen[1].clone())
+        self.sent = {_key_from_str(k): int(v) for k, v in sd["sent"].items()}
+        self.lost = {_key_from_str(k): v.clone() for k, v in sd["lost"].items()}
+        self.unrecovered = {_key_from_str(k): v.clone() for k, v in sd["unrecovered"].items()}
+
+
+class LossyState:
+    r"""State of :func:`lossy_allreduce_hook`: the configuration, RNGs, loss-model memory,
+    statistics and stale-fill buffers. All arguments are checked here; a bad one raises
+    ``ValueError`` naming it and the allowed values.
+
+    Args:
+        loss_rate: Bernoulli loss probability per packet, in [0, 1] (shorthand for
+            ``loss_model=Bernoulli(loss_rate)``). Give this or ``loss_model``, not both.
+        mtu: gradient payload bytes per packet (> 0; at least one element of the bucket dtype).
+        drop_point: ``"worker"`` (each rank's contribution, before the allreduce),
+            ``"post"`` (the result, after it) or ``"both"``.
+        fill: ``"zero"``, ``"rescale"`` (unbiased) or ``"stale"`` (post drop only).
+        reduction: ``"mean"`` (DDP's) or ``"sum"``.
+        post_sync: ``"shared"`` (same post mask on all ranks) or ``"independent"``.
+        packetization: ``"mtu"`` (fixed-size packets) or ``"tensor"`` (one per parameter).
+        loss_model: a :class:`~lossy_hooks.loss_models.LossModel` or netem-style text.
+        seed: base seed (>= 0); worker masks use (seed, rank), shared post masks seed alone.
+        process_group: the group to reduce over (default: the world).
+        counts_transport: how worker-drop ``rescale`` sums arrival counts: ``"separate"``
+            (a small extra allreduce) or ``"append"`` (appended to the bucket).
+        measure_fidelity: also allreduce the lossless bucket and record cosine similarity
+            and relative L2 error of the lossy result against it, per step (costs one
+            extra full allreduce).
+    """
+
+    def __init__(
+        self,
+        loss_rate: float | None = None,
+        mtu: int = 1500,
+        drop_point: str = "worker",
+        fill: str = "rescale",
+        reduction: str = "mean",
+        post_sync: str = "shared",
+        packetization: str = "mtu",
+        loss_model: LossModel | str | None = None,
+        seed: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        counts_transport: str = "separate",
+        measure_fidelity: bool = False,
+    ) -> None:
+        self.drop_point = _choice("drop_point", drop_point, DROP_POINTS)
+        self.fill = _choice("fill", fill, FILLS)
+        self.reduction = _choice("reduction", reduction, REDUCTIONS)
+        self.post_sync = _choice("post_sync", post_sync, POST_SYNCS)
+        self.packetization = _choice("packetization", packetization, PACKETIZATIONS)
+        self.counts_transport = _choice("counts_transport", counts_transport, COUNTS_TRANSPORTS)
+        if isinstance(mtu, bool) or not isinstance(mtu, (int, np.integer)) or mtu <= 0:
+            raise ValueError(f"mtu must be a positive whole number of bytes, got {mtu!r}")
+        self.mtu = int(mtu)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        if loss_model is not None and loss_rate is not None:
+            raise ValueError("give loss_rate or loss_model, not both")
+        if isinstance(loss_model, str):
+            loss_model = parse_loss_model(loss_model)
+        if loss_model is None:
+            loss_model = Bernoulli(check_probability("loss_rate", 0.0 if loss_rate is None else loss_rate))
+        if not isinstance(loss_model, LossModel):
+            raise ValueError(f"loss_model must be a LossModel or netem-style text, got {loss_model!r}")
+        self.loss_model = loss_model
+        if self.fill == "stale" and self.drop_point != "post":
+            raise ValueError(
+                f"fill='stale' needs drop_point='post' (a worker's lost contribution has no "
+                f"previous value at the receiver); got drop_point={self.drop_point!r}"
+            )
+        self.post_keep_rate = 1.0 - loss_model.long_run_loss_rate()
+        if self.fill == "rescale" and self.drops_after and self.post_keep_rate <= 0.0:
+            raise ValueError(
+                "fill='rescale' after the allreduce needs a long-run loss rate < 1 "
+                f"(rescales survivors by 1/(1-p)); {loss_model.spec!r} loses every packet"
+            )
+        self.process_group = process_group
+        self.measure_fidelity = bool(measure_fidelity)
+
+        self.worker = DropSite("worker", loss_model.clone(), _STREAM_WORKER, per_rank=True)
+        shared = self.post_sync == "shared"
+        stream = _STREAM_POST_SHARED if shared else _STREAM_POST_INDEPENDENT
+        self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
+        self.steps = 0
+        self.rank: int | None = None
+        self.world_size: int | None = None
+        self.device: torch.device | None = None
+        self._layouts: dict[BucketKey, tuple[tuple[int, ...] | None, PacketLayout]] = {}
+        self._stale: dict[BucketKey, torch.Tensor] = {}
+        self._fidelity: dict[int, list[torch.Tensor]] = {}
+        self._passthrough = False
+
+    # -- configuration ----------------------------------------------------------------
+
+    @property
+    def drops_before(self) -> bool:
+        return self.drop_point in ("worker", "both")
+
+    @property
+    def drops_after(self) -> bool:
+        return self.drop_point in ("post", "both")
+
+    def config(self) -> dict[str, Any]:
+        """The settings, as plain values (for configs and run names)."""
+        return {
+            "loss_model": self.loss_model.spec,
+            "loss_rate": self.loss_model.long_run_loss_rate(),
+            "mtu": self.mtu,
+            "drop_point": self.drop_point,
+            "fill": self.fill,
+            "reduction": self.reduction,
+            "post_sync": self.post_sync,
+            "packetization": self.packetization,
+            "seed": self.seed,
+            "counts_transport": self.counts_transport,
+            "measure_fidelity": self.measure_fidelity,
+        }
+
+    # -- per-bucket helpers used by the hook -------------------------------------------
+
+    def _prepare(self, buf: torch.Tensor, group: Any) -> None:
+        if self.device == buf.device:
+            return
+        self.device = buf.device
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        for site in (self.worker, self.post):
+            site.prepare(buf.device, self.seed, self.rank)
+        self._stale = {k: v.to(buf.device) for k, v in self._stale.items()}
+
+    def _layout(self, bucket: dist.GradBucket, buf: torch.Tensor) -> tuple[BucketKey, PacketLayout]:
+        """The bucket's packet layout, cached per ``(index, numel)``.
+
+        DDP rebuilds its buckets after the first iteration; a rebuilt bucket can keep its
+        index and size but hold other parameters in another order. Where that matters
+        (per-tensor packets, stale values) the cache is checked against the parameters'
+        sizes, and a changed bucket gets a new layout and a fresh stale buffer."""
+        key = (bucket.index(), buf.numel())
+        needs_params = self.packetization == "tensor" or self.fill == "stale"
+        signature = tuple(p.numel() for p in bucket.parameters()) if needs_params else None
+        cached = self._layouts.get(key)
+        if cached is not None and cached[0] == signature:
+            return key, cached[1]
+        if self.packetization == "tensor":
+            assert signature is not None
+            if sum(signature) != buf.numel():
+                raise RuntimeError(
+                    f"bucket {key[0]}: parameters hold {sum(signature)} elements, buffer {buf.numel()}"
+                )
+            layout = PacketLayout.by_tensor(signature)
+        else:
+            layout = PacketLayout.by_mtu(buf.numel(), self.mtu, buf.element_size())
+        if cached is not None:
+            self._stale.pop(key, None)
+        self._layouts[key] = (signature, layout)
+        return key, layout
+
+    def _stale_buffer(self, key: BucketKey, like: torch.Tensor) -> torch.Tensor:
+        buf = self._stale.get(key)
+        if buf is None:
+            # A rebuilt bucket with the same index replaces the old one's buffer.
+            for old in [k for k in self._stale if k[0] == key[0]]:
+                del self._stale[old]
+            buf = self._stale[key] = torch.zeros_like(like)
+        return buf
+
+    @contextlib.contextmanager
+    def passthrough(self) -> Iterator[None]:
+        """While active the hook is an exact lossless allreduce that draws no random
+        numbers and counts nothing. Use it for a warm-up iteration that lets DDP rebuild
+        its buckets, so that a fresh run and a resumed one see the same bucket layouts and
+        therefore the same loss sequence."""
+        previous, self._passthrough = self._passthrough, True
+        try:
+            yield
+        finally:
+            self._passthrough = previous
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def stats(self, all_ranks: bool = False) -> dict[str, Any]:
+        """Packets sent and lost so far, per drop point and per bucket.
+
+        Counters live on the device and are read here (one host sync). With
+        ``all_ranks=True`` they are summed over the process group (a collective: call it on
+        every rank, outside the backward pass). For the worker drop point "sent" counts this
+        rank's packets to the collective; for post, packets of the result delivered to it.
+        ``packets_unrecovered`` (worker rescale) counts packets no rank's copy reached.
+        """
+        sites = [s for s, on in ((self.worker, self.drops_before), (self.post, self.drops_after)) if on]
+        keys = sorted({k for s in sites for k in s.sent})
+        device = self.device or torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        rows: list[torch.Tensor] = []
+        for s in sites:
+            for k in keys:
+                rows.append(torch.tensor(s.sent.get(k, 0), device=device))
+                rows.append(s.lost.get(k, zero))
+                rows.append(s.unrecovered.get(k, zero))
+        vec = torch.stack(rows).to(torch.float64) if rows else torch.zeros(0, dtype=torch.float64)
+        if all_ranks:
+            group = self.process_group if self.process_group is not None else dist.group.WORLD
+            dist.all_reduce(vec, group=group)
+        values = [round(v) for v in vec.tolist()]
+        out: dict[str, Any] = {
+            "steps": self.steps,
+            "world_size": self.world_size,
+            "scope": "all ranks" if all_ranks else f"rank {self.rank}",
+        }
+        buckets: dict[BucketKey, dict[str, Any]] = {
+            k: {"index": k[0], "numel": k[1], "packets": self._layouts[k][1].num_packets} for k in keys
+        }
+        it = iter(values)
+        for s in sites:
+            sent = lost = unrec = 0
+            for k in keys:
+                bs, bl, bu = next(it), next(it), next(it)
+                sent, lost, unrec = sent + bs, lost + bl, unrec + bu
+                buckets[k].update({f"{s.name}_sent": bs, f"{s.name}_lost": bl})
+            entry = {
+                "packets_sent": sent,
+                "packets_lost": lost,
+                "loss_rate": lost / sent if sent else 0.0,
+            }
+            if s.name == "worker" and self.fill == "rescale":
+                entry["packets_unrecovered"] = unrec
+            out[s.name] = entry
+        out["buckets"] = list(buckets.values())
+        return out
+
+    def fidelity(self) -> list[dict[str, float]]:
+        """Per finished step since the last call: cosine similarity and relative L2 error of
+        the lossy aggregate against the lossless one (``measure_fidelity=True``).
+
+        Over all buckets of a step, with ``x`` lossy and ``y`` lossless:
+        ``cos = <x, y> / (|x| |y|)`` (1 when both are 0), ``rel_l2 = |x - y| / |y|`` (0 when equal).
+        """
+        done = sorted(s for s in self._fidelity if s < self.steps)
+        out = []
+        for step in done:
+            parts = torch.stack(self._fidelity.pop(step)).sum(0).tolist()
+            dot, xx, yy, dd = parts
+            cos = 1.0 if xx == 0 and yy == 0 else dot / math.sqrt(xx * yy) if xx * yy > 0 else 0.0
+            rel = 0.0 if dd == 0 else (math.sqrt(dd / yy) if yy > 0 else math.inf)
+            out.append({"step": step, "cosine": cos, "rel_l2": rel})
+        return out
+
+    # -- checkpointing ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the exact loss sequence: RNG states, loss-model
+        memory, counters and stale buffers (tensors on CPU; ``torch.load(weights_only=True)``
+        safe). The process group is not included."""
+        return {
+            "version": 1,
+            "config": self.config(),
+            "steps": self.steps,
+            "worker": self.worker.state_dict(),
+            "post": self.post.state_dict(),
+            "stale": {_key_str(k): v.detach().cpu() for k, v in self._stale.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        mine, theirs = self.config(), sd["config"]
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise ValueError(f"LossyState.load_state_dict: settings differ (saved, now): {diff}")
+        self.steps = int(sd["steps"])
+        self.worker.load_state_dict(sd["worker"])
+        self.post.load_state_dict(sd["post"])
+        self._stale = {_key_from_str(k): v.clone() for k, v in sd["stale"].items()}
+        self.device = None  # re-prepare on the next bucket: generators restored there
+        self._layouts = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Like PowerSGDState: the process group is not serializable and is left out.
+        init = {k: v for k, v in self.config().items() if k not in ("loss_model", "loss_rate")}
+        return {"init": init, "loss_model": copy.deepcopy(self.loss_model), "state": self.state_dict()}
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__init__(loss_model=d["loss_model"], **d["init"])  # type: ignore[misc]
+        self.load_state_dict(d["state"])
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"LossyState({cfg})"
+
+
+def _join(
+    futures: list[torch.futures.Future], on_cuda: bool, fn: Callable[[list[torch.Tensor]], torch.Tensor]
+) -> torch.futures.Future[torch.Tensor]:
+    """One future for all collectives the hook launched, then ``fn`` on their results.
+
+    All collectives are launched in the hook body (never from a callback). On CUDA/NCCL the
+    work futures complete at enqueue and ``wait()`` only orders streams, so chaining on the
+    first (CUDA-aware) future keeps DDP's stream synchronisation; on CPU/Gloo they complete
+    on worker threads and ``collect_all`` waits for all of them.
+    """
+    main, rest = futures[0], futures[1:]
+    if not rest:
+        return main.then(lambda f: fn([f.value()[0]]))
+    if on_cuda:
+        return main.then(lambda f: fn([f.value()[0]] + [x.wait()[0] for x in rest]))
+    return torch.futures.collect_all(futures).then(lambda f: fn([x.value()[0] for x in f.value()]))
+
+
+def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    r"""DDP communication hook: packetized, lossy allreduce of ``bucket`` (see module docs).
+
+    Packet masks are drawn on the bucket's device from per-rank generators; lost packets
+    are zeroed (``masked_fill``) before the allreduce (worker drop) and/or after it (post
+    drop), then filled by ``state.fill``. All collectives are launched asynchronously here;
+    the returned future's callbacks only compute.
+    """
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    buf = bucket.buffer()
+    state._prepare(buf, group)
+    world = state.world_size
+    assert world is not None
+    if state._passthrough:
+        if state.reduction == "mean":
+            buf.div_(world)
+        return _join(
+            [dist.all_reduce(buf, group=group, async_op=True).get_future()], buf.is_cuda, lambda r: r[0]
+        )
+    key, layout = state._layout(bucket, buf)
+    step = state.steps
+    if bucket.is_last():
+        state.steps += 1
+
+    if state.reduction == "mean":
+        buf.div_(world)
+    clean = buf.clone() if state.measure_fidelity else None
+
+    counts: torch.Tensor | None = None
+    if state.drops_before:
+        lost = state.worker.draw(key, layout.num_packets)
+        if lost is not None:
+            layout.zero_(buf, lost)
+            if state.fill == "rescale":
+                counts = (~lost).to(torch.int32 if state.counts_transport == "separate" else buf.dtype)
+                state.worker.unrecovered_counter(key, buf.device)
+
+    appended = counts is not None and state.counts_transport == "append"
+    payload = torch.cat((buf, counts)) if appended else buf  # type: ignore[arg-type]
+    futures = [dist.all_reduce(payload, group=group, async_op=True).get_future()]
+    if counts is not None and not appended:
+        futures.append(dist.all_reduce(counts, group=group, async_op=True).get_future())
+    has_counts = counts is not None
+    if clean is not None:
+        futures.append(dist.all_reduce(clean, group=group, async_op=True).get_future())
+        slot = torch.zeros(4, dtype=torch.float64, device=buf.device)
+        state._fidelity.setdefault(step, []).append(slot)
+
+    post_lost = state.post.draw(key, layout.num_packets) if state.drops_after else None
+    stale = state._stale_buffer(key, buf) if state.fill == "stale" else None
+    numel = layout.numel
+
+    def finish(results: list[torch.Tensor]) -> torch.Tensor:
+        out = results[0][:numel] if appended else results[0]
+        factor: torch.Tensor | None = None
+        if has_counts:
+            c = (results[0][numel:] if appended else results[1]).float()
+            factor = torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
+            state.worker.unrecovered[key].add_((c == 0).sum())
+        if post_lost is not None:
+            if state.fill == "zero":
+                layout.zero_(out, post_lost)
+            elif state.fill == "rescale":
+                keep = torch.where(post_lost, 0.0, 1.0 / state.post_keep_rate)
+                factor = keep if factor is None else factor * keep
+            else:
+                assert stale is not None
+                layout.fill_from_(out, post_lost, stale)
+        if factor is not None:
+            layout.scale_(out, factor)
+        if stale is not None:
+            stale.copy_(out)
+        if clean is not None:
+            ref = results[-1].double()
+            x = out.double()
+            slot.copy_(torch.stack((x.dot(ref), x.dot(x), ref.dot(ref), (x - ref).square().sum())))
+        return out
+
+    return _join(futures, buf.is_cuda, finish)

@@ -1,0 +1,488 @@
+"""Packet loss models: which packets of a bucket are lost.
+
+Every model answers one question: given ``n`` packets and a ``torch.Generator``, which
+of them are lost? :meth:`LossModel.sample` returns a bool tensor of length ``n`` on the
+generator's device (``True`` = lost). Sampling is vectorized (no Python loop over
+packets, no host synchronisation); models with memory (Markov chains, traces) carry their
+state from packet to packet, bucket to bucket and step to step, and expose it through
+``state_dict()`` so a checkpoint resumes the exact loss sequence.
+
+Models
+------
+- :class:`Bernoulli` ``(p)``: i.i.d. loss with probability ``p`` per packet (netem ``random P``).
+- :class:`ExactCount` ``(p)``: exactly ``floor(p*n)`` packets of each bucket, uniformly
+  chosen (the original study's rule).
+- :class:`GilbertElliott` ``(p, r, loss_in_bad, loss_in_good)``: netem ``gemodel p r 1-h 1-k``.
+- :class:`MarkovFourState` ``(p13, p31, p32, p23, p14)``: netem ``loss state``.
+- :class:`TailDrop` ``(p)``: the last ``ceil(p*n)`` packets of each bucket (a deadline cut).
+- :class:`Trace` ``(seq_or_path)``: a recorded 0/1 loss sequence replayed cyclically.
+
+:func:`parse_loss_model` reads netem's syntax (percentages, ``%`` optional, as in ``tc``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Bernoulli",
+    "ExactCount",
+    "GilbertElliott",
+    "LossModel",
+    "MarkovFourState",
+    "MarkovLossModel",
+    "TailDrop",
+    "Trace",
+    "parse_loss_model",
+]
+
+# Tolerance used when turning p*n into a whole number of packets, so that 0.3*10 counts 3.
+_COUNT_EPS = 1e-9
+
+
+def check_probability(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming ``name`` if not in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}") from None
+    if not (0.0 <= v <= 1.0) or math.isnan(v):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return v
+
+
+def _pct(p: float) -> str:
+    return f"{p * 100:.6g}%"
+
+
+class LossModel(ABC):
+    """A packet loss process.
+
+    Subclasses implement :meth:`sample` and :meth:`long_run_loss_rate`. Models with memory
+    override :meth:`state_dict` / :meth:`load_state_dict`.
+    """
+
+    @abstractmethod
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        """Loss mask for the next ``num_packets`` packets: bool tensor, ``True`` = lost,
+        on ``generator.device``."""
+
+    @abstractmethod
+    def long_run_loss_rate(self) -> float:
+        """The model's long-run (stationary) packet loss probability ``p``."""
+
+    @property
+    @abstractmethod
+    def spec(self) -> str:
+        """The model in :func:`parse_loss_model` syntax (used in run names and configs)."""
+
+    def is_lossless(self) -> bool:
+        """True when the model can never lose a packet (the hook then skips all masking)."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Memory carried between calls (empty for memoryless models)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (memoryless: nothing to restore)
+        """Restore what :meth:`state_dict` returned."""
+
+    def clone(self) -> LossModel:
+        """An independent copy (each drop point owns one)."""
+        return copy.deepcopy(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+class Bernoulli(LossModel):
+    """Independent loss: each packet is lost with probability ``p``.
+
+    ``lost_i ~ Bernoulli(p)`` i.i.d.; the number lost among ``n`` is Binomial(n, p).
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = check_probability("loss_rate (Bernoulli p)", p)
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.rand(num_packets, generator=generator, device=generator.device)
+        return u < self.p
+
+    def long_run_loss_rate(self) -> float:
+        return self.p
+
+    def is_lossless(self) -> bool:
+        return self.p == 0.0
+
+    @property
+    def spec(self) -> str:
+        return f"random {_pct(self.p)}"
+
+
+class ExactCount(LossModel):
+    """Exactly ``m = floor(p*n)`` of the ``n`` packets of each bucket are lost, the set
+    chosen uniformly among all ``C(n, m)`` subsets (the original script's rule)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = check_probability("ExactCount p", p)
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        m = math.floor(self.p * num_packets + _COUNT_EPS)
+        lost = torch.zeros(num_packets, dtype=torch.bool, device=generator.device)
+        if m > 0:
+            perm = torch.randperm(num_packets, generator=generator, device=generator.device)
+            lost[perm[:m]] = True
+        return lost
+
+    def long_run_loss_rate(self) -> float:
+        return self.p
+
+    def is_lossless(self) -> bool:
+        return self.p == 0.0
+
+    @property
+    def spec(self) -> str:
+        return f"exact {_pct(self.p)}"
+
+
+class TailDrop(LossModel):
+    """The last ``ceil(p*n)`` packets of each bucket are lost: a collective cut off by a
+    deadline, as in bounded-time allreduce designs. Deterministic (uses no randomness)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = check_probability("TailDrop p", p)
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        m = math.ceil(self.p * num_packets - _COUNT_EPS)
+        return torch.arange(num_packets, device=generator.device) >= (num_packets - m)
+
+    def long_run_loss_rate(self) -> float:
+        return self.p
+
+    def is_lossless(self) -> bool:
+        return self.p == 0.0
+
+    @property
+    def spec(self) -> str:
+        return f"tail {_pct(self.p)}"
+
+
+def _read_trace_file(path: str) -> list[int]:
+    with open(path, encoding="utf-8") as fh:
+        text = "\n".join(line.split("#", 1)[0] for line in fh)
+    bad = re.sub(r"[01\s,;]", "", text)
+    if bad:
+        raise ValueError(
+            f"trace file {path!r} must contain only 0/1 loss indicators "
+            f"(separated by spaces, commas or newlines; '#' starts a comment), found {bad[:20]!r}"
+        )
+    return [int(c) for c in re.findall(r"[01]", text)]
+
+
+class Trace(LossModel):
+    """Replays a recorded loss sequence ``t_0, t_1, ..., t_{L-1}`` (1 = lost) cyclically:
+    packet ``j`` of the whole stream is lost iff ``t_{j mod L} = 1``. The position carries
+    over between buckets and steps. ``seq_or_path`` is a sequence of 0/1 or a text file of
+    0/1 characters (whitespace/commas allowed, ``#`` comments)."""
+
+    def __init__(self, seq_or_path: Sequence[int] | str | os.PathLike[str]) -> None:
+        if isinstance(seq_or_path, (str, os.PathLike)):
+            self.path: str | None = os.fspath(seq_or_path)
+            if not os.path.isfile(self.path):
+                raise ValueError(f"trace file {self.path!r} does not exist")
+            values = _read_trace_file(self.path)
+        else:
+            self.path = None
+            values = [int(v) for v in seq_or_path]
+            if any(v not in (0, 1) for v in values):
+                raise ValueError("Trace sequence must contain only 0 and 1")
+        if not values:
+            raise ValueError("Trace sequence is empty: it needs at least one 0/1 entry")
+        self._trace = torch.tensor(values, dtype=torch.bool)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self.position = 0
+
+    def _trace_on(self, device: torch.device) -> torch.Tensor:
+        t = self._on_device.get(device)
+        if t is None:
+            t = self._trace.to(device)
+            self._on_device[device] = t
+        return t
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        trace = self._trace_on(generator.device)
+        length = trace.numel()
+        idx = torch.arange(num_packets, device=generator.device).add_(self.position)
+        self.position = (self.position + num_packets) % length
+        return trace[idx.remainder_(length)]
+
+    def long_run_loss_rate(self) -> float:
+        return float(self._trace.float().mean())
+
+    def is_lossless(self) -> bool:
+        return not bool(self._trace.any())
+
+    @property
+    def spec(self) -> str:
+        if self.path is not None:
+            return f"trace {self.path}"
+        return f"trace <{self._trace.numel()} entries, {_pct(self.long_run_loss_rate())} lost>"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"]) % self._trace.numel()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Trace:
+        new = copy.copy(self)
+        new._on_device = {}
+        return new
+
+
+class MarkovLossModel(LossModel):
+    """A finite Markov chain ``S_0, S_1, ...`` with transition matrix ``P``; packet ``i``
+    first moves the chain (``S_i ~ P[S_{i-1}, :]``), then is lost with probability
+    ``h[S_i]``. The chain starts in state 0 and its state carries over between calls.
+
+    Vectorized sampling: one uniform ``u_i`` per packet defines the transition map
+    ``f_i(s) = min{j : u_i < CDF[s, j]}`` for every state ``s`` at once (a coupling that
+    gives each row its correct law). The states are prefix compositions
+    ``S_i = (f_i o ... o f_0)(S_{-1})``, computed by a Hillis-Steele scan in
+    ``ceil(log2 n)`` vectorized gathers: no loop over packets, no host sync.
+    """
+
+    def __init__(self, transition: np.ndarray, loss_prob: np.ndarray) -> None:
+        self._transition = np.asarray(transition, dtype=np.float64)
+        self._loss_prob = np.asarray(loss_prob, dtype=np.float64)
+        cdf = np.cumsum(self._transition, axis=1)
+        cdf[:, -1] = np.inf  # guards against u landing above a rounded 1.0
+        self._cdf = torch.tensor(cdf, dtype=torch.float32)
+        self._h = torch.tensor(self._loss_prob, dtype=torch.float32)
+        self._deterministic = bool(np.all((self._loss_prob == 0) | (self._loss_prob == 1)))
+        self._state = torch.zeros((), dtype=torch.long)
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def transition_matrix(self) -> np.ndarray:
+        return self._transition.copy()
+
+    @property
+    def loss_probabilities(self) -> np.ndarray:
+        return self._loss_prob.copy()
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._cache.get(device)
+        if t is None:
+            t = (self._cdf.to(device), self._h.to(device))
+            self._cache[device] = t
+        return t
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        device = generator.device
+        if num_packets == 0:
+            return torch.zeros(0, dtype=torch.bool, device=device)
+        cdf, h = self._tables(device)
+        if self._state.device != device:
+            self._state = self._state.to(device)
+        n, k = num_packets, cdf.shape[0]
+        u = torch.rand(n, generator=generator, device=device)
+        # maps[i, s] = f_i(s): next state from s given u_i.
+        maps = torch.searchsorted(cdf, u.expand(k, n).contiguous(), right=True).t()
+        step = 1
+        while step < n:  # log2(n) doublings: maps[i] <- maps[i] o maps[i - step]
+            maps = torch.cat((maps[:step], torch.gather(maps[step:], 1, maps[:-step])))
+            step *= 2
+        states = maps.gather(1, self._state.expand(n, 1)).squeeze(1)
+        self._state = states[-1].clone()
+        if self._deterministic:
+            return h[states] > 0.5
+        return torch.rand(n, generator=generator, device=device) < h[states]
+
+    def stationary_distribution(self) -> np.ndarray:
+        """Long-run share of packets in each state, starting from state 0 (the Cesaro limit;
+        well defined for reducible or periodic chains too): ``e_0 Q^inf`` with the lazy
+        chain ``Q = (P + I)/2``, by repeated squaring."""
+        q = (self._transition + np.eye(len(self._transition))) / 2.0
+        for _ in range(64):
+            q = q @ q
+        pi = q[0]
+        return pi / pi.sum()
+
+    def long_run_loss_rate(self) -> float:
+        return float(self.stationary_distribution() @ self._loss_prob)
+
+    def is_lossless(self) -> bool:
+        return self.long_run_loss_rate() == 0.0 and not self._loss_prob.any()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": int(self._state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = torch.tensor(int(state["state"]), dtype=torch.long)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MarkovLossModel:
+        new = copy.copy(self)
+        new._state = self._state.clone()
+        new._cache = {}
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["_cache"] = {}
+        d["_state"] = self._state.cpu()
+        return d
+
+
+class GilbertElliott(MarkovLossModel):
+    """Gilbert-Elliott two-state model, netem ``gemodel p r 1-h 1-k``.
+
+    States Good (0) and Bad (1); ``P(G->B) = p``, ``P(B->G) = r``; a packet is lost with
+    probability ``loss_in_bad`` (``1-h``) in Bad and ``loss_in_good`` (``1-k``) in Good.
+    Stationary ``pi_B = p / (p + r)``, long-run loss ``pi_B (1-h) + (1-pi_B)(1-k)``; with
+    ``1-h = 1, 1-k = 0`` loss bursts are Bad sojourns, of mean length ``1/r`` packets.
+    """
+
+    def __init__(self, p: float, r: float, loss_in_bad: float = 1.0, loss_in_good: float = 0.0):
+        self.p = check_probability("gemodel p", p)
+        self.r = check_probability("gemodel r", r)
+        self.loss_in_bad = check_probability("gemodel 1-h (loss_in_bad)", loss_in_bad)
+        self.loss_in_good = check_probability("gemodel 1-k (loss_in_good)", loss_in_good)
+        transition = np.array([[1 - self.p, self.p], [self.r, 1 - self.r]])
+        super().__init__(transition, np.array([self.loss_in_good, self.loss_in_bad]))
+
+    @property
+    def spec(self) -> str:
+        return f"gemodel {_pct(self.p)} {_pct(self.r)} {_pct(self.loss_in_bad)} {_pct(self.loss_in_good)}"
+
+
+class MarkovFourState(MarkovLossModel):
+    """netem's four-state model (``loss state p13 p31 p32 p23 p14``), iproute2's numbering.
+
+    States: 1 = received in a gap, 2 = received in a burst, 3 = lost in a burst,
+    4 = isolated loss in a gap. Transitions ``1->3: p13``, ``1->4: p14``, ``1->1: 1-p13-p14``;
+    ``3->1: p31``, ``3->2: p32``, ``3->3: 1-p31-p32``; ``2->3: p23``, ``2->2: 1-p23``;
+    ``4->1: 1``. A packet is lost iff the chain is in state 3 or 4. Defaults as iproute2:
+    ``p31 = 1 - p13``, ``p32 = 0``, ``p23 = 1``, ``p14 = 0``.
+    """
+
+    def __init__(
+        self,
+        p13: float,
+        p31: float | None = None,
+        p32: float = 0.0,
+        p23: float = 1.0,
+        p14: float = 0.0,
+    ) -> None:
+        self.p13 = check_probability("state p13", p13)
+        self.p31 = check_probability("state p31", 1.0 - self.p13 if p31 is None else p31)
+        self.p32 = check_probability("state p32", p32)
+        self.p23 = check_probability("state p23", p23)
+        self.p14 = check_probability("state p14", p14)
+        if self.p13 + self.p14 > 1.0 + 1e-12:
+            raise ValueError(f"state p13 + p14 must be <= 1, got {self.p13 + self.p14:g}")
+        if self.p31 + self.p32 > 1.0 + 1e-12:
+            raise ValueError(f"state p31 + p32 must be <= 1, got {self.p31 + self.p32:g}")
+        t = np.array(
+            [
+                [1 - self.p13 - self.p14, 0.0, self.p13, self.p14],
+                [0.0, 1 - self.p23, self.p23, 0.0],
+                [self.p31, self.p32, 1 - self.p31 - self.p32, 0.0],
+                [1.0, 0.0, 0.0, 0.0],
+            ]
+        )
+        super().__init__(np.clip(t, 0.0, 1.0), np.array([0.0, 0.0, 1.0, 1.0]))
+
+    @property
+    def spec(self) -> str:
+        ps = (self.p13, self.p31, self.p32, self.p23, self.p14)
+        return "state " + " ".join(_pct(p) for p in ps)
+
+
+def _parse_percent(token: str, what: str) -> float:
+    """netem percentages: ``"5%"`` and ``"5"`` both mean 5% (as iproute2's parse_percent)."""
+    text = token[:-1] if token.endswith("%") else token
+    try:
+        value = float(text) / 100.0
+    except ValueError:
+        raise ValueError(f"loss model: {what} must be a percentage like 5%, got {token!r}") from None
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"loss model: {what} must be between 0% and 100%, got {token!r}")
+    return value
+
+
+_SYNTAX = (
+    "random P | state P13 [P31 [P32 [P23 [P14]]]] | gemodel P [R [1-H [1-K]]] | "
+    "exact P | tail P | trace FILE  (percentages as in tc-netem: '5%' or '5')"
+)
+
+
+def parse_loss_model(spec: str) -> LossModel:
+    """Build a loss model from netem-style text.
+
+    Accepted (an optional leading ``loss`` is ignored; ``loss 5%`` means ``random 5%``)::
+
+        random P                          -> Bernoulli(P)
+        state P13 [P31 [P32 [P23 [P14]]]] -> MarkovFourState (iproute2 defaults)
+        gemodel P [R [1-H [1-K]]]         -> GilbertElliott, R defaults to 1-P, 1-H to 100%, 1-K to 0%
+        exact P                           -> ExactCount(P)
+        tail P                            -> TailDrop(P)
+        trace FILE                        -> Trace(FILE)
+
+    Numbers are percentages as in ``tc``: ``5%`` and ``5`` both mean 0.05.
+    """
+    tokens = spec.split()
+    if tokens and tokens[0] == "loss":
+        tokens = tokens[1:]
+    if not tokens:
+        raise ValueError(f"loss model is empty; expected one of: {_SYNTAX}")
+    kind, args = tokens[0], tokens[1:]
+    if kind[0].isdigit() or kind[0] == ".":
+        kind, args = "random", tokens
+
+    def nargs(lo: int, hi: int) -> None:
+        if not (lo <= len(args) <= hi):
+            want = str(lo) if lo == hi else f"{lo} to {hi}"
+            raise ValueError(f"loss model {kind!r} takes {want} argument(s), got {len(args)} in {spec!r}")
+
+    if kind == "random":
+        if len(args) == 2:
+            raise ValueError(
+                "loss model 'random P CORRELATION' is not supported (netem deprecated it); "
+                "use 'gemodel' or 'state' for bursty loss"
+            )
+        nargs(1, 1)
+        return Bernoulli(_parse_percent(args[0], "random P"))
+    if kind == "exact":
+        nargs(1, 1)
+        return ExactCount(_parse_percent(args[0], "exact P"))
+    if kind == "tail":
+        nargs(1, 1)
+        return TailDrop(_parse_percent(args[0], "tail P"))
+    if kind == "trace":
+        nargs(1, 1)
+        return Trace(args[0])
+    if kind == "gemodel":
+        nargs(1, 4)
+        names = ("gemodel p", "gemodel r", "gemodel 1-h", "gemodel 1-k")
+        vals = [_parse_percent(a, n) for a, n in zip(args, names, strict=False)]
+        p = vals[0]
+        r = vals[1] if len(vals) > 1 else 1.0 - p
+        bad = vals[2] if len(vals) > 2 else 1.0
+        good = vals[3] if len(vals) > 3 else 0.0
+        return GilbertElliott(p, r, bad, good)
+    if kind == "state":
+        nargs(1, 5)
+        names = ("state p13", "state p31", "state p32", "state p23", "state p14")
+        vals = [_parse_percent(a, n) for a, n in zip(args, names, strict=False)]
+        return MarkovFourState(*vals)
+    raise ValueError(f"unknown loss model {kind!r} in {spec!r}; expected one of: {_SYNTAX}")

@@ -1,0 +1,143 @@
+"""Splitting a flat gradient bucket into packets, and per-packet operations on it.
+
+A bucket is one flat tensor of ``N`` elements. Two packetizations:
+
+- **MTU** (``PacketLayout.by_mtu``): ``mtu`` is the gradient payload in bytes per packet,
+  so a packet carries ``k = mtu // element_size`` elements (fp32, mtu=1500 -> 375) and the
+  bucket is ``n = ceil(N / k)`` packets; packet ``j`` covers elements ``[j*k, min((j+1)*k, N))``,
+  the last one possibly short. Packets ignore parameter boundaries, as a transport would.
+- **Per tensor** (``PacketLayout.by_tensor``): each parameter's gradient in the bucket is one
+  packet (the granularity of the original single-process script).
+
+The operations take a per-packet vector (a loss mask or a scale factor) and apply it to
+the elements, without expanding it element by element in the MTU case: full packets are a
+``(n_full, k)`` view, the short tail a 1-D view. No Python loop over packets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["PacketLayout", "elements_per_packet"]
+
+
+def elements_per_packet(mtu: int, element_size: int) -> int:
+    """``k = mtu // element_size``; raises ``ValueError`` if the mtu holds no element."""
+    if mtu < element_size:
+        raise ValueError(
+            f"mtu must be at least one element ({element_size} bytes for this bucket's dtype), got mtu={mtu}"
+        )
+    return mtu // element_size
+
+
+class PacketLayout:
+    """Packet boundaries of one bucket: ``num_packets`` packets over ``numel`` elements."""
+
+    __slots__ = ("_sizes_on", "num_packets", "numel", "packet_numel", "sizes")
+
+    def __init__(self, numel: int, packet_numel: int = 0, sizes: Sequence[int] | None = None):
+        self.numel = int(numel)
+        self.packet_numel = int(packet_numel)
+        self.sizes: tuple[int, ...] | None = None if sizes is None else tuple(int(s) for s in sizes)
+        self._sizes_on: dict[torch.device, torch.Tensor] = {}
+        if self.sizes is not None:
+            if sum(self.sizes) != self.numel:
+                raise ValueError(f"per-tensor packet sizes sum to {sum(self.sizes)}, bucket has {self.numel}")
+            self.num_packets = len(self.sizes)
+        else:
+            if self.packet_numel <= 0:
+                raise ValueError("packet_numel must be positive")
+            self.num_packets = -(-self.numel // self.packet_numel)
+
+    @classmethod
+    def by_mtu(cls, numel: int, mtu: int, element_size: int) -> PacketLayout:
+        return cls(numel, packet_numel=elements_per_packet(mtu, element_size))
+
+    @classmethod
+    def by_tensor(cls, sizes: Sequence[int]) -> PacketLayout:
+        return cls(sum(int(s) for s in sizes), sizes=sizes)
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.sizes is not None
+
+    def packet_sizes(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Elements in each packet, int64 tensor of length ``num_packets`` on ``device``."""
+        device = torch.device(device)
+        t = self._sizes_on.get(device)
+        if t is None:
+            if self.sizes is not None:
+                t = torch.tensor(self.sizes, dtype=torch.long, device=device)
+            else:
+                t = torch.full((self.num_packets,), self.packet_numel, dtype=torch.long, device=device)
+                if self.num_packets and self.numel % self.packet_numel:
+                    t[-1] = self.numel % self.packet_numel
+            self._sizes_on[device] = t
+        return t
+
+    def packet_bounds(self) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` element ranges of every packet (for inspection and tests)."""
+        if self.sizes is not None:
+            out, start = [], 0
+            for s in self.sizes:
+                out.append((start, start + s))
+                start += s
+            return out
+        k = self.packet_numel
+        return [(j * k, min((j + 1) * k, self.numel)) for j in range(self.num_packets)]
+
+    # -- per-packet operations ------------------------------------------------------------
+
+    def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(full, tail, n_full)``: full packets as an ``(n_full, k)`` view and the tail."""
+        k = self.packet_numel
+        n_full = self.numel // k
+        full = flat[: n_full * k].view(n_full, k)
+        return full, flat[n_full * k :], n_full
+
+    def expand(self, per_packet: torch.Tensor) -> torch.Tensor:
+        """Per-element copy of a per-packet vector (length ``numel``)."""
+        sizes = self.packet_sizes(per_packet.device)
+        return per_packet.repeat_interleave(sizes, output_size=self.numel)
+
+    def zero_(self, flat: torch.Tensor, lost: torch.Tensor) -> torch.Tensor:
+        """Set the elements of lost packets to 0, in place (``masked_fill``, so a lost
+        ``inf``/``nan`` becomes 0 too)."""
+        if self.sizes is not None:
+            return flat.masked_fill_(self.expand(lost), 0)
+        full, tail, n_full = self._split(flat)
+        full.masked_fill_(lost[:n_full, None], 0)
+        if tail.numel():
+            tail.masked_fill_(lost[n_full], 0)
+        return flat
+
+    def scale_(self, flat: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """Multiply every element of packet ``j`` by ``factor[j]``, in place."""
+        if self.sizes is not None:
+            return flat.mul_(self.expand(factor))
+        full, tail, n_full = self._split(flat)
+        full.mul_(factor[:n_full, None])
+        if tail.numel():
+            tail.mul_(factor[n_full])
+        return flat
+
+    def fill_from_(self, flat: torch.Tensor, lost: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Replace the elements of lost packets with those of ``source``, in place."""
+        if self.sizes is not None:
+            mask = self.expand(lost)
+            return torch.where(mask, source, flat, out=flat)
+        full, tail, n_full = self._split(flat)
+        src_full, src_tail, _ = self._split(source)
+        torch.where(lost[:n_full, None], src_full, full, out=full)
+        if tail.numel():
+            torch.where(lost[n_full], src_tail, tail, out=tail)
+        return flat
+
+    def __repr__(self) -> str:
+        if self.sizes is not None:
+            return f"PacketLayout(numel={self.numel}, per_tensor, packets={self.num_packets})"
+        return (
+            f"PacketLayout(numel={self.numel}, packet_numel={self.packet_numel}, packets={self.num_packets})"
+        )

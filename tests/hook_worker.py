@@ -1,0 +1,333 @@
+"""Runs as one rank of a Gloo process group (see launch.py); each scenario returns numbers
+that tests/test_hook_ddp.py asserts on. Usage: hook_worker.py OUT.json SCENARIO [...]"""
+
+from __future__ import annotations
+
+import gc
+import json
+import pickle
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lossy_hooks import GilbertElliott, LossyState, lossy_allreduce_hook
+
+
+class Probe(nn.Module):
+    """Parameters of given sizes whose gradient is exactly the input: loss = sum(w * x)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes])
+
+    def forward(self, x: float) -> torch.Tensor:
+        return sum((w * x).sum() for w in self.ws)  # type: ignore[return-value]
+
+
+def probe_step(ddp: DDP, value: float) -> list[torch.Tensor]:
+    ddp.zero_grad(set_to_none=True)
+    ddp(value).backward()
+    return [w.grad.detach().clone() for w in ddp.module.ws]
+
+
+def rank() -> int:
+    return dist.get_rank()
+
+
+def world() -> int:
+    return dist.get_world_size()
+
+
+def decode(values: torch.Tensor) -> list[list[int]]:
+    """Sum of 2**r over arrived ranks -> per-rank arrival bits."""
+    v = values.round().long()
+    return [((v >> r) & 1).tolist() for r in range(world())]
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def packets_mtu() -> dict:
+    """Worker drop, zero fill, sum: rank r contributes 2**r, so each element's value says
+    which ranks' copies arrived. mtu=400 B -> k=100 fp32 elements; N=2050 -> 21 packets."""
+    p, steps, n, k = 0.3, 150, 2050, 100
+    state = LossyState(loss_rate=p, mtu=400, drop_point="worker", fill="zero", reduction="sum", seed=7)
+    ddp = DDP(Probe([n]), bucket_cap_mb=25)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
+    non_uniform_packets = 0
+    arrivals = []  # per step, per packet: value
+    for _ in range(steps):
+        g = probe_step(ddp, float(2 ** rank()))[0]
+        packets = [g[i : i + k] for i in range(0, n, k)]
+        non_uniform_packets += sum(int((pk != pk[0]).any()) for pk in packets)
+        arrivals.append([float(pk[0]) for pk in packets])
+    vals = torch.tensor(arrivals).flatten()
+    bits = decode(vals)
+    st = state.stats()
+    return {
+        "packets_per_step": len(arrivals[0]),
+        "tail_len": n - (len(arrivals[0]) - 1) * k,
+        "non_uniform_packets": non_uniform_packets,
+        "lost_per_rank": [len(b) - sum(b) for b in bits],
+        "both_lost": int(sum(1 for i in range(len(vals)) if all(b[i] == 0 for b in bits))),
+        "total": len(vals),
+        "own_stats_lost": st["worker"]["packets_lost"],
+        "own_stats_sent": st["worker"]["packets_sent"],
+        "steps": st["steps"],
+        "p": p,
+    }
+
+
+def packets_tensor() -> dict:
+    """packetization='tensor': each parameter's gradient is one packet."""
+    sizes, steps = [300, 1200, 50, 7], 200
+    state = LossyState(
+        loss_rate=0.4,
+        mtu=4,
+        drop_point="worker",
+        fill="zero",
+        reduction="sum",
+        packetization="tensor",
+        seed=3,
+    )
+    ddp = DDP(Probe(sizes), bucket_cap_mb=25)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
+    non_uniform, values = 0, []
+    for _ in range(steps):
+        grads = probe_step(ddp, float(2 ** rank()))
+        non_uniform += sum(int((g != g[0]).any()) for g in grads)
+        values.extend(float(g[0]) for g in grads)
+    bits = decode(torch.tensor(values))
+    return {
+        "non_uniform": non_uniform,
+        "packets": len(values),
+        "lost_per_rank": [len(b) - sum(b) for b in bits],
+        "p": 0.4,
+        "stats_sent": state.stats()["worker"]["packets_sent"],
+    }
+
+
+def post_masks(sync: str) -> dict:
+    """Post drop, zero fill, sum: which packets of the result arrived, per step."""
+    n, k, steps = 2000, 100, 100
+    state = LossyState(
+        loss_rate=0.3, mtu=400, drop_point="post", fill="zero", reduction="sum", post_sync=sync, seed=11
+    )
+    ddp = DDP(Probe([n]), bucket_cap_mb=25)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
+    full = float(sum(2**r for r in range(world())))
+    masks, other = [], 0
+    for _ in range(steps):
+        g = probe_step(ddp, float(2 ** rank()))[0].view(-1, k)
+        arrived = (g == full).all(1)
+        other += int(((g != full) & (g != 0)).any())
+        masks.extend(int(a) for a in arrived.tolist())
+    return {"mask": masks, "neither_full_nor_zero": other}
+
+
+def post_shared() -> dict:
+    return post_masks("shared")
+
+
+def post_independent() -> dict:
+    return post_masks("independent")
+
+
+def rescale_unbiased() -> dict:
+    """Average of many lossy results against the lossless mean, worker and post rescale."""
+    n, steps = 3000, 300
+    out = {}
+    for drop_point, p in (("worker", 0.1 if world() >= 4 else 0.05), ("post", 0.1)):
+        state = LossyState(loss_rate=p, mtu=200, drop_point=drop_point, fill="rescale", seed=5)
+        ddp = DDP(Probe([n]), bucket_cap_mb=25)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        acc = torch.zeros(n, dtype=torch.float64)
+        for _ in range(steps):
+            acc += probe_step(ddp, float(rank() + 1))[0].double()
+        lossless = (world() + 1) / 2
+        out[drop_point] = {
+            "mean_ratio": float(acc.mean() / steps / lossless),
+            "p": p,
+            "loss_rate": state.stats()[drop_point]["loss_rate"],
+        }
+    return out
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 8 * 8, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        x = nn.functional.max_pool2d(x, 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def train_small(
+    state: LossyState | None,
+    steps: int = 20,
+    view: bool = False,
+    accumulation: int = 1,
+    warmup: bool = False,
+    snapshot_at: int | None = None,
+    resume: bytes | None = None,
+) -> tuple[list[torch.Tensor], dict]:
+    torch.manual_seed(0)
+    model = SmallNet()
+    ddp = DDP(model, bucket_cap_mb=0.01, gradient_as_bucket_view=view)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(100 + rank())
+    saved = pickle.loads(resume) if resume is not None else None
+    if saved is not None:
+        state = saved["hook"]
+    if state is not None:
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+    info: dict = {"grads": []}
+    if warmup:
+        assert state is not None
+        with state.passthrough():
+            ddp.eval()
+            ddp(torch.zeros(2, 3, 16, 16)).sum().backward()
+            ddp.train()
+        opt.zero_grad(set_to_none=True)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["gen"])
+    for step in range(steps):
+        if step == snapshot_at:
+            info["snapshot"] = pickle.dumps(
+                {"hook": state, "model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state()}
+            )
+        opt.zero_grad(set_to_none=True)
+        for micro in range(accumulation):
+            x = torch.randn(4, 3, 16, 16, generator=gen)
+            y = torch.randint(0, 10, (4,), generator=gen)
+            if micro < accumulation - 1:
+                with ddp.no_sync():
+                    nn.functional.cross_entropy(ddp(x), y).backward()
+            else:
+                nn.functional.cross_entropy(ddp(x), y).backward()
+        info["grads"].append(torch.cat([p.grad.flatten() for p in ddp.parameters()]))
+        opt.step()
+    return [p.detach().clone() for p in ddp.parameters()], info
+
+
+def bitwise_loss0() -> dict:
+    """loss 0 -> parameters bitwise equal to DDP without a hook after 20 SGD steps."""
+    ref, _ = train_small(None)
+    configs = {
+        "worker_rescale": dict(drop_point="worker", fill="rescale"),
+        "worker_zero": dict(drop_point="worker", fill="zero"),
+        "post_rescale": dict(drop_point="post", fill="rescale"),
+        "post_stale": dict(drop_point="post", fill="stale"),
+        "both_zero_tensor": dict(drop_point="both", fill="zero", packetization="tensor"),
+        "independent": dict(drop_point="post", fill="zero", post_sync="independent"),
+        "gemodel_p0": dict(loss_model=GilbertElliott(0.0, 0.5), drop_point="worker"),
+    }
+    out = {}
+    for name, kw in configs.items():
+        if "loss_model" not in kw:
+            kw = dict(kw, loss_rate=0.0)
+        params, _ = train_small(LossyState(mtu=1500, **kw))
+        out[name] = all(torch.equal(a, b) for a, b in zip(ref, params, strict=True))
+    params, _ = train_small(LossyState(loss_rate=0.0), view=True)
+    out["bucket_view"] = all(torch.equal(a, b) for a, b in zip(ref, params, strict=True))
+    lossy, _ = train_small(LossyState(loss_rate=0.2))
+    out["lossy_differs"] = not all(torch.equal(a, b) for a, b in zip(ref, lossy, strict=True))
+    return out
+
+
+def accumulation_and_views() -> dict:
+    """no_sync accumulation fires the hook once per optimizer step; bucket views and the
+    appended counts transport give the same results as the defaults."""
+    state = LossyState(loss_rate=0.2, mtu=256, seed=1)
+    base, _ = train_small(state, steps=6, accumulation=3)
+    view_state = LossyState(loss_rate=0.2, mtu=256, seed=1)
+    view, _ = train_small(view_state, steps=6, accumulation=3, view=True)
+    app_state = LossyState(loss_rate=0.2, mtu=256, seed=1, counts_transport="append")
+    app, _ = train_small(app_state, steps=6, accumulation=3)
+    return {
+        "steps": state.steps,
+        "view_equal": all(torch.equal(a, b) for a, b in zip(base, view, strict=True)),
+        "append_equal": all(torch.equal(a, b) for a, b in zip(base, app, strict=True)),
+        "append_max_rel_diff": max(
+            float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+            for a, b in zip(base, app, strict=True)
+        ),
+        "stats_all": state.stats(all_ranks=True)["worker"],
+        "stats_own": state.stats()["worker"],
+        "buckets": state.stats()["buckets"],
+    }
+
+
+def pickle_resume() -> dict:
+    """Checkpoint (pickled hook state + model + optimizer + data RNG) at step 5, restore into
+    a fresh DDP model: the following steps' gradients, hence loss masks, are identical."""
+    kw = dict(
+        loss_model=GilbertElliott(0.05, 0.3),
+        mtu=128,
+        drop_point="both",
+        fill="zero",
+        post_sync="independent",
+        seed=9,
+    )
+    _, first = train_small(LossyState(**kw), steps=12, warmup=True, snapshot_at=5)
+    after = first["grads"][5:]
+    _, second = train_small(None, steps=7, warmup=True, resume=first["snapshot"])
+    same = all(torch.equal(a, b) for a, b in zip(after, second["grads"], strict=True))
+    # Without the warm-up the fresh model's first step uses one big bucket: masks differ.
+    _, third = train_small(None, steps=7, warmup=False, resume=first["snapshot"])
+    differs = not all(torch.equal(a, b) for a, b in zip(after, third["grads"], strict=True))
+    return {"same_sequence": same, "no_warmup_differs": differs, "compared": len(second["grads"])}
+
+
+def fidelity() -> dict:
+    out = {}
+    for p in (0.0, 0.2):
+        state = LossyState(loss_rate=p, mtu=256, measure_fidelity=True)
+        train_small(state, steps=4)
+        out[str(p)] = state.fidelity()
+    return out
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (
+        packets_mtu,
+        packets_tensor,
+        post_shared,
+        post_independent,
+        rescale_unbiased,
+        bitwise_loss0,
+        accumulation_and_views,
+        pickle_resume,
+        fidelity,
+    )
+}
+
+
+def main() -> None:
+    out_path, names = sys.argv[1], sys.argv[2:]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {name: SCENARIOS[name]() for name in names}
+    gathered: list = [None] * world()
+    dist.all_gather_object(gathered, results)
+    if rank() == 0:
+        with open(out_path, "w") as fh:
+            json.dump(gathered, fh)
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Start a script as W Gloo ranks on this machine and collect what rank 0 writes.
+
+Each process group launch costs ~10-20 s here (importing torch), so tests run many checks
+per launch: the worker script runs a list of scenarios and rank 0 writes all ranks'
+results as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, world_size: int, args: list[str], out: Path, timeout: float = 600) -> Any:
+    """Run ``script args`` as ``world_size`` ranks; return the JSON rank 0 wrote to ``out``."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), str(out), *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=timeout)
+            logs.append(stdout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        raise RuntimeError(f"ranks exited {codes}:\n" + "\n----\n".join(logs))
+    return json.loads(out.read_text())

@@ -1,0 +1,195 @@
+"""Loss models on their own (one process): rates, bursts, exact counts, parsing, state."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lossy_hooks import (
+    Bernoulli,
+    ExactCount,
+    GilbertElliott,
+    MarkovFourState,
+    TailDrop,
+    Trace,
+    parse_loss_model,
+)
+from lossy_hooks.statistics import binomial_interval, burst_lengths, markov_loss_interval
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def draw(model, total: int, chunk: int, seed: int = 0) -> torch.Tensor:
+    g = gen(seed)
+    return torch.cat([model.sample(chunk, g) for _ in range(total // chunk)])
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5])
+def test_bernoulli_count_in_binomial_interval(p):
+    n = 200_000
+    lost = int(draw(Bernoulli(p), n, 1000, seed=int(p * 100)).sum())
+    lo, hi = binomial_interval(n, p, 0.999)
+    assert lo <= lost <= hi, (lost, lo, hi)
+
+
+def test_binomial_interval_is_right():
+    lo, hi = binomial_interval(10_000, 0.1, 0.999)
+    sd = math.sqrt(10_000 * 0.1 * 0.9)  # 30
+    assert 1000 - 3.4 * sd < lo < 1000 - 3.1 * sd
+    assert 1000 + 3.1 * sd < hi < 1000 + 3.5 * sd
+    assert binomial_interval(10, 0.0) == (0, 0)
+    assert binomial_interval(10, 1.0) == (10, 10)
+
+
+def test_exact_count_exact_and_uniform():
+    model, n, calls, p = ExactCount(0.3), 50, 3000, 0.3
+    g = gen(1)
+    masks = torch.stack([model.sample(n, g) for _ in range(calls)])
+    assert (masks.sum(1) == 15).all()
+    assert int(ExactCount(0.3).sample(10, g).sum()) == 3  # floor(0.3*10) despite 2.999..
+    assert int(ExactCount(0.05).sample(19, g).sum()) == 0
+    # every position is lost with marginal probability p (Bonferroni over 50 positions)
+    lo, hi = binomial_interval(calls, p, 1 - 0.001 / n)
+    per_position = masks.sum(0)
+    assert ((per_position >= lo) & (per_position <= hi)).all(), per_position
+
+
+def test_tail_drop_is_the_last_packets():
+    g = gen()
+    assert TailDrop(0.25).sample(10, g).tolist() == [False] * 7 + [True] * 3  # ceil(2.5)
+    assert TailDrop(0.2).sample(10, g).tolist() == [False] * 8 + [True] * 2
+    assert not TailDrop(0.0).sample(10, g).any()
+    assert TailDrop(1.0).sample(4, g).all()
+
+
+def test_trace_replays_cyclically_and_resumes(tmp_path):
+    f = tmp_path / "loss.txt"
+    f.write_text("# recorded\n1 0 0\n0,1\n")
+    model = parse_loss_model(f"trace {f}")
+    assert isinstance(model, Trace)
+    g = gen()
+    assert model.sample(4, g).tolist() == [True, False, False, False]
+    saved = model.state_dict()
+    cont = model.sample(6, g).tolist()
+    assert cont == [True, True, False, False, False, True]
+    fresh = Trace(f)
+    fresh.load_state_dict(saved)
+    assert fresh.sample(6, g).tolist() == cont
+    assert model.long_run_loss_rate() == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="only 0/1"):
+        bad = tmp_path / "bad.txt"
+        bad.write_text("1 0 2")
+        Trace(bad)
+
+
+def test_gilbert_elliott_stationary_rate_and_burst_length():
+    p, r = 0.05, 0.3
+    model = GilbertElliott(p, r)
+    lost = draw(model, 400_000, 10_000, seed=2)
+    theory = p / (p + r)
+    assert model.long_run_loss_rate() == pytest.approx(theory)
+    assert float(lost.float().mean()) == pytest.approx(theory, rel=0.05)
+    lo, hi = markov_loss_interval(model.transition_matrix, model.loss_probabilities, lost.numel())
+    assert lo <= float(lost.float().mean()) <= hi
+    bursts = burst_lengths(lost).double()
+    assert float(bursts.mean()) == pytest.approx(1 / r, rel=0.05)
+    # bursts are geometric: P(length = 1) = r
+    assert float((bursts == 1).double().mean()) == pytest.approx(r, rel=0.05)
+
+
+def test_gilbert_elliott_partial_loss_in_states():
+    model = GilbertElliott(0.02, 0.2, loss_in_bad=0.7, loss_in_good=0.01)
+    lost = draw(model, 400_000, 4096, seed=3)
+    pi_bad = 0.02 / 0.22
+    theory = pi_bad * 0.7 + (1 - pi_bad) * 0.01
+    assert model.long_run_loss_rate() == pytest.approx(theory)
+    lo, hi = markov_loss_interval(model.transition_matrix, model.loss_probabilities, lost.numel())
+    assert lo <= float(lost.float().mean()) <= hi
+
+
+def test_four_state_markov_matches_its_stationary_law():
+    model = MarkovFourState(p13=0.03, p31=0.4, p32=0.2, p23=0.5, p14=0.01)
+    lost = draw(model, 400_000, 5000, seed=4)
+    t = model.transition_matrix
+    np.testing.assert_allclose(t.sum(1), 1.0)
+    lo, hi = markov_loss_interval(t, model.loss_probabilities, lost.numel())
+    assert lo <= float(lost.float().mean()) <= hi
+    # default p31 = 1 - p13: a simple Gilbert chain with loss rate p13
+    simple = MarkovFourState(0.1)
+    assert simple.long_run_loss_rate() == pytest.approx(0.1)
+    assert float(draw(simple, 200_000, 1000).float().mean()) == pytest.approx(0.1, rel=0.05)
+
+
+def test_markov_state_carries_across_calls_and_state_dict():
+    model = GilbertElliott(0.01, 0.05)
+    g = gen(5)
+    model.sample(1000, g)
+    saved, gstate = model.state_dict(), g.get_state()
+    expected = model.sample(500, g)
+    copy = GilbertElliott(0.01, 0.05)
+    copy.load_state_dict(saved)
+    g2 = gen()
+    g2.set_state(gstate)
+    assert torch.equal(copy.sample(500, g2), expected)
+    # long bursts continue over call boundaries: sampled in chunks of 10, bursts > 10 exist
+    lost = draw(GilbertElliott(0.01, 0.05), 100_000, 10, seed=6)
+    assert int(burst_lengths(lost).max()) > 40
+
+
+def test_same_seed_same_drops():
+    for model in (Bernoulli(0.1), ExactCount(0.1), GilbertElliott(0.05, 0.2), MarkovFourState(0.05)):
+        a = draw(model.clone(), 5000, 500, seed=42)
+        b = draw(model.clone(), 5000, 500, seed=42)
+        c = draw(model.clone(), 5000, 500, seed=43)
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+def test_parse_loss_model_netem_syntax():
+    ge = parse_loss_model("gemodel 1% 20% 100% 0%")
+    assert isinstance(ge, GilbertElliott)
+    assert (ge.p, ge.r, ge.loss_in_bad, ge.loss_in_good) == pytest.approx((0.01, 0.2, 1.0, 0.0))
+    ge_default = parse_loss_model("loss gemodel 5%")
+    assert (ge_default.r, ge_default.loss_in_bad, ge_default.loss_in_good) == pytest.approx((0.95, 1, 0))
+    st = parse_loss_model("state 2% 30% 10%")
+    assert isinstance(st, MarkovFourState)
+    assert (st.p13, st.p31, st.p32, st.p23, st.p14) == pytest.approx((0.02, 0.3, 0.1, 1.0, 0.0))
+    assert parse_loss_model("state 2%").p31 == pytest.approx(0.98)
+    assert parse_loss_model("random 5%").p == pytest.approx(0.05)
+    assert parse_loss_model("loss 5").p == pytest.approx(0.05)  # tc: plain numbers are percent
+    assert isinstance(parse_loss_model("exact 10%"), ExactCount)
+    assert isinstance(parse_loss_model("tail 10%"), TailDrop)
+    for model in (ge, st, Bernoulli(0.125), ExactCount(0.1), TailDrop(0.3)):
+        again = parse_loss_model(model.spec)
+        assert type(again) is type(model) and again.spec == model.spec
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty"),
+        ("random 150%", "between 0% and 100%"),
+        ("random x", "percentage"),
+        ("random 1% 25%", "not supported"),
+        ("gemodel", "takes 1 to 4"),
+        ("bogus 1%", "unknown loss model"),
+        ("state 60% 50% 60%", "p31 \\+ p32"),
+        ("trace /nonexistent/file", "does not exist"),
+    ],
+)
+def test_parse_loss_model_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_loss_model(spec)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "x"])
+def test_probabilities_checked(bad):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Bernoulli(bad)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        GilbertElliott(0.1, bad)

@@ -1,0 +1,102 @@
+"""Packet layouts, and LossyState's argument checking and pickling (one process)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from lossy_hooks import GilbertElliott, LossyState, PacketLayout
+
+
+def test_mtu_layout_counts_and_bounds():
+    layout = PacketLayout.by_mtu(1000, mtu=1500, element_size=4)
+    assert layout.packet_numel == 375 and layout.num_packets == 3
+    assert layout.packet_bounds() == [(0, 375), (375, 750), (750, 1000)]
+    assert layout.packet_sizes().tolist() == [375, 375, 250]
+    fp16 = PacketLayout.by_mtu(1000, mtu=1500, element_size=2)
+    assert fp16.packet_numel == 750 and fp16.num_packets == 2
+    exact = PacketLayout.by_mtu(750, mtu=1500, element_size=4)
+    assert exact.num_packets == 2 and exact.packet_sizes().tolist() == [375, 375]
+    with pytest.raises(ValueError, match="at least one element"):
+        PacketLayout.by_mtu(10, mtu=3, element_size=4)
+
+
+@pytest.mark.parametrize(
+    "layout", [PacketLayout.by_mtu(1000, 1500, 4), PacketLayout.by_tensor([10, 600, 390])]
+)
+def test_packet_operations_match_elementwise_reference(layout):
+    torch.manual_seed(0)
+    flat = torch.randn(1000)
+    flat[5] = float("inf")  # a lost inf must become 0, not nan
+    lost = torch.tensor([True, False, True])
+    factor = torch.tensor([2.0, 3.0, 0.5])
+    source = torch.randn(1000)
+    per_elem_lost = torch.cat(
+        [torch.full((b - a,), bool(v)) for (a, b), v in zip(layout.packet_bounds(), lost, strict=True)]
+    )
+    per_elem_factor = torch.cat(
+        [torch.full((b - a,), float(v)) for (a, b), v in zip(layout.packet_bounds(), factor, strict=True)]
+    )
+
+    zeroed = layout.zero_(flat.clone(), lost)
+    assert torch.equal(zeroed, torch.where(per_elem_lost, torch.zeros(()), flat))
+    assert torch.isfinite(zeroed).all()
+    finite = flat.clone()
+    finite[5] = 1.0
+    assert torch.equal(layout.scale_(finite.clone(), factor), finite * per_elem_factor)
+    assert torch.equal(
+        layout.fill_from_(flat.clone(), lost, source), torch.where(per_elem_lost, source, flat)
+    )
+    assert torch.equal(layout.expand(lost), per_elem_lost)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss_rate=1.5), "loss_rate must be a probability in \\[0, 1\\]"),
+        (dict(loss_rate=-0.1), "loss_rate"),
+        (dict(mtu=0), "mtu must be a positive"),
+        (dict(mtu=-5), "mtu must be a positive"),
+        (dict(mtu=1.5), "mtu must be a positive"),
+        (dict(drop_point="uplink"), "drop_point must be one of 'worker', 'post', 'both'"),
+        (dict(fill="interpolate"), "fill must be one of 'zero', 'rescale', 'stale'"),
+        (dict(fill="stale", drop_point="worker"), "fill='stale' needs drop_point='post'"),
+        (dict(fill="stale", drop_point="both"), "fill='stale' needs drop_point='post'"),
+        (dict(reduction="max"), "reduction must be one of 'mean', 'sum'"),
+        (dict(post_sync="sometimes"), "post_sync must be one of"),
+        (dict(packetization="bytes"), "packetization must be one of 'mtu', 'tensor'"),
+        (dict(counts_transport="udp"), "counts_transport must be one of"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(loss_rate=0.1, loss_model="random 5%"), "not both"),
+        (dict(loss_model="nonsense 5%"), "unknown loss model"),
+        (dict(loss_rate=1.0, drop_point="post", fill="rescale"), "long-run loss rate < 1"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LossyState(**kwargs)
+
+
+def test_valid_configurations_construct():
+    LossyState(loss_rate=1.0, drop_point="worker", fill="rescale")  # worker rescale handles c=0
+    LossyState(loss_model="gemodel 1% 20%", drop_point="both", fill="zero")
+    state = LossyState(loss_rate=0.05, mtu=1500, drop_point="post", fill="stale")
+    assert state.config()["loss_model"] == "random 5%"
+
+
+def test_pickle_round_trip_keeps_settings_and_model_state():
+    state = LossyState(loss_model=GilbertElliott(0.1, 0.2), mtu=600, drop_point="both", fill="zero", seed=4)
+    state.worker.model.sample(100, torch.Generator().manual_seed(0))
+    state.steps = 7
+    copy = pickle.loads(pickle.dumps(state))
+    assert copy.config() == state.config()
+    assert copy.steps == 7
+    assert copy.worker.model.state_dict() == state.worker.model.state_dict()
+    assert copy.process_group is None
+    sd = state.state_dict()
+    torch.save(sd, "/dev/null")  # plain containers and tensors
+    other = LossyState(loss_model=GilbertElliott(0.1, 0.2), mtu=600, drop_point="both", fill="zero", seed=5)
+    with pytest.raises(ValueError, match="settings differ"):
+        other.load_state_dict(sd)
