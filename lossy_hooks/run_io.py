@@ -1,0 +1,205 @@
+"""Files of a study run: the configuration folder, metrics.csv, checkpoints, summaries.
+
+Layout::
+
+    <output_dir>/<config name>/config.json
+    <output_dir>/<config name>/round{k}/metrics.csv      one row per finished epoch, fsynced
+    <output_dir>/<config name>/round{k}/checkpoint.pt    last finished epoch (atomic replace)
+    <output_dir>/<config name>/round{k}/final.pt         the round's final model
+    <output_dir>/<config name>/round{k}/status.json      {"status": "finished" | "diverged", ...}
+    <output_dir>/<config name>/summary.csv, summary.png  after all rounds
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .statistics import mean_std
+
+__all__ = [
+    "METRIC_FIELDS",
+    "MetricsLog",
+    "atomic_save",
+    "config_name",
+    "read_json",
+    "round_status",
+    "write_json",
+    "write_summary",
+]
+
+METRIC_FIELDS = [
+    "epoch",
+    "steps",
+    "train_loss",
+    "val_loss",
+    "train_acc",
+    "val_acc",
+    "worker_packets_sent",
+    "worker_packets_lost",
+    "post_packets_sent",
+    "post_packets_lost",
+    "effective_loss_rate",
+    "fidelity_cosine",
+    "fidelity_rel_l2",
+    "drift_max",
+    "drift_mean",
+    "epoch_seconds",
+    "images_per_s",
+    "status",
+]
+
+
+def _slug(text: str) -> str:
+    text = text.replace("%", "pct").replace(".", "p")
+    return re.sub(r"[^A-Za-z0-9p]+", "-", text).strip("-")
+
+
+def config_name(cfg: dict[str, Any]) -> str:
+    """A folder name from the settings that differ between runs of a study."""
+    parts = [
+        cfg["dataset"],
+        cfg["model"],
+        f"w{cfg['world_size']}",
+        cfg["drop_point"] + (f"-{cfg['post_sync']}" if cfg["drop_point"] != "worker" else ""),
+        cfg["fill"],
+        cfg["reduction"],
+        "pkt-tensor" if cfg["packetization"] == "tensor" else f"mtu{cfg['mtu']}",
+        f"acc{cfg['accumulation_steps']}",
+        _slug(cfg["loss_model"]),
+        f"bucket{_slug(format(cfg['bucket_cap_mb'], 'g'))}mb",
+    ]
+    if cfg.get("tag"):
+        parts.append(_slug(cfg["tag"]))
+    return "_".join(parts)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a kill leaves either the old checkpoint or the new one, never a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """``metrics.csv`` of one round: one row per epoch, appended and fsynced as it ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.exists():
+            with open(path, "w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerow(METRIC_FIELDS)
+
+    def rows(self) -> list[dict[str, str]]:
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+
+    def truncate_after(self, epoch: int) -> None:
+        """Keep only rows of epochs <= ``epoch`` (a row written after the last checkpoint
+        is recomputed on resume, so it must not stay twice)."""
+        kept = [r for r in self.rows() if int(r["epoch"]) <= epoch]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        missing = set(row) - set(METRIC_FIELDS)
+        if missing:
+            raise KeyError(f"unknown metrics fields {sorted(missing)}")
+        with open(self.path, "a", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def round_status(round_dir: Path) -> str | None:
+    """``"finished"``/``"diverged"`` for an ended round, else None."""
+    path = round_dir / "status.json"
+    return read_json(path)["status"] if path.exists() else None
+
+
+def _float(x: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
+    """``summary.csv``: per round its final and best validation accuracy and status, then
+    mean and std over rounds."""
+    rows = []
+    for k in range(rounds):
+        rd = run_dir / f"round{k}"
+        if not (rd / "metrics.csv").exists():
+            continue
+        metrics = MetricsLog(rd / "metrics.csv").rows()
+        accs = [_float(r["val_acc"]) for r in metrics]
+        accs = [a for a in accs if not math.isnan(a)]
+        rows.append(
+            {
+                "round": k,
+                "status": round_status(rd) or "unfinished",
+                "epochs": len(metrics),
+                "final_val_acc": accs[-1] if accs else math.nan,
+                "best_val_acc": max(accs) if accs else math.nan,
+                "final_train_loss": _float(metrics[-1]["train_loss"]) if metrics else math.nan,
+                "effective_loss_rate": _float(metrics[-1]["effective_loss_rate"]) if metrics else math.nan,
+            }
+        )
+    fields = [
+        "round",
+        "status",
+        "epochs",
+        "final_val_acc",
+        "best_val_acc",
+        "final_train_loss",
+        "effective_loss_rate",
+    ]
+    with open(run_dir / "summary.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
+        for label, idx in (("mean", 0), ("std", 1)):
+            agg = {f: _fmt(mean_std([r[f] for r in rows])[idx]) for f in fields[3:]}
+            w.writerow({"round": label, "status": "", "epochs": "", **agg})
+    return rows

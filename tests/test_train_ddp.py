@@ -1,0 +1,325 @@
+"""train_ddp.py end to end: torchrun (Gloo, CPU, 2 ranks), world size 1, bad flags, kill/resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lossy_hooks.models import build_model
+from lossy_hooks.statistics import binomial_interval
+
+from .launch import ROOT, free_port
+
+sys.path.insert(0, str(ROOT))
+import train_ddp
+
+SMALL = ["--model", "squeezenet1_1", "--workers", "0"]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def torchrun(args: list[str], nproc: int = 2) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(ROOT / "train_ddp.py"),
+        *args,
+    ]
+
+
+def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def only_dir(root: Path) -> Path:
+    dirs = [d for d in root.iterdir() if d.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A tiny ImageFolder tree: 3 classes, 6 train and 2 val images each, 24x24 RGB."""
+    root = tmp_path_factory.mktemp("folder")
+    for split, count in (("train", 6), ("val", 2)):
+        for c, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (24, 24), tuple(min(255, v + 7 * i) for v in color)).save(d / f"{i}.png")
+    return root
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--loss_rate", "1.5"], "--loss_rate must be in [0, 1]"),
+        (["--loss_rate", "-0.1"], "--loss_rate must be in [0, 1]"),
+        (["--mtu", "0"], "--mtu must be >= 4"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
+        (["--num_epochs", "0"], "--num_epochs must be >= 1"),
+        (["--accumulation_steps", "0"], "--accumulation_steps must be >= 1"),
+        (["--lab_round", "0"], "--lab_round must be >= 1"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["--bucket_cap_mb", "0"], "--bucket_cap_mb must be > 0"),
+        (["--model", "resnet9000"], "--model 'resnet9000' is not a torchvision classification model"),
+        (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["--dataset", "folder", "--data_path", "/nonexistent"], "does not exist"),
+        (["--dataset", "imagenette", "--data_path", "/tmp/nothing-here"], "Imagenette (320px) not found"),
+        (["--loss_model", "gemodel"], "--loss_model: loss model 'gemodel' takes 1 to 4"),
+        (["--loss_model", "random 5%", "--loss_rate", "0.1"], "not both"),
+        (["--fill", "stale", "--worker_drop"], "fill='stale' needs drop_point='post'"),
+        (["--drop_point", "post", "--worker_drop"], "contradicts"),
+        (["--amp"], "--amp needs CUDA"),
+        (["--max_steps", "0"], "--max_steps must be >= 1"),
+    ],
+)
+def test_bad_flags_exit_2_with_message(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train_ddp.main([*flags, "--output_dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing created
+
+
+def test_folder_without_val_is_refused(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exc:
+        train_ddp.main(["--dataset", "folder", "--data_path", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "must contain non-empty train/ and val/" in capsys.readouterr().err
+
+
+def test_cli_exit_code_2():
+    res = run([sys.executable, str(ROOT / "train_ddp.py"), "--mtu", "-3"], timeout=120)
+    assert res.returncode == 2
+    assert "--mtu must be >= 4" in res.stderr
+
+
+# ------------------------------------------------------------------ runs
+
+
+def test_world_size_one_without_torchrun_and_divergence(tmp_path):
+    out = tmp_path / "runs"
+    res = run(
+        [
+            sys.executable,
+            str(ROOT / "train_ddp.py"),
+            *SMALL,
+            "--dataset",
+            "digits",
+            "--num_epochs",
+            "2",
+            "--max_steps",
+            "3",
+            "--batch_size",
+            "16",
+            "--accumulation_steps",
+            "1",
+            "--lab_round",
+            "1",
+            "--loss_rate",
+            "0.1",
+            "--use_avg",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_dir = only_dir(out)
+    assert run_dir.name.startswith(
+        "digits_squeezenet1_1_w1_post-shared_rescale_mean_mtu300_acc1_random-10pct"
+    )
+    m = rows(run_dir / "round0" / "metrics.csv")
+    assert [r["epoch"] for r in m] == ["1"] and m[0]["steps"] == "3"  # --max_steps ends the round
+    assert float(m[0]["post_packets_sent"]) > 0 and m[0]["status"] == "ok"
+
+    bad = tmp_path / "bad"
+    res = run(
+        [
+            sys.executable,
+            str(ROOT / "train_ddp.py"),
+            *SMALL,
+            "--dataset",
+            "digits",
+            "--num_epochs",
+            "3",
+            "--batch_size",
+            "64",
+            "--accumulation_steps",
+            "1",
+            "--lab_round",
+            "2",
+            "--learning_rate",
+            "1e12",
+            "--output_dir",
+            str(bad),
+        ]
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_dir = only_dir(bad)
+    for k in (0, 1):
+        m = rows(run_dir / f"round{k}" / "metrics.csv")
+        assert m[-1]["status"] == "diverged" and len(m) < 3
+        assert json.loads((run_dir / f"round{k}" / "status.json").read_text())["status"] == "diverged"
+    summary = rows(run_dir / "summary.csv")
+    assert [r["status"] for r in summary[:2]] == ["diverged", "diverged"]
+
+
+def test_torchrun_folder_run_outputs(tmp_path, image_folder):
+    out = tmp_path / "runs"
+    args = [
+        *SMALL,
+        "--dataset",
+        "folder",
+        "--data_path",
+        str(image_folder),
+        "--num_epochs",
+        "2",
+        "--batch_size",
+        "2",
+        "--accumulation_steps",
+        "2",
+        "--lab_round",
+        "2",
+        "--loss_rate",
+        "0.2",
+        "--worker_drop",
+        "--use_avg",
+        "--mtu",
+        "300",
+        "--output_dir",
+        str(out),
+    ]
+    res = run(torchrun(args))
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_dir = only_dir(out)
+    assert run_dir.name == "folder_squeezenet1_1_w2_worker_rescale_mean_mtu300_acc2_random-20pct_bucket25mb"
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["drop_point"] == "worker" and cfg["reduction"] == "mean"
+    assert cfg["loss_rate"] == 0.2 and cfg["environment"]["torch"]
+    per_step = set()
+    lost = sent = 0
+    for k in (0, 1):
+        rd = run_dir / f"round{k}"
+        for name in ("metrics.csv", "checkpoint.pt", "final.pt", "metrics.png", "status.json"):
+            assert (rd / name).stat().st_size > 0, name
+        m = rows(rd / "metrics.csv")
+        assert [r["epoch"] for r in m] == ["1", "2"]
+        # 18 train images / 2 ranks / batch 2 = 5 micro-batches per epoch -> 3 optimizer steps
+        assert [int(r["steps"]) for r in m] == [3, 6]
+        for r in m:
+            assert 0 <= float(r["val_acc"]) <= 1 and float(r["train_loss"]) > 0
+            per_step.add(int(r["worker_packets_sent"]) / 3)
+            sent += int(r["worker_packets_sent"])
+            lost += int(r["worker_packets_lost"])
+    # the hook fires once per optimizer step: packets per step are the same in every epoch
+    assert len(per_step) == 1
+    params = sum(p.numel() for p in build_model("squeezenet1_1", 3).parameters())
+    assert per_step.pop() >= 2 * params / 75  # 2 ranks x ceil(N/75) packets per step
+    lo, hi = binomial_interval(sent, 0.2, 0.999)
+    assert lo <= lost <= hi
+    for name in ("summary.csv", "summary.png"):
+        assert (run_dir / name).stat().st_size > 0
+    summary = rows(run_dir / "summary.csv")
+    assert [r["round"] for r in summary] == ["0", "1", "mean", "std"]
+
+
+def test_kill_then_resume_gives_each_epoch_once_and_same_numbers(tmp_path, capsys):
+    common = [
+        *SMALL,
+        "--dataset",
+        "digits",
+        "--num_epochs",
+        "5",
+        "--batch_size",
+        "48",
+        "--accumulation_steps",
+        "2",
+        "--lab_round",
+        "1",
+        "--loss_model",
+        "gemodel 2% 30%",
+        "--worker_drop",
+        "--use_avg",
+        "--mtu",
+        "1500",
+    ]
+    common_mtu = [*common, "--learning_rate", "0.005"]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    proc = subprocess.Popen(
+        torchrun([*common_mtu, "--output_dir", str(cut_dir)]),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        metrics = None
+        while time.time() < deadline:
+            found = list(cut_dir.glob("*/round0/metrics.csv"))
+            if found and len(rows(found[0])) >= 2:
+                metrics = found[0]
+                break
+            time.sleep(0.2)
+        assert metrics is not None, "run never finished two epochs"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_rows = len(rows(metrics))
+    assert killed_rows < 5
+
+    # a re-run without --resume is refused; with other flags --resume lists the difference
+    os.environ.update(WORLD_SIZE="2", RANK="0")  # name the 2-rank folder; errors come before any group
+    try:
+        for flags, msg in (
+            ([*common_mtu, "--output_dir", str(cut_dir)], "pass --resume to continue"),
+            (
+                [*common, "--learning_rate", "0.01", "--output_dir", str(cut_dir), "--resume"],
+                "learning_rate: saved 0.005, now 0.01",
+            ),
+        ):
+            with pytest.raises(SystemExit) as exc:
+                train_ddp.main(flags)
+            assert exc.value.code == 2
+            assert msg in capsys.readouterr().err
+    finally:
+        del os.environ["WORLD_SIZE"], os.environ["RANK"]
+
+    res = run(torchrun([*common_mtu, "--output_dir", str(cut_dir), "--resume"]))
+    assert res.returncode == 0, res.stdout + res.stderr
+    resumed = rows(metrics)
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3", "4", "5"]
+
+    res = run(torchrun([*common_mtu, "--output_dir", str(ref_dir)]))
+    assert res.returncode == 0, res.stdout + res.stderr
+    reference = rows(only_dir(ref_dir) / "round0" / "metrics.csv")
+    keys = ("steps", "train_loss", "val_loss", "val_acc", "worker_packets_sent", "worker_packets_lost")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in reference]

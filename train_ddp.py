@@ -1,0 +1,687 @@
+"""Packet-loss study: train a torchvision model with DDP while the gradient allreduce loses
+packets (lossy_hooks). Launch with torchrun, or plainly with python for one process:
+
+    torchrun --nproc_per_node=4 train_ddp.py --loss_rate 0.05 --mtu 1500 --worker_drop --use_avg
+    python train_ddp.py --max_steps 50
+
+The original study's flags keep their names, defaults and meanings (see README):
+--worker_drop -> drop point "worker" (else "post"); --use_zero -> fill "zero" (else
+"rescale"); --use_avg -> reduction "mean" (else "sum"); --accumulation_steps -> micro-batches
+per optimizer step, accumulated under DDP's no_sync() so the hook fires once per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torchvision
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from lossy_hooks import LossyState, __version__, lossy_allreduce_hook
+from lossy_hooks.data import DATASETS, IMAGENETTE_SIZES, build_datasets, check_data_args, resolve_dataset
+from lossy_hooks.hook import DROP_POINTS, FILLS, PACKETIZATIONS, POST_SYNCS, derive_seed
+from lossy_hooks.loss_models import Bernoulli, parse_loss_model
+from lossy_hooks.models import build_model, classification_models, logits
+from lossy_hooks.plotting import plot_round, plot_summary
+from lossy_hooks.progress import Reporter
+from lossy_hooks.replicas import replica_drift, resync_replicas
+from lossy_hooks.run_io import (
+    MetricsLog,
+    atomic_save,
+    config_name,
+    read_json,
+    round_status,
+    write_json,
+    write_summary,
+)
+
+# Flags that steer a run but do not change what it computes: a resume may change them.
+CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a torchvision model with DDP under simulated gradient packet loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("the original study's flags")
+    g.add_argument("--num_epochs", "--num-epochs", type=int, default=400, help="epochs per round (>= 1)")
+    g.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=256,
+        help="images per micro-batch PER RANK (>= 1); global = batch_size x world size",
+    )
+    g.add_argument(
+        "--learning_rate",
+        "--learning-rate",
+        "--lr",
+        type=float,
+        default=0.01,
+        help="SGD learning rate (> 0); momentum 0.9 as in the original",
+    )
+    g.add_argument(
+        "--accumulation_steps",
+        "--accumulation-steps",
+        type=int,
+        default=10,
+        help="micro-batches per optimizer step (>= 1), accumulated locally with no_sync()",
+    )
+    g.add_argument(
+        "--loss_rate",
+        "--loss-rate",
+        type=float,
+        default=0.0,
+        help="packet loss probability in [0, 1] (Bernoulli; see --loss_model)",
+    )
+    g.add_argument(
+        "--mtu", type=int, default=300, help="gradient payload bytes per packet (>= 4 for fp32 gradients)"
+    )
+    g.add_argument(
+        "--use_zero",
+        "--use-zero",
+        action="store_true",
+        help="lost packets count as zero (fill 'zero'); otherwise survivors are rescaled",
+    )
+    g.add_argument(
+        "--use_avg",
+        "--use-avg",
+        action="store_true",
+        help="average contributions (reduction 'mean'); otherwise sum them",
+    )
+    g.add_argument(
+        "--lab_round",
+        "--lab-round",
+        type=int,
+        default=5,
+        help="rounds (repetitions) of the experiment (>= 1), seeds seed+k",
+    )
+    g.add_argument(
+        "--worker_drop",
+        "--worker-drop",
+        action="store_true",
+        help="lose packets at the workers before the allreduce; otherwise after it",
+    )
+    x = p.add_argument_group("beyond the original")
+    x.add_argument(
+        "--loss_model",
+        default=None,
+        help="netem-style loss model, e.g. 'gemodel 1%% 20%%', 'state 2%%', 'exact 5%%', "
+        "'tail 5%%', 'trace FILE' (percentages); default: random --loss_rate",
+    )
+    x.add_argument(
+        "--drop_point",
+        choices=DROP_POINTS,
+        default=None,
+        help="where packets are lost; overrides --worker_drop (default: worker if --worker_drop else post)",
+    )
+    x.add_argument(
+        "--post_sync",
+        choices=POST_SYNCS,
+        default="shared",
+        help="post drops: same packets on every rank, or drawn per rank (replicas drift)",
+    )
+    x.add_argument(
+        "--fill",
+        choices=FILLS,
+        default=None,
+        help="what replaces a lost packet; overrides --use_zero (stale: post drop only)",
+    )
+    x.add_argument(
+        "--packetization",
+        choices=PACKETIZATIONS,
+        default="mtu",
+        help="mtu-sized packets, or one packet per parameter tensor (the original's granularity)",
+    )
+    x.add_argument("--bucket_cap_mb", type=float, default=25.0, help="DDP bucket size in MiB (> 0)")
+    x.add_argument("--model", default="resnet101", help="torchvision classification model name")
+    x.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="auto",
+        help="auto: Imagenette if found under --data_path, else the packaged digits (offline)",
+    )
+    x.add_argument("--data_path", default="./data", help="dataset folder (folder: with train/ and val/)")
+    x.add_argument(
+        "--imagenette_size", choices=tuple(IMAGENETTE_SIZES), default="320px", help="Imagenette variant"
+    )
+    x.add_argument("--download", action="store_true", help="download Imagenette (needs internet)")
+    x.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader worker processes per rank (>= 0; in-memory digits use 0)",
+    )
+    x.add_argument("--seed", type=int, default=0, help="base seed (>= 0); round k uses seed+k")
+    x.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="stop each round after this many optimizer steps (>= 1), for smoke runs",
+    )
+    x.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (>= 1) and at the end")
+    x.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler (CUDA only)")
+    x.add_argument(
+        "--backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="auto: nccl with CUDA, else gloo; gloo runs ranks on the CPU",
+    )
+    x.add_argument("--output_dir", default="runs", help="root folder of the configuration folders")
+    x.add_argument("--tag", default="", help="extra text appended to the configuration folder name")
+    x.add_argument(
+        "--resume", action="store_true", help="continue this configuration from its last finished epoch"
+    )
+    x.add_argument("--overwrite", action="store_true", help="delete this configuration's results first")
+    x.add_argument(
+        "--measure_fidelity",
+        action="store_true",
+        help="also compute the lossless aggregate; log cosine and relative L2 error per epoch",
+    )
+    x.add_argument(
+        "--measure_drift",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N optimizer steps measure replica drift (0 = off)",
+    )
+    x.add_argument(
+        "--resync",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N optimizer steps broadcast rank 0's parameters (0 = off)",
+    )
+    x.add_argument(
+        "--counts_transport",
+        choices=("separate", "append"),
+        default="separate",
+        help="worker rescale: arrival counts in an extra small allreduce or appended",
+    )
+    return p
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Check every flag and derive the run configuration; errors exit 2 before any work."""
+
+    def fail(msg: str) -> None:
+        parser.error(msg)
+
+    positive_ints = {
+        "num_epochs": 1,
+        "batch_size": 1,
+        "accumulation_steps": 1,
+        "lab_round": 1,
+        "eval_every": 1,
+    }
+    for name, low in positive_ints.items():
+        if getattr(args, name) < low:
+            fail(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    for name in ("workers", "seed", "measure_drift", "resync"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        fail(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        fail(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not (0.0 <= args.loss_rate <= 1.0):
+        fail(f"--loss_rate must be in [0, 1], got {args.loss_rate}")
+    if args.mtu < 4:
+        fail(f"--mtu must be >= 4 bytes (one fp32 gradient element), got {args.mtu}")
+    if not (args.bucket_cap_mb > 0):
+        fail(f"--bucket_cap_mb must be > 0, got {args.bucket_cap_mb}")
+    if args.model not in classification_models():
+        fail(
+            f"--model {args.model!r} is not a torchvision classification model "
+            f"(e.g. resnet18, resnet101, mobilenet_v3_small, squeezenet1_1)"
+        )
+    msg = check_data_args(args.dataset, args.data_path, args.download, args.imagenette_size)
+    if msg:
+        fail(msg)
+    if args.amp and not torch.cuda.is_available():
+        fail("--amp needs CUDA (no GPU found)")
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        fail("--backend nccl needs CUDA (no GPU found); use --backend gloo")
+    if args.loss_model is not None and args.loss_rate != 0.0:
+        fail("give --loss_rate or --loss_model, not both")
+    try:
+        model_spec = parse_loss_model(args.loss_model) if args.loss_model else Bernoulli(args.loss_rate)
+    except ValueError as e:
+        fail(f"--loss_model: {e}")
+    drop_point = args.drop_point or ("worker" if args.worker_drop else "post")
+    if args.drop_point and args.worker_drop and args.drop_point == "post":
+        fail("--worker_drop contradicts --drop_point post")
+    fill = args.fill or ("zero" if args.use_zero else "rescale")
+    if args.fill and args.use_zero and args.fill != "zero":
+        fail(f"--use_zero contradicts --fill {args.fill}")
+    reduction = "mean" if args.use_avg else "sum"
+    hook_kwargs = dict(
+        loss_model=model_spec,
+        mtu=args.mtu,
+        drop_point=drop_point,
+        fill=fill,
+        reduction=reduction,
+        post_sync=args.post_sync,
+        packetization=args.packetization,
+        counts_transport=args.counts_transport,
+        measure_fidelity=args.measure_fidelity,
+    )
+    try:
+        LossyState(**hook_kwargs)
+    except ValueError as e:
+        fail(f"invalid loss settings: {e}")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    cfg = {k: v for k, v in vars(args).items()}
+    cfg.update(
+        drop_point=drop_point,
+        fill=fill,
+        reduction=reduction,
+        loss_model=model_spec.spec,
+        long_run_loss_rate=model_spec.long_run_loss_rate(),
+        world_size=world,
+        dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size),
+        dataset_flag=args.dataset,
+    )
+    return cfg
+
+
+def environment_info() -> dict[str, Any]:
+    commit = None
+    with contextlib.suppress(Exception):
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lossy_hooks": __version__,
+        "python": sys.version.split()[0],
+        "git_commit": commit,
+        "host": socket.gethostname(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+
+
+def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in CONTROL_FLAGS and k != "environment"}
+
+
+def prepare_run_dir(cfg: dict[str, Any], parser: argparse.ArgumentParser) -> Path:
+    """Decide fresh / resume / refuse, reading only the file system (before any process group)."""
+    run_dir = Path(cfg["output_dir"]) / config_name(cfg)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists() or cfg["overwrite"]:
+        return run_dir
+    if not cfg["resume"]:
+        done = sum(1 for k in range(cfg["lab_round"]) if round_status(run_dir / f"round{k}"))
+        state = (
+            "finished" if done == cfg["lab_round"] else f"unfinished ({done}/{cfg['lab_round']} rounds ended)"
+        )
+        parser.error(
+            f"{run_dir} already holds a {state} run of this configuration; "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    saved = study_settings(read_json(cfg_path))
+    now = study_settings(cfg)
+    diff = {
+        k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+    }
+    if diff:
+        lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        parser.error(f"--resume: flags differ from {cfg_path}: {lines}")
+    return run_dir
+
+
+def setup_distributed(cfg: dict[str, Any]) -> tuple[int, int, torch.device]:
+    backend = cfg["backend"]
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    else:  # plain `python train_ddp.py`: a one-process group, same code path
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class RoundRunner:
+    """One round (repetition) of the experiment: model, DDP, hook state, epochs."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        run_dir: Path,
+        k: int,
+        data,
+        rank: int,
+        world: int,
+        device: torch.device,
+        report: Reporter,
+    ) -> None:
+        self.cfg, self.k, self.data, self.rank, self.world, self.device = cfg, k, data, rank, world, device
+        self.report = report
+        self.dir = run_dir / f"round{k}"
+        self.seed = cfg["seed"] + k
+        torch.manual_seed(self.seed)  # same initial model on every rank
+        model = build_model(cfg["model"], data.num_classes).to(device)
+        self.module = model
+        self.ddp = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg["bucket_cap_mb"],
+        )
+        self.state = LossyState(
+            loss_model=parse_loss_model(cfg["loss_model"]),
+            mtu=cfg["mtu"],
+            drop_point=cfg["drop_point"],
+            fill=cfg["fill"],
+            reduction=cfg["reduction"],
+            post_sync=cfg["post_sync"],
+            packetization=cfg["packetization"],
+            seed=self.seed,
+            counts_transport=cfg["counts_transport"],
+            measure_fidelity=cfg["measure_fidelity"],
+        )
+        self.ddp.register_comm_hook(self.state, lossy_allreduce_hook)
+        self.opt = torch.optim.SGD(self.ddp.parameters(), lr=cfg["learning_rate"], momentum=0.9)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg["amp"])
+        torch.manual_seed(derive_seed(self.seed, 0, rank))  # per-rank data randomness
+        self.warm_up()
+        workers = 0 if isinstance(data.train, torch.utils.data.TensorDataset) else cfg["workers"]
+        self.sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=self.seed)
+        self.loader = DataLoader(
+            data.train,
+            batch_size=cfg["batch_size"],
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+        val_shard = Subset(data.val, range(rank, len(data.val), world))  # every image exactly once
+        self.val_loader = DataLoader(val_shard, batch_size=cfg["batch_size"], num_workers=workers)
+        self.start_epoch, self.steps = 0, 0
+
+    def warm_up(self) -> None:
+        """One lossless, uncounted iteration so DDP rebuilds its buckets before the first
+        real step: fresh and resumed runs then draw identical loss sequences."""
+        shape = (2, *self.data.input_shape)
+        with self.state.passthrough():
+            self.ddp.eval()
+            logits(self.ddp(torch.zeros(shape, device=self.device))).float().sum().backward()
+            self.ddp.train()
+        self.opt.zero_grad(set_to_none=True)
+
+    def resume(self) -> None:
+        ckpt_path = self.dir / "checkpoint.pt"
+        if not ckpt_path.exists():
+            return
+        ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=True)
+        mine = ckpt["ranks"][self.rank]
+        self.module.load_state_dict(mine.get("model", ckpt["model"]))
+        self.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state.load_state_dict(mine["hook"])
+        torch.set_rng_state(mine["torch_rng"].cpu())
+        if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"].cpu())
+        self.start_epoch, self.steps = int(ckpt["epoch"]), int(ckpt["steps"])
+        if self.rank == 0:
+            MetricsLog(self.dir / "metrics.csv").truncate_after(self.start_epoch)
+        self.report.print(f"round {self.k}: resumed after epoch {self.start_epoch} ({self.steps} steps)")
+
+    def checkpoint(self, epoch: int, final: bool = False) -> None:
+        independent = self.cfg["post_sync"] == "independent" and self.cfg["drop_point"] != "worker"
+        mine = {
+            "hook": self.state.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+        }
+        if independent:  # replicas differ: keep each one
+            mine["model"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
+            mine["optimizer"] = self.opt.state_dict()
+        ranks: list[Any] = [None] * self.world
+        dist.all_gather_object(ranks, mine)
+        if self.rank == 0:
+            ckpt = {
+                "epoch": epoch,
+                "steps": self.steps,
+                "model": self.module.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ranks": ranks,
+            }
+            atomic_save(ckpt, self.dir / ("final.pt" if final else "checkpoint.pt"))
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, dev = self.cfg, self.device
+        self.ddp.train()
+        self.sampler.set_epoch(epoch)
+        acc_steps = cfg["accumulation_steps"]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.long, device=dev)
+        seen, drift = 0, []
+        n_batches = len(self.loader)
+        self.report.start_epoch(f"round {self.k} epoch {epoch + 1}/{cfg['num_epochs']}", n_batches)
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(self.loader):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            sync = (i + 1) % acc_steps == 0 or i == n_batches - 1
+            with contextlib.ExitStack() as stack:
+                if not sync:
+                    stack.enter_context(self.ddp.no_sync())
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=cfg["amp"]):
+                    out = logits(self.ddp(x))
+                    loss = nn.functional.cross_entropy(out, y)
+                self.scaler.scale(loss / acc_steps).backward()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            if sync:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.opt.zero_grad(set_to_none=True)
+                self.steps += 1
+                if cfg["resync"] and self.steps % cfg["resync"] == 0:
+                    resync_replicas(self.module)
+                if cfg["measure_drift"] and self.steps % cfg["measure_drift"] == 0:
+                    drift.append(replica_drift(self.module))
+                if self.report.enabled and (i % 10 == 0 or i == n_batches - 1):
+                    st = self.state.stats()
+                    self.report.update(i + 1, seen * self.world, float(loss.detach()), _rate(st))
+                if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
+                    break
+        totals = torch.stack(
+            [loss_sum, correct.double(), torch.tensor(float(seen), device=dev, dtype=torch.float64)]
+        )
+        dist.all_reduce(totals)
+        seconds = time.perf_counter() - t0
+        row = {
+            "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]),
+            "epoch_seconds": seconds,
+            "images_per_s": float(totals[2]) / seconds,
+        }
+        if drift:
+            row["drift_max"] = max(d[0] for d in drift)
+            row["drift_mean"] = sum(d[1] for d in drift) / len(drift)
+        if cfg["measure_fidelity"]:
+            fid = self.state.fidelity()
+            vals = torch.tensor(
+                [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)],
+                dtype=torch.float64,
+                device=dev,
+            )
+            dist.all_reduce(vals)
+            if vals[2] > 0:
+                row["fidelity_cosine"] = float(vals[0] / vals[2])
+                row["fidelity_rel_l2"] = float(vals[1] / vals[2])
+        return row
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        self.module.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in self.val_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg["amp"]):
+                out = logits(self.module(x))
+            totals[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+            totals[1] += (out.argmax(1) == y).sum()
+            totals[2] += len(y)
+        dist.all_reduce(totals)
+        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+    def run(self) -> str:
+        cfg = self.cfg
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        if cfg["resume"]:
+            self.resume()
+        log = MetricsLog(self.dir / "metrics.csv") if self.rank == 0 else None
+        status = "finished"
+        before = self.state.stats(all_ranks=True)
+        epochs_done = self.start_epoch
+        for epoch in range(self.start_epoch, cfg["num_epochs"]):
+            row = self.train_epoch(epoch)
+            last = epoch == cfg["num_epochs"] - 1 or bool(cfg["max_steps"] and self.steps >= cfg["max_steps"])
+            diverged = not math.isfinite(row["train_loss"])
+            if (epoch + 1) % cfg["eval_every"] == 0 or last or diverged:
+                row["val_loss"], row["val_acc"] = self.validate()
+                diverged = diverged or not math.isfinite(row["val_loss"])
+            after = self.state.stats(all_ranks=True)
+            row.update(
+                epoch=epoch + 1,
+                steps=self.steps,
+                status="diverged" if diverged else "ok",
+                **_packet_delta(before, after),
+            )
+            before = after
+            if log is not None:
+                log.append(row)
+            self.report.end_epoch(row)
+            epochs_done = epoch + 1
+            if diverged:
+                status = "diverged"
+                self.report.print(f"round {self.k}: loss became {row['train_loss']}: diverged, round ends")
+                break
+            self.checkpoint(epoch + 1)
+            if last:
+                break
+        self.checkpoint(epochs_done, final=True)
+        if self.rank == 0:
+            write_json(
+                self.dir / "status.json", {"status": status, "epochs": epochs_done, "steps": self.steps}
+            )
+            plot_round(
+                self.dir / "metrics.csv", self.dir / "metrics.png", f"{self.dir.parent.name} round {self.k}"
+            )
+        return status
+
+
+def _rate(stats: dict[str, Any]) -> float:
+    sent = sum(stats[p]["packets_sent"] for p in ("worker", "post") if p in stats)
+    lost = sum(stats[p]["packets_lost"] for p in ("worker", "post") if p in stats)
+    return lost / sent if sent else 0.0
+
+
+def _packet_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    sent = lost = 0
+    for point in ("worker", "post"):
+        if point in after:
+            s = after[point]["packets_sent"] - before[point]["packets_sent"]
+            lo = after[point]["packets_lost"] - before[point]["packets_lost"]
+            out[f"{point}_packets_sent"], out[f"{point}_packets_lost"] = s, lo
+            sent, lost = sent + s, lost + lo
+    out["effective_loss_rate"] = lost / sent if sent else 0.0
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = resolve(args, parser)
+    run_dir = prepare_run_dir(cfg, parser)
+    rank, world, device = setup_distributed(cfg)
+    report = Reporter(enabled=rank == 0)
+    try:
+        if rank == 0:
+            if cfg["overwrite"] and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            saved = cfg | {"environment": environment_info()}
+            write_json(run_dir / "config.json", saved)
+        dist.barrier()
+        if rank == 0 and cfg["download"]:
+            build_datasets(cfg["dataset"], cfg["data_path"], True, cfg["imagenette_size"], rank=0)
+        dist.barrier()
+        data = build_datasets(cfg["dataset"], cfg["data_path"], False, cfg["imagenette_size"], rank)
+        report.print(
+            f"{run_dir.name}: {cfg['model']} on {data.name} ({len(data.train)} train / {len(data.val)} val), "
+            f"{world} rank(s) on {device}, loss model {cfg['loss_model']} at {cfg['drop_point']}, "
+            f"fill {cfg['fill']}, reduction {cfg['reduction']}"
+        )
+        if cfg["dataset_flag"] == "auto" and data.name == "digits":
+            report.print("note: Imagenette not found under --data_path: using the packaged digits (offline)")
+        statuses = []
+        for k in range(cfg["lab_round"]):
+            ended = round_status(run_dir / f"round{k}")
+            if ended:
+                statuses.append(ended)
+                continue
+            statuses.append(RoundRunner(cfg, run_dir, k, data, rank, world, device, report).run())
+            gc.collect()
+        if rank == 0:
+            write_summary(run_dir, cfg["lab_round"])
+            csvs = [run_dir / f"round{k}" / "metrics.csv" for k in range(cfg["lab_round"])]
+            plot_summary([p for p in csvs if p.exists()], run_dir / "summary.png", run_dir.name)
+            report.print(
+                f"done: {statuses.count('finished')} finished, {statuses.count('diverged')} "
+                f"diverged; results in {run_dir}"
+            )
+    finally:
+        gc.collect()
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
