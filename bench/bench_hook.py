@@ -1,0 +1,278 @@
+"""Benchmark of the lossy hook's cost (run by hand, not in CI).
+
+    python bench/bench_hook.py                      # both parts, CPU/Gloo, 2 ranks
+    python bench/bench_hook.py --part alone         # the hook's tensor work on a 25 MiB bucket
+    python bench/bench_hook.py --part step --models resnet18 --batch_sizes 16 1
+
+Part "alone": time to packetize, draw the loss mask and apply it to a 25 MiB bucket, for
+every loss model, fp32 and fp16, against one ``copy_`` of that bucket (the memory-bandwidth
+floor), in the same process; plus the bytes the work allocates (profiler on CPU,
+``max_memory_allocated`` on CUDA).
+
+Part "step": DDP training-step time on W ranks (Gloo on CPU with 1 thread per rank, NCCL on
+CUDA), one DDP model per configuration, all built from the same initial weights, timed in
+interleaved repetitions; medians and ratios to PyTorch's built-in ``allreduce_hook``.
+Results are printed as tables and saved as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lossy_hooks import LossyState, lossy_allreduce_hook, parse_loss_model
+from lossy_hooks.packetization import PacketLayout
+
+MODELS = {
+    "random 10%": "random 10%",
+    "exact 10%": "exact 10%",
+    "tail 10%": "tail 10%",
+    "gemodel 2% 20%": "gemodel 2% 20%",
+    "state 2% 30% 10% 50% 1%": "state 2% 30% 10% 50% 1%",
+}
+
+
+def timer(device: torch.device):
+    if device.type == "cuda":
+
+        def run(fn, reps: int) -> list[float]:
+            out = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                out.append(a.elapsed_time(b) / 1e3)
+            return out
+    else:
+
+        def run(fn, reps: int) -> list[float]:
+            out = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+            return out
+
+    return run
+
+
+def allocated_bytes(fn, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+
+
+def bench_alone(device: torch.device, mtu: int, reps: int) -> list[dict]:
+    run = timer(device)
+    rows = []
+    for dtype in (torch.float32, torch.float16):
+        numel = 25 * 2**20 // torch.tensor([], dtype=dtype).element_size()
+        bucket = torch.randn(numel, device=device).to(dtype)
+        other = torch.empty_like(bucket)
+        layout = PacketLayout.by_mtu(numel, mtu, bucket.element_size())
+        copy_t = statistics.median(run(lambda b=bucket, o=other: o.copy_(b), reps))
+        for name, spec in MODELS.items():
+            model = parse_loss_model(spec)
+            gen = torch.Generator(device=device).manual_seed(0)
+
+            def zero_fill(model=model, layout=layout, gen=gen, bucket=bucket) -> None:
+                lost = model.sample(layout.num_packets, gen)
+                layout.zero_(bucket, lost)
+
+            def rescale(model=model, layout=layout, gen=gen, bucket=bucket) -> None:
+                lost = model.sample(layout.num_packets, gen)
+                layout.zero_(bucket, lost)
+                c = (~lost).float() * 2  # as if both of 2 ranks' counts arrived
+                layout.scale_(bucket, torch.where(c > 0, 2.0 / c.clamp_min(1.0), 0.0))
+
+            for label, fn in (("zero", zero_fill), ("rescale", rescale)):
+                fn()  # warm-up
+                t = statistics.median(run(fn, reps))
+                rows.append(
+                    {
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "loss_model": name,
+                        "fill": label,
+                        "packets": layout.num_packets,
+                        "seconds": t,
+                        "copy_seconds": copy_t,
+                        "ratio_to_copy": t / copy_t,
+                        "allocated_bytes": allocated_bytes(fn, device),
+                    }
+                )
+    return rows
+
+
+STEP_CONFIGS = {
+    "no hook": None,
+    "allreduce_hook": "builtin",
+    "lossy loss 0": dict(loss_rate=0.0),
+    "worker 10% zero": dict(loss_rate=0.1, drop_point="worker", fill="zero"),
+    "worker 10% rescale": dict(loss_rate=0.1, drop_point="worker", fill="rescale"),
+    "worker 10% rescale append": dict(loss_rate=0.1, fill="rescale", counts_transport="append"),
+    "post 10% shared": dict(loss_rate=0.1, drop_point="post", fill="rescale"),
+    "gemodel 2% 20%": dict(loss_model="gemodel 2% 20%", drop_point="worker", fill="rescale"),
+    "fidelity on": dict(loss_rate=0.1, measure_fidelity=True),
+}
+
+
+def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    import torchvision
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    run = timer(device)
+    results = []
+    for model_name in args.models:
+        for bs in args.batch_sizes:
+            x = torch.randn(bs, 3, args.image_size, args.image_size, device=device)
+            y = torch.randint(0, 10, (bs,), device=device)
+            setups = {}
+            for name, cfg in STEP_CONFIGS.items():
+                torch.manual_seed(0)
+                m = torchvision.models.get_model(model_name, num_classes=10).to(device)
+                ddp = DDP(m, device_ids=[rank] if cuda else None)
+                if cfg == "builtin":
+                    ddp.register_comm_hook(None, allreduce_hook)
+                elif cfg is not None:
+                    ddp.register_comm_hook(LossyState(**cfg), lossy_allreduce_hook)
+                opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
+
+                def step(ddp=ddp, opt=opt, x=x, y=y) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+                    opt.step()
+
+                for _ in range(2):  # warm-up, including DDP's bucket rebuild
+                    step()
+                setups[name] = step
+            times: dict[str, list[float]] = {n: [] for n in setups}
+            for _ in range(args.reps):  # interleaved repetitions
+                for name, step in setups.items():
+                    dist.barrier()
+                    times[name].extend(run(step, args.steps))
+            base = statistics.median(times["allreduce_hook"])
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                results.append(
+                    {
+                        "model": model_name,
+                        "batch_size": bs,
+                        "config": name,
+                        "median_seconds": med,
+                        "ratio_to_allreduce_hook": med / base,
+                        "samples": len(ts),
+                    }
+                )
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(results, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bench_step(args: argparse.Namespace) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = Path(args.out).with_suffix(".step.tmp.json")
+    mp.spawn(step_worker, args=(args.world_size, port, args, str(out)), nprocs=args.world_size)
+    rows = json.loads(out.read_text())
+    out.unlink()
+    return rows
+
+
+def print_table(title: str, rows: list[dict], cols: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    Console().print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("alone", "step", "both"), default="both")
+    p.add_argument("--models", nargs="+", default=["resnet18"])
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[16, 1])
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--world_size", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration per repetition")
+    p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--alone_reps", type=int, default=15)
+    p.add_argument("--cpu", action="store_true", help="force CPU/Gloo even where CUDA exists")
+    p.add_argument("--out", default="bench_results.json")
+    args = p.parse_args()
+    device = torch.device("cuda") if torch.cuda.is_available() and not args.cpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    result: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{os.cpu_count()}",
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
+    if args.part in ("alone", "both"):
+        result["alone"] = bench_alone(device, args.mtu, args.alone_reps)
+        print_table(
+            f"hook alone, 25 MiB bucket, mtu {args.mtu} ({result['device']})",
+            result["alone"],
+            [
+                "dtype",
+                "loss_model",
+                "fill",
+                "packets",
+                "seconds",
+                "copy_seconds",
+                "ratio_to_copy",
+                "allocated_bytes",
+            ],
+        )
+    if args.part in ("step", "both"):
+        result["step"] = bench_step(args)
+        print_table(
+            f"DDP step time, {args.world_size} ranks ({result['device']})",
+            result["step"],
+            ["model", "batch_size", "config", "median_seconds", "ratio_to_allreduce_hook", "samples"],
+        )
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Bucket and packet layout of a model under DDP: the bucket-size study.
+
+    python -m lossy_hooks.layout --model resnet101 --bucket_cap_mb 25 --mtu 1500 [--dtype fp16]
+        [--csv layout.csv] [--json layout.json]
+
+The buckets are read from a real DDP instance in a one-process Gloo group, after DDP's
+first-iteration rebuild (a recording comm hook sees them in the second iteration), not from
+a re-implementation of DDP's bucketing. For each bucket: index, first/last parameter names,
+elements, bytes, packets ``ceil(N / k)`` with ``k = mtu // element_size``, and packets that
+straddle a parameter boundary (hold elements of two or more parameters). From Python:
+``bucket_layout(model, bucket_cap_mb=25, mtu=1500)``.
+"""
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .packetization import elements_per_packet
+
+__all__ = ["bucket_layout", "main", "straddling_packets"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def straddling_packets(param_sizes: list[int], packet_numel: int) -> int:
+    """Packets of a bucket holding elements of two or more parameters: a parameter boundary
+    at offset ``b`` (not the bucket start) falls inside packet ``b // k`` unless ``b % k == 0``."""
+    bounds = np.cumsum(param_sizes)[:-1]
+    inside = bounds[bounds % packet_numel != 0]
+    return int(np.unique(inside // packet_numel).size)
+
+
+@contextlib.contextmanager
+def _single_process_group():
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def bucket_layout(
+    model: nn.Module,
+    bucket_cap_mb: float = 25.0,
+    mtu: int = 1500,
+    dtype: torch.dtype = torch.float32,
+    example_input: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """DDP's buckets for ``model`` after the rebuild, with their packet counts.
+
+    ``example_input`` (default: one 3x224x224 image) drives one forward/backward pass in
+    eval mode so DDP learns the gradient-ready order; parameters are not changed.
+    """
+    model = model.to(dtype)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if example_input is None:
+        example_input = torch.zeros(2, 3, 224, 224)
+    example_input = example_input.to(dtype)
+    seen: dict[int, dict[str, Any]] = {}
+    calls = {"n": 0}
+
+    def record(_: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        if calls["n"] >= 1:  # the second iteration: rebuilt buckets
+            buf = bucket.buffer()
+            params = bucket.parameters()
+            seen[bucket.index()] = {
+                "numel": buf.numel(),
+                "element_size": buf.element_size(),
+                "names": [names[id(p)] for p in params],
+                "sizes": [p.numel() for p in params],
+            }
+        if bucket.is_last():
+            calls["n"] += 1
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(bucket.buffer())  # one rank: the buffer is already the sum
+        return fut
+
+    with _single_process_group():
+        ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
+        ddp.register_comm_hook(None, record)
+        ddp.eval()
+        for _ in range(2):
+            out = ddp(example_input)
+            out = out if isinstance(out, torch.Tensor) else out[0]
+            out.float().sum().backward()
+            model.zero_grad(set_to_none=True)
+    buckets = []
+    for index in sorted(seen):
+        b = seen[index]
+        k = elements_per_packet(mtu, b["element_size"])
+        packets = -(-b["numel"] // k)
+        buckets.append(
+            {
+                "index": index,
+                "first_param": b["names"][0],
+                "last_param": b["names"][-1],
+                "params": len(b["names"]),
+                "elements": b["numel"],
+                "bytes": b["numel"] * b["element_size"],
+                "packets": packets,
+                "straddling_packets": straddling_packets(b["sizes"], k),
+                "param_names": b["names"],
+                "param_sizes": b["sizes"],
+            }
+        )
+    total_packets = sum(b["packets"] for b in buckets)
+    straddling = sum(b["straddling_packets"] for b in buckets)
+    return {
+        "bucket_cap_mb": bucket_cap_mb,
+        "mtu": mtu,
+        "dtype": str(dtype).replace("torch.", ""),
+        "elements_per_packet": elements_per_packet(mtu, torch.tensor([], dtype=dtype).element_size()),
+        "buckets": buckets,
+        "num_buckets": len(buckets),
+        "packets_per_step": total_packets,
+        "straddling_share": straddling / total_packets if total_packets else 0.0,
+    }
+
+
+COLUMNS = [
+    "index",
+    "first_param",
+    "last_param",
+    "params",
+    "elements",
+    "bytes",
+    "packets",
+    "straddling_packets",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import build_model, classification_models
+
+    p = argparse.ArgumentParser(description="DDP bucket and packet layout of a torchvision model")
+    p.add_argument("--model", default="resnet101", help="torchvision classification model")
+    p.add_argument("--num_classes", type=int, default=1000, help="classifier outputs (>= 1)")
+    p.add_argument("--bucket_cap_mb", type=float, default=25.0, help="DDP bucket size in MiB (> 0)")
+    p.add_argument("--mtu", type=int, default=1500, help="payload bytes per packet (>= element size)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="gradient dtype")
+    p.add_argument("--image_size", type=int, default=224, help="example input side in pixels")
+    p.add_argument("--csv", help="write the per-bucket table as CSV here")
+    p.add_argument("--json", help="write the whole layout as JSON here")
+    args = p.parse_args(argv)
+    if args.model not in classification_models():
+        p.error(f"--model {args.model!r} is not a torchvision classification model")
+    if args.bucket_cap_mb <= 0:
+        p.error(f"--bucket_cap_mb must be > 0, got {args.bucket_cap_mb}")
+    if args.num_classes < 1:
+        p.error(f"--num_classes must be >= 1, got {args.num_classes}")
+    dtype = DTYPES[args.dtype]
+    if args.mtu < torch.tensor([], dtype=dtype).element_size():
+        p.error(f"--mtu must be at least one {args.dtype} element, got {args.mtu}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.manual_seed(0)
+    model = build_model(args.model, args.num_classes)
+    x = torch.zeros(2, 3, args.image_size, args.image_size)
+    layout = bucket_layout(model, args.bucket_cap_mb, args.mtu, dtype, x)
+    table = Table(
+        title=f"{args.model}: {layout['num_buckets']} buckets of <= {args.bucket_cap_mb:g} MiB, "
+        f"mtu {args.mtu} B = {layout['elements_per_packet']} {args.dtype} elements per packet"
+    )
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if "param" in c and c != "params" else "right")
+    for b in layout["buckets"]:
+        table.add_row(*[str(b[c]) for c in COLUMNS])
+    console = Console()
+    console.print(table)
+    console.print(
+        f"packets per step: {layout['packets_per_step']}; straddling a parameter boundary: "
+        f"{100 * layout['straddling_share']:.2f}%"
+    )
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(layout["buckets"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(layout, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
