@@ -1,0 +1,43 @@
+"""The hook's hot path must not synchronise with the device: no .item(), .tolist(), .cpu(),
+float()/int() of a tensor, or nonzero() in the functions that run per bucket."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+
+from lossy_hooks import hook, loss_models, packetization
+
+HOT_PATH = [
+    hook.lossy_allreduce_hook,
+    hook._join,
+    hook.DropSite.draw,
+    hook.DropSite.unrecovered_counter,
+    hook.LossyState._layout,
+    hook.LossyState._stale_buffer,
+    *[
+        getattr(packetization.PacketLayout, n)
+        for n in ("_split", "_per_packet_mul_", "zero_", "scale_", "fill_from_", "expand", "packet_sizes")
+    ],
+    *[
+        cls.sample
+        for cls in (
+            loss_models.Bernoulli,
+            loss_models.ExactCount,
+            loss_models.TailDrop,
+            loss_models.Trace,
+            loss_models.MarkovLossModel,
+        )
+    ],
+]
+SYNCING = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|\.numpy\(|nonzero\(|(?<![.\w])(?:float|int|bool)\(")
+
+
+@pytest.mark.parametrize("fn", HOT_PATH, ids=lambda f: f.__qualname__)
+def test_hot_path_has_no_host_sync(fn):
+    source = inspect.getsource(fn)
+    code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+    code = re.sub(r'"""[\s\S]*?"""', "", code)
+    assert not SYNCING.findall(code), f"{fn.__qualname__} synchronises: {SYNCING.findall(code)}"
