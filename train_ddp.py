@@ -211,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--counts_transport",
-        choices=("separate", "append"),
+        choices=("separate", "append", "regenerate"),
         default="separate",
-        help="worker rescale: arrival counts in an extra small allreduce or appended",
+        help="worker rescale: arrival counts by an extra small allreduce, appended to the bucket, "
+        "or regenerated locally from every rank's seed (no communication)",
     )
     return p
 

@@ -133,8 +133,10 @@ STEP_CONFIGS = {
     "worker 10% zero": dict(loss_rate=0.1, drop_point="worker", fill="zero"),
     "worker 10% rescale": dict(loss_rate=0.1, drop_point="worker", fill="rescale"),
     "worker 10% rescale append": dict(loss_rate=0.1, fill="rescale", counts_transport="append"),
+    "worker 10% rescale regenerate": dict(loss_rate=0.1, fill="rescale", counts_transport="regenerate"),
     "post 10% shared": dict(loss_rate=0.1, drop_point="post", fill="rescale"),
     "gemodel 2% 20%": dict(loss_model="gemodel 2% 20%", drop_point="worker", fill="rescale"),
+    "gemodel 2% 20% regenerate": dict(loss_model="gemodel 2% 20%", counts_transport="regenerate"),
     "fidelity on": dict(loss_rate=0.1, measure_fidelity=True),
 }
 

@@ -19,8 +19,10 @@ for ``"sum"``):
 - worker drop, ``fill="zero"``: ``R_j = sum_r s * a_{r,j} g_{r,j}`` (a lost copy counts as 0).
 - worker drop, ``fill="rescale"``: ``R_j = (W / c_j) * sum_r s * a_{r,j} g_{r,j}`` (``0`` if
   ``c_j = 0``): the mean over the copies that arrived, unbiased given ``c_j > 0``. The counts
-  ``c_j`` are summed by one small extra allreduce (``counts_transport="separate"``) or
-  appended to the bucket in the same allreduce (``"append"``).
+  ``c_j`` are summed by one small extra allreduce (``counts_transport="separate"``),
+  appended to the bucket in the same allreduce (``"append"``), or computed locally with no
+  communication (``"regenerate"``: every rank replays every other rank's mask from that
+  rank's ``(seed, rank)`` generator, W times the sampling work).
 - post drop (after the collective), mask ``b_j = 1`` when packet ``j`` of the result arrives:
   ``"zero"``: ``b_j R_j``; ``"rescale"``: ``b_j R_j / (1 - p)`` with ``p`` the loss model's
   long-run rate (unbiased: ``E[b_j] = 1 - p``); ``"stale"``: ``R_j`` if ``b_j`` else the value this
@@ -50,7 +52,7 @@ FILLS = ("zero", "rescale", "stale")
 REDUCTIONS = ("mean", "sum")
 POST_SYNCS = ("shared", "independent")
 PACKETIZATIONS = ("mtu", "tensor")
-COUNTS_TRANSPORTS = ("separate", "append")
+COUNTS_TRANSPORTS = ("separate", "append", "regenerate")
 
 # Random streams: one seed per (run seed, stream, rank).
 _STREAM_WORKER, _STREAM_POST_SHARED, _STREAM_POST_INDEPENDENT = 1, 2, 3
@@ -176,8 +178,9 @@ class LossyState:
         loss_model: a :class:`~lossy_hooks.loss_models.LossModel` or netem-style text.
         seed: base seed (>= 0); worker masks use (seed, rank), shared post masks seed alone.
         process_group: the group to reduce over (default: the world).
-        counts_transport: how worker-drop ``rescale`` sums arrival counts: ``"separate"``
-            (a small extra allreduce) or ``"append"`` (appended to the bucket).
+        counts_transport: how worker-drop ``rescale`` learns the arrival counts:
+            ``"separate"`` (a small extra allreduce), ``"append"`` (appended to the bucket) or
+            ``"regenerate"`` (replays the other ranks' masks locally: no communication).
         measure_fidelity: also allreduce the lossless bucket and record cosine similarity
             and relative L2 error of the lossy result against it, per step (costs one
             extra full allreduce).
@@ -245,6 +248,8 @@ class LossyState:
         self._stale: dict[BucketKey, torch.Tensor] = {}
         self._fidelity: dict[int, list[torch.Tensor]] = {}
         self._passthrough = False
+        self._peers: dict[int, DropSite] = {}
+        self._saved_peers: dict[int, dict[str, Any]] = {}
 
     # -- configuration ----------------------------------------------------------------
 
@@ -283,6 +288,26 @@ class LossyState:
         for site in (self.worker, self.post):
             site.prepare(buf.device, self.seed, self.rank)
         self._stale = {k: v.to(buf.device) for k, v in self._stale.items()}
+        if self.counts_transport == "regenerate" and self.drops_before and self.fill == "rescale":
+            for peer_rank in range(self.world_size):
+                if peer_rank == self.rank:
+                    continue
+                site = self._peers.get(peer_rank)
+                if site is None:
+                    name = f"worker of rank {peer_rank}"
+                    site = DropSite(name, self.loss_model.clone(), _STREAM_WORKER, per_rank=True)
+                    if peer_rank in self._saved_peers:
+                        site.load_state_dict(self._saved_peers.pop(peer_rank))
+                    self._peers[peer_rank] = site
+                site.prepare(buf.device, self.seed, peer_rank)
+
+    def _regenerated_counts(self, own_lost: torch.Tensor) -> torch.Tensor:
+        """``c_j``: this rank's arrivals plus every other rank's, replayed from their generators."""
+        counts = (~own_lost).to(torch.int32)
+        for site in self._peers.values():
+            assert site.generator is not None
+            counts += ~site.model.sample(own_lost.numel(), site.generator)
+        return counts
 
     def _layout(self, bucket: dist.GradBucket, buf: torch.Tensor) -> tuple[BucketKey, PacketLayout]:
         """The bucket's packet layout, cached per ``(index, numel)``.
@@ -414,6 +439,8 @@ class LossyState:
             "worker": self.worker.state_dict(),
             "post": self.post.state_dict(),
             "stale": {_key_str(k): v.detach().cpu() for k, v in self._stale.items()},
+            "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
+            | {str(r): sd for r, sd in self._saved_peers.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -425,6 +452,8 @@ class LossyState:
         self.worker.load_state_dict(sd["worker"])
         self.post.load_state_dict(sd["post"])
         self._stale = {_key_from_str(k): v.clone() for k, v in sd["stale"].items()}
+        self._peers = {}
+        self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
         self.device = None  # re-prepare on the next bucket: generators restored there
         self._layouts = {}
 
@@ -489,20 +518,24 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     clean = buf.clone() if state.measure_fidelity else None
 
     counts: torch.Tensor | None = None
+    local_counts: torch.Tensor | None = None
     if state.drops_before:
         lost = state.worker.draw(key, layout.num_packets)
         if lost is not None:
             layout.zero_(buf, lost)
             if state.fill == "rescale":
-                counts = (~lost).to(torch.int32 if state.counts_transport == "separate" else buf.dtype)
                 state.worker.unrecovered_counter(key, buf.device)
+                if state.counts_transport == "regenerate":
+                    local_counts = state._regenerated_counts(lost)
+                else:
+                    counts = (~lost).to(torch.int32 if state.counts_transport == "separate" else buf.dtype)
 
     appended = counts is not None and state.counts_transport == "append"
     payload = torch.cat((buf, counts)) if appended else buf  # type: ignore[arg-type]
     futures = [dist.all_reduce(payload, group=group, async_op=True).get_future()]
     if counts is not None and not appended:
         futures.append(dist.all_reduce(counts, group=group, async_op=True).get_future())
-    has_counts = counts is not None
+    has_counts = counts is not None or local_counts is not None
     if clean is not None:
         futures.append(dist.all_reduce(clean, group=group, async_op=True).get_future())
         slot = torch.zeros(4, dtype=torch.float64, device=buf.device)
@@ -516,7 +549,10 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
         out = results[0][:numel] if appended else results[0]
         factor: torch.Tensor | None = None
         if has_counts:
-            c = (results[0][numel:] if appended else results[1]).float()
+            if local_counts is not None:
+                c = local_counts.float()
+            else:
+                c = (results[0][numel:] if appended else results[1]).float()
             factor = torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
             state.worker.unrecovered[key].add_((c == 0).sum())
         if post_lost is not None:

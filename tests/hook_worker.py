@@ -254,6 +254,14 @@ def accumulation_and_views() -> dict:
     view, _ = train_small(view_state, steps=6, accumulation=3, view=True)
     app_state = LossyState(loss_rate=0.2, mtu=256, seed=1, counts_transport="append")
     app, _ = train_small(app_state, steps=6, accumulation=3)
+    regen, _ = train_small(
+        LossyState(loss_rate=0.2, mtu=256, seed=1, counts_transport="regenerate"), steps=6, accumulation=3
+    )
+    ge = dict(loss_model=GilbertElliott(0.05, 0.3), mtu=256, seed=2)
+    ge_sep_state = LossyState(**ge)
+    ge_sep, _ = train_small(ge_sep_state, steps=6)
+    ge_regen_state = LossyState(counts_transport="regenerate", **ge)
+    ge_regen, _ = train_small(ge_regen_state, steps=6)
     return {
         "steps": state.steps,
         "view_equal": all(torch.equal(a, b) for a, b in zip(base, view, strict=True)),
@@ -262,6 +270,12 @@ def accumulation_and_views() -> dict:
             float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
             for a, b in zip(base, app, strict=True)
         ),
+        "regenerate_equal": all(torch.equal(a, b) for a, b in zip(base, regen, strict=True)),
+        "regenerate_ge_equal": all(torch.equal(a, b) for a, b in zip(ge_sep, ge_regen, strict=True)),
+        "unrecovered": [
+            ge_sep_state.stats()["worker"]["packets_unrecovered"],
+            ge_regen_state.stats()["worker"]["packets_unrecovered"],
+        ],
         "stats_all": state.stats(all_ranks=True)["worker"],
         "stats_own": state.stats()["worker"],
         "buckets": state.stats()["buckets"],
@@ -286,7 +300,17 @@ def pickle_resume() -> dict:
     # Without the warm-up the fresh model's first step uses one big bucket: masks differ.
     _, third = train_small(None, steps=7, warmup=False, resume=first["snapshot"])
     differs = not all(torch.equal(a, b) for a, b in zip(after, third["grads"], strict=True))
-    return {"same_sequence": same, "no_warmup_differs": differs, "compared": len(second["grads"])}
+    # counts regenerated locally: the other ranks' generators are checkpointed too
+    kw2 = dict(loss_model=GilbertElliott(0.05, 0.3), mtu=128, fill="rescale", counts_transport="regenerate")
+    _, first2 = train_small(LossyState(**kw2), steps=10, warmup=True, snapshot_at=4)
+    _, second2 = train_small(None, steps=6, warmup=True, resume=first2["snapshot"])
+    same2 = all(torch.equal(a, b) for a, b in zip(first2["grads"][4:], second2["grads"], strict=True))
+    return {
+        "same_sequence": same,
+        "no_warmup_differs": differs,
+        "compared": len(second["grads"]),
+        "regenerate_same_sequence": same2,
+    }
 
 
 def fidelity() -> dict:

@@ -108,6 +108,9 @@ def test_accumulation_views_and_counts_transport(runs):
     if world == 2:  # a 2-term sum is order-free; at W=4 Gloo chunks the longer payload differently
         assert r["append_equal"]
     assert r["append_max_rel_diff"] < 1e-5
+    # regenerating the other ranks' masks locally gives exactly the counts the allreduce gives
+    assert r["regenerate_equal"] and r["regenerate_ge_equal"]
+    assert r["unrecovered"][0] == r["unrecovered"][1] > 0
     total_sent = sum(ranks[i]["accumulation_and_views"]["stats_own"]["packets_sent"] for i in range(world))
     total_lost = sum(ranks[i]["accumulation_and_views"]["stats_own"]["packets_lost"] for i in range(world))
     assert r["stats_all"]["packets_sent"] == total_sent
@@ -129,6 +132,7 @@ def test_pickled_state_resumes_the_same_loss_sequence(runs):
         assert r["compared"] == 7
         assert r["same_sequence"]
         assert r["no_warmup_differs"]
+        assert r["regenerate_same_sequence"]
 
 
 def test_fidelity_measurement(runs):
