@@ -124,31 +124,17 @@ def test_cli_exit_code_2():
 # ------------------------------------------------------------------ runs
 
 
+def run_script(flags: str, out: Path) -> subprocess.CompletedProcess:
+    """``python train_ddp.py`` (no torchrun: world size 1) with the small model."""
+    return run([sys.executable, str(ROOT / "train_ddp.py"), *SMALL, *flags.split(), "--output_dir", str(out)])
+
+
 def test_world_size_one_without_torchrun_and_divergence(tmp_path):
     out = tmp_path / "runs"
-    res = run(
-        [
-            sys.executable,
-            str(ROOT / "train_ddp.py"),
-            *SMALL,
-            "--dataset",
-            "digits",
-            "--num_epochs",
-            "2",
-            "--max_steps",
-            "3",
-            "--batch_size",
-            "16",
-            "--accumulation_steps",
-            "1",
-            "--lab_round",
-            "1",
-            "--loss_rate",
-            "0.1",
-            "--use_avg",
-            "--output_dir",
-            str(out),
-        ]
+    res = run_script(
+        "--dataset digits --num_epochs 2 --max_steps 3 --batch_size 16 --accumulation_steps 1 "
+        "--lab_round 1 --loss_rate 0.1 --use_avg",
+        out,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(out)
@@ -160,26 +146,10 @@ def test_world_size_one_without_torchrun_and_divergence(tmp_path):
     assert float(m[0]["post_packets_sent"]) > 0 and m[0]["status"] == "ok"
 
     bad = tmp_path / "bad"
-    res = run(
-        [
-            sys.executable,
-            str(ROOT / "train_ddp.py"),
-            *SMALL,
-            "--dataset",
-            "digits",
-            "--num_epochs",
-            "3",
-            "--batch_size",
-            "64",
-            "--accumulation_steps",
-            "1",
-            "--lab_round",
-            "2",
-            "--learning_rate",
-            "1e12",
-            "--output_dir",
-            str(bad),
-        ]
+    res = run_script(
+        "--dataset digits --num_epochs 3 --batch_size 64 --accumulation_steps 1 --lab_round 2 "
+        "--learning_rate 1e12",
+        bad,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(bad)
@@ -323,3 +293,44 @@ def test_kill_then_resume_gives_each_epoch_once_and_same_numbers(tmp_path, capsy
     reference = rows(only_dir(ref_dir) / "round0" / "metrics.csv")
     keys = ("steps", "train_loss", "val_loss", "val_acc", "worker_packets_sent", "worker_packets_lost")
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in reference]
+
+
+def test_fidelity_drift_and_resync_columns(tmp_path):
+    """Independent post drops make replicas drift; --resync brings drift back to 0; at loss 0
+    fidelity is exactly 1 and drift 0."""
+    base = [
+        *SMALL,
+        "--dataset",
+        "digits",
+        "--num_epochs",
+        "1",
+        "--max_steps",
+        "6",
+        "--batch_size",
+        "32",
+        "--accumulation_steps",
+        "1",
+        "--lab_round",
+        "1",
+        "--use_avg",
+        "--measure_fidelity",
+        "--measure_drift",
+        "2",
+    ]
+    lossy = ["--drop_point", "post", "--post_sync", "independent", "--use_zero", "--loss_rate", "0.2"]
+    results = {}
+    for name, extra in (
+        ("lossy", lossy),
+        ("resync", [*lossy, "--resync", "2"]),
+        ("clean", ["--loss_rate", "0"]),
+    ):
+        out = tmp_path / name
+        res = run(torchrun([*base, *extra, "--output_dir", str(out)]))
+        assert res.returncode == 0, res.stdout + res.stderr
+        results[name] = rows(only_dir(out) / "round0" / "metrics.csv")[0]
+    lossy_row, resync_row, clean_row = results["lossy"], results["resync"], results["clean"]
+    assert float(lossy_row["drift_max"]) > 1e-4 and float(lossy_row["drift_mean"]) > 0
+    assert float(lossy_row["fidelity_cosine"]) < 0.99 and float(lossy_row["fidelity_rel_l2"]) > 0.05
+    assert float(resync_row["drift_max"]) == 0.0  # measured right after each broadcast
+    assert float(clean_row["drift_max"]) == 0.0
+    assert float(clean_row["fidelity_cosine"]) == 1.0 and float(clean_row["fidelity_rel_l2"]) == 0.0
