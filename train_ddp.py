@@ -42,6 +42,8 @@ from lossy_hooks.plotting import plot_round, plot_summary
 from lossy_hooks.progress import Reporter
 from lossy_hooks.replicas import replica_drift, resync_replicas
 from lossy_hooks.run_io import (
+    BUCKET_FIELDS,
+    LAYER_FIELDS,
     MetricsLog,
     atomic_save,
     config_name,
@@ -461,8 +463,66 @@ class RoundRunner:
             torch.cuda.set_rng_state(mine["cuda_rng"].cpu())
         self.start_epoch, self.steps = int(ckpt["epoch"]), int(ckpt["steps"])
         if self.rank == 0:
-            MetricsLog(self.dir / "metrics.csv").truncate_after(self.start_epoch)
+            for log in self.logs().values():
+                log.truncate_after(self.start_epoch)
         self.report.print(f"round {self.k}: resumed after epoch {self.start_epoch} ({self.steps} steps)")
+
+    def logs(self) -> dict[str, MetricsLog]:
+        return {
+            "metrics": MetricsLog(self.dir / "metrics.csv"),
+            "buckets": MetricsLog(self.dir / "buckets.csv", BUCKET_FIELDS),
+            "layers": MetricsLog(self.dir / "layers.csv", LAYER_FIELDS),
+        }
+
+    def loss_breakdown(self, epoch: int, stats: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+        """Rows of buckets.csv and layers.csv for this epoch: packets since the last call
+        (a collective: every rank calls it)."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        params = {k: [names.get(i, "?") for i in ids] for k, ids in self.state.bucket_parameter_ids().items()}
+        bucket_rows = []
+        for b in stats["buckets"]:
+            key = (b["index"], b["numel"])
+            plist = params.get(key, ["?"])
+            for point in ("worker", "post"):
+                if f"{point}_sent" not in b:
+                    continue
+                sent, lost = b[f"{point}_sent"], b[f"{point}_lost"]
+                ps, pl = self._prev.get((point, key), (0, 0))
+                self._prev[(point, key)] = (sent, lost)
+                if sent - ps == 0:
+                    continue
+                bucket_rows.append(
+                    {
+                        "epoch": epoch,
+                        "drop_point": point,
+                        "bucket": b["index"],
+                        "numel": b["numel"],
+                        "packets": b["packets"],
+                        "params": len(plist),
+                        "first_param": plist[0],
+                        "last_param": plist[-1],
+                        "packets_sent": sent - ps,
+                        "packets_lost": lost - pl,
+                        "loss_rate": (lost - pl) / (sent - ps),
+                    }
+                )
+        layer_rows = []
+        for r in self.state.loss_by_parameter(names, all_ranks=True):
+            ps, pl = self._prev.get((r["drop_point"], r["parameter"]), (0, 0))
+            self._prev[(r["drop_point"], r["parameter"])] = (r["packets_sent"], r["packets_lost"])
+            sent, lost = r["packets_sent"] - ps, r["packets_lost"] - pl
+            layer_rows.append(
+                {
+                    "epoch": epoch,
+                    "drop_point": r["drop_point"],
+                    "parameter": r["parameter"],
+                    "elements": r["elements"],
+                    "packets_sent": sent,
+                    "packets_lost": lost,
+                    "loss_rate": lost / sent if sent else 0.0,
+                }
+            )
+        return bucket_rows, layer_rows
 
     def checkpoint(self, epoch: int, final: bool = False) -> None:
         independent = self.cfg["post_sync"] == "independent" and self.cfg["drop_point"] != "worker"
@@ -573,9 +633,11 @@ class RoundRunner:
         dist.barrier()
         if cfg["resume"]:
             self.resume()
-        log = MetricsLog(self.dir / "metrics.csv") if self.rank == 0 else None
+        logs = self.logs() if self.rank == 0 else None
         status = "finished"
         before = self.state.stats(all_ranks=True)
+        self._prev: dict[tuple, tuple[int, int]] = {}
+        self.loss_breakdown(self.start_epoch, before)  # baseline: counts so far
         epochs_done = self.start_epoch
         for epoch in range(self.start_epoch, cfg["num_epochs"]):
             row = self.train_epoch(epoch)
@@ -585,6 +647,7 @@ class RoundRunner:
                 row["val_loss"], row["val_acc"] = self.validate()
                 diverged = diverged or not math.isfinite(row["val_loss"])
             after = self.state.stats(all_ranks=True)
+            bucket_rows, layer_rows = self.loss_breakdown(epoch + 1, after)
             row.update(
                 epoch=epoch + 1,
                 steps=self.steps,
@@ -592,8 +655,10 @@ class RoundRunner:
                 **_packet_delta(before, after),
             )
             before = after
-            if log is not None:
-                log.append(row)
+            if logs is not None:
+                logs["buckets"].append(*bucket_rows)
+                logs["layers"].append(*layer_rows)
+                logs["metrics"].append(row)
             self.report.end_epoch(row)
             epochs_done = epoch + 1
             if diverged:

@@ -95,6 +95,7 @@ class DropSite:
         self._saved_generator: tuple[str, torch.Tensor] | None = None
         self.sent: dict[BucketKey, int] = {}
         self.lost: dict[BucketKey, torch.Tensor] = {}
+        self.lost_per_packet: dict[BucketKey, torch.Tensor] = {}
         self.unrecovered: dict[BucketKey, torch.Tensor] = {}
 
     def prepare(self, device: torch.device, seed: int, rank: int) -> None:
@@ -114,7 +115,7 @@ class DropSite:
                 )
             self._saved_generator = None
         self.generator = gen
-        for d in (self.lost, self.unrecovered):
+        for d in (self.lost, self.unrecovered, self.lost_per_packet):
             for k, v in d.items():
                 d[k] = v.to(device)
 
@@ -128,7 +129,9 @@ class DropSite:
         counter = self.lost.get(key)
         if counter is None:
             counter = self.lost[key] = torch.zeros((), dtype=torch.long, device=lost.device)
+            self.lost_per_packet[key] = torch.zeros(num_packets, dtype=torch.int32, device=lost.device)
         counter.add_(lost.sum())
+        self.lost_per_packet[key].add_(lost)
         return lost
 
     def unrecovered_counter(self, key: BucketKey, device: torch.device) -> torch.Tensor:
@@ -148,6 +151,7 @@ class DropSite:
             "sent": {_key_str(k): v for k, v in self.sent.items()},
             "lost": {_key_str(k): v.detach().cpu() for k, v in self.lost.items()},
             "unrecovered": {_key_str(k): v.detach().cpu() for k, v in self.unrecovered.items()},
+            "lost_per_packet": {_key_str(k): v.detach().cpu() for k, v in self.lost_per_packet.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -158,6 +162,7 @@ class DropSite:
         self.sent = {_key_from_str(k): int(v) for k, v in sd["sent"].items()}
         self.lost = {_key_from_str(k): v.clone() for k, v in sd["lost"].items()}
         self.unrecovered = {_key_from_str(k): v.clone() for k, v in sd["unrecovered"].items()}
+        self.lost_per_packet = {_key_from_str(k): v.clone() for k, v in sd.get("lost_per_packet", {}).items()}
 
 
 class LossyState:
@@ -249,6 +254,7 @@ class LossyState:
         self._fidelity: dict[int, list[torch.Tensor]] = {}
         self._passthrough = False
         self._peers: dict[int, DropSite] = {}
+        self._bucket_params: dict[BucketKey, list[tuple[int, int]]] = {}
         self._saved_peers: dict[int, dict[str, Any]] = {}
 
     # -- configuration ----------------------------------------------------------------
@@ -334,6 +340,7 @@ class LossyState:
         if cached is not None:
             self._stale.pop(key, None)
         self._layouts[key] = (signature, layout)
+        self._bucket_params[key] = [(id(p), p.numel()) for p in bucket.parameters()]
         return key, layout
 
     def _stale_buffer(self, key: BucketKey, like: torch.Tensor) -> torch.Tensor:
@@ -408,6 +415,71 @@ class LossyState:
             out[s.name] = entry
         out["buckets"] = list(buckets.values())
         return out
+
+    def loss_by_parameter(self, names: dict[int, str], all_ranks: bool = False) -> list[dict[str, Any]]:
+        """Packets sent and lost so far for each parameter's gradient, per drop point.
+
+        ``names`` maps ``id(parameter)`` to its name (``{id(p): n for n, p in
+        model.named_parameters()}``). A parameter occupying elements ``[s, e)`` of a bucket
+        with ``k`` elements per packet is carried by packets ``s // k`` to ``(e - 1) // k``;
+        a packet straddling two parameters counts for both. Summed over the buckets a
+        parameter has been in (DDP's first-iteration bucket included). ``all_ranks=True``
+        sums over the group (a collective)."""
+        sites = [s for s, on in ((self.worker, self.drops_before), (self.post, self.drops_after)) if on]
+        keys = sorted(k for k in self._bucket_params if k in self._layouts)
+        device = self.device or torch.device("cpu")
+        vectors = []
+        for site in sites:
+            for k in keys:
+                n = self._layouts[k][1].num_packets
+                vec = site.lost_per_packet.get(k)
+                vectors.append(
+                    vec.to(device, torch.int64)
+                    if vec is not None
+                    else torch.zeros(n, device=device, dtype=torch.int64)
+                )
+        flat = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int64)
+        if all_ranks and flat.numel():
+            group = self.process_group if self.process_group is not None else dist.group.WORLD
+            dist.all_reduce(flat, group=group)
+        counts = flat.cpu().numpy()
+        world = self.world_size or 1
+        totals: dict[tuple[str, str], dict[str, Any]] = {}
+        offset = 0
+        for site in sites:
+            for k in keys:
+                layout = self._layouts[k][1]
+                per_packet = counts[offset : offset + layout.num_packets]
+                offset += layout.num_packets
+                cum = np.concatenate([[0], np.cumsum(per_packet)])
+                calls = site.sent.get(k, 0) // max(layout.num_packets, 1) * (world if all_ranks else 1)
+                start = 0
+                for j, (pid, size) in enumerate(self._bucket_params[k]):
+                    if layout.per_tensor:
+                        first = last = j
+                    else:
+                        first, last = start // layout.packet_numel, (start + size - 1) // layout.packet_numel
+                    start += size
+                    row = totals.setdefault(
+                        (site.name, names.get(pid, f"param@{pid}")),
+                        {
+                            "drop_point": site.name,
+                            "parameter": names.get(pid, f"param@{pid}"),
+                            "elements": size,
+                            "packets_sent": 0,
+                            "packets_lost": 0,
+                        },
+                    )
+                    row["packets_sent"] += (last - first + 1) * calls
+                    row["packets_lost"] += int(cum[last + 1] - cum[first])
+        out = list(totals.values())
+        for row in out:
+            row["loss_rate"] = row["packets_lost"] / row["packets_sent"] if row["packets_sent"] else 0.0
+        return out
+
+    def bucket_parameter_ids(self) -> dict[BucketKey, list[int]]:
+        """``id()`` of the parameters in each bucket seen so far, in buffer order."""
+        return {k: [pid for pid, _ in v] for k, v in self._bucket_params.items()}
 
     def fidelity(self) -> list[dict[str, float]]:
         """Per finished step since the last call: cosine similarity and relative L2 error of

@@ -25,6 +25,8 @@ import torch
 from .statistics import mean_std
 
 __all__ = [
+    "BUCKET_FIELDS",
+    "LAYER_FIELDS",
     "METRIC_FIELDS",
     "MetricsLog",
     "atomic_save",
@@ -106,14 +108,32 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class MetricsLog:
-    """``metrics.csv`` of one round: one row per epoch, appended and fsynced as it ends."""
+BUCKET_FIELDS = [
+    "epoch",
+    "drop_point",
+    "bucket",
+    "numel",
+    "packets",
+    "params",
+    "first_param",
+    "last_param",
+    "packets_sent",
+    "packets_lost",
+    "loss_rate",
+]
+LAYER_FIELDS = ["epoch", "drop_point", "parameter", "elements", "packets_sent", "packets_lost", "loss_rate"]
 
-    def __init__(self, path: Path) -> None:
+
+class MetricsLog:
+    """A per-round CSV with an ``epoch`` column (``metrics.csv``, ``buckets.csv``,
+    ``layers.csv``): rows appended and fsynced as each epoch ends."""
+
+    def __init__(self, path: Path, fields: list[str] = METRIC_FIELDS) -> None:
         self.path = path
+        self.fields = fields
         if not path.exists():
             with open(path, "w", newline="", encoding="utf-8") as fh:
-                csv.writer(fh).writerow(METRIC_FIELDS)
+                csv.writer(fh).writerow(fields)
 
     def rows(self) -> list[dict[str, str]]:
         with open(self.path, newline="", encoding="utf-8") as fh:
@@ -125,19 +145,22 @@ class MetricsLog:
         kept = [r for r in self.rows() if int(r["epoch"]) <= epoch]
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, METRIC_FIELDS)
+            w = csv.DictWriter(fh, self.fields)
             w.writeheader()
             w.writerows(kept)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
-    def append(self, row: dict[str, Any]) -> None:
-        missing = set(row) - set(METRIC_FIELDS)
-        if missing:
-            raise KeyError(f"unknown metrics fields {sorted(missing)}")
+    def append(self, *rows: dict[str, Any]) -> None:
+        for row in rows:
+            unknown = set(row) - set(self.fields)
+            if unknown:
+                raise KeyError(f"unknown fields {sorted(unknown)} for {self.path.name}")
         with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, METRIC_FIELDS).writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+            w = csv.DictWriter(fh, self.fields)
+            for row in rows:
+                w.writerow({k: _fmt(row.get(k)) for k in self.fields})
             fh.flush()
             os.fsync(fh.fileno())
 

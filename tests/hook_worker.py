@@ -322,6 +322,31 @@ def fidelity() -> dict:
     return out
 
 
+def layer_accounting() -> dict:
+    """Per-parameter packet accounting with tail drop: N = 150 + 100, k = 100 -> 3 packets;
+    'tail 1/3' loses the last packet of every bucket, i.e. only the parameter at the end."""
+    from lossy_hooks import TailDrop
+
+    state = LossyState(loss_model=TailDrop(1 / 3), mtu=400, drop_point="worker", fill="zero", reduction="sum")
+    model = Probe([150, 100])
+    ddp = DDP(model, bucket_cap_mb=25)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
+    with state.passthrough():
+        probe_step(ddp, 1.0)
+    for _ in range(10):
+        probe_step(ddp, 1.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[i] for ids in state.bucket_parameter_ids().values() for i in ids]
+    rows = {r["parameter"]: [r["packets_sent"], r["packets_lost"]] for r in state.loss_by_parameter(names)}
+    return {
+        "order": order,
+        "rows": rows,
+        "all_ranks": {
+            r["parameter"]: r["packets_lost"] for r in state.loss_by_parameter(names, all_ranks=True)
+        },
+    }
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -334,6 +359,7 @@ SCENARIOS = {
         accumulation_and_views,
         pickle_resume,
         fidelity,
+        layer_accounting,
     )
 }
 

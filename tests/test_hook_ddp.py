@@ -22,6 +22,7 @@ SCENARIOS = [
     "accumulation_and_views",
     "pickle_resume",
     "fidelity",
+    "layer_accounting",
 ]
 
 
@@ -141,3 +142,17 @@ def test_fidelity_measurement(runs):
     assert [s["step"] for s in r["0.0"]] == [0, 1, 2, 3]
     assert all(s["cosine"] == pytest.approx(1.0, abs=1e-12) and s["rel_l2"] == 0.0 for s in r["0.0"])
     assert all(0.5 < s["cosine"] < 0.999 and s["rel_l2"] > 0.01 for s in r["0.2"])
+
+
+def test_loss_by_parameter_maps_packets_to_parameters(runs):
+    world, ranks = runs
+    r = ranks[0]["layer_accounting"]
+    first, last = r["order"]  # buffer order after DDP's rebuild
+    size = {"ws.0": 150, "ws.1": 100}
+    # packets of 100 elements over [first | last]: only packet 2 (the tail) is ever lost,
+    # and it belongs to the last parameter; packet 1 is shared when the first has 150 elements
+    n_first = (size[first] - 1) // 100 + 1
+    n_last = 3 - size[first] // 100
+    assert r["rows"][first] == [10 * n_first, 0]
+    assert r["rows"][last] == [10 * n_last, 10]
+    assert r["all_ranks"][last] == 10 * world

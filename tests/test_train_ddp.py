@@ -214,6 +214,21 @@ def test_torchrun_folder_run_outputs(tmp_path, image_folder):
     assert per_step.pop() >= 2 * params / 75  # 2 ranks x ceil(N/75) packets per step
     lo, hi = binomial_interval(sent, 0.2, 0.999)
     assert lo <= lost <= hi
+    # per-bucket and per-parameter accounting add up to the epoch's totals
+    for k in (0, 1):
+        rd = run_dir / f"round{k}"
+        m = rows(rd / "metrics.csv")
+        b = rows(rd / "buckets.csv")
+        layers = rows(rd / "layers.csv")
+        for r in m:
+            mine = [x for x in b if x["epoch"] == r["epoch"]]
+            assert sum(int(x["packets_sent"]) for x in mine) == int(r["worker_packets_sent"])
+            assert sum(int(x["packets_lost"]) for x in mine) == int(r["worker_packets_lost"])
+            per_param = [x for x in layers if x["epoch"] == r["epoch"]]
+            assert {x["parameter"] for x in per_param} == {
+                n for n, _ in build_model("squeezenet1_1", 3).named_parameters()
+            }
+            assert all(0 <= int(x["packets_lost"]) <= int(x["packets_sent"]) for x in per_param)
     for name in ("summary.csv", "summary.png"):
         assert (run_dir / name).stat().st_size > 0
     summary = rows(run_dir / "summary.csv")
