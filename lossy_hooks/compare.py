@@ -1,0 +1,295 @@
+"""Compare the configurations of a study: tables and plots from every run folder.
+
+    python -m lossy_hooks.compare RUNS_DIR [--out DIR] [--target_acc 0.9] [--curves TEXT ...]
+
+Reads every configuration folder under RUNS_DIR (those with a config.json) and writes to
+``--out`` (default RUNS_DIR/compare):
+
+- ``compare.csv``: one row per configuration: its settings, rounds, final and best
+  validation accuracy (mean and std over rounds), epochs and seconds to the target
+  accuracy, measured loss rate, diverged rounds;
+- ``accuracy_vs_loss_rate.png``: final (and best) validation accuracy against the loss
+  rate, one line per group of otherwise equal settings (e.g. drop point x fill), error bars
+  = std over rounds; ``accuracy_vs_mtu.png`` and ``accuracy_vs_bucket_cap_mb.png`` the same
+  against mtu and bucket size, where the study varies them;
+- ``time_to_target.png``: epochs to reach ``--target_acc`` against the loss rate;
+- ``curves.png``: validation accuracy over epochs (mean over rounds) of the chosen
+  configurations (``--curves``: substrings of folder names; default: all, at most 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .run_io import read_json
+from .statistics import mean_std
+
+__all__ = ["collect", "main", "write_outputs"]
+
+GROUP_FIELDS = [
+    "dataset",
+    "model",
+    "world_size",
+    "drop_point",
+    "post_sync",
+    "fill",
+    "reduction",
+    "packetization",
+    "mtu",
+    "accumulation_steps",
+    "bucket_cap_mb",
+    "loss_family",
+]
+X_AXES = {
+    "loss_rate": "packet loss rate (%)",
+    "mtu": "MTU (payload bytes per packet)",
+    "bucket_cap_mb": "DDP bucket size (MiB)",
+}
+
+
+def _f(x: str | None) -> float:
+    try:
+        return float(x) if x not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
+    """One record per configuration folder, with per-round curves and aggregates."""
+    records = []
+    for cfg_path in sorted(runs_dir.glob("*/config.json")):
+        run_dir = cfg_path.parent
+        cfg = read_json(cfg_path)
+        rounds = []
+        for k in range(int(cfg.get("lab_round", 1))):
+            mpath = run_dir / f"round{k}" / "metrics.csv"
+            if not mpath.exists():
+                continue
+            rows = _read_rows(mpath)
+            acc = [_f(r["val_acc"]) for r in rows]
+            seconds = np.cumsum([_f(r["epoch_seconds"]) for r in rows]) if rows else np.array([])
+            reach = next((i for i, a in enumerate(acc) if a >= target_acc), None)
+            finite = [a for a in acc if not math.isnan(a)]
+            rounds.append(
+                {
+                    "val_acc": acc,
+                    "final": finite[-1] if finite else math.nan,
+                    "best": max(finite) if finite else math.nan,
+                    "epochs_to_target": reach + 1 if reach is not None else math.nan,
+                    "seconds_to_target": float(seconds[reach]) if reach is not None else math.nan,
+                    "loss_rate_measured": _f(rows[-1]["effective_loss_rate"]) if rows else math.nan,
+                    "diverged": any(r["status"] == "diverged" for r in rows),
+                }
+            )
+        if not rounds:
+            continue
+        rec = {
+            "name": run_dir.name,
+            **{k: cfg.get(k) for k in GROUP_FIELDS if k != "loss_family"},
+            "loss_family": str(cfg.get("loss_model", "")).split()[0],
+            "loss_model": cfg.get("loss_model"),
+            "loss_rate": float(cfg.get("long_run_loss_rate", cfg.get("loss_rate", 0.0))),
+            "rounds": len(rounds),
+            "curves": [r["val_acc"] for r in rounds],
+            "diverged_rounds": sum(r["diverged"] for r in rounds),
+        }
+        if rec["drop_point"] == "worker":
+            rec["post_sync"] = "-"
+        for key in ("final", "best", "epochs_to_target", "seconds_to_target", "loss_rate_measured"):
+            rec[f"{key}_mean"], rec[f"{key}_std"] = mean_std([r[key] for r in rounds])
+        records.append(rec)
+    return records
+
+
+def _groups(records: list[dict[str, Any]], x: str) -> tuple[dict[tuple, list[dict]], list[str]]:
+    fields = [f for f in GROUP_FIELDS if f != x and not (x == "loss_rate" and f == "loss_family")]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[tuple(r[f] for f in fields)].append(r)
+    varying = [f for i, f in enumerate(fields) if len({k[i] for k in groups}) > 1]
+    return groups, varying
+
+
+def _label(key: tuple, records: list[dict], varying: list[str]) -> str:
+    r = records[0]
+    return ", ".join(f"{r[f]}" if f in ("drop_point", "fill") else f"{f}={r[f]}" for f in varying) or "all"
+
+
+def plot_against(records: list[dict[str, Any]], x: str, out: Path, metric: str = "final") -> bool:
+    """Accuracy against ``x`` with error bars; False where the study has one value of ``x``."""
+    if len({r[x] for r in records}) < 2:
+        return False
+    groups, varying = _groups(records, x)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for key, recs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        recs = sorted(recs, key=lambda r: r[x])
+        xs = np.array([r[x] for r in recs], dtype=float) * (100 if x == "loss_rate" else 1)
+        ys = np.array([r[f"{metric}_mean"] for r in recs]) * 100
+        es = np.array([r[f"{metric}_std"] for r in recs]) * 100
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=_label(key, recs, varying))
+    ax.set(
+        xlabel=X_AXES[x],
+        ylabel=f"{metric} validation accuracy (%)",
+        title=f"{metric.capitalize()} validation accuracy vs {X_AXES[x].split(' (')[0]} "
+        f"(mean ± std over rounds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_time_to_target(records: list[dict[str, Any]], target: float, out: Path) -> None:
+    groups, varying = _groups(records, "loss_rate")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for key, recs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        recs = sorted(recs, key=lambda r: r["loss_rate"])
+        xs = [100 * r["loss_rate"] for r in recs]
+        ax.errorbar(
+            xs,
+            [r["epochs_to_target_mean"] for r in recs],
+            yerr=[r["epochs_to_target_std"] for r in recs],
+            marker="s",
+            capsize=4,
+            label=_label(key, recs, varying),
+        )
+    ax.set(
+        xlabel=X_AXES["loss_rate"],
+        ylabel="epochs",
+        title=f"Epochs to reach {100 * target:.0f}% validation accuracy (missing = never reached)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for r in records:
+        n = max(len(c) for c in r["curves"])
+        grid = np.full((len(r["curves"]), n), np.nan)
+        for i, c in enumerate(r["curves"]):
+            grid[i, : len(c)] = c
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(grid, 0) * 100
+        ax.plot(np.arange(1, n + 1), mean, marker="o", label=r["name"], linewidth=1.2)
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy (mean over rounds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+CSV_FIELDS = [
+    "name",
+    *GROUP_FIELDS,
+    "loss_model",
+    "loss_rate",
+    "rounds",
+    "final_mean",
+    "final_std",
+    "best_mean",
+    "best_std",
+    "epochs_to_target_mean",
+    "seconds_to_target_mean",
+    "loss_rate_measured_mean",
+    "diverged_rounds",
+]
+
+
+def write_outputs(records: list[dict[str, Any]], out: Path, target: float, curves: list[str]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "compare.csv"]
+    with open(out / "compare.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(records, key=lambda r: r["name"]):
+            w.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in CSV_FIELDS}
+            )
+    for x in X_AXES:
+        path = out / f"accuracy_vs_{x}.png"
+        if plot_against(records, x, path):
+            written.append(path)
+    if len({r["loss_rate"] for r in records}) > 1:
+        plot_time_to_target(records, target, out / "time_to_target.png")
+        written.append(out / "time_to_target.png")
+    chosen = [r for r in records if not curves or any(c in r["name"] for c in curves)][:12]
+    if chosen:
+        plot_curves(chosen, out / "curves.png")
+        written.append(out / "curves.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    p = argparse.ArgumentParser(description="Compare the configurations of a packet-loss study.")
+    p.add_argument("runs_dir", help="folder holding configuration folders (train_ddp.py --output_dir)")
+    p.add_argument("--out", default=None, help="output folder (default RUNS_DIR/compare)")
+    p.add_argument("--target_acc", type=float, default=0.9, help="target validation accuracy in (0, 1]")
+    p.add_argument("--curves", nargs="*", default=[], help="substrings of folder names to plot over epochs")
+    args = p.parse_args(argv)
+    runs = Path(args.runs_dir)
+    if not runs.is_dir():
+        p.error(f"runs_dir {args.runs_dir!r} is not a folder")
+    if not (0 < args.target_acc <= 1):
+        p.error(f"--target_acc must be in (0, 1], got {args.target_acc}")
+    records = collect(runs, args.target_acc)
+    if not records:
+        p.error(f"no configuration folders with metrics under {runs}")
+    out = Path(args.out) if args.out else runs / "compare"
+    written = write_outputs(records, out, args.target_acc, args.curves)
+    table = Table(title=f"{len(records)} configurations in {runs}")
+    for col in (
+        "drop",
+        "fill",
+        "loss",
+        "rounds",
+        "final acc",
+        "best acc",
+        f"epochs to {args.target_acc:.0%}",
+        "lost",
+    ):
+        table.add_column(col, justify="right")
+    for r in sorted(records, key=lambda r: (r["drop_point"], r["fill"], r["loss_rate"])):
+        table.add_row(
+            r["drop_point"],
+            r["fill"],
+            r["loss_model"],
+            str(r["rounds"]),
+            f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}",
+            f"{100 * r['best_mean']:.2f} ± {100 * r['best_std']:.2f}",
+            f"{r['epochs_to_target_mean']:.1f}",
+            f"{100 * r['loss_rate_measured_mean']:.2f}%",
+        )
+    Console().print(table)
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

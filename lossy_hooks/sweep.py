@@ -1,0 +1,246 @@
+"""Run a grid of train_ddp.py configurations, each a torchrun launch.
+
+    python -m lossy_hooks.sweep --nproc 2 --grid loss_rate=0,0.1,0.3 drop_point=worker,post \\
+        fill=zero,rescale -- --dataset digits --model resnet18 --num_epochs 4 --lab_round 2
+    python -m lossy_hooks.sweep --config sweep.toml        # or .json
+
+A config file holds ``nproc``, ``fixed`` (flag -> value) and ``grid`` (flag -> list of values);
+command-line ``--grid`` entries and flags after ``--`` are added to it. Boolean flags take
+true/false. Configurations already finished (every round ended) are skipped without a
+launch; unfinished ones are launched with ``--resume`` (which starts fresh where there is
+nothing to resume). A failing or diverging configuration does not stop the sweep; the end
+summary lists each configuration's outcome, and the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["expand_grid", "flags_for", "main", "run_sweep"]
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_ddp.py"
+BOOLEAN_FLAGS = {
+    "use_zero",
+    "use_avg",
+    "worker_drop",
+    "amp",
+    "download",
+    "measure_fidelity",
+    "overwrite",
+}
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of the grid, in the order given (last key varies fastest)."""
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def flags_for(settings: dict[str, Any]) -> list[str]:
+    """train_ddp.py flags for ``{flag: value}``; booleans add or omit the flag."""
+    out: list[str] = []
+    for key, value in settings.items():
+        name = "--" + key.lstrip("-")
+        if key.lstrip("-") in BOOLEAN_FLAGS or isinstance(value, bool):
+            if value:
+                out.append(name)
+        else:
+            out += [name, str(value)]
+    return out
+
+
+def _run_dir(argv: list[str], nproc: int) -> Path | None:
+    """The configuration folder train_ddp.py would use (None if the flags are invalid)."""
+    sys.path.insert(0, str(TRAIN_SCRIPT.parent))
+    import train_ddp
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE=str(nproc))
+    try:
+        parser = train_ddp.build_parser()
+        cfg = train_ddp.resolve(parser.parse_args(argv), parser)
+        from .run_io import config_name
+
+        return Path(cfg["output_dir"]) / config_name(cfg)
+    except SystemExit:
+        return None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _outcome(run_dir: Path, rounds: int) -> str:
+    from .run_io import round_status
+
+    ended = [round_status(run_dir / f"round{k}") for k in range(rounds)]
+    if any(s is None for s in ended):
+        return "unfinished"
+    return "diverged" if "diverged" in ended else "finished"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sweep(
+    nproc: int,
+    fixed: dict[str, Any],
+    grid: dict[str, list[Any]],
+    log_dir: Path | None = None,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Run every configuration; return one record per configuration with its outcome."""
+    console = console or Console()
+    records = []
+    combos = expand_grid(grid) or [{}]
+    rounds = int(fixed.get("lab_round", 5))
+    with Progress(
+        TextColumn("[bold]sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[current]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("sweep", total=len(combos), current="")
+        for i, combo in enumerate(combos):
+            settings = {**fixed, **combo}
+            rounds = int(settings.get("lab_round", 5))
+            argv = flags_for(settings)
+            label = " ".join(f"{k}={v}" for k, v in combo.items())
+            progress.update(task, current=label)
+            run_dir = _run_dir(argv, nproc)
+            record = {"settings": combo, "run_dir": str(run_dir) if run_dir else None}
+            if run_dir is None:
+                record["outcome"] = "invalid flags"
+            elif _outcome(run_dir, rounds) in ("finished", "diverged"):
+                record["outcome"] = "skipped (" + _outcome(run_dir, rounds) + ")"
+            else:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nproc_per_node={nproc}",
+                    f"--master_port={_free_port()}",
+                    str(TRAIN_SCRIPT),
+                    *argv,
+                    "--resume",
+                ]
+                log = None
+                if log_dir is not None:
+                    log_dir.mkdir(parents=True, exist_ok=True)
+                    log = open(log_dir / f"config{i:03d}.log", "w")
+                try:
+                    code = subprocess.run(
+                        cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+                    ).returncode
+                finally:
+                    if log is not None:
+                        log.close()
+                record["outcome"] = f"failed (exit {code})" if code else _outcome(run_dir, rounds)
+            console.print(f"[{i + 1}/{len(combos)}] {label or '(fixed flags)'}: {record['outcome']}")
+            records.append(record)
+            progress.advance(task)
+    return records
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    if path.endswith(".toml"):
+        import tomllib
+
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(description="Run a grid of train_ddp.py configurations with torchrun.")
+    p.add_argument("--config", help="TOML or JSON file with nproc, fixed and grid")
+    p.add_argument("--nproc", type=int, default=None, help="ranks per configuration (>= 1; default 2)")
+    p.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        metavar="FLAG=V1,V2",
+        help="grid axes, e.g. loss_rate=0,0.1 drop_point=worker,post",
+    )
+    p.add_argument("--log_dir", default=None, help="keep each launch's output here")
+    args = p.parse_args(argv)
+    spec = _load_config(args.config) if args.config else {}
+    nproc = args.nproc or int(spec.get("nproc", 2))
+    if nproc < 1:
+        p.error(f"--nproc must be >= 1, got {nproc}")
+    grid = {k: list(v) for k, v in spec.get("grid", {}).items()}
+    for item in args.grid:
+        if "=" not in item:
+            p.error(f"--grid entries look like flag=v1,v2; got {item!r}")
+        key, values = item.split("=", 1)
+        grid[key.lstrip("-")] = [_parse_value(v) for v in values.split(",")]
+    fixed = dict(spec.get("fixed", {}))
+    i = 0
+    while i < len(extra):
+        key = extra[i].lstrip("-")
+        if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            fixed[key] = _parse_value(extra[i + 1])
+            i += 2
+        else:
+            fixed[key] = True
+            i += 1
+    console = Console()
+    records = run_sweep(nproc, fixed, grid, Path(args.log_dir) if args.log_dir else None, console)
+    table = Table(title=f"sweep: {len(records)} configurations")
+    for col in ("settings", "outcome", "folder"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(
+            " ".join(f"{k}={v}" for k, v in r["settings"].items()),
+            r["outcome"],
+            Path(r["run_dir"]).name if r["run_dir"] else "-",
+        )
+    console.print(table)
+    failed = [r for r in records if r["outcome"].startswith(("failed", "invalid"))]
+    diverged = [r for r in records if "diverged" in r["outcome"]]
+    console.print(
+        f"{len(records) - len(failed)} ran or were skipped, {len(diverged)} diverged, {len(failed)} failed"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Sweep (skip, resume, failure handling) and compare on runs made by a tiny sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lossy_hooks import compare, sweep
+from lossy_hooks.sweep import expand_grid, flags_for
+
+FIXED = {
+    "dataset": "digits",
+    "model": "squeezenet1_1",
+    "num_epochs": 2,
+    "max_steps": 2,
+    "batch_size": 16,
+    "accumulation_steps": 1,
+    "lab_round": 2,
+    "workers": 0,
+    "use_avg": True,
+    "worker_drop": True,
+}
+
+
+def test_grid_and_flags():
+    combos = expand_grid({"loss_rate": [0, 0.1], "fill": ["zero", "rescale"]})
+    assert combos == [
+        {"loss_rate": 0, "fill": "zero"},
+        {"loss_rate": 0, "fill": "rescale"},
+        {"loss_rate": 0.1, "fill": "zero"},
+        {"loss_rate": 0.1, "fill": "rescale"},
+    ]
+    assert flags_for({"loss_rate": 0.1, "use_zero": True, "use_avg": False, "mtu": 1500}) == [
+        "--loss_rate",
+        "0.1",
+        "--use_zero",
+        "--mtu",
+        "1500",
+    ]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    fixed = {**FIXED, "output_dir": str(out / "runs")}
+    grid = {"loss_rate": [0.0, 0.3], "mtu": [1500, 2]}  # mtu 2 < one fp32 element: invalid
+    first = sweep.run_sweep(1, fixed, grid, out / "logs")
+    return out, fixed, grid, first
+
+
+def test_sweep_runs_skips_resumes_and_reports_failures(swept):
+    _, fixed, grid, first = swept
+    outcomes = [r["outcome"] for r in first]
+    assert outcomes == ["finished", "invalid flags", "finished", "invalid flags"]
+    # a second sweep launches nothing for finished configurations
+    again = sweep.run_sweep(1, fixed, grid)
+    assert [r["outcome"] for r in again] == ["skipped (finished)", "invalid flags"] * 2
+    # an interrupted configuration (round 1 not ended) is resumed, not redone
+    run_dir = Path(first[2]["run_dir"])
+    (run_dir / "round1" / "status.json").unlink()
+    rows_before = (run_dir / "round1" / "metrics.csv").read_text()
+    resumed = sweep.run_sweep(1, fixed, {"loss_rate": [0.3], "mtu": [1500]})
+    assert resumed[0]["outcome"] == "finished"
+    assert (run_dir / "round1" / "metrics.csv").read_text() == rows_before  # no row lost or repeated
+    assert sweep.main(["--nproc", "1", "--grid", "mtu=2", "--", *sweep.flags_for(fixed)]) == 1
+
+
+def test_compare_on_swept_runs(swept, capsys):
+    out, _, _, first = swept
+    runs = out / "runs"
+    assert compare.main([str(runs), "--target_acc", "0.05"]) == 0
+    assert "2 configurations" in capsys.readouterr().out
+    result = out / "runs" / "compare"
+    for name in ("compare.csv", "accuracy_vs_loss_rate.png", "time_to_target.png", "curves.png"):
+        assert (result / name).stat().st_size > 0, name
+    assert not (result / "accuracy_vs_mtu.png").exists()  # one mtu value only
+    with open(result / "compare.csv", newline="") as fh:
+        table = {r["name"]: r for r in csv.DictReader(fh)}
+    for rec in first[::2]:
+        run_dir = Path(rec["run_dir"])
+        row = table[run_dir.name]
+        finals = []
+        for k in (0, 1):
+            with open(run_dir / f"round{k}" / "metrics.csv", newline="") as fh:
+                finals.append(float(list(csv.DictReader(fh))[-1]["val_acc"]))
+        assert float(row["final_mean"]) == pytest.approx(sum(finals) / 2, abs=1e-5)
+        std = math.sqrt(sum((f - sum(finals) / 2) ** 2 for f in finals))  # sample std of 2 values
+        assert float(row["final_std"]) == pytest.approx(std, abs=1e-5)
+        cfg = json.loads((run_dir / "config.json").read_text())
+        assert float(row["loss_rate"]) == pytest.approx(cfg["long_run_loss_rate"])
+        assert row["rounds"] == "2"
