@@ -462,6 +462,11 @@ class RoundRunner:
         if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(mine["cuda_rng"].cpu())
         self.start_epoch, self.steps = int(ckpt["epoch"]), int(ckpt["steps"])
+        # baseline of the per-bucket / per-parameter deltas at the checkpoint
+        self._prev = {
+            (e[0], tuple(e[1]) if isinstance(e[1], list) else e[1]): (e[2], e[3])
+            for e in ckpt.get("breakdown_prev", [])
+        }
         if self.rank == 0:
             for log in self.logs().values():
                 log.truncate_after(self.start_epoch)
@@ -538,6 +543,10 @@ class RoundRunner:
         dist.all_gather_object(ranks, mine)
         if self.rank == 0:
             ckpt = {
+                "breakdown_prev": [
+                    [p, list(k) if isinstance(k, tuple) else k, s, lo]
+                    for (p, k), (s, lo) in self._prev.items()
+                ],
                 "epoch": epoch,
                 "steps": self.steps,
                 "model": self.module.state_dict(),
@@ -631,15 +640,18 @@ class RoundRunner:
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
+        self._prev: dict[tuple, tuple[int, int]] = {}
         if cfg["resume"]:
             self.resume()
         logs = self.logs() if self.rank == 0 else None
         status = "finished"
         before = self.state.stats(all_ranks=True)
-        self._prev: dict[tuple, tuple[int, int]] = {}
-        self.loss_breakdown(self.start_epoch, before)  # baseline: counts so far
+        if not self._prev:
+            self.loss_breakdown(self.start_epoch, before)  # baseline: counts so far
         epochs_done = self.start_epoch
         for epoch in range(self.start_epoch, cfg["num_epochs"]):
+            if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
+                break  # a resumed round that had already reached --max_steps
             row = self.train_epoch(epoch)
             last = epoch == cfg["num_epochs"] - 1 or bool(cfg["max_steps"] and self.steps >= cfg["max_steps"])
             diverged = not math.isfinite(row["train_loss"])

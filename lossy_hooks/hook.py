@@ -255,6 +255,7 @@ class LossyState:
         self._passthrough = False
         self._peers: dict[int, DropSite] = {}
         self._bucket_params: dict[BucketKey, list[tuple[int, int]]] = {}
+        self._packets: dict[BucketKey, int] = {}  # packets per bucket, kept across resumes
         self._saved_peers: dict[int, dict[str, Any]] = {}
 
     # -- configuration ----------------------------------------------------------------
@@ -340,6 +341,7 @@ class LossyState:
         if cached is not None:
             self._stale.pop(key, None)
         self._layouts[key] = (signature, layout)
+        self._packets[key] = layout.num_packets
         self._bucket_params[key] = [(id(p), p.numel()) for p in bucket.parameters()]
         return key, layout
 
@@ -396,7 +398,7 @@ class LossyState:
             "scope": "all ranks" if all_ranks else f"rank {self.rank}",
         }
         buckets: dict[BucketKey, dict[str, Any]] = {
-            k: {"index": k[0], "numel": k[1], "packets": self._layouts[k][1].num_packets} for k in keys
+            k: {"index": k[0], "numel": k[1], "packets": self._packets.get(k, 0)} for k in keys
         }
         it = iter(values)
         for s in sites:
@@ -511,6 +513,7 @@ class LossyState:
             "worker": self.worker.state_dict(),
             "post": self.post.state_dict(),
             "stale": {_key_str(k): v.detach().cpu() for k, v in self._stale.items()},
+            "packets": {_key_str(k): n for k, n in self._packets.items()},
             "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
             | {str(r): sd for r, sd in self._saved_peers.items()},
         }
@@ -524,6 +527,7 @@ class LossyState:
         self.worker.load_state_dict(sd["worker"])
         self.post.load_state_dict(sd["post"])
         self._stale = {_key_from_str(k): v.clone() for k, v in sd["stale"].items()}
+        self._packets = {_key_from_str(k): int(n) for k, n in sd.get("packets", {}).items()}
         self._peers = {}
         self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
         self.device = None  # re-prepare on the next bucket: generators restored there

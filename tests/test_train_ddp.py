@@ -308,6 +308,9 @@ def test_kill_then_resume_gives_each_epoch_once_and_same_numbers(tmp_path, capsy
     reference = rows(only_dir(ref_dir) / "round0" / "metrics.csv")
     keys = ("steps", "train_loss", "val_loss", "val_acc", "worker_packets_sent", "worker_packets_lost")
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in reference]
+    # the per-bucket and per-parameter breakdowns continue across the resume too
+    for name in ("buckets.csv", "layers.csv"):
+        assert rows(metrics.with_name(name)) == rows(only_dir(ref_dir) / "round0" / name), name
 
 
 def test_fidelity_drift_and_resync_columns(tmp_path):
