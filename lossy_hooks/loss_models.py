@@ -104,18 +104,15 @@ class LossModel(ABC):
         return f"{type(self).__name__}({self.spec!r})"
 
 
-class Bernoulli(LossModel):
-    """Independent loss: each packet is lost with probability ``p``.
+class RateModel(LossModel):
+    """A memoryless model with one parameter, the loss rate ``p`` in [0, 1], written in
+    netem text as ``<keyword> P%``."""
 
-    ``lost_i ~ Bernoulli(p)`` i.i.d.; the number lost among ``n`` is Binomial(n, p).
-    """
+    keyword = ""
+    param_name = "p"
 
     def __init__(self, p: float) -> None:
-        self.p = check_probability("loss_rate (Bernoulli p)", p)
-
-    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
-        u = torch.rand(num_packets, generator=generator, device=generator.device)
-        return u < self.p
+        self.p = check_probability(self.param_name, p)
 
     def long_run_loss_rate(self) -> float:
         return self.p
@@ -125,15 +122,27 @@ class Bernoulli(LossModel):
 
     @property
     def spec(self) -> str:
-        return f"random {_pct(self.p)}"
+        return f"{self.keyword} {_pct(self.p)}"
 
 
-class ExactCount(LossModel):
+class Bernoulli(RateModel):
+    """Independent loss: each packet is lost with probability ``p``.
+
+    ``lost_i ~ Bernoulli(p)`` i.i.d.; the number lost among ``n`` is Binomial(n, p).
+    """
+
+    keyword, param_name = "random", "loss_rate (Bernoulli p)"
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.rand(num_packets, generator=generator, device=generator.device)
+        return u < self.p
+
+
+class ExactCount(RateModel):
     """Exactly ``m = floor(p*n)`` of the ``n`` packets of each bucket are lost, the set
     chosen uniformly among all ``C(n, m)`` subsets (the original script's rule)."""
 
-    def __init__(self, p: float) -> None:
-        self.p = check_probability("ExactCount p", p)
+    keyword, param_name = "exact", "ExactCount p"
 
     def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
         m = math.floor(self.p * num_packets + _COUNT_EPS)
@@ -143,37 +152,16 @@ class ExactCount(LossModel):
             lost[perm[:m]] = True
         return lost
 
-    def long_run_loss_rate(self) -> float:
-        return self.p
 
-    def is_lossless(self) -> bool:
-        return self.p == 0.0
-
-    @property
-    def spec(self) -> str:
-        return f"exact {_pct(self.p)}"
-
-
-class TailDrop(LossModel):
+class TailDrop(RateModel):
     """The last ``ceil(p*n)`` packets of each bucket are lost: a collective cut off by a
     deadline, as in bounded-time allreduce designs. Deterministic (uses no randomness)."""
 
-    def __init__(self, p: float) -> None:
-        self.p = check_probability("TailDrop p", p)
+    keyword, param_name = "tail", "TailDrop p"
 
     def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
         m = math.ceil(self.p * num_packets - _COUNT_EPS)
         return torch.arange(num_packets, device=generator.device) >= (num_packets - m)
-
-    def long_run_loss_rate(self) -> float:
-        return self.p
-
-    def is_lossless(self) -> bool:
-        return self.p == 0.0
-
-    @property
-    def spec(self) -> str:
-        return f"tail {_pct(self.p)}"
 
 
 def _read_trace_file(path: str) -> list[int]:
