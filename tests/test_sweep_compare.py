@@ -93,3 +93,15 @@ def test_compare_on_swept_runs(swept, capsys):
         cfg = json.loads((run_dir / "config.json").read_text())
         assert float(row["loss_rate"]) == pytest.approx(cfg["long_run_loss_rate"])
         assert row["rounds"] == "2"
+
+
+def test_sweep_config_file(tmp_path):
+    """A TOML file gives nproc, fixed flags and grid; invalid configurations are reported
+    (exit 1) without stopping the others."""
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(
+        'nproc = 1\n[fixed]\ndataset = "digits"\nmodel = "squeezenet1_1"\n'
+        f'output_dir = "{tmp_path / "runs"}"\n[grid]\nmtu = [1, 2, 3]\n'
+    )
+    assert sweep.main(["--config", str(cfg), "--grid", "loss_rate=0,0.5"]) == 1
+    assert not (tmp_path / "runs").exists()  # nothing launched: every mtu is below one element
