@@ -479,6 +479,12 @@ class RoundRunner:
             "layers": MetricsLog(self.dir / "layers.csv", LAYER_FIELDS),
         }
 
+    def _since_last(self, key: tuple, sent: int, lost: int) -> tuple[int, int]:
+        """Cumulative counters -> the change since the previous call for ``key``."""
+        prev_sent, prev_lost = self._prev.get(key, (0, 0))
+        self._prev[key] = (sent, lost)
+        return sent - prev_sent, lost - prev_lost
+
     def loss_breakdown(self, epoch: int, stats: dict[str, Any]) -> tuple[list[dict], list[dict]]:
         """Rows of buckets.csv and layers.csv for this epoch: packets since the last call
         (a collective: every rank calls it)."""
@@ -491,10 +497,8 @@ class RoundRunner:
             for point in ("worker", "post"):
                 if f"{point}_sent" not in b:
                     continue
-                sent, lost = b[f"{point}_sent"], b[f"{point}_lost"]
-                ps, pl = self._prev.get((point, key), (0, 0))
-                self._prev[(point, key)] = (sent, lost)
-                if sent - ps == 0:
+                sent, lost = self._since_last((point, key), b[f"{point}_sent"], b[f"{point}_lost"])
+                if sent == 0:
                     continue
                 bucket_rows.append(
                     {
@@ -506,16 +510,15 @@ class RoundRunner:
                         "params": len(plist),
                         "first_param": plist[0],
                         "last_param": plist[-1],
-                        "packets_sent": sent - ps,
-                        "packets_lost": lost - pl,
-                        "loss_rate": (lost - pl) / (sent - ps),
+                        "packets_sent": sent,
+                        "packets_lost": lost,
+                        "loss_rate": lost / sent,
                     }
                 )
         layer_rows = []
         for r in self.state.loss_by_parameter(names, all_ranks=True):
-            ps, pl = self._prev.get((r["drop_point"], r["parameter"]), (0, 0))
-            self._prev[(r["drop_point"], r["parameter"])] = (r["packets_sent"], r["packets_lost"])
-            sent, lost = r["packets_sent"] - ps, r["packets_lost"] - pl
+            key = (r["drop_point"], r["parameter"])
+            sent, lost = self._since_last(key, r["packets_sent"], r["packets_lost"])
             layer_rows.append(
                 {
                     "epoch": epoch,

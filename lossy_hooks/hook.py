@@ -462,11 +462,12 @@ class LossyState:
                     else:
                         first, last = start // layout.packet_numel, (start + size - 1) // layout.packet_numel
                     start += size
+                    label = names.get(pid, f"param@{pid}")
                     row = totals.setdefault(
-                        (site.name, names.get(pid, f"param@{pid}")),
+                        (site.name, label),
                         {
                             "drop_point": site.name,
-                            "parameter": names.get(pid, f"param@{pid}"),
+                            "parameter": label,
                             "elements": size,
                             "packets_sent": 0,
                             "packets_lost": 0,

@@ -122,7 +122,6 @@ def run_sweep(
     console = console or Console()
     records = []
     combos = expand_grid(grid) or [{}]
-    rounds = int(fixed.get("lab_round", 5))
     with Progress(
         TextColumn("[bold]sweep"),
         BarColumn(),
@@ -143,8 +142,8 @@ def run_sweep(
             record = {"settings": combo, "run_dir": str(run_dir) if run_dir else None}
             if run_dir is None:
                 record["outcome"] = "invalid flags"
-            elif _outcome(run_dir, rounds) in ("finished", "diverged"):
-                record["outcome"] = "skipped (" + _outcome(run_dir, rounds) + ")"
+            elif (done := _outcome(run_dir, rounds)) in ("finished", "diverged"):
+                record["outcome"] = f"skipped ({done})"
             else:
                 cmd = [
                     sys.executable,
