@@ -213,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--counts_transport",
-        choices=("separate", "append", "regenerate"),
-        default="separate",
+        choices=("auto", "separate", "append", "regenerate"),
+        default="auto",
         help="worker rescale: arrival counts by an extra small allreduce, appended to the bucket, "
-        "or regenerated locally from every rank's seed (no communication)",
+        "or regenerated locally from every rank's seed (no communication); auto: regenerate "
+        "on CPU with <= 4 ranks, else separate",
     )
     return p
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import socket
 import statistics
 import sys
@@ -85,7 +87,16 @@ def allocated_bytes(fn, device: torch.device) -> int:
     return sum(max(e.cpu_memory_usage, 0) for e in prof.events())
 
 
-def bench_alone(device: torch.device, mtu: int, reps: int) -> list[dict]:
+def bench_alone(device: torch.device, mtu: int, reps: int, world: int = 2) -> list[dict]:
+    """The hook's own tensor work on one 25 MiB bucket, as it runs for ``world`` ranks with
+    ``reduction="mean"``, against one ``copy_`` of the bucket timed in the same repetition
+    (ratios are per repetition, then the median: slow drifts of the machine cancel).
+
+    - ``zero``: draw the mask, multiply by ``a_j / W`` (the whole pre-allreduce work);
+    - ``rescale regenerate``: also replay the other ranks' masks, count arrivals ``c_j`` and
+      fold ``W / c_j`` into the same multiply (``counts_transport`` "regenerate"/"auto" on CPU);
+    - ``rescale separate``: ``zero`` plus the after-allreduce multiply by ``W / c_j``.
+    """
     run = timer(device)
     rows = []
     for dtype in (torch.float32, torch.float16):
@@ -93,33 +104,49 @@ def bench_alone(device: torch.device, mtu: int, reps: int) -> list[dict]:
         bucket = torch.randn(numel, device=device).to(dtype)
         other = torch.empty_like(bucket)
         layout = PacketLayout.by_mtu(numel, mtu, bucket.element_size())
-        copy_t = statistics.median(run(lambda b=bucket, o=other: o.copy_(b), reps))
+        n = layout.num_packets
         for name, spec in MODELS.items():
-            model = parse_loss_model(spec)
-            gen = torch.Generator(device=device).manual_seed(0)
+            models = [parse_loss_model(spec) for _ in range(world)]
+            gens = [torch.Generator(device=device).manual_seed(r) for r in range(world)]
 
-            def zero_fill(model=model, layout=layout, gen=gen, bucket=bucket) -> None:
-                lost = model.sample(layout.num_packets, gen)
-                layout.zero_(bucket, lost)
+            def zero(models=models, gens=gens, layout=layout, bucket=bucket, n=n) -> None:
+                lost = models[0].sample(n, gens[0])
+                layout.scale_(bucket, (~lost).float().mul_(1.0 / world))
 
-            def rescale(model=model, layout=layout, gen=gen, bucket=bucket) -> None:
-                lost = model.sample(layout.num_packets, gen)
-                layout.zero_(bucket, lost)
-                c = (~lost).float() * 2  # as if both of 2 ranks' counts arrived
-                layout.scale_(bucket, torch.where(c > 0, 2.0 / c.clamp_min(1.0), 0.0))
+            def regenerate(models=models, gens=gens, layout=layout, bucket=bucket, n=n) -> None:
+                lost = models[0].sample(n, gens[0])
+                c = (~lost).to(torch.int32)
+                for m, g in zip(models[1:], gens[1:], strict=True):
+                    c += ~m.sample(n, g)
+                c = c.float()
+                factor = torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
+                layout.scale_(bucket, (~lost).float().mul_(factor).mul_(1.0 / world))
 
-            for label, fn in (("zero", zero_fill), ("rescale", rescale)):
+            def separate(models=models, gens=gens, layout=layout, bucket=bucket, n=n) -> None:
+                lost = models[0].sample(n, gens[0])
+                layout.scale_(bucket, (~lost).float().mul_(1.0 / world))
+                c = (~lost).float() * world  # stands in for the summed counts
+                layout.scale_(bucket, torch.where(c > 0, world / c.clamp_min(1.0), 0.0))
+
+            fns = {"zero": zero, "rescale regenerate": regenerate, "rescale separate": separate}
+            for fn in fns.values():
                 fn()  # warm-up
-                t = statistics.median(run(fn, reps))
+            times: dict[str, list[float]] = {k: [] for k in ("copy", *fns)}
+            for _ in range(reps):  # interleaved: copy, then each variant
+                times["copy"] += run(lambda b=bucket, o=other: o.copy_(b), 1)
+                for label, fn in fns.items():
+                    times[label] += run(fn, 1)
+            for label, fn in fns.items():
+                ratios = [t / c for t, c in zip(times[label], times["copy"], strict=True)]
                 rows.append(
                     {
                         "dtype": str(dtype).replace("torch.", ""),
                         "loss_model": name,
-                        "fill": label,
-                        "packets": layout.num_packets,
-                        "seconds": t,
-                        "copy_seconds": copy_t,
-                        "ratio_to_copy": t / copy_t,
+                        "work": label,
+                        "packets": n,
+                        "seconds": statistics.median(times[label]),
+                        "copy_seconds": statistics.median(times["copy"]),
+                        "ratio_to_copy": statistics.median(ratios),
                         "allocated_bytes": allocated_bytes(fn, device),
                     }
                 )
@@ -162,6 +189,8 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
             y = torch.randint(0, 10, (bs,), device=device)
             setups = {}
             for name, cfg in STEP_CONFIGS.items():
+                if name not in args.configs and name != "allreduce_hook":
+                    continue
                 torch.manual_seed(0)
                 m = torchvision.models.get_model(model_name, num_classes=10).to(device)
                 ddp = DDP(m, device_ids=[rank] if cuda else None)
@@ -180,13 +209,22 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                     step()
                 setups[name] = step
             times: dict[str, list[float]] = {n: [] for n in setups}
-            for _ in range(args.reps):  # interleaved repetitions
-                for name, step in setups.items():
+            ratios: dict[str, list[float]] = {n: [] for n in setups}
+            order = list(setups)
+            for rep in range(args.reps):  # interleaved repetitions, a fresh order each time
+                random.Random(rep).shuffle(order)  # same seed on every rank: same collectives
+                this_rep = {}
+                for name in order:
                     dist.barrier()
-                    times[name].extend(run(step, args.steps))
+                    this_rep[name] = run(setups[name], args.steps)
+                    times[name].extend(this_rep[name])
+                base_rep = statistics.median(this_rep["allreduce_hook"])
+                for name, ts in this_rep.items():  # paired: same repetition, minutes apart at most
+                    ratios[name].append(statistics.median(ts) / base_rep)
             base = statistics.median(times["allreduce_hook"])
             for name, ts in times.items():
                 med = statistics.median(ts)
+                q = statistics.quantiles(ratios[name], n=4) if len(ratios[name]) > 1 else [math.nan] * 3
                 results.append(
                     {
                         "model": model_name,
@@ -194,6 +232,9 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                         "config": name,
                         "median_seconds": med,
                         "ratio_to_allreduce_hook": med / base,
+                        "paired_ratio_median": statistics.median(ratios[name]),
+                        "paired_ratio_q1": q[0],
+                        "paired_ratio_q3": q[2],
                         "samples": len(ts),
                     }
                 )
@@ -234,13 +275,19 @@ def main() -> None:
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[16, 1])
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--world_size", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (shuffled order)")
+    p.add_argument(
+        "--configs", nargs="+", default=list(STEP_CONFIGS), metavar="NAME", help="step configurations to time"
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration per repetition")
     p.add_argument("--mtu", type=int, default=1500)
-    p.add_argument("--alone_reps", type=int, default=15)
+    p.add_argument("--alone_reps", type=int, default=31)
     p.add_argument("--cpu", action="store_true", help="force CPU/Gloo even where CUDA exists")
     p.add_argument("--out", default="bench_results.json")
     args = p.parse_args()
+    unknown = sorted(set(args.configs) - set(STEP_CONFIGS))
+    if unknown:
+        p.error(f"--configs: unknown {unknown}; choose from {list(STEP_CONFIGS)}")
     device = torch.device("cuda") if torch.cuda.is_available() and not args.cpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -257,7 +304,7 @@ def main() -> None:
             [
                 "dtype",
                 "loss_model",
-                "fill",
+                "work",
                 "packets",
                 "seconds",
                 "copy_seconds",
@@ -270,7 +317,17 @@ def main() -> None:
         print_table(
             f"DDP step time, {args.world_size} ranks ({result['device']})",
             result["step"],
-            ["model", "batch_size", "config", "median_seconds", "ratio_to_allreduce_hook", "samples"],
+            [
+                "model",
+                "batch_size",
+                "config",
+                "median_seconds",
+                "ratio_to_allreduce_hook",
+                "paired_ratio_median",
+                "paired_ratio_q1",
+                "paired_ratio_q3",
+                "samples",
+            ],
         )
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"saved {args.out}")

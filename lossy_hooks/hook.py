@@ -22,7 +22,8 @@ for ``"sum"``):
   ``c_j`` are summed by one small extra allreduce (``counts_transport="separate"``),
   appended to the bucket in the same allreduce (``"append"``), or computed locally with no
   communication (``"regenerate"``: every rank replays every other rank's mask from that
-  rank's ``(seed, rank)`` generator, W times the sampling work).
+  rank's ``(seed, rank)`` generator, W times the sampling work); ``"auto"`` (default) picks
+  ``"regenerate"`` on CPU with at most 4 ranks, else ``"separate"``.
 - post drop (after the collective), mask ``b_j = 1`` when packet ``j`` of the result arrives:
   ``"zero"``: ``b_j R_j``; ``"rescale"``: ``b_j R_j / (1 - p)`` with ``p`` the loss model's
   long-run rate (unbiased: ``E[b_j] = 1 - p``); ``"stale"``: ``R_j`` if ``b_j`` else the value this
@@ -52,7 +53,9 @@ FILLS = ("zero", "rescale", "stale")
 REDUCTIONS = ("mean", "sum")
 POST_SYNCS = ("shared", "independent")
 PACKETIZATIONS = ("mtu", "tensor")
-COUNTS_TRANSPORTS = ("separate", "append", "regenerate")
+COUNTS_TRANSPORTS = ("auto", "separate", "append", "regenerate")
+# counts_transport="auto" regenerates on CPU up to this many ranks (see LossyState).
+AUTO_REGENERATE_MAX_WORLD = 4
 
 # Random streams: one seed per (run seed, stream, rank).
 _STREAM_WORKER, _STREAM_POST_SHARED, _STREAM_POST_INDEPENDENT = 1, 2, 3
@@ -184,8 +187,13 @@ class LossyState:
         seed: base seed (>= 0); worker masks use (seed, rank), shared post masks seed alone.
         process_group: the group to reduce over (default: the world).
         counts_transport: how worker-drop ``rescale`` learns the arrival counts:
-            ``"separate"`` (a small extra allreduce), ``"append"`` (appended to the bucket) or
-            ``"regenerate"`` (replays the other ranks' masks locally: no communication).
+            ``"separate"`` (a small extra allreduce, and ``W/c_j`` applied to the result),
+            ``"append"`` (appended to the bucket), ``"regenerate"`` (replays the other ranks'
+            masks locally: no communication, ``W/c_j`` folded into the pre-allreduce multiply,
+            ``W`` times the sampling work) or ``"auto"``: ``"regenerate"`` on CPU with at most
+            ``AUTO_REGENERATE_MAX_WORLD`` ranks, where an extra Gloo collective costs more than
+            sampling, else ``"separate"``. All give the same counts; the choice is kept in
+            :meth:`state_dict`, so a resumed run keeps it.
         measure_fidelity: also allreduce the lossless bucket and record cosine similarity
             and relative L2 error of the lossy result against it, per step (costs one
             extra full allreduce).
@@ -203,7 +211,7 @@ class LossyState:
         loss_model: LossModel | str | None = None,
         seed: int = 0,
         process_group: dist.ProcessGroup | None = None,
-        counts_transport: str = "separate",
+        counts_transport: str = "auto",
         measure_fidelity: bool = False,
     ) -> None:
         self.drop_point = _choice("drop_point", drop_point, DROP_POINTS)
@@ -257,6 +265,7 @@ class LossyState:
         self._bucket_params: dict[BucketKey, list[tuple[int, int]]] = {}
         self._packets: dict[BucketKey, int] = {}  # packets per bucket, kept across resumes
         self._saved_peers: dict[int, dict[str, Any]] = {}
+        self._counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
 
     # -- configuration ----------------------------------------------------------------
 
@@ -267,6 +276,12 @@ class LossyState:
     @property
     def drops_after(self) -> bool:
         return self.drop_point in ("post", "both")
+
+    @property
+    def counts_transport_in_use(self) -> str | None:
+        """The counts transport in effect (``"auto"`` resolved at the first bucket; ``None``
+        before it)."""
+        return self._counts_resolved
 
     def config(self) -> dict[str, Any]:
         """The settings, as plain values (for configs and run names)."""
@@ -295,7 +310,10 @@ class LossyState:
         for site in (self.worker, self.post):
             site.prepare(buf.device, self.seed, self.rank)
         self._stale = {k: v.to(buf.device) for k, v in self._stale.items()}
-        if self.counts_transport == "regenerate" and self.drops_before and self.fill == "rescale":
+        if self._counts_resolved is None:
+            small_cpu = buf.device.type == "cpu" and self.world_size <= AUTO_REGENERATE_MAX_WORLD
+            self._counts_resolved = "regenerate" if small_cpu else "separate"
+        if self._counts_resolved == "regenerate" and self.drops_before and self.fill == "rescale":
             for peer_rank in range(self.world_size):
                 if peer_rank == self.rank:
                     continue
@@ -517,6 +535,7 @@ class LossyState:
             "packets": {_key_str(k): n for k, n in self._packets.items()},
             "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
             | {str(r): sd for r, sd in self._saved_peers.items()},
+            "counts_transport_resolved": self._counts_resolved,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -531,6 +550,7 @@ class LossyState:
         self._packets = {_key_from_str(k): int(n) for k, n in sd.get("packets", {}).items()}
         self._peers = {}
         self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
+        self._counts_resolved = sd.get("counts_transport_resolved", self._counts_resolved)
         self.device = None  # re-prepare on the next bucket: generators restored there
         self._layouts = {}
 
@@ -546,6 +566,13 @@ class LossyState:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"LossyState({cfg})"
+
+
+def _exact_factor(value: float, dtype: torch.dtype) -> bool:
+    """Whether multiplying by ``value`` in ``dtype`` is as good as dividing: always in fp32/fp64
+    (one extra rounding of ``2^-24``), in half dtypes only for powers of two (``1/W`` for ``W``
+    a power of two); otherwise ``1/3`` in bf16 would bias every element by ``2^-8``."""
+    return dtype in (torch.float32, torch.float64) or math.frexp(value)[0] == 0.5
 
 
 def _join(
@@ -569,10 +596,13 @@ def _join(
 def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     r"""DDP communication hook: packetized, lossy allreduce of ``bucket`` (see module docs).
 
-    Packet masks are drawn on the bucket's device from per-rank generators; lost packets
-    are zeroed (``masked_fill``) before the allreduce (worker drop) and/or after it (post
-    drop), then filled by ``state.fill``. All collectives are launched asynchronously here;
-    the returned future's callbacks only compute.
+    Packet masks are drawn on the bucket's device from per-rank generators. Everything known
+    before the collective and identical across ranks (the ``1/W`` of a mean, the worker keep
+    mask ``a_{r,j}``, ``W/c_j`` under ``counts_transport="regenerate"``, a shared post mask
+    and its ``1/(1-p)``) is one per-packet factor applied to this rank's copy in one pass;
+    what needs the collective's result (``W/c_j`` from summed counts, independent post masks,
+    stale fill) is applied to the result in one more pass. All collectives are launched
+    asynchronously here; the returned future's callbacks only compute.
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buf = bucket.buffer()
@@ -590,59 +620,73 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     if bucket.is_last():
         state.steps += 1
 
-    if state.reduction == "mean":
-        buf.div_(world)
-    clean = buf.clone() if state.measure_fidelity else None
-
+    # Per-packet factors (fp32, one multiply each way): ``pre`` on this rank's copy before the
+    # allreduce, ``post`` on the result. Anything known before the collective and the same
+    # on every rank goes into ``pre``, so the common cases cost one pass over the bucket.
+    scale = 1.0 / world if state.reduction == "mean" else 1.0
+    clean: torch.Tensor | None = None
+    if state.measure_fidelity:  # the lossless reference: the scaled bucket before any loss
+        if scale != 1.0:
+            buf.div_(world)
+            scale = 1.0
+        clean = buf.clone()
+    pre: torch.Tensor | None = None
+    post: torch.Tensor | None = None
     counts: torch.Tensor | None = None
-    local_counts: torch.Tensor | None = None
-    if state.drops_before:
-        lost = state.worker.draw(key, layout.num_packets)
-        if lost is not None:
-            layout.zero_(buf, lost)
-            if state.fill == "rescale":
-                state.worker.unrecovered_counter(key, buf.device)
-                if state.counts_transport == "regenerate":
-                    local_counts = state._regenerated_counts(lost)
-                else:
-                    counts = (~lost).to(torch.int32 if state.counts_transport == "separate" else buf.dtype)
+    lost = state.worker.draw(key, layout.num_packets) if state.drops_before else None
+    if lost is not None:
+        pre = (~lost).float()  # a_{r,j}
+        if state.fill == "rescale":
+            unrecovered = state.worker.unrecovered_counter(key, buf.device)
+            if state._counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
+                c = state._regenerated_counts(lost).float()
+                unrecovered.add_((c == 0).sum())
+                pre.mul_(torch.where(c > 0, world / c.clamp_min(1.0), 0.0))
+            else:
+                counts = (~lost).to(torch.int32 if state._counts_resolved == "separate" else buf.dtype)
 
-    appended = counts is not None and state.counts_transport == "append"
+    post_lost = state.post.draw(key, layout.num_packets) if state.drops_after else None
+    if post_lost is not None and state.fill != "stale":
+        keep = torch.where(post_lost, 0.0, 1.0 / state.post_keep_rate if state.fill == "rescale" else 1.0)
+        if state.post_sync == "shared":  # b_j (R_j) = R_j computed from b_j-scaled copies
+            pre = keep if pre is None else pre.mul_(keep)
+        else:
+            post = keep
+
+    if pre is None:
+        if scale != 1.0:
+            buf.div_(world)
+    elif _exact_factor(scale, buf.dtype):
+        layout.scale_(buf, pre.mul_(scale) if scale != 1.0 else pre)
+    else:  # 1/W would round in a half dtype: divide exactly first
+        buf.div_(world)
+        layout.scale_(buf, pre)
+
+    appended = counts is not None and state._counts_resolved == "append"
     payload = torch.cat((buf, counts)) if appended else buf  # type: ignore[arg-type]
     futures = [dist.all_reduce(payload, group=group, async_op=True).get_future()]
     if counts is not None and not appended:
         futures.append(dist.all_reduce(counts, group=group, async_op=True).get_future())
-    has_counts = counts is not None or local_counts is not None
     if clean is not None:
         futures.append(dist.all_reduce(clean, group=group, async_op=True).get_future())
         slot = torch.zeros(4, dtype=torch.float64, device=buf.device)
         state._fidelity.setdefault(step, []).append(slot)
 
-    post_lost = state.post.draw(key, layout.num_packets) if state.drops_after else None
     stale = state._stale_buffer(key, buf) if state.fill == "stale" else None
     numel = layout.numel
 
     def finish(results: list[torch.Tensor]) -> torch.Tensor:
         out = results[0][:numel] if appended else results[0]
-        factor: torch.Tensor | None = None
-        if has_counts:
-            if local_counts is not None:
-                c = local_counts.float()
-            else:
-                c = (results[0][numel:] if appended else results[1]).float()
-            factor = torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
+        factor = post
+        if counts is not None:
+            c = (results[0][numel:] if appended else results[1]).float()
+            rescale = torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
+            factor = rescale if factor is None else factor.mul_(rescale)
             state.worker.unrecovered[key].add_((c == 0).sum())
-        if post_lost is not None:
-            if state.fill == "zero":
-                layout.zero_(out, post_lost)
-            elif state.fill == "rescale":
-                keep = torch.where(post_lost, 0.0, 1.0 / state.post_keep_rate)
-                factor = keep if factor is None else factor * keep
-            else:
-                assert stale is not None
-                layout.fill_from_(out, post_lost, stale)
         if factor is not None:
             layout.scale_(out, factor)
+        if stale is not None and post_lost is not None:
+            layout.fill_from_(out, post_lost, stale)
         if stale is not None:
             stale.copy_(out)
         if clean is not None:

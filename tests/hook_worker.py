@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import lossy_hooks.hook as hook_module
 from lossy_hooks import GilbertElliott, LossyState, lossy_allreduce_hook
 
 
@@ -245,20 +246,36 @@ def bitwise_loss0() -> dict:
     return out
 
 
+def max_rel_diff(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    return max(
+        float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(xs, ys, strict=True)
+    )
+
+
 def accumulation_and_views() -> dict:
     """no_sync accumulation fires the hook once per optimizer step; bucket views and the
     appended counts transport give the same results as the defaults."""
-    state = LossyState(loss_rate=0.2, mtu=256, seed=1)
+    state = LossyState(loss_rate=0.2, mtu=256, seed=1, counts_transport="separate")
     base, _ = train_small(state, steps=6, accumulation=3)
-    view_state = LossyState(loss_rate=0.2, mtu=256, seed=1)
+    view_state = LossyState(loss_rate=0.2, mtu=256, seed=1, counts_transport="separate")
     view, _ = train_small(view_state, steps=6, accumulation=3, view=True)
     app_state = LossyState(loss_rate=0.2, mtu=256, seed=1, counts_transport="append")
     app, _ = train_small(app_state, steps=6, accumulation=3)
     regen, _ = train_small(
         LossyState(loss_rate=0.2, mtu=256, seed=1, counts_transport="regenerate"), steps=6, accumulation=3
     )
+    auto_state = LossyState(loss_rate=0.2, mtu=256, seed=1)  # default "auto"
+    auto, _ = train_small(auto_state, steps=6, accumulation=3)
+    cap = hook_module.AUTO_REGENERATE_MAX_WORLD
+    hook_module.AUTO_REGENERATE_MAX_WORLD = dist.get_world_size() - 1  # as if more ranks
+    try:
+        auto_big_state = LossyState(loss_rate=0.2, mtu=256, seed=1)
+        auto_big, _ = train_small(auto_big_state, steps=6, accumulation=3)
+    finally:
+        hook_module.AUTO_REGENERATE_MAX_WORLD = cap
+    resumed_auto = pickle.loads(pickle.dumps(auto_big_state))
     ge = dict(loss_model=GilbertElliott(0.05, 0.3), mtu=256, seed=2)
-    ge_sep_state = LossyState(**ge)
+    ge_sep_state = LossyState(counts_transport="separate", **ge)
     ge_sep, _ = train_small(ge_sep_state, steps=6)
     ge_regen_state = LossyState(counts_transport="regenerate", **ge)
     ge_regen, _ = train_small(ge_regen_state, steps=6)
@@ -266,12 +283,16 @@ def accumulation_and_views() -> dict:
         "steps": state.steps,
         "view_equal": all(torch.equal(a, b) for a, b in zip(base, view, strict=True)),
         "append_equal": all(torch.equal(a, b) for a, b in zip(base, app, strict=True)),
-        "append_max_rel_diff": max(
-            float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
-            for a, b in zip(base, app, strict=True)
-        ),
+        "append_max_rel_diff": max_rel_diff(base, app),
         "regenerate_equal": all(torch.equal(a, b) for a, b in zip(base, regen, strict=True)),
         "regenerate_ge_equal": all(torch.equal(a, b) for a, b in zip(ge_sep, ge_regen, strict=True)),
+        "regenerate_max_rel_diff": max(max_rel_diff(base, regen), max_rel_diff(ge_sep, ge_regen)),
+        "auto_in_use": [auto_state.counts_transport_in_use, auto_big_state.counts_transport_in_use],
+        "auto_resumed_in_use": resumed_auto.counts_transport_in_use,
+        "auto_equal": [
+            all(torch.equal(a, b) for a, b in zip(regen, auto, strict=True)),
+            all(torch.equal(a, b) for a, b in zip(base, auto_big, strict=True)),
+        ],
         "unrecovered": [
             ge_sep_state.stats()["worker"]["packets_unrecovered"],
             ge_regen_state.stats()["worker"]["packets_unrecovered"],

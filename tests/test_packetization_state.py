@@ -106,3 +106,14 @@ def test_pickle_round_trip_keeps_settings_and_model_state():
     other = LossyState(loss_model=GilbertElliott(0.1, 0.2), mtu=600, drop_point="both", fill="zero", seed=5)
     with pytest.raises(ValueError, match="settings differ"):
         other.load_state_dict(sd)
+
+
+def test_factor_folding_only_where_multiplying_is_as_exact_as_dividing():
+    """The hook folds 1/W into its per-packet multiply in fp32/fp64 always, and in half
+    dtypes only for powers of two (else a rounded 1/3 would bias every bf16 element)."""
+    from lossy_hooks.hook import _exact_factor
+
+    assert _exact_factor(1 / 3, torch.float32) and _exact_factor(1 / 3, torch.float64)
+    assert _exact_factor(0.5, torch.float16) and _exact_factor(0.125, torch.bfloat16)
+    assert not _exact_factor(1 / 3, torch.float16) and not _exact_factor(1 / 6, torch.bfloat16)
+    assert float(torch.tensor(1 / 3, dtype=torch.bfloat16)) * 3 != 1.0  # why it matters
