@@ -158,14 +158,55 @@ STEP_CONFIGS = {
     "allreduce_hook": "builtin",
     "lossy loss 0": dict(loss_rate=0.0),
     "worker 10% zero": dict(loss_rate=0.1, drop_point="worker", fill="zero"),
-    "worker 10% rescale": dict(loss_rate=0.1, drop_point="worker", fill="rescale"),
-    "worker 10% rescale append": dict(loss_rate=0.1, fill="rescale", counts_transport="append"),
+    "worker 10% rescale": dict(loss_rate=0.1, drop_point="worker", fill="rescale"),  # counts: auto
+    "worker 10% rescale separate": dict(loss_rate=0.1, fill="rescale", counts_transport="separate"),
     "worker 10% rescale regenerate": dict(loss_rate=0.1, fill="rescale", counts_transport="regenerate"),
+    "worker 10% rescale append": dict(loss_rate=0.1, fill="rescale", counts_transport="append"),
     "post 10% shared": dict(loss_rate=0.1, drop_point="post", fill="rescale"),
     "gemodel 2% 20%": dict(loss_model="gemodel 2% 20%", drop_point="worker", fill="rescale"),
-    "gemodel 2% 20% regenerate": dict(loss_model="gemodel 2% 20%", counts_transport="regenerate"),
+    "gemodel 2% 20% separate": dict(loss_model="gemodel 2% 20%", counts_transport="separate"),
     "fidelity on": dict(loss_rate=0.1, measure_fidelity=True),
 }
+
+
+class HostTime:
+    """Host seconds a comm hook spends in its body and in its result callbacks, per config.
+
+    On a CPU this is the hook's own work, most of what it adds to a step, and far less noisy
+    than step time on a shared machine; on CUDA it is the time to enqueue. Callbacks are
+    timed by wrapping ``lossy_hooks.hook._join``; they finish within the step that issued
+    them (DDP waits for every bucket's future), so ``current`` attributes them correctly.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.current = ""
+        import lossy_hooks.hook as hook_module
+
+        join = hook_module._join
+
+        def timed_join(futures, on_cuda, fn):
+            def timed_fn(results):
+                t = time.perf_counter()
+                out = fn(results)
+                self.add(time.perf_counter() - t)
+                return out
+
+            return join(futures, on_cuda, timed_fn)
+
+        hook_module._join = timed_join
+
+    def add(self, seconds: float) -> None:
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + seconds
+
+    def wrap(self, hook):
+        def timed_hook(state, bucket):
+            t = time.perf_counter()
+            fut = hook(state, bucket)
+            self.add(time.perf_counter() - t)
+            return fut
+
+        return timed_hook
 
 
 def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -182,6 +223,7 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     run = timer(device)
+    host = HostTime()
     results = []
     for model_name in args.models:
         for bs in args.batch_sizes:
@@ -195,9 +237,9 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                 m = torchvision.models.get_model(model_name, num_classes=10).to(device)
                 ddp = DDP(m, device_ids=[rank] if cuda else None)
                 if cfg == "builtin":
-                    ddp.register_comm_hook(None, allreduce_hook)
+                    ddp.register_comm_hook(None, host.wrap(allreduce_hook))
                 elif cfg is not None:
-                    ddp.register_comm_hook(LossyState(**cfg), lossy_allreduce_hook)
+                    ddp.register_comm_hook(LossyState(**cfg), host.wrap(lossy_allreduce_hook))
                 opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
 
                 def step(ddp=ddp, opt=opt, x=x, y=y) -> None:
@@ -208,6 +250,7 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                 for _ in range(2):  # warm-up, including DDP's bucket rebuild
                     step()
                 setups[name] = step
+            host.seconds.clear()
             times: dict[str, list[float]] = {n: [] for n in setups}
             ratios: dict[str, list[float]] = {n: [] for n in setups}
             order = list(setups)
@@ -216,6 +259,7 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                 this_rep = {}
                 for name in order:
                     dist.barrier()
+                    host.current = name
                     this_rep[name] = run(setups[name], args.steps)
                     times[name].extend(this_rep[name])
                 base_rep = statistics.median(this_rep["allreduce_hook"])
@@ -235,9 +279,15 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                         "paired_ratio_median": statistics.median(ratios[name]),
                         "paired_ratio_q1": q[0],
                         "paired_ratio_q3": q[2],
+                        "hook_host_ms_per_step": 1e3 * host.seconds.get(name, 0.0) / len(ts),
                         "samples": len(ts),
                     }
                 )
+            # Low-noise estimate: the builtin step plus the hook's extra host time.
+            ref = next(r for r in results[-len(times) :] if r["config"] == "allreduce_hook")
+            for r in results[-len(times) :]:
+                extra = r["hook_host_ms_per_step"] - ref["hook_host_ms_per_step"]
+                r["ratio_from_hook_time"] = 1 + extra / (1e3 * base) if r["config"] != "no hook" else math.nan
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(results, fh)
@@ -326,6 +376,8 @@ def main() -> None:
                 "paired_ratio_median",
                 "paired_ratio_q1",
                 "paired_ratio_q3",
+                "hook_host_ms_per_step",
+                "ratio_from_hook_time",
                 "samples",
             ],
         )
