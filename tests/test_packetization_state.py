@@ -117,3 +117,21 @@ def test_factor_folding_only_where_multiplying_is_as_exact_as_dividing():
     assert _exact_factor(0.5, torch.float16) and _exact_factor(0.125, torch.bfloat16)
     assert not _exact_factor(1 / 3, torch.float16) and not _exact_factor(1 / 6, torch.bfloat16)
     assert float(torch.tensor(1 / 3, dtype=torch.bfloat16)) * 3 != 1.0  # why it matters
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fidelity_sums_match_fp64_over_chunks_and_tail(dtype):
+    from lossy_hooks.hook import _FIDELITY_CHUNK, _fidelity_sums
+
+    g = torch.Generator().manual_seed(0)
+    n = 3 * _FIDELITY_CHUNK + 1234  # three whole chunks and a tail
+    ref = torch.randn(n, generator=g).to(dtype)
+    x = (ref.float() + 0.05 * torch.randn(n, generator=g)).to(dtype)
+    x[:100] = 0  # a few lost packets
+    xd, rd = x.double(), ref.double()
+    want = torch.stack((xd.dot(rd), xd.dot(xd), rd.dot(rd), (xd - rd).square().sum()))
+    got = _fidelity_sums(x, ref)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    same = _fidelity_sums(ref, ref)
+    assert same[3] == 0 and same[0] == same[1] == same[2]  # identical inputs: cos exactly 1
