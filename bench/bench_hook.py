@@ -11,7 +11,11 @@ floor), in the same process; plus the bytes the work allocates (profiler on CPU,
 
 Part "step": DDP training-step time on W ranks (Gloo on CPU with 1 thread per rank, NCCL on
 CUDA), one DDP model per configuration, all built from the same initial weights, timed in
-interleaved repetitions; medians and ratios to PyTorch's built-in ``allreduce_hook``.
+repetitions whose order is shuffled each time. Per configuration: the median step time and
+its ratio to PyTorch's built-in ``allreduce_hook``; the median and quartiles of the ratio
+paired within each repetition; the host time spent in the hook's body and result callback
+per step, and the step ratio that implies (low-noise; see docs/performance.md); and the bytes
+a step allocates beyond the ``allreduce_hook`` step.
 Results are printed as tables and saved as JSON (``--out``).
 """
 
@@ -84,7 +88,8 @@ def allocated_bytes(fn, device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+    # self (exclusive) allocations: an op's inclusive figure also counts its children's
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
 
 
 def bench_alone(device: torch.device, mtu: int, reps: int, world: int = 2) -> list[dict]:
@@ -283,6 +288,11 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                         "samples": len(ts),
                     }
                 )
+            # Memory: what a step allocates beyond allreduce_hook's step (same model and data,
+            # so the difference is the hook's): bytes allocated on CPU, peak on CUDA.
+            alloc = {name: allocated_bytes(step, device) for name, step in setups.items()}
+            for r in results[-len(times) :]:
+                r["extra_alloc_bytes_per_step"] = alloc[r["config"]] - alloc["allreduce_hook"]
             # Low-noise estimate: the builtin step plus the hook's extra host time.
             ref = next(r for r in results[-len(times) :] if r["config"] == "allreduce_hook")
             for r in results[-len(times) :]:
@@ -378,6 +388,7 @@ def main() -> None:
                 "paired_ratio_q3",
                 "hook_host_ms_per_step",
                 "ratio_from_hook_time",
+                "extra_alloc_bytes_per_step",
                 "samples",
             ],
         )
