@@ -17,6 +17,13 @@ HOT_PATH = [
     hook.DropSite.unrecovered_counter,
     hook.LossyState._layout,
     hook.LossyState._stale_buffer,
+    hook.LossyState._regenerated_counts,
+    hook._fidelity_sums,
+    hook._exact_factor,
+    loss_models._TransitionMaps.state_indices,
+    loss_models._TransitionMaps._scan,
+    loss_models._TransitionMaps.tables,
+    loss_models._scan_states_by_gather,
     *[
         getattr(packetization.PacketLayout, n)
         for n in ("_split", "_per_packet_mul_", "zero_", "scale_", "fill_from_", "expand", "packet_sizes")
