@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lossy_hooks import LossyState, __version__, lossy_allreduce_hook
 from lossy_hooks.data import DATASETS, IMAGENETTE_SIZES, build_datasets, check_data_args, resolve_dataset
-from lossy_hooks.hook import DROP_POINTS, FILLS, PACKETIZATIONS, POST_SYNCS, derive_seed
+from lossy_hooks.hook import COUNTS_TRANSPORTS, DROP_POINTS, FILLS, PACKETIZATIONS, POST_SYNCS, derive_seed
 from lossy_hooks.loss_models import Bernoulli, parse_loss_model
 from lossy_hooks.models import build_model, classification_models, logits
 from lossy_hooks.plotting import plot_round, plot_summary
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--counts_transport",
-        choices=("auto", "separate", "append", "regenerate"),
+        choices=COUNTS_TRANSPORTS,
         default="auto",
         help="worker rescale: arrival counts by an extra small allreduce, appended to the bucket, "
         "or regenerated locally from every rank's seed (no communication); auto: regenerate "

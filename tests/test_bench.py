@@ -1,0 +1,31 @@
+"""The benchmark script's "alone" part still runs and reports every model, dtype and variant
+(timings themselves are not asserted: speed is measured by hand, docs/performance.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_hook.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_hook", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_alone_reports_every_model_dtype_and_variant():
+    bench = load_bench()
+    rows = bench.bench_alone(torch.device("cpu"), mtu=1500, reps=1)
+    keys = {(r["dtype"], r["loss_model"], r["work"]) for r in rows}
+    assert len(rows) == len(keys) == 2 * len(bench.MODELS) * 3
+    for r in rows:
+        element_size = 4 if r["dtype"] == "float32" else 2
+        per_packet = 1500 // element_size
+        assert r["packets"] == -(-(25 * 2**20 // element_size) // per_packet) == 17477
+        assert r["seconds"] > 0 and r["copy_seconds"] > 0 and r["ratio_to_copy"] > 0
+        assert r["allocated_bytes"] > 0  # every variant allocates at least its mask
