@@ -575,6 +575,14 @@ def _exact_factor(value: float, dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) or math.frexp(value)[0] == 0.5
 
 
+def _arrival_factor(arrivals: torch.Tensor, world: int, unrecovered: torch.Tensor) -> torch.Tensor:
+    """Worker rescale: ``W / c_j`` per packet from the arrival counts ``c_j``, and ``0`` where
+    no copy arrived (``c_j = 0``), those packets added to the ``unrecovered`` counter."""
+    c = arrivals.float()
+    unrecovered.add_((c == 0).sum())
+    return torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
+
+
 _FIDELITY_CHUNK = 2**14
 
 
@@ -658,15 +666,14 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     pre: torch.Tensor | None = None
     post: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    unrecovered: torch.Tensor | None = None
     lost = state.worker.draw(key, layout.num_packets) if state.drops_before else None
     if lost is not None:
         pre = (~lost).float()  # a_{r,j}
         if state.fill == "rescale":
             unrecovered = state.worker.unrecovered_counter(key, buf.device)
             if state._counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
-                c = state._regenerated_counts(lost).float()
-                unrecovered.add_((c == 0).sum())
-                pre.mul_(torch.where(c > 0, world / c.clamp_min(1.0), 0.0))
+                pre.mul_(_arrival_factor(state._regenerated_counts(lost), world, unrecovered))
             else:
                 counts = (~lost).to(torch.int32 if state._counts_resolved == "separate" else buf.dtype)
 
@@ -704,10 +711,9 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
         out = results[0][:numel] if appended else results[0]
         factor = post
         if counts is not None:
-            c = (results[0][numel:] if appended else results[1]).float()
-            rescale = torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
+            assert unrecovered is not None
+            rescale = _arrival_factor(results[0][numel:] if appended else results[1], world, unrecovered)
             factor = rescale if factor is None else factor.mul_(rescale)
-            state.worker.unrecovered[key].add_((c == 0).sum())
         if factor is not None:
             layout.scale_(out, factor)
         if stale is not None and post_lost is not None:

@@ -129,7 +129,7 @@ class PacketLayout:
         """Replace the elements of lost packets with those of ``source``, in place:
         ``flat * keep + source * lost`` (exact for finite values: ``x*1 + y*0 = x``)."""
         lost_f = lost.to(flat.dtype)
-        self._per_packet_mul_(flat, ~lost)
+        self.zero_(flat, lost)
         if self.sizes is not None:
             return flat.addcmul_(source, self.expand(lost_f))
         full, tail, n_full = self._split(flat)

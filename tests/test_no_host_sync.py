@@ -19,6 +19,7 @@ HOT_PATH = [
     hook.LossyState._stale_buffer,
     hook.LossyState._regenerated_counts,
     hook._fidelity_sums,
+    hook._arrival_factor,
     hook._exact_factor,
     loss_models._TransitionMaps.state_indices,
     loss_models._TransitionMaps._scan,
