@@ -59,8 +59,13 @@ AUTO_REGENERATE_MAX_WORLD = 4
 
 # Random streams: one seed per (run seed, stream, rank).
 _STREAM_WORKER, _STREAM_POST_SHARED, _STREAM_POST_INDEPENDENT = 1, 2, 3
+# Seeds of the start offsets of deterministic models: (seed, stream + this, rank).
+_STREAM_START_OFFSET = 100
 
-BucketKey = tuple[int, int]  # (bucket index, numel): a rebuilt bucket is a new key
+# (bucket index, numel, generation): one key per distinct content of a bucket. DDP rebuilds
+# its buckets after the first iteration; a rebuilt bucket may keep its index and size but hold
+# other parameters (or the same ones in another order): it gets the next generation.
+BucketKey = tuple[int, int, int]
 
 
 def derive_seed(seed: int, stream: int, rank: int = 0) -> int:
@@ -76,12 +81,26 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def _key_str(key: BucketKey) -> str:
-    return f"{key[0]}:{key[1]}"
+    return ":".join(map(str, key))
 
 
 def _key_from_str(text: str) -> BucketKey:
-    index, numel = text.split(":")
-    return int(index), int(numel)
+    parts = [int(x) for x in text.split(":")]
+    return parts[0], parts[1], parts[2] if len(parts) > 2 else 0  # "index:numel" before version 2
+
+
+def _exact_count_limit(dtype: torch.dtype) -> int:
+    """The largest ``W`` such that every whole number ``0..W`` is exact in ``dtype``."""
+    return round(2 / torch.finfo(dtype).eps) if dtype.is_floating_point else 2**31 - 1
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device a collective over ``group`` needs its tensors on: the current CUDA device
+    for NCCL, else the CPU (Gloo, MPI)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class DropSite:
@@ -104,9 +123,13 @@ class DropSite:
     def prepare(self, device: torch.device, seed: int, rank: int) -> None:
         if self.generator is not None and self.generator.device == device:
             return
+        stream_rank = rank if self.per_rank else 0
         gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(seed, self.stream, rank if self.per_rank else 0))
+        gen.manual_seed(derive_seed(seed, self.stream, stream_rank))
         saved = self._saved_generator
+        if self.generator is None and saved is None:  # a fresh stream (not a resume)
+            # deterministic models (traces) start at an offset of their own per stream
+            self.model.start_stream(derive_seed(seed, self.stream + _STREAM_START_OFFSET, stream_rank))
         if saved is not None:
             if saved[0] == device.type:
                 gen.set_state(saved[1])
@@ -161,7 +184,9 @@ class DropSite:
         self.model.load_state_dict(sd["model"])
         self.generator = None
         gen = sd["generator"]
-        self._saved_generator = None if gen is None else (str(gen[0]), gen[1].clone())
+        # a checkpoint loaded with map_location="cuda" moves the state tensor to the GPU;
+        # Generator.set_state takes a CPU ByteTensor
+        self._saved_generator = None if gen is None else (str(gen[0]), gen[1].detach().cpu().clone())
         self.sent = {_key_from_str(k): int(v) for k, v in sd["sent"].items()}
         self.lost = {_key_from_str(k): v.clone() for k, v in sd["lost"].items()}
         self.unrecovered = {_key_from_str(k): v.clone() for k, v in sd["unrecovered"].items()}
@@ -257,7 +282,10 @@ class LossyState:
         self.rank: int | None = None
         self.world_size: int | None = None
         self.device: torch.device | None = None
-        self._layouts: dict[BucketKey, tuple[tuple[int, ...] | None, PacketLayout]] = {}
+        self._layouts: dict[BucketKey, PacketLayout] = {}
+        self._key_of: dict[tuple[int, tuple[int, ...]], BucketKey] = {}  # (index, param ids) -> key
+        self._sizes: dict[BucketKey, tuple[int, ...]] = {}  # parameter sizes of each key, kept across resumes
+        self._post_factor: dict[BucketKey, float] = {}
         self._stale: dict[BucketKey, torch.Tensor] = {}
         self._fidelity: dict[int, list[torch.Tensor]] = {}
         self._passthrough = False
@@ -313,7 +341,16 @@ class LossyState:
         if self._counts_resolved is None:
             small_cpu = buf.device.type == "cpu" and self.world_size <= AUTO_REGENERATE_MAX_WORLD
             self._counts_resolved = "regenerate" if small_cpu else "separate"
-        if self._counts_resolved == "regenerate" and self.drops_before and self.fill == "rescale":
+        uses_counts = self.drops_before and self.fill == "rescale"
+        if uses_counts and self._counts_resolved == "append":
+            limit = _exact_count_limit(buf.dtype)
+            if self.world_size > limit:
+                raise ValueError(
+                    f"counts_transport='append' sends arrival counts in the bucket dtype ({buf.dtype}), "
+                    f"exact only up to {limit} ranks; this group has {self.world_size}: use "
+                    "counts_transport='separate' (int32 counts)"
+                )
+        if self._counts_resolved == "regenerate" and uses_counts:
             for peer_rank in range(self.world_size):
                 if peer_rank == self.rank:
                     continue
@@ -335,32 +372,41 @@ class LossyState:
         return counts
 
     def _layout(self, bucket: dist.GradBucket, buf: torch.Tensor) -> tuple[BucketKey, PacketLayout]:
-        """The bucket's packet layout, cached per ``(index, numel)``.
+        """The bucket's key and packet layout.
 
-        DDP rebuilds its buckets after the first iteration; a rebuilt bucket can keep its
-        index and size but hold other parameters in another order. Where that matters
-        (per-tensor packets, stale values) the cache is checked against the parameters'
-        sizes, and a changed bucket gets a new layout and a fresh stale buffer."""
-        key = (bucket.index(), buf.numel())
-        needs_params = self.packetization == "tensor" or self.fill == "stale"
-        signature = tuple(p.numel() for p in bucket.parameters()) if needs_params else None
-        cached = self._layouts.get(key)
-        if cached is not None and cached[0] == signature:
-            return key, cached[1]
+        Keyed on what the bucket holds: its index and the identities of its parameters, in
+        order. DDP rebuilds its buckets after the first iteration, and a rebuilt bucket can
+        keep its index and size but hold other parameters, or the same ones in another order:
+        it gets a key of its own (the next generation at that index and size), hence its own
+        packet layout, loss counters, per-parameter accounting and stale buffer. After
+        :meth:`load_state_dict` (a new process: new identities) a bucket takes over the saved
+        key of the same index, size and parameter sizes, the most recent generation first."""
+        params = bucket.parameters()
+        ids = (buf.numel(), *map(id, params))
+        key = self._key_of.get((bucket.index(), ids))
+        if key is not None:
+            return key, self._layouts[key]
+        sizes = tuple(p.numel() for p in params)
+        if self.packetization == "tensor" and sum(sizes) != buf.numel():
+            raise RuntimeError(
+                f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}"
+            )
+        index, numel = bucket.index(), buf.numel()
+        claimed = set(self._key_of.values())
+        same = [k for k in self._sizes if k[:2] == (index, numel)]
+        saved = [k for k in same if k not in claimed and self._sizes[k] == sizes]
+        key = max(saved) if saved else (index, numel, max((k[2] + 1 for k in same), default=0))
         if self.packetization == "tensor":
-            assert signature is not None
-            if sum(signature) != buf.numel():
-                raise RuntimeError(
-                    f"bucket {key[0]}: parameters hold {sum(signature)} elements, buffer {buf.numel()}"
-                )
-            layout = PacketLayout.by_tensor(signature)
+            layout = PacketLayout.by_tensor(sizes)
         else:
-            layout = PacketLayout.by_mtu(buf.numel(), self.mtu, buf.element_size())
-        if cached is not None:
-            self._stale.pop(key, None)
-        self._layouts[key] = (signature, layout)
+            layout = PacketLayout.by_mtu(numel, self.mtu, buf.element_size())
+        self._key_of[(index, ids)] = key
+        self._layouts[key] = layout
+        self._sizes[key] = sizes
         self._packets[key] = layout.num_packets
-        self._bucket_params[key] = [(id(p), p.numel()) for p in bucket.parameters()]
+        self._bucket_params[key] = [(id(p), p.numel()) for p in params]
+        keep = self.post.model.keep_fraction(layout.num_packets)
+        self._post_factor[key] = 1.0 / keep if keep > 0 else 0.0
         return key, layout
 
     def _stale_buffer(self, key: BucketKey, like: torch.Tensor) -> torch.Tensor:
@@ -386,6 +432,15 @@ class LossyState:
 
     # -- statistics ---------------------------------------------------------------------
 
+    def _device_for_collectives(self) -> torch.device:
+        """Where statistics tensors live: the buckets' device once one was seen; before that
+        (or after :meth:`load_state_dict`) the device the process group's backend needs."""
+        if self.device is not None:
+            return self.device
+        if dist.is_available() and dist.is_initialized():
+            return collective_device(self.process_group)
+        return torch.device("cpu")
+
     def stats(self, all_ranks: bool = False) -> dict[str, Any]:
         """Packets sent and lost so far, per drop point and per bucket.
 
@@ -397,15 +452,19 @@ class LossyState:
         """
         sites = [s for s, on in ((self.worker, self.drops_before), (self.post, self.drops_after)) if on]
         keys = sorted({k for s in sites for k in s.sent})
-        device = self.device or torch.device("cpu")
+        device = self._device_for_collectives()
         zero = torch.zeros((), dtype=torch.long, device=device)
         rows: list[torch.Tensor] = []
         for s in sites:
             for k in keys:
                 rows.append(torch.tensor(s.sent.get(k, 0), device=device))
-                rows.append(s.lost.get(k, zero))
-                rows.append(s.unrecovered.get(k, zero))
-        vec = torch.stack(rows).to(torch.float64) if rows else torch.zeros(0, dtype=torch.float64)
+                rows.append(s.lost.get(k, zero).to(device))
+                rows.append(s.unrecovered.get(k, zero).to(device))
+        vec = (
+            torch.stack(rows).to(torch.float64)
+            if rows
+            else torch.zeros(0, dtype=torch.float64, device=device)
+        )
         if all_ranks:
             group = self.process_group if self.process_group is not None else dist.group.WORLD
             dist.all_reduce(vec, group=group)
@@ -447,18 +506,18 @@ class LossyState:
         sums over the group (a collective)."""
         sites = [s for s, on in ((self.worker, self.drops_before), (self.post, self.drops_after)) if on]
         keys = sorted(k for k in self._bucket_params if k in self._layouts)
-        device = self.device or torch.device("cpu")
+        device = self._device_for_collectives()
         vectors = []
         for site in sites:
             for k in keys:
-                n = self._layouts[k][1].num_packets
+                n = self._layouts[k].num_packets
                 vec = site.lost_per_packet.get(k)
                 vectors.append(
                     vec.to(device, torch.int64)
                     if vec is not None
                     else torch.zeros(n, device=device, dtype=torch.int64)
                 )
-        flat = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int64)
+        flat = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int64, device=device)
         if all_ranks and flat.numel():
             group = self.process_group if self.process_group is not None else dist.group.WORLD
             dist.all_reduce(flat, group=group)
@@ -468,7 +527,7 @@ class LossyState:
         offset = 0
         for site in sites:
             for k in keys:
-                layout = self._layouts[k][1]
+                layout = self._layouts[k]
                 per_packet = counts[offset : offset + layout.num_packets]
                 offset += layout.num_packets
                 cum = np.concatenate([[0], np.cumsum(per_packet)])
@@ -526,13 +585,14 @@ class LossyState:
         memory, counters and stale buffers (tensors on CPU; ``torch.load(weights_only=True)``
         safe). The process group is not included."""
         return {
-            "version": 1,
+            "version": 2,
             "config": self.config(),
             "steps": self.steps,
             "worker": self.worker.state_dict(),
             "post": self.post.state_dict(),
             "stale": {_key_str(k): v.detach().cpu() for k, v in self._stale.items()},
             "packets": {_key_str(k): n for k, n in self._packets.items()},
+            "sizes": {_key_str(k): list(v) for k, v in self._sizes.items()},
             "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
             | {str(r): sd for r, sd in self._saved_peers.items()},
             "counts_transport_resolved": self._counts_resolved,
@@ -548,6 +608,8 @@ class LossyState:
         self.post.load_state_dict(sd["post"])
         self._stale = {_key_from_str(k): v.clone() for k, v in sd["stale"].items()}
         self._packets = {_key_from_str(k): int(n) for k, n in sd.get("packets", {}).items()}
+        self._sizes = {_key_from_str(k): tuple(int(x) for x in v) for k, v in sd.get("sizes", {}).items()}
+        self._key_of, self._bucket_params, self._post_factor = {}, {}, {}
         self._peers = {}
         self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
         self._counts_resolved = sd.get("counts_transport_resolved", self._counts_resolved)
@@ -569,10 +631,27 @@ class LossyState:
 
 
 def _exact_factor(value: float, dtype: torch.dtype) -> bool:
-    """Whether multiplying by ``value`` in ``dtype`` is as good as dividing: always in fp32/fp64
-    (one extra rounding of ``2^-24``), in half dtypes only for powers of two (``1/W`` for ``W``
-    a power of two); otherwise ``1/3`` in bf16 would bias every element by ``2^-8``."""
-    return dtype in (torch.float32, torch.float64) or math.frexp(value)[0] == 0.5
+    """Whether ``1/W`` may be folded into the fp32 per-packet factor (then cast to the bucket
+    dtype) and still give exactly DDP's arithmetic, ``grad * (1/W)`` with the scalar in the
+    op's compute precision: in fp32 always (``x * float32(1/W)`` both ways); in other dtypes
+    only for ``W`` a power of two (``1/3`` as an fp32 factor cast to fp64 differs from the fp64
+    ``1/3``; cast to bf16 it is ``0.33398``, a bias of ``2^-8`` on every element)."""
+    return dtype == torch.float32 or math.frexp(value)[0] == 0.5
+
+
+def _scale_before_collective(
+    buf: torch.Tensor, layout: PacketLayout, pre: torch.Tensor | None, scale: float
+) -> None:
+    """``buf <- buf * scale * pre[packet]`` in place, in one pass where that is exact: a
+    received packet with factor 1 ends up exactly as DDP's ``grad * (1/W)``."""
+    if pre is None:
+        if scale != 1.0:
+            buf.mul_(scale)
+    elif _exact_factor(scale, buf.dtype):
+        layout.scale_(buf, pre.mul_(scale) if scale != 1.0 else pre)
+    else:  # 1/W would round in the factor's cast: multiply by the scalar first, as DDP does
+        buf.mul_(scale)
+        layout.scale_(buf, pre)
 
 
 def _arrival_factor(arrivals: torch.Tensor, world: int, unrecovered: torch.Tensor) -> torch.Tensor:
@@ -609,7 +688,10 @@ def _fidelity_sums(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _join(
-    futures: list[torch.futures.Future], on_cuda: bool, fn: Callable[[list[torch.Tensor]], torch.Tensor]
+    futures: list[torch.futures.Future],
+    on_cuda: bool,
+    fn: Callable[[list[torch.Tensor]], torch.Tensor],
+    read_in_callback: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.futures.Future[torch.Tensor]:
     """One future for all collectives the hook launched, then ``fn`` on their results.
 
@@ -617,12 +699,31 @@ def _join(
     work futures complete at enqueue and ``wait()`` only orders streams, so chaining on the
     first (CUDA-aware) future keeps DDP's stream synchronisation; on CPU/Gloo they complete
     on worker threads and ``collect_all`` waits for all of them.
+
+    The stream rule (CUDA): a callback runs on a stream of its own. The futures' values are
+    recorded on it by the future itself; every *other* tensor the callback reads that was
+    made on the hook's stream (``read_in_callback``: masks, factors, counts, stale buffers,
+    counters) is ``record_stream``-ed on the callback's stream before it is read, so the
+    caching allocator cannot hand its memory to a new tensor until the callback's kernels
+    have run, even after the hook's last reference to it is gone.
     """
+    kept = tuple(t for t in read_in_callback if t is not None)
+
+    def protect() -> None:
+        stream = torch.cuda.current_stream()
+        for t in kept:
+            t.record_stream(stream)
+
     main, rest = futures[0], futures[1:]
+    if on_cuda:
+
+        def on_device(f: torch.futures.Future) -> torch.Tensor:
+            protect()
+            return fn([f.value()[0]] + [x.wait()[0] for x in rest])
+
+        return main.then(on_device)
     if not rest:
         return main.then(lambda f: fn([f.value()[0]]))
-    if on_cuda:
-        return main.then(lambda f: fn([f.value()[0]] + [x.wait()[0] for x in rest]))
     return torch.futures.collect_all(futures).then(lambda f: fn([x.value()[0] for x in f.value()]))
 
 
@@ -632,7 +733,7 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     Packet masks are drawn on the bucket's device from per-rank generators. Everything known
     before the collective and identical across ranks (the ``1/W`` of a mean, the worker keep
     mask ``a_{r,j}``, ``W/c_j`` under ``counts_transport="regenerate"``, a shared post mask
-    and its ``1/(1-p)``) is one per-packet factor applied to this rank's copy in one pass;
+    and its rescale factor) is one per-packet factor applied to this rank's copy in one pass;
     what needs the collective's result (``W/c_j`` from summed counts, independent post masks,
     stale fill) is applied to the result in one more pass. All collectives are launched
     asynchronously here; the returned future's callbacks only compute.
@@ -642,9 +743,11 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     state._prepare(buf, group)
     world = state.world_size
     assert world is not None
+    # ``1/W`` as DDP's reducer applies it: a multiply by the scalar (bitwise DDP at any W)
+    scale = 1.0 / world if state.reduction == "mean" else 1.0
     if state._passthrough:
-        if state.reduction == "mean":
-            buf.div_(world)
+        if scale != 1.0:
+            buf.mul_(scale)
         return _join(
             [dist.all_reduce(buf, group=group, async_op=True).get_future()], buf.is_cuda, lambda r: r[0]
         )
@@ -656,11 +759,10 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     # Per-packet factors (fp32, one multiply each way): ``pre`` on this rank's copy before the
     # allreduce, ``post`` on the result. Anything known before the collective and the same
     # on every rank goes into ``pre``, so the common cases cost one pass over the bucket.
-    scale = 1.0 / world if state.reduction == "mean" else 1.0
     clean: torch.Tensor | None = None
     if state.measure_fidelity:  # the lossless reference: the scaled bucket before any loss
         if scale != 1.0:
-            buf.div_(world)
+            buf.mul_(scale)
             scale = 1.0
         clean = buf.clone()
     pre: torch.Tensor | None = None
@@ -679,26 +781,21 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
 
     post_lost = state.post.draw(key, layout.num_packets) if state.drops_after else None
     if post_lost is not None and state.fill != "stale":
-        keep = torch.where(post_lost, 0.0, 1.0 / state.post_keep_rate if state.fill == "rescale" else 1.0)
+        # rescale: 1 / E[fraction of the bucket's packets received] (see LossModel.keep_fraction)
+        keep = torch.where(post_lost, 0.0, state._post_factor[key] if state.fill == "rescale" else 1.0)
         if state.post_sync == "shared":  # b_j (R_j) = R_j computed from b_j-scaled copies
             pre = keep if pre is None else pre.mul_(keep)
         else:
             post = keep
 
-    if pre is None:
-        if scale != 1.0:
-            buf.div_(world)
-    elif _exact_factor(scale, buf.dtype):
-        layout.scale_(buf, pre.mul_(scale) if scale != 1.0 else pre)
-    else:  # 1/W would round in a half dtype: divide exactly first
-        buf.div_(world)
-        layout.scale_(buf, pre)
+    _scale_before_collective(buf, layout, pre, scale)
 
     appended = counts is not None and state._counts_resolved == "append"
     payload = torch.cat((buf, counts)) if appended else buf  # type: ignore[arg-type]
     futures = [dist.all_reduce(payload, group=group, async_op=True).get_future()]
     if counts is not None and not appended:
         futures.append(dist.all_reduce(counts, group=group, async_op=True).get_future())
+    slot: torch.Tensor | None = None
     if clean is not None:
         futures.append(dist.all_reduce(clean, group=group, async_op=True).get_future())
         slot = torch.zeros(4, dtype=torch.float64, device=buf.device)
@@ -716,12 +813,13 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
             factor = rescale if factor is None else factor.mul_(rescale)
         if factor is not None:
             layout.scale_(out, factor)
-        if stale is not None and post_lost is not None:
-            layout.fill_from_(out, post_lost, stale)
         if stale is not None:
-            stale.copy_(out)
-        if clean is not None:
+            if post_lost is not None:  # select: received packets are never touched
+                layout.fill_from_(out, post_lost, stale)
+            # the stale value of a packet: its last received, finite value
+            layout.fill_from_(stale, layout.finite_packets(out), out)
+        if slot is not None:
             slot.copy_(_fidelity_sums(out, results[-1]))
         return out
 
-    return _join(futures, buf.is_cuda, finish)
+    return _join(futures, buf.is_cuda, finish, (post, post_lost, counts, stale, slot, clean, unrecovered))

@@ -89,6 +89,19 @@ class LossModel(ABC):
         """True when the model can never lose a packet (the hook then skips all masking)."""
         return False
 
+    def keep_fraction(self, num_packets: int) -> float:
+        r"""``E[fraction of a bucket's n packets received]``: what post-drop ``fill="rescale"``
+        divides by. For a model under which every packet has the same marginal keep
+        probability ``q`` (i.i.d. models, uniformly chosen subsets, stationary chains),
+        ``E[b_j / q] = 1``: exactly unbiased per packet. Default: ``1 - p`` with ``p`` the
+        long-run loss rate; models that lose a fixed number of packets per bucket override it."""
+        return 1.0 - self.long_run_loss_rate()
+
+    def start_stream(self, seed: int) -> None:  # noqa: B027 (random models: nothing to do)
+        """Called once when a fresh stream (one rank's, or the shared one) starts using this
+        copy of the model, with a seed of that stream's own. Deterministic models use it to
+        give each stream its own phase (:class:`Trace`); random ones need nothing."""
+
     def state_dict(self) -> dict[str, Any]:
         """Memory carried between calls (empty for memoryless models)."""
         return {}
@@ -140,9 +153,17 @@ class Bernoulli(RateModel):
 
 class ExactCount(RateModel):
     """Exactly ``m = floor(p*n)`` of the ``n`` packets of each bucket are lost, the set
-    chosen uniformly among all ``C(n, m)`` subsets (the original script's rule)."""
+    chosen uniformly among all ``C(n, m)`` subsets (the original script's rule).
+
+    Each packet is lost with probability exactly ``m/n`` (not ``p``), so the post-drop
+    rescale divides by ``(n - m)/n``: exactly unbiased per packet."""
 
     keyword, param_name = "exact", "ExactCount p"
+
+    def keep_fraction(self, num_packets: int) -> float:
+        if num_packets <= 0:
+            return 1.0
+        return (num_packets - math.floor(self.p * num_packets + _COUNT_EPS)) / num_packets
 
     def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
         m = math.floor(self.p * num_packets + _COUNT_EPS)
@@ -158,6 +179,14 @@ class TailDrop(RateModel):
     deadline, as in bounded-time allreduce designs. Deterministic (uses no randomness)."""
 
     keyword, param_name = "tail", "TailDrop p"
+
+    def keep_fraction(self, num_packets: int) -> float:
+        """``(n - ceil(p n)) / n``: the fraction that is always received. No rule can make a
+        packet that is always lost unbiased; dividing the survivors by this keeps the
+        bucket's sum for equal-sized packets (what a deadline-cut collective would report)."""
+        if num_packets <= 0:
+            return 1.0
+        return (num_packets - math.ceil(self.p * num_packets - _COUNT_EPS)) / num_packets
 
     def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
         m = math.ceil(self.p * num_packets - _COUNT_EPS)
@@ -178,9 +207,17 @@ def _read_trace_file(path: str) -> list[int]:
 
 class Trace(LossModel):
     """Replays a recorded loss sequence ``t_0, t_1, ..., t_{L-1}`` (1 = lost) cyclically:
-    packet ``j`` of the whole stream is lost iff ``t_{j mod L} = 1``. The position carries
-    over between buckets and steps. ``seq_or_path`` is a sequence of 0/1 or a text file of
-    0/1 characters (whitespace/commas allowed, ``#`` comments)."""
+    packet ``j`` of a stream that starts at offset ``o`` is lost iff ``t_{(o + j) mod L} = 1``.
+    The position carries over between buckets and steps. Inside the hook each stream (each
+    rank's uplink, the shared post stream, each rank's independent post stream) starts at an
+    offset drawn from ``(seed, stream, rank)`` (:meth:`start_stream`); alone, at 0.
+    ``seq_or_path`` is a sequence of 0/1 or a text file of 0/1 characters (whitespace/commas
+    allowed, ``#`` comments)."""
+
+    def start_stream(self, seed: int) -> None:
+        """Each stream replays the trace from its own offset ``seed mod L`` (uniform over
+        the trace), so the ranks' uplinks do not lose the same packets."""
+        self.position = seed % self._trace.numel()
 
     def __init__(self, seq_or_path: Sequence[int] | str | os.PathLike[str]) -> None:
         if isinstance(seq_or_path, (str, os.PathLike)):
@@ -359,8 +396,10 @@ def _scan_states_by_gather(cdf: torch.Tensor, u: torch.Tensor, start: torch.Tens
 
 class MarkovLossModel(LossModel):
     """A finite Markov chain ``S_0, S_1, ...`` with transition matrix ``P``; packet ``i``
-    first moves the chain (``S_i ~ P[S_{i-1}, :]``), then is lost with probability
-    ``h[S_i]``. The chain starts in state 0 and its state carries over between calls.
+    moves the chain (``S_i ~ P[S_{i-1}, :]``) and is lost with probability ``h[S_i]`` (the
+    state it moved to: netem's four-state model) or, with ``loss_from_previous_state``,
+    ``h[S_{i-1}]`` (the state it arrived in: netem's Gilbert-Elliott). The chain starts in
+    state 0 (``S_{-1} = 0``) and its state carries over between calls.
 
     Vectorized sampling: one uniform ``u_i`` per packet defines the transition map
     ``f_i(s) = min{j : u_i < CDF[s, j]}`` for every state ``s`` at once (a coupling that
@@ -370,6 +409,8 @@ class MarkovLossModel(LossModel):
     1-D lookups, no loop over packets, no host sync. The states are exactly those of the
     sequential recursion with the same uniforms.
     """
+
+    loss_from_previous_state = False
 
     def __init__(self, transition: np.ndarray, loss_prob: np.ndarray) -> None:
         self._transition = np.asarray(transition, dtype=np.float64)
@@ -414,29 +455,33 @@ class MarkovLossModel(LossModel):
             self._state = self._state.to(device)
         n = num_packets
         u = torch.rand(n, generator=generator, device=device)
+        start = self._state
         if self._maps.closed:
-            idx = self._maps.state_indices(u, self._state)
+            idx = self._maps.state_indices(u, start)
             apply = self._maps.tables(device).apply
             self._state = apply.index_select(0, idx[-1:]).squeeze(0).long()
-            if self._deterministic:
+            if self._deterministic and not self.loss_from_previous_state:
                 return lost_after.index_select(0, idx)
             states = apply.index_select(0, idx)
         else:
-            states = _scan_states_by_gather(cdf, u, self._state)
+            states = _scan_states_by_gather(cdf, u, start)
             self._state = states[-1].clone()
-            if self._deterministic:
-                return h.index_select(0, states) > 0.5
+        if self.loss_from_previous_state:  # S_{-1}, S_0, ..., S_{n-2}
+            states = torch.cat((start.to(states.dtype).view(1), states[:-1]))
+        if self._deterministic:
+            return h.index_select(0, states) > 0.5
         return torch.rand(n, generator=generator, device=device) < h.index_select(0, states)
 
     def stationary_distribution(self) -> np.ndarray:
-        """Long-run share of packets in each state, starting from state 0 (the Cesaro limit;
-        well defined for reducible or periodic chains too): ``e_0 Q^inf`` with the lazy
-        chain ``Q = (P + I)/2``, by repeated squaring."""
-        q = (self._transition + np.eye(len(self._transition))) / 2.0
-        for _ in range(64):
-            q = q @ q
-        pi = q[0]
-        return pi / pi.sum()
+        """Long-run share of packets in each state, starting from state 0: the Cesaro limit
+        ``lim (1/T) sum_t e_0 P^t``, well defined for reducible and periodic chains too.
+
+        Solved exactly, no powers of ``P``: the chain's closed communicating classes ``C``
+        each have one stationary law ``pi_C`` (``pi_C (P_C - I) = 0``, ``sum pi_C = 1``, a
+        linear solve); from state 0 the chain ends in ``C`` with probability ``a_C`` (``a = 1``
+        on ``C``, ``a = P a`` on transient states: another linear solve); the limit is
+        ``sum_C a_C pi_C``."""
+        return cesaro_limit(self._transition, start=0)
 
     def long_run_loss_rate(self) -> float:
         return float(self.stationary_distribution() @ self._loss_prob)
@@ -468,6 +513,9 @@ class GilbertElliott(MarkovLossModel):
 
     States Good (0) and Bad (1); ``P(G->B) = p``, ``P(B->G) = r``; a packet is lost with
     probability ``loss_in_bad`` (``1-h``) in Bad and ``loss_in_good`` (``1-k``) in Good.
+    As in netem's ``loss_gilb_ell`` (sch_netem.c), each packet draws the transition and then
+    decides its loss with the state it arrived in: ``gemodel 100% 0%`` loses 0,1,1,1,...
+    and ``gemodel 100% 100%`` 0,1,0,1,...
     Stationary ``pi_B = p / (p + r)``, long-run loss ``pi_B (1-h) + (1-pi_B)(1-k)``; with
     ``1-h = 1, 1-k = 0`` loss bursts are Bad sojourns, of mean length ``1/r`` packets.
     """
@@ -478,11 +526,56 @@ class GilbertElliott(MarkovLossModel):
         self.loss_in_bad = check_probability("gemodel 1-h (loss_in_bad)", loss_in_bad)
         self.loss_in_good = check_probability("gemodel 1-k (loss_in_good)", loss_in_good)
         transition = np.array([[1 - self.p, self.p], [self.r, 1 - self.r]])
+        self.loss_from_previous_state = True
         super().__init__(transition, np.array([self.loss_in_good, self.loss_in_bad]))
 
     @property
     def spec(self) -> str:
         return f"gemodel {_pct(self.p)} {_pct(self.r)} {_pct(self.loss_in_bad)} {_pct(self.loss_in_good)}"
+
+
+def cesaro_limit(transition: np.ndarray, start: int = 0) -> np.ndarray:
+    """``lim (1/T) sum_{t<T} e_start P^t`` of a finite stochastic matrix, by linear solves
+    (see :meth:`MarkovLossModel.stationary_distribution`)."""
+    p = np.asarray(transition, dtype=np.float64)
+    n = len(p)
+    reach = (p > 0) | np.eye(n, dtype=bool)
+    for _ in range(max(1, int(np.ceil(np.log2(n))) + 1)):  # transitive closure by squaring
+        reach = reach | ((reach.astype(np.int64) @ reach.astype(np.int64)) > 0)
+    mutual = reach & reach.T
+    classes: list[np.ndarray] = []
+    seen = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if not seen[i]:
+            members = np.flatnonzero(mutual[i])
+            seen[members] = True
+            classes.append(members)
+    closed = [c for c in classes if not reach[np.ix_(c, np.setdiff1d(np.arange(n), c))].any()]
+    in_closed = np.zeros(n, dtype=bool)
+    for c in closed:
+        in_closed[c] = True
+    transient = np.flatnonzero(~in_closed)
+    out = np.zeros(n)
+    for c in closed:
+        # stationary law of the class: pi (P_C - I) = 0 with sum(pi) = 1 (least squares on
+        # the stacked system: exact, as the class is irreducible and the system consistent)
+        pc = p[np.ix_(c, c)]
+        a_mat = np.vstack([(pc - np.eye(len(c))).T, np.ones(len(c))])
+        b_vec = np.zeros(len(c) + 1)
+        b_vec[-1] = 1.0
+        pi_c = np.linalg.lstsq(a_mat, b_vec, rcond=None)[0]
+        if start in c:
+            absorb = 1.0
+        elif start in transient:
+            # absorption probabilities into c from transient states: (I - Q) a = R 1_c
+            q = p[np.ix_(transient, transient)]
+            r = p[np.ix_(transient, c)].sum(axis=1)
+            a = np.linalg.solve(np.eye(len(transient)) - q, r)
+            absorb = float(a[np.flatnonzero(transient == start)[0]])
+        else:
+            absorb = 0.0
+        out[c] += absorb * np.clip(pi_c, 0.0, None)
+    return out / out.sum()
 
 
 class MarkovFourState(MarkovLossModel):

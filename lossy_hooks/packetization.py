@@ -126,18 +126,30 @@ class PacketLayout:
         return self._per_packet_mul_(flat, factor)
 
     def fill_from_(self, flat: torch.Tensor, lost: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """Replace the elements of lost packets with those of ``source``, in place:
-        ``flat * keep + source * lost`` (exact for finite values: ``x*1 + y*0 = x``)."""
-        lost_f = lost.to(flat.dtype)
-        self.zero_(flat, lost)
+        """Replace the elements of lost packets with those of ``source``, in place, by
+        selection (``where(lost, source, flat)``): a received element is never touched by
+        ``source``, so a non-finite ``source`` value cannot leak into received packets."""
         if self.sizes is not None:
-            return flat.addcmul_(source, self.expand(lost_f))
+            return torch.where(self.expand(lost), source, flat, out=flat)
         full, tail, n_full = self._split(flat)
         src_full, src_tail, _ = self._split(source)
-        full.addcmul_(src_full, lost_f[:n_full, None])
+        torch.where(lost[:n_full, None], src_full, full, out=full)
         if tail.numel():
-            tail.addcmul_(src_tail, lost_f[n_full])
+            torch.where(lost[n_full], src_tail, tail, out=tail)
         return flat
+
+    def finite_packets(self, flat: torch.Tensor) -> torch.Tensor:
+        """Bool per packet: every element of the packet is finite (no ``inf``/``nan``)."""
+        finite = torch.isfinite(flat)
+        if self.sizes is not None:
+            bad = torch.zeros(self.num_packets, dtype=torch.int32, device=flat.device)
+            owner = torch.arange(self.num_packets, device=flat.device)
+            return bad.index_add_(0, self.expand(owner), (~finite).to(torch.int32)) == 0
+        full, tail, _ = self._split(finite)
+        per_packet = full.all(1)
+        if tail.numel():
+            per_packet = torch.cat((per_packet, tail.all().view(1)))
+        return per_packet
 
     def __repr__(self) -> str:
         if self.sizes is not None:

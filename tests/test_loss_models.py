@@ -163,8 +163,10 @@ def test_markov_scan_equals_the_sequential_recursion(model):
     for n in (1, 15, 16, 17, 33, 1000, 4097):
         lost = model.sample(n, g)
         states = _sequential_states(model, torch.rand(n, generator=replay), state)
+        # netem: four-state decides with the state moved to, Gilbert-Elliott with the one arrived in
+        deciding = [state, *states[:-1]] if model.loss_from_previous_state else states
         state = states[-1]
-        assert lost.tolist() == [bool(model.loss_probabilities[s]) for s in states], n
+        assert lost.tolist() == [bool(model.loss_probabilities[s]) for s in deciding], n
         assert int(model.state_dict()["state"]) == state
 
 
@@ -236,3 +238,96 @@ def test_probabilities_checked(bad):
         Bernoulli(bad)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         GilbertElliott(0.1, bad)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        # sch_netem.c loss_gilb_ell: the transition is drawn, then loss decided in the old state
+        ("gemodel 100% 0%", [0, 1, 1, 1, 1, 1]),
+        ("gemodel 100% 100%", [0, 1, 0, 1, 0, 1]),
+        ("gemodel 0% 100%", [0, 0, 0, 0, 0, 0]),
+        # loss_4state: moves, then loses in the new state (p13 = 100%, p31 = 100%: 3,1,3,1,...)
+        ("state 100% 100%", [1, 0, 1, 0, 1, 0]),
+        ("state 100% 0% 0%", [1, 1, 1, 1, 1, 1]),
+    ],
+)
+def test_deterministic_chains_match_netem_sequences(spec, expected):
+    model = parse_loss_model(spec)
+    g = gen(0)
+    first = model.sample(4, g).int().tolist()
+    rest = model.sample(2, g).int().tolist()  # the state carries over between calls
+    assert first + rest == expected
+
+
+def _four_state_loss(p13, p31, p32=0.0, p23=1.0, p14=0.0):
+    """Closed form from the balance equations: pi3 = p13/p31 pi1, pi2 = p32/p23 pi3,
+    pi4 = p14 pi1; loss = pi3 + pi4."""
+    pi3, pi4 = p13 / p31, p14
+    pi2 = p32 / p23 * pi3 if p23 > 0 else 0.0
+    return (pi3 + pi4) / (1 + pi2 + pi3 + pi4)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (MarkovFourState(0.03, 0.4, 0.2, 0.5, 0.01), _four_state_loss(0.03, 0.4, 0.2, 0.5, 0.01)),  # 0.0762
+        (parse_loss_model("state 2% 30% 10%"), _four_state_loss(0.02, 0.3, 0.1)),  # iproute2: p23 = 1
+        (parse_loss_model("state 2%"), 0.02),  # p31 = 1 - p13: Bernoulli-like, loss p13
+        (MarkovFourState(1e-6, 1e-7, 1e-8, 1e-7, 1e-9), _four_state_loss(1e-6, 1e-7, 1e-8, 1e-7, 1e-9)),
+        (MarkovFourState(0.4, 0.5, 0.45, 0.5, 0.3), _four_state_loss(0.4, 0.5, 0.45, 0.5, 0.3)),
+        (GilbertElliott(0.01, 0.2), 0.01 / 0.21),
+        (GilbertElliott(1e-7, 1e-6), 1e-7 / 1.1e-6),  # near-absorbing both ways
+        (GilbertElliott(0.05, 0.3, 0.8, 0.02), 0.05 / 0.35 * 0.8 + 0.3 / 0.35 * 0.02),
+        (GilbertElliott(1.0, 0.0), 1.0),  # absorbed in Bad
+        (GilbertElliott(0.0, 0.3), 0.0),  # never leaves Good
+        (GilbertElliott(1.0, 1.0), 0.5),  # periodic: the Cesaro mean
+        (MarkovFourState(0.0), 0.0),
+    ],
+)
+def test_long_run_loss_rate_matches_closed_forms(model, expected):
+    rate = model.long_run_loss_rate()
+    assert math.isfinite(rate)
+    assert rate == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    pi = model.stationary_distribution()
+    assert pi.sum() == pytest.approx(1.0) and (pi >= 0).all()
+    if 0 < expected < 1:  # a stationary law: pi P = pi
+        assert np.allclose(pi @ model.transition_matrix, pi, atol=1e-15)
+
+
+@pytest.mark.parametrize("spec", ["state 3% 40% 20% 50% 1%", "gemodel 2% 30%", "gemodel 5% 40% 70% 1%"])
+def test_long_run_rate_is_what_the_chain_loses(spec):
+    """The stationary rate against 400k sampled packets: inside the 99.9% interval of the
+    chain's batch means (batches of 4000 packets, far longer than its correlation time)."""
+    model = parse_loss_model(spec)
+    lost = draw(model, 400_000, 4000, seed=17).double()
+    batches = lost.view(100, 4000).mean(1)
+    mean, se = float(batches.mean()), float(batches.std() / 10)
+    assert abs(mean - model.long_run_loss_rate()) < 3.3 * se, (mean, model.long_run_loss_rate(), se)
+
+
+def test_keep_fraction_of_fixed_count_models():
+    """ExactCount loses floor(p n), TailDrop ceil(p n) packets of n: the post rescale divides
+    by the fraction kept, (n - m)/n; random models by 1 - p."""
+    assert ExactCount(0.3).keep_fraction(7) == pytest.approx(5 / 7)
+    assert TailDrop(0.3).keep_fraction(7) == pytest.approx(4 / 7)
+    assert TailDrop(0.3).keep_fraction(1) == 0.0
+    assert ExactCount(0.3).keep_fraction(10) == pytest.approx(0.7)
+    assert Bernoulli(0.3).keep_fraction(7) == pytest.approx(0.7)
+    assert GilbertElliott(0.01, 0.2).keep_fraction(7) == pytest.approx(1 - 0.01 / 0.21)
+    for n in (1, 7, 10, 33):
+        g = gen(n)
+        assert int(ExactCount(0.3).sample(n, g).sum()) == n - round(ExactCount(0.3).keep_fraction(n) * n)
+        assert int(TailDrop(0.3).sample(n, g).sum()) == n - round(TailDrop(0.3).keep_fraction(n) * n)
+
+
+def test_trace_streams_start_at_their_own_offset():
+    """Each stream (rank) replays the trace from offset seed mod L."""
+    seq = [1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1]
+    a, b = Trace(seq), Trace(seq)
+    a.start_stream(3)
+    b.start_stream(3 + 11 * 5 + 4)  # offset 7
+    g = gen(0)
+    assert a.sample(11, g).int().tolist() == seq[3:] + seq[:3]
+    assert b.sample(11, g).int().tolist() == seq[7:] + seq[:7]
+    assert Trace(seq).sample(4, g).int().tolist() == seq[:4]  # outside the hook: from the start

@@ -108,14 +108,27 @@ def test_pickle_round_trip_keeps_settings_and_model_state():
         other.load_state_dict(sd)
 
 
-def test_factor_folding_only_where_multiplying_is_as_exact_as_dividing():
-    """The hook folds 1/W into its per-packet multiply in fp32/fp64 always, and in half
-    dtypes only for powers of two (else a rounded 1/3 would bias every bf16 element)."""
-    from lossy_hooks.hook import _exact_factor
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("world", [2, 3, 4, 6, 7])
+def test_scaling_before_the_collective_is_ddps_arithmetic(dtype, world):
+    """A received packet (factor 1) leaves the pre-collective pass exactly as DDP's reducer
+    leaves it, ``grad * (1/W)`` with a scalar, in every dtype and world size; 1/W is folded
+    into the per-packet factor only where that is bitwise the same (fp32, or W a power of
+    two), never rounded to the bucket's half dtype (1/3 in bf16 is 0.33398)."""
+    from lossy_hooks.hook import _exact_factor, _scale_before_collective
 
-    assert _exact_factor(1 / 3, torch.float32) and _exact_factor(1 / 3, torch.float64)
-    assert _exact_factor(0.5, torch.float16) and _exact_factor(0.125, torch.bfloat16)
-    assert not _exact_factor(1 / 3, torch.float16) and not _exact_factor(1 / 6, torch.bfloat16)
+    g = torch.Generator().manual_seed(world)
+    grad = (torch.randn(1000, generator=g) * 100).to(dtype)
+    layout = PacketLayout.by_mtu(1000, 64, grad.element_size())
+    keep = torch.ones(layout.num_packets)
+    keep[::3] = 0.0  # lost packets
+    buf = grad.clone()
+    _scale_before_collective(buf, layout, keep, 1.0 / world)
+    ddp = grad * (1.0 / world)
+    kept = layout.expand(keep).bool()
+    assert torch.equal(buf[kept], ddp[kept])
+    assert (buf[~kept] == 0).all()
+    assert _exact_factor(1 / world, dtype) == (dtype == torch.float32 or world in (2, 4))
     assert float(torch.tensor(1 / 3, dtype=torch.bfloat16)) * 3 != 1.0  # why it matters
 
 
