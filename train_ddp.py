@@ -19,6 +19,7 @@ import gc
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +53,10 @@ from lossy_hooks.run_io import (
     write_json,
     write_summary,
 )
+
+METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
+# Fault injection for tests: LOSSY_HOOKS_KILL_AT=<point>:<epoch> SIGKILLs the process there.
+KILL_AT_ENV = "LOSSY_HOOKS_KILL_AT"
 
 # Flags that steer a run but do not change what it computes: a resume may change them.
 CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
@@ -179,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop each round after this many optimizer steps (>= 1), for smoke runs",
     )
     x.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (>= 1) and at the end")
-    x.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler (CUDA only)")
+    x.add_argument(
+        "--amp",
+        action="store_true",
+        help="fp16 autocast + GradScaler (on CPU too, slowly: for checks); steps the scaler skips "
+        "for overflow are counted (skipped_steps) and kept out of the epoch's averages",
+    )
+    x.add_argument(
+        "--amp_init_scale",
+        type=float,
+        default=2.0**16,
+        help="GradScaler's initial loss scale (> 0; with --amp)",
+    )
     x.add_argument(
         "--backend",
         choices=("auto", "nccl", "gloo"),
@@ -259,8 +275,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     msg = check_data_args(args.dataset, args.data_path, args.download, args.imagenette_size)
     if msg:
         fail(msg)
-    if args.amp and not torch.cuda.is_available():
-        fail("--amp needs CUDA (no GPU found)")
+    if not (args.amp_init_scale > 0 and math.isfinite(args.amp_init_scale)):
+        fail(f"--amp_init_scale must be > 0, got {args.amp_init_scale}")
     if args.backend == "nccl" and not torch.cuda.is_available():
         fail("--backend nccl needs CUDA (no GPU found); use --backend gloo")
     if args.loss_model is not None and args.loss_rate != 0.0:
@@ -422,7 +438,7 @@ class RoundRunner:
         )
         self.ddp.register_comm_hook(self.state, lossy_allreduce_hook)
         self.opt = torch.optim.SGD(self.ddp.parameters(), lr=cfg["learning_rate"], momentum=0.9)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg["amp"])
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
         torch.manual_seed(derive_seed(self.seed, 0, rank))  # per-rank data randomness
         self.warm_up()
         workers = 0 if isinstance(data.train, torch.utils.data.TensorDataset) else cfg["workers"]
@@ -452,8 +468,14 @@ class RoundRunner:
     def resume(self) -> None:
         ckpt_path = self.dir / "checkpoint.pt"
         if not ckpt_path.exists():
+            # killed before the first checkpoint: the round starts over, so rows it wrote
+            # (an epoch finished, then the kill before its checkpoint) must go
+            if self.rank == 0:
+                for log in (METRICS, BUCKETS, LAYERS):
+                    (self.dir / log).unlink(missing_ok=True)
+            dist.barrier()
             return
-        ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=True)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         mine = ckpt["ranks"][self.rank]
         self.module.load_state_dict(mine.get("model", ckpt["model"]))
         self.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
@@ -475,9 +497,9 @@ class RoundRunner:
 
     def logs(self) -> dict[str, MetricsLog]:
         return {
-            "metrics": MetricsLog(self.dir / "metrics.csv"),
-            "buckets": MetricsLog(self.dir / "buckets.csv", BUCKET_FIELDS),
-            "layers": MetricsLog(self.dir / "layers.csv", LAYER_FIELDS),
+            "metrics": MetricsLog(self.dir / METRICS),
+            "buckets": MetricsLog(self.dir / BUCKETS, BUCKET_FIELDS),
+            "layers": MetricsLog(self.dir / LAYERS, LAYER_FIELDS),
         }
 
     def _since_last(self, key: tuple, sent: int, lost: int) -> tuple[int, int]:
@@ -540,9 +562,9 @@ class RoundRunner:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
         }
-        if independent:  # replicas differ: keep each one
-            mine["model"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
-            mine["optimizer"] = self.opt.state_dict()
+        if independent:  # replicas differ: keep each one (CPU copies: NCCL cannot gather objects on GPU)
+            mine["model"] = to_cpu(self.module.state_dict())
+            mine["optimizer"] = to_cpu(self.opt.state_dict())
         ranks: list[Any] = [None] * self.world
         dist.all_gather_object(ranks, mine)
         if self.rank == 0:
@@ -561,59 +583,91 @@ class RoundRunner:
             atomic_save(ckpt, self.dir / ("final.pt" if final else "checkpoint.pt"))
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over this rank's shard. Micro-batches are grouped ``--accumulation_steps``
+        at a time into one optimizer step (the hook fires once per step); each micro-batch's
+        loss is divided by the size of *its* group, so a short last group (end of the epoch)
+        still steps with the mean of its micro-batches' gradients. With ``--amp`` a step the
+        GradScaler skips (an overflow) is counted in ``skipped_steps`` and its micro-batches
+        and fidelity are kept out of the epoch's averages."""
         cfg, dev = self.cfg, self.device
         self.ddp.train()
         self.sampler.set_epoch(epoch)
         acc_steps = cfg["accumulation_steps"]
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.long, device=dev)
-        seen, drift = 0, []
+        group_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        group_correct = torch.zeros((), dtype=torch.long, device=dev)
+        seen, group_seen, skipped, processed, drift = 0, 0, 0, 0, []
+        skipped_hook_steps: set[int] = set()
         n_batches = len(self.loader)
         self.report.start_epoch(f"round {self.k} epoch {epoch + 1}/{cfg['num_epochs']}", n_batches)
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self.loader):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            sync = (i + 1) % acc_steps == 0 or i == n_batches - 1
+            group_start = i // acc_steps * acc_steps
+            group_size = min(acc_steps, n_batches - group_start)
+            sync = i == group_start + group_size - 1
             with contextlib.ExitStack() as stack:
                 if not sync:
                     stack.enter_context(self.ddp.no_sync())
                 with torch.autocast(dev.type, dtype=torch.float16, enabled=cfg["amp"]):
                     out = logits(self.ddp(x))
                     loss = nn.functional.cross_entropy(out, y)
-                self.scaler.scale(loss / acc_steps).backward()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (out.argmax(1) == y).sum()
-            seen += len(y)
+                self.scaler.scale(loss / group_size).backward()
+            group_loss += loss.detach().double() * len(y)
+            group_correct += (out.argmax(1) == y).sum()
+            group_seen += len(y)
+            processed += len(y)
             if sync:
+                scale_before = self.scaler.get_scale() if cfg["amp"] else 0.0
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
                 self.steps += 1
+                if cfg["amp"] and self.scaler.get_scale() < scale_before:  # inf/nan found: skipped
+                    skipped += 1
+                    skipped_hook_steps.add(self.state.steps - 1)
+                else:
+                    loss_sum += group_loss
+                    correct += group_correct
+                    seen += group_seen
+                group_loss.zero_()
+                group_correct.zero_()
+                group_seen = 0
                 if cfg["resync"] and self.steps % cfg["resync"] == 0:
-                    resync_replicas(self.module)
+                    resync_replicas(self.module, self.opt)
                 if cfg["measure_drift"] and self.steps % cfg["measure_drift"] == 0:
                     drift.append(replica_drift(self.module))
                 if self.report.enabled and (i % 10 == 0 or i == n_batches - 1):
                     st = self.state.stats()
-                    self.report.update(i + 1, seen * self.world, float(loss.detach()), _rate(st))
+                    self.report.update(i + 1, processed * self.world, float(loss.detach()), _rate(st))
                 if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
                     break
         totals = torch.stack(
-            [loss_sum, correct.double(), torch.tensor(float(seen), device=dev, dtype=torch.float64)]
+            [
+                loss_sum,
+                correct.double(),
+                torch.tensor(float(seen), device=dev, dtype=torch.float64),
+                torch.tensor(float(skipped), device=dev, dtype=torch.float64),
+                torch.tensor(float(processed), device=dev, dtype=torch.float64),
+            ]
         )
         dist.all_reduce(totals)
         seconds = time.perf_counter() - t0
         row = {
-            "train_loss": float(totals[0] / totals[2]),
-            "train_acc": float(totals[1] / totals[2]),
+            # None (an empty cell) when the scaler skipped every step of the epoch
+            "train_loss": float(totals[0] / totals[2]) if totals[2] > 0 else None,
+            "train_acc": float(totals[1] / totals[2]) if totals[2] > 0 else None,
             "epoch_seconds": seconds,
-            "images_per_s": float(totals[2]) / seconds,
+            "images_per_s": float(totals[4]) / seconds,
         }
+        if cfg["amp"]:
+            row["skipped_steps"] = round(float(totals[3]) / self.world)  # the same on every rank
         if drift:
             row["drift_max"] = max(d[0] for d in drift)
             row["drift_mean"] = sum(d[1] for d in drift) / len(drift)
         if cfg["measure_fidelity"]:
-            fid = self.state.fidelity()
+            fid = [f for f in self.state.fidelity() if f["step"] not in skipped_hook_steps]
             vals = torch.tensor(
                 [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)],
                 dtype=torch.float64,
@@ -658,7 +712,7 @@ class RoundRunner:
                 break  # a resumed round that had already reached --max_steps
             row = self.train_epoch(epoch)
             last = epoch == cfg["num_epochs"] - 1 or bool(cfg["max_steps"] and self.steps >= cfg["max_steps"])
-            diverged = not math.isfinite(row["train_loss"])
+            diverged = row["train_loss"] is not None and not math.isfinite(row["train_loss"])
             if (epoch + 1) % cfg["eval_every"] == 0 or last or diverged:
                 row["val_loss"], row["val_acc"] = self.validate()
                 diverged = diverged or not math.isfinite(row["val_loss"])
@@ -675,6 +729,7 @@ class RoundRunner:
                 logs["buckets"].append(*bucket_rows)
                 logs["layers"].append(*layer_rows)
                 logs["metrics"].append(row)
+                fault_point("after_metrics", epoch + 1)
             self.report.end_epoch(row)
             epochs_done = epoch + 1
             if diverged:
@@ -693,6 +748,24 @@ class RoundRunner:
                 self.dir / "metrics.csv", self.dir / "metrics.png", f"{self.dir.parent.name} round {self.k}"
             )
         return status
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def fault_point(name: str, epoch: int) -> None:
+    """SIGKILL this process at a named point when LOSSY_HOOKS_KILL_AT says so (tests of
+    crash safety: a real kill, at a known place, not a timed guess)."""
+    if os.environ.get(KILL_AT_ENV) == f"{name}:{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _rate(stats: dict[str, Any]) -> float:

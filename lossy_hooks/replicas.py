@@ -31,7 +31,24 @@ def replica_drift(module: nn.Module, group: dist.ProcessGroup | None = None) -> 
 
 
 @torch.no_grad()
-def resync_replicas(module: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
-    """Broadcast rank ``src``'s parameters and buffers to every rank (bounded drift)."""
+def resync_replicas(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Broadcast rank ``src``'s parameters, buffers and (given ``optimizer``) every tensor of
+    its per-parameter optimizer state (SGD momentum, Adam moments) to every rank.
+
+    Parameters alone are not enough: with momentum the update is ``lr * m`` and ``m`` keeps
+    each replica's own damaged gradients, so replicas would drift apart again at the next
+    step even from identical parameters and identical gradients."""
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=src, group=group)
+    if optimizer is None:
+        return
+    for p in module.parameters():
+        for name, value in sorted(optimizer.state.get(p, {}).items()):
+            # step counters (Adam and the like) are the same on every rank, often CPU scalars
+            if torch.is_tensor(value) and name != "step":
+                dist.broadcast(value, src=src, group=group)

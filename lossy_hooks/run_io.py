@@ -53,6 +53,7 @@ METRIC_FIELDS = [
     "fidelity_rel_l2",
     "drift_max",
     "drift_mean",
+    "skipped_steps",
     "epoch_seconds",
     "images_per_s",
     "status",

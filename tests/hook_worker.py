@@ -14,7 +14,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lossy_hooks.hook as hook_module
-from lossy_hooks import GilbertElliott, LossyState, lossy_allreduce_hook
+from lossy_hooks import (
+    ExactCount,
+    GilbertElliott,
+    LossModel,
+    LossyState,
+    TailDrop,
+    Trace,
+    lossy_allreduce_hook,
+)
+from lossy_hooks.replicas import resync_replicas
 
 
 class Probe(nn.Module):
@@ -368,6 +377,199 @@ def layer_accounting() -> dict:
     }
 
 
+class Scripted(LossModel):
+    """A loss model that returns given masks, one per call, cyclically (a test double built
+    on the public LossModel interface)."""
+
+    def __init__(self, masks: list[list[int]]) -> None:
+        self.masks, self.calls = masks, 0
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        mask = self.masks[self.calls % len(self.masks)]
+        self.calls += 1
+        assert len(mask) == num_packets, (len(mask), num_packets)
+        return torch.tensor(mask, dtype=torch.bool, device=generator.device)
+
+    def long_run_loss_rate(self) -> float:
+        return sum(map(sum, self.masks)) / sum(map(len, self.masks))
+
+    @property
+    def spec(self) -> str:
+        return f"scripted {self.masks}"
+
+
+class Distinct(nn.Module):
+    """Parameters whose gradients differ: d loss / d ws[i] = (i + 1) * x."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes])
+
+    def forward(self, x: float) -> torch.Tensor:
+        return sum(((i + 1) * w * x).sum() for i, w in enumerate(self.ws))  # type: ignore[return-value]
+
+
+def stale_rules() -> dict:
+    """Post drop, fill='stale', sum: rank r sends (t + 1) * (r + 1) at step t, so the lossless
+    result is R_t = (t + 1) W (W + 1) / 2. A zero-fill run with the same seed reveals the
+    shared masks; then the stale run, with rank 0 sending inf in one packet at one step."""
+    n, k, steps, seed = 500, 100, 14, 21
+    kw = dict(loss_rate=0.4, mtu=400, drop_point="post", reduction="sum", seed=seed)
+    shadow = DDP(Probe([n]), bucket_cap_mb=25)
+    shadow.register_comm_hook(LossyState(fill="zero", **kw), lossy_allreduce_hook)
+    masks = []
+    for t in range(steps):
+        g = probe_step(shadow, float((t + 1) * (rank() + 1)))[0].view(-1, k)
+        masks.append([int(v != 0) for v in g[:, 0].tolist()])  # 1 = received
+    # inject inf where a packet is received and then lost at a later step
+    inject = next(
+        (t, j) for t in range(1, steps - 1) for j in range(n // k) if masks[t][j] and not masks[t + 1][j]
+    )
+    ddp = DDP(Probe([n]), bucket_cap_mb=25)
+    ddp.register_comm_hook(LossyState(fill="stale", **kw), lossy_allreduce_hook)
+    values, non_uniform = [], 0
+    for t in range(steps):
+        x = torch.full((n,), float((t + 1) * (rank() + 1)))
+        if (t, rank()) == (inject[0], 0):
+            x[inject[1] * k : (inject[1] + 1) * k] = float("inf")
+        g = probe_step(ddp, x)[0].view(-1, k)  # type: ignore[arg-type]
+        non_uniform += int(((g != g[:, :1]) & ~(g.isnan() & g[:, :1].isnan())).any())
+        values.append([float(v) for v in g[:, 0].tolist()])
+    return {"masks": masks, "values": values, "inject": list(inject), "non_uniform": non_uniform}
+
+
+def fixed_count_rescale() -> dict:
+    """Post drop rescale, mean, 7 packets of 100 elements; rank r sends r + 1."""
+    n, k, steps = 700, 100, 200
+    out = {}
+    for name, model in (("exact", ExactCount(0.3)), ("tail", TailDrop(0.3))):
+        state = LossyState(loss_model=model, mtu=400, drop_point="post", fill="rescale", seed=4)
+        ddp = DDP(Probe([n]), bucket_cap_mb=25)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        lossless = (world() + 1) / 2
+        ratios, received = [], [0] * (n // k)
+        packet_values = set()
+        for _ in range(steps):
+            g = probe_step(ddp, float(rank() + 1))[0].double()
+            ratios.append(float(g.mean() / lossless))
+            first = g.view(-1, k)[:, 0]
+            for j, v in enumerate(first.tolist()):
+                received[j] += int(v != 0)
+                if v != 0:
+                    packet_values.add(round(v / lossless, 6))
+        out[name] = {"ratios": ratios, "received": received, "steps": steps, "values": sorted(packet_values)}
+    return out
+
+
+def per_rank_streams() -> dict:
+    """Worker drop, zero fill, sum, rank r sends 2**r: which ranks' copies arrived, for a
+    replayed trace (each rank its own offset) and tail drop (the same on every rank)."""
+    n, k, steps = 2000, 100, 150
+    bits = torch.rand(4999, generator=torch.Generator().manual_seed(0)) < 0.3
+    trace_rate = float(bits.float().mean())
+    out = {}
+    for name, model in (("trace", Trace(bits.int().tolist())), ("tail", TailDrop(0.1))):
+        state = LossyState(
+            loss_model=model, mtu=400, drop_point="worker", fill="zero", reduction="sum", seed=3
+        )
+        ddp = DDP(Probe([n]), bucket_cap_mb=25)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        vals = torch.cat([probe_step(ddp, float(2 ** rank()))[0].view(-1, k)[:, 0] for _ in range(steps)])
+        arrived = decode(vals)
+        out[name] = {
+            "lost_per_rank": [len(b) - sum(b) for b in arrived],
+            "all_lost": sum(1 for i in range(len(vals)) if all(b[i] == 0 for b in arrived)),
+            "identical_masks": all(b == arrived[0] for b in arrived),
+            "total": len(vals),
+        }
+    out["trace_rate"] = trace_rate
+    return out
+
+
+def rebuilt_buckets() -> dict:
+    """No warm-up: DDP's first iteration uses one bucket in one order, then rebuilds it with
+    the same index and size but the parameters in another order."""
+    # per-parameter accounting: 'tail 1/3' on 250 = [150 | 100] elements, 3 packets of 100
+    model = Probe([150, 100])
+    state = LossyState(loss_model=TailDrop(1 / 3), mtu=400, drop_point="worker", fill="zero", reduction="sum")
+    ddp = DDP(model, bucket_cap_mb=25)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
+    for _ in range(10):
+        probe_step(ddp, 1.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    orders = [[names[i] for i in ids] for _, ids in sorted(state.bucket_parameter_ids().items())]
+    rows = {r["parameter"]: [r["packets_sent"], r["packets_lost"]] for r in state.loss_by_parameter(names)}
+    # stale fill: all three packets received at odd calls, all lost at even ones
+    model2 = Distinct([100, 100, 100])
+    stale = LossyState(
+        loss_model=Scripted([[0, 0, 0], [1, 1, 1]]), mtu=400, drop_point="post", fill="stale", reduction="sum"
+    )
+    ddp2 = DDP(model2, bucket_cap_mb=25)
+    ddp2.register_comm_hook(stale, lossy_allreduce_hook)
+    names2 = {id(p): n for n, p in model2.named_parameters()}
+    orders2 = [[names2[i] for i in ids] for _, ids in sorted(stale.bucket_parameter_ids().items())]
+    grads = []
+    for t in range(4):
+        grads.append([float(g[0]) for g in probe_step(ddp2, float(t + 1))])
+    orders2 = [[names2[i] for i in ids] for _, ids in sorted(stale.bucket_parameter_ids().items())]
+    return {"orders": orders, "rows": rows, "stale_orders": orders2, "stale_grads": grads}
+
+
+def resync_momentum() -> dict:
+    """Independent post drops make replicas and their momentum differ; resync_replicas with
+    the optimizer makes both identical, so one more lossless step keeps them identical."""
+    out = {}
+    for with_opt in (True, False):
+        torch.manual_seed(0)
+        model = SmallNet()
+        state = LossyState(loss_rate=0.3, mtu=256, drop_point="post", fill="zero", post_sync="independent")
+        ddp = DDP(model, bucket_cap_mb=0.01)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        gen = torch.Generator().manual_seed(100 + rank())
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        resync_replicas(model, opt if with_opt else None)
+        synced = [float(p.double().sum()) for p in model.parameters()]
+        momentum = [float(opt.state[p]["momentum_buffer"].double().sum()) for p in model.parameters()]
+        opt.zero_grad(set_to_none=True)
+        x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+        with state.passthrough():
+            nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        after = [float(p.double().sum()) for p in model.parameters()]
+        out["with_optimizer" if with_opt else "params_only"] = {
+            "synced": synced,
+            "momentum": momentum,
+            "after": after,
+        }
+    return out
+
+
+def append_exactness() -> dict:
+    """counts_transport='append' in bf16 is refused beyond the exact-count limit (lowered to
+    W - 1 here to see it), with a message naming the option."""
+    cap = hook_module._exact_count_limit
+    hook_module._exact_count_limit = lambda dtype: world() - 1
+    try:
+        state = LossyState(
+            loss_rate=0.1, mtu=64, drop_point="worker", fill="rescale", counts_transport="append"
+        )
+        ddp = DDP(Probe([300]).to(torch.bfloat16), bucket_cap_mb=25)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        try:
+            probe_step(ddp, 1.0)
+            message = ""
+        except Exception as e:  # raised inside the hook, re-raised by backward
+            message = str(e)
+    finally:
+        hook_module._exact_count_limit = cap
+    return {"message": message}
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -381,6 +583,12 @@ SCENARIOS = {
         pickle_resume,
         fidelity,
         layer_accounting,
+        stale_rules,
+        fixed_count_rescale,
+        per_rank_streams,
+        rebuilt_buckets,
+        resync_momentum,
+        append_exactness,
     )
 }
 

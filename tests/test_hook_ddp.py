@@ -1,8 +1,9 @@
-"""The hook inside real multi-process DDP (Gloo, CPU), W = 2 and 4: one process-group
+"""The hook inside real multi-process DDP (Gloo, CPU), W = 2, 3 and 4: one process-group
 launch per world size runs every scenario of hook_worker.py; the tests assert on them."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,16 @@ SCENARIOS = [
     "pickle_resume",
     "fidelity",
     "layer_accounting",
+    "stale_rules",
+    "fixed_count_rescale",
+    "per_rank_streams",
+    "rebuilt_buckets",
+    "resync_momentum",
+    "append_exactness",
 ]
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W{w}")
 def runs(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"w{world}") / "results.json"
@@ -165,3 +172,96 @@ def test_loss_by_parameter_maps_packets_to_parameters(runs):
     assert r["rows"][first] == [10 * n_first, 0]
     assert r["rows"][last] == [10 * n_last, 10]
     assert r["all_ranks"][last] == 10 * world
+
+
+def test_stale_fill_holds_the_last_received_finite_value(runs):
+    """A packet lost after the collective with fill='stale' holds exactly the value it had
+    the last step it was received with a finite value (0 before that); received packets
+    are exactly the lossless result, even after a step that overflowed to inf."""
+    world, ranks = runs
+    for rank in range(world):
+        r = ranks[rank]["stale_rules"]
+        assert r["non_uniform"] == 0
+        t_inf, j_inf = r["inject"]
+        last = [0.0] * len(r["masks"][0])
+        lost_later = 0
+        for t, (mask, got) in enumerate(zip(r["masks"], r["values"], strict=True)):
+            lossless = (t + 1) * world * (world + 1) / 2
+            for j, received in enumerate(mask):
+                want = (math.inf if (t, j) == (t_inf, j_inf) else lossless) if received else last[j]
+                assert got[j] == want, (rank, t, j, got[j], want)
+                if received and math.isfinite(want):
+                    last[j] = want
+                lost_later += int(not received and t > t_inf and j == j_inf)
+        assert not any(math.isnan(v) for row in r["values"] for v in row)
+        assert lost_later >= 1  # the overflowed packet was lost afterwards: filled with a finite value
+        assert r["masks"][t_inf][j_inf] == 1 and r["masks"][t_inf + 1][j_inf] == 0
+
+
+def test_post_rescale_is_exact_for_fixed_count_models(runs):
+    """ExactCount loses floor(0.3 * 7) = 2 and TailDrop ceil(0.3 * 7) = 3 of 7 packets: the
+    survivors are divided by the fraction kept, 5/7 and 4/7, so every step's bucket mean
+    equals the lossless one (was 1.020x and 0.816x with 1/(1-p))."""
+    _, ranks = runs
+    r = ranks[0]["fixed_count_rescale"]
+    for name, kept in (("exact", 5), ("tail", 4)):
+        assert r[name]["ratios"] == pytest.approx([1.0] * r[name]["steps"], rel=1e-6), name
+        assert r[name]["values"] == [pytest.approx(7 / kept)], name
+    steps = r["exact"]["steps"]
+    lo, hi = binomial_interval(steps, 5 / 7, 0.999)
+    assert all(lo <= c <= hi for c in r["exact"]["received"])  # each packet kept w.p. 5/7
+    assert r["tail"]["received"] == [steps] * 4 + [0] * 3  # the tail is never received
+
+
+def test_each_rank_has_its_own_stream(runs):
+    """A replayed trace starts at an offset of each rank's own: uplink losses are not the
+    same packets on every rank (all ranks lose a packet about p^W of the time); tail drop
+    is the same on every rank by nature."""
+    world, ranks = runs
+    r = ranks[0]["per_rank_streams"]
+    trace, tail, p = r["trace"], r["tail"], r["trace_rate"]
+    assert not trace["identical_masks"]
+    for lost in trace["lost_per_rank"]:
+        lo, hi = binomial_interval(trace["total"], p, 0.999)
+        assert lo <= lost <= hi
+    lo, hi = binomial_interval(trace["total"], p**world, 0.999)
+    assert lo <= trace["all_lost"] <= hi
+    assert tail["identical_masks"]
+    assert tail["all_lost"] == tail["lost_per_rank"][0] == 150 * 2  # ceil(0.1 * 20) per step
+
+
+def test_rebuilt_buckets_get_their_own_accounting_and_stale_buffer(runs):
+    """Without a warm-up: DDP's first-iteration bucket [ws.0 | ws.1] is rebuilt with the same
+    index and size as [ws.1 | ws.0]. Tail drop loses packet 2 of 3 (elements 200-249): ws.1
+    at step 1, ws.0 at the 9 steps after the rebuild."""
+    _, ranks = runs
+    r = ranks[0]["rebuilt_buckets"]
+    assert r["orders"] == [["ws.0", "ws.1"], ["ws.1", "ws.0"]]  # DDP's layouts (the premise)
+    # sent: first layout ws.0 in packets 0-1, ws.1 in 1-2; rebuilt ws.1 in 0, ws.0 in 1-2
+    assert r["rows"] == {"ws.0": [2 + 9 * 2, 9], "ws.1": [2 + 9 * 1, 1]}
+    # stale: step 1 received, step 2 all lost in a bucket of new content: nothing received
+    # for it yet (0, not the other parameters' values); step 3 received, step 4 lost: each
+    # parameter holds its own step-3 value, (i + 1) * 3 * W
+    assert r["stale_orders"] == [["ws.0", "ws.1", "ws.2"], ["ws.2", "ws.1", "ws.0"]]
+    world = len(ranks)
+    g = r["stale_grads"]
+    assert g[0] == [(i + 1) * 1 * world for i in range(3)]
+    assert g[1] == [0.0, 0.0, 0.0]
+    assert g[2] == g[3] == [(i + 1) * 3 * world for i in range(3)]
+
+
+def test_resync_includes_optimizer_momentum(runs):
+    world, ranks = runs
+    w = [ranks[i]["resync_momentum"] for i in range(world)]
+    for part in ("synced", "momentum", "after"):
+        assert all(x["with_optimizer"][part] == w[0]["with_optimizer"][part] for x in w), part
+    # parameters alone: identical right after the broadcast, apart again one step later
+    assert all(x["params_only"]["synced"] == w[0]["params_only"]["synced"] for x in w)
+    assert any(x["params_only"]["after"] != w[0]["params_only"]["after"] for x in w)
+
+
+def test_append_counts_refused_where_the_dtype_cannot_count(runs):
+    world, ranks = runs
+    for rank in range(world):
+        msg = ranks[rank]["append_exactness"]["message"]
+        assert "counts_transport='append'" in msg and "separate" in msg, msg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lossy_hooks.models import build_model
@@ -95,7 +97,7 @@ def image_folder(tmp_path_factory) -> Path:
         (["--loss_model", "random 5%", "--loss_rate", "0.1"], "not both"),
         (["--fill", "stale", "--worker_drop"], "fill='stale' needs drop_point='post'"),
         (["--drop_point", "post", "--worker_drop"], "contradicts"),
-        (["--amp"], "--amp needs CUDA"),
+        (["--amp_init_scale", "0"], "--amp_init_scale must be > 0"),
         (["--max_steps", "0"], "--max_steps must be >= 1"),
     ],
 )
@@ -352,3 +354,91 @@ def test_fidelity_drift_and_resync_columns(tmp_path):
     assert float(resync_row["drift_max"]) == 0.0  # measured right after each broadcast
     assert float(clean_row["drift_max"]) == 0.0
     assert float(clean_row["fidelity_cosine"]) == 1.0 and float(clean_row["fidelity_rel_l2"]) == 0.0
+
+
+# ------------------------------------------------------------------ correctness of the script
+
+
+def folder_run(image_folder: Path, out: Path, flags: str, env_extra: dict[str, str] | None = None):
+    """``python train_ddp.py`` (world size 1) on the 18-image folder, small model."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_ddp.py"),
+        *SMALL,
+        "--dataset",
+        "folder",
+        "--data_path",
+        str(image_folder),
+        "--lab_round",
+        "1",
+        "--use_avg",
+        *flags.split(),
+        "--output_dir",
+        str(out),
+    ]
+    return subprocess.run(
+        cmd, env=env() | (env_extra or {}), capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+
+
+def test_partial_accumulation_group_steps_with_its_mean(tmp_path, image_folder):
+    """18 images, batch 6: 3 micro-batches per epoch. With --accumulation_steps 10 the one
+    group holds 3, so each step must use the mean of 3 micro-batch gradients: exactly the
+    run with --accumulation_steps 3 (dividing by 10 stepped with 0.3x of it)."""
+    runs = {}
+    for acc in (3, 10):
+        out = tmp_path / f"acc{acc}"
+        res = folder_run(
+            image_folder, out, f"--num_epochs 2 --batch_size 6 --accumulation_steps {acc} --loss_rate 0.1"
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        runs[acc] = rows(only_dir(out) / "round0" / "metrics.csv")
+    keys = ("steps", "train_loss", "val_loss", "val_acc", "post_packets_lost")
+    assert [r["steps"] for r in runs[3]] == ["1", "2"]
+    assert [{k: r[k] for k in keys} for r in runs[10]] == [{k: r[k] for k in keys} for r in runs[3]]
+
+
+def test_kill_before_the_first_checkpoint_then_resume_writes_each_epoch_once(tmp_path, image_folder):
+    """SIGKILL right after epoch 1's metrics row, before its checkpoint: --resume starts the
+    round over and must not keep the dead run's rows (was epochs 1,1,2,3)."""
+    flags = "--num_epochs 3 --batch_size 6 --accumulation_steps 1 --loss_rate 0.2 --worker_drop"
+    cut, ref = tmp_path / "cut", tmp_path / "ref"
+    res = folder_run(image_folder, cut, flags, {train_ddp.KILL_AT_ENV: "after_metrics:1"})
+    assert res.returncode == -signal.SIGKILL
+    rd = only_dir(cut) / "round0"
+    assert [r["epoch"] for r in rows(rd / "metrics.csv")] == ["1"] and not (rd / "checkpoint.pt").exists()
+    res = folder_run(image_folder, cut, flags + " --resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = folder_run(image_folder, ref, flags)
+    assert res.returncode == 0, res.stdout + res.stderr
+    keys = ("epoch", "steps", "train_loss", "val_acc", "worker_packets_sent", "worker_packets_lost")
+    resumed = [{k: r[k] for k in keys} for r in rows(rd / "metrics.csv")]
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
+    assert resumed == [{k: r[k] for k in keys} for r in rows(only_dir(ref) / "round0" / "metrics.csv")]
+    for name in ("buckets.csv", "layers.csv"):
+        assert rows(rd / name) == rows(only_dir(ref) / "round0" / name), name
+
+
+def test_amp_overflow_steps_are_counted_and_kept_out_of_averages(tmp_path, image_folder):
+    """--amp with a loss scale of 2^20 overflows fp16 at first: GradScaler halves the scale on
+    each skipped step, so skipped_steps = log2(2^20 / final scale). The stale fill never
+    stores the overflowed packets, and loss and fidelity stay finite."""
+    out = tmp_path / "amp"
+    res = folder_run(
+        image_folder,
+        out,
+        "--num_epochs 2 --batch_size 3 --accumulation_steps 1 --amp --amp_init_scale 1048576 "
+        "--drop_point post --fill stale --loss_rate 0.3 --measure_fidelity",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    rd = only_dir(out) / "round0"
+    m = rows(rd / "metrics.csv")
+    skipped = sum(int(r["skipped_steps"]) for r in m)
+    final_scale = float(torch.load(rd / "final.pt", weights_only=True)["scaler"]["scale"])
+    assert skipped >= 1
+    assert skipped == round(math.log2(2**20 / final_scale))
+    assert sum(int(r["steps"]) for r in m[-1:]) > skipped  # some steps were taken
+    for r in m:
+        assert r["status"] == "ok"
+        for k in ("train_loss", "train_acc", "fidelity_cosine", "fidelity_rel_l2", "val_loss"):
+            assert math.isfinite(float(r[k])), (k, r[k])
