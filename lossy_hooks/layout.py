@@ -57,14 +57,30 @@ def _single_process_group():
         dist.destroy_process_group()
 
 
+def first_bucket_cap_bytes(bucket_cap_mb: float | None) -> tuple[int, str]:
+    """DDP's cap for the first rebuilt bucket, and the rule that gives it: 1 MiB
+    (``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``) only when ``bucket_cap_mb`` is not
+    passed (``None``: DDP's default of 25 MiB for the others); an explicit ``bucket_cap_mb``
+    caps every bucket, the first included (as train_ddp.py and the sweep always pass it)."""
+    if bucket_cap_mb is None:
+        first = int(getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1024 * 1024))
+        return first, f"bucket_cap_mb not passed: DDP's default first-bucket cap of {first} B"
+    cap = int(bucket_cap_mb * 1024 * 1024)
+    return cap, f"bucket_cap_mb={bucket_cap_mb:g} passed: the first bucket has the same cap, {cap} B"
+
+
 def bucket_layout(
     model: nn.Module,
-    bucket_cap_mb: float = 25.0,
+    bucket_cap_mb: float | None = 25.0,
     mtu: int = 1500,
     dtype: torch.dtype = torch.float32,
     example_input: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """DDP's buckets for ``model`` after the rebuild, with their packet counts.
+
+    ``bucket_cap_mb=None`` builds DDP without the argument (its defaults: 25 MiB, and 1 MiB
+    for the first rebuilt bucket); a number is passed as given. Each bucket closes after the
+    parameter that reaches the cap, so a bucket can exceed it by up to one parameter.
 
     ``example_input`` (default: one 3x224x224 image) drives one forward/backward pass in
     eval mode so DDP learns the gradient-ready order; parameters are not changed.
@@ -94,7 +110,7 @@ def bucket_layout(
         return fut
 
     with _single_process_group():
-        ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
+        ddp = DDP(model) if bucket_cap_mb is None else DDP(model, bucket_cap_mb=bucket_cap_mb)
         ddp.register_comm_hook(None, record)
         ddp.eval()
         for _ in range(2):
@@ -123,8 +139,11 @@ def bucket_layout(
         )
     total_packets = sum(b["packets"] for b in buckets)
     straddling = sum(b["straddling_packets"] for b in buckets)
+    first_cap, rule = first_bucket_cap_bytes(bucket_cap_mb)
     return {
         "bucket_cap_mb": bucket_cap_mb,
+        "first_bucket_cap_bytes": first_cap,
+        "first_bucket_rule": rule,
         "mtu": mtu,
         "dtype": str(dtype).replace("torch.", ""),
         "elements_per_packet": elements_per_packet(mtu, torch.tensor([], dtype=dtype).element_size()),
@@ -156,7 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="DDP bucket and packet layout of a torchvision model")
     p.add_argument("--model", default="resnet101", help="torchvision classification model")
     p.add_argument("--num_classes", type=int, default=1000, help="classifier outputs (>= 1)")
-    p.add_argument("--bucket_cap_mb", type=float, default=25.0, help="DDP bucket size in MiB (> 0)")
+    p.add_argument(
+        "--bucket_cap_mb",
+        type=float,
+        default=25.0,
+        help="DDP bucket size in MiB (> 0), passed to DDP as train_ddp.py does (every bucket, the "
+        "first included, gets this cap)",
+    )
+    p.add_argument(
+        "--ddp_default_caps",
+        action="store_true",
+        help="build DDP without bucket_cap_mb (its defaults: 25 MiB, first rebuilt bucket 1 MiB)",
+    )
     p.add_argument("--mtu", type=int, default=1500, help="payload bytes per packet (>= element size)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="gradient dtype")
     p.add_argument("--image_size", type=int, default=224, help="example input side in pixels")
@@ -176,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(args.model, args.num_classes)
     x = torch.zeros(2, 3, args.image_size, args.image_size)
-    layout = bucket_layout(model, args.bucket_cap_mb, args.mtu, dtype, x)
+    cap = None if args.ddp_default_caps else args.bucket_cap_mb
+    layout = bucket_layout(model, cap, args.mtu, dtype, x)
     table = Table(
-        title=f"{args.model}: {layout['num_buckets']} buckets of <= {args.bucket_cap_mb:g} MiB, "
+        title=f"{args.model}: {layout['num_buckets']} buckets of {cap or 25:g} MiB caps, "
         f"mtu {args.mtu} B = {layout['elements_per_packet']} {args.dtype} elements per packet"
     )
     for c in COLUMNS:
@@ -190,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"packets per step: {layout['packets_per_step']}; straddling a parameter boundary: "
         f"{100 * layout['straddling_share']:.2f}%"
+    )
+    console.print(
+        f"first bucket: {layout['first_bucket_rule']}; a bucket closes after the parameter that "
+        "reaches its cap (it can exceed the cap by one parameter)"
     )
     if args.csv:
         with open(args.csv, "w", newline="") as fh:

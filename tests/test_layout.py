@@ -48,15 +48,33 @@ def test_bucket_layout_of_a_small_model(tmp_path):
 
 
 def test_small_buckets_split_the_model():
-    # 3 x 1 MiB layers with a 0.5 MiB cap: several buckets (DDP's first rebuilt bucket may
-    # take up to 1 MiB whatever the cap: that is what DDP does, and the tool shows it)
+    # 3 x 1 MiB layers with an explicit 0.5 MiB cap: every bucket, the first included, closes
+    # after the parameter that reaches 0.5 MiB, so each 1 MiB weight gets a bucket of its own
     model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(3)])
     layout = bucket_layout(model, bucket_cap_mb=0.5, mtu=1500, example_input=torch.zeros(2, 512))
-    assert layout["num_buckets"] >= 3
     total = 3 * (512 * 512 + 512)
     assert sum(b["elements"] for b in layout["buckets"]) == total
     assert layout["packets_per_step"] == sum(-(-b["elements"] // 375) for b in layout["buckets"])
-    assert all(b["bytes"] <= 1024 * 1024 + 4 * 512 for b in layout["buckets"])
+    assert layout["first_bucket_cap_bytes"] == 512 * 1024
+    assert "passed" in layout["first_bucket_rule"]
+    # the bias (2 KiB) comes first in gradient-ready order, then a weight crosses the cap
+    assert [b["elements"] for b in layout["buckets"]] == [512 + 512 * 512] * 3
+
+
+def test_first_bucket_cap_only_when_bucket_cap_is_not_passed():
+    """DDP's 1 MiB first-bucket cap applies only with bucket_cap_mb left out: with 80 layers
+    of 64x64 (16.6 kB each), the explicit 25 MiB cap gives one bucket, DDP's defaults give a
+    first bucket closing right after 1 MiB and the rest in a second."""
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(80)])
+    x = torch.zeros(2, 64)
+    explicit = bucket_layout(model, bucket_cap_mb=25, mtu=1500, example_input=x)
+    default = bucket_layout(model, bucket_cap_mb=None, mtu=1500, example_input=x)
+    assert explicit["num_buckets"] == 1
+    assert default["first_bucket_cap_bytes"] == 1024 * 1024 and "not passed" in default["first_bucket_rule"]
+    first = default["buckets"][0]["bytes"]
+    per_layer = (64 * 64 + 64) * 4
+    assert 1024 * 1024 <= first < 1024 * 1024 + per_layer
+    assert default["num_buckets"] == 2
 
 
 def test_cli_writes_csv_and_json(tmp_path, capsys):
