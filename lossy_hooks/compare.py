@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .run_io import read_json
+from .run_io import read_json, run_loss_rate
 from .statistics import mean_std
 
 __all__ = ["collect", "main", "write_outputs"]
@@ -94,7 +94,7 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
                     "best": max(finite) if finite else math.nan,
                     "epochs_to_target": reach + 1 if reach is not None else math.nan,
                     "seconds_to_target": float(seconds[reach]) if reach is not None else math.nan,
-                    "loss_rate_measured": _f(rows[-1]["effective_loss_rate"]) if rows else math.nan,
+                    "loss_rate_measured": run_loss_rate(rows),  # the whole round, every epoch
                     "diverged": any(r["status"] == "diverged" for r in rows),
                 }
             )

@@ -33,6 +33,7 @@ __all__ = [
     "config_name",
     "read_json",
     "round_status",
+    "run_loss_rate",
     "write_json",
     "write_summary",
 ]
@@ -187,9 +188,21 @@ def _float(x: str) -> float:
         return math.nan
 
 
+def run_loss_rate(rows: list[dict[str, str]]) -> float:
+    """The whole round's measured loss rate from its metrics.csv rows: packets lost over
+    packets sent, summed over every epoch and both drop points (not the last epoch's rate)."""
+    sent = lost = 0.0
+    for r in rows:
+        for point in ("worker", "post"):
+            s, lo = _float(r.get(f"{point}_packets_sent", "")), _float(r.get(f"{point}_packets_lost", ""))
+            if not math.isnan(s) and not math.isnan(lo):
+                sent, lost = sent + s, lost + lo
+    return lost / sent if sent else math.nan
+
+
 def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
-    """``summary.csv``: per round its final and best validation accuracy and status, then
-    mean and std over rounds."""
+    """``summary.csv``: per round its final and best validation accuracy, status and the
+    whole round's measured loss rate, then mean and std over rounds."""
     rows = []
     for k in range(rounds):
         rd = run_dir / f"round{k}"
@@ -206,7 +219,7 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
                 "final_val_acc": accs[-1] if accs else math.nan,
                 "best_val_acc": max(accs) if accs else math.nan,
                 "final_train_loss": _float(metrics[-1]["train_loss"]) if metrics else math.nan,
-                "effective_loss_rate": _float(metrics[-1]["effective_loss_rate"]) if metrics else math.nan,
+                "effective_loss_rate": run_loss_rate(metrics),
             }
         )
     fields = [
