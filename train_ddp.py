@@ -46,17 +46,21 @@ from lossy_hooks.run_io import (
     BUCKET_FIELDS,
     LAYER_FIELDS,
     MetricsLog,
+    acquire_lock,
     atomic_save,
     config_name,
+    live_lock_owner,
     read_json,
+    release_lock,
     round_status,
     write_json,
     write_summary,
 )
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
-# Fault injection for tests: LOSSY_HOOKS_KILL_AT=<point>:<epoch> SIGKILLs the process there.
-KILL_AT_ENV = "LOSSY_HOOKS_KILL_AT"
+# Fault injection for tests: LOSSY_HOOKS_FAULT=<kill|stop>:<point>:<epoch> sends this process
+# SIGKILL (a crash) or SIGSTOP (a hung writer) at that point.
+FAULT_ENV = "LOSSY_HOOKS_FAULT"
 
 # Flags that steer a run but do not change what it computes: a resume may change them.
 CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
@@ -762,10 +766,11 @@ def to_cpu(obj: Any) -> Any:
 
 
 def fault_point(name: str, epoch: int) -> None:
-    """SIGKILL this process at a named point when LOSSY_HOOKS_KILL_AT says so (tests of
-    crash safety: a real kill, at a known place, not a timed guess)."""
-    if os.environ.get(KILL_AT_ENV) == f"{name}:{epoch}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Send this process SIGKILL or SIGSTOP at a named point when LOSSY_HOOKS_FAULT says so
+    (tests of crash safety: a real signal at a known place, not a timed guess)."""
+    for action, sig in (("kill", signal.SIGKILL), ("stop", signal.SIGSTOP)):
+        if os.environ.get(FAULT_ENV) == f"{action}:{name}:{epoch}":
+            os.kill(os.getpid(), sig)
 
 
 def _rate(stats: dict[str, Any]) -> float:
@@ -794,11 +799,29 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = prepare_run_dir(cfg, parser)
     rank, world, device = setup_distributed(cfg)
     report = Reporter(enabled=rank == 0)
+    owns_lock = False
     try:
+        # one writer per configuration: refuse while another live process writes it
+        refusal = [None]
+        if rank == 0:
+            owner = live_lock_owner(run_dir)
+            if owner is not None:
+                refusal[0] = (
+                    f"{run_dir} is being written by PID {owner.get('pid')} on {owner.get('host')} "
+                    f"(since {owner.get('started')}); stop that run first (README: stopping a run), or "
+                    f"delete {run_dir / '.lock'} if that process is gone"
+                )
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            if rank == 0:
+                print(f"train_ddp.py: error: {refusal[0]}", file=sys.stderr)
+            return 2
         if rank == 0:
             if cfg["overwrite"] and run_dir.exists():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
+            acquire_lock(run_dir)
+            owns_lock = True
             saved = cfg | {"environment": environment_info()}
             write_json(run_dir / "config.json", saved)
         dist.barrier()
@@ -830,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"diverged; results in {run_dir}"
             )
     finally:
+        if owns_lock:
+            release_lock(run_dir)
         gc.collect()
         if dist.is_initialized():
             with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ Layout::
     <output_dir>/<config name>/round{k}/final.pt         the round's final model
     <output_dir>/<config name>/round{k}/status.json      {"status": "finished" | "diverged", ...}
     <output_dir>/<config name>/summary.csv, summary.png  after all rounds
+    <output_dir>/<config name>/.lock                     host and PID of the writing process
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import math
 import os
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,12 @@ __all__ = [
     "LAYER_FIELDS",
     "METRIC_FIELDS",
     "MetricsLog",
+    "acquire_lock",
     "atomic_save",
     "config_name",
+    "live_lock_owner",
     "read_json",
+    "release_lock",
     "round_status",
     "run_loss_rate",
     "write_json",
@@ -240,3 +246,56 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
             agg = {f: _fmt(mean_std([r[f] for r in rows])[idx]) for f in fields[3:]}
             w.writerow({"round": label, "status": "", "epochs": "", **agg})
     return rows
+
+
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this host that could be a train_ddp.py run
+    (a reused PID running something else counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+    except OSError:
+        return True  # no /proc: trust kill(pid, 0)
+    return b"train_ddp" in cmdline
+
+
+def live_lock_owner(run_dir: Path) -> dict[str, Any] | None:
+    """The owner recorded in ``run_dir/.lock`` if it may still be writing: a live process on
+    this host, or any process on another host (which cannot be checked from here). ``None``
+    when there is no lock or it is stale (its process is gone)."""
+    path = run_dir / LOCK_NAME
+    try:
+        owner = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+        return None
+    return owner
+
+
+def acquire_lock(run_dir: Path) -> None:
+    """Record this process as the writer of ``run_dir`` (atomically replaces a stale lock)."""
+    write_json(
+        run_dir / LOCK_NAME,
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+    )
+
+
+def release_lock(run_dir: Path) -> None:
+    """Remove ``run_dir/.lock`` if this process owns it."""
+    path = run_dir / LOCK_NAME
+    try:
+        owner = read_json(path)
+    except (OSError, ValueError):
+        return
+    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)

@@ -403,7 +403,7 @@ def test_kill_before_the_first_checkpoint_then_resume_writes_each_epoch_once(tmp
     round over and must not keep the dead run's rows (was epochs 1,1,2,3)."""
     flags = "--num_epochs 3 --batch_size 6 --accumulation_steps 1 --loss_rate 0.2 --worker_drop"
     cut, ref = tmp_path / "cut", tmp_path / "ref"
-    res = folder_run(image_folder, cut, flags, {train_ddp.KILL_AT_ENV: "after_metrics:1"})
+    res = folder_run(image_folder, cut, flags, {train_ddp.FAULT_ENV: "kill:after_metrics:1"})
     assert res.returncode == -signal.SIGKILL
     rd = only_dir(cut) / "round0"
     assert [r["epoch"] for r in rows(rd / "metrics.csv")] == ["1"] and not (rd / "checkpoint.pt").exists()
@@ -442,3 +442,48 @@ def test_amp_overflow_steps_are_counted_and_kept_out_of_averages(tmp_path, image
         assert r["status"] == "ok"
         for k in ("train_loss", "train_acc", "fidelity_cosine", "fidelity_rel_l2", "val_loss"):
             assert math.isfinite(float(r[k])), (k, r[k])
+
+
+def test_resume_refused_while_another_process_writes_the_round(tmp_path, image_folder):
+    """A writer stopped (SIGSTOP) after epoch 1 still holds the configuration's lock: a
+    --resume beside it is refused, naming its PID; once it is killed the lock is stale and
+    --resume continues, each epoch written once, and the lock is gone at the end."""
+    flags = "--num_epochs 2 --batch_size 6 --accumulation_steps 1 --loss_rate 0.1"
+    out = tmp_path / "runs"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_ddp.py"),
+        *SMALL,
+        "--dataset",
+        "folder",
+        "--data_path",
+        str(image_folder),
+        "--lab_round",
+        "1",
+        "--use_avg",
+        *flags.split(),
+        "--output_dir",
+        str(out),
+    ]
+    writer = subprocess.Popen(
+        cmd,
+        env=env() | {train_ddp.FAULT_ENV: "stop:after_metrics:1"},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _, status = os.waitpid(writer.pid, os.WUNTRACED)  # returns once the writer has stopped
+        assert os.WIFSTOPPED(status)
+        run_dir = only_dir(out)
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == writer.pid
+        res = folder_run(image_folder, out, flags + " --resume")
+        assert res.returncode == 2
+        assert f"is being written by PID {writer.pid}" in res.stderr
+    finally:
+        writer.kill()
+        writer.wait()
+    res = folder_run(image_folder, out, flags + " --resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [r["epoch"] for r in rows(run_dir / "round0" / "metrics.csv")] == ["1", "2"]
+    assert not (run_dir / ".lock").exists()
