@@ -66,10 +66,21 @@ FAULT_ENV = "LOSSY_HOOKS_FAULT"
 CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` except where the default is None: those flags say in their
+    own text what happens when they are not given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description="Train a torchvision model with DDP under simulated gradient packet loss.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("the original study's flags")
     g.add_argument("--num_epochs", "--num-epochs", type=int, default=400, help="epochs per round (>= 1)")
@@ -109,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--use_zero",
         "--use-zero",
         action="store_true",
-        help="lost packets count as zero (fill 'zero'); otherwise survivors are rescaled",
+        help="lost packets count as zero (fill 'zero'); otherwise fill 'rescale': with --worker_drop "
+        "a lost copy is excluded and the mean taken over the copies that arrived; after the "
+        "collective (the default drop point) received packets are divided by the expected kept "
+        "fraction (1-p for random loss)",
     )
     g.add_argument(
         "--use_avg",
@@ -153,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fill",
         choices=FILLS,
         default=None,
-        help="what replaces a lost packet; overrides --use_zero (stale: post drop only)",
+        help="what replaces a lost packet; overrides --use_zero (stale: post drop only) "
+        "(default: zero if --use_zero else rescale)",
     )
     x.add_argument(
         "--packetization",
@@ -185,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_steps",
         type=int,
         default=None,
-        help="stop each round after this many optimizer steps (>= 1), for smoke runs",
+        help="stop each round after this many optimizer steps (>= 1; per round, so a run takes up "
+        "to --lab_round times as many), for smoke runs; default: no limit",
     )
     x.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (>= 1) and at the end")
     x.add_argument(
@@ -519,7 +535,7 @@ class RoundRunner:
         params = {k: [names.get(i, "?") for i in ids] for k, ids in self.state.bucket_parameter_ids().items()}
         bucket_rows = []
         for b in stats["buckets"]:
-            key = (b["index"], b["numel"])
+            key = (b["index"], b["numel"], b["generation"])
             plist = params.get(key, ["?"])
             for point in ("worker", "post"):
                 if f"{point}_sent" not in b:
@@ -532,6 +548,7 @@ class RoundRunner:
                         "epoch": epoch,
                         "drop_point": point,
                         "bucket": b["index"],
+                        "generation": b["generation"],
                         "numel": b["numel"],
                         "packets": b["packets"],
                         "params": len(plist),

@@ -475,7 +475,8 @@ class LossyState:
             "scope": "all ranks" if all_ranks else f"rank {self.rank}",
         }
         buckets: dict[BucketKey, dict[str, Any]] = {
-            k: {"index": k[0], "numel": k[1], "packets": self._packets.get(k, 0)} for k in keys
+            k: {"index": k[0], "numel": k[1], "generation": k[2], "packets": self._packets.get(k, 0)}
+            for k in keys
         }
         it = iter(values)
         for s in sites:

@@ -120,6 +120,7 @@ BUCKET_FIELDS = [
     "epoch",
     "drop_point",
     "bucket",
+    "generation",
     "numel",
     "packets",
     "params",

@@ -224,6 +224,10 @@ def test_torchrun_folder_run_outputs(tmp_path, image_folder):
         layers = rows(rd / "layers.csv")
         for r in m:
             mine = [x for x in b if x["epoch"] == r["epoch"]]
+            names = {n for n, _ in build_model("squeezenet1_1", 3).named_parameters()}
+            assert all(x["first_param"] in names and x["last_param"] in names for x in mine)
+            # the buckets' parameters, in order, cover the model exactly once
+            assert sum(int(x["params"]) for x in mine if x["drop_point"] == "worker") == len(names)
             assert sum(int(x["packets_sent"]) for x in mine) == int(r["worker_packets_sent"])
             assert sum(int(x["packets_lost"]) for x in mine) == int(r["worker_packets_lost"])
             per_param = [x for x in layers if x["epoch"] == r["epoch"]]

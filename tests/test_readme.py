@@ -1,0 +1,99 @@
+"""README's examples run as written (with sizes cut down where they would take minutes) and
+give what the README says they give."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .launch import ROOT, free_port
+
+README = (ROOT / "README.md").read_text()
+SHRINK = ["--num_epochs", "1", "--max_steps", "2", "--lab_round", "1"]  # last flag wins
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The README line that starts with ``prefix`` (inside a code block), as argv."""
+    for line in README.splitlines():
+        line = line.strip().strip("`")
+        if line.startswith(prefix):
+            return shlex.split(line)
+    raise AssertionError(f"README has no command starting with {prefix!r}")
+
+
+def env() -> dict[str, str]:
+    from .test_train_ddp import env as train_env
+
+    return train_env()
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def script_argv(argv: list[str]) -> list[str]:
+    """Replace ``torchrun``/``python`` and the script's path by this interpreter and ROOT."""
+    i = next(i for i, a in enumerate(argv) if a.endswith("train_ddp.py"))
+    if argv[0] == "torchrun":
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--master_port={free_port()}"]
+        return [*launcher, *argv[1:i], str(ROOT / "train_ddp.py"), *argv[i + 1 :]]
+    return [sys.executable, str(ROOT / "train_ddp.py"), *argv[i + 1 :]]
+
+
+def test_quick_study_command_makes_the_folder_it_names(tmp_path):
+    line = readme_command("pip install -e . && torchrun")
+    argv = line[line.index("torchrun") :]
+    res = run([*script_argv(argv), *SHRINK, "--workers", "0"], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    named = re.search(r"`runs/(\S+?)/`", README).group(1)
+    run_dir = tmp_path / "runs" / named
+    for name in ("config.json", "round0/metrics.csv", "round0/checkpoint.pt", "round0/final.pt"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "summary.csv").exists() and (run_dir / "summary.png").exists()
+
+
+def test_smoke_command_runs(tmp_path):
+    argv = readme_command("python train_ddp.py --dataset digits --model resnet18")
+    res = run([*script_argv(argv), "--max_steps", "3", "--output_dir", str(tmp_path)], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name == "digits_resnet18_w1_worker_rescale_mean_mtu300_acc1_random-10pct_bucket25mb"
+
+
+def test_tail_drop_example_lands_where_the_readme_says(tmp_path):
+    argv = readme_command("python train_ddp.py --dataset digits --model squeezenet1_1")
+    res = run([*script_argv(argv), "--output_dir", str(tmp_path)], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = tmp_path.iterdir()
+    with open(run_dir / "round0" / "layers.csv", newline="") as fh:
+        rate = {r["parameter"]: float(r["loss_rate"]) for r in csv.DictReader(fh)}
+    with open(run_dir / "round0" / "buckets.csv", newline="") as fh:
+        (bucket,) = list(csv.DictReader(fh))
+    assert bucket["packets"] == "1941" and "1,941 packets whose last 195" in README
+    early = {p for p in rate if re.match(r"features\.[0-6]\.", p)} | {"features.7.squeeze.bias"}
+    assert early and all(rate[p] == 1.0 for p in early)
+    assert rate["features.7.squeeze.weight"] == pytest.approx(0.227, abs=0.001)
+    assert "`features.7.squeeze.weight` 22.7%" in README
+    rest = set(rate) - early - {"features.7.squeeze.weight"}
+    assert rest and all(rate[p] == 0.0 for p in rest)
+
+
+def test_layout_example_numbers(tmp_path):
+    line = readme_command("python -m lossy_hooks.layout")
+    argv = [a for a in line if not a.startswith("[")]
+    argv = argv[: argv.index("--mtu") + 2]
+    out = tmp_path / "l.json"
+    res = run([sys.executable, *argv[1:], "--json", str(out)], cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    layout = json.loads(out.read_text())
+    assert layout["num_buckets"] == 7 and "7 buckets" in README
+    assert layout["packets_per_step"] == 118_800 and "118,800 packets" in README
+    assert round(100 * layout["straddling_share"], 2) == 0.21 and "0.21% straddling" in README
+    assert round(layout["buckets"][0]["bytes"] / 1e6, 1) == 30.3 and "bucket 0 holds 30.3 MB" in README
