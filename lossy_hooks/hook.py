@@ -195,13 +195,17 @@ class DropSite:
 
 class LossyState:
     r"""State of :func:`lossy_allreduce_hook`: the configuration, RNGs, loss-model memory,
-    statistics and stale-fill buffers. All arguments are checked here; a bad one raises
-    ``ValueError`` naming it and the allowed values.
+    statistics and stale-fill buffers. Every argument is checked here (a bad one raises
+    ``ValueError`` naming it and the allowed values), except what needs the bucket: that
+    ``mtu`` holds at least one element of the bucket's dtype, and that
+    ``counts_transport="append"`` can count the group's ranks exactly in that dtype, are
+    checked at the first bucket (``ValueError`` from inside the backward pass).
 
     Args:
         loss_rate: Bernoulli loss probability per packet, in [0, 1] (shorthand for
             ``loss_model=Bernoulli(loss_rate)``). Give this or ``loss_model``, not both.
-        mtu: gradient payload bytes per packet (> 0; at least one element of the bucket dtype).
+        mtu: gradient payload bytes per packet (> 0 here; at least one element of the bucket
+            dtype, checked at the first bucket).
         drop_point: ``"worker"`` (each rank's contribution, before the allreduce),
             ``"post"`` (the result, after it) or ``"both"``.
         fill: ``"zero"``, ``"rescale"`` (unbiased) or ``"stale"`` (post drop only).

@@ -15,6 +15,8 @@ summary lists each configuration's outcome, and the exit code is 1 if any failed
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -73,21 +75,25 @@ def flags_for(settings: dict[str, Any]) -> list[str]:
     return out
 
 
-def _run_dir(argv: list[str], nproc: int) -> Path | None:
-    """The configuration folder train_ddp.py would use (None if the flags are invalid)."""
+def _run_dir(argv: list[str], nproc: int) -> tuple[Path | None, str]:
+    """The configuration folder train_ddp.py would use, and ``""``; or ``None`` and
+    train_ddp.py's own error message when the flags are invalid."""
     sys.path.insert(0, str(TRAIN_SCRIPT.parent))
     import train_ddp
 
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
     os.environ.update(RANK="0", WORLD_SIZE=str(nproc))
+    errors = io.StringIO()
     try:
-        parser = train_ddp.build_parser()
-        cfg = train_ddp.resolve(parser.parse_args(argv), parser)
+        parser = train_ddp.build_parser(prog="train_ddp.py")
+        with contextlib.redirect_stderr(errors):
+            cfg = train_ddp.resolve(parser.parse_args(argv), parser)
         from .run_io import config_name
 
-        return Path(cfg["output_dir"]) / config_name(cfg)
+        return Path(cfg["output_dir"]) / config_name(cfg), ""
     except SystemExit:
-        return None
+        lines = [ln for ln in errors.getvalue().splitlines() if ln.strip()]
+        return None, lines[-1] if lines else "invalid flags"
     finally:
         for k, v in saved.items():
             if v is None:
@@ -138,10 +144,10 @@ def run_sweep(
             argv = flags_for(settings)
             label = " ".join(f"{k}={v}" for k, v in combo.items())
             progress.update(task, current=label)
-            run_dir = _run_dir(argv, nproc)
+            run_dir, error = _run_dir(argv, nproc)
             record = {"settings": combo, "run_dir": str(run_dir) if run_dir else None}
             if run_dir is None:
-                record["outcome"] = "invalid flags"
+                record["outcome"] = f"invalid flags ({error})"
             elif (done := _outcome(run_dir, rounds)) in ("finished", "diverged"):
                 record["outcome"] = f"skipped ({done})"
             else:
@@ -189,7 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(description="Run a grid of train_ddp.py configurations with torchrun.")
+    p = argparse.ArgumentParser(
+        description="Run a grid of train_ddp.py configurations with torchrun.",
+        usage="%(prog)s [--config FILE] [--nproc N] [--grid FLAG=V1,V2 ...] [--log_dir DIR] "
+        "[-- TRAIN_DDP_FLAGS ...]",
+        epilog="Everything after a lone '--' is passed to every train_ddp.py run as fixed flags "
+        "(e.g. -- --dataset digits --model resnet18 --use_avg); train_ddp.py's own flags are "
+        "listed by 'python train_ddp.py --help'. A configuration whose flags train_ddp.py "
+        "rejects is reported with train_ddp.py's message and not launched.",
+    )
     p.add_argument("--config", help="TOML or JSON file with nproc, fixed and grid")
     p.add_argument("--nproc", type=int, default=None, help="ranks per configuration (>= 1; default 2)")
     p.add_argument(

@@ -55,10 +55,13 @@ def swept(tmp_path_factory):
 def test_sweep_runs_skips_resumes_and_reports_failures(swept):
     _, fixed, grid, first = swept
     outcomes = [r["outcome"] for r in first]
-    assert outcomes == ["finished", "invalid flags", "finished", "invalid flags"]
+    invalid = (
+        "invalid flags (train_ddp.py: error: --mtu must be >= 4 bytes (one fp32 gradient element), got 2)"
+    )
+    assert outcomes == ["finished", invalid, "finished", invalid]
     # a second sweep launches nothing for finished configurations
     again = sweep.run_sweep(1, fixed, grid)
-    assert [r["outcome"] for r in again] == ["skipped (finished)", "invalid flags"] * 2
+    assert [r["outcome"] for r in again] == ["skipped (finished)", invalid] * 2
     # an interrupted configuration (round 1 not ended) is resumed, not redone
     run_dir = Path(first[2]["run_dir"])
     (run_dir / "round1" / "status.json").unlink()
@@ -95,7 +98,14 @@ def test_compare_on_swept_runs(swept, capsys):
         assert row["rounds"] == "2"
 
 
-def test_sweep_config_file(tmp_path):
+def test_sweep_help_names_the_separator(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--help"])
+    text = capsys.readouterr().out
+    assert "[-- TRAIN_DDP_FLAGS ...]" in text and "after a lone '--'" in text
+
+
+def test_sweep_config_file(tmp_path, capsys):
     """A TOML file gives nproc, fixed flags and grid; invalid configurations are reported
     (exit 1) without stopping the others."""
     cfg = tmp_path / "sweep.toml"
@@ -105,3 +115,6 @@ def test_sweep_config_file(tmp_path):
     )
     assert sweep.main(["--config", str(cfg), "--grid", "loss_rate=0,0.5"]) == 1
     assert not (tmp_path / "runs").exists()  # nothing launched: every mtu is below one element
+    captured = capsys.readouterr()
+    assert "usage: sweep" not in captured.err and "usage:" not in captured.out  # no train_ddp usage
+    assert "train_ddp.py: error: --mtu must be >= 4" in captured.out
