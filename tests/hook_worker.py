@@ -25,6 +25,11 @@ from lossy_hooks import (
 )
 from lossy_hooks.replicas import resync_replicas
 
+try:  # run as a script (tests/ on sys.path) or imported from the tests package
+    from host_sync_guard import forbid_host_sync
+except ImportError:
+    from tests.host_sync_guard import forbid_host_sync
+
 
 class Probe(nn.Module):
     """Parameters of given sizes whose gradient is exactly the input: loss = sum(w * x)."""
@@ -570,6 +575,95 @@ def append_exactness() -> dict:
     return {"message": message}
 
 
+def no_host_sync() -> dict:
+    """Every configuration path of the hook, two steps each under forbid_host_sync (after DDP's
+    first iteration and rebuild): the calls that would wait for a GPU that were attempted."""
+    from lossy_hooks import MarkovFourState
+
+    configs = {
+        "worker zero": dict(loss_rate=0.2, fill="zero"),
+        "worker rescale separate": dict(loss_rate=0.2, counts_transport="separate"),
+        "worker rescale append": dict(loss_rate=0.2, counts_transport="append"),
+        "worker rescale regenerate": dict(loss_rate=0.2, counts_transport="regenerate"),
+        "post rescale shared": dict(loss_rate=0.2, drop_point="post"),
+        "post zero independent": dict(loss_rate=0.2, drop_point="post", fill="zero", post_sync="independent"),
+        "post rescale independent": dict(loss_rate=0.2, drop_point="post", post_sync="independent"),
+        "post stale": dict(loss_rate=0.2, drop_point="post", fill="stale"),
+        "both zero tensor": dict(loss_rate=0.2, drop_point="both", fill="zero", packetization="tensor"),
+        "both rescale": dict(loss_rate=0.2, drop_point="both", counts_transport="separate"),
+        "gemodel": dict(loss_model=GilbertElliott(0.05, 0.3), drop_point="both"),
+        "four-state": dict(loss_model=MarkovFourState(0.03, 0.4, 0.2, 0.5, 0.01), drop_point="both"),
+        "exact": dict(loss_model=ExactCount(0.2), drop_point="both"),
+        "tail": dict(loss_model=TailDrop(0.2), drop_point="both"),
+        "trace": dict(loss_model=Trace([0, 1, 0, 0, 1, 1, 0]), drop_point="both"),
+        "fidelity": dict(loss_rate=0.2, measure_fidelity=True),
+        "sum": dict(loss_rate=0.2, reduction="sum"),
+        "loss 0": dict(loss_rate=0.0),
+    }
+    out = {}
+    for name, kw in configs.items():
+        state = LossyState(mtu=256, **kw)
+        torch.manual_seed(0)
+        ddp = DDP(SmallNet(), bucket_cap_mb=0.01)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        x = torch.randn(4, 3, 16, 16)
+        for _ in range(2):  # DDP's first iteration and its bucket rebuild
+            ddp(x).sum().backward()
+        found: list[str] = []
+        for _ in range(2):
+            y = ddp(x).sum()
+            try:
+                with forbid_host_sync() as seen:
+                    y.backward()
+            except Exception as e:  # DDP cannot go on after a failed backward: next config
+                found.append(f"{type(e).__name__}: {e}"[:120])
+                break
+            finally:
+                found += seen
+        out[name] = sorted(set(found))
+    return out
+
+
+def rule_values() -> dict:
+    """Values the hook delivers, per packet, for rules that averages cannot see. Rank r sends
+    2**r in every element (sum reduction), so a packet's value tells which copies arrived."""
+    n, k, steps = 2000, 100, 60
+    out: dict = {}
+
+    def run(state: LossyState) -> list[float]:
+        ddp = DDP(Probe([n]), bucket_cap_mb=25)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        vals: list[float] = []
+        for _ in range(steps):
+            vals += [float(v) for v in probe_step(ddp, float(2 ** rank()))[0].view(-1, k)[:, 0].tolist()]
+        return vals
+
+    # worker rescale with sum: (W / c_j) * sum of the arrived copies; 0 when none arrived
+    state = LossyState(loss_rate=0.4, mtu=400, drop_point="worker", fill="rescale", reduction="sum", seed=8)
+    out["worker_rescale_sum"] = {
+        "values": run(state),
+        "unrecovered": state.stats()["worker"]["packets_unrecovered"],
+        "unrecovered_all": state.stats(all_ranks=True)["worker"]["packets_unrecovered"],
+    }
+    # both, shared post mask, zero fill
+    state = LossyState(loss_rate=0.3, mtu=400, drop_point="both", fill="zero", reduction="sum", seed=9)
+    out["both_zero_shared"] = {"values": run(state), "post_lost": state.stats()["post"]["packets_lost"]}
+    # independent post masks with rescale: received = lossless / (1 - p), per rank
+    state = LossyState(
+        loss_rate=0.25, mtu=400, drop_point="post", fill="rescale", reduction="sum", post_sync="independent"
+    )
+    out["post_rescale_independent"] = {"values": run(state), "lost": state.stats()["post"]["packets_lost"]}
+    # fidelity: cosine and relative L2 of the delivered gradient against the lossless one
+    state = LossyState(
+        loss_rate=0.3, mtu=400, drop_point="worker", fill="zero", measure_fidelity=True, seed=2
+    )
+    ddp = DDP(Probe([n]), bucket_cap_mb=25)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
+    delivered = [probe_step(ddp, float(rank() + 1))[0].double().tolist() for _ in range(5)]
+    out["fidelity"] = {"delivered": delivered, "records": state.fidelity()}
+    return out
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -589,6 +683,8 @@ SCENARIOS = {
         rebuilt_buckets,
         resync_momentum,
         append_exactness,
+        no_host_sync,
+        rule_values,
     )
 }
 

@@ -30,6 +30,8 @@ SCENARIOS = [
     "rebuilt_buckets",
     "resync_momentum",
     "append_exactness",
+    "no_host_sync",
+    "rule_values",
 ]
 
 
@@ -265,3 +267,84 @@ def test_append_counts_refused_where_the_dtype_cannot_count(runs):
     for rank in range(world):
         msg = ranks[rank]["append_exactness"]["message"]
         assert "counts_transport='append'" in msg and "separate" in msg, msg
+
+
+def test_no_host_sync_on_any_path(runs):
+    """Dynamic check (tests/host_sync_guard.py): no call that would wait for a GPU (.item(),
+    .tolist(), .cpu(), .numpy(), bool/int/float of a tensor, nonzero, one-argument where,
+    boolean-mask indexing, print) happens in the hook or its callbacks, on any path."""
+    world, ranks = runs
+    for rank in range(world):
+        found = ranks[rank]["no_host_sync"]
+        assert len(found) == 18
+        assert all(v == [] for v in found.values()), {k: v for k, v in found.items() if v}
+
+
+def _subsets(world: int) -> dict[int, int]:
+    """sum of 2**r over each non-empty subset of ranks -> its size."""
+    return {sum(2**r for r in range(world) if m >> r & 1): bin(m).count("1") for m in range(1, 2**world)}
+
+
+def test_worker_rescale_with_sum_is_w_over_c_times_the_arrived_sum(runs):
+    """With reduction='sum' and worker rescale, a packet whose copies from the ranks in S
+    arrived is (W/|S|) * sum_{r in S} g_r: a packet only rank r's copy reached is W * g_r;
+    one no copy reached is 0, and those are exactly the packets counted unrecovered."""
+    world, ranks = runs
+    r = ranks[0]["rule_values"]["worker_rescale_sum"]
+    allowed = {world / size * total for total, size in _subsets(world).items()}
+    values = r["values"]
+    assert all(v == 0.0 or any(v == pytest.approx(a, rel=1e-6) for a in allowed) for v in values)
+    zeros = sum(v == 0.0 for v in values)
+    assert r["unrecovered"] == zeros
+    assert r["unrecovered_all"] == world * zeros
+    lo, hi = binomial_interval(len(values), 0.4**world, 0.999)
+    assert lo <= zeros <= hi
+    for q in range(world):  # only rank q's copy arrived: W * 2**q, at rate (1-p) p^(W-1)
+        alone = sum(v == world * 2**q for v in values)
+        lo, hi = binomial_interval(len(values), 0.6 * 0.4 ** (world - 1), 0.999)
+        assert lo <= alone <= hi, (q, alone)
+
+
+def test_both_drop_points_with_a_shared_post_mask(runs):
+    """drop_point='both', shared post mask, zero fill: a packet is 0 when the post drop lost
+    it (p) or no copy arrived ((1-p) p^W); else the sum of the copies that arrived. Every rank
+    gets the same values, and the post counter counts the post drops."""
+    world, ranks = runs
+    results = [ranks[i]["rule_values"]["both_zero_shared"] for i in range(world)]
+    values = results[0]["values"]
+    assert all(x["values"] == values for x in results)
+    assert all(v == 0.0 or v in _subsets(world) for v in values)
+    zeros = sum(v == 0.0 for v in values)
+    p = 0.3
+    lo, hi = binomial_interval(len(values), p + (1 - p) * p**world, 0.999)
+    assert lo <= zeros <= hi
+    assert results[0]["post_lost"] <= zeros
+    lo, hi = binomial_interval(len(values), p, 0.999)
+    assert lo <= results[0]["post_lost"] <= hi
+
+
+def test_independent_post_rescale_divides_by_the_keep_rate(runs):
+    """post_sync='independent', fill='rescale': each rank's received packets are exactly
+    R / (1 - p) (R = sum of 2**r = 2^W - 1), its lost ones 0, masks differ between ranks."""
+    world, ranks = runs
+    results = [ranks[i]["rule_values"]["post_rescale_independent"] for i in range(world)]
+    full = (2**world - 1) / 0.75
+    for x in results:
+        assert all(v == 0.0 or v == pytest.approx(full, rel=1e-6) for v in x["values"])
+        assert sum(v == 0.0 for v in x["values"]) == x["lost"] > 0
+    assert any(x["values"] != results[0]["values"] for x in results)
+
+
+def test_fidelity_is_cosine_and_relative_l2_against_the_lossless_gradient(runs):
+    """cos = <x, y> / (|x| |y|) and rel_l2 = |x - y| / |y|, x the delivered (lossy) gradient
+    and y the lossless mean, (W + 1)/2 in every element (to fp32 rounding: rel 1e-6)."""
+    world, ranks = runs
+    r = ranks[0]["rule_values"]["fidelity"]
+    y = (world + 1) / 2
+    assert [rec["step"] for rec in r["records"]] == list(range(5))
+    for x, rec in zip(r["delivered"], r["records"], strict=True):
+        dot = sum(v * y for v in x)
+        nx, ny = math.sqrt(sum(v * v for v in x)), y * math.sqrt(len(x))
+        assert rec["cosine"] == pytest.approx(dot / (nx * ny), rel=1e-6)
+        assert rec["rel_l2"] == pytest.approx(math.sqrt(sum((v - y) ** 2 for v in x)) / ny, rel=1e-6)
+        assert rec["rel_l2"] > 0.05

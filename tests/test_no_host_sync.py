@@ -1,5 +1,7 @@
 """The hook's hot path must not synchronise with the device: no .item(), .tolist(), .cpu(),
-float()/int() of a tensor, or nonzero() in the functions that run per bucket."""
+float()/int() of a tensor, nonzero() or print in the functions that run per bucket (a static
+read of their source; tests/test_hook_ddp.py::test_no_host_sync_on_any_path checks the same
+at run time, on every configuration path, with the calls patched to raise)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ HOT_PATH = [
     hook.DropSite.unrecovered_counter,
     hook.LossyState._layout,
     hook.LossyState._stale_buffer,
+    hook._scale_before_collective,
     hook.LossyState._regenerated_counts,
     hook._fidelity_sums,
     hook._arrival_factor,
@@ -27,7 +30,16 @@ HOT_PATH = [
     loss_models._scan_states_by_gather,
     *[
         getattr(packetization.PacketLayout, n)
-        for n in ("_split", "_per_packet_mul_", "zero_", "scale_", "fill_from_", "expand", "packet_sizes")
+        for n in (
+            "_split",
+            "_per_packet_mul_",
+            "zero_",
+            "scale_",
+            "fill_from_",
+            "finite_packets",
+            "expand",
+            "packet_sizes",
+        )
     ],
     *[
         cls.sample
@@ -40,7 +52,7 @@ HOT_PATH = [
         )
     ],
 ]
-SYNCING = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|\.numpy\(|nonzero\(|(?<![.\w])(?:float|int|bool)\(")
+SYNCING = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|\.numpy\(|nonzero\(|(?<![.\w])(?:float|int|bool|print)\(")
 
 
 @pytest.mark.parametrize("fn", HOT_PATH, ids=lambda f: f.__qualname__)
