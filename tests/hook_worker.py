@@ -664,6 +664,31 @@ def rule_values() -> dict:
     return out
 
 
+def half_buckets() -> dict:
+    """fp16 and bf16 buckets through Gloo: worker rescale with sum (rank r sends 2**r), post
+    stale fill; the values each packet takes, and the counters."""
+    n, k, steps = 1024, 64, 40
+    out = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).replace("torch.", "")
+        res = {}
+        for label, kw in {
+            "worker_rescale": dict(drop_point="worker", fill="rescale", counts_transport="separate"),
+            "post_stale": dict(drop_point="post", fill="stale"),
+        }.items():
+            state = LossyState(loss_rate=0.3, mtu=128, reduction="sum", seed=6, **kw)  # 64 half elements
+            ddp = DDP(Probe([n]).to(dtype), bucket_cap_mb=25)
+            ddp.register_comm_hook(state, lossy_allreduce_hook)
+            vals: list[float] = []
+            for _ in range(steps):
+                g = probe_step(ddp, float(2 ** rank()))[0].view(-1, k)
+                assert g.dtype == dtype
+                vals += [float(v) for v in g[:, 0].float().tolist()]
+            res[label] = {"values": vals, "stats": state.stats()}
+        out[name] = res
+    return out
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -685,6 +710,7 @@ SCENARIOS = {
         append_exactness,
         no_host_sync,
         rule_values,
+        half_buckets,
     )
 }
 

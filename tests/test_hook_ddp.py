@@ -32,6 +32,7 @@ SCENARIOS = [
     "append_exactness",
     "no_host_sync",
     "rule_values",
+    "half_buckets",
 ]
 
 
@@ -348,3 +349,22 @@ def test_fidelity_is_cosine_and_relative_l2_against_the_lossless_gradient(runs):
         assert rec["cosine"] == pytest.approx(dot / (nx * ny), rel=1e-6)
         assert rec["rel_l2"] == pytest.approx(math.sqrt(sum((v - y) ** 2 for v in x)) / ny, rel=1e-6)
         assert rec["rel_l2"] > 0.05
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_buckets(runs, dtype):
+    """fp16/bf16 buckets: packets of mtu // 2 elements; worker rescale delivers (W/c) x the
+    arrived sum (to the dtype's rounding of W/c), post stale fill only ever shows the full sum
+    or 0 (nothing received yet), never a mixture."""
+    world, ranks = runs
+    r = ranks[0]["half_buckets"][dtype]
+    tol = 2**-7 if dtype == "bfloat16" else 2**-10
+    allowed = {world / size * total for total, size in _subsets(world).items()}
+    rescale = r["worker_rescale"]
+    assert rescale["stats"]["buckets"][-1]["packets"] == 16  # 1024 elements / (128 B / 2 B)
+    values = rescale["values"]
+    assert all(v == 0.0 or any(v == pytest.approx(a, rel=tol) for a in allowed) for v in values)
+    assert sum(v == 0.0 for v in values) == rescale["stats"]["worker"]["packets_unrecovered"]
+    stale = r["post_stale"]["values"]
+    full = 2**world - 1
+    assert set(stale) <= {0.0, float(full)} and stale.count(float(full)) > len(stale) // 2
