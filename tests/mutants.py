@@ -1,0 +1,533 @@
+"""Curated mutation testing: does the suite notice when a rule breaks?
+
+    python tests/mutants.py                 # every mutant (~25 min on 2 cores)
+    python tests/mutants.py --list          # the mutants and the rule each one breaks
+    python tests/mutants.py --only M07 M12  # some of them
+    python tests/mutants.py --json out.json
+
+Each mutant is one small, deliberate bug in the package or the study script that breaks one
+rule of docs/semantics.md (or of the script's documented behaviour). The runner copies the
+tracked tree (plus new, unignored files) to a temporary folder once, and for each mutant
+applies it there, runs the tests that pin that rule, and restores the file. A mutant is
+*killed* when those tests fail. The score is killed / all; the target is >= 90%, and every
+survivor is listed in docs/testing.md with why it is acceptable.
+
+Why curated and not mutmut/cosmic-ray: their mutants run a test command each, and ours
+launch multi-process DDP groups (20-60 s a run); a few thousand generated mutants would take
+days here. The curated list names a rule per mutant and the tests that own it, so a run
+takes minutes and a survivor says which rule has no test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# test selections (pytest arguments), cheapest first
+HOOK = ["tests/test_hook_ddp.py", "-k", "W3"]  # one 3-rank launch of every DDP scenario
+UNIT = ["tests/test_loss_models.py", "tests/test_packetization_state.py", "tests/test_no_host_sync.py"]
+RUN_IO = ["tests/test_run_io.py"]
+
+
+def script(*names: str) -> list[str]:
+    return ["tests/test_train_ddp.py", "-k", " or ".join(names)]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str
+    old: str
+    new: str
+    rule: str
+    tests: tuple[str, ...]
+
+
+M = Mutant
+MUTANTS = [
+    # ---------------------------------------------------------------- the hook
+    M(
+        "M01",
+        "lossy_hooks/hook.py",
+        "            layout.fill_from_(stale, layout.finite_packets(out), out)\n",
+        "            pass\n",
+        "stale fill: the stale buffer takes every received finite packet",
+        (*HOOK,),
+    ),
+    M(
+        "M02",
+        "lossy_hooks/hook.py",
+        "layout.fill_from_(stale, layout.finite_packets(out), out)",
+        "layout.fill_from_(stale, torch.ones_like(layout.finite_packets(out)), out)",
+        "stale fill: a non-finite packet never becomes the stale value",
+        (*HOOK,),
+    ),
+    M(
+        "M03",
+        "lossy_hooks/packetization.py",
+        "        torch.where(lost[:n_full, None], src_full, full, out=full)\n",
+        "        full.mul_((~lost[:n_full, None]).to(full.dtype))"
+        ".addcmul_(src_full, lost[:n_full, None].to(full.dtype))\n",
+        "stale fill selects: a received packet is never touched by a stale value (no inf*0)",
+        (*HOOK,),
+    ),
+    M(
+        "M04",
+        "lossy_hooks/hook.py",
+        "pre = keep if pre is None else pre.mul_(keep)",
+        "pre = keep if pre is None else pre",
+        "drop_point='both' with a shared post mask applies the post mask",
+        (*HOOK,),
+    ),
+    M(
+        "M05",
+        "lossy_hooks/hook.py",
+        'keep = torch.where(post_lost, 0.0, state._post_factor[key] if state.fill == "rescale" else 1.0)',
+        "keep = torch.where(post_lost, 0.0, 1.0)",
+        "post rescale divides received packets by the kept fraction (independent masks too)",
+        (*HOOK,),
+    ),
+    M(
+        "M06",
+        "lossy_hooks/hook.py",
+        "state._post_factor[key] if state.fill",
+        "1.0 / state.post_keep_rate if state.fill",
+        "post rescale for fixed-count models divides by (n - m)/n, not 1 - p",
+        (*HOOK,),
+    ),
+    M(
+        "M07",
+        "lossy_hooks/hook.py",
+        "return torch.where(c > 0, world / c.clamp_min(1.0), 0.0)",
+        "return torch.where(c > 0, 1.0 / c.clamp_min(1.0), 0.0)",
+        "worker rescale is W/c_j times the arrived sum (sum reduction: W g_r when only r arrived)",
+        (*HOOK,),
+    ),
+    M(
+        "M08",
+        "lossy_hooks/hook.py",
+        "unrecovered.add_((c == 0).sum())",
+        "unrecovered.add_((c <= 1).sum())",
+        "packets_unrecovered counts exactly the packets no copy reached",
+        (*HOOK,),
+    ),
+    M(
+        "M09",
+        "lossy_hooks/hook.py",
+        "math.sqrt(dd / yy) if yy > 0",
+        "math.sqrt(dd / xx) if xx > 0",
+        "fidelity rel_l2 = |x - y| / |y| with y the lossless aggregate",
+        (*HOOK,),
+    ),
+    M(
+        "M10",
+        "lossy_hooks/hook.py",
+        "dot / math.sqrt(xx * yy)",
+        "dot / yy",
+        "fidelity cosine = <x, y> / (|x| |y|)",
+        (*HOOK,),
+    ),
+    M(
+        "M11",
+        "lossy_hooks/hook.py",
+        "    if pre is None:\n        if scale != 1.0:\n            buf.mul_(scale)",
+        "    if pre is None:\n        if scale != 1.0:\n            buf.div_(round(1.0 / scale))",
+        "1/W applied as DDP's multiply: bitwise DDP at loss 0 for any W",
+        (*HOOK, *UNIT),
+    ),
+    M(
+        "M12",
+        "lossy_hooks/hook.py",
+        "return dtype == torch.float32 or math.frexp(value)[0] == 0.5",
+        "return True",
+        "1/W is never folded into a half-precision factor (no bf16-rounded 1/3)",
+        (*UNIT,),
+    ),
+    M(
+        "M13",
+        "lossy_hooks/hook.py",
+        "        for site in self._peers.values():\n",
+        "        for site in []:\n",
+        "regenerate counts replay every other rank's mask",
+        (*HOOK,),
+    ),
+    M(
+        "M14",
+        "lossy_hooks/hook.py",
+        "gen.manual_seed(derive_seed(seed, self.stream, stream_rank))",
+        "gen.manual_seed(derive_seed(seed, self.stream, 0))",
+        "worker masks are drawn per rank from (seed, rank)",
+        (*HOOK,),
+    ),
+    M(
+        "M15",
+        "lossy_hooks/hook.py",
+        "per_rank=not shared)",
+        "per_rank=True)",
+        "post_sync='shared' draws one mask for every rank",
+        (*HOOK,),
+    ),
+    M(
+        "M16",
+        "lossy_hooks/hook.py",
+        "ids = (buf.numel(), *map(id, params))",
+        "ids = (buf.numel(),)",
+        "per-bucket state is keyed on the bucket's contents (rebuilt buckets)",
+        (*HOOK,),
+    ),
+    M(
+        "M17",
+        "lossy_hooks/hook.py",
+        "            self.model.start_stream("
+        "derive_seed(seed, self.stream + _STREAM_START_OFFSET, stream_rank))\n",
+        "            pass\n",
+        "a trace starts at an offset of each stream's own",
+        (*HOOK,),
+    ),
+    M(
+        "M18",
+        "lossy_hooks/hook.py",
+        "    if bucket.is_last():\n        state.steps += 1",
+        "    if True:\n        state.steps += 1",
+        "steps count optimizer steps, not buckets",
+        (*HOOK,),
+    ),
+    M(
+        "M19",
+        "lossy_hooks/hook.py",
+        "counter.add_(lost.sum())",
+        "counter.add_((~lost).sum())",
+        "packets_lost counts the lost packets",
+        (*HOOK,),
+    ),
+    M(
+        "M20",
+        "lossy_hooks/hook.py",
+        "            dist.all_reduce(vec, group=group)\n",
+        "            pass\n",
+        "stats(all_ranks=True) sums over the group",
+        (*HOOK,),
+    ),
+    M(
+        "M21",
+        "lossy_hooks/hook.py",
+        "(start + size - 1) // layout.packet_numel",
+        "(start + size) // layout.packet_numel",
+        "loss_by_parameter: a parameter is carried by packets s//k .. (e-1)//k",
+        (*HOOK,),
+    ),
+    M(
+        "M22",
+        "lossy_hooks/hook.py",
+        "            if self.world_size > limit:\n",
+        "            if False:\n",
+        "append counts are refused where the dtype cannot count the ranks",
+        (*HOOK,),
+    ),
+    # ---------------------------------------------------------------- loss models
+    M(
+        "M23",
+        "lossy_hooks/loss_models.py",
+        "        self.loss_from_previous_state = True\n",
+        "",
+        "Gilbert-Elliott decides loss in the state the packet arrived in (netem)",
+        (*UNIT,),
+    ),
+    M(
+        "M24",
+        "lossy_hooks/loss_models.py",
+        "m = math.floor(self.p * num_packets + _COUNT_EPS)",
+        "m = math.ceil(self.p * num_packets - _COUNT_EPS)",
+        "ExactCount loses floor(p n)",
+        (*UNIT,),
+    ),
+    M(
+        "M25",
+        "lossy_hooks/loss_models.py",
+        ">= (num_packets - m)",
+        "< m",
+        "TailDrop loses the last ceil(p n)",
+        (*UNIT, *HOOK),
+    ),
+    M(
+        "M26",
+        "lossy_hooks/loss_models.py",
+        "        return (num_packets - math.floor(self.p * num_packets + _COUNT_EPS)) / num_packets",
+        "        return 1.0 - self.p",
+        "ExactCount's kept fraction is (n - m)/n",
+        (*UNIT,),
+    ),
+    M(
+        "M27",
+        "lossy_hooks/loss_models.py",
+        "        return u < self.p\n",
+        "        return u > self.p\n",
+        "Bernoulli loses with probability p",
+        (*UNIT,),
+    ),
+    M(
+        "M28",
+        "lossy_hooks/loss_models.py",
+        "            absorb = 1.0\n",
+        "            absorb = 0.5\n",
+        "long-run rate: the Cesaro limit from the start state",
+        (*UNIT,),
+    ),
+    M(
+        "M29",
+        "lossy_hooks/loss_models.py",
+        "[self.p31, self.p32, 1 - self.p31 - self.p32, 0.0]",
+        "[self.p32, self.p31, 1 - self.p31 - self.p32, 0.0]",
+        "four-state transitions from state 3",
+        (*UNIT,),
+    ),
+    M(
+        "M30",
+        "lossy_hooks/loss_models.py",
+        "        self.position = seed % self._trace.numel()\n",
+        "        self.position = 0\n",
+        "trace offsets differ per stream",
+        (*UNIT, *HOOK),
+    ),
+    M(
+        "M31",
+        "lossy_hooks/loss_models.py",
+        "        out[c] += absorb * np.clip(pi_c, 0.0, None)\n",
+        "        out[c] += absorb * np.ones(len(c)) / len(c)\n",
+        "a closed class's stationary law",
+        (*UNIT,),
+    ),
+    M(
+        "M32",
+        "lossy_hooks/loss_models.py",
+        "    value = float(text) / 100.0",
+        "    value = float(text) / 10.0",
+        "netem numbers are percentages",
+        (*UNIT,),
+    ),
+    # ---------------------------------------------------------------- packetization
+    M(
+        "M33",
+        "lossy_hooks/packetization.py",
+        "            tail.mul_(factor[n_full])",
+        "            tail.mul_(factor[n_full - 1])",
+        "the short last packet has its own mask and factor",
+        (*HOOK,),
+    ),
+    M(
+        "M34",
+        "lossy_hooks/packetization.py",
+        "    return mtu // element_size",
+        "    return mtu // element_size + 1",
+        "a packet holds mtu // element_size elements",
+        (*UNIT, *HOOK),
+    ),
+    M(
+        "M35",
+        "lossy_hooks/packetization.py",
+        "        per_packet = full.all(1)",
+        "        per_packet = full.any(1)",
+        "a packet is finite only if all its elements are",
+        (*HOOK,),
+    ),
+    # ---------------------------------------------------------------- the study script
+    M(
+        "M36",
+        "train_ddp.py",
+        'reduction = "mean" if args.use_avg else "sum"',
+        'reduction = "mean"',
+        "without --use_avg contributions are summed",
+        (*script("reach_the_hook", "sum_reduction"),),
+    ),
+    M(
+        "M37",
+        "train_ddp.py",
+        'fill = args.fill or ("zero" if args.use_zero else "rescale")',
+        'fill = args.fill or "rescale"',
+        "--use_zero means zero fill",
+        (*script("reach_the_hook"),),
+    ),
+    M(
+        "M38",
+        "train_ddp.py",
+        'self.seed = cfg["seed"] + k',
+        'self.seed = cfg["seed"]',
+        "round k uses seed + k",
+        (*script("torchrun_folder"),),
+    ),
+    M(
+        "M39",
+        "train_ddp.py",
+        "self.scaler.scale(loss / group_size).backward()",
+        "self.scaler.scale(loss / acc_steps).backward()",
+        "a short group steps with its mean",
+        (*script("partial_accumulation"),),
+    ),
+    M(
+        "M40",
+        "train_ddp.py",
+        "                    (self.dir / log).unlink(missing_ok=True)\n",
+        "                    pass\n",
+        "a round with no checkpoint starts over with empty logs",
+        (*script("kill_before"),),
+    ),
+    M(
+        "M41",
+        "train_ddp.py",
+        'if cfg["amp"] and self.scaler.get_scale() < scale_before:',
+        "if False:",
+        "AMP skipped steps are counted and kept out of the averages",
+        (*script("amp_overflow"),),
+    ),
+    M(
+        "M42",
+        "train_ddp.py",
+        "            if owner is not None:\n",
+        "            if False:\n",
+        "one writer per configuration",
+        (*script("refused_while"),),
+    ),
+    M(
+        "M43",
+        "lossy_hooks/run_io.py",
+        "                sent, lost = sent + s, lost + lo",
+        "                sent, lost = s, lo",
+        "summary and compare report the whole round's loss rate",
+        (*RUN_IO,),
+    ),
+    M(
+        "M44",
+        "lossy_hooks/replicas.py",
+        "    if optimizer is None:\n        return\n",
+        "    if optimizer is not None:\n        return\n",
+        "resync broadcasts the optimizer state too",
+        (*HOOK,),
+    ),
+    M(
+        "M45",
+        "train_ddp.py",
+        "            group_size = min(acc_steps, n_batches - group_start)",
+        "            group_size = acc_steps",
+        "the last group of an epoch closes at the epoch's end",
+        (*script("partial_accumulation"),),
+    ),
+    M(
+        "M46",
+        "lossy_hooks/compare.py",
+        '"loss_rate_measured": run_loss_rate(rows)',
+        '"loss_rate_measured": _f(rows[-1]["effective_loss_rate"]) if rows else math.nan',
+        "compare's measured loss rate is the whole round's",
+        (*RUN_IO,),
+    ),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """The tracked files and new unignored ones (what CI's clone would hold, plus work in progress)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for rel in listed:
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def run_mutant(tree: Path, m: Mutant, env: dict[str, str], timeout: float) -> tuple[str, float, str]:
+    path = tree / m.file
+    original = path.read_text()
+    if original.count(m.old) != 1:
+        return "stale", 0.0, f"{m.file}: the text to mutate occurs {original.count(m.old)} times"
+    path.write_text(original.replace(m.old, m.new))
+    t0 = time.time()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        seconds = time.time() - t0
+        if res.returncode == 5:
+            return "error", seconds, "no tests selected"
+        last = (res.stdout.strip().splitlines() or [""])[-1]
+        return ("killed" if res.returncode else "survived"), seconds, last
+    except subprocess.TimeoutExpired:
+        return "killed (timeout)", time.time() - t0, f"over {timeout:.0f} s"
+    finally:
+        path.write_text(original)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run the curated mutants against the tests that own their rules.")
+    p.add_argument("--only", nargs="*", default=None, help="mutant ids to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per mutant (> 0)")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only is None or m.id in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.id}  {m.file:<28} {m.rule}")
+        return 0
+    if not chosen:
+        p.error(f"--only: no such mutant among {[m.id for m in MUTANTS]}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lossy_mutants_") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
+        where = subprocess.run(
+            [sys.executable, "-c", "import lossy_hooks; print(lossy_hooks.__file__)"],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if not where.startswith(str(tree)):
+            raise SystemExit(
+                f"the copy's package is not the one imported ({where}); mutants would test nothing"
+            )
+        for i, m in enumerate(chosen):
+            outcome, seconds, detail = run_mutant(tree, m, env, args.timeout)
+            results.append(
+                {
+                    "id": m.id,
+                    "file": m.file,
+                    "rule": m.rule,
+                    "outcome": outcome,
+                    "seconds": round(seconds, 1),
+                    "detail": detail,
+                }
+            )
+            print(f"[{i + 1}/{len(chosen)}] {m.id} {outcome:<9} {seconds:6.1f} s  {m.rule}", flush=True)
+    killed = sum(r["outcome"].startswith("killed") for r in results)
+    score = killed / len(results)
+    print(f"score: {killed}/{len(results)} killed = {100 * score:.1f}%")
+    for r in results:
+        if not r["outcome"].startswith("killed"):
+            print(f"  {r['outcome']}: {r['id']} {r['file']}: {r['rule']} ({r['detail']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"score": score, "results": results}, indent=2))
+    return 0 if score >= 0.9 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
