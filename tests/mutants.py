@@ -34,13 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # test selections (pytest arguments), cheapest first
-HOOK = ["tests/test_hook_ddp.py", "-k", "W3"]  # one 3-rank launch of every DDP scenario
-UNIT = ["tests/test_loss_models.py", "tests/test_packetization_state.py", "tests/test_no_host_sync.py"]
-RUN_IO = ["tests/test_run_io.py"]
+# test selections: each one pytest run (its own -k); a mutant lists the ones that own its rule
+HOOK = ("tests/test_hook_ddp.py", "-k", "W3")  # one 3-rank launch of every DDP scenario
+UNIT = ("tests/test_loss_models.py", "tests/test_packetization_state.py", "tests/test_no_host_sync.py")
+RUN_IO = ("tests/test_run_io.py",)
 
 
-def script(*names: str) -> list[str]:
-    return ["tests/test_train_ddp.py", "-k", " or ".join(names)]
+def script(*names: str) -> tuple[str, ...]:
+    return ("tests/test_train_ddp.py", "-k", " or ".join(names))
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Mutant:
     old: str
     new: str
     rule: str
-    tests: tuple[str, ...]
+    tests: tuple[tuple[str, ...], ...]
 
 
 M = Mutant
@@ -62,7 +63,7 @@ MUTANTS = [
         "            layout.fill_from_(stale, layout.finite_packets(out), out)\n",
         "            pass\n",
         "stale fill: the stale buffer takes every received finite packet",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M02",
@@ -70,7 +71,7 @@ MUTANTS = [
         "layout.fill_from_(stale, layout.finite_packets(out), out)",
         "layout.fill_from_(stale, torch.ones_like(layout.finite_packets(out)), out)",
         "stale fill: a non-finite packet never becomes the stale value",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M03",
@@ -79,7 +80,7 @@ MUTANTS = [
         "        full.mul_((~lost[:n_full, None]).to(full.dtype))"
         ".addcmul_(src_full, lost[:n_full, None].to(full.dtype))\n",
         "stale fill selects: a received packet is never touched by a stale value (no inf*0)",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M04",
@@ -87,7 +88,7 @@ MUTANTS = [
         "pre = keep if pre is None else pre.mul_(keep)",
         "pre = keep if pre is None else pre",
         "drop_point='both' with a shared post mask applies the post mask",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M05",
@@ -95,7 +96,7 @@ MUTANTS = [
         'keep = torch.where(post_lost, 0.0, state._post_factor[key] if state.fill == "rescale" else 1.0)',
         "keep = torch.where(post_lost, 0.0, 1.0)",
         "post rescale divides received packets by the kept fraction (independent masks too)",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M06",
@@ -103,7 +104,7 @@ MUTANTS = [
         "state._post_factor[key] if state.fill",
         "1.0 / state.post_keep_rate if state.fill",
         "post rescale for fixed-count models divides by (n - m)/n, not 1 - p",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M07",
@@ -111,7 +112,7 @@ MUTANTS = [
         "return torch.where(c > 0, world / c.clamp_min(1.0), 0.0)",
         "return torch.where(c > 0, 1.0 / c.clamp_min(1.0), 0.0)",
         "worker rescale is W/c_j times the arrived sum (sum reduction: W g_r when only r arrived)",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M08",
@@ -119,7 +120,7 @@ MUTANTS = [
         "unrecovered.add_((c == 0).sum())",
         "unrecovered.add_((c <= 1).sum())",
         "packets_unrecovered counts exactly the packets no copy reached",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M09",
@@ -127,7 +128,7 @@ MUTANTS = [
         "math.sqrt(dd / yy) if yy > 0",
         "math.sqrt(dd / xx) if xx > 0",
         "fidelity rel_l2 = |x - y| / |y| with y the lossless aggregate",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M10",
@@ -135,7 +136,7 @@ MUTANTS = [
         "dot / math.sqrt(xx * yy)",
         "dot / yy",
         "fidelity cosine = <x, y> / (|x| |y|)",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M11",
@@ -143,7 +144,10 @@ MUTANTS = [
         "    if pre is None:\n        if scale != 1.0:\n            buf.mul_(scale)",
         "    if pre is None:\n        if scale != 1.0:\n            buf.div_(round(1.0 / scale))",
         "1/W applied as DDP's multiply: bitwise DDP at loss 0 for any W",
-        (*HOOK, *UNIT),
+        (
+            HOOK,
+            UNIT,
+        ),
     ),
     M(
         "M12",
@@ -151,7 +155,7 @@ MUTANTS = [
         "return dtype == torch.float32 or math.frexp(value)[0] == 0.5",
         "return True",
         "1/W is never folded into a half-precision factor (no bf16-rounded 1/3)",
-        (*UNIT,),
+        (UNIT,),
     ),
     M(
         "M13",
@@ -159,7 +163,7 @@ MUTANTS = [
         "        for site in self._peers.values():\n",
         "        for site in []:\n",
         "regenerate counts replay every other rank's mask",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M14",
@@ -167,7 +171,7 @@ MUTANTS = [
         "gen.manual_seed(derive_seed(seed, self.stream, stream_rank))",
         "gen.manual_seed(derive_seed(seed, self.stream, 0))",
         "worker masks are drawn per rank from (seed, rank)",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M15",
@@ -175,7 +179,7 @@ MUTANTS = [
         "per_rank=not shared)",
         "per_rank=True)",
         "post_sync='shared' draws one mask for every rank",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M16",
@@ -183,7 +187,7 @@ MUTANTS = [
         "ids = (buf.numel(), *map(id, params))",
         "ids = (buf.numel(),)",
         "per-bucket state is keyed on the bucket's contents (rebuilt buckets)",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M17",
@@ -192,7 +196,7 @@ MUTANTS = [
         "derive_seed(seed, self.stream + _STREAM_START_OFFSET, stream_rank))\n",
         "            pass\n",
         "a trace starts at an offset of each stream's own",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M18",
@@ -200,7 +204,7 @@ MUTANTS = [
         "    if bucket.is_last():\n        state.steps += 1",
         "    if True:\n        state.steps += 1",
         "steps count optimizer steps, not buckets",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M19",
@@ -208,7 +212,7 @@ MUTANTS = [
         "counter.add_(lost.sum())",
         "counter.add_((~lost).sum())",
         "packets_lost counts the lost packets",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M20",
@@ -216,7 +220,7 @@ MUTANTS = [
         "            dist.all_reduce(vec, group=group)\n",
         "            pass\n",
         "stats(all_ranks=True) sums over the group",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M21",
@@ -224,7 +228,7 @@ MUTANTS = [
         "(start + size - 1) // layout.packet_numel",
         "(start + size) // layout.packet_numel",
         "loss_by_parameter: a parameter is carried by packets s//k .. (e-1)//k",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M22",
@@ -232,7 +236,7 @@ MUTANTS = [
         "            if self.world_size > limit:\n",
         "            if False:\n",
         "append counts are refused where the dtype cannot count the ranks",
-        (*HOOK,),
+        (HOOK,),
     ),
     # ---------------------------------------------------------------- loss models
     M(
@@ -241,7 +245,7 @@ MUTANTS = [
         "        self.loss_from_previous_state = True\n",
         "",
         "Gilbert-Elliott decides loss in the state the packet arrived in (netem)",
-        (*UNIT,),
+        (UNIT,),
     ),
     M(
         "M24",
@@ -249,7 +253,7 @@ MUTANTS = [
         "m = math.floor(self.p * num_packets + _COUNT_EPS)",
         "m = math.ceil(self.p * num_packets - _COUNT_EPS)",
         "ExactCount loses floor(p n)",
-        (*UNIT,),
+        (UNIT,),
     ),
     M(
         "M25",
@@ -257,7 +261,10 @@ MUTANTS = [
         ">= (num_packets - m)",
         "< m",
         "TailDrop loses the last ceil(p n)",
-        (*UNIT, *HOOK),
+        (
+            UNIT,
+            HOOK,
+        ),
     ),
     M(
         "M26",
@@ -265,7 +272,7 @@ MUTANTS = [
         "        return (num_packets - math.floor(self.p * num_packets + _COUNT_EPS)) / num_packets",
         "        return 1.0 - self.p",
         "ExactCount's kept fraction is (n - m)/n",
-        (*UNIT,),
+        (UNIT,),
     ),
     M(
         "M27",
@@ -273,15 +280,15 @@ MUTANTS = [
         "        return u < self.p\n",
         "        return u > self.p\n",
         "Bernoulli loses with probability p",
-        (*UNIT,),
+        (UNIT,),
     ),
     M(
         "M28",
         "lossy_hooks/loss_models.py",
+        "            absorb = float(a[np.flatnonzero(transient == start)[0]])\n",
         "            absorb = 1.0\n",
-        "            absorb = 0.5\n",
-        "long-run rate: the Cesaro limit from the start state",
-        (*UNIT,),
+        "long-run rate: closed classes weighed by their absorption probability from the start",
+        (UNIT,),
     ),
     M(
         "M29",
@@ -289,7 +296,7 @@ MUTANTS = [
         "[self.p31, self.p32, 1 - self.p31 - self.p32, 0.0]",
         "[self.p32, self.p31, 1 - self.p31 - self.p32, 0.0]",
         "four-state transitions from state 3",
-        (*UNIT,),
+        (UNIT,),
     ),
     M(
         "M30",
@@ -297,7 +304,10 @@ MUTANTS = [
         "        self.position = seed % self._trace.numel()\n",
         "        self.position = 0\n",
         "trace offsets differ per stream",
-        (*UNIT, *HOOK),
+        (
+            UNIT,
+            HOOK,
+        ),
     ),
     M(
         "M31",
@@ -305,7 +315,7 @@ MUTANTS = [
         "        out[c] += absorb * np.clip(pi_c, 0.0, None)\n",
         "        out[c] += absorb * np.ones(len(c)) / len(c)\n",
         "a closed class's stationary law",
-        (*UNIT,),
+        (UNIT,),
     ),
     M(
         "M32",
@@ -313,7 +323,7 @@ MUTANTS = [
         "    value = float(text) / 100.0",
         "    value = float(text) / 10.0",
         "netem numbers are percentages",
-        (*UNIT,),
+        (UNIT,),
     ),
     # ---------------------------------------------------------------- packetization
     M(
@@ -322,7 +332,7 @@ MUTANTS = [
         "            tail.mul_(factor[n_full])",
         "            tail.mul_(factor[n_full - 1])",
         "the short last packet has its own mask and factor",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M34",
@@ -330,7 +340,10 @@ MUTANTS = [
         "    return mtu // element_size",
         "    return mtu // element_size + 1",
         "a packet holds mtu // element_size elements",
-        (*UNIT, *HOOK),
+        (
+            UNIT,
+            HOOK,
+        ),
     ),
     M(
         "M35",
@@ -338,7 +351,10 @@ MUTANTS = [
         "        per_packet = full.all(1)",
         "        per_packet = full.any(1)",
         "a packet is finite only if all its elements are",
-        (*HOOK,),
+        (
+            UNIT,
+            HOOK,
+        ),
     ),
     # ---------------------------------------------------------------- the study script
     M(
@@ -347,7 +363,7 @@ MUTANTS = [
         'reduction = "mean" if args.use_avg else "sum"',
         'reduction = "mean"',
         "without --use_avg contributions are summed",
-        (*script("reach_the_hook", "sum_reduction"),),
+        (script("reach_the_hook", "sum_reduction"),),
     ),
     M(
         "M37",
@@ -355,7 +371,7 @@ MUTANTS = [
         'fill = args.fill or ("zero" if args.use_zero else "rescale")',
         'fill = args.fill or "rescale"',
         "--use_zero means zero fill",
-        (*script("reach_the_hook"),),
+        (script("reach_the_hook"),),
     ),
     M(
         "M38",
@@ -363,7 +379,7 @@ MUTANTS = [
         'self.seed = cfg["seed"] + k',
         'self.seed = cfg["seed"]',
         "round k uses seed + k",
-        (*script("torchrun_folder"),),
+        (script("torchrun_folder"),),
     ),
     M(
         "M39",
@@ -371,7 +387,7 @@ MUTANTS = [
         "self.scaler.scale(loss / group_size).backward()",
         "self.scaler.scale(loss / acc_steps).backward()",
         "a short group steps with its mean",
-        (*script("partial_accumulation"),),
+        (script("partial_accumulation"),),
     ),
     M(
         "M40",
@@ -379,7 +395,7 @@ MUTANTS = [
         "                    (self.dir / log).unlink(missing_ok=True)\n",
         "                    pass\n",
         "a round with no checkpoint starts over with empty logs",
-        (*script("kill_before"),),
+        (script("kill_before"),),
     ),
     M(
         "M41",
@@ -387,7 +403,7 @@ MUTANTS = [
         'if cfg["amp"] and self.scaler.get_scale() < scale_before:',
         "if False:",
         "AMP skipped steps are counted and kept out of the averages",
-        (*script("amp_overflow"),),
+        (script("amp_overflow"),),
     ),
     M(
         "M42",
@@ -395,7 +411,7 @@ MUTANTS = [
         "            if owner is not None:\n",
         "            if False:\n",
         "one writer per configuration",
-        (*script("refused_while"),),
+        (script("refused_while"),),
     ),
     M(
         "M43",
@@ -403,7 +419,7 @@ MUTANTS = [
         "                sent, lost = sent + s, lost + lo",
         "                sent, lost = s, lo",
         "summary and compare report the whole round's loss rate",
-        (*RUN_IO,),
+        (RUN_IO,),
     ),
     M(
         "M44",
@@ -411,7 +427,7 @@ MUTANTS = [
         "    if optimizer is None:\n        return\n",
         "    if optimizer is not None:\n        return\n",
         "resync broadcasts the optimizer state too",
-        (*HOOK,),
+        (HOOK,),
     ),
     M(
         "M45",
@@ -419,7 +435,7 @@ MUTANTS = [
         "            group_size = min(acc_steps, n_batches - group_start)",
         "            group_size = acc_steps",
         "the last group of an epoch closes at the epoch's end",
-        (*script("partial_accumulation"),),
+        (script("partial_accumulation"),),
     ),
     M(
         "M46",
@@ -427,7 +443,7 @@ MUTANTS = [
         '"loss_rate_measured": run_loss_rate(rows)',
         '"loss_rate_measured": _f(rows[-1]["effective_loss_rate"]) if rows else math.nan',
         "compare's measured loss rate is the whole round's",
-        (*RUN_IO,),
+        (RUN_IO,),
     ),
 ]
 
@@ -456,19 +472,22 @@ def run_mutant(tree: Path, m: Mutant, env: dict[str, str], timeout: float) -> tu
     path.write_text(original.replace(m.old, m.new))
     t0 = time.time()
     try:
-        res = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
-            cwd=tree,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        seconds = time.time() - t0
-        if res.returncode == 5:
-            return "error", seconds, "no tests selected"
-        last = (res.stdout.strip().splitlines() or [""])[-1]
-        return ("killed" if res.returncode else "survived"), seconds, last
+        lines = []
+        for selection in m.tests:  # cheapest first; the first failing selection kills it
+            res = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+                cwd=tree,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if res.returncode == 5:
+                return "error", time.time() - t0, f"no tests selected by {selection}"
+            lines.append((res.stdout.strip().splitlines() or [""])[-1])
+            if res.returncode:
+                return "killed", time.time() - t0, lines[-1]
+        return "survived", time.time() - t0, "; ".join(lines)
     except subprocess.TimeoutExpired:
         return "killed (timeout)", time.time() - t0, f"over {timeout:.0f} s"
     finally:

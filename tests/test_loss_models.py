@@ -331,3 +331,13 @@ def test_trace_streams_start_at_their_own_offset():
     assert a.sample(11, g).int().tolist() == seq[3:] + seq[:3]
     assert b.sample(11, g).int().tolist() == seq[7:] + seq[:7]
     assert Trace(seq).sample(4, g).int().tolist() == seq[:4]  # outside the hook: from the start
+
+
+def test_long_run_rate_weighs_closed_classes_by_absorption():
+    """From a transient start, the chain ends in the lossless class {1} w.p. 0.2/0.8 and in
+    the lossy class {2} w.p. 0.6/0.8: the long-run loss rate is 0.75."""
+    model = _SixStates(
+        np.array([[0.2, 0.2, 0.6], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), np.array([0.0, 0.0, 1.0])
+    )
+    assert model.long_run_loss_rate() == pytest.approx(0.75, rel=1e-12)
+    assert model.stationary_distribution() == pytest.approx([0.0, 0.25, 0.75])

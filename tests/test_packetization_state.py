@@ -148,3 +148,22 @@ def test_fidelity_sums_match_fp64_over_chunks_and_tail(dtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     same = _fidelity_sums(ref, ref)
     assert same[3] == 0 and same[0] == same[1] == same[2]  # identical inputs: cos exactly 1
+
+
+def test_a_packet_is_finite_only_if_all_its_elements_are():
+    layout = PacketLayout.by_mtu(10, 12, 4)  # 3 elements per packet: 3 full packets and a tail of 1
+    x = torch.arange(10.0)
+    x[4] = float("inf")  # one element of packet 1
+    x[9] = float("nan")  # the tail
+    assert layout.finite_packets(x).tolist() == [True, False, True, False]
+    by_tensor = PacketLayout.by_tensor([2, 5, 3])
+    assert by_tensor.finite_packets(x).tolist() == [True, False, False]
+
+
+def test_fill_from_selects_whole_packets_and_never_touches_received_ones():
+    layout = PacketLayout.by_mtu(7, 12, 4)  # packets [0,3) [3,6) [6,7)
+    out = torch.tensor([1.0, 2, 3, 4, 5, 6, 7])
+    stale = torch.tensor([float("inf"), float("nan"), 0, -1, -2, -3, float("inf")])
+    lost = torch.tensor([False, True, False])
+    layout.fill_from_(out, lost, stale)
+    assert out.tolist() == [1.0, 2, 3, -1, -2, -3, 7]
