@@ -74,8 +74,10 @@ def packets_mtu() -> dict:
     ddp.register_comm_hook(state, lossy_allreduce_hook)
     non_uniform_packets = 0
     arrivals = []  # per step, per packet: value
+    boundaries: set[int] = set()  # element i where g[i - 1] != g[i] at some step
     for _ in range(steps):
         g = probe_step(ddp, float(2 ** rank()))[0]
+        boundaries |= {int(i) + 1 for i in torch.nonzero(g[1:] != g[:-1]).flatten().tolist()}
         packets = [g[i : i + k] for i in range(0, n, k)]
         non_uniform_packets += sum(int((pk != pk[0]).any()) for pk in packets)
         arrivals.append([float(pk[0]) for pk in packets])
@@ -83,8 +85,9 @@ def packets_mtu() -> dict:
     bits = decode(vals)
     st = state.stats()
     return {
-        "packets_per_step": len(arrivals[0]),
-        "tail_len": n - (len(arrivals[0]) - 1) * k,
+        "hook_packets": [b["packets"] for b in st["buckets"]],
+        "hook_sent_per_step": st["worker"]["packets_sent"] / steps,
+        "boundaries": sorted(boundaries),
         "non_uniform_packets": non_uniform_packets,
         "lost_per_rank": [len(b) - sum(b) for b in bits],
         "both_lost": int(sum(1 for i in range(len(vals)) if all(b[i] == 0 for b in bits))),
@@ -473,7 +476,15 @@ def per_rank_streams() -> dict:
     bits = torch.rand(4999, generator=torch.Generator().manual_seed(0)) < 0.3
     trace_rate = float(bits.float().mean())
     out = {}
-    for name, model in (("trace", Trace(bits.int().tolist())), ("tail", TailDrop(0.1))):
+    from lossy_hooks import MarkovFourState
+
+    models = (
+        ("trace", Trace(bits.int().tolist())),
+        ("tail", TailDrop(0.1)),
+        ("exact", ExactCount(0.3)),
+        ("state", MarkovFourState(0.05, 0.4, 0.2, 0.5, 0.01)),
+    )
+    for name, model in models:
         state = LossyState(
             loss_model=model, mtu=400, drop_point="worker", fill="zero", reduction="sum", seed=3
         )

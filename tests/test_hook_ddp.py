@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lossy_hooks.statistics import binomial_interval
+from lossy_hooks import MarkovFourState
+from lossy_hooks.statistics import binomial_interval, markov_loss_interval
 
 from .launch import launch
 
@@ -46,8 +47,11 @@ def runs(request, tmp_path_factory):
 def test_packet_boundaries_every_k_elements(runs):
     world, ranks = runs
     r = ranks[0]["packets_mtu"]
-    assert r["packets_per_step"] == 21  # ceil(2050 / 100)
-    assert r["tail_len"] == 50
+    assert r["hook_packets"] == [21]  # the hook's count: ceil(2050 / 100)
+    assert r["hook_sent_per_step"] == 21
+    # where the delivered values ever change: exactly every 100 elements, the last packet
+    # [2000, 2050) short; and never inside a packet
+    assert r["boundaries"] == list(range(100, 2001, 100))
     assert r["non_uniform_packets"] == 0  # every packet arrives or is lost as a whole
     for rank in range(world):
         assert ranks[rank]["packets_mtu"]["steps"] == 150
@@ -368,3 +372,22 @@ def test_half_precision_buckets(runs, dtype):
     stale = r["post_stale"]["values"]
     full = 2**world - 1
     assert set(stale) <= {0.0, float(full)} and stale.count(float(full)) > len(stale) // 2
+
+
+def test_exact_count_and_four_state_per_rank_inside_the_hook(runs):
+    """Worker drop: ExactCount loses exactly floor(0.3 * 20) = 6 of each rank's 20 packets per
+    step, a subset of its own (ranks lose a packet together at (6/20)^W); the four-state chain
+    loses at its long-run rate on every rank (99.9% interval of the chain's asymptotic
+    variance) with masks of its own."""
+    world, ranks = runs
+    r = ranks[0]["per_rank_streams"]
+    exact = r["exact"]
+    assert exact["lost_per_rank"] == [150 * 6] * world
+    assert not exact["identical_masks"]
+    lo, hi = binomial_interval(exact["total"], 0.3**world, 0.999)
+    assert lo <= exact["all_lost"] <= hi
+    state = r["state"]
+    chain = MarkovFourState(0.05, 0.4, 0.2, 0.5, 0.01)
+    lo, hi = markov_loss_interval(chain.transition_matrix, chain.loss_probabilities, state["total"])
+    assert all(lo <= lost / state["total"] <= hi for lost in state["lost_per_rank"]), state["lost_per_rank"]
+    assert not state["identical_masks"]
