@@ -4,9 +4,7 @@ SCENARIO [...]``. With one GPU: NCCL at world size 1, Gloo on CUDA tensors at wo
 
 from __future__ import annotations
 
-import gc
 import io
-import json
 import sys
 
 import torch
@@ -15,6 +13,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lossy_hooks import GilbertElliott, LossyState, lossy_allreduce_hook
+
+try:  # run as a script (tests/ on sys.path) or imported from the tests package
+    from launch import run_scenarios
+except ImportError:
+    from tests.launch import run_scenarios
 
 
 def device() -> torch.device:
@@ -136,15 +139,7 @@ def main() -> None:
     out_path, backend, names = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.cuda.set_device(0)
     dist.init_process_group(backend, device_id=device() if backend == "nccl" else None)
-    results = {name: SCENARIOS[name]() for name in names}
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as fh:
-            json.dump(gathered, fh)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    run_scenarios(SCENARIOS, names, out_path)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ that tests/test_hook_ddp.py asserts on. Usage: hook_worker.py OUT.json SCENARIO 
 
 from __future__ import annotations
 
-import gc
-import json
 import pickle
 import sys
 
@@ -27,8 +25,10 @@ from lossy_hooks.replicas import resync_replicas
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from host_sync_guard import forbid_host_sync
+    from launch import run_scenarios
 except ImportError:
     from tests.host_sync_guard import forbid_host_sync
+    from tests.launch import run_scenarios
 
 
 class Probe(nn.Module):
@@ -730,15 +730,7 @@ def main() -> None:
     out_path, names = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results = {name: SCENARIOS[name]() for name in names}
-    gathered: list = [None] * world()
-    dist.all_gather_object(gathered, results)
-    if rank() == 0:
-        with open(out_path, "w") as fh:
-            json.dump(gathered, fh)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    run_scenarios(SCENARIOS, names, out_path)
 
 
 if __name__ == "__main__":

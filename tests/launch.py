@@ -61,3 +61,21 @@ def launch(script: Path, world_size: int, args: list[str], out: Path, timeout: f
     if any(codes):
         raise RuntimeError(f"ranks exited {codes}:\n" + "\n----\n".join(logs))
     return json.loads(out.read_text())
+
+
+def run_scenarios(scenarios: dict[str, Any], names: list[str], out_path: str) -> None:
+    """In a worker rank, with its process group up: run the named scenarios, gather every
+    rank's results on rank 0, which writes them to ``out_path`` as JSON; then shut down."""
+    import gc
+
+    import torch.distributed as dist
+
+    results = {name: scenarios[name]() for name in names}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as fh:
+            json.dump(gathered, fh)
+    gc.collect()
+    dist.barrier()  # stopped rare aborts at exit
+    dist.destroy_process_group()

@@ -361,25 +361,22 @@ def test_fidelity_drift_and_resync_columns(tmp_path):
 # ------------------------------------------------------------------ correctness of the script
 
 
+def folder_cmd(image_folder: Path, out: Path, flags: str, use_avg: bool = True) -> list[str]:
+    """``python train_ddp.py`` (world size 1) on the 18-image folder, small model, one round."""
+    data = ["--dataset", "folder", "--data_path", str(image_folder), "--lab_round", "1"]
+    avg = ["--use_avg"] if use_avg else []
+    script = [sys.executable, str(ROOT / "train_ddp.py")]
+    return [*script, *SMALL, *data, *avg, *flags.split(), "--output_dir", str(out)]
+
+
 def folder_run(image_folder: Path, out: Path, flags: str, env_extra: dict[str, str] | None = None):
-    """``python train_ddp.py`` (world size 1) on the 18-image folder, small model."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "train_ddp.py"),
-        *SMALL,
-        "--dataset",
-        "folder",
-        "--data_path",
-        str(image_folder),
-        "--lab_round",
-        "1",
-        "--use_avg",
-        *flags.split(),
-        "--output_dir",
-        str(out),
-    ]
     return subprocess.run(
-        cmd, env=env() | (env_extra or {}), capture_output=True, text=True, timeout=600, cwd=ROOT
+        folder_cmd(image_folder, out, flags),
+        env=env() | (env_extra or {}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
 
 
@@ -452,23 +449,8 @@ def test_resume_refused_while_another_process_writes_the_round(tmp_path, image_f
     --resume continues, each epoch written once, and the lock is gone at the end."""
     flags = "--num_epochs 2 --batch_size 6 --accumulation_steps 1 --loss_rate 0.1"
     out = tmp_path / "runs"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train_ddp.py"),
-        *SMALL,
-        "--dataset",
-        "folder",
-        "--data_path",
-        str(image_folder),
-        "--lab_round",
-        "1",
-        "--use_avg",
-        *flags.split(),
-        "--output_dir",
-        str(out),
-    ]
     writer = subprocess.Popen(
-        cmd,
+        folder_cmd(image_folder, out, flags),
         env=env() | {train_ddp.FAULT_ENV: "stop:after_metrics:1"},
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -507,20 +489,7 @@ def test_original_defaults_and_flags_reach_the_hook(tmp_path, image_folder):
         "--packetization tensor --tag probe --eval_every 2 --counts_transport separate"
     )
     out = tmp_path / "runs"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train_ddp.py"),
-        *SMALL,
-        "--dataset",
-        "folder",
-        "--data_path",
-        str(image_folder),
-        "--lab_round",
-        "1",
-        *flags.split(),
-        "--output_dir",
-        str(out),
-    ]
+    cmd = folder_cmd(image_folder, out, flags, use_avg=False)
     res = run(cmd)
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(out)
@@ -581,28 +550,9 @@ def test_sum_reduction_steps_with_w_times_the_mean(tmp_path, image_folder):
     init = torch.cat([p.detach().flatten() for p in _initial_model().parameters()])
     for name, extra in (("sum", []), ("mean", ["--use_avg"])):
         out = tmp_path / name
-        args = [
-            *SMALL,
-            "--dataset",
-            "folder",
-            "--data_path",
-            str(image_folder),
-            "--num_epochs",
-            "1",
-            "--max_steps",
-            "1",
-            "--batch_size",
-            "3",
-            "--accumulation_steps",
-            "1",
-            "--lab_round",
-            "1",
-            "--learning_rate",
-            "0.5",
-            *extra,
-            "--output_dir",
-            str(out),
-        ]
+        flags = "--num_epochs 1 --max_steps 1 --batch_size 3 --accumulation_steps 1 --lab_round 1"
+        data = ["--dataset", "folder", "--data_path", str(image_folder)]
+        args = [*SMALL, *data, *flags.split(), "--learning_rate", "0.5", *extra, "--output_dir", str(out)]
         res = run(torchrun(args))
         assert res.returncode == 0, res.stdout + res.stderr
         model = torch.load(only_dir(out) / "round0" / "final.pt", weights_only=True)["model"]
