@@ -35,11 +35,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lossy_hooks import LossyState, __version__, lossy_allreduce_hook
-from lossy_hooks.data import DATASETS, IMAGENETTE_SIZES, build_datasets, check_data_args, resolve_dataset
-from lossy_hooks.hook import COUNTS_TRANSPORTS, DROP_POINTS, FILLS, PACKETIZATIONS, POST_SYNCS, derive_seed
-from lossy_hooks.loss_models import Bernoulli, parse_loss_model
-from lossy_hooks.models import build_model, classification_models, logits
+from lossy_hooks.data import build_datasets
+from lossy_hooks.hook import derive_seed
+from lossy_hooks.models import build_model, logits
 from lossy_hooks.plotting import plot_round, plot_summary
+from lossy_hooks.process_group import init_single_process_group
 from lossy_hooks.progress import Reporter
 from lossy_hooks.replicas import replica_drift, resync_replicas
 from lossy_hooks.run_io import (
@@ -56,290 +56,12 @@ from lossy_hooks.run_io import (
     write_json,
     write_summary,
 )
+from lossy_hooks.study_cli import build_parser, hook_kwargs, resolve, study_settings
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
 # Fault injection for tests: LOSSY_HOOKS_FAULT=<kill|stop>:<point>:<epoch> sends this process
 # SIGKILL (a crash) or SIGSTOP (a hung writer) at that point.
 FAULT_ENV = "LOSSY_HOOKS_FAULT"
-
-# Flags that steer a run but do not change what it computes: a resume may change them.
-CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` except where the default is None: those flags say in their
-    own text what happens when they are not given."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Train a torchvision model with DDP under simulated gradient packet loss.",
-        formatter_class=_HelpFormatter,
-    )
-    g = p.add_argument_group("the original study's flags")
-    g.add_argument("--num_epochs", "--num-epochs", type=int, default=400, help="epochs per round (>= 1)")
-    g.add_argument(
-        "--batch_size",
-        "--batch-size",
-        type=int,
-        default=256,
-        help="images per micro-batch PER RANK (>= 1); global = batch_size x world size",
-    )
-    g.add_argument(
-        "--learning_rate",
-        "--learning-rate",
-        "--lr",
-        type=float,
-        default=0.01,
-        help="SGD learning rate (> 0); momentum 0.9 as in the original",
-    )
-    g.add_argument(
-        "--accumulation_steps",
-        "--accumulation-steps",
-        type=int,
-        default=10,
-        help="micro-batches per optimizer step (>= 1), accumulated locally with no_sync()",
-    )
-    g.add_argument(
-        "--loss_rate",
-        "--loss-rate",
-        type=float,
-        default=0.0,
-        help="packet loss probability in [0, 1] (Bernoulli; see --loss_model)",
-    )
-    g.add_argument(
-        "--mtu", type=int, default=300, help="gradient payload bytes per packet (>= 4 for fp32 gradients)"
-    )
-    g.add_argument(
-        "--use_zero",
-        "--use-zero",
-        action="store_true",
-        help="lost packets count as zero (fill 'zero'); otherwise fill 'rescale': with --worker_drop "
-        "a lost copy is excluded and the mean taken over the copies that arrived; after the "
-        "collective (the default drop point) received packets are divided by the expected kept "
-        "fraction (1-p for random loss)",
-    )
-    g.add_argument(
-        "--use_avg",
-        "--use-avg",
-        action="store_true",
-        help="average contributions (reduction 'mean'); otherwise sum them",
-    )
-    g.add_argument(
-        "--lab_round",
-        "--lab-round",
-        type=int,
-        default=5,
-        help="rounds (repetitions) of the experiment (>= 1), seeds seed+k",
-    )
-    g.add_argument(
-        "--worker_drop",
-        "--worker-drop",
-        action="store_true",
-        help="lose packets at the workers before the allreduce; otherwise after it",
-    )
-    x = p.add_argument_group("beyond the original")
-    x.add_argument(
-        "--loss_model",
-        default=None,
-        help="netem-style loss model, e.g. 'gemodel 1%% 20%%', 'state 2%%', 'exact 5%%', "
-        "'tail 5%%', 'trace FILE' (percentages); default: random --loss_rate",
-    )
-    x.add_argument(
-        "--drop_point",
-        choices=DROP_POINTS,
-        default=None,
-        help="where packets are lost; overrides --worker_drop (default: worker if --worker_drop else post)",
-    )
-    x.add_argument(
-        "--post_sync",
-        choices=POST_SYNCS,
-        default="shared",
-        help="post drops: same packets on every rank, or drawn per rank (replicas drift)",
-    )
-    x.add_argument(
-        "--fill",
-        choices=FILLS,
-        default=None,
-        help="what replaces a lost packet; overrides --use_zero (stale: post drop only) "
-        "(default: zero if --use_zero else rescale)",
-    )
-    x.add_argument(
-        "--packetization",
-        choices=PACKETIZATIONS,
-        default="mtu",
-        help="mtu-sized packets, or one packet per parameter tensor (the original's granularity)",
-    )
-    x.add_argument("--bucket_cap_mb", type=float, default=25.0, help="DDP bucket size in MiB (> 0)")
-    x.add_argument("--model", default="resnet101", help="torchvision classification model name")
-    x.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default="auto",
-        help="auto: Imagenette if found under --data_path, else the packaged digits (offline)",
-    )
-    x.add_argument("--data_path", default="./data", help="dataset folder (folder: with train/ and val/)")
-    x.add_argument(
-        "--imagenette_size", choices=tuple(IMAGENETTE_SIZES), default="320px", help="Imagenette variant"
-    )
-    x.add_argument("--download", action="store_true", help="download Imagenette (needs internet)")
-    x.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="DataLoader worker processes per rank (>= 0; in-memory digits use 0)",
-    )
-    x.add_argument("--seed", type=int, default=0, help="base seed (>= 0); round k uses seed+k")
-    x.add_argument(
-        "--max_steps",
-        type=int,
-        default=None,
-        help="stop each round after this many optimizer steps (>= 1; per round, so a run takes up "
-        "to --lab_round times as many), for smoke runs; default: no limit",
-    )
-    x.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (>= 1) and at the end")
-    x.add_argument(
-        "--amp",
-        action="store_true",
-        help="fp16 autocast + GradScaler (on CPU too, slowly: for checks); steps the scaler skips "
-        "for overflow are counted (skipped_steps) and kept out of the epoch's averages",
-    )
-    x.add_argument(
-        "--amp_init_scale",
-        type=float,
-        default=2.0**16,
-        help="GradScaler's initial loss scale (> 0; with --amp)",
-    )
-    x.add_argument(
-        "--backend",
-        choices=("auto", "nccl", "gloo"),
-        default="auto",
-        help="auto: nccl with CUDA, else gloo; gloo runs ranks on the CPU",
-    )
-    x.add_argument("--output_dir", default="runs", help="root folder of the configuration folders")
-    x.add_argument("--tag", default="", help="extra text appended to the configuration folder name")
-    x.add_argument(
-        "--resume", action="store_true", help="continue this configuration from its last finished epoch"
-    )
-    x.add_argument("--overwrite", action="store_true", help="delete this configuration's results first")
-    x.add_argument(
-        "--measure_fidelity",
-        action="store_true",
-        help="also compute the lossless aggregate; log cosine and relative L2 error per epoch",
-    )
-    x.add_argument(
-        "--measure_drift",
-        type=int,
-        default=0,
-        metavar="N",
-        help="every N optimizer steps measure replica drift (0 = off)",
-    )
-    x.add_argument(
-        "--resync",
-        type=int,
-        default=0,
-        metavar="N",
-        help="every N optimizer steps broadcast rank 0's parameters (0 = off)",
-    )
-    x.add_argument(
-        "--counts_transport",
-        choices=COUNTS_TRANSPORTS,
-        default="auto",
-        help="worker rescale: arrival counts by an extra small allreduce, appended to the bucket, "
-        "or regenerated locally from every rank's seed (no communication); auto: regenerate "
-        "on CPU with <= 4 ranks, else separate",
-    )
-    return p
-
-
-def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Check every flag and derive the run configuration; errors exit 2 before any work."""
-
-    def fail(msg: str) -> None:
-        parser.error(msg)
-
-    positive_ints = {
-        "num_epochs": 1,
-        "batch_size": 1,
-        "accumulation_steps": 1,
-        "lab_round": 1,
-        "eval_every": 1,
-    }
-    for name, low in positive_ints.items():
-        if getattr(args, name) < low:
-            fail(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    for name in ("workers", "seed", "measure_drift", "resync"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        fail(f"--max_steps must be >= 1, got {args.max_steps}")
-    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-        fail(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if not (0.0 <= args.loss_rate <= 1.0):
-        fail(f"--loss_rate must be in [0, 1], got {args.loss_rate}")
-    if args.mtu < 4:
-        fail(f"--mtu must be >= 4 bytes (one fp32 gradient element), got {args.mtu}")
-    if not (args.bucket_cap_mb > 0):
-        fail(f"--bucket_cap_mb must be > 0, got {args.bucket_cap_mb}")
-    if args.model not in classification_models():
-        fail(
-            f"--model {args.model!r} is not a torchvision classification model "
-            f"(e.g. resnet18, resnet101, mobilenet_v3_small, squeezenet1_1)"
-        )
-    msg = check_data_args(args.dataset, args.data_path, args.download, args.imagenette_size)
-    if msg:
-        fail(msg)
-    if not (args.amp_init_scale > 0 and math.isfinite(args.amp_init_scale)):
-        fail(f"--amp_init_scale must be > 0, got {args.amp_init_scale}")
-    if args.backend == "nccl" and not torch.cuda.is_available():
-        fail("--backend nccl needs CUDA (no GPU found); use --backend gloo")
-    if args.loss_model is not None and args.loss_rate != 0.0:
-        fail("give --loss_rate or --loss_model, not both")
-    try:
-        model_spec = parse_loss_model(args.loss_model) if args.loss_model else Bernoulli(args.loss_rate)
-    except ValueError as e:
-        fail(f"--loss_model: {e}")
-    drop_point = args.drop_point or ("worker" if args.worker_drop else "post")
-    if args.drop_point and args.worker_drop and args.drop_point == "post":
-        fail("--worker_drop contradicts --drop_point post")
-    fill = args.fill or ("zero" if args.use_zero else "rescale")
-    if args.fill and args.use_zero and args.fill != "zero":
-        fail(f"--use_zero contradicts --fill {args.fill}")
-    reduction = "mean" if args.use_avg else "sum"
-    hook_kwargs = dict(
-        loss_model=model_spec,
-        mtu=args.mtu,
-        drop_point=drop_point,
-        fill=fill,
-        reduction=reduction,
-        post_sync=args.post_sync,
-        packetization=args.packetization,
-        counts_transport=args.counts_transport,
-        measure_fidelity=args.measure_fidelity,
-    )
-    try:
-        LossyState(**hook_kwargs)
-    except ValueError as e:
-        fail(f"invalid loss settings: {e}")
-    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
-    cfg = {k: v for k, v in vars(args).items()}
-    cfg.update(
-        drop_point=drop_point,
-        fill=fill,
-        reduction=reduction,
-        loss_model=model_spec.spec,
-        long_run_loss_rate=model_spec.long_run_loss_rate(),
-        world_size=world,
-        dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size),
-        dataset_flag=args.dataset,
-    )
-    return cfg
 
 
 def environment_info() -> dict[str, Any]:
@@ -364,10 +86,6 @@ def environment_info() -> dict[str, Any]:
         "host": socket.gethostname(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
-
-
-def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in CONTROL_FLAGS and k != "environment"}
 
 
 def prepare_run_dir(cfg: dict[str, Any], parser: argparse.ArgumentParser) -> Path:
@@ -409,10 +127,7 @@ def setup_distributed(cfg: dict[str, Any]) -> tuple[int, int, torch.device]:
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     else:  # plain `python train_ddp.py`: a one-process group, same code path
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        init_single_process_group(backend)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return dist.get_rank(), dist.get_world_size(), device
@@ -444,18 +159,7 @@ class RoundRunner:
             device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=cfg["bucket_cap_mb"],
         )
-        self.state = LossyState(
-            loss_model=parse_loss_model(cfg["loss_model"]),
-            mtu=cfg["mtu"],
-            drop_point=cfg["drop_point"],
-            fill=cfg["fill"],
-            reduction=cfg["reduction"],
-            post_sync=cfg["post_sync"],
-            packetization=cfg["packetization"],
-            seed=self.seed,
-            counts_transport=cfg["counts_transport"],
-            measure_fidelity=cfg["measure_fidelity"],
-        )
+        self.state = LossyState(**hook_kwargs(cfg, self.seed))
         self.ddp.register_comm_hook(self.state, lossy_allreduce_hook)
         self.opt = torch.optim.SGD(self.ddp.parameters(), lr=cfg["learning_rate"], momentum=0.9)
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])

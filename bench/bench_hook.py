@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lossy_hooks import LossyState, lossy_allreduce_hook, parse_loss_model
 from lossy_hooks.packetization import PacketLayout
+from lossy_hooks.process_group import free_port
 
 MODELS = {
     "random 10%": "random 10%",
@@ -306,11 +306,8 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
 
 
 def bench_step(args: argparse.Namespace) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = Path(args.out).with_suffix(".step.tmp.json")
-    mp.spawn(step_worker, args=(args.world_size, port, args, str(out)), nprocs=args.world_size)
+    mp.spawn(step_worker, args=(args.world_size, free_port(), args, str(out)), nprocs=args.world_size)
     rows = json.loads(out.read_text())
     out.unlink()
     return rows

@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .run_io import read_json, run_loss_rate
+from .run_io import parse_float, read_json, run_loss_rate
 from .statistics import mean_std
 
 __all__ = ["collect", "main", "write_outputs"]
@@ -59,13 +59,6 @@ X_AXES = {
 }
 
 
-def _f(x: str | None) -> float:
-    try:
-        return float(x) if x not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
-
-
 def _read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
@@ -83,8 +76,8 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
             if not mpath.exists():
                 continue
             rows = _read_rows(mpath)
-            acc = [_f(r["val_acc"]) for r in rows]
-            seconds = np.cumsum([_f(r["epoch_seconds"]) for r in rows]) if rows else np.array([])
+            acc = [parse_float(r["val_acc"]) for r in rows]
+            seconds = np.cumsum([parse_float(r["epoch_seconds"]) for r in rows]) if rows else np.array([])
             reach = next((i for i, a in enumerate(acc) if a >= target_acc), None)
             finite = [a for a in acc if not math.isnan(a)]
             rounds.append(

@@ -46,7 +46,13 @@ import torch.distributed as dist
 from .loss_models import Bernoulli, LossModel, check_probability, parse_loss_model
 from .packetization import PacketLayout
 
-__all__ = ["LossyState", "derive_seed", "lossy_allreduce_hook"]
+__all__ = [
+    "LossyState",
+    "collective_device",
+    "derive_seed",
+    "lossy_allreduce_hook",
+    "resolve_counts_transport",
+]
 
 DROP_POINTS = ("worker", "post", "both")
 FILLS = ("zero", "rescale", "stale")
@@ -87,6 +93,17 @@ def _key_str(key: BucketKey) -> str:
 def _key_from_str(text: str) -> BucketKey:
     parts = [int(x) for x in text.split(":")]
     return parts[0], parts[1], parts[2] if len(parts) > 2 else 0  # "index:numel" before version 2
+
+
+def resolve_counts_transport(requested: str, device: torch.device, world_size: int) -> str:
+    """The counts transport ``"auto"`` stands for: ``"regenerate"`` on CPU with at most
+    ``AUTO_REGENERATE_MAX_WORLD`` ranks (an extra Gloo collective costs more there than
+    sampling ``W`` masks), ``"separate"`` otherwise (on GPUs a few-kB NCCL allreduce is cheap
+    and ``W`` x the sampling is not free at large ``W``). Any other choice is returned as is."""
+    if requested != "auto":
+        return requested
+    small_cpu = device.type == "cpu" and world_size <= AUTO_REGENERATE_MAX_WORLD
+    return "regenerate" if small_cpu else "separate"
 
 
 def _exact_count_limit(dtype: torch.dtype) -> int:
@@ -343,8 +360,7 @@ class LossyState:
             site.prepare(buf.device, self.seed, self.rank)
         self._stale = {k: v.to(buf.device) for k, v in self._stale.items()}
         if self._counts_resolved is None:
-            small_cpu = buf.device.type == "cpu" and self.world_size <= AUTO_REGENERATE_MAX_WORLD
-            self._counts_resolved = "regenerate" if small_cpu else "separate"
+            self._counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
         uses_counts = self.drops_before and self.fill == "rescale"
         if uses_counts and self._counts_resolved == "append":
             limit = _exact_count_limit(buf.dtype)

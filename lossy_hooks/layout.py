@@ -12,11 +12,9 @@ straddle a parameter boundary (hold elements of two or more parameters). From Py
 """
 
 import argparse
-import contextlib
 import csv
 import json
 import os
-import socket
 import sys
 from typing import Any
 
@@ -27,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .packetization import elements_per_packet
+from .process_group import single_process_group
 
 __all__ = ["bucket_layout", "main", "straddling_packets"]
 
@@ -39,22 +38,6 @@ def straddling_packets(param_sizes: list[int], packet_numel: int) -> int:
     bounds = np.cumsum(param_sizes)[:-1]
     inside = bounds[bounds % packet_numel != 0]
     return int(np.unique(inside // packet_numel).size)
-
-
-@contextlib.contextmanager
-def _single_process_group():
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def first_bucket_cap_bytes(bucket_cap_mb: float | None) -> tuple[int, str]:
@@ -109,7 +92,7 @@ def bucket_layout(
         fut.set_result(bucket.buffer())  # one rank: the buffer is already the sum
         return fut
 
-    with _single_process_group():
+    with single_process_group():
         ddp = DDP(model) if bucket_cap_mb is None else DDP(model, bucket_cap_mb=bucket_cap_mb)
         ddp.register_comm_hook(None, record)
         ddp.eval()

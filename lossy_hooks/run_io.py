@@ -36,6 +36,7 @@ __all__ = [
     "atomic_save",
     "config_name",
     "live_lock_owner",
+    "parse_float",
     "read_json",
     "release_lock",
     "round_status",
@@ -188,9 +189,10 @@ def round_status(round_dir: Path) -> str | None:
     return read_json(path)["status"] if path.exists() else None
 
 
-def _float(x: str) -> float:
+def parse_float(x: str | None) -> float:
+    """A CSV cell as a float; NaN for an empty or non-numeric cell."""
     try:
-        return float(x)
+        return float(x) if x not in (None, "") else math.nan
     except (TypeError, ValueError):
         return math.nan
 
@@ -201,7 +203,10 @@ def run_loss_rate(rows: list[dict[str, str]]) -> float:
     sent = lost = 0.0
     for r in rows:
         for point in ("worker", "post"):
-            s, lo = _float(r.get(f"{point}_packets_sent", "")), _float(r.get(f"{point}_packets_lost", ""))
+            s, lo = (
+                parse_float(r.get(f"{point}_packets_sent", "")),
+                parse_float(r.get(f"{point}_packets_lost", "")),
+            )
             if not math.isnan(s) and not math.isnan(lo):
                 sent, lost = sent + s, lost + lo
     return lost / sent if sent else math.nan
@@ -216,7 +221,7 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
         if not (rd / "metrics.csv").exists():
             continue
         metrics = MetricsLog(rd / "metrics.csv").rows()
-        accs = [_float(r["val_acc"]) for r in metrics]
+        accs = [parse_float(r["val_acc"]) for r in metrics]
         accs = [a for a in accs if not math.isnan(a)]
         rows.append(
             {
@@ -225,7 +230,7 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
                 "epochs": len(metrics),
                 "final_val_acc": accs[-1] if accs else math.nan,
                 "best_val_acc": max(accs) if accs else math.nan,
-                "final_train_loss": _float(metrics[-1]["train_loss"]) if metrics else math.nan,
+                "final_train_loss": parse_float(metrics[-1]["train_loss"]) if metrics else math.nan,
                 "effective_loss_rate": run_loss_rate(metrics),
             }
         )

@@ -20,7 +20,6 @@ import io
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .process_group import free_port
+from .run_io import config_name, round_status
+from .study_cli import build_parser, resolve
 
 __all__ = ["expand_grid", "flags_for", "main", "run_sweep"]
 
@@ -78,18 +81,13 @@ def flags_for(settings: dict[str, Any]) -> list[str]:
 def _run_dir(argv: list[str], nproc: int) -> tuple[Path | None, str]:
     """The configuration folder train_ddp.py would use, and ``""``; or ``None`` and
     train_ddp.py's own error message when the flags are invalid."""
-    sys.path.insert(0, str(TRAIN_SCRIPT.parent))
-    import train_ddp
-
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
     os.environ.update(RANK="0", WORLD_SIZE=str(nproc))
     errors = io.StringIO()
     try:
-        parser = train_ddp.build_parser(prog="train_ddp.py")
+        parser = build_parser(prog="train_ddp.py")
         with contextlib.redirect_stderr(errors):
-            cfg = train_ddp.resolve(parser.parse_args(argv), parser)
-        from .run_io import config_name
-
+            cfg = resolve(parser.parse_args(argv), parser)
         return Path(cfg["output_dir"]) / config_name(cfg), ""
     except SystemExit:
         lines = [ln for ln in errors.getvalue().splitlines() if ln.strip()]
@@ -103,18 +101,11 @@ def _run_dir(argv: list[str], nproc: int) -> tuple[Path | None, str]:
 
 
 def _outcome(run_dir: Path, rounds: int) -> str:
-    from .run_io import round_status
 
     ended = [round_status(run_dir / f"round{k}") for k in range(rounds)]
     if any(s is None for s in ended):
         return "unfinished"
     return "diverged" if "diverged" in ended else "finished"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_sweep(
@@ -156,7 +147,7 @@ def run_sweep(
                     "-m",
                     "torch.distributed.run",
                     f"--nproc_per_node={nproc}",
-                    f"--master_port={_free_port()}",
+                    f"--master_port={free_port()}",
                     str(TRAIN_SCRIPT),
                     *argv,
                     "--resume",

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from lossy_hooks.process_group import free_port
+
+__all__ = ["ROOT", "free_port", "launch", "run_scenarios"]
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: Path, world_size: int, args: list[str], out: Path, timeout: float = 600) -> Any:

@@ -1,0 +1,38 @@
+"""Process-group helpers shared by the tools, the study script and the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import torch.distributed as dist
+
+__all__ = ["free_port", "init_single_process_group", "single_process_group"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process_group(backend: str = "gloo") -> None:
+    """A process group of one rank on this machine (world size 1), no launcher needed."""
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def single_process_group(backend: str = "gloo") -> Iterator[None]:
+    """Inside: a process group, this process's own one-rank group unless one already exists
+    (then that one is used and left as it is)."""
+    if dist.is_initialized():
+        yield
+        return
+    init_single_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.barrier()  # with gc before destroy: stopped rare aborts at exit
+        dist.destroy_process_group()
