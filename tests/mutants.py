@@ -241,7 +241,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- loss models
     M(
         "M23",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/markov.py",
         "        self.loss_from_previous_state = True\n",
         "",
         "Gilbert-Elliott decides loss in the state the packet arrived in (netem)",
@@ -249,7 +249,7 @@ MUTANTS = [
     ),
     M(
         "M24",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/memoryless.py",
         "m = math.floor(self.p * num_packets + _COUNT_EPS)",
         "m = math.ceil(self.p * num_packets - _COUNT_EPS)",
         "ExactCount loses floor(p n)",
@@ -257,7 +257,7 @@ MUTANTS = [
     ),
     M(
         "M25",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/memoryless.py",
         ">= (num_packets - m)",
         "< m",
         "TailDrop loses the last ceil(p n)",
@@ -268,7 +268,7 @@ MUTANTS = [
     ),
     M(
         "M26",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/memoryless.py",
         "        return (num_packets - math.floor(self.p * num_packets + _COUNT_EPS)) / num_packets",
         "        return 1.0 - self.p",
         "ExactCount's kept fraction is (n - m)/n",
@@ -276,7 +276,7 @@ MUTANTS = [
     ),
     M(
         "M27",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/memoryless.py",
         "        return u < self.p\n",
         "        return u > self.p\n",
         "Bernoulli loses with probability p",
@@ -284,7 +284,7 @@ MUTANTS = [
     ),
     M(
         "M28",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/markov.py",
         "            absorb = float(a[np.flatnonzero(transient == start)[0]])\n",
         "            absorb = 1.0\n",
         "long-run rate: closed classes weighed by their absorption probability from the start",
@@ -292,7 +292,7 @@ MUTANTS = [
     ),
     M(
         "M29",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/markov.py",
         "[self.p31, self.p32, 1 - self.p31 - self.p32, 0.0]",
         "[self.p32, self.p31, 1 - self.p31 - self.p32, 0.0]",
         "four-state transitions from state 3",
@@ -300,7 +300,7 @@ MUTANTS = [
     ),
     M(
         "M30",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/memoryless.py",
         "        self.position = seed % self._trace.numel()\n",
         "        self.position = 0\n",
         "trace offsets differ per stream",
@@ -311,7 +311,7 @@ MUTANTS = [
     ),
     M(
         "M31",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/markov.py",
         "        out[c] += absorb * np.clip(pi_c, 0.0, None)\n",
         "        out[c] += absorb * np.ones(len(c)) / len(c)\n",
         "a closed class's stationary law",
@@ -319,7 +319,7 @@ MUTANTS = [
     ),
     M(
         "M32",
-        "lossy_hooks/loss_models.py",
+        "lossy_hooks/loss_models/netem.py",
         "    value = float(text) / 100.0",
         "    value = float(text) / 10.0",
         "netem numbers are percentages",

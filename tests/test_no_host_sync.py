@@ -11,6 +11,7 @@ import re
 import pytest
 
 from lossy_hooks import hook, loss_models, packetization
+from lossy_hooks.loss_models import markov
 
 HOT_PATH = [
     hook.lossy_allreduce_hook,
@@ -24,10 +25,10 @@ HOT_PATH = [
     hook._fidelity_sums,
     hook._arrival_factor,
     hook._exact_factor,
-    loss_models._TransitionMaps.state_indices,
-    loss_models._TransitionMaps._scan,
-    loss_models._TransitionMaps.tables,
-    loss_models._scan_states_by_gather,
+    markov._TransitionMaps.state_indices,
+    markov._TransitionMaps._scan,
+    markov._TransitionMaps.tables,
+    markov._scan_states_by_gather,
     *[
         getattr(packetization.PacketLayout, n)
         for n in (
