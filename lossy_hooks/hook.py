@@ -14,8 +14,8 @@ packet ``j`` arrives; ``c_j = sum_r a_{r,j}``; ``s = 1/W`` for ``reduction="mean
 for ``"sum"``):
 
 - lossless (and DDP's own): ``R = sum_r s * g_r``. With loss 0 the hook computes exactly
-  this (each rank divides by ``W`` before the sum, like DDP), so results are bitwise equal
-  to DDP without a hook.
+  this (each rank multiplies by the scalar ``1/W`` before the sum, as DDP's reducer does),
+  so results are bitwise equal to DDP without a hook at any ``W``.
 - worker drop, ``fill="zero"``: ``R_j = sum_r s * a_{r,j} g_{r,j}`` (a lost copy counts as 0).
 - worker drop, ``fill="rescale"``: ``R_j = (W / c_j) * sum_r s * a_{r,j} g_{r,j}`` (``0`` if
   ``c_j = 0``): the mean over the copies that arrived, unbiased given ``c_j > 0``. The counts
@@ -23,12 +23,16 @@ for ``"sum"``):
   appended to the bucket in the same allreduce (``"append"``), or computed locally with no
   communication (``"regenerate"``: every rank replays every other rank's mask from that
   rank's ``(seed, rank)`` generator, W times the sampling work); ``"auto"`` (default) picks
-  ``"regenerate"`` on CPU with at most 4 ranks, else ``"separate"``.
+  ``"regenerate"`` on CPU with at most 4 ranks, else ``"separate"``
+  (:func:`resolve_counts_transport`).
 - post drop (after the collective), mask ``b_j = 1`` when packet ``j`` of the result arrives:
-  ``"zero"``: ``b_j R_j``; ``"rescale"``: ``b_j R_j / (1 - p)`` with ``p`` the loss model's
-  long-run rate (unbiased: ``E[b_j] = 1 - p``); ``"stale"``: ``R_j`` if ``b_j`` else the value this
-  rank last received for packet ``j`` (0 before the first). ``post_sync="shared"`` draws one mask
-  for all ranks (replicas stay identical); ``"independent"`` one per rank (replicas drift).
+  ``"zero"``: ``b_j R_j``; ``"rescale"``: ``b_j R_j / q_n`` with ``q_n`` the loss model's
+  expected kept fraction of an ``n``-packet bucket (``LossModel.keep_fraction``: ``1 - p`` for
+  random loss, ``(n - floor(p n))/n`` for ``exact``; unbiased: ``E[b_j] = q_n``); ``"stale"``:
+  ``R_j`` if ``b_j`` else the last finite value this rank received for packet ``j`` (0 before
+  the first; filled by selection, so received packets are never touched).
+  ``post_sync="shared"`` draws one mask for all ranks (replicas stay identical);
+  ``"independent"`` one per rank (replicas drift).
 - ``drop_point="both"``: worker drop, the collective, then post drop; rescale factors multiply.
 """
 
