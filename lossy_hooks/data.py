@@ -1,7 +1,7 @@
 """Datasets for train_ddp.py.
 
 - ``digits``: the offline default. 1,797 real handwritten digits (UCI, shipped in this package,
-  see data/DIGITS_SOURCE.txt), 8x8 upscaled to 32x32, 3 channels, a fixed held-out split of
+  see assets/DIGITS_SOURCE.txt), 8x8 upscaled to 32x32, 3 channels, a fixed held-out split of
   360 validation images (seeded, stratified by shuffling), normalised with train statistics.
 - ``imagenette``: torchvision's Imagenette (``--download`` fetches it where there is internet),
   with the original study's transforms.
@@ -77,7 +77,7 @@ def check_data_args(name: str, data_path: str, download: bool, imagenette_size: 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """The packaged digits: images ``(1797, 8, 8)`` float in [0, 1] and labels ``(1797,)``."""
-    ref = resources.files("lossy_hooks") / "data" / "digits.csv.gz"
+    ref = resources.files("lossy_hooks") / "assets" / "digits.csv.gz"
     with ref.open("rb") as raw, gzip.open(raw, "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
     images = torch.from_numpy(table[:, :-1]).reshape(-1, 8, 8) / 16.0
