@@ -86,7 +86,7 @@ def test_tail_drop_example_lands_where_the_readme_says(tmp_path):
 
 
 def test_layout_example_numbers(tmp_path):
-    line = readme_command("python -m lossy_hooks.layout")
+    line = readme_command("python -m lossy_hooks.bucket_layout")
     argv = [a for a in line if not a.startswith("[")]
     argv = argv[: argv.index("--mtu") + 2]
     out = tmp_path / "l.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lossy_hooks.layout import bucket_layout
+from lossy_hooks.bucket_layout import bucket_layout
 from lossy_hooks.models import build_model
 from lossy_hooks.statistics import binomial_interval
 
