@@ -359,7 +359,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- the study script
     M(
         "M36",
-        "train_ddp.py",
+        "lossy_hooks/study_cli.py",
         'reduction = "mean" if args.use_avg else "sum"',
         'reduction = "mean"',
         "without --use_avg contributions are summed",
@@ -367,7 +367,7 @@ MUTANTS = [
     ),
     M(
         "M37",
-        "train_ddp.py",
+        "lossy_hooks/study_cli.py",
         'fill = args.fill or ("zero" if args.use_zero else "rescale")',
         'fill = args.fill or "rescale"',
         "--use_zero means zero fill",

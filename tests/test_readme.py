@@ -97,3 +97,38 @@ def test_layout_example_numbers(tmp_path):
     assert layout["packets_per_step"] == 118_800 and "118,800 packets" in README
     assert round(100 * layout["straddling_share"], 2) == 0.21 and "0.21% straddling" in README
     assert round(layout["buckets"][0]["bytes"] / 1e6, 1) == 30.3 and "bucket 0 holds 30.3 MB" in README
+
+
+def test_sweep_and_compare_commands(tmp_path):
+    """README's sweep command, its grid cut to one configuration and its runs to one step,
+    then compare on what it made."""
+    argv = readme_command("python -m lossy_hooks.sweep")
+    cut = argv.index("--")
+    one = ["--grid", "loss_rate=0.1", "drop_point=worker", "fill=rescale"]  # the last --grid wins
+    shrink = [*SHRINK, "--workers", "0", "--output_dir", str(tmp_path / "runs")]
+    res = run([sys.executable, *argv[1:cut], *one, *argv[cut:], *shrink], cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 ran or were skipped, 0 diverged, 0 failed" in res.stdout
+    compare = readme_command("python -m lossy_hooks.compare")
+    assert compare[:3] == ["python", "-m", "lossy_hooks.compare"]
+    res = run([sys.executable, "-m", "lossy_hooks.compare", str(tmp_path / "runs")], cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "runs" / "compare" / "compare.csv").exists()
+
+
+def test_hook_snippet_runs_in_a_ddp_program(tmp_path):
+    """README's two-line snippet, pasted into a one-process DDP program."""
+    block = README.split("## The hook in your DDP code", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    snippet = block.replace("...", "ddp_model(torch.ones(4, 8)).sum().backward()")
+    program = (
+        "import torch\nfrom torch.nn.parallel import DistributedDataParallel as DDP\n"
+        "from lossy_hooks.process_group import single_process_group\n"
+        "with single_process_group():\n"
+        "    ddp_model = DDP(torch.nn.Linear(8, 2))\n"
+        + "".join(f"    {line}\n" for line in snippet.strip().splitlines())
+    )
+    script = tmp_path / "snippet.py"
+    script.write_text(program)
+    res = run([sys.executable, str(script)], cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "'packets_sent': 1" in res.stdout  # 18 parameters in one packet of 375
