@@ -12,16 +12,10 @@ per optimizer step, accumulated under DDP's no_sync() so the hook fires once per
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
 import gc
 import math
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,12 +28,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from lossy_hooks import LossyState, __version__, lossy_allreduce_hook
+from lossy_hooks import LossyState, lossy_allreduce_hook
 from lossy_hooks.data import build_datasets
-from lossy_hooks.hook import derive_seed
 from lossy_hooks.models import build_model, logits
 from lossy_hooks.plotting import plot_round, plot_summary
-from lossy_hooks.process_group import init_single_process_group
+from lossy_hooks.process_group import init_from_environment
 from lossy_hooks.progress import Reporter
 from lossy_hooks.replicas import replica_drift, resync_replicas
 from lossy_hooks.run_io import (
@@ -48,89 +41,20 @@ from lossy_hooks.run_io import (
     MetricsLog,
     acquire_lock,
     atomic_save,
-    config_name,
-    live_lock_owner,
-    read_json,
+    environment_info,
+    fault_point,
+    packet_rows,
     release_lock,
     round_status,
+    to_cpu,
     write_json,
     write_summary,
+    writer_refusal,
 )
-from lossy_hooks.study_cli import build_parser, hook_kwargs, resolve, study_settings
+from lossy_hooks.streams import derive_seed
+from lossy_hooks.study_cli import build_parser, hook_kwargs, prepare_run_dir, resolve
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
-# Fault injection for tests: LOSSY_HOOKS_FAULT=<kill|stop>:<point>:<epoch> sends this process
-# SIGKILL (a crash) or SIGSTOP (a hung writer) at that point.
-FAULT_ENV = "LOSSY_HOOKS_FAULT"
-
-
-def environment_info() -> dict[str, Any]:
-    commit = None
-    with contextlib.suppress(Exception):
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                cwd=Path(__file__).parent,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-    return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "lossy_hooks": __version__,
-        "python": sys.version.split()[0],
-        "git_commit": commit,
-        "host": socket.gethostname(),
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-    }
-
-
-def prepare_run_dir(cfg: dict[str, Any], parser: argparse.ArgumentParser) -> Path:
-    """Decide fresh / resume / refuse, reading only the file system (before any process group)."""
-    run_dir = Path(cfg["output_dir"]) / config_name(cfg)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists() or cfg["overwrite"]:
-        return run_dir
-    if not cfg["resume"]:
-        done = sum(1 for k in range(cfg["lab_round"]) if round_status(run_dir / f"round{k}"))
-        state = (
-            "finished" if done == cfg["lab_round"] else f"unfinished ({done}/{cfg['lab_round']} rounds ended)"
-        )
-        parser.error(
-            f"{run_dir} already holds a {state} run of this configuration; "
-            "pass --resume to continue it or --overwrite to start over"
-        )
-    saved = study_settings(read_json(cfg_path))
-    now = study_settings(cfg)
-    diff = {
-        k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
-    }
-    if diff:
-        lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        parser.error(f"--resume: flags differ from {cfg_path}: {lines}")
-    return run_dir
-
-
-def setup_distributed(cfg: dict[str, Any]) -> tuple[int, int, torch.device]:
-    backend = cfg["backend"]
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    else:  # plain `python train_ddp.py`: a one-process group, same code path
-        init_single_process_group(backend)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 class RoundRunner:
@@ -209,11 +133,6 @@ class RoundRunner:
         if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(mine["cuda_rng"].cpu())
         self.start_epoch, self.steps = int(ckpt["epoch"]), int(ckpt["steps"])
-        # baseline of the per-bucket / per-parameter deltas at the checkpoint
-        self._prev = {
-            (e[0], tuple(e[1]) if isinstance(e[1], list) else e[1]): (e[2], e[3])
-            for e in ckpt.get("breakdown_prev", [])
-        }
         if self.rank == 0:
             for log in self.logs().values():
                 log.truncate_after(self.start_epoch)
@@ -226,59 +145,11 @@ class RoundRunner:
             "layers": MetricsLog(self.dir / LAYERS, LAYER_FIELDS),
         }
 
-    def _since_last(self, key: tuple, sent: int, lost: int) -> tuple[int, int]:
-        """Cumulative counters -> the change since the previous call for ``key``."""
-        prev_sent, prev_lost = self._prev.get(key, (0, 0))
-        self._prev[key] = (sent, lost)
-        return sent - prev_sent, lost - prev_lost
-
-    def loss_breakdown(self, epoch: int, stats: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-        """Rows of buckets.csv and layers.csv for this epoch: packets since the last call
-        (a collective: every rank calls it)."""
+    def epoch_counts(self, epoch: int) -> tuple[dict[str, Any], list[dict], list[dict]]:
+        """Packets since the previous call (the ledger's mark, kept in the hook's checkpoint)
+        as metrics.csv columns and buckets.csv / layers.csv rows (a collective)."""
         names = {id(p): n for n, p in self.module.named_parameters()}
-        params = {k: [names.get(i, "?") for i in ids] for k, ids in self.state.bucket_parameter_ids().items()}
-        bucket_rows = []
-        for b in stats["buckets"]:
-            key = (b["index"], b["numel"], b["generation"])
-            plist = params.get(key, ["?"])
-            for point in ("worker", "post"):
-                if f"{point}_sent" not in b:
-                    continue
-                sent, lost = self._since_last((point, key), b[f"{point}_sent"], b[f"{point}_lost"])
-                if sent == 0:
-                    continue
-                bucket_rows.append(
-                    {
-                        "epoch": epoch,
-                        "drop_point": point,
-                        "bucket": b["index"],
-                        "generation": b["generation"],
-                        "numel": b["numel"],
-                        "packets": b["packets"],
-                        "params": len(plist),
-                        "first_param": plist[0],
-                        "last_param": plist[-1],
-                        "packets_sent": sent,
-                        "packets_lost": lost,
-                        "loss_rate": lost / sent,
-                    }
-                )
-        layer_rows = []
-        for r in self.state.loss_by_parameter(names, all_ranks=True):
-            key = (r["drop_point"], r["parameter"])
-            sent, lost = self._since_last(key, r["packets_sent"], r["packets_lost"])
-            layer_rows.append(
-                {
-                    "epoch": epoch,
-                    "drop_point": r["drop_point"],
-                    "parameter": r["parameter"],
-                    "elements": r["elements"],
-                    "packets_sent": sent,
-                    "packets_lost": lost,
-                    "loss_rate": lost / sent if sent else 0.0,
-                }
-            )
-        return bucket_rows, layer_rows
+        return packet_rows(self.state.ledger.since_mark(names, all_ranks=True), epoch)
 
     def checkpoint(self, epoch: int, final: bool = False) -> None:
         independent = self.cfg["post_sync"] == "independent" and self.cfg["drop_point"] != "worker"
@@ -294,10 +165,6 @@ class RoundRunner:
         dist.all_gather_object(ranks, mine)
         if self.rank == 0:
             ckpt = {
-                "breakdown_prev": [
-                    [p, list(k) if isinstance(k, tuple) else k, s, lo]
-                    for (p, k), (s, lo) in self._prev.items()
-                ],
                 "epoch": epoch,
                 "steps": self.steps,
                 "model": self.module.state_dict(),
@@ -368,15 +235,8 @@ class RoundRunner:
                     self.report.update(i + 1, processed * self.world, float(loss.detach()), _rate(st))
                 if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
                     break
-        totals = torch.stack(
-            [
-                loss_sum,
-                correct.double(),
-                torch.tensor(float(seen), device=dev, dtype=torch.float64),
-                torch.tensor(float(skipped), device=dev, dtype=torch.float64),
-                torch.tensor(float(processed), device=dev, dtype=torch.float64),
-            ]
-        )
+        counts = torch.tensor([seen, skipped, processed], dtype=torch.float64, device=dev)
+        totals = torch.cat([torch.stack([loss_sum, correct.double()]), counts])
         dist.all_reduce(totals)
         seconds = time.perf_counter() - t0
         row = {
@@ -393,11 +253,8 @@ class RoundRunner:
             row["drift_mean"] = sum(d[1] for d in drift) / len(drift)
         if cfg["measure_fidelity"]:
             fid = [f for f in self.state.fidelity() if f["step"] not in skipped_hook_steps]
-            vals = torch.tensor(
-                [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)],
-                dtype=torch.float64,
-                device=dev,
-            )
+            sums = [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)]
+            vals = torch.tensor(sums, dtype=torch.float64, device=dev)
             dist.all_reduce(vals)
             if vals[2] > 0:
                 row["fidelity_cosine"] = float(vals[0] / vals[2])
@@ -423,14 +280,10 @@ class RoundRunner:
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self._prev: dict[tuple, tuple[int, int]] = {}
         if cfg["resume"]:
             self.resume()
         logs = self.logs() if self.rank == 0 else None
         status = "finished"
-        before = self.state.stats(all_ranks=True)
-        if not self._prev:
-            self.loss_breakdown(self.start_epoch, before)  # baseline: counts so far
         epochs_done = self.start_epoch
         for epoch in range(self.start_epoch, cfg["num_epochs"]):
             if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
@@ -441,15 +294,10 @@ class RoundRunner:
             if (epoch + 1) % cfg["eval_every"] == 0 or last or diverged:
                 row["val_loss"], row["val_acc"] = self.validate()
                 diverged = diverged or not math.isfinite(row["val_loss"])
-            after = self.state.stats(all_ranks=True)
-            bucket_rows, layer_rows = self.loss_breakdown(epoch + 1, after)
+            packet_columns, bucket_rows, layer_rows = self.epoch_counts(epoch + 1)
             row.update(
-                epoch=epoch + 1,
-                steps=self.steps,
-                status="diverged" if diverged else "ok",
-                **_packet_delta(before, after),
+                epoch=epoch + 1, steps=self.steps, status="diverged" if diverged else "ok", **packet_columns
             )
-            before = after
             if logs is not None:
                 logs["buckets"].append(*bucket_rows)
                 logs["layers"].append(*layer_rows)
@@ -475,42 +323,10 @@ class RoundRunner:
         return status
 
 
-def to_cpu(obj: Any) -> Any:
-    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def fault_point(name: str, epoch: int) -> None:
-    """Send this process SIGKILL or SIGSTOP at a named point when LOSSY_HOOKS_FAULT says so
-    (tests of crash safety: a real signal at a known place, not a timed guess)."""
-    for action, sig in (("kill", signal.SIGKILL), ("stop", signal.SIGSTOP)):
-        if os.environ.get(FAULT_ENV) == f"{action}:{name}:{epoch}":
-            os.kill(os.getpid(), sig)
-
-
 def _rate(stats: dict[str, Any]) -> float:
     sent = sum(stats[p]["packets_sent"] for p in ("worker", "post") if p in stats)
     lost = sum(stats[p]["packets_lost"] for p in ("worker", "post") if p in stats)
     return lost / sent if sent else 0.0
-
-
-def _packet_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    sent = lost = 0
-    for point in ("worker", "post"):
-        if point in after:
-            s = after[point]["packets_sent"] - before[point]["packets_sent"]
-            lo = after[point]["packets_lost"] - before[point]["packets_lost"]
-            out[f"{point}_packets_sent"], out[f"{point}_packets_lost"] = s, lo
-            sent, lost = sent + s, lost + lo
-    out["effective_loss_rate"] = lost / sent if sent else 0.0
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,20 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = resolve(args, parser)
     run_dir = prepare_run_dir(cfg, parser)
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = init_from_environment(cfg["backend"])
     report = Reporter(enabled=rank == 0)
     owns_lock = False
     try:
         # one writer per configuration: refuse while another live process writes it
-        refusal = [None]
-        if rank == 0:
-            owner = live_lock_owner(run_dir)
-            if owner is not None:
-                refusal[0] = (
-                    f"{run_dir} is being written by PID {owner.get('pid')} on {owner.get('host')} "
-                    f"(since {owner.get('started')}); stop that run first (README: stopping a run), or "
-                    f"delete {run_dir / '.lock'} if that process is gone"
-                )
+        refusal = [writer_refusal(run_dir) if rank == 0 else None]
         dist.broadcast_object_list(refusal, src=0)
         if refusal[0] is not None:
             if rank == 0:
@@ -543,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             acquire_lock(run_dir)
             owns_lock = True
-            saved = cfg | {"environment": environment_info()}
+            saved = cfg | {"environment": environment_info(torchvision=torchvision.__version__)}
             write_json(run_dir / "config.json", saved)
         dist.barrier()
         if rank == 0 and cfg["download"]:

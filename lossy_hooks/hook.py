@@ -36,19 +36,18 @@ for ``"sum"``):
 - ``drop_point="both"``: worker drop, the collective, then post drop; rescale factors multiply.
 """
 
-import contextlib
-import copy
+import functools
 import math
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .loss_models import Bernoulli, LossModel, check_probability, parse_loss_model
+from .ledger import collective_device
 from .packetization import PacketLayout
+from .state import BucketRecord, LossyState, derive_seed, resolve_counts_transport
 
 __all__ = [
     "LossyState",
@@ -57,602 +56,6 @@ __all__ = [
     "lossy_allreduce_hook",
     "resolve_counts_transport",
 ]
-
-DROP_POINTS = ("worker", "post", "both")
-FILLS = ("zero", "rescale", "stale")
-REDUCTIONS = ("mean", "sum")
-POST_SYNCS = ("shared", "independent")
-PACKETIZATIONS = ("mtu", "tensor")
-COUNTS_TRANSPORTS = ("auto", "separate", "append", "regenerate")
-# counts_transport="auto" regenerates on CPU up to this many ranks (see LossyState).
-AUTO_REGENERATE_MAX_WORLD = 4
-
-# Random streams: one seed per (run seed, stream, rank).
-_STREAM_WORKER, _STREAM_POST_SHARED, _STREAM_POST_INDEPENDENT = 1, 2, 3
-# Seeds of the start offsets of deterministic models: (seed, stream + this, rank).
-_STREAM_START_OFFSET = 100
-
-# (bucket index, numel, generation): one key per distinct content of a bucket. DDP rebuilds
-# its buckets after the first iteration; a rebuilt bucket may keep its index and size but hold
-# other parameters (or the same ones in another order): it gets the next generation.
-BucketKey = tuple[int, int, int]
-
-
-def derive_seed(seed: int, stream: int, rank: int = 0) -> int:
-    """A 63-bit generator seed for ``(seed, stream, rank)`` (numpy's SeedSequence hash)."""
-    state = np.random.SeedSequence([int(seed), int(stream), int(rank)]).generate_state(1, np.uint64)
-    return int(state[0]) >> 1
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _key_str(key: BucketKey) -> str:
-    return ":".join(map(str, key))
-
-
-def _key_from_str(text: str) -> BucketKey:
-    parts = [int(x) for x in text.split(":")]
-    return parts[0], parts[1], parts[2] if len(parts) > 2 else 0  # "index:numel" before version 2
-
-
-def resolve_counts_transport(requested: str, device: torch.device, world_size: int) -> str:
-    """The counts transport ``"auto"`` stands for: ``"regenerate"`` on CPU with at most
-    ``AUTO_REGENERATE_MAX_WORLD`` ranks (an extra Gloo collective costs more there than
-    sampling ``W`` masks), ``"separate"`` otherwise (on GPUs a few-kB NCCL allreduce is cheap
-    and ``W`` x the sampling is not free at large ``W``). Any other choice is returned as is."""
-    if requested != "auto":
-        return requested
-    small_cpu = device.type == "cpu" and world_size <= AUTO_REGENERATE_MAX_WORLD
-    return "regenerate" if small_cpu else "separate"
-
-
-def _exact_count_limit(dtype: torch.dtype) -> int:
-    """The largest ``W`` such that every whole number ``0..W`` is exact in ``dtype``."""
-    return round(2 / torch.finfo(dtype).eps) if dtype.is_floating_point else 2**31 - 1
-
-
-def collective_device(group: Any = None) -> torch.device:
-    """The device a collective over ``group`` needs its tensors on: the current CUDA device
-    for NCCL, else the CPU (Gloo, MPI)."""
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-class DropSite:
-    """One place where packets are lost (``"worker"`` or ``"post"``): its own copy of the
-    loss model, its own generator, and its counters (device tensors, read when asked)."""
-
-    def __init__(self, name: str, model: LossModel, stream: int, per_rank: bool) -> None:
-        self.name = name
-        self.model = model
-        self.lossless = model.is_lossless()
-        self.stream = stream
-        self.per_rank = per_rank
-        self.generator: torch.Generator | None = None
-        self._saved_generator: tuple[str, torch.Tensor] | None = None
-        self.sent: dict[BucketKey, int] = {}
-        self.lost: dict[BucketKey, torch.Tensor] = {}
-        self.lost_per_packet: dict[BucketKey, torch.Tensor] = {}
-        self.unrecovered: dict[BucketKey, torch.Tensor] = {}
-
-    def prepare(self, device: torch.device, seed: int, rank: int) -> None:
-        if self.generator is not None and self.generator.device == device:
-            return
-        stream_rank = rank if self.per_rank else 0
-        gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(seed, self.stream, stream_rank))
-        saved = self._saved_generator
-        if self.generator is None and saved is None:  # a fresh stream (not a resume)
-            # deterministic models (traces) start at an offset of their own per stream
-            self.model.start_stream(derive_seed(seed, self.stream + _STREAM_START_OFFSET, stream_rank))
-        if saved is not None:
-            if saved[0] == device.type:
-                gen.set_state(saved[1])
-            else:
-                warnings.warn(
-                    f"{self.name} drop generator state was saved on {saved[0]!r} and is resumed "
-                    f"on {device.type!r}: the loss sequence restarts from the seed",
-                    stacklevel=3,
-                )
-            self._saved_generator = None
-        self.generator = gen
-        for d in (self.lost, self.unrecovered, self.lost_per_packet):
-            for k, v in d.items():
-                d[k] = v.to(device)
-
-    def draw(self, key: BucketKey, num_packets: int) -> torch.Tensor | None:
-        """The loss mask for this bucket (``None`` when the model is lossless); counts it."""
-        self.sent[key] = self.sent.get(key, 0) + num_packets
-        if self.lossless:
-            return None
-        assert self.generator is not None
-        lost = self.model.sample(num_packets, self.generator)
-        counter = self.lost.get(key)
-        if counter is None:
-            counter = self.lost[key] = torch.zeros((), dtype=torch.long, device=lost.device)
-            self.lost_per_packet[key] = torch.zeros(num_packets, dtype=torch.int32, device=lost.device)
-        counter.add_(lost.sum())
-        self.lost_per_packet[key].add_(lost)
-        return lost
-
-    def unrecovered_counter(self, key: BucketKey, device: torch.device) -> torch.Tensor:
-        counter = self.unrecovered.get(key)
-        if counter is None:
-            counter = self.unrecovered[key] = torch.zeros((), dtype=torch.long, device=device)
-        return counter
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.generator is not None:
-            gen = (self.generator.device.type, self.generator.get_state())
-        else:
-            gen = self._saved_generator
-        return {
-            "model": self.model.state_dict(),
-            "generator": gen,
-            "sent": {_key_str(k): v for k, v in self.sent.items()},
-            "lost": {_key_str(k): v.detach().cpu() for k, v in self.lost.items()},
-            "unrecovered": {_key_str(k): v.detach().cpu() for k, v in self.unrecovered.items()},
-            "lost_per_packet": {_key_str(k): v.detach().cpu() for k, v in self.lost_per_packet.items()},
-        }
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.model.load_state_dict(sd["model"])
-        self.generator = None
-        gen = sd["generator"]
-        # a checkpoint loaded with map_location="cuda" moves the state tensor to the GPU;
-        # Generator.set_state takes a CPU ByteTensor
-        self._saved_generator = None if gen is None else (str(gen[0]), gen[1].detach().cpu().clone())
-        self.sent = {_key_from_str(k): int(v) for k, v in sd["sent"].items()}
-        self.lost = {_key_from_str(k): v.clone() for k, v in sd["lost"].items()}
-        self.unrecovered = {_key_from_str(k): v.clone() for k, v in sd["unrecovered"].items()}
-        self.lost_per_packet = {_key_from_str(k): v.clone() for k, v in sd.get("lost_per_packet", {}).items()}
-
-
-class LossyState:
-    r"""State of :func:`lossy_allreduce_hook`: the configuration, RNGs, loss-model memory,
-    statistics and stale-fill buffers. Every argument is checked here (a bad one raises
-    ``ValueError`` naming it and the allowed values), except what needs the bucket: that
-    ``mtu`` holds at least one element of the bucket's dtype, and that
-    ``counts_transport="append"`` can count the group's ranks exactly in that dtype, are
-    checked at the first bucket (``ValueError`` from inside the backward pass).
-
-    Args:
-        loss_rate: Bernoulli loss probability per packet, in [0, 1] (shorthand for
-            ``loss_model=Bernoulli(loss_rate)``). Give this or ``loss_model``, not both.
-        mtu: gradient payload bytes per packet (> 0 here; at least one element of the bucket
-            dtype, checked at the first bucket).
-        drop_point: ``"worker"`` (each rank's contribution, before the allreduce),
-            ``"post"`` (the result, after it) or ``"both"``.
-        fill: ``"zero"``, ``"rescale"`` (unbiased) or ``"stale"`` (post drop only).
-        reduction: ``"mean"`` (DDP's) or ``"sum"``.
-        post_sync: ``"shared"`` (same post mask on all ranks) or ``"independent"``.
-        packetization: ``"mtu"`` (fixed-size packets) or ``"tensor"`` (one per parameter).
-        loss_model: a :class:`~lossy_hooks.loss_models.LossModel` or netem-style text.
-        seed: base seed (>= 0); worker masks use (seed, rank), shared post masks seed alone.
-        process_group: the group to reduce over (default: the world).
-        counts_transport: how worker-drop ``rescale`` learns the arrival counts:
-            ``"separate"`` (a small extra allreduce, and ``W/c_j`` applied to the result),
-            ``"append"`` (appended to the bucket), ``"regenerate"`` (replays the other ranks'
-            masks locally: no communication, ``W/c_j`` folded into the pre-allreduce multiply,
-            ``W`` times the sampling work) or ``"auto"``: ``"regenerate"`` on CPU with at most
-            ``AUTO_REGENERATE_MAX_WORLD`` ranks, where an extra Gloo collective costs more than
-            sampling, else ``"separate"``. All give the same counts; the choice is kept in
-            :meth:`state_dict`, so a resumed run keeps it.
-        measure_fidelity: also allreduce the lossless bucket and record cosine similarity
-            and relative L2 error of the lossy result against it, per step (costs one
-            extra full allreduce).
-    """
-
-    def __init__(
-        self,
-        loss_rate: float | None = None,
-        mtu: int = 1500,
-        drop_point: str = "worker",
-        fill: str = "rescale",
-        reduction: str = "mean",
-        post_sync: str = "shared",
-        packetization: str = "mtu",
-        loss_model: LossModel | str | None = None,
-        seed: int = 0,
-        process_group: dist.ProcessGroup | None = None,
-        counts_transport: str = "auto",
-        measure_fidelity: bool = False,
-    ) -> None:
-        self.drop_point = _choice("drop_point", drop_point, DROP_POINTS)
-        self.fill = _choice("fill", fill, FILLS)
-        self.reduction = _choice("reduction", reduction, REDUCTIONS)
-        self.post_sync = _choice("post_sync", post_sync, POST_SYNCS)
-        self.packetization = _choice("packetization", packetization, PACKETIZATIONS)
-        self.counts_transport = _choice("counts_transport", counts_transport, COUNTS_TRANSPORTS)
-        if isinstance(mtu, bool) or not isinstance(mtu, (int, np.integer)) or mtu <= 0:
-            raise ValueError(f"mtu must be a positive whole number of bytes, got {mtu!r}")
-        self.mtu = int(mtu)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
-        if loss_model is not None and loss_rate is not None:
-            raise ValueError("give loss_rate or loss_model, not both")
-        if isinstance(loss_model, str):
-            loss_model = parse_loss_model(loss_model)
-        if loss_model is None:
-            loss_model = Bernoulli(check_probability("loss_rate", 0.0 if loss_rate is None else loss_rate))
-        if not isinstance(loss_model, LossModel):
-            raise ValueError(f"loss_model must be a LossModel or netem-style text, got {loss_model!r}")
-        self.loss_model = loss_model
-        if self.fill == "stale" and self.drop_point != "post":
-            raise ValueError(
-                f"fill='stale' needs drop_point='post' (a worker's lost contribution has no "
-                f"previous value at the receiver); got drop_point={self.drop_point!r}"
-            )
-        self.post_keep_rate = 1.0 - loss_model.long_run_loss_rate()
-        if self.fill == "rescale" and self.drops_after and self.post_keep_rate <= 0.0:
-            raise ValueError(
-                "fill='rescale' after the allreduce needs a long-run loss rate < 1 "
-                f"(rescales survivors by 1/(1-p)); {loss_model.spec!r} loses every packet"
-            )
-        self.process_group = process_group
-        self.measure_fidelity = bool(measure_fidelity)
-
-        self.worker = DropSite("worker", loss_model.clone(), _STREAM_WORKER, per_rank=True)
-        shared = self.post_sync == "shared"
-        stream = _STREAM_POST_SHARED if shared else _STREAM_POST_INDEPENDENT
-        self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
-        self.steps = 0
-        self.rank: int | None = None
-        self.world_size: int | None = None
-        self.device: torch.device | None = None
-        self._layouts: dict[BucketKey, PacketLayout] = {}
-        self._key_of: dict[tuple[int, tuple[int, ...]], BucketKey] = {}  # (index, param ids) -> key
-        self._sizes: dict[BucketKey, tuple[int, ...]] = {}  # parameter sizes of each key, kept across resumes
-        self._post_factor: dict[BucketKey, float] = {}
-        self._stale: dict[BucketKey, torch.Tensor] = {}
-        self._fidelity: dict[int, list[torch.Tensor]] = {}
-        self._passthrough = False
-        self._peers: dict[int, DropSite] = {}
-        self._bucket_params: dict[BucketKey, list[tuple[int, int]]] = {}
-        self._packets: dict[BucketKey, int] = {}  # packets per bucket, kept across resumes
-        self._saved_peers: dict[int, dict[str, Any]] = {}
-        self._counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
-
-    # -- configuration ----------------------------------------------------------------
-
-    @property
-    def drops_before(self) -> bool:
-        return self.drop_point in ("worker", "both")
-
-    @property
-    def drops_after(self) -> bool:
-        return self.drop_point in ("post", "both")
-
-    @property
-    def counts_transport_in_use(self) -> str | None:
-        """The counts transport in effect (``"auto"`` resolved at the first bucket; ``None``
-        before it)."""
-        return self._counts_resolved
-
-    def config(self) -> dict[str, Any]:
-        """The settings, as plain values (for configs and run names)."""
-        return {
-            "loss_model": self.loss_model.spec,
-            "loss_rate": self.loss_model.long_run_loss_rate(),
-            "mtu": self.mtu,
-            "drop_point": self.drop_point,
-            "fill": self.fill,
-            "reduction": self.reduction,
-            "post_sync": self.post_sync,
-            "packetization": self.packetization,
-            "seed": self.seed,
-            "counts_transport": self.counts_transport,
-            "measure_fidelity": self.measure_fidelity,
-        }
-
-    # -- per-bucket helpers used by the hook -------------------------------------------
-
-    def _prepare(self, buf: torch.Tensor, group: Any) -> None:
-        if self.device == buf.device:
-            return
-        self.device = buf.device
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        for site in (self.worker, self.post):
-            site.prepare(buf.device, self.seed, self.rank)
-        self._stale = {k: v.to(buf.device) for k, v in self._stale.items()}
-        if self._counts_resolved is None:
-            self._counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
-        uses_counts = self.drops_before and self.fill == "rescale"
-        if uses_counts and self._counts_resolved == "append":
-            limit = _exact_count_limit(buf.dtype)
-            if self.world_size > limit:
-                raise ValueError(
-                    f"counts_transport='append' sends arrival counts in the bucket dtype ({buf.dtype}), "
-                    f"exact only up to {limit} ranks; this group has {self.world_size}: use "
-                    "counts_transport='separate' (int32 counts)"
-                )
-        if self._counts_resolved == "regenerate" and uses_counts:
-            for peer_rank in range(self.world_size):
-                if peer_rank == self.rank:
-                    continue
-                site = self._peers.get(peer_rank)
-                if site is None:
-                    name = f"worker of rank {peer_rank}"
-                    site = DropSite(name, self.loss_model.clone(), _STREAM_WORKER, per_rank=True)
-                    if peer_rank in self._saved_peers:
-                        site.load_state_dict(self._saved_peers.pop(peer_rank))
-                    self._peers[peer_rank] = site
-                site.prepare(buf.device, self.seed, peer_rank)
-
-    def _regenerated_counts(self, own_lost: torch.Tensor) -> torch.Tensor:
-        """``c_j``: this rank's arrivals plus every other rank's, replayed from their generators."""
-        counts = (~own_lost).to(torch.int32)
-        for site in self._peers.values():
-            assert site.generator is not None
-            counts += ~site.model.sample(own_lost.numel(), site.generator)
-        return counts
-
-    def _layout(self, bucket: dist.GradBucket, buf: torch.Tensor) -> tuple[BucketKey, PacketLayout]:
-        """The bucket's key and packet layout.
-
-        Keyed on what the bucket holds: its index and the identities of its parameters, in
-        order. DDP rebuilds its buckets after the first iteration, and a rebuilt bucket can
-        keep its index and size but hold other parameters, or the same ones in another order:
-        it gets a key of its own (the next generation at that index and size), hence its own
-        packet layout, loss counters, per-parameter accounting and stale buffer. After
-        :meth:`load_state_dict` (a new process: new identities) a bucket takes over the saved
-        key of the same index, size and parameter sizes, the most recent generation first."""
-        params = bucket.parameters()
-        ids = (buf.numel(), *map(id, params))
-        key = self._key_of.get((bucket.index(), ids))
-        if key is not None:
-            return key, self._layouts[key]
-        sizes = tuple(p.numel() for p in params)
-        if self.packetization == "tensor" and sum(sizes) != buf.numel():
-            raise RuntimeError(
-                f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}"
-            )
-        index, numel = bucket.index(), buf.numel()
-        claimed = set(self._key_of.values())
-        same = [k for k in self._sizes if k[:2] == (index, numel)]
-        saved = [k for k in same if k not in claimed and self._sizes[k] == sizes]
-        key = max(saved) if saved else (index, numel, max((k[2] + 1 for k in same), default=0))
-        if self.packetization == "tensor":
-            layout = PacketLayout.by_tensor(sizes)
-        else:
-            layout = PacketLayout.by_mtu(numel, self.mtu, buf.element_size())
-        self._key_of[(index, ids)] = key
-        self._layouts[key] = layout
-        self._sizes[key] = sizes
-        self._packets[key] = layout.num_packets
-        self._bucket_params[key] = [(id(p), p.numel()) for p in params]
-        keep = self.post.model.keep_fraction(layout.num_packets)
-        self._post_factor[key] = 1.0 / keep if keep > 0 else 0.0
-        return key, layout
-
-    def _stale_buffer(self, key: BucketKey, like: torch.Tensor) -> torch.Tensor:
-        buf = self._stale.get(key)
-        if buf is None:
-            # A rebuilt bucket with the same index replaces the old one's buffer.
-            for old in [k for k in self._stale if k[0] == key[0]]:
-                del self._stale[old]
-            buf = self._stale[key] = torch.zeros_like(like)
-        return buf
-
-    @contextlib.contextmanager
-    def passthrough(self) -> Iterator[None]:
-        """While active the hook is an exact lossless allreduce that draws no random
-        numbers and counts nothing. Use it for a warm-up iteration that lets DDP rebuild
-        its buckets, so that a fresh run and a resumed one see the same bucket layouts and
-        therefore the same loss sequence."""
-        previous, self._passthrough = self._passthrough, True
-        try:
-            yield
-        finally:
-            self._passthrough = previous
-
-    # -- statistics ---------------------------------------------------------------------
-
-    def _device_for_collectives(self) -> torch.device:
-        """Where statistics tensors live: the buckets' device once one was seen; before that
-        (or after :meth:`load_state_dict`) the device the process group's backend needs."""
-        if self.device is not None:
-            return self.device
-        if dist.is_available() and dist.is_initialized():
-            return collective_device(self.process_group)
-        return torch.device("cpu")
-
-    def stats(self, all_ranks: bool = False) -> dict[str, Any]:
-        """Packets sent and lost so far, per drop point and per bucket.
-
-        Counters live on the device and are read here (one host sync). With
-        ``all_ranks=True`` they are summed over the process group (a collective: call it on
-        every rank, outside the backward pass). For the worker drop point "sent" counts this
-        rank's packets to the collective; for post, packets of the result delivered to it.
-        ``packets_unrecovered`` (worker rescale) counts packets no rank's copy reached.
-        """
-        sites = [s for s, on in ((self.worker, self.drops_before), (self.post, self.drops_after)) if on]
-        keys = sorted({k for s in sites for k in s.sent})
-        device = self._device_for_collectives()
-        zero = torch.zeros((), dtype=torch.long, device=device)
-        rows: list[torch.Tensor] = []
-        for s in sites:
-            for k in keys:
-                rows.append(torch.tensor(s.sent.get(k, 0), device=device))
-                rows.append(s.lost.get(k, zero).to(device))
-                rows.append(s.unrecovered.get(k, zero).to(device))
-        vec = (
-            torch.stack(rows).to(torch.float64)
-            if rows
-            else torch.zeros(0, dtype=torch.float64, device=device)
-        )
-        if all_ranks:
-            group = self.process_group if self.process_group is not None else dist.group.WORLD
-            dist.all_reduce(vec, group=group)
-        values = [round(v) for v in vec.tolist()]
-        out: dict[str, Any] = {
-            "steps": self.steps,
-            "world_size": self.world_size,
-            "scope": "all ranks" if all_ranks else f"rank {self.rank}",
-        }
-        buckets: dict[BucketKey, dict[str, Any]] = {
-            k: {"index": k[0], "numel": k[1], "generation": k[2], "packets": self._packets.get(k, 0)}
-            for k in keys
-        }
-        it = iter(values)
-        for s in sites:
-            sent = lost = unrec = 0
-            for k in keys:
-                bs, bl, bu = next(it), next(it), next(it)
-                sent, lost, unrec = sent + bs, lost + bl, unrec + bu
-                buckets[k].update({f"{s.name}_sent": bs, f"{s.name}_lost": bl})
-            entry = {
-                "packets_sent": sent,
-                "packets_lost": lost,
-                "loss_rate": lost / sent if sent else 0.0,
-            }
-            if s.name == "worker" and self.fill == "rescale":
-                entry["packets_unrecovered"] = unrec
-            out[s.name] = entry
-        out["buckets"] = list(buckets.values())
-        return out
-
-    def loss_by_parameter(self, names: dict[int, str], all_ranks: bool = False) -> list[dict[str, Any]]:
-        """Packets sent and lost so far for each parameter's gradient, per drop point.
-
-        ``names`` maps ``id(parameter)`` to its name (``{id(p): n for n, p in
-        model.named_parameters()}``). A parameter occupying elements ``[s, e)`` of a bucket
-        with ``k`` elements per packet is carried by packets ``s // k`` to ``(e - 1) // k``;
-        a packet straddling two parameters counts for both. Summed over the buckets a
-        parameter has been in (DDP's first-iteration bucket included). ``all_ranks=True``
-        sums over the group (a collective)."""
-        sites = [s for s, on in ((self.worker, self.drops_before), (self.post, self.drops_after)) if on]
-        keys = sorted(k for k in self._bucket_params if k in self._layouts)
-        device = self._device_for_collectives()
-        vectors = []
-        for site in sites:
-            for k in keys:
-                n = self._layouts[k].num_packets
-                vec = site.lost_per_packet.get(k)
-                vectors.append(
-                    vec.to(device, torch.int64)
-                    if vec is not None
-                    else torch.zeros(n, device=device, dtype=torch.int64)
-                )
-        flat = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int64, device=device)
-        if all_ranks and flat.numel():
-            group = self.process_group if self.process_group is not None else dist.group.WORLD
-            dist.all_reduce(flat, group=group)
-        counts = flat.cpu().numpy()
-        world = self.world_size or 1
-        totals: dict[tuple[str, str], dict[str, Any]] = {}
-        offset = 0
-        for site in sites:
-            for k in keys:
-                layout = self._layouts[k]
-                per_packet = counts[offset : offset + layout.num_packets]
-                offset += layout.num_packets
-                cum = np.concatenate([[0], np.cumsum(per_packet)])
-                calls = site.sent.get(k, 0) // max(layout.num_packets, 1) * (world if all_ranks else 1)
-                start = 0
-                for j, (pid, size) in enumerate(self._bucket_params[k]):
-                    if layout.per_tensor:
-                        first = last = j
-                    else:
-                        first, last = start // layout.packet_numel, (start + size - 1) // layout.packet_numel
-                    start += size
-                    label = names.get(pid, f"param@{pid}")
-                    row = totals.setdefault(
-                        (site.name, label),
-                        {
-                            "drop_point": site.name,
-                            "parameter": label,
-                            "elements": size,
-                            "packets_sent": 0,
-                            "packets_lost": 0,
-                        },
-                    )
-                    row["packets_sent"] += (last - first + 1) * calls
-                    row["packets_lost"] += int(cum[last + 1] - cum[first])
-        out = list(totals.values())
-        for row in out:
-            row["loss_rate"] = row["packets_lost"] / row["packets_sent"] if row["packets_sent"] else 0.0
-        return out
-
-    def bucket_parameter_ids(self) -> dict[BucketKey, list[int]]:
-        """``id()`` of the parameters in each bucket seen so far, in buffer order."""
-        return {k: [pid for pid, _ in v] for k, v in self._bucket_params.items()}
-
-    def fidelity(self) -> list[dict[str, float]]:
-        """Per finished step since the last call: cosine similarity and relative L2 error of
-        the lossy aggregate against the lossless one (``measure_fidelity=True``).
-
-        Over all buckets of a step, with ``x`` lossy and ``y`` lossless:
-        ``cos = <x, y> / (|x| |y|)`` (1 when both are 0), ``rel_l2 = |x - y| / |y|`` (0 when equal).
-        """
-        done = sorted(s for s in self._fidelity if s < self.steps)
-        out = []
-        for step in done:
-            parts = torch.stack(self._fidelity.pop(step)).sum(0).tolist()
-            dot, xx, yy, dd = parts
-            cos = 1.0 if xx == 0 and yy == 0 else dot / math.sqrt(xx * yy) if xx * yy > 0 else 0.0
-            rel = 0.0 if dd == 0 else (math.sqrt(dd / yy) if yy > 0 else math.inf)
-            out.append({"step": step, "cosine": cos, "rel_l2": rel})
-        return out
-
-    # -- checkpointing ------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume the exact loss sequence: RNG states, loss-model
-        memory, counters and stale buffers (tensors on CPU; ``torch.load(weights_only=True)``
-        safe). The process group is not included."""
-        return {
-            "version": 2,
-            "config": self.config(),
-            "steps": self.steps,
-            "worker": self.worker.state_dict(),
-            "post": self.post.state_dict(),
-            "stale": {_key_str(k): v.detach().cpu() for k, v in self._stale.items()},
-            "packets": {_key_str(k): n for k, n in self._packets.items()},
-            "sizes": {_key_str(k): list(v) for k, v in self._sizes.items()},
-            "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
-            | {str(r): sd for r, sd in self._saved_peers.items()},
-            "counts_transport_resolved": self._counts_resolved,
-        }
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        mine, theirs = self.config(), sd["config"]
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise ValueError(f"LossyState.load_state_dict: settings differ (saved, now): {diff}")
-        self.steps = int(sd["steps"])
-        self.worker.load_state_dict(sd["worker"])
-        self.post.load_state_dict(sd["post"])
-        self._stale = {_key_from_str(k): v.clone() for k, v in sd["stale"].items()}
-        self._packets = {_key_from_str(k): int(n) for k, n in sd.get("packets", {}).items()}
-        self._sizes = {_key_from_str(k): tuple(int(x) for x in v) for k, v in sd.get("sizes", {}).items()}
-        self._key_of, self._bucket_params, self._post_factor = {}, {}, {}
-        self._peers = {}
-        self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
-        self._counts_resolved = sd.get("counts_transport_resolved", self._counts_resolved)
-        self.device = None  # re-prepare on the next bucket: generators restored there
-        self._layouts = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Like PowerSGDState: the process group is not serializable and is left out.
-        init = {k: v for k, v in self.config().items() if k not in ("loss_model", "loss_rate")}
-        return {"init": init, "loss_model": copy.deepcopy(self.loss_model), "state": self.state_dict()}
-
-    def __setstate__(self, d: dict[str, Any]) -> None:
-        self.__init__(loss_model=d["loss_model"], **d["init"])  # type: ignore[misc]
-        self.load_state_dict(d["state"])
-
-    def __repr__(self) -> str:
-        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"LossyState({cfg})"
 
 
 def _exact_factor(value: float, dtype: torch.dtype) -> bool:
@@ -752,6 +155,87 @@ def _join(
     return torch.futures.collect_all(futures).then(lambda f: fn([x.value()[0] for x in f.value()]))
 
 
+@dataclass
+class _Plan:
+    """What the hook decided for one bucket, and what finishing it needs: per-packet factors
+    (fp32), masks and counters on the bucket's device."""
+
+    layout: PacketLayout
+    world: int
+    pre: torch.Tensor | None = None  # on this rank's copy, before the collective
+    post: torch.Tensor | None = None  # on the result (independent post mask)
+    counts: torch.Tensor | None = None  # arrival counts to sum: W / c_j after the collective
+    appended: bool = False  # counts travel in the bucket's own allreduce
+    unrecovered: torch.Tensor | None = None  # ledger counter of packets no copy reached
+    post_lost: torch.Tensor | None = None  # the post loss mask (stale fill selects by it)
+    stale: torch.Tensor | None = None  # last received values (fill="stale")
+    clean: torch.Tensor | None = None  # the lossless copy (measure_fidelity)
+    fidelity_slot: torch.Tensor | None = None  # where the fidelity sums go
+
+    def read_in_callback(self) -> tuple[torch.Tensor | None, ...]:
+        return (
+            self.post,
+            self.post_lost,
+            self.counts,
+            self.stale,
+            self.fidelity_slot,
+            self.clean,
+            self.unrecovered,
+        )
+
+
+def _plan_masks(state: LossyState, record: BucketRecord, plan: _Plan, buf: torch.Tensor) -> None:
+    """Draw this bucket's masks and fold everything known before the collective and the same
+    on every rank (keep mask ``a_{r,j}``, ``W/c_j`` when regenerated, a shared post mask and
+    its rescale) into ``plan.pre``; leave the rest (summed counts, an independent post mask)
+    for :func:`_finish`."""
+    key, n = record.key, record.layout.num_packets
+    lost = state._draw(state.worker, key, n) if state.drops_before else None
+    if lost is not None:
+        plan.pre = (~lost).float()  # a_{r,j}
+        if state.fill == "rescale":
+            plan.unrecovered = state.ledger.unrecovered_counter(key, buf.device)
+            if state._counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
+                plan.pre.mul_(_arrival_factor(state._regenerated_counts(lost), plan.world, plan.unrecovered))
+            else:
+                plan.counts = (~lost).to(torch.int32 if state._counts_resolved == "separate" else buf.dtype)
+    plan.post_lost = state._draw(state.post, key, n) if state.drops_after else None
+    if plan.post_lost is not None and state.fill != "stale":
+        # rescale: 1 / E[fraction of the bucket's packets received] (see LossModel.keep_fraction)
+        keep = torch.where(plan.post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)
+        if state.post_sync == "shared":  # b_j (R_j) = R_j computed from b_j-scaled copies
+            plan.pre = keep if plan.pre is None else plan.pre.mul_(keep)
+        else:
+            plan.post = keep
+
+
+def _finish(plan: _Plan, results: list[torch.Tensor]) -> torch.Tensor:
+    """The callback: ``W/c_j`` from the summed counts and the independent post mask in one
+    pass, then the stale fill (by selection) and the fidelity sums. Compute only."""
+    numel = plan.layout.numel
+    out = results[0][:numel] if plan.appended else results[0]
+    factor = plan.post
+    if plan.counts is not None:
+        assert plan.unrecovered is not None
+        arrivals = results[0][numel:] if plan.appended else results[1]
+        rescale = _arrival_factor(arrivals, plan.world, plan.unrecovered)
+        factor = rescale if factor is None else factor.mul_(rescale)
+    if factor is not None:
+        plan.layout.scale_(out, factor)
+    if plan.stale is not None:
+        if plan.post_lost is not None:  # select: received packets are never touched
+            plan.layout.fill_from_(out, plan.post_lost, plan.stale)
+        # the stale value of a packet: its last received, finite value
+        plan.layout.fill_from_(plan.stale, plan.layout.finite_packets(out), out)
+    if plan.fidelity_slot is not None:
+        plan.fidelity_slot.copy_(_fidelity_sums(out, results[-1]))
+    return out
+
+
+def _allreduce(tensor: torch.Tensor, group: Any) -> torch.futures.Future:
+    return dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+
 def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     r"""DDP communication hook: packetized, lossy allreduce of ``bucket`` (see module docs).
 
@@ -766,85 +250,33 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buf = bucket.buffer()
     state._prepare(buf, group)
-    world = state.world_size
-    assert world is not None
+    assert state.world_size is not None
     # ``1/W`` as DDP's reducer applies it: a multiply by the scalar (bitwise DDP at any W)
-    scale = 1.0 / world if state.reduction == "mean" else 1.0
+    scale = 1.0 / state.world_size if state.reduction == "mean" else 1.0
     if state._passthrough:
         if scale != 1.0:
             buf.mul_(scale)
-        return _join(
-            [dist.all_reduce(buf, group=group, async_op=True).get_future()], buf.is_cuda, lambda r: r[0]
-        )
-    key, layout = state._layout(bucket, buf)
+        return _join([_allreduce(buf, group)], buf.is_cuda, lambda r: r[0])
+    record = state._bucket(bucket, buf)
     step = state.steps
     if bucket.is_last():
         state.steps += 1
-
-    # Per-packet factors (fp32, one multiply each way): ``pre`` on this rank's copy before the
-    # allreduce, ``post`` on the result. Anything known before the collective and the same
-    # on every rank goes into ``pre``, so the common cases cost one pass over the bucket.
-    clean: torch.Tensor | None = None
+    plan = _Plan(record.layout, state.world_size)
     if state.measure_fidelity:  # the lossless reference: the scaled bucket before any loss
         if scale != 1.0:
             buf.mul_(scale)
             scale = 1.0
-        clean = buf.clone()
-    pre: torch.Tensor | None = None
-    post: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-    unrecovered: torch.Tensor | None = None
-    lost = state.worker.draw(key, layout.num_packets) if state.drops_before else None
-    if lost is not None:
-        pre = (~lost).float()  # a_{r,j}
-        if state.fill == "rescale":
-            unrecovered = state.worker.unrecovered_counter(key, buf.device)
-            if state._counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
-                pre.mul_(_arrival_factor(state._regenerated_counts(lost), world, unrecovered))
-            else:
-                counts = (~lost).to(torch.int32 if state._counts_resolved == "separate" else buf.dtype)
+        plan.clean = buf.clone()
+        plan.fidelity_slot = state.ledger.fidelity_slot(step, buf.device)
+    _plan_masks(state, record, plan, buf)
+    _scale_before_collective(buf, record.layout, plan.pre, scale)
 
-    post_lost = state.post.draw(key, layout.num_packets) if state.drops_after else None
-    if post_lost is not None and state.fill != "stale":
-        # rescale: 1 / E[fraction of the bucket's packets received] (see LossModel.keep_fraction)
-        keep = torch.where(post_lost, 0.0, state._post_factor[key] if state.fill == "rescale" else 1.0)
-        if state.post_sync == "shared":  # b_j (R_j) = R_j computed from b_j-scaled copies
-            pre = keep if pre is None else pre.mul_(keep)
-        else:
-            post = keep
-
-    _scale_before_collective(buf, layout, pre, scale)
-
-    appended = counts is not None and state._counts_resolved == "append"
-    payload = torch.cat((buf, counts)) if appended else buf  # type: ignore[arg-type]
-    futures = [dist.all_reduce(payload, group=group, async_op=True).get_future()]
-    if counts is not None and not appended:
-        futures.append(dist.all_reduce(counts, group=group, async_op=True).get_future())
-    slot: torch.Tensor | None = None
-    if clean is not None:
-        futures.append(dist.all_reduce(clean, group=group, async_op=True).get_future())
-        slot = torch.zeros(4, dtype=torch.float64, device=buf.device)
-        state._fidelity.setdefault(step, []).append(slot)
-
-    stale = state._stale_buffer(key, buf) if state.fill == "stale" else None
-    numel = layout.numel
-
-    def finish(results: list[torch.Tensor]) -> torch.Tensor:
-        out = results[0][:numel] if appended else results[0]
-        factor = post
-        if counts is not None:
-            assert unrecovered is not None
-            rescale = _arrival_factor(results[0][numel:] if appended else results[1], world, unrecovered)
-            factor = rescale if factor is None else factor.mul_(rescale)
-        if factor is not None:
-            layout.scale_(out, factor)
-        if stale is not None:
-            if post_lost is not None:  # select: received packets are never touched
-                layout.fill_from_(out, post_lost, stale)
-            # the stale value of a packet: its last received, finite value
-            layout.fill_from_(stale, layout.finite_packets(out), out)
-        if slot is not None:
-            slot.copy_(_fidelity_sums(out, results[-1]))
-        return out
-
-    return _join(futures, buf.is_cuda, finish, (post, post_lost, counts, stale, slot, clean, unrecovered))
+    plan.appended = plan.counts is not None and state._counts_resolved == "append"
+    futures = [_allreduce(torch.cat((buf, plan.counts)) if plan.appended else buf, group)]  # type: ignore[arg-type]
+    if plan.counts is not None and not plan.appended:
+        futures.append(_allreduce(plan.counts, group))
+    if plan.clean is not None:
+        futures.append(_allreduce(plan.clean, group))
+    if state.fill == "stale":
+        plan.stale = state._stale_buffer(record, buf)
+    return _join(futures, buf.is_cuda, functools.partial(_finish, plan), plan.read_in_callback())

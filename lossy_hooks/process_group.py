@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 import socket
 from collections.abc import Iterator
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["free_port", "init_single_process_group", "single_process_group"]
+__all__ = ["free_port", "init_from_environment", "init_single_process_group", "single_process_group"]
 
 
 def free_port() -> int:
@@ -36,3 +39,23 @@ def single_process_group(backend: str = "gloo") -> Iterator[None]:
     finally:
         dist.barrier()  # with gc before destroy: stopped rare aborts at exit
         dist.destroy_process_group()
+
+
+def init_from_environment(backend: str = "auto") -> tuple[int, int, torch.device]:
+    """The process group of a torchrun worker (or a one-rank group without torchrun), and this
+    rank's device: ``backend="auto"`` is NCCL on GPUs, else Gloo. Returns (rank, world, device)."""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    else:  # plain `python train_ddp.py`: a one-process group, same code path
+        init_single_process_group(backend)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return dist.get_rank(), dist.get_world_size(), device

@@ -13,12 +13,16 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,20 +33,26 @@ from .statistics import mean_std
 
 __all__ = [
     "BUCKET_FIELDS",
+    "FAULT_ENV",
     "LAYER_FIELDS",
     "METRIC_FIELDS",
     "MetricsLog",
     "acquire_lock",
     "atomic_save",
     "config_name",
+    "environment_info",
+    "fault_point",
     "live_lock_owner",
+    "packet_rows",
     "parse_float",
     "read_json",
     "release_lock",
     "round_status",
     "run_loss_rate",
+    "to_cpu",
     "write_json",
     "write_summary",
+    "writer_refusal",
 ]
 
 METRIC_FIELDS = [
@@ -254,6 +264,26 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
+def packet_rows(counts: dict[str, Any], epoch: int) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """What :meth:`~lossy_hooks.ledger.PacketLedger.since_mark` counted in an epoch, as
+    metrics.csv's packet columns (``<point>_packets_sent``, ``<point>_packets_lost``,
+    ``effective_loss_rate``: lost over sent, all drop points together) and the rows of
+    buckets.csv (``BUCKET_FIELDS``) and layers.csv (``LAYER_FIELDS``)."""
+    columns: dict[str, Any] = {}
+    for point, (sent, lost) in counts["points"].items():
+        columns[f"{point}_packets_sent"], columns[f"{point}_packets_lost"] = sent, lost
+    sent, lost = (sum(v[i] for v in counts["points"].values()) for i in (0, 1))
+    columns["effective_loss_rate"] = lost / sent if sent else 0.0
+    buckets = [
+        {"epoch": epoch, "drop_point": b["drop_point"], "bucket": b["index"]}
+        | {k: b[k] for k in ("generation", "numel", "packets")}
+        | {"params": len(b["params"]), "first_param": b["params"][0], "last_param": b["params"][-1]}
+        | {k: b[k] for k in ("packets_sent", "packets_lost", "loss_rate")}
+        for b in counts["buckets"]
+    ]
+    return columns, buckets, [{"epoch": epoch} | r for r in counts["parameters"]]
+
+
 LOCK_NAME = ".lock"
 
 
@@ -305,3 +335,67 @@ def release_lock(run_dir: Path) -> None:
         return
     if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
+
+
+def writer_refusal(run_dir: Path) -> str | None:
+    """Why this process may not write ``run_dir`` (another live process holds its lock), or
+    ``None``."""
+    owner = live_lock_owner(run_dir)
+    if owner is None:
+        return None
+    return (
+        f"{run_dir} is being written by PID {owner.get('pid')} on {owner.get('host')} "
+        f"(since {owner.get('started')}); stop that run first (README: stopping a run), or "
+        f"delete {run_dir / LOCK_NAME} if that process is gone"
+    )
+
+
+def environment_info(**versions: str) -> dict[str, Any]:
+    """Versions, git commit, host and CUDA of this run (``versions``: more packages)."""
+    from . import __version__
+
+    commit = None
+    with contextlib.suppress(Exception):
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent.parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    return {
+        "torch": torch.__version__,
+        "lossy_hooks": __version__,
+        **versions,
+        "python": sys.version.split()[0],
+        "git_commit": commit,
+        "host": socket.gethostname(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+# Fault injection for tests: LOSSY_HOOKS_FAULT=<kill|stop>:<point>:<epoch> sends this process
+# SIGKILL (a crash) or SIGSTOP (a hung writer) at that point.
+FAULT_ENV = "LOSSY_HOOKS_FAULT"
+
+
+def fault_point(name: str, epoch: int) -> None:
+    """Send this process SIGKILL or SIGSTOP at a named point when LOSSY_HOOKS_FAULT says so
+    (tests of crash safety: a real signal at a known place, not a timed guess)."""
+    for action, sig in (("kill", signal.SIGKILL), ("stop", signal.SIGSTOP)):
+        if os.environ.get(FAULT_ENV) == f"{action}:{name}:{epoch}":
+            os.kill(os.getpid(), sig)

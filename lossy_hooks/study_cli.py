@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .data import DATASETS, IMAGENETTE_SIZES, check_data_args, resolve_dataset
-from .hook import (
+from .loss_models import Bernoulli, parse_loss_model
+from .models import classification_models
+from .run_io import config_name, read_json, round_status
+from .state import (
     AUTO_REGENERATE_MAX_WORLD,
     COUNTS_TRANSPORTS,
     DROP_POINTS,
@@ -27,10 +31,8 @@ from .hook import (
     POST_SYNCS,
     LossyState,
 )
-from .loss_models import Bernoulli, parse_loss_model
-from .models import classification_models
 
-__all__ = ["CONTROL_FLAGS", "build_parser", "hook_kwargs", "resolve", "study_settings"]
+__all__ = ["CONTROL_FLAGS", "build_parser", "hook_kwargs", "prepare_run_dir", "resolve", "study_settings"]
 
 # Flags that steer a run but do not change what it computes: a resume may change them.
 CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
@@ -320,3 +322,29 @@ def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in CONTROL_FLAGS and k != "environment"}
+
+
+def prepare_run_dir(cfg: dict[str, Any], parser: argparse.ArgumentParser) -> Path:
+    """Decide fresh / resume / refuse, reading only the file system (before any process group)."""
+    run_dir = Path(cfg["output_dir"]) / config_name(cfg)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists() or cfg["overwrite"]:
+        return run_dir
+    if not cfg["resume"]:
+        done = sum(1 for k in range(cfg["lab_round"]) if round_status(run_dir / f"round{k}"))
+        state = (
+            "finished" if done == cfg["lab_round"] else f"unfinished ({done}/{cfg['lab_round']} rounds ended)"
+        )
+        parser.error(
+            f"{run_dir} already holds a {state} run of this configuration; "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    saved = study_settings(read_json(cfg_path))
+    now = study_settings(cfg)
+    diff = {
+        k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+    }
+    if diff:
+        lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        parser.error(f"--resume: flags differ from {cfg_path}: {lines}")
+    return run_dir

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import lossy_hooks.hook as hook_module
+import lossy_hooks.state as state_module
 from lossy_hooks import (
     ExactCount,
     GilbertElliott,
@@ -283,13 +283,13 @@ def accumulation_and_views() -> dict:
     )
     auto_state = LossyState(loss_rate=0.2, mtu=256, seed=1)  # default "auto"
     auto, _ = train_small(auto_state, steps=6, accumulation=3)
-    cap = hook_module.AUTO_REGENERATE_MAX_WORLD
-    hook_module.AUTO_REGENERATE_MAX_WORLD = dist.get_world_size() - 1  # as if more ranks
+    cap = state_module.AUTO_REGENERATE_MAX_WORLD
+    state_module.AUTO_REGENERATE_MAX_WORLD = dist.get_world_size() - 1  # as if more ranks
     try:
         auto_big_state = LossyState(loss_rate=0.2, mtu=256, seed=1)
         auto_big, _ = train_small(auto_big_state, steps=6, accumulation=3)
     finally:
-        hook_module.AUTO_REGENERATE_MAX_WORLD = cap
+        state_module.AUTO_REGENERATE_MAX_WORLD = cap
     resumed_auto = pickle.loads(pickle.dumps(auto_big_state))
     ge = dict(loss_model=GilbertElliott(0.05, 0.3), mtu=256, seed=2)
     ge_sep_state = LossyState(counts_transport="separate", **ge)
@@ -568,8 +568,8 @@ def resync_momentum() -> dict:
 def append_exactness() -> dict:
     """counts_transport='append' in bf16 is refused beyond the exact-count limit (lowered to
     W - 1 here to see it), with a message naming the option."""
-    cap = hook_module._exact_count_limit
-    hook_module._exact_count_limit = lambda dtype: world() - 1
+    cap = state_module._exact_count_limit
+    state_module._exact_count_limit = lambda dtype: world() - 1
     try:
         state = LossyState(
             loss_rate=0.1, mtu=64, drop_point="worker", fill="rescale", counts_transport="append"
@@ -582,7 +582,7 @@ def append_exactness() -> dict:
         except Exception as e:  # raised inside the hook, re-raised by backward
             message = str(e)
     finally:
-        hook_module._exact_count_limit = cap
+        state_module._exact_count_limit = cap
     return {"message": message}
 
 

@@ -10,18 +10,24 @@ import re
 
 import pytest
 
-from lossy_hooks import hook, loss_models, packetization
+from lossy_hooks import hook, ledger, loss_models, packetization, state, streams
 from lossy_hooks.loss_models import markov
 
 HOT_PATH = [
     hook.lossy_allreduce_hook,
     hook._join,
-    hook.DropSite.draw,
-    hook.DropSite.unrecovered_counter,
-    hook.LossyState._layout,
-    hook.LossyState._stale_buffer,
+    hook._plan_masks,
+    hook._finish,
+    hook._allreduce,
+    streams.DropSite.draw,
+    ledger.PacketLedger.count,
+    ledger.PacketLedger.unrecovered_counter,
+    ledger.PacketLedger.fidelity_slot,
+    state.LossyState._draw,
+    state.LossyState._bucket,
+    state.LossyState._stale_buffer,
     hook._scale_before_collective,
-    hook.LossyState._regenerated_counts,
+    state.LossyState._regenerated_counts,
     hook._fidelity_sums,
     hook._arrival_factor,
     hook._exact_factor,

@@ -16,6 +16,7 @@ import torch
 
 from lossy_hooks.bucket_layout import bucket_layout
 from lossy_hooks.models import build_model
+from lossy_hooks.run_io import FAULT_ENV
 from lossy_hooks.statistics import binomial_interval
 
 from .launch import ROOT, free_port
@@ -274,7 +275,7 @@ def test_kill_then_resume_gives_each_epoch_once_and_same_numbers(tmp_path, capsy
     # then stops rank 1; --resume must recompute epoch 3 from epoch 2's checkpoint
     killed = subprocess.run(
         torchrun([*common_mtu, "--output_dir", str(cut_dir)]),
-        env=env() | {train_ddp.FAULT_ENV: "kill:after_metrics:3"},
+        env=env() | {FAULT_ENV: "kill:after_metrics:3"},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -402,7 +403,7 @@ def test_kill_before_the_first_checkpoint_then_resume_writes_each_epoch_once(tmp
     round over and must not keep the dead run's rows (was epochs 1,1,2,3)."""
     flags = "--num_epochs 3 --batch_size 6 --accumulation_steps 1 --loss_rate 0.2 --worker_drop"
     cut, ref = tmp_path / "cut", tmp_path / "ref"
-    res = folder_run(image_folder, cut, flags, {train_ddp.FAULT_ENV: "kill:after_metrics:1"})
+    res = folder_run(image_folder, cut, flags, {FAULT_ENV: "kill:after_metrics:1"})
     assert res.returncode == -signal.SIGKILL
     rd = only_dir(cut) / "round0"
     assert [r["epoch"] for r in rows(rd / "metrics.csv")] == ["1"] and not (rd / "checkpoint.pt").exists()
@@ -451,7 +452,7 @@ def test_resume_refused_while_another_process_writes_the_round(tmp_path, image_f
     out = tmp_path / "runs"
     writer = subprocess.Popen(
         folder_cmd(image_folder, out, flags),
-        env=env() | {train_ddp.FAULT_ENV: "stop:after_metrics:1"},
+        env=env() | {FAULT_ENV: "stop:after_metrics:1"},
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
