@@ -190,14 +190,14 @@ class HostTime:
 
         join = hook_module._join
 
-        def timed_join(futures, on_cuda, fn):
+        def timed_join(futures, on_cuda, fn, *rest):
             def timed_fn(results):
                 t = time.perf_counter()
                 out = fn(results)
                 self.add(time.perf_counter() - t)
                 return out
 
-            return join(futures, on_cuda, timed_fn)
+            return join(futures, on_cuda, timed_fn, *rest)
 
         hook_module._join = timed_join
 

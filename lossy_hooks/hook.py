@@ -250,6 +250,7 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buf = bucket.buffer()
     state._prepare(buf, group)
+    state._bucket_calls += 1
     assert state.world_size is not None
     # ``1/W`` as DDP's reducer applies it: a multiply by the scalar (bitwise DDP at any W)
     scale = 1.0 / state.world_size if state.reduction == "mean" else 1.0

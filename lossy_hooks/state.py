@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,12 @@ COUNTS_TRANSPORTS = ("auto", "separate", "append", "regenerate")
 # counts_transport="auto" regenerates on CPU up to this many ranks (see LossyState).
 AUTO_REGENERATE_MAX_WORLD = 4
 STATE_VERSION = 3
+NOT_REACHED = (
+    "no gradient bucket has reached this LossyState yet: if training steps have run, the lossy "
+    "hook is not registered on the DDP module that trains (registered on another module, or a "
+    "framework that skipped it, e.g. Lightning's DDPStrategy on CPU), and nothing was lost; "
+    "see README 'Where you already train'"
+)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -173,6 +180,8 @@ class LossyState:
         self._key_of: dict[tuple[int, tuple[int, ...]], BucketKey] = {}  # (index, param ids) -> key
         self._saved_stale: dict[BucketKey, torch.Tensor] = {}
         self._passthrough = False
+        self._bucket_calls = 0  # hook calls, passthrough ones included
+        self._warned_unreached = False
         self._peers: dict[int, DropSite] = {}
         self._saved_peers: dict[int, dict[str, Any]] = {}
         self._counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
@@ -186,6 +195,13 @@ class LossyState:
     @property
     def drops_after(self) -> bool:
         return self.drop_point in ("post", "both")
+
+    @property
+    def hook_reached(self) -> bool:
+        """Whether any gradient bucket has reached this state (in this process, or before
+        the checkpoint it was loaded from). ``False`` after training steps means the hook is
+        not registered on the DDP module that trains: nothing was lost."""
+        return self._bucket_calls > 0 or self.steps > 0
 
     @property
     def counts_transport_in_use(self) -> str | None:
@@ -334,9 +350,14 @@ class LossyState:
         ``packets_unrecovered`` (worker rescale) counts packets no rank's copy reached.
         """
         scope = "all ranks" if all_ranks else f"rank {self.rank}"
-        return {"steps": self.steps, "world_size": self.world_size, "scope": scope} | self.ledger.stats(
-            all_ranks
-        )
+        head: dict[str, Any] = {"steps": self.steps, "world_size": self.world_size, "scope": scope}
+        head["hook_reached"] = self.hook_reached
+        if not self.hook_reached:
+            head["warning"] = NOT_REACHED
+            if not self._warned_unreached:
+                self._warned_unreached = True
+                warnings.warn(NOT_REACHED, RuntimeWarning, stacklevel=2)
+        return head | self.ledger.stats(all_ranks)
 
     def loss_by_parameter(self, names: dict[int, str], all_ranks: bool = False) -> list[dict[str, Any]]:
         """Packets sent and lost per parameter gradient (:meth:`PacketLedger.loss_by_parameter`)."""

@@ -29,3 +29,22 @@ def test_bench_alone_reports_every_model_dtype_and_variant():
         assert r["packets"] == -(-(25 * 2**20 // element_size) // per_packet) == 17477
         assert r["seconds"] > 0 and r["copy_seconds"] > 0 and r["ratio_to_copy"] > 0
         assert r["allocated_bytes"] > 0  # every variant allocates at least its mask
+
+
+def test_bench_step_part_runs_and_times_the_hook(tmp_path):
+    """The step part (2 Gloo ranks, the hook wrapped for host timing) runs end to end: a
+    change to the hook's private signatures must not silently break the benchmark."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, str(BENCH), "--part", "step", "--cpu", "--models", "resnet18"]
+    cmd += ["--batch_sizes", "2", "--image_size", "32", "--reps", "1", "--steps", "1"]
+    cmd += ["--configs", "allreduce_hook", "worker 10% rescale", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {r["config"]: r for r in json.loads(out.read_text())["step"]}
+    assert set(rows) == {"allreduce_hook", "worker 10% rescale"}
+    assert rows["allreduce_hook"]["ratio_to_allreduce_hook"] == 1.0
+    assert rows["worker 10% rescale"]["hook_host_ms_per_step"] > 0
