@@ -45,9 +45,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .buckets import BucketRecord
+from .encoding import decode_, encode
 from .ledger import collective_device
 from .packetization import PacketLayout
-from .state import BucketRecord, LossyState, derive_seed, resolve_counts_transport
+from .state import LossyState, derive_seed, resolve_counts_transport
 
 __all__ = [
     "LossyState",
@@ -171,6 +173,9 @@ class _Plan:
     stale: torch.Tensor | None = None  # last received values (fill="stale")
     clean: torch.Tensor | None = None  # the lossless copy (measure_fidelity)
     fidelity_slot: torch.Tensor | None = None  # where the fidelity sums go
+    bucket: torch.Tensor | None = None  # DDP's buffer, when what travels is another tensor
+    signs: torch.Tensor | None = None  # encoding="hadamard": this call's random signs D
+    block: int = 0  # encoding="hadamard": the block size option
 
     def read_in_callback(self) -> tuple[torch.Tensor | None, ...]:
         return (
@@ -181,6 +186,8 @@ class _Plan:
             self.fidelity_slot,
             self.clean,
             self.unrecovered,
+            self.bucket,
+            self.signs,
         )
 
 
@@ -189,17 +196,22 @@ def _plan_masks(state: LossyState, record: BucketRecord, plan: _Plan, buf: torch
     on every rank (keep mask ``a_{r,j}``, ``W/c_j`` when regenerated, a shared post mask and
     its rescale) into ``plan.pre``; leave the rest (summed counts, an independent post mask)
     for :func:`_finish`."""
-    key, n = record.key, record.layout.num_packets
-    lost = state._draw(state.worker, key, n) if state.drops_before else None
+    key = record.key
+    lost = state._draw(state.worker, record) if state.drops_before else None
     if lost is not None:
         plan.pre = (~lost).float()  # a_{r,j}
         if state.fill == "rescale":
             plan.unrecovered = state.ledger.unrecovered_counter(key, buf.device)
             if state._counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
-                plan.pre.mul_(_arrival_factor(state._regenerated_counts(lost), plan.world, plan.unrecovered))
+                plan.pre.mul_(
+                    _arrival_factor(state._regenerated_counts(lost, record), plan.world, plan.unrecovered)
+                )
             else:
-                plan.counts = (~lost).to(torch.int32 if state._counts_resolved == "separate" else buf.dtype)
-    plan.post_lost = state._draw(state.post, key, n) if state.drops_after else None
+                wire = state._wire_dtype(buf)
+                plan.counts = (~lost).to(torch.int32 if state._counts_resolved == "separate" else wire)
+        if state.error_feedback:
+            _feed_back(record, buf, lost)
+    plan.post_lost = state._draw(state.post, record) if state.drops_after else None
     if plan.post_lost is not None and state.fill != "stale":
         # rescale: 1 / E[fraction of the bucket's packets received] (see LossModel.keep_fraction)
         keep = torch.where(plan.post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)
@@ -207,6 +219,34 @@ def _plan_masks(state: LossyState, record: BucketRecord, plan: _Plan, buf: torch
             plan.pre = keep if plan.pre is None else plan.pre.mul_(keep)
         else:
             plan.post = keep
+
+
+def _feed_back(record: BucketRecord, buf: torch.Tensor, lost: torch.Tensor) -> None:
+    """Error feedback: this rank sends ``c = g + e`` (``e``: what its uplink lost last time
+    for this bucket, 0 at first) and keeps ``e <- c`` on the packets lost now (0 elsewhere),
+    so over ``T`` steps what arrived plus ``e`` is exactly the sum of its gradients."""
+    if record.residual is None:
+        record.residual = torch.zeros_like(buf)
+    else:
+        buf.add_(record.residual)
+    record.residual.copy_(buf)
+    record.layout.scale_(record.residual, lost.float())
+
+
+def _to_wire(state: LossyState, plan: _Plan, buf: torch.Tensor) -> torch.Tensor:
+    """What travels: ``buf`` itself, or its Hadamard rotation and/or its copy in the wire
+    dtype (then ``plan`` keeps what :func:`_finish` needs to decode into ``buf``)."""
+    wire = buf
+    if state.encoding == "hadamard":
+        assert state.rotation.generator is not None
+        wire, plan.signs = encode(buf, state.hadamard_block, state.rotation.generator)
+        plan.block = state.hadamard_block
+    dtype = state._wire_dtype(buf)
+    if wire.dtype != dtype:
+        wire = wire.to(dtype)
+    if wire is not buf:
+        plan.bucket = buf
+    return wire
 
 
 def _finish(plan: _Plan, results: list[torch.Tensor]) -> torch.Tensor:
@@ -227,6 +267,11 @@ def _finish(plan: _Plan, results: list[torch.Tensor]) -> torch.Tensor:
             plan.layout.fill_from_(out, plan.post_lost, plan.stale)
         # the stale value of a packet: its last received, finite value
         plan.layout.fill_from_(plan.stale, plan.layout.finite_packets(out), out)
+    if plan.signs is not None:  # x = D Q y, then back into DDP's buffer
+        assert plan.bucket is not None
+        out = decode_(plan.bucket, out, plan.signs, plan.block)
+    elif plan.bucket is not None:  # from the wire dtype
+        out = plan.bucket.copy_(out)
     if plan.fidelity_slot is not None:
         plan.fidelity_slot.copy_(_fidelity_sums(out, results[-1]))
     return out
@@ -258,7 +303,7 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
         if scale != 1.0:
             buf.mul_(scale)
         return _join([_allreduce(buf, group)], buf.is_cuda, lambda r: r[0])
-    record = state._bucket(bucket, buf)
+    record = state.buckets.lookup(bucket, buf)
     step = state.steps
     if bucket.is_last():
         state.steps += 1
@@ -270,14 +315,15 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
         plan.clean = buf.clone()
         plan.fidelity_slot = state.ledger.fidelity_slot(step, buf.device)
     _plan_masks(state, record, plan, buf)
-    _scale_before_collective(buf, record.layout, plan.pre, scale)
+    wire = _to_wire(state, plan, buf)
+    _scale_before_collective(wire, record.layout, plan.pre, scale)
 
     plan.appended = plan.counts is not None and state._counts_resolved == "append"
-    futures = [_allreduce(torch.cat((buf, plan.counts)) if plan.appended else buf, group)]  # type: ignore[arg-type]
+    futures = [_allreduce(torch.cat((wire, plan.counts)) if plan.appended else wire, group)]  # type: ignore[arg-type]
     if plan.counts is not None and not plan.appended:
         futures.append(_allreduce(plan.counts, group))
     if plan.clean is not None:
         futures.append(_allreduce(plan.clean, group))
     if state.fill == "stale":
-        plan.stale = state._stale_buffer(record, buf)
+        plan.stale = state.buckets.stale_buffer(record, wire)
     return _join(futures, buf.is_cuda, functools.partial(_finish, plan), plan.read_in_callback())

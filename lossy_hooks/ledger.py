@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .protection import COUNTERS
+
 __all__ = ["BucketEntry", "BucketKey", "PacketLedger", "collective_device"]
 
 # (bucket index, numel, generation): one key per distinct content of a bucket. DDP rebuilds
@@ -54,13 +56,16 @@ def collective_device(group: Any = None) -> torch.device:
 @dataclass
 class BucketEntry:
     """What the ledger knows of one bucket key: its packet count and parameter sizes (kept
-    across resumes), and, once seen in this process, its parameters' ``id()`` and the
-    elements per packet (``None``: one packet per parameter)."""
+    across resumes), and, once seen in this process, its parameters' ``id()``, the elements
+    per packet (``None``: one packet per parameter), its bytes on the wire and the block over
+    which an encoding spreads a packet's loss."""
 
     packets: int
     sizes: tuple[int, ...]
     param_ids: tuple[int, ...] | None = None
     packet_numel: int | None = None
+    wire_bytes: int = 0  # bytes of one call's packets on the wire (wire dtype, padding included)
+    block: int = 1  # a parameter's loss is counted over whole blocks of this many elements
 
 
 class PacketLedger:
@@ -69,18 +74,27 @@ class PacketLedger:
     Args:
         points: the active drop points, among ``("worker", "post")``.
         track_unrecovered: count packets no rank's copy reached (worker drop with rescale).
+        track_protection: report FEC / retransmission / protection counters in :meth:`stats`.
         process_group: the group ``all_ranks=True`` sums over (default: the world).
     """
 
-    def __init__(self, points: tuple[str, ...], track_unrecovered: bool, process_group: Any = None) -> None:
+    def __init__(
+        self,
+        points: tuple[str, ...],
+        track_unrecovered: bool,
+        process_group: Any = None,
+        track_protection: bool = False,
+    ) -> None:
         self.points = points
         self.track_unrecovered = track_unrecovered
+        self.track_protection = track_protection
         self.process_group = process_group
         self.device: torch.device | None = None
         self.buckets: dict[BucketKey, BucketEntry] = {}
         self.sent: dict[str, dict[BucketKey, int]] = {p: {} for p in points}
         self.lost: dict[str, dict[BucketKey, torch.Tensor]] = {p: {} for p in points}  # per packet
         self.unrecovered: dict[BucketKey, torch.Tensor] = {}
+        self.protection: dict[str, dict[BucketKey, torch.Tensor]] = {p: {} for p in points}
         self.mark: dict[str, list[int]] = {}
         self._fidelity: dict[int, list[torch.Tensor]] = {}
 
@@ -89,7 +103,7 @@ class PacketLedger:
     def to(self, device: torch.device) -> None:
         """Keep the counters on ``device`` (the buckets')."""
         self.device = device
-        for d in (*self.lost.values(), self.unrecovered):
+        for d in (*self.lost.values(), *self.protection.values(), self.unrecovered):
             for k, v in d.items():
                 d[k] = v.to(device)
 
@@ -107,6 +121,14 @@ class PacketLedger:
                 num_packets, dtype=torch.int32, device=lost.device
             )
         per_packet.add_(lost)
+
+    def count_protection(self, point: str, key: BucketKey, counters: torch.Tensor) -> None:
+        """Add one call's :data:`~lossy_hooks.protection.COUNTERS` (an int64 device vector)."""
+        total = self.protection[point].get(key)
+        if total is None:
+            self.protection[point][key] = counters.clone()
+        else:
+            total.add_(counters)
 
     def unrecovered_counter(self, key: BucketKey, device: torch.device) -> torch.Tensor:
         counter = self.unrecovered.get(key)
@@ -135,51 +157,69 @@ class PacketLedger:
         dist.all_reduce(vec, group=group)
 
     def stats(self, all_ranks: bool = False) -> dict[str, Any]:
-        """Packets sent and lost per drop point (``packets_sent``, ``packets_lost``,
-        ``loss_rate``, and ``packets_unrecovered`` when tracked) and per bucket (``buckets``:
-        index, numel, generation, packets, ``<point>_sent``, ``<point>_lost``). With
+        """Per drop point: ``packets_sent``, ``packets_lost`` (lost after every recovery
+        mechanism), ``loss_rate``, ``bytes_sent`` (the wire dtype's bytes, encoding padding
+        included), ``packets_unrecovered`` when tracked, and with FEC, retransmission or
+        protection ``extra_packets`` / ``extra_bytes`` (parity and resent packets, at the
+        bucket's mean packet size), ``recovered_fec``, ``recovered_retransmit``,
+        ``recovered_protect`` and ``protected_packets``. Per bucket (``buckets``): index,
+        numel, generation, packets, ``<point>_sent``, ``<point>_lost``. With
         ``all_ranks=True`` summed over the group (a collective: every rank calls it)."""
         keys = sorted({k for p in self.points for k in self.sent[p]})
         device = self._collective_device()
+        width = 3 + len(COUNTERS)
+        zeros = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
         rows: list[torch.Tensor] = []
         for p in self.points:
             for k in keys:
-                rows.append(torch.tensor(self.sent[p].get(k, 0), dtype=torch.int64, device=device))
                 lost = self.lost[p].get(k)
-                rows.append(
-                    torch.zeros((), dtype=torch.int64, device=device)
-                    if lost is None
-                    else lost.sum().to(device)
-                )
                 unrec = self.unrecovered.get(k) if p == "worker" else None
-                rows.append(
-                    torch.zeros((), dtype=torch.int64, device=device) if unrec is None else unrec.to(device)
-                )
-        vec = torch.stack(rows).double() if rows else torch.zeros(0, dtype=torch.float64, device=device)
+                head = [
+                    torch.tensor(self.sent[p].get(k, 0), dtype=torch.int64, device=device),
+                    lost.sum().to(device) if lost is not None else zeros[0],
+                    unrec.to(device) if unrec is not None else zeros[0],
+                ]
+                prot = self.protection[p].get(k)
+                rows.append(torch.cat((torch.stack(head), prot.to(device) if prot is not None else zeros)))
+        vec = (
+            torch.stack(rows).double()
+            if rows
+            else torch.zeros((0, width), dtype=torch.float64, device=device)
+        )
         if all_ranks:
             self._sum_over_ranks(vec)
-        values = iter(round(v) for v in vec.tolist())
+        values = [[round(v) for v in row] for row in vec.tolist()]
         buckets = {
-            k: {
-                "index": k[0],
-                "numel": k[1],
-                "generation": k[2],
-                "packets": self.buckets[k].packets if k in self.buckets else 0,
-            }
+            k: {"index": k[0], "numel": k[1], "generation": k[2], "packets": self._entry(k).packets}
             for k in keys
         }
         out: dict[str, Any] = {}
+        it = iter(values)
         for p in self.points:
-            sent = lost = unrec = 0
+            total = [0] * width
+            sent_bytes = extra_bytes = 0
             for k in keys:
-                bs, bl, bu = next(values), next(values), next(values)
-                sent, lost, unrec = sent + bs, lost + bl, unrec + bu
-                buckets[k].update({f"{p}_sent": bs, f"{p}_lost": bl})
-            out[p] = {"packets_sent": sent, "packets_lost": lost, "loss_rate": lost / sent if sent else 0.0}
+                row = next(it)
+                total = [a + b for a, b in zip(total, row, strict=True)]
+                buckets[k].update({f"{p}_sent": row[0], f"{p}_lost": row[1]})
+                entry = self._entry(k)
+                if entry.packets:
+                    sent_bytes += row[0] // entry.packets * entry.wire_bytes
+                    extra_bytes += round(row[3] * entry.wire_bytes / entry.packets)
+            sent, lost = total[0], total[1]
+            entry_out: dict[str, Any] = {"packets_sent": sent, "packets_lost": lost}
+            entry_out["loss_rate"] = lost / sent if sent else 0.0
+            entry_out["bytes_sent"] = sent_bytes
             if p == "worker" and self.track_unrecovered:
-                out[p]["packets_unrecovered"] = unrec
+                entry_out["packets_unrecovered"] = total[2]
+            if self.track_protection:
+                entry_out |= dict(zip(COUNTERS, total[3:], strict=True)) | {"extra_bytes": extra_bytes}
+            out[p] = entry_out
         out["buckets"] = list(buckets.values())
         return out
+
+    def _entry(self, key: BucketKey) -> BucketEntry:
+        return self.buckets.get(key) or BucketEntry(0, ())
 
     def loss_by_parameter(self, names: dict[int, str], all_ranks: bool = False) -> list[dict[str, Any]]:
         """Packets sent and lost for each parameter's gradient, per drop point.
@@ -220,8 +260,12 @@ class PacketLedger:
                 for j, (pid, size) in enumerate(zip(entry.param_ids or (), entry.sizes, strict=True)):
                     if entry.packet_numel is None:
                         first = last = j
-                    else:
-                        first, last = start // entry.packet_numel, (start + size - 1) // entry.packet_numel
+                    else:  # with an encoding, every packet of the blocks the parameter is in
+                        lo, hi = (
+                            start // entry.block * entry.block,
+                            -(-(start + size) // entry.block) * entry.block,
+                        )
+                        first, last = lo // entry.packet_numel, (hi - 1) // entry.packet_numel
                     start += size
                     label = names.get(pid, f"param@{pid}")
                     row = totals.setdefault(
@@ -259,8 +303,9 @@ class PacketLedger:
     def since_mark(self, names: dict[int, str], all_ranks: bool = True) -> dict[str, Any]:
         """What was counted since the previous call (or since the start), then a new mark.
 
-        Returns ``{"points": {point: (sent, lost)}, "buckets": [...], "parameters": [...]}``:
-        per drop point; per bucket and point with packets sent in the interval (the
+        Returns ``{"points": {point: {figure: change}}, "buckets": [...], "parameters": [...]}``:
+        per drop point, every whole-number figure of :meth:`stats` (``packets_sent``,
+        ``packets_lost``, ``bytes_sent``, ...); per bucket and point with packets sent in the interval (the
         :meth:`stats` bucket fields with ``packets_sent``, ``packets_lost``, ``loss_rate``
         and the bucket's parameter names ``params``); per parameter and point (the
         :meth:`loss_by_parameter` fields). Use one scope (``all_ranks``) for every call:
@@ -268,8 +313,8 @@ class PacketLedger:
         stats = self.stats(all_ranks)
         by_param = self.loss_by_parameter(names, all_ranks)
         now: dict[str, list[int]] = {}
-        for p in self.points:
-            now[f"point:{p}"] = [stats[p]["packets_sent"], stats[p]["packets_lost"]]
+        for p in self.points:  # every whole-number figure of the drop point
+            now |= {f"point:{p}:{f}": [v] for f, v in stats[p].items() if isinstance(v, int)}
         for b in stats["buckets"]:
             for p in self.points:
                 now[f"bucket:{p}:{b['index']}:{b['numel']}:{b['generation']}"] = [
@@ -309,7 +354,10 @@ class PacketLedger:
             parameters.append(
                 r | {"packets_sent": sent, "packets_lost": lost, "loss_rate": lost / sent if sent else 0.0}
             )
-        points = {p: delta(f"point:{p}") for p in self.points}
+        points = {
+            p: {f: v - prev.get(f"point:{p}:{f}", [0])[0] for f, v in stats[p].items() if isinstance(v, int)}
+            for p in self.points
+        }
         return {"points": points, "buckets": buckets, "parameters": parameters}
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -318,17 +366,23 @@ class PacketLedger:
         """Counters (CPU tensors), bucket registry, mark; ``torch.load(weights_only=True)`` safe."""
         return {
             "buckets": {
-                key_str(k): {"packets": e.packets, "sizes": list(e.sizes)} for k, e in self.buckets.items()
+                key_str(k): {"packets": e.packets, "sizes": list(e.sizes), "wire_bytes": e.wire_bytes}
+                for k, e in self.buckets.items()
             },
             "sent": {p: {key_str(k): n for k, n in d.items()} for p, d in self.sent.items()},
             "lost": {p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.lost.items()},
             "unrecovered": {key_str(k): v.detach().cpu() for k, v in self.unrecovered.items()},
+            "protection": {
+                p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.protection.items()
+            },
             "mark": {k: list(v) for k, v in self.mark.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.buckets = {
-            key_from_str(k): BucketEntry(int(e["packets"]), tuple(int(x) for x in e["sizes"]))
+            key_from_str(k): BucketEntry(
+                int(e["packets"]), tuple(int(x) for x in e["sizes"]), wire_bytes=int(e.get("wire_bytes", 0))
+            )
             for k, e in sd["buckets"].items()
         }
         self.sent = {
@@ -338,6 +392,10 @@ class PacketLedger:
             p: {key_from_str(k): v.clone() for k, v in sd["lost"].get(p, {}).items()} for p in self.points
         }
         self.unrecovered = {key_from_str(k): v.clone() for k, v in sd["unrecovered"].items()}
+        saved = sd.get("protection", {})
+        self.protection = {
+            p: {key_from_str(k): v.clone() for k, v in saved.get(p, {}).items()} for p in self.points
+        }
         self.mark = {k: [int(x) for x in v] for k, v in sd.get("mark", {}).items()}
         self._fidelity = {}
         self.device = None

@@ -55,6 +55,16 @@ __all__ = [
     "writer_refusal",
 ]
 
+# per drop point, with FEC, retransmission or protection (PacketLedger.stats)
+PROTECTION_COLUMNS = (
+    "bytes_sent",
+    "extra_packets",
+    "extra_bytes",
+    "recovered_fec",
+    "recovered_retransmit",
+    "recovered_protect",
+    "protected_packets",
+)
 METRIC_FIELDS = [
     "epoch",
     "steps",
@@ -67,6 +77,7 @@ METRIC_FIELDS = [
     "post_packets_sent",
     "post_packets_lost",
     "effective_loss_rate",
+    *(f"{p}_{f}" for p in ("worker", "post") for f in PROTECTION_COLUMNS),
     "fidelity_cosine",
     "fidelity_rel_l2",
     "drift_max",
@@ -270,9 +281,14 @@ def packet_rows(counts: dict[str, Any], epoch: int) -> tuple[dict[str, Any], lis
     ``effective_loss_rate``: lost over sent, all drop points together) and the rows of
     buckets.csv (``BUCKET_FIELDS``) and layers.csv (``LAYER_FIELDS``)."""
     columns: dict[str, Any] = {}
-    for point, (sent, lost) in counts["points"].items():
-        columns[f"{point}_packets_sent"], columns[f"{point}_packets_lost"] = sent, lost
-    sent, lost = (sum(v[i] for v in counts["points"].values()) for i in (0, 1))
+    for point, figures in counts["points"].items():
+        columns[f"{point}_packets_sent"], columns[f"{point}_packets_lost"] = (
+            figures["packets_sent"],
+            figures["packets_lost"],
+        )
+        columns |= {f"{point}_{f}": figures[f] for f in PROTECTION_COLUMNS if f in figures}
+    sent = sum(v["packets_sent"] for v in counts["points"].values())
+    lost = sum(v["packets_lost"] for v in counts["points"].values())
     columns["effective_loss_rate"] = lost / sent if sent else 0.0
     buckets = [
         {"epoch": epoch, "drop_point": b["drop_point"], "bucket": b["index"]}

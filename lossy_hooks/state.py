@@ -8,20 +8,42 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .ledger import BucketEntry, BucketKey, PacketLedger, collective_device, key_from_str, key_str
+from .buckets import BucketRecord, BucketRecords
+from .encoding import ENCODINGS, WIRE_DTYPES, wire_dtype_of
+from .ledger import BucketKey, PacketLedger, collective_device
 from .loss_models import Bernoulli, LossModel, check_probability, parse_loss_model
-from .packetization import PacketLayout
-from .streams import STREAM_POST_INDEPENDENT, STREAM_POST_SHARED, STREAM_WORKER, DropSite, derive_seed
+from .options import (
+    COUNTS_TRANSPORTS,
+    DROP_POINTS,
+    FILLS,
+    PACKETIZATIONS,
+    POST_SYNCS,
+    REDUCTIONS,
+    ProtectRule,
+    check_combinations,
+    choice,
+    power_of_two,
+    protect_rule,
+    whole,
+)
+from .protection import Protection
+from .streams import (
+    STREAM_POST_INDEPENDENT,
+    STREAM_POST_SHARED,
+    STREAM_ROTATION,
+    STREAM_WORKER,
+    DropSite,
+    derive_seed,
+)
 
 __all__ = [
     "BucketRecord",
+    "BucketRecords",
     "DropSite",
     "LossyState",
     "collective_device",
@@ -29,33 +51,24 @@ __all__ = [
     "resolve_counts_transport",
 ]
 
-DROP_POINTS = ("worker", "post", "both")
-FILLS = ("zero", "rescale", "stale")
-REDUCTIONS = ("mean", "sum")
-POST_SYNCS = ("shared", "independent")
-PACKETIZATIONS = ("mtu", "tensor")
-COUNTS_TRANSPORTS = ("auto", "separate", "append", "regenerate")
 # counts_transport="auto" regenerates on CPU up to this many ranks (see LossyState).
 AUTO_REGENERATE_MAX_WORLD = 4
 STATE_VERSION = 3
+OPTION_DEFAULTS: dict[str, Any] = {
+    "encoding": "none",
+    "hadamard_block": 4096,
+    "wire_dtype": "fp32",
+    "error_feedback": False,
+    "protect": None,
+    "retransmit": 0,
+    "fec": None,
+}
 NOT_REACHED = (
     "no gradient bucket has reached this LossyState yet: if training steps have run, the lossy "
     "hook is not registered on the DDP module that trains (registered on another module, or a "
     "framework that skipped it, e.g. Lightning's DDPStrategy on CPU), and nothing was lost; "
     "see README 'Where you already train'"
 )
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _whole(name: str, value: Any, minimum: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
 
 
 def resolve_counts_transport(requested: str, device: torch.device, world_size: int) -> str:
@@ -72,16 +85,6 @@ def resolve_counts_transport(requested: str, device: torch.device, world_size: i
 def _exact_count_limit(dtype: torch.dtype) -> int:
     """The largest ``W`` such that every whole number ``0..W`` is exact in ``dtype``."""
     return round(2 / torch.finfo(dtype).eps) if dtype.is_floating_point else 2**31 - 1
-
-
-@dataclass
-class BucketRecord:
-    """What the hook keeps for one bucket key in this process."""
-
-    key: BucketKey
-    layout: PacketLayout
-    post_factor: float  # 1 / E[kept fraction] of a post drop over this bucket's packets (0 if none kept)
-    stale: torch.Tensor | None = None  # the last received value of each element (fill="stale")
 
 
 class LossyState:
@@ -134,15 +137,22 @@ class LossyState:
         process_group: dist.ProcessGroup | None = None,
         counts_transport: str = "auto",
         measure_fidelity: bool = False,
+        encoding: str = "none",
+        hadamard_block: int = 4096,
+        wire_dtype: str = "fp32",
+        error_feedback: bool = False,
+        protect: str | ProtectRule | None = None,
+        retransmit: int = 0,
+        fec: tuple[int, int] | None = None,
     ) -> None:
-        self.drop_point = _choice("drop_point", drop_point, DROP_POINTS)
-        self.fill = _choice("fill", fill, FILLS)
-        self.reduction = _choice("reduction", reduction, REDUCTIONS)
-        self.post_sync = _choice("post_sync", post_sync, POST_SYNCS)
-        self.packetization = _choice("packetization", packetization, PACKETIZATIONS)
-        self.counts_transport = _choice("counts_transport", counts_transport, COUNTS_TRANSPORTS)
-        self.mtu = _whole("mtu", mtu, 1, "a positive whole number of bytes")
-        self.seed = _whole("seed", seed, 0, "a non-negative integer")
+        self.drop_point = choice("drop_point", drop_point, DROP_POINTS)
+        self.fill = choice("fill", fill, FILLS)
+        self.reduction = choice("reduction", reduction, REDUCTIONS)
+        self.post_sync = choice("post_sync", post_sync, POST_SYNCS)
+        self.packetization = choice("packetization", packetization, PACKETIZATIONS)
+        self.counts_transport = choice("counts_transport", counts_transport, COUNTS_TRANSPORTS)
+        self.mtu = whole("mtu", mtu, 1, "a positive whole number of bytes")
+        self.seed = whole("seed", seed, 0, "a non-negative integer")
         if loss_model is not None and loss_rate is not None:
             raise ValueError("give loss_rate or loss_model, not both")
         if isinstance(loss_model, str):
@@ -152,17 +162,15 @@ class LossyState:
         if not isinstance(loss_model, LossModel):
             raise ValueError(f"loss_model must be a LossModel or netem-style text, got {loss_model!r}")
         self.loss_model = loss_model
-        if self.fill == "stale" and self.drop_point != "post":
-            raise ValueError(
-                f"fill='stale' needs drop_point='post' (a worker's lost contribution has no "
-                f"previous value at the receiver); got drop_point={self.drop_point!r}"
-            )
         self.post_keep_rate = 1.0 - loss_model.long_run_loss_rate()
-        if self.fill == "rescale" and self.drops_after and self.post_keep_rate <= 0.0:
-            raise ValueError(
-                "fill='rescale' after the allreduce needs a long-run loss rate < 1 "
-                f"(rescales survivors by 1/(1-p)); {loss_model.spec!r} loses every packet"
-            )
+        self.encoding = choice("encoding", encoding, ENCODINGS)
+        self.hadamard_block = power_of_two("hadamard_block", hadamard_block)
+        self.wire_dtype = choice("wire_dtype", wire_dtype, tuple(WIRE_DTYPES))
+        self.error_feedback = bool(error_feedback)
+        self.protect = protect
+        self._protect_rule = protect_rule(protect)
+        self.protection = Protection(retransmit, fec)
+        check_combinations(self)
         self.process_group = process_group
         self.measure_fidelity = bool(measure_fidelity)
 
@@ -170,15 +178,17 @@ class LossyState:
         shared = self.post_sync == "shared"
         stream = STREAM_POST_SHARED if shared else STREAM_POST_INDEPENDENT
         self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
+        self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
         points = tuple(p for p, on in (("worker", self.drops_before), ("post", self.drops_after)) if on)
-        self.ledger = PacketLedger(points, self.drops_before and self.fill == "rescale", process_group)
+        self._protecting = self.protection.active or protect is not None
+        unrecovered = self.drops_before and self.fill == "rescale"
+        self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self._protecting)
+        self._names: dict[int, str] = {}
         self.steps = 0
         self.rank: int | None = None
         self.world_size: int | None = None
         self.device: torch.device | None = None
-        self._buckets: dict[BucketKey, BucketRecord] = {}
-        self._key_of: dict[tuple[int, tuple[int, ...]], BucketKey] = {}  # (index, param ids) -> key
-        self._saved_stale: dict[BucketKey, torch.Tensor] = {}
+        self.buckets = BucketRecords(self)
         self._passthrough = False
         self._bucket_calls = 0  # hook calls, passthrough ones included
         self._warned_unreached = False
@@ -222,7 +232,28 @@ class LossyState:
             "seed": self.seed,
             "counts_transport": self.counts_transport,
             "measure_fidelity": self.measure_fidelity,
+        } | {k: v for k, v in self._options().items() if v != OPTION_DEFAULTS[k]}
+
+    def _options(self) -> dict[str, Any]:
+        protect = (
+            self.protect
+            if self.protect is None or isinstance(self.protect, str)
+            else (getattr(self.protect, "__qualname__", repr(self.protect)))
+        )
+        fec = None if self.protection.fec is None else list(self.protection.fec)
+        return {
+            "encoding": self.encoding,
+            "hadamard_block": self.hadamard_block,
+            "wire_dtype": self.wire_dtype,
+            "error_feedback": self.error_feedback,
+            "protect": protect,
+            "retransmit": self.protection.retransmit,
+            "fec": fec,
         }
+
+    def name_parameters(self, module: torch.nn.Module) -> None:
+        """Tell the state the names of ``module``'s parameters (``protect=`` matches them)."""
+        self._names = {id(p): n for n, p in module.named_parameters()}
 
     # -- used by the hook -----------------------------------------------------------------
 
@@ -233,21 +264,19 @@ class LossyState:
         self.device = buf.device
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        for site in (self.worker, self.post):
+        for site in (self.worker, self.post, self.rotation):
             site.prepare(buf.device, self.seed, self.rank)
         self.ledger.to(buf.device)
-        for record in self._buckets.values():
-            if record.stale is not None:
-                record.stale = record.stale.to(buf.device)
-        self._saved_stale = {k: v.to(buf.device) for k, v in self._saved_stale.items()}
+        self.buckets.to(buf.device)
         if self._counts_resolved is None:
             self._counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
         uses_counts = self.drops_before and self.fill == "rescale"
         if uses_counts and self._counts_resolved == "append":
-            limit = _exact_count_limit(buf.dtype)
+            wire = wire_dtype_of(self.wire_dtype, buf.dtype)
+            limit = _exact_count_limit(wire)
             if self.world_size > limit:
                 raise ValueError(
-                    f"counts_transport='append' sends arrival counts in the bucket dtype ({buf.dtype}), "
+                    f"counts_transport='append' sends arrival counts in the wire dtype ({wire}), "
                     f"exact only up to {limit} ranks; this group has {self.world_size}: use "
                     "counts_transport='separate' (int32 counts)"
                 )
@@ -264,67 +293,37 @@ class LossyState:
                     self._peers[peer_rank] = site
                 site.prepare(buf.device, self.seed, peer_rank)
 
-    def _draw(self, site: DropSite, key: BucketKey, num_packets: int) -> torch.Tensor | None:
-        """A loss mask from ``site`` for this bucket, counted in the ledger."""
-        lost = site.draw(num_packets)
-        self.ledger.count(site.name, key, num_packets, lost)
+    def _draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
+        """The loss mask of this bucket at ``site`` after FEC, retransmission and protection
+        (:class:`~lossy_hooks.protection.Protection`), counted in the ledger."""
+        n = record.layout.num_packets
+        if site.lossless or not self._protecting:
+            lost = site.draw(n)
+            counters = record.lossless_counters if self._protecting else None
+        else:
+            assert self.device is not None
+            lost, counters = self.protection.resolve(n, site.draw, record.protected, self.device)
+        self.ledger.count(site.name, record.key, n, lost)
+        if counters is not None:
+            self.ledger.count_protection(site.name, record.key, counters)
         return lost
 
-    def _regenerated_counts(self, own_lost: torch.Tensor) -> torch.Tensor:
-        """``c_j``: this rank's arrivals plus every other rank's, replayed from their generators."""
+    def _regenerated_counts(self, own_lost: torch.Tensor, record: BucketRecord) -> torch.Tensor:
+        """``c_j``: this rank's arrivals plus every other rank's, replayed from their generators
+        (through the same FEC, retransmission and protection)."""
         counts = (~own_lost).to(torch.int32)
+        n = own_lost.numel()
         for site in self._peers.values():
-            assert site.generator is not None
-            counts += ~site.model.sample(own_lost.numel(), site.generator)
+            if self._protecting:
+                lost = self.protection.resolve(n, site.draw, record.protected, own_lost.device)[0]
+            else:
+                lost = site.draw(n)
+            assert lost is not None
+            counts += ~lost
         return counts
 
-    def _bucket(self, bucket: dist.GradBucket, buf: torch.Tensor) -> BucketRecord:
-        """The record of this bucket, keyed on what it holds.
-
-        Keyed on its index and the identities of its parameters, in order. DDP rebuilds its
-        buckets after the first iteration, and a rebuilt bucket can keep its index and size
-        but hold other parameters, or the same ones in another order: it gets a key of its own
-        (the next generation at that index and size), hence its own packet layout, loss
-        counters, per-parameter accounting and stale buffer. After :meth:`load_state_dict` (a
-        new process: new identities) a bucket takes over the saved key of the same index,
-        size and parameter sizes, the most recent generation first."""
-        params = bucket.parameters()
-        ids = (buf.numel(), *map(id, params))
-        key = self._key_of.get((bucket.index(), ids))
-        if key is not None:
-            return self._buckets[key]
-        sizes = tuple(p.numel() for p in params)
-        if self.packetization == "tensor" and sum(sizes) != buf.numel():
-            raise RuntimeError(
-                f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}"
-            )
-        index, numel = bucket.index(), buf.numel()
-        known = self.ledger.buckets
-        claimed = set(self._key_of.values())
-        same = [k for k in known if k[:2] == (index, numel)]
-        saved = [k for k in same if k not in claimed and known[k].sizes == sizes]
-        key = max(saved) if saved else (index, numel, max((k[2] + 1 for k in same), default=0))
-        if self.packetization == "tensor":
-            layout = PacketLayout.by_tensor(sizes)
-        else:
-            layout = PacketLayout.by_mtu(numel, self.mtu, buf.element_size())
-        self._key_of[(index, ids)] = key
-        packet_numel = None if layout.per_tensor else layout.packet_numel
-        self.ledger.register(key, BucketEntry(layout.num_packets, sizes, tuple(ids[1:]), packet_numel))
-        keep = self.post.model.keep_fraction(layout.num_packets)
-        record = BucketRecord(key, layout, 1.0 / keep if keep > 0 else 0.0, self._saved_stale.pop(key, None))
-        self._buckets[key] = record
-        return record
-
-    def _stale_buffer(self, record: BucketRecord, like: torch.Tensor) -> torch.Tensor:
-        if record.stale is None:
-            # A rebuilt bucket with the same index replaces the old one's buffer.
-            for other in self._buckets.values():
-                if other.key[0] == record.key[0]:
-                    other.stale = None
-            self._saved_stale = {k: v for k, v in self._saved_stale.items() if k[0] != record.key[0]}
-            record.stale = torch.zeros_like(like)
-        return record.stale
+    def _wire_dtype(self, buf: torch.Tensor) -> torch.dtype:
+        return wire_dtype_of(self.wire_dtype, buf.dtype)
 
     @contextlib.contextmanager
     def passthrough(self) -> Iterator[None]:
@@ -379,14 +378,12 @@ class LossyState:
         """Everything needed to resume the exact loss sequence and its figures: RNG states,
         loss-model memory, stale buffers and the ledger (tensors on CPU;
         ``torch.load(weights_only=True)`` safe). The process group is not included."""
-        stale = {k: r.stale for k, r in self._buckets.items() if r.stale is not None} | self._saved_stale
-        return {
+        return self.buckets.state_dict() | {
             "version": STATE_VERSION,
             "config": self.config(),
             "steps": self.steps,
             "worker": self.worker.state_dict(),
             "post": self.post.state_dict(),
-            "stale": {key_str(k): v.detach().cpu() for k, v in stale.items()},
             "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
             | {str(r): sd for r, sd in self._saved_peers.items()},
             "counts_transport_resolved": self._counts_resolved,
@@ -401,8 +398,8 @@ class LossyState:
         self.steps = int(sd["steps"])
         self.worker.load_state_dict(sd["worker"])
         self.post.load_state_dict(sd["post"])
-        self._saved_stale = {key_from_str(k): v.clone() for k, v in sd["stale"].items()}
-        self._key_of, self._buckets, self._peers = {}, {}, {}
+        self.buckets.load_state_dict(sd)
+        self._peers = {}
         self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
         self._counts_resolved = sd.get("counts_transport_resolved", self._counts_resolved)
         ledger = sd["ledger"] if "ledger" in sd else PacketLedger.from_version_2(sd)

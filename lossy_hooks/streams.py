@@ -16,6 +16,8 @@ __all__ = ["DropSite", "derive_seed"]
 
 # Random streams: one seed per (run seed, stream, rank).
 STREAM_WORKER, STREAM_POST_SHARED, STREAM_POST_INDEPENDENT = 1, 2, 3
+# The random signs of encoding="hadamard": one stream, the same on every rank.
+STREAM_ROTATION = 4
 # Seeds of the start offsets of deterministic models: (seed, stream + this, rank).
 STREAM_START_OFFSET = 100
 

@@ -17,7 +17,9 @@ NAMES = {101: "a", 102: "b"}
 
 def ledger() -> PacketLedger:
     led = PacketLedger(("worker", "post"), track_unrecovered=True)
-    led.register(KEY, BucketEntry(packets=4, sizes=(4, 6), param_ids=(101, 102), packet_numel=3))
+    led.register(
+        KEY, BucketEntry(packets=4, sizes=(4, 6), param_ids=(101, 102), packet_numel=3, wire_bytes=40)
+    )
     return led
 
 
@@ -32,8 +34,14 @@ def test_counts_per_point_bucket_and_parameter():
     led.count("post", KEY, 4, None)  # lossless draw: sent, nothing lost
     led.unrecovered_counter(KEY, torch.device("cpu")).add_(2)
     st = led.stats()
-    assert st["worker"] == {"packets_sent": 8, "packets_lost": 4, "loss_rate": 0.5, "packets_unrecovered": 2}
-    assert st["post"] == {"packets_sent": 4, "packets_lost": 0, "loss_rate": 0.0}
+    assert st["worker"] == {
+        "packets_sent": 8,
+        "packets_lost": 4,
+        "loss_rate": 0.5,
+        "bytes_sent": 80,  # 2 calls of 40 bytes
+        "packets_unrecovered": 2,
+    }
+    assert st["post"] == {"packets_sent": 4, "packets_lost": 0, "loss_rate": 0.0, "bytes_sent": 40}
     assert st["buckets"] == [
         {"index": 0, "numel": 10, "generation": 0, "packets": 4}
         | {"worker_sent": 8, "worker_lost": 4, "post_sent": 4, "post_lost": 0}
@@ -50,7 +58,13 @@ def test_since_mark_gives_deltas_and_the_mark_survives_a_checkpoint():
     led = ledger()
     led.count("worker", KEY, 4, mask(1, 0, 0, 0))
     first = led.since_mark(NAMES, all_ranks=False)
-    assert first["points"] == {"worker": (4, 1), "post": (0, 0)}
+    assert first["points"]["worker"] == {
+        "packets_sent": 4,
+        "packets_lost": 1,
+        "bytes_sent": 40,
+        "packets_unrecovered": 0,
+    }
+    assert first["points"]["post"] == {"packets_sent": 0, "packets_lost": 0, "bytes_sent": 0}
     assert [(b["drop_point"], b["packets_sent"], b["packets_lost"]) for b in first["buckets"]] == [
         ("worker", 4, 1)
     ]  # post sent nothing in the interval: no row
@@ -62,15 +76,18 @@ def test_since_mark_gives_deltas_and_the_mark_survives_a_checkpoint():
     resumed = PacketLedger(("worker", "post"), track_unrecovered=True)
     resumed.load_state_dict(torch.load(buf, weights_only=True))
     # a new process: the bucket is registered again with its new parameter identities
-    resumed.register(KEY, BucketEntry(packets=4, sizes=(4, 6), param_ids=(201, 202), packet_numel=3))
+    resumed.register(
+        KEY, BucketEntry(packets=4, sizes=(4, 6), param_ids=(201, 202), packet_numel=3, wire_bytes=40)
+    )
     second = resumed.since_mark({201: "a", 202: "b"}, all_ranks=False)
-    assert second["points"] == {"worker": (4, 2), "post": (0, 0)}
+    worker = second["points"]["worker"]
+    assert (worker["packets_sent"], worker["packets_lost"], worker["bytes_sent"]) == (4, 2, 40)
     by_param = {
         (r["drop_point"], r["parameter"]): (r["packets_sent"], r["packets_lost"])
         for r in second["parameters"]
     }
     assert by_param["worker", "a"] == (2, 0) and by_param["worker", "b"] == (3, 2)
-    assert resumed.since_mark({201: "a", 202: "b"}, all_ranks=False)["points"]["worker"] == (0, 0)
+    assert set(resumed.since_mark({201: "a", 202: "b"}, all_ranks=False)["points"]["worker"].values()) == {0}
 
 
 def test_fidelity_records_only_finished_steps():

@@ -10,7 +10,17 @@ import re
 
 import pytest
 
-from lossy_hooks import hook, ledger, loss_models, packetization, state, streams
+from lossy_hooks import (
+    buckets,
+    encoding,
+    hook,
+    ledger,
+    loss_models,
+    packetization,
+    protection,
+    state,
+    streams,
+)
 from lossy_hooks.loss_models import markov
 
 HOT_PATH = [
@@ -24,8 +34,18 @@ HOT_PATH = [
     ledger.PacketLedger.unrecovered_counter,
     ledger.PacketLedger.fidelity_slot,
     state.LossyState._draw,
-    state.LossyState._bucket,
-    state.LossyState._stale_buffer,
+    buckets.BucketRecords.lookup,
+    buckets.BucketRecords.stale_buffer,
+    hook._feed_back,
+    hook._to_wire,
+    encoding.encode,
+    encoding.decode_,
+    encoding.fwht_,
+    encoding._signs,
+    protection.Protection.resolve,
+    protection.Protection._data_of,
+    protection.Protection._after_fec,
+    ledger.PacketLedger.count_protection,
     hook._scale_before_collective,
     state.LossyState._regenerated_counts,
     hook._fidelity_sums,

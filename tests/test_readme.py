@@ -132,4 +132,4 @@ def test_hook_snippet_runs_in_a_ddp_program(tmp_path):
     res = run([sys.executable, str(script)], cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "'packets_sent': 1" in res.stdout  # 18 parameters in one packet of 375
-    assert "{'worker': (1, " in res.stdout  # the ledger's count since its (first) mark
+    assert "{'worker': {'packets_sent': 1, 'packets_lost': " in res.stdout  # since the (first) mark

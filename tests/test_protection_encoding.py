@@ -1,0 +1,151 @@
+"""FEC, retransmission, protection and the Hadamard encoding on their own (no process group),
+against closed forms: exact outcomes on hand-made masks, loss rates within 99.9% binomial
+intervals, the transform against the dense Sylvester matrix."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lossy_hooks import LossyState
+from lossy_hooks.encoding import block_size, decode_, encode, fwht_
+from lossy_hooks.protection import COUNTERS, Protection
+from lossy_hooks.statistics import binomial_interval
+
+
+def scripted(*masks: list[int]):
+    """A draw function returning the given masks in turn (checking the requested lengths)."""
+    it = iter(masks)
+
+    def draw(count: int) -> torch.Tensor:
+        m = torch.tensor(next(it), dtype=torch.bool)
+        assert m.numel() == count
+        return m
+
+    return draw
+
+
+def bernoulli(p: float, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return lambda count: torch.rand(count, generator=g) < p
+
+
+def counters(c: torch.Tensor) -> dict[str, int]:
+    return dict(zip(COUNTERS, c.tolist(), strict=True))
+
+
+def test_fec_recovers_groups_with_at_most_r_losses_in_wire_order():
+    # n = 5 data packets, (g, r) = (2, 1): wire = d0 d1 p | d2 d3 p | d4 p  (8 packets)
+    fec = Protection(fec=(2, 1))
+    assert fec.parity_packets(5) == 3
+    wire = [1, 0, 0, 1, 1, 0, 1, 1]  # group 0: 1 loss -> rebuilt; group 1: 2 > 1 -> d2, d3 lost; last: 2
+    lost, c = fec.resolve(5, scripted(wire), None, torch.device("cpu"))
+    assert lost.tolist() == [False, False, True, True, True]
+    assert counters(c) == {
+        "extra_packets": 3,
+        "recovered_fec": 1,
+        "recovered_retransmit": 0,
+        "recovered_protect": 0,
+        "protected_packets": 0,
+    }
+
+
+def test_retransmission_tries_each_lost_packet_up_to_k_times_then_protection():
+    both = Protection(retransmit=2)
+    first, retry1, retry2 = [1, 1, 1, 0], [1, 0, 1, 1], [0, 1, 1, 1]
+    protected = torch.tensor([False, False, True, False])
+    lost, c = both.resolve(4, scripted(first, retry1, retry2), protected, torch.device("cpu"))
+    # packet 0: lost, lost, arrives; 1: arrives at try 1; 2: lost 3 times but protected
+    assert lost.tolist() == [False, False, False, False]
+    assert counters(c) == {
+        "extra_packets": 3 + 2,  # 3 resent on try 1, 2 on try 2
+        "recovered_fec": 0,
+        "recovered_retransmit": 2,
+        "recovered_protect": 1,
+        "protected_packets": 1,
+    }
+
+
+def test_retransmission_loss_rate_and_resent_packets_match_bernoulli():
+    p, k, n = 0.3, 2, 200_000
+    lost, c = Protection(retransmit=k).resolve(n, bernoulli(p), None, torch.device("cpu"))
+    lo, hi = binomial_interval(n, p ** (k + 1))
+    assert lo <= int(lost.sum()) <= hi
+    # resent packets: sum of independent X_j in {0, 1, 2}, P(X >= 1) = p, P(X = 2) = p^2
+    mean, var = n * (p + p**2), n * (p + 3 * p**2 - (p + p**2) ** 2)
+    assert abs(counters(c)["extra_packets"] - mean) < 3.3 * math.sqrt(var)
+    assert Protection(retransmit=k).bernoulli_loss(p) == pytest.approx(p ** (k + 1))
+
+
+def test_fec_group_failure_rate_matches_the_binomial_tail():
+    """Groups are independent: the count of failed full groups is binomial, with failure
+    probability P[Bin(g + r, p) > r]; the closed form per data packet follows."""
+    p, g, r, groups = 0.1, 8, 1, 20_000
+    fec = Protection(fec=(g, r))
+    lost, c = fec.resolve(g * groups, bernoulli(p, 1), None, torch.device("cpu"))
+    failed = int(lost.view(groups, g).any(1).sum())
+    q = sum(math.comb(g + r, i) * p**i * (1 - p) ** (g + r - i) for i in range(r + 1, g + r + 1))
+    lo, hi = binomial_interval(groups, q)
+    assert lo <= failed <= hi
+    assert counters(c)["extra_packets"] == groups * r
+    # per data packet: E[lost] = g * bernoulli_loss(p) per group
+    expected = g * groups * fec.bernoulli_loss(p)
+    assert abs(int(lost.sum()) - expected) < 0.1 * expected
+    keep = fec.bernoulli_keep(p, 10)  # 8 + a last group of 2
+    assert keep[0] == pytest.approx(1 - fec.bernoulli_loss(p))
+    assert keep[-1] == pytest.approx(1 - fec.bernoulli_loss(p, 2)) and keep[-1] != keep[0]
+
+
+def test_bad_protection_options_are_refused_by_name():
+    for kwargs, msg in (
+        (dict(retransmit=-1), "retransmit must be a whole number"),
+        (dict(fec=(0, 1)), "fec must be \\(g, r\\)"),
+        (dict(fec=(8, 0)), "fec must be \\(g, r\\)"),
+        (dict(encoding="rotate"), "encoding must be one of"),
+        (dict(hadamard_block=1000), "hadamard_block must be a power of two"),
+        (dict(wire_dtype="fp8"), "wire_dtype must be one of"),
+        (dict(error_feedback=True, drop_point="post", fill="zero"), "error_feedback .* needs drop_point"),
+        (dict(error_feedback=True, fill="rescale"), "error_feedback needs fill='zero'"),
+        (dict(encoding="hadamard", packetization="tensor"), "needs packetization='mtu'"),
+        (dict(encoding="hadamard", drop_point="post", fill="stale"), "cannot use fill='stale'"),
+        (dict(loss_model="gemodel 1% 20%", drop_point="post", fec=(8, 1)), "needs loss_rate / a Bernoulli"),
+        (dict(protect="("), "protect: '\\(' is not a regular expression"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            LossyState(**kwargs)
+
+
+def sylvester(b: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def test_fwht_is_the_orthonormal_sylvester_transform_and_its_own_inverse():
+    b = 64
+    x = torch.randn(3, b, dtype=torch.float64)
+    y = fwht_(x.clone(), torch.empty_like(x))
+    assert torch.allclose(y, x @ sylvester(b) / math.sqrt(b))
+    assert torch.allclose(fwht_(y.clone(), torch.empty_like(y)), x)
+    assert block_size(10, 4096) == 16 and block_size(5000, 4096) == 4096 and block_size(1, 8) == 1
+
+
+def test_encode_decode_round_trip_and_a_lost_packet_spreads_over_its_block():
+    n, b = 10_000, 1024
+    x = torch.randn(n)
+    y, signs = encode(x, b, torch.Generator().manual_seed(0))
+    assert y.numel() == 10 * b  # padded to whole blocks
+    out = torch.empty(n)
+    decode_(out, y.clone(), signs, b)
+    bound = 4 * math.log2(b) * 2**-24
+    assert (out - x).norm() / x.norm() < bound
+    lost = y.clone()
+    lost[b : b + 375] = 0  # one packet of 375 coefficients lost in block 1
+    decode_(out, lost, signs, b)
+    err = out - x
+    assert err[:b].abs().max() < 1e-5 and err[2 * b :].abs().max() < 1e-5  # other blocks untouched
+    assert (err[b : 2 * b] != 0).float().mean() > 0.99  # spread over the whole block
+    assert err[b : 2 * b].abs().max() <= y[b : b + 375].abs().sum() / math.sqrt(b) + 1e-5
