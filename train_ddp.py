@@ -35,21 +35,17 @@ from lossy_hooks.plotting import plot_round, plot_summary
 from lossy_hooks.process_group import init_from_environment
 from lossy_hooks.progress import Reporter
 from lossy_hooks.replicas import replica_drift, resync_replicas
+from lossy_hooks.run_control import acquire_lock, environment_info, fault_point, release_lock, writer_refusal
 from lossy_hooks.run_io import (
     BUCKET_FIELDS,
     LAYER_FIELDS,
     MetricsLog,
-    acquire_lock,
     atomic_save,
-    environment_info,
-    fault_point,
     packet_rows,
-    release_lock,
     round_status,
     to_cpu,
     write_json,
     write_summary,
-    writer_refusal,
 )
 from lossy_hooks.streams import derive_seed
 from lossy_hooks.study_cli import build_parser, hook_kwargs, prepare_run_dir, resolve
@@ -84,6 +80,7 @@ class RoundRunner:
             bucket_cap_mb=cfg["bucket_cap_mb"],
         )
         self.state = LossyState(**hook_kwargs(cfg, self.seed))
+        self.state.name_parameters(model)  # for --protect
         self.ddp.register_comm_hook(self.state, lossy_allreduce_hook)
         self.opt = torch.optim.SGD(self.ddp.parameters(), lr=cfg["learning_rate"], momentum=0.9)
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .data import DATASETS, IMAGENETTE_SIZES, check_data_args, resolve_dataset
+from .encoding import ENCODINGS, WIRE_DTYPES
 from .loss_models import Bernoulli, parse_loss_model
 from .models import classification_models
 from .run_io import config_name, read_json, round_status
@@ -227,6 +228,44 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "or regenerated locally from every rank's seed (no communication); auto: regenerate "
         f"on CPU with <= {AUTO_REGENERATE_MAX_WORLD} ranks, else separate",
     )
+    e = p.add_argument_group("encodings and protection (docs/semantics.md)")
+    e.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default="none",
+        help="hadamard: send each bucket rotated in blocks by a random-sign Hadamard transform",
+    )
+    e.add_argument(
+        "--hadamard_block", type=int, default=4096, help="Hadamard block in elements (a power of two >= 2)"
+    )
+    e.add_argument(
+        "--wire_dtype",
+        choices=tuple(WIRE_DTYPES),
+        default="fp32",
+        help="dtype of the packets: fp32 = the bucket's own; fp16/bf16 halve the bytes (mtu // 2 elements)",
+    )
+    e.add_argument(
+        "--error_feedback",
+        action="store_true",
+        help="worker drop with --use_zero: each rank resends what its uplink lost in its next step",
+    )
+    e.add_argument(
+        "--protect",
+        default=None,
+        metavar="REGEX",
+        help="parameters whose packets are never lost, by name (e.g. 'bias|bn|downsample.1')",
+    )
+    e.add_argument(
+        "--retransmit", type=int, default=0, metavar="K", help="resend a lost packet up to K times"
+    )
+    e.add_argument(
+        "--fec",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("G", "R"),
+        help="R parity packets per G data packets (any G of G+R rebuild the group)",
+    )
     return p
 
 
@@ -317,6 +356,13 @@ def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
         counts_transport=cfg["counts_transport"],
         measure_fidelity=cfg["measure_fidelity"],
         seed=seed,
+        encoding=cfg.get("encoding", "none"),
+        hadamard_block=cfg.get("hadamard_block", 4096),
+        wire_dtype=cfg.get("wire_dtype", "fp32"),
+        error_feedback=cfg.get("error_feedback", False),
+        protect=cfg.get("protect"),
+        retransmit=cfg.get("retransmit", 0),
+        fec=None if cfg.get("fec") is None else tuple(cfg["fec"]),
     )
 
 
@@ -339,7 +385,8 @@ def prepare_run_dir(cfg: dict[str, Any], parser: argparse.ArgumentParser) -> Pat
             f"{run_dir} already holds a {state} run of this configuration; "
             "pass --resume to continue it or --overwrite to start over"
         )
-    saved = study_settings(read_json(cfg_path))
+    # a flag added since the saved run started counts as its default there
+    saved = {k: parser.get_default(k) for k in study_settings(cfg)} | study_settings(read_json(cfg_path))
     now = study_settings(cfg)
     diff = {
         k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)

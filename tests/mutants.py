@@ -183,7 +183,7 @@ MUTANTS = [
     ),
     M(
         "M16",
-        "lossy_hooks/state.py",
+        "lossy_hooks/buckets.py",
         "ids = (buf.numel(), *map(id, params))",
         "ids = (buf.numel(),)",
         "per-bucket state is keyed on the bucket's contents (rebuilt buckets)",
@@ -225,8 +225,8 @@ MUTANTS = [
     M(
         "M21",
         "lossy_hooks/ledger.py",
-        "(start + size - 1) // entry.packet_numel",
-        "(start + size) // entry.packet_numel",
+        "first, last = lo // entry.packet_numel, (hi - 1) // entry.packet_numel",
+        "first, last = lo // entry.packet_numel, hi // entry.packet_numel",
         "loss_by_parameter: a parameter is carried by packets s//k .. (e-1)//k",
         (HOOK,),
     ),
@@ -407,7 +407,7 @@ MUTANTS = [
     ),
     M(
         "M42",
-        "lossy_hooks/run_io.py",
+        "lossy_hooks/run_control.py",
         "    if owner is None:\n        return None\n",
         "    if True:\n        return None\n",
         "one writer per configuration",

@@ -16,7 +16,7 @@ import torch
 
 from lossy_hooks.bucket_layout import bucket_layout
 from lossy_hooks.models import build_model
-from lossy_hooks.run_io import FAULT_ENV
+from lossy_hooks.run_control import FAULT_ENV
 from lossy_hooks.statistics import binomial_interval
 
 from .launch import ROOT, free_port
@@ -86,6 +86,12 @@ def only_dir(root: Path) -> Path:
         (["--drop_point", "post", "--worker_drop"], "contradicts"),
         (["--amp_init_scale", "0"], "--amp_init_scale must be > 0"),
         (["--max_steps", "0"], "--max_steps must be >= 1"),
+        (["--error_feedback", "--drop_point", "post", "--use_zero"], "error_feedback resends"),
+        (["--fec", "8", "0"], "fec must be (g, r)"),
+        (["--retransmit", "-1"], "retransmit must be a whole number"),
+        (["--hadamard_block", "1000", "--encoding", "hadamard"], "hadamard_block must be a power of two"),
+        (["--encoding", "rot"], "invalid choice: 'rot'"),
+        (["--protect", "("], "protect: '(' is not a regular expression"),
     ],
 )
 def test_bad_flags_exit_2_with_message(flags, message, capsys, tmp_path):
@@ -567,3 +573,30 @@ def test_sum_reduction_steps_with_w_times_the_mean(tmp_path, image_folder):
 def _initial_model() -> torch.nn.Module:
     torch.manual_seed(0)  # round 0: seed 0, as train_ddp builds it
     return build_model("squeezenet1_1", 3)
+
+
+def test_encoding_and_protection_flags_reach_the_hook_and_the_csv(tmp_path, image_folder):
+    """One run with every option of issue 'encodings and protection': the folder is named by
+    them, the hook gets them, metrics.csv counts parity, resent and protected packets."""
+    out = tmp_path / "opts"
+    flags = (
+        "--num_epochs 1 --batch_size 6 --accumulation_steps 1 --loss_rate 0.2 --worker_drop --use_avg "
+        "--encoding hadamard --hadamard_block 1024 --wire_dtype fp16 --fec 8 1 --retransmit 1 --protect bias"
+    )
+    res = folder_run(image_folder, out, flags)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_dir = only_dir(out)
+    assert run_dir.name.endswith("_hadamard1024_wire-fp16_protect-bias_fec8-1_retx1")
+    hook = hook_config(run_dir / "round0")
+    assert (hook["encoding"], hook["wire_dtype"], hook["fec"], hook["retransmit"]) == (
+        "hadamard",
+        "fp16",
+        [8, 1],
+        1,
+    )
+    (row,) = rows(run_dir / "round0" / "metrics.csv")
+    sent, extra = int(row["worker_packets_sent"]), int(row["worker_extra_packets"])
+    assert extra >= math.ceil(sent / 8)  # a parity packet per 8 data packets, plus resends
+    assert int(row["worker_protected_packets"]) > 0
+    assert int(row["worker_recovered_fec"]) + int(row["worker_recovered_retransmit"]) > 0
+    assert int(row["worker_bytes_sent"]) > 0
