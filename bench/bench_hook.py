@@ -171,6 +171,13 @@ STEP_CONFIGS = {
     "gemodel 2% 20%": dict(loss_model="gemodel 2% 20%", drop_point="worker", fill="rescale"),
     "gemodel 2% 20% separate": dict(loss_model="gemodel 2% 20%", counts_transport="separate"),
     "fidelity on": dict(loss_rate=0.1, measure_fidelity=True),
+    # encodings and protection (docs/semantics.md), all at 10% worker loss
+    "hadamard 10% rescale": dict(loss_rate=0.1, fill="rescale", encoding="hadamard"),
+    "error feedback 10%": dict(loss_rate=0.1, fill="zero", error_feedback=True),
+    "fec 8 1 10%": dict(loss_rate=0.1, fill="rescale", fec=(8, 1)),
+    "retransmit 1 10%": dict(loss_rate=0.1, fill="rescale", retransmit=1),
+    "protect bn+bias 10%": dict(loss_rate=0.1, fill="rescale", protect=r"bn|bias|downsample\.1"),
+    "wire fp16 10%": dict(loss_rate=0.1, fill="rescale", wire_dtype="fp16"),
 }
 
 
@@ -244,7 +251,9 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
                 if cfg == "builtin":
                     ddp.register_comm_hook(None, host.wrap(allreduce_hook))
                 elif cfg is not None:
-                    ddp.register_comm_hook(LossyState(**cfg), host.wrap(lossy_allreduce_hook))
+                    state = LossyState(**cfg)
+                    state.name_parameters(m)
+                    ddp.register_comm_hook(state, host.wrap(lossy_allreduce_hook))
                 opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
 
                 def step(ddp=ddp, opt=opt, x=x, y=y) -> None:
