@@ -149,3 +149,34 @@ def test_encode_decode_round_trip_and_a_lost_packet_spreads_over_its_block():
     assert err[:b].abs().max() < 1e-5 and err[2 * b :].abs().max() < 1e-5  # other blocks untouched
     assert (err[b : 2 * b] != 0).float().mean() > 0.99  # spread over the whole block
     assert err[b : 2 * b].abs().max() <= y[b : b + 375].abs().sum() / math.sqrt(b) + 1e-5
+
+
+def test_protect_predicate_keeps_the_chosen_gradients_at_total_loss():
+    """protect as a predicate (name, parameter): with every packet lost, the protected
+    parameters' gradients still arrive exactly, the others are zero; without names, a clear
+    error."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lossy_hooks import lossy_allreduce_hook
+    from lossy_hooks.process_group import single_process_group
+
+    with single_process_group():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(300, 20), torch.nn.Linear(20, 2))
+        ddp = DDP(model)
+        state = LossyState(loss_rate=1.0, fill="zero", mtu=400, protect=lambda name, p: p.ndim == 1)
+        state.name_parameters(model)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        ddp(torch.ones(3, 300)).sum().backward()
+        biases = [model[0].bias.grad, model[1].bias.grad]
+        assert all(g.abs().sum() > 0 for g in biases)
+        assert torch.equal(biases[1], torch.full((2,), 3.0))  # d(sum)/d(bias) = batch size
+        # the weight packets that carry no bias element are lost (zero)
+        assert model[0].weight.grad[:5].abs().sum() == 0
+        st = state.stats()["worker"]
+        assert st["recovered_protect"] == st["protected_packets"] > 0
+        unnamed = LossyState(loss_rate=0.5, protect="bias")
+        other = DDP(torch.nn.Linear(4, 2))
+        other.register_comm_hook(unnamed, lossy_allreduce_hook)
+        with pytest.raises(ValueError, match=r"call state\.name_parameters"):
+            other(torch.ones(1, 4)).sum().backward()
