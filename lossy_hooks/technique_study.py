@@ -124,6 +124,11 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _style(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, yscale="log")
+    ax.grid(alpha=0.3)
+
+
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -148,25 +153,15 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                     label=tech,
                     capsize=2,
                 )
-        ax.set(
-            title=f"{model}: gradient error",
-            xlabel="packet loss (%)",
-            ylabel="relative L2 error of the aggregate",
-            yscale="log",
-        )
-        ax.grid(alpha=0.3)
+        _style(ax, f"{model}: gradient error", "packet loss (%)", "relative L2 error of the aggregate")
     ax = axes[0][-1]
     top = max(s["loss_rate"] for s in summary)
     for tech in TECHNIQUES:
         pts = [s for s in summary if s["technique"] == tech and s["loss_rate"] == top]
         ax.scatter([100 * s["extra_bytes_frac"] for s in pts], [s["rel_l2"] for s in pts], label=tech)
-    ax.set(
-        title=f"at {100 * top:g}% loss, every loss model",
-        xlabel="extra bytes on the wire (%)",
-        ylabel="relative L2 error",
-        yscale="log",
+    _style(
+        ax, f"at {100 * top:g}% loss, every loss model", "extra bytes on the wire (%)", "relative L2 error"
     )
-    ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

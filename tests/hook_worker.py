@@ -4,7 +4,6 @@ that tests/test_hook_ddp.py asserts on. Usage: hook_worker.py OUT.json SCENARIO 
 from __future__ import annotations
 
 import pickle
-import sys
 
 import torch
 import torch.distributed as dist
@@ -25,10 +24,10 @@ from lossy_hooks.replicas import resync_replicas
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from host_sync_guard import forbid_host_sync
-    from launch import run_scenarios
+    from launch import worker_main
 except ImportError:
     from tests.host_sync_guard import forbid_host_sync
-    from tests.launch import run_scenarios
+    from tests.launch import worker_main
 
 
 class Probe(nn.Module):
@@ -726,12 +725,5 @@ SCENARIOS = {
 }
 
 
-def main() -> None:
-    out_path, names = sys.argv[1], sys.argv[2:]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    run_scenarios(SCENARIOS, names, out_path)
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(SCENARIOS)

@@ -16,7 +16,7 @@ from typing import Any
 
 from lossy_hooks.process_group import free_port
 
-__all__ = ["ROOT", "free_port", "launch", "run_scenarios"]
+__all__ = ["ROOT", "free_port", "launch", "run_scenarios", "worker_main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,3 +76,17 @@ def run_scenarios(scenarios: dict[str, Any], names: list[str], out_path: str) ->
     gc.collect()
     dist.barrier()  # stopped rare aborts at exit
     dist.destroy_process_group()
+
+
+def worker_main(scenarios: dict[str, Any]) -> None:
+    """The ``main`` of a worker script: ``script.py OUT.json SCENARIO [...]`` as one rank of a
+    Gloo group (rank and world from the environment launch() sets)."""
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    out_path, names = sys.argv[1], sys.argv[2:]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    run_scenarios(scenarios, names, out_path)

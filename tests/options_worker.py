@@ -5,8 +5,6 @@ Usage: options_worker.py OUT.json SCENARIO [...]"""
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
@@ -19,10 +17,10 @@ from lossy_hooks import LossyState, lossy_allreduce_hook
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from hook_worker import Probe
-    from launch import run_scenarios
+    from launch import worker_main
 except ImportError:
     from tests.hook_worker import Probe
-    from tests.launch import run_scenarios
+    from tests.launch import worker_main
 
 
 class VectorProbe(Probe):
@@ -182,12 +180,5 @@ def protect_and_recover() -> dict:
 SCENARIOS = {f.__name__: f for f in (hadamard, error_feedback, wire_dtypes, protect_and_recover)}
 
 
-def main() -> None:
-    out_path, names = sys.argv[1], sys.argv[2:]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    run_scenarios(SCENARIOS, names, out_path)
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(SCENARIOS)
