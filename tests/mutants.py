@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HOOK = ("tests/test_hook_ddp.py", "-k", "W3")  # one 3-rank launch of every DDP scenario
 UNIT = ("tests/test_loss_models.py", "tests/test_packetization_state.py", "tests/test_no_host_sync.py")
 RUN_IO = ("tests/test_run_io.py",)
+OPTIONS = ("tests/test_protection_encoding.py", "tests/test_ledger.py", "tests/test_options_ddp.py")
 
 
 def script(*names: str) -> tuple[str, ...]:
@@ -436,6 +437,55 @@ MUTANTS = [
         "prev, self.mark = {}, now",
         "per-epoch rows count the epoch's packets (deltas since the mark), also after a resume",
         (("tests/test_ledger.py",), script("resume")),
+    ),
+    # ---------------------------------------------------------------- encodings and protection
+    M(
+        "M48",
+        "lossy_hooks/protection.py",
+        "lost = lost & draw(n)",
+        "lost = draw(n)",
+        "a retransmission can only recover a packet, never lose one that arrived",
+        (OPTIONS,),
+    ),
+    M(
+        "M49",
+        "lossy_hooks/protection.py",
+        "(groups.sum(1, keepdim=True) > r)",
+        "(groups.sum(1, keepdim=True) >= r)",
+        "an FEC group with at most r losses loses nothing",
+        (OPTIONS,),
+    ),
+    M(
+        "M50",
+        "lossy_hooks/encoding.py",
+        "x = x.view(-1).mul_(signs)",
+        "x = x.view(-1)",
+        "the decoder undoes the random signs (x = D Q y)",
+        (OPTIONS,),
+    ),
+    M(
+        "M51",
+        "lossy_hooks/hook.py",
+        "record.layout.scale_(record.residual, lost.float())",
+        "record.layout.scale_(record.residual, (~lost).float())",
+        "error feedback keeps what was lost, not what arrived",
+        (OPTIONS,),
+    ),
+    M(
+        "M52",
+        "lossy_hooks/protection.py",
+        "lost = lost & ~protected",
+        "lost = lost",
+        "protected packets are never lost",
+        (OPTIONS,),
+    ),
+    M(
+        "M53",
+        "lossy_hooks/ledger.py",
+        "sent_bytes += row[0] // entry.packets * entry.wire_bytes",
+        "sent_bytes += row[0] * entry.wire_bytes",
+        "bytes_sent counts each call's wire bytes once",
+        (OPTIONS,),
     ),
     M(
         "M45",
