@@ -33,9 +33,11 @@ from .process_group import free_port
 from .run_io import config_name, round_status
 from .study_cli import build_parser, resolve
 
-__all__ = ["expand_grid", "flags_for", "main", "run_sweep"]
+__all__ = ["expand_grid", "flags_for", "main", "parse_fixed", "run_sweep"]
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_ddp.py"
+# train_ddp.py flags that take several values (--fec G R)
+MULTI_VALUE_FLAGS = {"fec"}
 BOOLEAN_FLAGS = {
     "use_zero",
     "use_avg",
@@ -44,6 +46,7 @@ BOOLEAN_FLAGS = {
     "download",
     "measure_fidelity",
     "overwrite",
+    "error_feedback",
 }
 
 
@@ -66,16 +69,38 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def flags_for(settings: dict[str, Any]) -> list[str]:
-    """train_ddp.py flags for ``{flag: value}``; booleans add or omit the flag."""
+    """train_ddp.py flags for ``{flag: value}``; booleans add or omit the flag; a list (or, for
+    a flag taking several values such as ``fec``, a text with spaces: ``"8 1"``) gives
+    several values."""
     out: list[str] = []
     for key, value in settings.items():
         name = "--" + key.lstrip("-")
         if key.lstrip("-") in BOOLEAN_FLAGS or isinstance(value, bool):
             if value:
                 out.append(name)
+        elif isinstance(value, (list, tuple)):
+            out += [name, *map(str, value)]
+        elif isinstance(value, str) and key.lstrip("-") in MULTI_VALUE_FLAGS:
+            out += [name, *value.split()]
         else:
             out += [name, str(value)]
     return out
+
+
+def parse_fixed(extra: list[str]) -> dict[str, Any]:
+    """Flags after ``--`` as ``{flag: value}``: a flag alone is ``True``, a flag with several
+    values (``--fec 8 1``) a list."""
+    fixed: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        key = extra[i].lstrip("-")
+        j = i + 1
+        while j < len(extra) and not extra[j].startswith("--"):
+            j += 1
+        values = [_parse_value(v) for v in extra[i + 1 : j]]
+        fixed[key] = True if not values else values[0] if len(values) == 1 else values
+        i = j
+    return fixed
 
 
 def _run_dir(argv: list[str], nproc: int) -> tuple[Path | None, str]:
@@ -216,16 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--grid entries look like flag=v1,v2; got {item!r}")
         key, values = item.split("=", 1)
         grid[key.lstrip("-")] = [_parse_value(v) for v in values.split(",")]
-    fixed = dict(spec.get("fixed", {}))
-    i = 0
-    while i < len(extra):
-        key = extra[i].lstrip("-")
-        if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            fixed[key] = _parse_value(extra[i + 1])
-            i += 2
-        else:
-            fixed[key] = True
-            i += 1
+    fixed = dict(spec.get("fixed", {})) | parse_fixed(extra)
     console = Console()
     records = run_sweep(nproc, fixed, grid, Path(args.log_dir) if args.log_dir else None, console)
     table = Table(title=f"sweep: {len(records)} configurations")

@@ -123,3 +123,20 @@ def test_sweep_config_file(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "usage: sweep" not in captured.err and "usage:" not in captured.out  # no train_ddp usage
     assert "train_ddp.py: error: --mtu must be >= 4" in captured.out
+
+
+def test_flags_with_several_values_and_switches_match_train_ddp_parser():
+    """--fec G R passes through the sweep (after --, in a grid, in a config list), and the
+    sweep knows every switch and multi-value flag train_ddp.py has."""
+    import argparse
+
+    from lossy_hooks.study_cli import build_parser
+    from lossy_hooks.sweep import BOOLEAN_FLAGS, MULTI_VALUE_FLAGS, flags_for, parse_fixed
+
+    fixed = parse_fixed(["--fec", "8", "1", "--use_avg", "--loss_model", "random 10%", "--lr_x", "-1"])
+    assert fixed == {"fec": [8, 1], "use_avg": True, "loss_model": "random 10%", "lr_x": -1}
+    assert flags_for({"fec": [8, 1]}) == flags_for({"fec": "8 1"}) == ["--fec", "8", "1"]
+    actions = build_parser()._actions
+    switches = {a.dest for a in actions if isinstance(a, argparse._StoreTrueAction)}
+    assert switches - {"resume"} <= BOOLEAN_FLAGS  # --resume is the sweep's own business
+    assert {a.dest for a in actions if isinstance(a.nargs, int) and a.nargs > 1} == MULTI_VALUE_FLAGS
