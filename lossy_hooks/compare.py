@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .run_io import parse_float, read_json, run_loss_rate
+from .run_io import option_parts, parse_float, read_json, run_loss_rate
 from .statistics import mean_std
 
 __all__ = ["collect", "main", "write_outputs"]
@@ -51,6 +51,7 @@ GROUP_FIELDS = [
     "accumulation_steps",
     "bucket_cap_mb",
     "loss_family",
+    "options",
 ]
 X_AXES = {
     "loss_rate": "packet loss rate (%)",
@@ -95,7 +96,8 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
             continue
         rec = {
             "name": run_dir.name,
-            **{k: cfg.get(k) for k in GROUP_FIELDS if k != "loss_family"},
+            **{k: cfg.get(k) for k in GROUP_FIELDS if k not in ("loss_family", "options")},
+            "options": "+".join(option_parts(cfg)) or "-",  # encodings and protections
             "loss_family": str(cfg.get("loss_model", "")).split()[0],
             "loss_model": cfg.get("loss_model"),
             "loss_rate": float(cfg.get("long_run_loss_rate", cfg.get("loss_rate", 0.0))),
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     for col in (
         "drop",
         "fill",
+        "options",
         "loss",
         "rounds",
         "final acc",
@@ -268,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         "lost",
     ):
         table.add_column(col, justify="right")
-    for r in sorted(records, key=lambda r: (r["drop_point"], r["fill"], r["loss_rate"])):
+    for r in sorted(records, key=lambda r: (r["drop_point"], r["fill"], r["options"], r["loss_rate"])):
         table.add_row(
             r["drop_point"],
             r["fill"],
+            r["options"],
             r["loss_model"],
             str(r["rounds"]),
             f"{100 * r['final_mean']:.2f} ± {100 * r['final_std']:.2f}",

@@ -32,6 +32,7 @@ __all__ = [
     "MetricsLog",
     "atomic_save",
     "config_name",
+    "option_parts",
     "packet_rows",
     "parse_float",
     "read_json",
@@ -95,13 +96,13 @@ def config_name(cfg: dict[str, Any]) -> str:
         _slug(cfg["loss_model"]),
         f"bucket{_slug(format(cfg['bucket_cap_mb'], 'g'))}mb",
     ]
-    parts += _option_parts(cfg)
+    parts += option_parts(cfg)
     if cfg.get("tag"):
         parts.append(_slug(cfg["tag"]))
     return "_".join(parts)
 
 
-def _option_parts(cfg: dict[str, Any]) -> list[str]:
+def option_parts(cfg: dict[str, Any]) -> list[str]:
     """Name parts of the encodings and protections in use (none: the names of before)."""
     parts = []
     if cfg.get("encoding", "none") != "none":
