@@ -458,8 +458,8 @@ MUTANTS = [
     M(
         "M50",
         "lossy_hooks/encoding.py",
-        "x = x.view(-1).mul_(signs)",
-        "x = x.view(-1)",
+        "return torch.mul(x, signs[: out.numel()], out=out)",
+        "return out.copy_(x)",
         "the decoder undoes the random signs (x = D Q y)",
         (OPTIONS,),
     ),

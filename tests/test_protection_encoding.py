@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lossy_hooks import LossyState
-from lossy_hooks.encoding import block_size, decode_, encode, fwht_
+from lossy_hooks.encoding import block_size, decode_, encode, fwht
 from lossy_hooks.protection import COUNTERS, Protection
 from lossy_hooks.statistics import binomial_interval
 
@@ -125,11 +125,12 @@ def sylvester(b: int) -> torch.Tensor:
 
 
 def test_fwht_is_the_orthonormal_sylvester_transform_and_its_own_inverse():
-    b = 64
-    x = torch.randn(3, b, dtype=torch.float64)
-    y = fwht_(x.clone(), torch.empty_like(x))
-    assert torch.allclose(y, x @ sylvester(b) / math.sqrt(b))
-    assert torch.allclose(fwht_(y.clone(), torch.empty_like(y)), x)
+    for b in (2, 64, 256, 8192):  # one stage, one full stage, 64 x 4, 64 x 64 x 2
+        x = torch.randn(3, b)
+        y = fwht(x)
+        dense = (x.double() @ sylvester(b) / math.sqrt(b)).float()
+        assert torch.allclose(y, dense, atol=1e-5), b
+        assert torch.allclose(fwht(y), x, atol=1e-5), b
     assert block_size(10, 4096) == 16 and block_size(5000, 4096) == 4096 and block_size(1, 8) == 1
 
 
