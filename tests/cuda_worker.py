@@ -33,6 +33,7 @@ def train(state: LossyState | None, steps: int = 6, dtype: torch.dtype = torch.f
     model = small_model().to(device(), dtype=dtype)
     ddp = DDP(model, device_ids=[0] if dist.get_backend() == "nccl" else None, bucket_cap_mb=0.05)
     if state is not None:
+        state.name_parameters(model)
         ddp.register_comm_hook(state, lossy_allreduce_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator(device=device()).manual_seed(10 + dist.get_rank())
@@ -104,12 +105,17 @@ def no_device_sync() -> dict:
         "ge_both_zero": dict(loss_model=GilbertElliott(0.05, 0.3), drop_point="both", fill="zero"),
         "post_stale": dict(loss_rate=0.1, drop_point="post", fill="stale"),
         "independent_rescale": dict(loss_rate=0.1, drop_point="post", post_sync="independent"),
+        "hadamard_rescale": dict(loss_rate=0.1, fill="rescale", encoding="hadamard", hadamard_block=1024),
+        "error_feedback": dict(loss_rate=0.1, fill="zero", error_feedback=True),
+        "fec_retransmit_protect": dict(loss_rate=0.1, fec=(4, 1), retransmit=1, protect="bias"),
+        "wire_bf16": dict(loss_rate=0.1, wire_dtype="bf16"),
     }.items():
         if "loss_model" not in kw and "loss_rate" not in kw:
             kw = dict(kw, loss_rate=0.1)
         state = LossyState(mtu=512, **kw)
         train(state, steps=2)  # first iteration and DDP's rebuild outside the check
         model = small_model().to(device())
+        state.name_parameters(model)  # for protect=
         ddp = DDP(model, device_ids=[0] if dist.get_backend() == "nccl" else None, bucket_cap_mb=0.05)
         ddp.register_comm_hook(state, lossy_allreduce_hook)
         x = torch.randn(16, 64, device=device())
