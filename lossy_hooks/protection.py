@@ -2,7 +2,8 @@ r"""What a transport does about a lost packet before the fill: forward error cor
 retransmission, and packets that are never lost. All of it works on loss masks, on the
 bucket's device, vectorized, without a host sync.
 
-For one bucket of ``n`` data packets at one drop point, in this order:
+For one bucket of ``n`` data packets at one drop point, in this order (FEC, then protection,
+then retransmission of what is still lost):
 
 1. **FEC** ``(g, r)``: the data packets go in groups of ``g`` (the last one holds the
    remaining ``t = n - g * floor(n / g)`` if ``t > 0``), each followed by ``r`` parity packets,
@@ -12,13 +13,13 @@ For one bucket of ``n`` data packets at one drop point, in this order:
    a group with more keeps its lost data packets lost. Only the recoverability is simulated:
    the code itself is not computed. For Bernoulli loss ``p`` a data packet of a full group is
    lost with probability ``p * P[Bin(g + r - 1, p) >= r]``.
-2. **Retransmission** ``k``: each data packet still lost is sent again, up to ``k`` times;
+2. **Protected packets** (``LossyState(protect=...)``): packets that carry any element of a
+   protected parameter travel reliably: never lost, never resent, still counted as sent.
+3. **Retransmission** ``k``: each data packet still lost is sent again, up to ``k`` times;
    each try draws a fresh mask of ``n`` packets from the loss model (a Markov chain goes on
    through the tries) and a packet is recovered by its first try that arrives. Bernoulli:
    lost with probability ``p^(k + 1)``; the expected number of resent packets per data
    packet is ``p + p^2 + ... + p^k``.
-3. **Protected packets** (``LossyState(protect=...)``): packets that carry any element of a
-   protected parameter travel reliably: never lost, still counted as sent.
 
 The counters per call, int64 on the device, in :data:`COUNTERS` order: extra packets sent
 (parity and resent packets), data packets recovered by FEC, by retransmission, by
@@ -89,15 +90,15 @@ class Protection:
             counters[1] += (drawn & ~lost).sum()
         else:
             lost = draw(n)
+        if protected is not None:  # sent reliably: never lost, never resent
+            counters[3] += (lost & protected).sum()
+            counters[4] += protected.sum()
+            lost = lost & ~protected
         before = lost
         for _ in range(self.retransmit):
             counters[0] += lost.sum()
             lost = lost & draw(n)
         counters[2] += (before & ~lost).sum()
-        if protected is not None:
-            counters[3] += (lost & protected).sum()
-            counters[4] += protected.sum()
-            lost = lost & ~protected
         return lost, counters
 
     def _data_of(self, wire: torch.Tensor, n: int) -> torch.Tensor:

@@ -384,6 +384,7 @@ class LossyState:
             "steps": self.steps,
             "worker": self.worker.state_dict(),
             "post": self.post.state_dict(),
+            "rotation": self.rotation.state_dict(),
             "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
             | {str(r): sd for r, sd in self._saved_peers.items()},
             "counts_transport_resolved": self._counts_resolved,
@@ -391,13 +392,20 @@ class LossyState:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        mine, theirs = self.config(), sd["config"]
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        # options left at their defaults are not in config(): compare with them filled in
+        mine, theirs = OPTION_DEFAULTS | self.config(), OPTION_DEFAULTS | sd["config"]
+        diff = {
+            k: (theirs.get(k), mine.get(k))
+            for k in mine.keys() | theirs.keys()
+            if theirs.get(k) != mine.get(k)
+        }
         if diff:
             raise ValueError(f"LossyState.load_state_dict: settings differ (saved, now): {diff}")
         self.steps = int(sd["steps"])
         self.worker.load_state_dict(sd["worker"])
         self.post.load_state_dict(sd["post"])
+        if "rotation" in sd:
+            self.rotation.load_state_dict(sd["rotation"])
         self.buckets.load_state_dict(sd)
         self._peers = {}
         self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
@@ -409,6 +417,8 @@ class LossyState:
     def __getstate__(self) -> dict[str, Any]:
         # Like PowerSGDState: the process group is not serializable and is left out.
         init = {k: v for k, v in self.config().items() if k not in ("loss_model", "loss_rate")}
+        if callable(self.protect):  # the predicate itself (pickled by reference), not its name
+            init["protect"] = self.protect
         return {"init": init, "loss_model": copy.deepcopy(self.loss_model), "state": self.state_dict()}
 
     def __setstate__(self, d: dict[str, Any]) -> None:

@@ -310,6 +310,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         fail(f"--amp_init_scale must be > 0, got {args.amp_init_scale}")
     if args.backend == "nccl" and not torch.cuda.is_available():
         fail("--backend nccl needs CUDA (no GPU found); use --backend gloo")
+    if args.error_feedback and args.amp:
+        fail("--error_feedback with --amp: residuals would carry one step's loss scale into the next")
     if args.loss_model is not None and args.loss_rate != 0.0:
         fail("give --loss_rate or --loss_model, not both")
     try:

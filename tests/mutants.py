@@ -466,8 +466,8 @@ MUTANTS = [
     M(
         "M51",
         "lossy_hooks/hook.py",
-        "record.layout.scale_(record.residual, lost.float())",
-        "record.layout.scale_(record.residual, (~lost).float())",
+        "record.layout.fill_from_(record.residual, lost & record.layout.finite_packets(buf), buf)",
+        "record.layout.fill_from_(record.residual, ~lost & record.layout.finite_packets(buf), buf)",
         "error feedback keeps what was lost, not what arrived",
         (OPTIONS,),
     ),

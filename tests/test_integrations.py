@@ -85,3 +85,14 @@ def test_state_reports_a_hook_registered_on_the_wrong_module():
         st = state.stats()
         assert st["hook_reached"] is True and "warning" not in st and st["worker"]["packets_sent"] == 1
         assert dist.is_initialized()
+
+
+def test_registration_names_parameters_for_protect():
+    """protect= needs names: the helpers take them from the wrapped module (no 'module.')."""
+    with single_process_group():
+        model = nn.Linear(8, 2)
+        state = LossyState(loss_rate=1.0, fill="zero", protect=r"^bias$")
+        ddp = register_on_ddp(nn.parallel.DistributedDataParallel(model), state, "Accelerate")
+        ddp(torch.ones(3, 8)).sum().backward()
+        assert torch.equal(model.bias.grad, torch.full((2,), 3.0))  # protected: arrives
+        assert state.stats()["worker"]["protected_packets"] == 1

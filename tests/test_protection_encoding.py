@@ -52,20 +52,24 @@ def test_fec_recovers_groups_with_at_most_r_losses_in_wire_order():
     }
 
 
-def test_retransmission_tries_each_lost_packet_up_to_k_times_then_protection():
+def test_protected_packets_are_never_resent_and_retransmission_tries_k_times():
     both = Protection(retransmit=2)
     first, retry1, retry2 = [1, 1, 1, 0], [1, 0, 1, 1], [0, 1, 1, 1]
     protected = torch.tensor([False, False, True, False])
     lost, c = both.resolve(4, scripted(first, retry1, retry2), protected, torch.device("cpu"))
-    # packet 0: lost, lost, arrives; 1: arrives at try 1; 2: lost 3 times but protected
+    # packet 2: protected (sent reliably, never resent); 0: lost, lost, arrives; 1: arrives at try 1
     assert lost.tolist() == [False, False, False, False]
     assert counters(c) == {
-        "extra_packets": 3 + 2,  # 3 resent on try 1, 2 on try 2
+        "extra_packets": 2 + 1,  # packets 0 and 1 resent on try 1, packet 0 on try 2
         "recovered_fec": 0,
         "recovered_retransmit": 2,
         "recovered_protect": 1,
         "protected_packets": 1,
     }
+    # every packet protected: nothing lost, nothing resent, however lossy the draws
+    everything = torch.ones(4, dtype=torch.bool)
+    lost, c = both.resolve(4, scripted([1, 1, 1, 1], [1] * 4, [1] * 4), everything, torch.device("cpu"))
+    assert not lost.any() and counters(c)["extra_packets"] == 0 and counters(c)["recovered_retransmit"] == 0
 
 
 def test_retransmission_loss_rate_and_resent_packets_match_bernoulli():
@@ -181,3 +185,98 @@ def test_protect_predicate_keeps_the_chosen_gradients_at_total_loss():
         other.register_comm_hook(unnamed, lossy_allreduce_hook)
         with pytest.raises(ValueError, match=r"call state\.name_parameters"):
             other(torch.ones(1, 4)).sum().backward()
+
+
+def keep_biases(name: str, param: torch.Tensor) -> bool:  # module level: picklable by reference
+    return name.endswith("bias")
+
+
+def one_process_steps(
+    state: LossyState, model: torch.nn.Module, steps: int, seed: int = 0
+) -> list[torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lossy_hooks import lossy_allreduce_hook
+
+    ddp = DDP(model)
+    state.name_parameters(model)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ddp.zero_grad(set_to_none=True)
+        ddp(torch.randn(4, model.in_features, generator=g)).sum().backward()
+        out.append(torch.cat([p.grad.flatten().clone() for p in model.parameters()]))
+    return out
+
+
+def test_checkpoints_keep_rotation_options_and_predicates():
+    """A resumed Hadamard run continues the same signs; a checkpoint with options does not
+    load into a state without them; a pickled predicate stays a predicate."""
+    import pickle
+
+    from lossy_hooks.process_group import single_process_group
+
+    with single_process_group():
+        kw = dict(loss_rate=0.3, encoding="hadamard", hadamard_block=1024, seed=3)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(300, 20)
+        state = LossyState(**kw)
+        one_process_steps(state, model, 3)
+        saved = state.state_dict()
+        ahead = one_process_steps(state, model, 2, seed=1)
+        resumed = LossyState(**kw)
+        resumed.load_state_dict(saved)
+        again = one_process_steps(resumed, model, 2, seed=1)
+        assert all(torch.equal(a, b) for a, b in zip(ahead, again, strict=True))
+        with pytest.raises(ValueError, match="settings differ"):
+            LossyState(loss_rate=0.3, seed=3).load_state_dict(saved)
+        with pytest.raises(ValueError, match="settings differ"):
+            LossyState(loss_rate=0.3, seed=3, encoding="hadamard").load_state_dict(
+                LossyState(loss_rate=0.3, seed=3).state_dict() | {"config": {"loss_model": "random 30%"}}
+            )
+        copy = pickle.loads(pickle.dumps(LossyState(loss_rate=0.1, protect=keep_biases)))
+        assert copy.protect is keep_biases
+
+
+def test_rescale_is_applied_before_a_narrow_wire_cast():
+    """bf16 wire, post drop of exactly 10% with rescale: received elements carry x / 0.9
+    rounded once to bf16, so their mean ratio to x is 1/0.9 without the 0.16% bias of a
+    bf16-rounded factor."""
+    from lossy_hooks.process_group import single_process_group
+
+    with single_process_group():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1000, 100)
+        state = LossyState(
+            loss_model="exact 10%", drop_point="post", fill="rescale", wire_dtype="bf16", mtu=400
+        )
+        (grad,) = one_process_steps(state, model, 1)
+        torch.manual_seed(0)
+        ref_model = torch.nn.Linear(1000, 100)
+        ref_model(torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))).sum().backward()
+        ref = torch.cat([p.grad.flatten() for p in ref_model.parameters()])
+        received = (grad != 0) & (ref.abs() > 1e-3)
+        ratio = (grad[received] / ref[received]).mean()
+        assert abs(float(ratio) * 0.9 - 1) < 3e-4
+
+
+def test_error_feedback_keeps_only_finite_lost_packets():
+    from lossy_hooks.process_group import single_process_group
+
+    with single_process_group():
+        model = torch.nn.Linear(300, 2, bias=False)  # 600 elements: 6 packets of 100
+        state = LossyState(loss_rate=1.0, fill="zero", error_feedback=True, mtu=400)
+        x = torch.ones(1, 300)
+        x[0, 0] = float("inf")  # the first weight row's first element: packet 0 overflows
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from lossy_hooks import lossy_allreduce_hook
+
+        ddp = DDP(model)
+        ddp.register_comm_hook(state, lossy_allreduce_hook)
+        ddp(x).sum().backward()
+        (record,) = state.buckets.records.values()
+        residual = record.residual
+        assert torch.isfinite(residual).all()
+        assert residual[:100].abs().sum() == 0 and torch.equal(residual[100:300], torch.ones(200))

@@ -92,6 +92,7 @@ def only_dir(root: Path) -> Path:
         (["--hadamard_block", "1000", "--encoding", "hadamard"], "hadamard_block must be a power of two"),
         (["--encoding", "rot"], "invalid choice: 'rot'"),
         (["--protect", "("], "protect: '(' is not a regular expression"),
+        (["--error_feedback", "--use_zero", "--worker_drop", "--amp"], "--error_feedback with --amp"),
     ],
 )
 def test_bad_flags_exit_2_with_message(flags, message, capsys, tmp_path):
