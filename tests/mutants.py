@@ -488,6 +488,22 @@ MUTANTS = [
         (OPTIONS,),
     ),
     M(
+        "M54",
+        "lossy_hooks/state.py",
+        '            "rotation": self.rotation.state_dict(),\n',
+        "",
+        "a resumed Hadamard run continues the same sign stream",
+        (script("resume_is_exact"),),
+    ),
+    M(
+        "M55",
+        "lossy_hooks/buckets.py",
+        '            "residual": {key_str(k): v.detach().cpu() for k, v in residual.items()},\n',
+        "",
+        "error-feedback residuals are checkpointed",
+        (script("resume_is_exact"),),
+    ),
+    M(
         "M45",
         "train_ddp.py",
         "            group_size = min(acc_steps, n_batches - group_start)",
