@@ -315,12 +315,8 @@ class PacketLedger:
         now: dict[str, list[int]] = {}
         for p in self.points:  # every whole-number figure of the drop point
             now |= {f"point:{p}:{f}": [v] for f, v in stats[p].items() if isinstance(v, int)}
-        for b in stats["buckets"]:
-            for p in self.points:
-                now[f"bucket:{p}:{b['index']}:{b['numel']}:{b['generation']}"] = [
-                    b[f"{p}_sent"],
-                    b[f"{p}_lost"],
-                ]
+        for b, p in ((b, p) for b in stats["buckets"] for p in self.points):
+            now[f"bucket:{p}:{b['index']}:{b['numel']}:{b['generation']}"] = [b[f"{p}_sent"], b[f"{p}_lost"]]
         for r in by_param:
             now[f"param:{r['drop_point']}:{r['parameter']}"] = [r["packets_sent"], r["packets_lost"]]
         prev, self.mark = self.mark, now
@@ -337,17 +333,9 @@ class PacketLedger:
             for p in self.points:
                 sent, lost = delta(f"bucket:{p}:{key_str(key)}")
                 if sent:
-                    fields = {k: b[k] for k in ("index", "numel", "generation", "packets")}
-                    buckets.append(
-                        fields
-                        | {
-                            "drop_point": p,
-                            "params": params,
-                            "packets_sent": sent,
-                            "packets_lost": lost,
-                            "loss_rate": lost / sent,
-                        }
-                    )
+                    row = {k: b[k] for k in ("index", "numel", "generation", "packets")}
+                    row |= {"drop_point": p, "params": params, "packets_sent": sent, "packets_lost": lost}
+                    buckets.append(row | {"loss_rate": lost / sent})
         parameters = []
         for r in by_param:
             sent, lost = delta(f"param:{r['drop_point']}:{r['parameter']}")

@@ -18,10 +18,13 @@ if TYPE_CHECKING:
     from .state import LossyState
 
 __all__ = [
+    "AUTO_REGENERATE_MAX_WORLD",
     "COUNTS_TRANSPORTS",
     "DROP_POINTS",
     "ENCODINGS",
     "FILLS",
+    "NOT_REACHED",
+    "OPTION_DEFAULTS",
     "PACKETIZATIONS",
     "POST_SYNCS",
     "REDUCTIONS",
@@ -29,6 +32,7 @@ __all__ = [
     "check_combinations",
     "choice",
     "protect_rule",
+    "resolve_counts_transport",
     "whole",
 ]
 
@@ -121,3 +125,38 @@ def check_combinations(state: LossyState) -> None:
             "fill='rescale' after the allreduce with fec or retransmit needs loss_rate / a Bernoulli "
             f"model (the kept fraction has a closed form only there); got {state.loss_model.spec!r}"
         )
+
+
+# counts_transport="auto" regenerates on CPU up to this many ranks (see LossyState).
+AUTO_REGENERATE_MAX_WORLD = 4
+OPTION_DEFAULTS: dict[str, Any] = {
+    "encoding": "none",
+    "hadamard_block": 4096,
+    "wire_dtype": "fp32",
+    "error_feedback": False,
+    "protect": None,
+    "retransmit": 0,
+    "fec": None,
+}
+NOT_REACHED = (
+    "no gradient bucket has reached this LossyState yet: if training steps have run, the lossy "
+    "hook is not registered on the DDP module that trains (registered on another module, or a "
+    "framework that skipped it, e.g. Lightning's DDPStrategy on CPU), and nothing was lost; "
+    "see README 'Where you already train'"
+)
+
+
+def resolve_counts_transport(requested: str, device: torch.device, world_size: int) -> str:
+    """The counts transport ``"auto"`` stands for: ``"regenerate"`` on CPU with at most
+    ``AUTO_REGENERATE_MAX_WORLD`` ranks (an extra Gloo collective costs more there than
+    sampling ``W`` masks), ``"separate"`` otherwise (on GPUs a few-kB NCCL allreduce is cheap
+    and ``W`` x the sampling is not free at large ``W``). Any other choice is returned as is."""
+    if requested != "auto":
+        return requested
+    small_cpu = device.type == "cpu" and world_size <= AUTO_REGENERATE_MAX_WORLD
+    return "regenerate" if small_cpu else "separate"
+
+
+def _exact_count_limit(dtype: torch.dtype) -> int:
+    """The largest ``W`` such that every whole number ``0..W`` is exact in ``dtype``."""
+    return round(2 / torch.finfo(dtype).eps) if dtype.is_floating_point else 2**31 - 1

@@ -22,16 +22,16 @@ from .data import DATASETS, IMAGENETTE_SIZES, check_data_args, resolve_dataset
 from .encoding import ENCODINGS, WIRE_DTYPES
 from .loss_models import Bernoulli, parse_loss_model
 from .models import classification_models
-from .run_io import config_name, read_json, round_status
-from .state import (
+from .options import (
     AUTO_REGENERATE_MAX_WORLD,
     COUNTS_TRANSPORTS,
     DROP_POINTS,
     FILLS,
     PACKETIZATIONS,
     POST_SYNCS,
-    LossyState,
 )
+from .run_io import config_name, read_json, round_status
+from .state import LossyState
 
 __all__ = ["CONTROL_FLAGS", "build_parser", "hook_kwargs", "prepare_run_dir", "resolve", "study_settings"]
 

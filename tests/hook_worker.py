@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import lossy_hooks.options as options_module
 import lossy_hooks.state as state_module
 from lossy_hooks import (
     ExactCount,
@@ -282,13 +283,13 @@ def accumulation_and_views() -> dict:
     )
     auto_state = LossyState(loss_rate=0.2, mtu=256, seed=1)  # default "auto"
     auto, _ = train_small(auto_state, steps=6, accumulation=3)
-    cap = state_module.AUTO_REGENERATE_MAX_WORLD
-    state_module.AUTO_REGENERATE_MAX_WORLD = dist.get_world_size() - 1  # as if more ranks
+    cap = options_module.AUTO_REGENERATE_MAX_WORLD
+    options_module.AUTO_REGENERATE_MAX_WORLD = dist.get_world_size() - 1  # as if more ranks
     try:
         auto_big_state = LossyState(loss_rate=0.2, mtu=256, seed=1)
         auto_big, _ = train_small(auto_big_state, steps=6, accumulation=3)
     finally:
-        state_module.AUTO_REGENERATE_MAX_WORLD = cap
+        options_module.AUTO_REGENERATE_MAX_WORLD = cap
     resumed_auto = pickle.loads(pickle.dumps(auto_big_state))
     ge = dict(loss_model=GilbertElliott(0.05, 0.3), mtu=256, seed=2)
     ge_sep_state = LossyState(counts_transport="separate", **ge)
