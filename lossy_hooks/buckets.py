@@ -5,6 +5,7 @@ residuals), with their checkpoint state."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,10 +89,12 @@ class BucketRecords:
             record.residual = self._adopt_residuals(tuple(ids[1:]), sizes, buf)
         self.key_of[(index, ids)] = key
         self.records[key] = record
-        packet_numel = None if record.layout.per_tensor else record.layout.packet_numel
-        wire_bytes = record.layout.numel * torch.empty((), dtype=self.state._wire_dtype(buf)).element_size()
-        block = block_size(numel, self.state.hadamard_block) if self.state.encoding == "hadamard" else 1
-        entry = BucketEntry(record.layout.num_packets, sizes, tuple(ids[1:]), packet_numel, wire_bytes, block)
+        layout = record.layout
+        packet_numel = None if layout.per_tensor else layout.packet_numel
+        wire_bytes = layout.numel * self.state._wire_dtype(buf).itemsize
+        entry = BucketEntry(
+            layout.num_packets, sizes, tuple(ids[1:]), packet_numel, wire_bytes, self._block(numel)
+        )
         self.state.ledger.register(key, entry)
         return record
 
@@ -104,12 +107,9 @@ class BucketRecords:
         if self.state.packetization == "tensor":
             layout = PacketLayout.by_tensor(sizes)
         else:
-            wire_numel = numel
-            if self.state.encoding == "hadamard":
-                block = block_size(numel, self.state.hadamard_block)
-                wire_numel = -(-numel // block) * block
-            element_size = torch.empty((), dtype=self.state._wire_dtype(buf)).element_size()
-            layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, element_size)
+            block = self._block(numel)
+            wire_numel = -(-numel // block) * block  # whole blocks when encoded (else block 1)
+            layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, self.state._wire_dtype(buf).itemsize)
         n = layout.num_packets
         protected = self._protected_packets(layout, params, numel)  # on the CPU
         if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
@@ -133,6 +133,10 @@ class BucketRecords:
             record.lossless_counters = base.to(buf.device)
         return record
 
+    def _block(self, numel: int) -> int:
+        """Elements over which the encoding spreads a packet's loss (1 without one)."""
+        return block_size(numel, self.state.hadamard_block) if self.state.encoding == "hadamard" else 1
+
     def _protected_packets(
         self, layout: PacketLayout, params: list[torch.Tensor], numel: int
     ) -> torch.Tensor | None:
@@ -145,7 +149,7 @@ class BucketRecords:
                 "protect=... matches parameter names: call state.name_parameters(model) before training"
             )
         out = torch.zeros(layout.num_packets, dtype=torch.bool)
-        block = block_size(numel, self.state.hadamard_block) if self.state.encoding == "hadamard" else 1
+        block = self._block(numel)
         start = 0
         for j, p in enumerate(params):
             size = p.numel()
@@ -164,7 +168,7 @@ class BucketRecords:
         """Error feedback across a bucket rebuild: the residuals other buckets of this process
         hold for this bucket's parameters move here, slice by slice, so no lost gradient is
         dropped when DDP regroups its parameters (after its first iteration)."""
-        offsets = dict(zip(ids, torch.tensor((0, *sizes)).cumsum(0).tolist(), strict=False))
+        offsets = dict(zip(ids, itertools.accumulate(sizes, initial=0), strict=False))
         residual = None
         for other in self.records.values():
             entry = self.state.ledger.buckets.get(other.key)

@@ -254,8 +254,10 @@ def _to_wire(state: LossyState, plan: _Plan, buf: torch.Tensor, scale: float) ->
 
 
 def _finish(plan: _Plan, results: list[torch.Tensor]) -> torch.Tensor:
-    """The callback: ``W/c_j`` from the summed counts and the independent post mask in one
-    pass, then the stale fill (by selection) and the fidelity sums. Compute only."""
+    """The callback: widen a narrow wire dtype (into DDP's buffer, or to fp32 for a rotated
+    bucket), ``W/c_j`` from the summed counts and the independent post mask in one pass, the
+    stale fill (by selection), the inverse rotation into DDP's buffer, and the fidelity sums.
+    Compute only."""
     numel = plan.layout.numel
     out = results[0][:numel] if plan.appended else results[0]
     arrivals = results[0][numel:] if plan.appended else results[1] if plan.counts is not None else None

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .options import OPTION_DEFAULTS
 from .statistics import mean_std
 
 __all__ = [
@@ -104,10 +105,11 @@ def config_name(cfg: dict[str, Any]) -> str:
 
 def option_parts(cfg: dict[str, Any]) -> list[str]:
     """Name parts of the encodings and protections in use (none: the names of before)."""
+    cfg = OPTION_DEFAULTS | {k: v for k, v in cfg.items() if k in OPTION_DEFAULTS}
     parts = []
-    if cfg.get("encoding", "none") != "none":
-        parts.append(f"{cfg['encoding']}{cfg.get('hadamard_block', 4096)}")
-    if cfg.get("wire_dtype", "fp32") != "fp32":
+    if cfg["encoding"] != OPTION_DEFAULTS["encoding"]:
+        parts.append(f"{cfg['encoding']}{cfg['hadamard_block']}")
+    if cfg["wire_dtype"] != OPTION_DEFAULTS["wire_dtype"]:
         parts.append(f"wire-{cfg['wire_dtype']}")
     if cfg.get("error_feedback"):
         parts.append("ef")

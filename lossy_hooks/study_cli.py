@@ -27,6 +27,7 @@ from .options import (
     COUNTS_TRANSPORTS,
     DROP_POINTS,
     FILLS,
+    OPTION_DEFAULTS,
     PACKETIZATIONS,
     POST_SYNCS,
 )
@@ -232,16 +233,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     e.add_argument(
         "--encoding",
         choices=ENCODINGS,
-        default="none",
+        default=OPTION_DEFAULTS["encoding"],
         help="hadamard: send each bucket rotated in blocks by a random-sign Hadamard transform",
     )
     e.add_argument(
-        "--hadamard_block", type=int, default=4096, help="Hadamard block in elements (a power of two >= 2)"
+        "--hadamard_block",
+        type=int,
+        default=OPTION_DEFAULTS["hadamard_block"],
+        help="Hadamard block in elements (a power of two >= 2)",
     )
     e.add_argument(
         "--wire_dtype",
         choices=tuple(WIRE_DTYPES),
-        default="fp32",
+        default=OPTION_DEFAULTS["wire_dtype"],
         help="dtype of the packets: fp32 = the bucket's own; fp16/bf16 halve the bytes (mtu // 2 elements)",
     )
     e.add_argument(
@@ -358,14 +362,15 @@ def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
         counts_transport=cfg["counts_transport"],
         measure_fidelity=cfg["measure_fidelity"],
         seed=seed,
-        encoding=cfg.get("encoding", "none"),
-        hadamard_block=cfg.get("hadamard_block", 4096),
-        wire_dtype=cfg.get("wire_dtype", "fp32"),
-        error_feedback=cfg.get("error_feedback", False),
-        protect=cfg.get("protect"),
-        retransmit=cfg.get("retransmit", 0),
-        fec=None if cfg.get("fec") is None else tuple(cfg["fec"]),
-    )
+    ) | options_of(cfg)
+
+
+def options_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The encoding and protection settings of a configuration (a config saved before they
+    existed has none: their defaults)."""
+    out = {k: cfg.get(k, default) for k, default in OPTION_DEFAULTS.items()}
+    out["fec"] = None if out["fec"] is None else tuple(out["fec"])
+    return out
 
 
 def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:

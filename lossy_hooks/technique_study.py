@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .data import build_datasets
+from .hook import lossy_allreduce_hook
 from .models import build_model, logits
 from .process_group import free_port
 from .state import LossyState
@@ -76,7 +78,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
-        Path(out).write_text(repr(gathered[0]))
+        Path(out).write_text(json.dumps(gathered[0]))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -89,7 +91,7 @@ def _measure(args, x, y, classes, label, burst, rate, name, settings, k) -> dict
         loss_model=loss_spec(rate, burst), mtu=args.mtu, seed=k, measure_fidelity=True, **settings
     )
     state.name_parameters(model)
-    ddp.register_comm_hook(state, __import__("lossy_hooks").lossy_allreduce_hook)
+    ddp.register_comm_hook(state, lossy_allreduce_hook)
     for _ in range(args.steps + 1):  # the first: DDP's one-bucket iteration, not counted
         ddp.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(logits(ddp(x)), y).backward()
@@ -192,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rates must be in (0, 1), got {args.rates}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = out / "raw.txt"
+    raw = out / "raw.json"
     mp.spawn(_worker, args=(args.world_size, free_port(), args, str(raw)), nprocs=args.world_size)
-    rows = __import__("ast").literal_eval(raw.read_text())
+    rows = json.loads(raw.read_text())
     raw.unlink()
     with open(out / "techniques.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, list(rows[0]))
