@@ -66,6 +66,7 @@ class BucketEntry:
     packet_numel: int | None = None
     wire_bytes: int = 0  # bytes of one call's packets on the wire (wire dtype, padding included)
     block: int = 1  # a parameter's loss is counted over whole blocks of this many elements
+    label: str | None = None  # what the bucket holds when it is not a list of parameters (FSDP)
 
 
 class PacketLedger:
@@ -111,16 +112,18 @@ class PacketLedger:
         self.buckets[key] = entry
 
     def count(self, point: str, key: BucketKey, num_packets: int, lost: torch.Tensor | None) -> None:
-        """``num_packets`` sent at ``point``; ``lost`` the loss mask (``None``: none lost)."""
+        """``num_packets`` sent at ``point``; ``lost`` the loss mask (``None``: none lost), or
+        ``(rows, n)`` masks of rows of the same ``n`` packets (FSDP shards: counted per packet
+        position, summed over the rows)."""
         self.sent[point][key] = self.sent[point].get(key, 0) + num_packets
         if lost is None:
             return
         per_packet = self.lost[point].get(key)
         if per_packet is None:
             per_packet = self.lost[point][key] = torch.zeros(
-                num_packets, dtype=torch.int32, device=lost.device
+                lost.shape[-1], dtype=torch.int32, device=lost.device
             )
-        per_packet.add_(lost)
+        per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else lost)
 
     def count_protection(self, point: str, key: BucketKey, counters: torch.Tensor) -> None:
         """Add one call's :data:`~lossy_hooks.protection.COUNTERS` (an int64 device vector)."""
@@ -204,7 +207,7 @@ class PacketLedger:
                 buckets[k].update({f"{p}_sent": row[0], f"{p}_lost": row[1]})
                 entry = self._entry(k)
                 if entry.packets:
-                    sent_bytes += row[0] // entry.packets * entry.wire_bytes
+                    sent_bytes += row[0] * entry.wire_bytes // entry.packets
                     extra_bytes += round(row[3] * entry.wire_bytes / entry.packets)
             sent, lost = total[0], total[1]
             entry_out: dict[str, Any] = {"packets_sent": sent, "packets_lost": lost}
@@ -328,8 +331,10 @@ class PacketLedger:
         buckets = []
         for b in stats["buckets"]:
             key = (b["index"], b["numel"], b["generation"])
-            ids = self.buckets[key].param_ids if key in self.buckets else None
-            params = [names.get(i, "?") for i in ids] if ids else ["?"]
+            entry = self.buckets.get(key)
+            ids = entry.param_ids if entry is not None else None
+            label = entry.label if entry is not None and entry.label else "?"
+            params = [names.get(i, "?") for i in ids] if ids else [label]
             for p in self.points:
                 sent, lost = delta(f"bucket:{p}:{key_str(key)}")
                 if sent:
@@ -355,6 +360,7 @@ class PacketLedger:
         return {
             "buckets": {
                 key_str(k): {"packets": e.packets, "sizes": list(e.sizes), "wire_bytes": e.wire_bytes}
+                | ({"label": e.label} if e.label else {})
                 for k, e in self.buckets.items()
             },
             "sent": {p: {key_str(k): n for k, n in d.items()} for p, d in self.sent.items()},
@@ -369,7 +375,10 @@ class PacketLedger:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.buckets = {
             key_from_str(k): BucketEntry(
-                int(e["packets"]), tuple(int(x) for x in e["sizes"]), wire_bytes=int(e.get("wire_bytes", 0))
+                int(e["packets"]),
+                tuple(int(x) for x in e["sizes"]),
+                wire_bytes=int(e.get("wire_bytes", 0)),
+                label=e.get("label"),
             )
             for k, e in sd["buckets"].items()
         }

@@ -13,6 +13,10 @@ The operations take a per-packet vector (a loss mask or a scale factor) and appl
 the elements as one streaming multiply in the bucket's dtype, without expanding it element
 by element in the MTU case: full packets are a ``(n_full, k)`` view, the short tail a 1-D
 view. No Python loop over packets.
+
+An MTU layout also applies row by row to a ``(rows, numel)`` tensor with ``(rows, n)``
+per-packet vectors (FSDP's reduce-scatter input and all-gather output: one row per rank's
+shard, packets never crossing a row), with the same kernels.
 """
 
 from __future__ import annotations
@@ -92,11 +96,12 @@ class PacketLayout:
     # -- per-packet operations ------------------------------------------------------------
 
     def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(full, tail, n_full)``: full packets as an ``(n_full, k)`` view and the tail."""
+        """``(full, tail, n_full)``: full packets as an ``(..., n_full, k)`` view and the tail
+        (``(..., numel)`` input: rows of packets for an MTU layout)."""
         k = self.packet_numel
         n_full = self.numel // k
-        full = flat[: n_full * k].view(n_full, k)
-        return full, flat[n_full * k :], n_full
+        full = flat[..., : n_full * k].view(*flat.shape[:-1], n_full, k)
+        return full, flat[..., n_full * k :], n_full
 
     def expand(self, per_packet: torch.Tensor) -> torch.Tensor:
         """Per-element copy of a per-packet vector (length ``numel``)."""
@@ -110,9 +115,9 @@ class PacketLayout:
         if self.sizes is not None:
             return flat.mul_(self.expand(factor))
         full, tail, n_full = self._split(flat)
-        full.mul_(factor[:n_full, None])
+        full.mul_(factor[..., :n_full, None])
         if tail.numel():
-            tail.mul_(factor[n_full])
+            tail.mul_(factor[..., n_full:])
         return flat
 
     def zero_(self, flat: torch.Tensor, lost: torch.Tensor) -> torch.Tensor:
@@ -133,9 +138,9 @@ class PacketLayout:
             return torch.where(self.expand(lost), source, flat, out=flat)
         full, tail, n_full = self._split(flat)
         src_full, src_tail, _ = self._split(source)
-        torch.where(lost[:n_full, None], src_full, full, out=full)
+        torch.where(lost[..., :n_full, None], src_full, full, out=full)
         if tail.numel():
-            torch.where(lost[n_full], src_tail, tail, out=tail)
+            torch.where(lost[..., n_full:], src_tail, tail, out=tail)
         return flat
 
     def finite_packets(self, flat: torch.Tensor) -> torch.Tensor:
@@ -146,9 +151,9 @@ class PacketLayout:
             owner = torch.arange(self.num_packets, device=flat.device)
             return bad.index_add_(0, self.expand(owner), (~finite).to(torch.int32)) == 0
         full, tail, _ = self._split(finite)
-        per_packet = full.all(1)
+        per_packet = full.all(-1)
         if tail.numel():
-            per_packet = torch.cat((per_packet, tail.all().view(1)))
+            per_packet = torch.cat((per_packet, tail.all(-1, keepdim=True)), -1)
         return per_packet
 
     def __repr__(self) -> str:

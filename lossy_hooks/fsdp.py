@@ -1,0 +1,356 @@
+r"""Lossy collectives for FSDP2 (``torch.distributed.fsdp.fully_shard``): a reduce-scatter of
+gradients and an all-gather of parameters that lose packets, configured by the same
+:class:`~lossy_hooks.LossyState` as the DDP hook (loss models, drop points, fills, seeds,
+counters, checkpoints).
+
+Usage (two lines on plain FSDP2 code)::
+
+    from lossy_hooks import LossyState, fsdp
+    fsdp.register(model, LossyState(loss_rate=0.05, drop_point="worker"))      # gradients
+    fsdp.register(model, state, all_gather=fsdp.gather_state(loss_rate=0.01))  # + parameters
+
+The math (``W`` ranks; FSDP hands a reduce-scatter ``W`` rows, row ``j`` being this rank's
+contribution ``g_{r,j}`` to the shard rank ``j`` owns, and an all-gather ``W`` rows, row
+``j`` being rank ``j``'s parameter shard; every row is split into the same ``n`` MTU
+packets, a packet never crossing a row). A rank's own row never crosses the network, so it
+is never lost: rank ``r`` sends ``W - 1`` rows (``(W-1) n`` packets) per reduce-scatter and
+receives ``W - 1`` rows per all-gather, and those are the packets counted as sent.
+
+Reduce-scatter (``a_{r,j,i} = 1`` when rank ``r``'s packet ``i`` for shard ``j`` arrives,
+``a_{j,j,i} = 1``; ``c_{j,i} = \sum_r a_{r,j,i} \ge 1``; ``s = 1/W`` for FSDP's average,
+``1`` for ``reduction="sum"``):
+
+- lossless: ``S_j = s \sum_r g_{r,j}``, FSDP's own collective on FSDP's own tensors
+  (bitwise equal to FSDP without the custom collective).
+- worker drop, ``fill="zero"``: ``S_{j,i} = s \sum_r a_{r,j,i} g_{r,j,i}``.
+- worker drop, ``fill="rescale"``: ``S_{j,i} = s (W / c_{j,i}) \sum_r a_{r,j,i} g_{r,j,i}``,
+  the mean over the contributions that arrived (never empty: the owner's is local). The
+  counts come from replaying the other ranks' masks (``counts_transport="regenerate"``,
+  ``W/c`` folded into the factor each rank applies before the collective) or from a second
+  reduce-scatter of int32 arrival counts (``"separate"``, ``W/c`` applied to the shard).
+- post drop (packets of the reduced shard lost on their way to its owner), mask ``b_i``:
+  ``"zero"``: ``b_i S_{j,i}``; ``"rescale"``: ``b_i S_{j,i} / q`` (``q`` the loss model's
+  expected kept fraction, as for DDP); ``"stale"``: the last value received for the packet.
+  ``post_sync="shared"`` draws one mask for the whole result (``W n`` packets, from the
+  seed alone: every rank knows every rank's loss) and each rank keeps its row;
+  ``"independent"`` draws ``n`` packets per rank.
+
+All-gather (a separate state, :func:`gather_state`: drop point ``"post"``, what a receiver
+loses): rank ``r`` receives ``P_{j,i}`` for ``j \ne r`` when ``b_{r,j,i} = 1``, else
+``"stale"`` (the default): the last value of that packet it received, or ``"zero"``. Stale is
+the default because a lost parameter is still a parameter: the previous value differs from
+the current one by a few optimizer steps, while zero turns off units (a zeroed norm gain
+silences a whole channel). Before the first gather every rank built the whole model before
+``fully_shard`` sharded it, so the stale copy starts as the first gather's values (a loss at
+the very first gather changes nothing). ``post_sync="independent"`` (the default of
+:func:`gather_state`) draws each receiver's losses on its own; ``"shared"`` loses a sender's
+packet for every receiver at once.
+
+Both collectives run synchronously on the stream FSDP calls them on (FSDP's reduce-scatter
+and all-gather streams on CUDA: the host does not wait) and return ``None``; the masks are
+drawn on the tensors' device, with no host synchronisation. Settings that need a bucket of
+parameters (``protect``, ``packetization="tensor"``, per-parameter counts), the encodings,
+the protections and ``measure_fidelity`` are refused by :func:`check_state` with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
+
+from .buckets import BucketRecord
+from .ledger import BucketEntry
+from .options import OPTION_DEFAULTS
+from .packetization import PacketLayout
+from .state import LossyState
+
+__all__ = ["LossyAllGather", "LossyReduceScatter", "check_state", "gather_state", "register"]
+
+# LossyState settings that have no FSDP counterpart yet, with the reason given to the user.
+_UNSUPPORTED = {
+    "encoding": "the Hadamard rotation spans a bucket, FSDP's rows go to different ranks",
+    "wire_dtype": "use FSDP's own MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)",
+    "error_feedback": "residuals are kept per DDP bucket",
+    "protect": "protection matches parameters in a DDP bucket; FSDP rows are flat shards",
+    "retransmit": "not wired into the sharded collectives yet",
+    "fec": "an FEC group would span packets bound for different ranks",
+}
+
+
+def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
+    """Raise ``ValueError`` naming the setting if ``state`` asks for something the FSDP
+    collectives do not do (``collective``: ``"reduce-scatter"`` or ``"all-gather"``)."""
+    options = state._options()
+    for name, why in _UNSUPPORTED.items():
+        default = OPTION_DEFAULTS[name]
+        if options[name] != default and not (name == "fec" and options[name] is None):
+            raise ValueError(
+                f"FSDP {collective}: {name}={options[name]!r} is not supported under FSDP ({why})"
+            )
+    if state.packetization != "mtu":
+        raise ValueError(f"FSDP {collective}: packetization must be 'mtu' (shards are flat rows of elements)")
+    if state.measure_fidelity:
+        raise ValueError(f"FSDP {collective}: measure_fidelity is not supported under FSDP")
+    if state.counts_transport == "append":
+        raise ValueError(
+            f"FSDP {collective}: counts_transport='append' is not supported (the reduce-scatter output "
+            "is FSDP's own buffer); use 'separate', 'regenerate' or 'auto'"
+        )
+    if collective == "all-gather":
+        if state.drop_point != "post" or state.fill not in ("stale", "zero"):
+            raise ValueError(
+                "FSDP all-gather: the state must have drop_point='post' (a receiver loses packets of "
+                "other ranks' parameter shards) and fill 'stale' or 'zero' (a parameter has nothing to "
+                f"rescale); got drop_point={state.drop_point!r}, fill={state.fill!r} (see gather_state)"
+            )
+
+
+def gather_state(
+    loss_rate: float | None = None, fill: str = "stale", post_sync: str = "independent", **kwargs: Any
+) -> LossyState:
+    """A :class:`~lossy_hooks.LossyState` for the lossy all-gather: drop point ``"post"``,
+    ``fill`` ``"stale"`` (default) or ``"zero"``, per-receiver losses by default. Other
+    arguments (``mtu``, ``loss_model``, ``seed``, ...) as for ``LossyState``."""
+    state = LossyState(loss_rate=loss_rate, drop_point="post", fill=fill, post_sync=post_sync, **kwargs)
+    check_state(state, "all-gather")
+    return state
+
+
+def _insert_row(net: torch.Tensor, row: int) -> torch.Tensor:
+    """``(W-1, n)`` masks of the rows a rank sends or receives -> ``(W, n)``, its own row
+    ``row`` never lost."""
+    own = torch.zeros((1, net.shape[1]), dtype=net.dtype, device=net.device)
+    return torch.cat((net[:row], own, net[row:]))
+
+
+class _Wiring:
+    """What the collectives of one :func:`register` call share: the state, the number of
+    FSDP parameter groups (a training step = one reduce-scatter per group) and the count."""
+
+    def __init__(self, state: LossyState, groups: int) -> None:
+        self.state = state
+        self.groups = groups
+        self.calls = 0
+
+    def record(self, index: int, label: str, rows: torch.Tensor, post_rows: int) -> BucketRecord:
+        """The record of group ``index``: the packet layout of one row, the post rescale
+        factor of a draw of ``post_rows`` rows' packets, and the stale buffer saved in a
+        checkpoint."""
+        state = self.state
+        key = (index, rows.numel(), 0)
+        record = state.buckets.records.get(key)
+        if record is None:
+            layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
+            keep = (
+                state.post.model.keep_fraction(post_rows * layout.num_packets) if state.drops_after else 1.0
+            )
+            factor = 1.0 / keep if keep > 0 else 0.0
+            record = BucketRecord(key, layout, factor, state.buckets.saved_stale.pop(key, None))
+            state.buckets.records[key] = record
+            entry = BucketEntry(
+                layout.num_packets,
+                (),
+                packet_numel=layout.packet_numel,
+                wire_bytes=rows.shape[1] * rows.element_size(),
+                label=label,
+            )
+            state.ledger.register(key, entry)
+        return record
+
+    def draw_network(self, site: Any, record: BucketRecord, world: int, rank: int) -> torch.Tensor | None:
+        """``(W, n)`` loss mask of the rows crossing the network at ``site`` (own row kept),
+        counted in the ledger as ``(W-1) n`` packets; ``None`` when nothing can be lost."""
+        n = record.layout.num_packets
+        shared = not site.per_rank
+        drawn = site.draw(world * n if shared else (world - 1) * n)
+        if drawn is None:
+            lost = None
+        elif shared:  # one mask for every receiver: a sender's packet lost for all of them
+            lost = drawn.view(world, n).clone()
+            lost[rank] = False
+        else:
+            lost = _insert_row(drawn.view(world - 1, n), rank)
+        net = None if lost is None else torch.cat((lost[:rank], lost[rank + 1 :]))
+        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)
+        return lost
+
+    def step_done(self) -> None:
+        """One more reduce-scatter: a training step every ``groups`` of them (all-gathers,
+        whose number per step depends on resharding, count no steps: ``groups=0``)."""
+        self.calls += 1
+        if self.groups and self.calls % self.groups == 0:
+            self.state.steps += 1
+
+
+class LossyReduceScatter(DefaultAllocMixin, ReduceScatter):
+    """FSDP2's gradient reduce-scatter with packet loss (see the module docs)."""
+
+    def __init__(self, wiring: _Wiring, index: int, label: str) -> None:
+        self.wiring, self.index, self.label = wiring, index, label
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: Any,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        state = self.wiring.state
+        state._prepare(input_tensor, group)
+        state._bucket_calls += 1
+        if state.reduction == "sum":
+            if op != dist.ReduceOp.AVG:
+                raise ValueError(
+                    f"reduction='sum' replaces FSDP's average, but FSDP asked for {op} (a gradient "
+                    "divide factor or a low-precision reduce dtype): use reduction='mean'"
+                )
+            op = dist.ReduceOp.SUM
+        if state._passthrough:
+            dist.reduce_scatter_single(output=output_tensor, input=input_tensor, op=op, group=group)
+            return None
+        world, rank = state.world_size, state.rank
+        assert world is not None and rank is not None
+        rows = input_tensor.view(world, -1)
+        record = self.wiring.record(self.index, self.label, rows, world if not state.post.per_rank else 1)
+        layout, n = record.layout, record.layout.num_packets
+        pre: torch.Tensor | None = None
+        counts: torch.Tensor | None = None
+        if state.drops_before:
+            lost = self.wiring.draw_network(state.worker, record, world, rank)
+            if lost is not None:
+                pre = (~lost).float()
+                if state.fill == "rescale":
+                    if state._counts_resolved == "regenerate":
+                        pre.mul_(world / self._regenerated_counts(lost, record, world))
+                    else:
+                        counts = (~lost).to(torch.int32)
+        post_lost = self._draw_post(record, world, rank) if state.drops_after else None
+        if pre is not None:
+            layout.scale_(rows, pre)
+        dist.reduce_scatter_single(output=output_tensor, input=input_tensor, op=op, group=group)
+        factor: torch.Tensor | None = None
+        if counts is not None:
+            arrived = torch.empty(n, dtype=torch.int32, device=counts.device)
+            dist.reduce_scatter_single(output=arrived, input=counts.view(-1), op=dist.ReduceOp.SUM, group=group)
+            factor = world / arrived.float()
+        if post_lost is not None and state.fill != "stale":
+            keep = torch.where(post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)
+            factor = keep if factor is None else factor.mul_(keep)
+        if factor is not None:
+            layout.scale_(output_tensor, factor)
+        if state.fill == "stale":
+            if record.stale is None:
+                record.stale = torch.zeros_like(output_tensor)
+            if post_lost is not None:
+                layout.fill_from_(output_tensor, post_lost, record.stale)
+            layout.fill_from_(record.stale, layout.finite_packets(output_tensor), output_tensor)
+        self.wiring.step_done()
+        return None
+
+    def _draw_post(self, record: BucketRecord, world: int, rank: int) -> torch.Tensor | None:
+        """This rank's post mask of its shard: its row of one whole-result mask (shared), or
+        its own draw (independent)."""
+        state, n = self.wiring.state, record.layout.num_packets
+        site = state.post
+        drawn = site.draw(world * n if not site.per_rank else n)
+        lost = None if drawn is None else (drawn.view(world, n)[rank] if not site.per_rank else drawn)
+        state.ledger.count(site.name, record.key, n, lost)
+        return lost
+
+    def _regenerated_counts(self, own: torch.Tensor, record: BucketRecord, world: int) -> torch.Tensor:
+        """``c_{j,i}`` for every shard ``j``: this rank's arrivals plus every other rank's,
+        replayed from their generators (each rank's own row always arrives)."""
+        state, n = self.wiring.state, record.layout.num_packets
+        counts = (~own).to(torch.int32)
+        for peer, site in state._peers.items():
+            drawn = site.draw((world - 1) * n)
+            assert drawn is not None
+            counts += ~_insert_row(drawn.view(world - 1, n), peer)
+        return counts.float()
+
+
+class LossyAllGather(DefaultAllocMixin, AllGather):
+    """FSDP2's parameter all-gather with packet loss at the receivers (see the module docs)."""
+
+    def __init__(self, wiring: _Wiring, index: int, label: str) -> None:
+        self.wiring, self.index, self.label = wiring, index, label
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        state = self.wiring.state
+        dist.all_gather_single(output_tensor, input_tensor, group=group)
+        state._prepare(output_tensor, group)
+        state._bucket_calls += 1
+        if state._passthrough:
+            return None
+        world, rank = state.world_size, state.rank
+        assert world is not None and rank is not None
+        rows = output_tensor.view(world, -1)
+        record = self.wiring.record(self.index, self.label, rows, 1)
+        layout = record.layout
+        if state.fill == "stale" and record.stale is None:
+            record.stale = rows.clone()  # every rank built the whole model before sharding it
+        lost = self.wiring.draw_network(state.post, record, world, rank)
+        if lost is not None:
+            if state.fill == "stale":
+                assert record.stale is not None
+                layout.fill_from_(rows, lost, record.stale)
+            else:
+                layout.zero_(rows, lost)
+        if state.fill == "stale":
+            assert record.stale is not None
+            layout.fill_from_(record.stale, layout.finite_packets(rows), rows)
+        self.wiring.step_done()
+        return None
+
+
+def _groups(model: nn.Module) -> list[tuple[str, FSDPModule]]:
+    """``(name, module)`` of every FSDP module of ``model`` that manages parameters."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", None)
+            if groups is None or len(groups) > 0:
+                out.append((name or "(root)", module))
+    return out
+
+
+def register(model: nn.Module, state: LossyState | None, all_gather: LossyState | None = None) -> list[str]:
+    """Wire the lossy reduce-scatter (``state``: gradients) and, with ``all_gather``, the
+    lossy all-gather (parameters) into every FSDP module of ``model`` (after
+    ``fully_shard``). Either may be ``None``. Returns the names of the wired modules, in
+    the order that numbers them (``index`` in the counters)."""
+    groups = _groups(model)
+    if not groups:
+        raise TypeError(
+            "lossy_hooks.fsdp.register: the model has no FSDP module with parameters; call "
+            "torch.distributed.fsdp.fully_shard on it (and its blocks) first"
+        )
+    if state is None and all_gather is None:
+        raise ValueError("lossy_hooks.fsdp.register: give a state, an all_gather state, or both")
+    if state is not None:
+        check_state(state, "reduce-scatter")
+    if all_gather is not None:
+        check_state(all_gather, "all-gather")
+        if all_gather is state:
+            raise ValueError("lossy_hooks.fsdp.register: the all-gather needs a LossyState of its own")
+    scatter = _Wiring(state, len(groups)) if state is not None else None
+    gather = _Wiring(all_gather, 0) if all_gather is not None else None
+    for index, (name, module) in enumerate(groups):
+        if scatter is not None:
+            module.set_custom_reduce_scatter(LossyReduceScatter(scatter, index, name))
+        if gather is not None:
+            module.set_custom_all_gather(LossyAllGather(gather, index, name))
+    return [name for name, _ in groups]
