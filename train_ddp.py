@@ -1,7 +1,9 @@
 """Packet-loss study: train a torchvision model with DDP while the gradient allreduce loses
-packets (lossy_hooks). Launch with torchrun, or plainly with python for one process:
+packets (lossy_hooks), or a small GPT on text with DDP or FSDP2 (lossy reduce-scatter and
+all-gather). Launch with torchrun, or plainly with python for one process:
 
     torchrun --nproc_per_node=4 train_ddp.py --loss_rate 0.05 --mtu 1500 --worker_drop --use_avg
+    torchrun --nproc_per_node=2 train_ddp.py --model gpt-tiny --strategy fsdp --loss_rate 0.1 --use_avg
     python train_ddp.py --max_steps 50
 
 The original study's flags keep their names, defaults and meanings (see README):
@@ -25,12 +27,13 @@ import torch
 import torch.distributed as dist
 import torchvision
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from lossy_hooks import LossyState, lossy_allreduce_hook
+from lossy_hooks import LossyState, fsdp
 from lossy_hooks.data import build_datasets
-from lossy_hooks.models import build_model, logits
+from lossy_hooks.gpt import GPT_CONFIGS
+from lossy_hooks.models import build_model, build_optimizer, logits
+from lossy_hooks.parallel import full_state, load_full_state, no_grad_sync, parallelize
 from lossy_hooks.plotting import plot_round, plot_summary
 from lossy_hooks.process_group import init_from_environment
 from lossy_hooks.progress import Reporter
@@ -48,13 +51,13 @@ from lossy_hooks.run_io import (
     write_summary,
 )
 from lossy_hooks.streams import derive_seed
-from lossy_hooks.study_cli import build_parser, hook_kwargs, prepare_run_dir, resolve
+from lossy_hooks.study_cli import build_parser, gather_kwargs, hook_kwargs, prepare_run_dir, resolve
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
 
 
 class RoundRunner:
-    """One round (repetition) of the experiment: model, DDP, hook state, epochs."""
+    """One round (repetition) of the experiment: model, DDP or FSDP, the lossy states, epochs."""
 
     def __init__(
         self,
@@ -74,18 +77,18 @@ class RoundRunner:
         torch.manual_seed(self.seed)  # same initial model on every rank
         model = build_model(cfg["model"], data.num_classes).to(device)
         self.module = model
-        self.ddp = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=cfg["bucket_cap_mb"],
-        )
+        self.fsdp = cfg.get("strategy", "ddp") == "fsdp"
         self.state = LossyState(**hook_kwargs(cfg, self.seed))
         self.state.name_parameters(model)  # for --protect
-        self.ddp.register_comm_hook(self.state, lossy_allreduce_hook)
-        self.opt = torch.optim.SGD(self.ddp.parameters(), lr=cfg["learning_rate"], momentum=0.9)
+        gathering = self.fsdp and cfg.get("all_gather_loss_rate", 0.0) > 0
+        self.gather = fsdp.gather_state(**gather_kwargs(cfg, self.seed)) if gathering else None
+        # DDP wraps the model; fully_shard turns it into its own FSDP module (self.ddp is self.module)
+        self.ddp = parallelize(model, cfg["strategy"], self.state, self.gather, device, cfg["bucket_cap_mb"])
+        self.opt = build_optimizer(cfg["optimizer"], self.ddp, cfg["learning_rate"])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
         torch.manual_seed(derive_seed(self.seed, 0, rank))  # per-rank data randomness
-        self.warm_up()
+        if not self.fsdp:  # FSDP does not rebuild buckets
+            self.warm_up()
         workers = 0 if isinstance(data.train, torch.utils.data.TensorDataset) else cfg["workers"]
         self.sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=self.seed)
         self.loader = DataLoader(
@@ -96,17 +99,19 @@ class RoundRunner:
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
         )
-        val_shard = Subset(data.val, range(rank, len(data.val), world))  # every image exactly once
+        # every sample exactly once; under FSDP every rank must run as many forward passes
+        # (they all-gather), so the set is cut to a multiple of the world size (< W samples)
+        val_end = len(data.val) // world * world if self.fsdp else len(data.val)
+        val_shard = Subset(data.val, range(rank, val_end, world))
         self.val_loader = DataLoader(val_shard, batch_size=cfg["batch_size"], num_workers=workers)
         self.start_epoch, self.steps = 0, 0
 
     def warm_up(self) -> None:
         """One lossless, uncounted iteration so DDP rebuilds its buckets before the first
         real step: fresh and resumed runs then draw identical loss sequences."""
-        shape = (2, *self.data.input_shape)
         with self.state.passthrough():
             self.ddp.eval()
-            logits(self.ddp(torch.zeros(shape, device=self.device))).float().sum().backward()
+            logits(self.ddp(self.data.example_batch(2, self.device))).float().sum().backward()
             self.ddp.train()
         self.opt.zero_grad(set_to_none=True)
 
@@ -122,8 +127,13 @@ class RoundRunner:
             return
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         mine = ckpt["ranks"][self.rank]
-        self.module.load_state_dict(mine.get("model", ckpt["model"]))
-        self.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
+        if self.fsdp:
+            load_full_state(self.module, self.opt, ckpt["model"], ckpt["optimizer"])
+            if self.gather is not None:
+                self.gather.load_state_dict(mine["gather"])
+        else:
+            self.module.load_state_dict(mine.get("model", ckpt["model"]))
+            self.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state.load_state_dict(mine["hook"])
         torch.set_rng_state(mine["torch_rng"].cpu())
@@ -146,7 +156,18 @@ class RoundRunner:
         """Packets since the previous call (the ledger's mark, kept in the hook's checkpoint)
         as metrics.csv columns and buckets.csv / layers.csv rows (a collective)."""
         names = {id(p): n for n, p in self.module.named_parameters()}
-        return packet_rows(self.state.ledger.since_mark(names, all_ranks=True), epoch)
+        columns, buckets, layers = packet_rows(self.state.ledger.since_mark(names, all_ranks=True), epoch)
+        if self.gather is not None:  # the all-gather's receivers: columns gather_*, rows "gather"
+            counts = self.gather.ledger.since_mark({}, all_ranks=True)
+            post = counts["points"]["post"]
+            columns |= {
+                "gather_packets_sent": post["packets_sent"],
+                "gather_packets_lost": post["packets_lost"],
+            }
+            for b in counts["buckets"]:
+                b["drop_point"] = "gather"
+            buckets += packet_rows({"points": {}, "buckets": counts["buckets"], "parameters": []}, epoch)[1]
+        return columns, buckets, layers
 
     def checkpoint(self, epoch: int, final: bool = False) -> None:
         independent = self.cfg["post_sync"] == "independent" and self.cfg["drop_point"] != "worker"
@@ -155,7 +176,15 @@ class RoundRunner:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
         }
-        if independent:  # replicas differ: keep each one (CPU copies: NCCL cannot gather objects on GPU)
+        if self.gather is not None:
+            mine["gather"] = self.gather.state_dict()
+        if self.fsdp:  # the whole model and optimizer, gathered on rank 0 (a collective)
+            model_sd, opt_sd = full_state(self.module, self.opt)
+        else:
+            model_sd, opt_sd = self.module.state_dict(), self.opt.state_dict()
+        if (
+            independent and not self.fsdp
+        ):  # replicas differ: keep each one (CPU copies: NCCL cannot gather objects on GPU)
             mine["model"] = to_cpu(self.module.state_dict())
             mine["optimizer"] = to_cpu(self.opt.state_dict())
         ranks: list[Any] = [None] * self.world
@@ -164,8 +193,8 @@ class RoundRunner:
             ckpt = {
                 "epoch": epoch,
                 "steps": self.steps,
-                "model": self.module.state_dict(),
-                "optimizer": self.opt.state_dict(),
+                "model": model_sd,
+                "optimizer": opt_sd,
                 "scaler": self.scaler.state_dict(),
                 "ranks": ranks,
             }
@@ -196,16 +225,13 @@ class RoundRunner:
             group_start = i // acc_steps * acc_steps
             group_size = min(acc_steps, n_batches - group_start)
             sync = i == group_start + group_size - 1
-            with contextlib.ExitStack() as stack:
-                if not sync:
-                    stack.enter_context(self.ddp.no_sync())
+            with no_grad_sync(self.ddp, not sync):
                 with torch.autocast(dev.type, dtype=torch.float16, enabled=cfg["amp"]):
-                    out = logits(self.ddp(x))
-                    loss = nn.functional.cross_entropy(out, y)
+                    loss, hits, count = _task_loss(logits(self.ddp(x)), y)
                 self.scaler.scale(loss / group_size).backward()
-            group_loss += loss.detach().double() * len(y)
-            group_correct += (out.argmax(1) == y).sum()
-            group_seen += len(y)
+            group_loss += loss.detach().double() * count
+            group_correct += hits
+            group_seen += count
             processed += len(y)
             if sync:
                 scale_before = self.scaler.get_scale() if cfg["amp"] else 0.0
@@ -260,15 +286,18 @@ class RoundRunner:
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
+        """Validation loss and accuracy (per token for a language model). Under FSDP the
+        parameters are gathered without loss here: it measures the model training made."""
         self.module.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in self.val_loader:
-            x, y = x.to(self.device), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg["amp"]):
-                out = logits(self.module(x))
-            totals[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
-            totals[1] += (out.argmax(1) == y).sum()
-            totals[2] += len(y)
+        lossless = self.gather.passthrough() if self.gather is not None else contextlib.nullcontext()
+        with lossless:
+            for x, y in self.val_loader:
+                x, y = x.to(self.device), y.to(self.device)
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg["amp"]):
+                    out = logits(self.module(x))
+                loss, hits, count = _task_loss(out.float(), y)
+                totals += torch.stack([loss.double() * count, hits.double(), torch.tensor(float(count))])
         dist.all_reduce(totals)
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
@@ -291,6 +320,8 @@ class RoundRunner:
             if (epoch + 1) % cfg["eval_every"] == 0 or last or diverged:
                 row["val_loss"], row["val_acc"] = self.validate()
                 diverged = diverged or not math.isfinite(row["val_loss"])
+                if self.data.task == "lm" and not diverged:
+                    row["val_perplexity"] = math.exp(row["val_loss"])
             packet_columns, bucket_rows, layer_rows = self.epoch_counts(epoch + 1)
             row.update(
                 epoch=epoch + 1, steps=self.steps, status="diverged" if diverged else "ok", **packet_columns
@@ -318,6 +349,14 @@ class RoundRunner:
                 self.dir / "metrics.csv", self.dir / "metrics.png", f"{self.dir.parent.name} round {self.k}"
             )
         return status
+
+
+def _task_loss(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean cross-entropy, correct predictions and their number: per image, or per token of
+    a language model (``out`` ``(B, T, V)``, ``y`` ``(B, T)``)."""
+    if out.dim() == 3:
+        out, y = out.flatten(0, 1), y.flatten()
+    return nn.functional.cross_entropy(out, y), (out.argmax(1) == y).sum(), y.numel()
 
 
 def _rate(stats: dict[str, Any]) -> float:
@@ -354,11 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and cfg["download"]:
             build_datasets(cfg["dataset"], cfg["data_path"], True, cfg["imagenette_size"], rank=0)
         dist.barrier()
-        data = build_datasets(cfg["dataset"], cfg["data_path"], False, cfg["imagenette_size"], rank)
+        block = GPT_CONFIGS[cfg["model"]].block_size if cfg["model"] in GPT_CONFIGS else 0
+        data = build_datasets(
+            cfg["dataset"], cfg["data_path"], False, cfg["imagenette_size"], rank, block, cfg["corpus_mb"]
+        )
         report.print(
             f"{run_dir.name}: {cfg['model']} on {data.name} ({len(data.train)} train / {len(data.val)} val), "
-            f"{world} rank(s) on {device}, loss model {cfg['loss_model']} at {cfg['drop_point']}, "
-            f"fill {cfg['fill']}, reduction {cfg['reduction']}"
+            f"{world} rank(s) on {device} ({cfg['strategy']}), loss model {cfg['loss_model']} at "
+            f"{cfg['drop_point']}, fill {cfg['fill']}, reduction {cfg['reduction']}"
         )
         if cfg["dataset_flag"] == "auto" and data.name == "digits":
             report.print("note: Imagenette not found under --data_path: using the packaged digits (offline)")

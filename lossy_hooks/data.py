@@ -7,7 +7,11 @@
   with the original study's transforms.
 - ``folder``: any ImageFolder tree with ``train/`` and ``val/`` (what the original read).
 - ``fake``: torchvision FakeData, for throughput runs only.
-- ``auto``: Imagenette when it is found under ``--data_path``, otherwise digits.
+- ``text``: byte-level text for the language models (``--model gpt-*``): the Python standard
+  library's own sources by default, or ``--data_path`` (a text file or folder); see
+  :mod:`lossy_hooks.text_data`.
+- ``auto``: text for a language model; else Imagenette when it is found under
+  ``--data_path``, otherwise digits.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets, transforms
 
+from .text_data import TokenWindows, load_corpus
+
 __all__ = ["DATASETS", "DataSpec", "build_datasets", "check_data_args", "load_digits", "resolve_dataset"]
 
-DATASETS = ("auto", "digits", "imagenette", "folder", "fake")
+DATASETS = ("auto", "digits", "imagenette", "folder", "fake", "text")
+DEFAULT_IMAGE_PATH = "./data"
 IMAGENETTE_SIZES = {"full": "imagenette2", "320px": "imagenette2-320", "160px": "imagenette2-160"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_VAL = 360
@@ -37,28 +44,46 @@ class DataSpec:
     name: str
     train: Dataset
     val: Dataset
-    num_classes: int
-    input_shape: tuple[int, int, int]
+    num_classes: int  # classes, or the vocabulary of a language model
+    input_shape: tuple[int, ...]
+    task: str = "classify"  # or "lm": inputs (B, T) token ids, targets (B, T) next tokens
+
+    def example_batch(self, n: int, device: torch.device) -> torch.Tensor:
+        """``n`` all-zero inputs of the right shape and dtype (a warm-up forward pass)."""
+        dtype = torch.long if self.task == "lm" else torch.float32
+        return torch.zeros((n, *self.input_shape), dtype=dtype, device=device)
 
 
 def _has_split_dirs(root: Path) -> bool:
     return all((root / s).is_dir() and any((root / s).iterdir()) for s in ("train", "val"))
 
 
-def resolve_dataset(name: str, data_path: str, imagenette_size: str = "320px") -> str:
-    """``auto`` -> ``imagenette`` if it is already under ``data_path``, else ``digits``."""
+def resolve_dataset(
+    name: str, data_path: str | None, imagenette_size: str = "320px", language_model: bool = False
+) -> str:
+    """``auto`` -> ``text`` for a language model, else ``imagenette`` if it is already under
+    ``data_path``, else ``digits``."""
     if name != "auto":
         return name
-    root = Path(data_path) / IMAGENETTE_SIZES[imagenette_size]
+    if language_model:
+        return "text"
+    root = Path(data_path or DEFAULT_IMAGE_PATH) / IMAGENETTE_SIZES[imagenette_size]
     return "imagenette" if _has_split_dirs(root) else "digits"
 
 
-def check_data_args(name: str, data_path: str, download: bool, imagenette_size: str = "320px") -> str | None:
+def check_data_args(
+    name: str, data_path: str | None, download: bool, imagenette_size: str = "320px"
+) -> str | None:
     """An error message for the flags, or None. Cheap: touches only the file system."""
     if name not in DATASETS:
         return f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}"
     if imagenette_size not in IMAGENETTE_SIZES:
         return f"--imagenette_size must be one of {', '.join(IMAGENETTE_SIZES)}; got {imagenette_size!r}"
+    if name == "text":
+        if data_path is not None and not Path(data_path).exists():
+            return f"--data_path {data_path!r}: no such text file or folder"
+        return None
+    data_path = data_path or DEFAULT_IMAGE_PATH
     root = Path(data_path)
     if name == "folder":
         if not root.is_dir():
@@ -117,11 +142,25 @@ def imagenet_transforms() -> tuple[transforms.Compose, transforms.Compose]:
 
 
 def build_datasets(
-    name: str, data_path: str, download: bool = False, imagenette_size: str = "320px", rank: int = 0
+    name: str,
+    data_path: str | None,
+    download: bool = False,
+    imagenette_size: str = "320px",
+    rank: int = 0,
+    block_size: int = 0,
+    corpus_mb: float = 1.0,
 ) -> DataSpec:
     """Build the train/val datasets. With ``--download`` only rank 0 should download (the
-    caller puts a barrier around it)."""
-    name = resolve_dataset(name, data_path, imagenette_size)
+    caller puts a barrier around it). ``text`` cuts windows of ``block_size`` tokens (the
+    language model's context) from at most ``corpus_mb`` MiB of text."""
+    name = resolve_dataset(name, data_path, imagenette_size, language_model=block_size > 0)
+    if name == "text":
+        if block_size <= 0:
+            raise ValueError("--dataset text is for the language models (--model gpt-*)")
+        train_bytes, val_bytes, corpus = load_corpus(data_path, int(corpus_mb * 2**20))
+        train, val = TokenWindows(train_bytes, block_size), TokenWindows(val_bytes, block_size)
+        return DataSpec(f"text:{corpus}", train, val, 256, (block_size,), task="lm")
+    data_path = data_path or DEFAULT_IMAGE_PATH
     if name == "digits":
         return _digits()
     train_tf, val_tf = imagenet_transforms()

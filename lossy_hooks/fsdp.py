@@ -238,7 +238,9 @@ class LossyReduceScatter(DefaultAllocMixin, ReduceScatter):
         factor: torch.Tensor | None = None
         if counts is not None:
             arrived = torch.empty(n, dtype=torch.int32, device=counts.device)
-            dist.reduce_scatter_single(output=arrived, input=counts.view(-1), op=dist.ReduceOp.SUM, group=group)
+            dist.reduce_scatter_single(
+                output=arrived, input=counts.view(-1), op=dist.ReduceOp.SUM, group=group
+            )
             factor = world / arrived.float()
         if post_lost is not None and state.fill != "stale":
             keep = torch.where(post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)

@@ -61,11 +61,14 @@ METRIC_FIELDS = [
     "val_loss",
     "train_acc",
     "val_acc",
+    "val_perplexity",
     "worker_packets_sent",
     "worker_packets_lost",
     "post_packets_sent",
     "post_packets_lost",
     "effective_loss_rate",
+    "gather_packets_sent",
+    "gather_packets_lost",
     *(f"{p}_{f}" for p in ("worker", "post") for f in PROTECTION_COLUMNS),
     "fidelity_cosine",
     "fidelity_rel_l2",
@@ -98,9 +101,27 @@ def config_name(cfg: dict[str, Any]) -> str:
         f"bucket{_slug(format(cfg['bucket_cap_mb'], 'g'))}mb",
     ]
     parts += option_parts(cfg)
+    parts += workload_parts(cfg)
     if cfg.get("tag"):
         parts.append(_slug(cfg["tag"]))
     return "_".join(parts)
+
+
+def workload_parts(cfg: dict[str, Any]) -> list[str]:
+    """Name parts of the strategy, the all-gather loss, the optimizer and the text budget
+    (none at their defaults: the names of before)."""
+    parts = []
+    if cfg.get("strategy", "ddp") != "ddp":
+        parts.append(cfg["strategy"])
+    if cfg.get("all_gather_loss_rate", 0.0):
+        parts.append(
+            f"ag{_slug(format(cfg['all_gather_loss_rate'], 'g'))}-{cfg.get('all_gather_fill', 'stale')}"
+        )
+    if cfg.get("optimizer", "sgd") != "sgd":
+        parts.append(cfg["optimizer"])
+    if cfg.get("dataset") == "text" and cfg.get("corpus_mb", 1.0) != 1.0:
+        parts.append(f"corpus{_slug(format(cfg['corpus_mb'], 'g'))}mb")
+    return parts
 
 
 def option_parts(cfg: dict[str, Any]) -> list[str]:
@@ -174,6 +195,11 @@ class MetricsLog:
         if not path.exists():
             with open(path, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(fields)
+        else:
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+            if header != fields:  # written by an older version: rewrite with today's columns
+                self._rewrite([{k: v for k, v in r.items() if k in fields} for r in self.rows()])
 
     def rows(self) -> list[dict[str, str]]:
         with open(self.path, newline="", encoding="utf-8") as fh:
@@ -182,7 +208,9 @@ class MetricsLog:
     def truncate_after(self, epoch: int) -> None:
         """Keep only rows of epochs <= ``epoch`` (a row written after the last checkpoint
         is recomputed on resume, so it must not stay twice)."""
-        kept = [r for r in self.rows() if int(r["epoch"]) <= epoch]
+        self._rewrite([r for r in self.rows() if int(r["epoch"]) <= epoch])
+
+    def _rewrite(self, kept: list[dict[str, str]]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, self.fields)
@@ -243,8 +271,9 @@ def run_loss_rate(rows: list[dict[str, str]]) -> float:
 
 
 def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
-    """``summary.csv``: per round its final and best validation accuracy, status and the
-    whole round's measured loss rate, then mean and std over rounds."""
+    """``summary.csv``: per round its final and best validation accuracy (and, for a
+    language model, final and lowest validation perplexity), status and the whole round's
+    measured loss rate, then mean and std over rounds."""
     rows = []
     for k in range(rounds):
         rd = run_dir / f"round{k}"
@@ -253,17 +282,20 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
         metrics = MetricsLog(rd / "metrics.csv").rows()
         accs = [parse_float(r["val_acc"]) for r in metrics]
         accs = [a for a in accs if not math.isnan(a)]
-        rows.append(
-            {
-                "round": k,
-                "status": round_status(rd) or "unfinished",
-                "epochs": len(metrics),
-                "final_val_acc": accs[-1] if accs else math.nan,
-                "best_val_acc": max(accs) if accs else math.nan,
-                "final_train_loss": parse_float(metrics[-1]["train_loss"]) if metrics else math.nan,
-                "effective_loss_rate": run_loss_rate(metrics),
-            }
-        )
+        ppl = [parse_float(r.get("val_perplexity")) for r in metrics]
+        ppl = [x for x in ppl if not math.isnan(x)]
+        row = {
+            "round": k,
+            "status": round_status(rd) or "unfinished",
+            "epochs": len(metrics),
+            "final_val_acc": accs[-1] if accs else math.nan,
+            "best_val_acc": max(accs) if accs else math.nan,
+            "final_train_loss": parse_float(metrics[-1]["train_loss"]) if metrics else math.nan,
+            "effective_loss_rate": run_loss_rate(metrics),
+        }
+        if ppl:  # a language model
+            row |= {"final_val_perplexity": ppl[-1], "best_val_perplexity": min(ppl)}
+        rows.append(row)
     fields = [
         "round",
         "status",
@@ -273,13 +305,15 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
         "final_train_loss",
         "effective_loss_rate",
     ]
+    if any("final_val_perplexity" in r for r in rows):
+        fields += ["final_val_perplexity", "best_val_perplexity"]
     with open(run_dir / "summary.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt(v) for k, v in r.items()})
+            w.writerow({k: _fmt(r.get(k)) for k in fields})
         for label, idx in (("mean", 0), ("std", 1)):
-            agg = {f: _fmt(mean_std([r[f] for r in rows])[idx]) for f in fields[3:]}
+            agg = {f: _fmt(mean_std([r.get(f, math.nan) for r in rows])[idx]) for f in fields[3:]}
             w.writerow({"round": label, "status": "", "epochs": "", **agg})
     return rows
 

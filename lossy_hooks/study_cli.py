@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from . import fsdp
 from .data import DATASETS, IMAGENETTE_SIZES, check_data_args, resolve_dataset
 from .encoding import ENCODINGS, WIRE_DTYPES
+from .gpt import GPT_CONFIGS
 from .loss_models import Bernoulli, parse_loss_model
 from .models import classification_models
 from .options import (
@@ -31,10 +33,24 @@ from .options import (
     PACKETIZATIONS,
     POST_SYNCS,
 )
+from .parallel import STRATEGIES
 from .run_io import config_name, read_json, round_status
 from .state import LossyState
+from .streams import derive_seed
 
-__all__ = ["CONTROL_FLAGS", "build_parser", "hook_kwargs", "prepare_run_dir", "resolve", "study_settings"]
+__all__ = [
+    "CONTROL_FLAGS",
+    "OPTIMIZERS",
+    "build_parser",
+    "gather_kwargs",
+    "hook_kwargs",
+    "prepare_run_dir",
+    "resolve",
+    "study_settings",
+]
+
+OPTIMIZERS = ("sgd", "adamw")
+GATHER_SEED_STREAM = 77  # the all-gather state's seed: derive_seed(round seed, 77)
 
 # Flags that steer a run but do not change what it computes: a resume may change them.
 CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
@@ -53,7 +69,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Train a torchvision model with DDP under simulated gradient packet loss.",
+        description="Train a torchvision model or a small GPT with DDP or FSDP2 under simulated packet loss.",
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("the original study's flags")
@@ -151,14 +167,51 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="mtu-sized packets, or one packet per parameter tensor (the original's granularity)",
     )
     x.add_argument("--bucket_cap_mb", type=float, default=25.0, help="DDP bucket size in MiB (> 0)")
-    x.add_argument("--model", default="resnet101", help="torchvision classification model name")
+    x.add_argument(
+        "--model",
+        default="resnet101",
+        help=f"torchvision classification model name, or a language model ({', '.join(GPT_CONFIGS)})",
+    )
     x.add_argument(
         "--dataset",
         choices=DATASETS,
         default="auto",
-        help="auto: Imagenette if found under --data_path, else the packaged digits (offline)",
+        help="auto: text for a language model; else Imagenette if found under --data_path, else the "
+        "packaged digits (offline)",
     )
-    x.add_argument("--data_path", default="./data", help="dataset folder (folder: with train/ and val/)")
+    x.add_argument(
+        "--data_path",
+        default=None,
+        help="images: dataset folder (default ./data; folder: with train/ and val/); text: a text file "
+        "or folder of text files (default: the Python standard library's .py sources)",
+    )
+    x.add_argument(
+        "--corpus_mb", type=float, default=1.0, help="text: MiB of text read (> 0), split 9:1 by file"
+    )
+    x.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="ddp",
+        help="ddp: lossy allreduce hook; fsdp: FSDP2 with the lossy reduce-scatter (and all-gather)",
+    )
+    x.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd",
+        help="sgd (momentum 0.9, the original's) or adamw (betas 0.9/0.95, weight decay 0.1 on matrices)",
+    )
+    x.add_argument(
+        "--all_gather_loss_rate",
+        type=float,
+        default=0.0,
+        help="--strategy fsdp: Bernoulli loss in [0, 1) of parameter packets in FSDP's all-gather",
+    )
+    x.add_argument(
+        "--all_gather_fill",
+        choices=("stale", "zero"),
+        default="stale",
+        help="--strategy fsdp: a lost parameter packet keeps its last received value, or is zero",
+    )
     x.add_argument(
         "--imagenette_size", choices=tuple(IMAGENETTE_SIZES), default="320px", help="Imagenette variant"
     )
@@ -302,14 +355,42 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         fail(f"--mtu must be >= 4 bytes (one fp32 gradient element), got {args.mtu}")
     if not (args.bucket_cap_mb > 0):
         fail(f"--bucket_cap_mb must be > 0, got {args.bucket_cap_mb}")
-    if args.model not in classification_models():
+    language_model = args.model in GPT_CONFIGS
+    if not language_model and args.model not in classification_models():
         fail(
-            f"--model {args.model!r} is not a torchvision classification model "
-            f"(e.g. resnet18, resnet101, mobilenet_v3_small, squeezenet1_1)"
+            f"--model {args.model!r} is neither a torchvision classification model "
+            f"(e.g. resnet18, resnet101, mobilenet_v3_small, squeezenet1_1) nor a language model "
+            f"({', '.join(GPT_CONFIGS)})"
         )
-    msg = check_data_args(args.dataset, args.data_path, args.download, args.imagenette_size)
+    if language_model and args.dataset not in ("auto", "text"):
+        fail(f"--model {args.model} is a language model: --dataset text (or auto), got {args.dataset}")
+    if not language_model and args.dataset == "text":
+        fail(f"--dataset text needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}")
+    if not (args.corpus_mb > 0 and math.isfinite(args.corpus_mb)):
+        fail(f"--corpus_mb must be > 0, got {args.corpus_mb}")
+    msg = check_data_args(
+        "text" if language_model else args.dataset, args.data_path, args.download, args.imagenette_size
+    )
     if msg:
         fail(msg)
+    if not (0.0 <= args.all_gather_loss_rate < 1.0):
+        fail(f"--all_gather_loss_rate must be in [0, 1), got {args.all_gather_loss_rate}")
+    if args.strategy == "ddp" and args.all_gather_loss_rate > 0:
+        fail("--all_gather_loss_rate needs --strategy fsdp (DDP has no parameter all-gather)")
+    if args.strategy == "fsdp":
+        ddp_only = {
+            "--amp": args.amp,
+            "--resync": args.resync,
+            "--measure_drift": args.measure_drift,
+            "--measure_fidelity": args.measure_fidelity,
+            "--bucket_cap_mb": args.bucket_cap_mb != parser.get_default("bucket_cap_mb"),
+        }
+        given = [flag for flag, on in ddp_only.items() if on]
+        if given:
+            fail(
+                f"{', '.join(given)}: DDP only, not with --strategy fsdp (FSDP has no replicas, buckets "
+                "or GradScaler path here; use its MixedPrecisionPolicy for low precision)"
+            )
     if not (args.amp_init_scale > 0 and math.isfinite(args.amp_init_scale)):
         fail(f"--amp_init_scale must be > 0, got {args.amp_init_scale}")
     if args.backend == "nccl" and not torch.cuda.is_available():
@@ -338,11 +419,15 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         loss_model=model_spec.spec,
         long_run_loss_rate=model_spec.long_run_loss_rate(),
         world_size=world,
-        dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size),
+        dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size, language_model),
         dataset_flag=args.dataset,
     )
     try:
-        LossyState(**hook_kwargs(cfg))
+        state = LossyState(**hook_kwargs(cfg))
+        if args.strategy == "fsdp":
+            fsdp.check_state(state)
+            if args.all_gather_loss_rate > 0:
+                fsdp.gather_state(**gather_kwargs(cfg))
     except ValueError as e:
         fail(f"invalid loss settings: {e}")
     return cfg
@@ -363,6 +448,17 @@ def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
         measure_fidelity=cfg["measure_fidelity"],
         seed=seed,
     ) | options_of(cfg)
+
+
+def gather_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """:func:`lossy_hooks.fsdp.gather_state` arguments (``--strategy fsdp``): its own seed
+    (streams independent of the reduce-scatter's)."""
+    return dict(
+        loss_rate=cfg.get("all_gather_loss_rate", 0.0),
+        fill=cfg.get("all_gather_fill", "stale"),
+        mtu=cfg["mtu"],
+        seed=derive_seed(seed, GATHER_SEED_STREAM),
+    )
 
 
 def options_of(cfg: dict[str, Any]) -> dict[str, Any]:

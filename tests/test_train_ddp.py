@@ -76,7 +76,7 @@ def only_dir(root: Path) -> Path:
         (["--lab_round", "0"], "--lab_round must be >= 1"),
         (["--learning_rate", "-1"], "--learning_rate must be > 0"),
         (["--bucket_cap_mb", "0"], "--bucket_cap_mb must be > 0"),
-        (["--model", "resnet9000"], "--model 'resnet9000' is not a torchvision classification model"),
+        (["--model", "resnet9000"], "--model 'resnet9000' is neither a torchvision classification model"),
         (["--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["--dataset", "folder", "--data_path", "/nonexistent"], "does not exist"),
         (["--dataset", "imagenette", "--data_path", "/tmp/nothing-here"], "Imagenette (320px) not found"),

@@ -1,0 +1,105 @@
+"""A small decoder-only transformer (GPT-style) over bytes, for the language-model workload
+of train_ddp.py (``--model gpt-tiny|gpt-small|gpt-medium``).
+
+Pre-norm blocks of causal self-attention (``scaled_dot_product_attention``) and a 4x GELU
+MLP, learned positions, untied input and output embeddings (so that FSDP can shard the
+blocks, the embeddings and the head as separate units without a shared parameter). Weights
+``N(0, 0.02)``, output projections of each block ``N(0, 0.02 / sqrt(2 L))`` (GPT-2's
+scaling for a residual stream of ``2 L`` additions). The vocabulary is the 256 byte values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "build_gpt"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int  # context length in tokens (bytes)
+    vocab_size: int = 256
+
+
+GPT_CONFIGS = {
+    "gpt-tiny": GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64),
+    "gpt-small": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "gpt-medium": GPTConfig(n_layer=6, n_head=8, n_embd=256, block_size=256),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """``forward(idx)``: token ids ``(B, T)``, ``T <= block_size`` -> logits ``(B, T, vocab)``."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.cfg.block_size:
+            raise ValueError(f"sequence of {t} tokens, the model's context is {self.cfg.block_size}")
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def build_gpt(name: str) -> GPT:
+    """A randomly initialised GPT of one of :data:`GPT_CONFIGS` (seed it before calling)."""
+    if name not in GPT_CONFIGS:
+        raise ValueError(f"--model {name!r}: the language models are {', '.join(GPT_CONFIGS)}")
+    return GPT(GPT_CONFIGS[name])

@@ -1,0 +1,181 @@
+"""The language-model workload: the byte-level corpus, the GPT, and train_ddp.py with
+``--strategy fsdp`` (checks, metrics, exact resume) and ``--strategy ddp``."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+import train_ddp
+from lossy_hooks.gpt import GPT_CONFIGS, build_gpt
+from lossy_hooks.run_control import FAULT_ENV
+from lossy_hooks.statistics import binomial_interval
+from lossy_hooks.text_data import TokenWindows, corpus_files, load_corpus
+
+from .test_train_ddp import env, only_dir, rows, run, torchrun
+
+WORDS = "the quick brown fox jumps over a lazy dog while packets go missing on the wire".split()
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    """20 generated text files (~2 KB each) and one binary file the corpus must skip."""
+    root = tmp_path_factory.mktemp("text")
+    g = torch.Generator().manual_seed(0)
+    for i in range(20):
+        idx = torch.randint(0, len(WORDS), (400,), generator=g).tolist()
+        (root / f"f{i:02d}.txt").write_text(" ".join(WORDS[j] for j in idx) + "\n")
+    (root / "blob.bin").write_bytes(bytes([0xFF, 0xFE, 0x00, 0x80]) * 100)
+    return root
+
+
+# ------------------------------------------------------------------ data and model
+
+
+def test_corpus_split_by_file_and_windows(text_folder):
+    files = corpus_files(str(text_folder))
+    assert [f.name for f in files][:3] == ["blob.bin", "f00.txt", "f01.txt"]  # sorted
+    train, val, name = load_corpus(str(text_folder), 10**9)
+    texts = [(text_folder / f"f{i:02d}.txt").read_bytes() for i in range(20)]  # blob.bin skipped
+    assert bytes(val.tolist()) == texts[9] + b"\n" + texts[19]  # every 10th file
+    assert len(train) == sum(len(t) for i, t in enumerate(texts) if i % 10 != 9) + 17  # 17 joins
+    assert name == text_folder.name
+    # 3000 bytes: the first file and the start of the second; under 10 files the last is validation
+    capped_train, capped_val, _ = load_corpus(str(text_folder), 3000)
+    assert len(capped_train) == len(texts[0]) and len(capped_train) + len(capped_val) == 3000
+    w = TokenWindows(val, 64)
+    assert len(w) == (len(val) - 1) // 64
+    x, y = w[3]
+    assert x.dtype == torch.long and torch.equal(x[1:], y[:-1]) and x[0] == val[3 * 64]
+    one = text_folder / "f00.txt"
+    t1, v1, _ = load_corpus(str(one), 10**9)
+    assert len(t1) == len(texts[0]) * 9 // 10 and len(t1) + len(v1) == len(texts[0])
+
+
+def test_default_corpus_is_the_standard_library():
+    train, val, name = load_corpus(None, 2**18)
+    assert name == f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}"
+    assert len(train) > 0 and len(val) > 0 and len(train) + len(val) <= 2**18 + 64
+    assert b"def " in bytes(train[:20000].tolist())
+
+
+def test_gpt_shapes_and_causality():
+    torch.manual_seed(0)
+    model = build_gpt("gpt-tiny").eval()
+    cfg = GPT_CONFIGS["gpt-tiny"]
+    x = torch.randint(0, 256, (2, cfg.block_size))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, cfg.block_size, 256)
+    y = x.clone()
+    y[:, 40] = (y[:, 40] + 1) % 256  # a later token cannot change earlier predictions
+    with torch.no_grad():
+        out2 = model(y)
+    assert torch.equal(out[:, :40], out2[:, :40]) and not torch.equal(out[:, 40:], out2[:, 40:])
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, cfg.block_size + 1, dtype=torch.long))
+    # initial loss ~ ln 256: the model starts uniform over bytes
+    loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), x.flatten())
+    assert abs(loss.item() - math.log(256)) < 0.1
+
+
+# ------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--strategy", "fsdp", "--amp"], "--amp: DDP only, not with --strategy fsdp"),
+        (["--strategy", "fsdp", "--bucket_cap_mb", "5"], "--bucket_cap_mb: DDP only"),
+        (["--strategy", "fsdp", "--resync", "4"], "--resync: DDP only"),
+        (["--all_gather_loss_rate", "0.1"], "--all_gather_loss_rate needs --strategy fsdp"),
+        (["--strategy", "fsdp", "--all_gather_loss_rate", "1"], "--all_gather_loss_rate must be in [0, 1)"),
+        (["--strategy", "fsdp", "--encoding", "hadamard"], "encoding='hadamard' is not supported under FSDP"),
+        (["--strategy", "fsdp", "--fec", "8", "1"], "fec=[8, 1] is not supported under FSDP"),
+        (["--model", "gpt-tiny", "--dataset", "digits"], "is a language model: --dataset text"),
+        (["--model", "squeezenet1_1", "--dataset", "text"], "--dataset text needs a language model"),
+        (["--model", "gpt-tiny", "--corpus_mb", "0"], "--corpus_mb must be > 0"),
+        (["--model", "gpt-tiny", "--data_path", "/nonexistent"], "no such text file or folder"),
+        (["--strategy", "ring"], "invalid choice: 'ring'"),
+    ],
+)
+def test_bad_flags_exit_2_with_message(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train_ddp.main(["--model", "gpt-tiny", *flags, "--output_dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ runs
+
+LM = (
+    "--model gpt-tiny --optimizer adamw --learning_rate 0.003 --batch_size 8 --accumulation_steps 2 "
+    "--use_avg --mtu 1500 --lab_round 1 --workers 0"
+)
+
+
+def lm_run(text_folder, out, flags: str, env_extra: dict[str, str] | None = None):
+    cmd = torchrun([*LM.split(), "--data_path", str(text_folder), *flags.split(), "--output_dir", str(out)])
+    if env_extra is None:
+        return run(cmd)
+    import subprocess
+
+    return subprocess.run(cmd, env=env() | env_extra, capture_output=True, text=True, timeout=600)
+
+
+def test_fsdp_language_model_run_resumes_exactly(tmp_path, text_folder):
+    """gpt-tiny under FSDP2 with 10% worker loss (rescale) and 5% all-gather loss (stale):
+    killed after epoch 2's row, resumed: every figure equals the uninterrupted run's."""
+    flags = "--strategy fsdp --num_epochs 3 --loss_rate 0.1 --worker_drop --all_gather_loss_rate 0.05"
+    cut, ref = tmp_path / "cut", tmp_path / "ref"
+    res = lm_run(text_folder, cut, flags, {FAULT_ENV: "kill:after_metrics:2"})
+    # rank 0 killed (SIGKILL) after writing epoch 2's row; torchrun stops the other rank
+    assert res.returncode != 0 and "Signal 9 (SIGKILL)" in res.stdout + res.stderr
+    res = lm_run(text_folder, cut, flags + " --resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = lm_run(text_folder, ref, flags)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_dir = only_dir(ref)
+    assert run_dir.name.startswith("text_gpt-tiny_w2_worker_rescale_mean_mtu1500_acc2_random-10pct")
+    assert run_dir.name.endswith("_fsdp_ag0p05-stale_adamw")
+    resumed = rows(only_dir(cut) / "round0" / "metrics.csv")
+    reference = rows(run_dir / "round0" / "metrics.csv")
+    drop = {"epoch_seconds", "images_per_s"}
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in reference
+    ]
+    for r in reference:
+        assert float(r["val_perplexity"]) == pytest.approx(math.exp(float(r["val_loss"])), rel=1e-5)
+    assert float(reference[-1]["val_loss"]) < float(reference[0]["train_loss"])  # it learns
+    for point, p in (("worker", 0.1), ("gather", 0.05)):
+        sent = sum(int(r[f"{point}_packets_sent"]) for r in reference)
+        lost = sum(int(r[f"{point}_packets_lost"]) for r in reference)
+        lo, hi = binomial_interval(sent, p, 0.999)
+        assert sent > 0 and lo <= lost <= hi, (point, sent, lost)
+    buckets = rows(run_dir / "round0" / "buckets.csv")
+    assert {b["drop_point"] for b in buckets} == {"worker", "gather"}
+    assert {b["first_param"] for b in buckets} == {"(root)", "blocks.0", "blocks.1"}
+    summary = rows(run_dir / "summary.csv")
+    assert float(summary[0]["final_val_perplexity"]) == pytest.approx(float(reference[-1]["val_perplexity"]))
+
+
+def test_lossless_fsdp_and_ddp_train_the_same_model(tmp_path, text_folder):
+    """Loss 0: FSDP2 (sharded AdamW) and DDP compute the same steps, up to the order of the
+    floating-point sums."""
+    flags = "--num_epochs 1 --max_steps 12"
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    for out, extra in ((ddp, ""), (fsdp, " --strategy fsdp")):
+        res = lm_run(text_folder, out, flags + extra)
+        assert res.returncode == 0, res.stdout + res.stderr
+    a = rows(only_dir(ddp) / "round0" / "metrics.csv")[0]
+    b = rows(only_dir(fsdp) / "round0" / "metrics.csv")[0]
+    assert a["steps"] == b["steps"] == "12"
+    for key in ("train_loss", "val_loss"):
+        assert float(a[key]) == pytest.approx(float(b[key]), rel=2e-4), key
+    assert a["worker_packets_sent"] == "" and int(a["post_packets_sent"]) > 0  # the post point
+    assert int(b["post_packets_sent"]) > 0 and b["gather_packets_sent"] == ""
