@@ -9,6 +9,14 @@ a re-implementation of DDP's bucketing. For each bucket: index, first/last param
 elements, bytes, packets ``ceil(N / k)`` with ``k = mtu // element_size``, and packets that
 straddle a parameter boundary (hold elements of two or more parameters). From Python:
 ``bucket_layout(model, bucket_cap_mb=25, mtu=1500)``.
+
+With ``--strategy fsdp --world_size W`` it shows FSDP2's units instead (what
+``train_ddp.py --strategy fsdp`` shards: a GPT's blocks, else the top-level children with
+parameters, then the model): per unit, its parameters, FSDP's padded elements (each
+parameter's first dimension padded to a multiple of ``W``), the shard row of one rank
+(padded / ``W``), its packets ``n = ceil(row / k)``, and the ``(W - 1) n`` packets a rank sends
+per reduce-scatter and receives per all-gather (:func:`fsdp_layout`, computed with FSDP's own
+padding rule: no process group of ``W`` ranks needed).
 """
 
 import argparse
@@ -27,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .packetization import elements_per_packet
 from .process_group import single_process_group
 
-__all__ = ["bucket_layout", "main", "straddling_packets"]
+__all__ = ["bucket_layout", "fsdp_layout", "main", "straddling_packets"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,7 +80,8 @@ def bucket_layout(
     names = {id(p): n for n, p in model.named_parameters()}
     if example_input is None:
         example_input = torch.zeros(2, 3, 224, 224)
-    example_input = example_input.to(dtype)
+    if example_input.is_floating_point():  # token ids stay integers
+        example_input = example_input.to(dtype)
     seen: dict[int, dict[str, Any]] = {}
     calls = {"n": 0}
 
@@ -137,6 +146,61 @@ def bucket_layout(
     }
 
 
+def fsdp_layout(
+    model: nn.Module, world_size: int, mtu: int = 1500, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """FSDP2's units for ``model`` at ``world_size`` ranks (as ``train_ddp.py --strategy fsdp``
+    shards it), with their shard rows and packets (see the module docs)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_dim0_padded_size
+
+    from .parallel import shard_units
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    module_names = {id(m): n for n, m in model.named_modules()}
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    k = elements_per_packet(mtu, element_size)
+    claimed: set[int] = set()
+    units = []
+    for unit in [*shard_units(model), model]:
+        params = [p for p in unit.parameters() if id(p) not in claimed]
+        claimed |= {id(p) for p in params}
+        if not params:
+            continue
+        padded = sum(_get_dim0_padded_size(p.shape, world_size).numel() for p in params)
+        row = padded // world_size
+        n = -(-row // k)
+        units.append(
+            {
+                "unit": module_names[id(unit)] or "(root)",
+                "params": len(params),
+                "first_param": names[id(params[0])],
+                "elements": sum(p.numel() for p in params),
+                "padded_elements": padded,
+                "shard_elements": row,
+                "packets_per_shard": n,
+                "packets_sent_per_rank": (world_size - 1) * n,
+            }
+        )
+    return {
+        "world_size": world_size,
+        "mtu": mtu,
+        "dtype": str(dtype).replace("torch.", ""),
+        "elements_per_packet": k,
+        "units": units,
+        "packets_per_reduce_scatter_round": sum(u["packets_sent_per_rank"] for u in units),
+    }
+
+
+FSDP_COLUMNS = [
+    "unit",
+    "params",
+    "first_param",
+    "elements",
+    "padded_elements",
+    "shard_elements",
+    "packets_per_shard",
+    "packets_sent_per_rank",
+]
 COLUMNS = [
     "index",
     "first_param",
@@ -153,10 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .gpt import GPT_CONFIGS
     from .models import build_model, classification_models
 
-    p = argparse.ArgumentParser(description="DDP bucket and packet layout of a torchvision model")
-    p.add_argument("--model", default="resnet101", help="torchvision classification model")
+    p = argparse.ArgumentParser(description="DDP bucket or FSDP2 shard layout of a model, in packets")
+    p.add_argument("--model", default="resnet101", help="torchvision classification model, or gpt-*")
+    p.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="ddp: DDP's buckets; fsdp: FSDP2's units and shards at --world_size ranks",
+    )
+    p.add_argument("--world_size", type=int, default=2, help="fsdp: ranks sharing the model (>= 2)")
     p.add_argument("--num_classes", type=int, default=1000, help="classifier outputs (>= 1)")
     p.add_argument(
         "--bucket_cap_mb",
@@ -176,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", help="write the per-bucket table as CSV here")
     p.add_argument("--json", help="write the whole layout as JSON here")
     args = p.parse_args(argv)
-    if args.model not in classification_models():
-        p.error(f"--model {args.model!r} is not a torchvision classification model")
+    language_model = args.model in GPT_CONFIGS
+    if not language_model and args.model not in classification_models():
+        p.error(
+            f"--model {args.model!r} is not a torchvision classification model or {'|'.join(GPT_CONFIGS)}"
+        )
+    if args.world_size < 2:
+        p.error(f"--world_size must be >= 2, got {args.world_size}")
     if args.bucket_cap_mb <= 0:
         p.error(f"--bucket_cap_mb must be > 0, got {args.bucket_cap_mb}")
     if args.num_classes < 1:
@@ -188,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.manual_seed(0)
     model = build_model(args.model, args.num_classes)
+    if args.strategy == "fsdp":
+        return _print_fsdp(fsdp_layout(model, args.world_size, args.mtu, dtype), args)
     x = torch.zeros(2, 3, args.image_size, args.image_size)
+    if language_model:
+        x = torch.zeros(2, GPT_CONFIGS[args.model].block_size, dtype=torch.long)
     cap = None if args.ddp_default_caps else args.bucket_cap_mb
     layout = bucket_layout(model, cap, args.mtu, dtype, x)
     table = Table(
@@ -214,6 +295,35 @@ def main(argv: list[str] | None = None) -> int:
             w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(layout["buckets"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(layout, fh, indent=2)
+    return 0
+
+
+def _print_fsdp(layout: dict[str, Any], args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{args.model} under FSDP2 at {args.world_size} ranks: {len(layout['units'])} units, mtu "
+        f"{args.mtu} B = {layout['elements_per_packet']} {args.dtype} elements per packet"
+    )
+    for c in FSDP_COLUMNS:
+        table.add_column(c, justify="left" if c in ("unit", "first_param") else "right")
+    for u in layout["units"]:
+        table.add_row(*[str(u[c]) for c in FSDP_COLUMNS])
+    console = Console()
+    console.print(table)
+    console.print(
+        f"packets a rank sends per reduce-scatter round (one per unit): "
+        f"{layout['packets_per_reduce_scatter_round']}; it receives as many per all-gather round"
+    )
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, FSDP_COLUMNS)
+            w.writeheader()
+            w.writerows(layout["units"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(layout, fh, indent=2)

@@ -229,8 +229,32 @@ def training() -> dict[str, Any]:
     return out
 
 
+def layout() -> dict[str, Any]:
+    """The units and packets bucket_layout's fsdp_layout computes for gpt-tiny at W ranks
+    (FSDP's padding rule, no process group) and those the real reduce-scatter counted."""
+    import copy
+
+    from lossy_hooks.bucket_layout import fsdp_layout
+    from lossy_hooks.gpt import build_gpt
+    from lossy_hooks.parallel import parallelize
+
+    torch.manual_seed(0)
+    model = build_gpt("gpt-tiny")
+    predicted = fsdp_layout(copy.deepcopy(model), dist.get_world_size(), MTU)
+    state = LossyState(loss_rate=0.1, mtu=MTU)
+    parallelize(model, "fsdp", state, None, torch.device("cpu"), 25.0)
+    x = torch.randint(0, 256, (2, 64))
+    nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    seen = {b["index"]: b for b in state.stats()["buckets"]}
+    return {
+        "predicted": [(u["unit"], u["padded_elements"], u["packets_per_shard"]) for u in predicted["units"]],
+        "seen": [(seen[i]["numel"], seen[i]["packets"]) for i in sorted(seen)],
+        "labels": [e.label for _, e in sorted(state.ledger.buckets.items())],
+    }
+
+
 if __name__ == "__main__":
     worker_main(
         {"scatter_worker": scatter_worker, "scatter_post": scatter_post, "gather": gather, "resume": resume}
-        | {"training": training}
+        | {"training": training, "layout": layout}
     )

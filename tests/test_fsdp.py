@@ -16,7 +16,7 @@ from lossy_hooks.statistics import binomial_interval
 from .launch import launch
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-SCENARIOS = ["scatter_worker", "scatter_post", "gather", "resume", "training"]
+SCENARIOS = ["scatter_worker", "scatter_post", "gather", "resume", "training", "layout"]
 WORLD = 3
 CALLS, PACKETS = 200, 10  # calls per scenario, packets per row (1000 fp32 at mtu 400)
 
@@ -151,6 +151,18 @@ def test_fully_shard_training(ranks):
         w, g = t["lossy_worker"], t["lossy_gather"]
         assert inside(w["packets_lost"], w["packets_sent"], 0.2) and w["packets_unrecovered"] == 0
         assert inside(g["packets_lost"], g["packets_sent"], 0.1)
+
+
+def test_fsdp_layout_predicts_the_real_shards(ranks):
+    """bucket_layout --strategy fsdp: FSDP's padding rule applied without a process group
+    gives the reduce-scatter buffers and packets the real run counted (gpt-tiny, W = 3:
+    the 256-row embedding and head are padded to 258 rows)."""
+    for r in ranks:
+        lay = r["layout"]
+        by_label = {u[0]: (u[1], u[2]) for u in lay["predicted"]}
+        assert [list(by_label[label]) for label in lay["labels"]] == lay["seen"]
+        assert by_label["(root)"][0] == 258 * 64 * 2 + 66 * 64 + 2 * 66  # tok, head, pos, ln_f
+        assert len(lay["seen"]) == 3
 
 
 @pytest.mark.parametrize(

@@ -133,3 +133,55 @@ def test_hook_snippet_runs_in_a_ddp_program(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "'packets_sent': 1" in res.stdout  # 18 parameters in one packet of 375
     assert "{'worker': {'packets_sent': 1, 'packets_lost': " in res.stdout  # since the (first) mark
+
+
+STEPS = (
+    "x = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(dist.get_rank()))\n"
+    "for _ in range(3):\n"
+    "    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()"
+)
+
+
+def test_fsdp_snippet_runs_in_a_two_rank_fsdp_program(tmp_path):
+    """README's FSDP2 snippet, pasted into a 2-rank Gloo program on the GPT."""
+    section = README.split("### FSDP2, and a language model", 1)[1]
+    snippet = section.split("```python", 1)[1].split("```", 1)[0]
+    program = (
+        "import torch, torch.distributed as dist\n"
+        "from lossy_hooks.gpt import build_gpt\n"
+        "dist.init_process_group('gloo')\n"
+        "torch.manual_seed(0)\n"
+        "model = build_gpt('gpt-tiny')\n"
+        + snippet.replace("...", STEPS)
+        + "st, ag = state.stats(all_ranks=True)['worker'], gather.stats(all_ranks=True)['post']\n"
+        "if dist.get_rank() == 0:\n"
+        "    print('RESULT', *(d[k] for d in (st, ag) for k in ('packets_sent', 'packets_lost')))\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n"
+    )
+    script = tmp_path / "fsdp_snippet.py"
+    script.write_text(program)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    res = run([*launcher, str(script)], cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sent, lost, ag_sent, ag_lost = map(int, res.stdout.split("RESULT", 1)[1].split()[:4])
+    # 3 reduce-scatter rounds of 3 units, each rank sending (W-1) rows: 67 + 67 + 50 packets
+    assert sent == 2 * 3 * (67 + 67 + 50) and 0 < lost < sent // 5
+    assert ag_sent > 0 and ag_lost < ag_sent // 20 + 30
+
+
+def test_language_model_command_reports_perplexity(tmp_path):
+    argv = readme_command("torchrun --nproc_per_node=2 train_ddp.py --model gpt-tiny --strategy fsdp")
+    res = run([*script_argv(argv), "--max_steps", "6", "--output_dir", str(tmp_path)], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = tmp_path.iterdir()
+    with open(run_dir / "round0" / "metrics.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["steps"] == "6" and float(row["val_perplexity"]) > 1.0
+    assert int(row["worker_packets_sent"]) > 0 and int(row["gather_packets_sent"]) > 0
