@@ -229,6 +229,47 @@ def training() -> dict[str, Any]:
     return out
 
 
+def no_host_sync() -> dict[str, list[str]]:
+    """Every configuration path of the two collectives, called twice each under
+    forbid_host_sync after a first call (records made): the calls that would wait for a GPU."""
+    try:
+        from host_sync_guard import forbid_host_sync
+    except ImportError:
+        from tests.host_sync_guard import forbid_host_sync
+    from lossy_hooks import GilbertElliott
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    configs = {
+        "worker zero": dict(fill="zero"),
+        "worker rescale regenerate": dict(counts_transport="regenerate"),
+        "worker rescale separate": dict(counts_transport="separate"),
+        "post rescale shared": dict(drop_point="post"),
+        "post zero independent": dict(drop_point="post", fill="zero", post_sync="independent"),
+        "post stale": dict(drop_point="post", fill="stale"),
+        "both rescale": dict(drop_point="both"),
+        "sum": dict(reduction="sum", fill="zero"),
+    }
+    out: dict[str, list[str]] = {}
+    for name, kw in configs.items():
+        comm = scatter_comm(LossyState(loss_rate=0.2, mtu=MTU, **kw))
+        scatter(comm, marked_rows(world, rank))
+        with forbid_host_sync() as seen:
+            for _ in range(2):
+                scatter(comm, marked_rows(world, rank))
+        out[name] = seen
+    for fill in ("stale", "zero"):
+        for model in (None, GilbertElliott(0.05, 0.3)):
+            kw = dict(loss_rate=0.2) if model is None else dict(loss_model=model)
+            comm = gather_comm(fsdp.gather_state(fill=fill, mtu=MTU, **kw))
+            o = torch.empty(world * S)
+            comm(o, torch.ones(S), dist.group.WORLD)
+            with forbid_host_sync() as seen:
+                for _ in range(2):
+                    comm(o, torch.ones(S), dist.group.WORLD)
+            out[f"gather {fill} {'gemodel' if model else 'random'}"] = seen
+    return out
+
+
 def layout() -> dict[str, Any]:
     """The units and packets bucket_layout's fsdp_layout computes for gpt-tiny at W ranks
     (FSDP's padding rule, no process group) and those the real reduce-scatter counted."""
@@ -256,5 +297,5 @@ def layout() -> dict[str, Any]:
 if __name__ == "__main__":
     worker_main(
         {"scatter_worker": scatter_worker, "scatter_post": scatter_post, "gather": gather, "resume": resume}
-        | {"training": training, "layout": layout}
+        | {"training": training, "layout": layout, "no_host_sync": no_host_sync}
     )

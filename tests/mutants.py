@@ -39,6 +39,8 @@ HOOK = ("tests/test_hook_ddp.py", "-k", "W3")  # one 3-rank launch of every DDP 
 UNIT = ("tests/test_loss_models.py", "tests/test_packetization_state.py", "tests/test_no_host_sync.py")
 RUN_IO = ("tests/test_run_io.py",)
 OPTIONS = ("tests/test_protection_encoding.py", "tests/test_ledger.py", "tests/test_options_ddp.py")
+FSDP = ("tests/test_fsdp.py",)  # one 3-rank launch of every FSDP scenario
+LM = ("tests/test_train_lm.py",)
 
 
 def script(*names: str) -> tuple[str, ...]:
@@ -77,9 +79,9 @@ MUTANTS = [
     M(
         "M03",
         "lossy_hooks/packetization.py",
-        "        torch.where(lost[:n_full, None], src_full, full, out=full)\n",
-        "        full.mul_((~lost[:n_full, None]).to(full.dtype))"
-        ".addcmul_(src_full, lost[:n_full, None].to(full.dtype))\n",
+        "        torch.where(lost[..., :n_full, None], src_full, full, out=full)\n",
+        "        full.mul_((~lost[..., :n_full, None]).to(full.dtype))"
+        ".addcmul_(src_full, lost[..., :n_full, None].to(full.dtype))\n",
         "stale fill selects: a received packet is never touched by a stale value (no inf*0)",
         (HOOK,),
     ),
@@ -210,8 +212,8 @@ MUTANTS = [
     M(
         "M19",
         "lossy_hooks/ledger.py",
-        "per_packet.add_(lost)",
-        "per_packet.add_(~lost)",
+        "per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else lost)",
+        "per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else ~lost)",
         "packets_lost counts the lost packets",
         (HOOK,),
     ),
@@ -330,8 +332,8 @@ MUTANTS = [
     M(
         "M33",
         "lossy_hooks/packetization.py",
-        "            tail.mul_(factor[n_full])",
-        "            tail.mul_(factor[n_full - 1])",
+        "            tail.mul_(factor[..., n_full:])",
+        "            tail.mul_(factor[..., n_full - 1 : n_full])",
         "the short last packet has its own mask and factor",
         (HOOK,),
     ),
@@ -349,8 +351,8 @@ MUTANTS = [
     M(
         "M35",
         "lossy_hooks/packetization.py",
-        "        per_packet = full.all(1)",
-        "        per_packet = full.any(1)",
+        "        per_packet = full.all(-1)",
+        "        per_packet = full.any(-1)",
         "a packet is finite only if all its elements are",
         (
             UNIT,
@@ -482,7 +484,7 @@ MUTANTS = [
     M(
         "M53",
         "lossy_hooks/ledger.py",
-        "sent_bytes += row[0] // entry.packets * entry.wire_bytes",
+        "sent_bytes += row[0] * entry.wire_bytes // entry.packets",
         "sent_bytes += row[0] * entry.wire_bytes",
         "bytes_sent counts each call's wire bytes once",
         (OPTIONS,),
@@ -502,6 +504,80 @@ MUTANTS = [
         "",
         "error-feedback residuals are checkpointed",
         (script("resume_is_exact"),),
+    ),
+    # ---------------------------------------------------------------- FSDP and the language model
+    M(
+        "M56",
+        "lossy_hooks/fsdp.py",
+        "    own = torch.zeros((1, net.shape[1]), dtype=net.dtype, device=net.device)",
+        "    own = torch.ones((1, net.shape[1]), dtype=net.dtype, device=net.device)",
+        "a rank's own row never crosses the network, so it is never lost",
+        (FSDP,),
+    ),
+    M(
+        "M57",
+        "lossy_hooks/fsdp.py",
+        "                        pre.mul_(world / self._regenerated_counts(lost, record, world))",
+        "                        pre.mul_(world / (world - lost.float().sum(0)))",
+        "worker rescale divides by the arrivals of each shard row, not of a column",
+        (FSDP,),
+    ),
+    M(
+        "M58",
+        "lossy_hooks/fsdp.py",
+        "            record.stale = rows.clone()  # every rank built the whole model before sharding it",
+        "            record.stale = torch.zeros_like(rows)",
+        "the all-gather's stale copy starts as the first gather's values",
+        (FSDP,),
+    ),
+    M(
+        "M59",
+        "lossy_hooks/fsdp.py",
+        "            op = dist.ReduceOp.SUM\n",
+        "",
+        "reduction='sum' turns FSDP's average into a sum",
+        (FSDP,),
+    ),
+    M(
+        "M60",
+        "lossy_hooks/fsdp.py",
+        "        net = None if lost is None else torch.cat((lost[:rank], lost[rank + 1 :]))",
+        "        net = lost",
+        "packets counted as sent are the (W-1) n that cross the network",
+        (FSDP,),
+    ),
+    M(
+        "M61",
+        "lossy_hooks/text_data.py",
+        "        train = b\"\\n\".join(p for i, p in enumerate(parts) if i % VAL_EVERY != VAL_EVERY - 1)",
+        "        train = b\"\\n\".join(parts)",
+        "validation files are kept out of training",
+        (("tests/test_train_lm.py", "-k", "corpus"),),
+    ),
+    M(
+        "M62",
+        "train_ddp.py",
+        "                self.gather.load_state_dict(mine[\"gather\"])",
+        "                pass",
+        "a resumed FSDP run continues the all-gather's loss sequence",
+        (("tests/test_train_lm.py", "-k", "resumes_exactly"),),
+    ),
+    M(
+        "M63",
+        "lossy_hooks/parallel.py",
+        "        model.set_requires_gradient_sync(False)",
+        "        pass",
+        "under FSDP non-final micro-batches accumulate locally: one reduce-scatter per step",
+        (("tests/test_train_lm.py", "-k", "resumes_exactly or same_model"),),
+    ),
+    M(
+        "M64",
+        "lossy_hooks/fsdp.py",
+        "        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)",
+        "        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)\n"
+        "        _ = None if lost is None else lost.any().item()",
+        "the FSDP collectives never wait for the device (no host sync)",
+        (FSDP,),
     ),
     M(
         "M45",

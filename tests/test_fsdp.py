@@ -16,7 +16,7 @@ from lossy_hooks.statistics import binomial_interval
 from .launch import launch
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-SCENARIOS = ["scatter_worker", "scatter_post", "gather", "resume", "training", "layout"]
+SCENARIOS = ["scatter_worker", "scatter_post", "gather", "resume", "training", "layout", "no_host_sync"]
 WORLD = 3
 CALLS, PACKETS = 200, 10  # calls per scenario, packets per row (1000 fp32 at mtu 400)
 
@@ -151,6 +151,14 @@ def test_fully_shard_training(ranks):
         w, g = t["lossy_worker"], t["lossy_gather"]
         assert inside(w["packets_lost"], w["packets_sent"], 0.2) and w["packets_unrecovered"] == 0
         assert inside(g["packets_lost"], g["packets_sent"], 0.1)
+
+
+def test_no_host_sync_on_any_path(ranks):
+    """The hot path of both collectives under tests/host_sync_guard.py (what would wait for
+    a GPU raises): nothing attempted, on any configuration."""
+    for r in ranks:
+        assert len(r["no_host_sync"]) == 12
+        assert all(seen == [] for seen in r["no_host_sync"].values()), r["no_host_sync"]
 
 
 def test_fsdp_layout_predicts_the_real_shards(ranks):
