@@ -12,6 +12,8 @@ Reads every configuration folder under RUNS_DIR (those with a config.json) and w
   rate, one line per group of otherwise equal settings (e.g. drop point x fill), error bars
   = std over rounds; ``accuracy_vs_mtu.png`` and ``accuracy_vs_bucket_cap_mb.png`` the same
   against mtu and bucket size, where the study varies them;
+- ``perplexity_vs_loss_rate.png``: for language models, final validation perplexity against
+  the loss rate (``compare.csv``'s ``final_ppl_*`` and ``best_ppl_*``: lowest);
 - ``time_to_target.png``: epochs to reach ``--target_acc`` against the loss rate;
 - ``curves.png``: validation accuracy over epochs (mean over rounds) of the chosen
   configurations (``--curves``: substrings of folder names; default: all, at most 12).
@@ -33,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .run_io import option_parts, parse_float, read_json, run_loss_rate
+from .run_io import option_parts, parse_float, read_json, run_loss_rate, workload_parts
 from .statistics import mean_std
 
 __all__ = ["collect", "main", "write_outputs"]
@@ -81,11 +83,14 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
             seconds = np.cumsum([parse_float(r["epoch_seconds"]) for r in rows]) if rows else np.array([])
             reach = next((i for i, a in enumerate(acc) if a >= target_acc), None)
             finite = [a for a in acc if not math.isnan(a)]
+            ppl = [x for x in (parse_float(r.get("val_perplexity")) for r in rows) if not math.isnan(x)]
             rounds.append(
                 {
                     "val_acc": acc,
                     "final": finite[-1] if finite else math.nan,
                     "best": max(finite) if finite else math.nan,
+                    "final_ppl": ppl[-1] if ppl else math.nan,
+                    "best_ppl": min(ppl) if ppl else math.nan,
                     "epochs_to_target": reach + 1 if reach is not None else math.nan,
                     "seconds_to_target": float(seconds[reach]) if reach is not None else math.nan,
                     "loss_rate_measured": run_loss_rate(rows),  # the whole round, every epoch
@@ -97,7 +102,8 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
         rec = {
             "name": run_dir.name,
             **{k: cfg.get(k) for k in GROUP_FIELDS if k not in ("loss_family", "options")},
-            "options": "+".join(option_parts(cfg)) or "-",  # encodings and protections
+            # encodings, protections, strategy, all-gather loss, optimizer, text budget
+            "options": "+".join(option_parts(cfg) + workload_parts(cfg)) or "-",
             "loss_family": str(cfg.get("loss_model", "")).split()[0],
             "loss_model": cfg.get("loss_model"),
             "loss_rate": float(cfg.get("long_run_loss_rate", cfg.get("loss_rate", 0.0))),
@@ -107,7 +113,15 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
         }
         if rec["drop_point"] == "worker":
             rec["post_sync"] = "-"
-        for key in ("final", "best", "epochs_to_target", "seconds_to_target", "loss_rate_measured"):
+        for key in (
+            "final",
+            "best",
+            "final_ppl",
+            "best_ppl",
+            "epochs_to_target",
+            "seconds_to_target",
+            "loss_rate_measured",
+        ):
             rec[f"{key}_mean"], rec[f"{key}_std"] = mean_std([r[key] for r in rounds])
         records.append(rec)
     return records
@@ -133,16 +147,20 @@ def plot_against(records: list[dict[str, Any]], x: str, out: Path, metric: str =
         return False
     groups, varying = _groups(records, x)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    perplexity = metric.endswith("_ppl")
+    scale = 1 if perplexity else 100
     for key, recs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         recs = sorted(recs, key=lambda r: r[x])
         xs = np.array([r[x] for r in recs], dtype=float) * (100 if x == "loss_rate" else 1)
-        ys = np.array([r[f"{metric}_mean"] for r in recs]) * 100
-        es = np.array([r[f"{metric}_std"] for r in recs]) * 100
+        ys = np.array([r[f"{metric}_mean"] for r in recs]) * scale
+        es = np.array([r[f"{metric}_std"] for r in recs]) * scale
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=_label(key, recs, varying))
+    what = "validation perplexity" if perplexity else "validation accuracy (%)"
+    which = metric.split("_")[0]
     ax.set(
         xlabel=X_AXES[x],
-        ylabel=f"{metric} validation accuracy (%)",
-        title=f"{metric.capitalize()} validation accuracy vs {X_AXES[x].split(' (')[0]} "
+        ylabel=f"{which} {what}",
+        title=f"{which.capitalize()} {what.split(' (')[0]} vs {X_AXES[x].split(' (')[0]} "
         f"(mean ± std over rounds)",
     )
     ax.grid(alpha=0.3)
@@ -207,6 +225,9 @@ CSV_FIELDS = [
     "final_std",
     "best_mean",
     "best_std",
+    "final_ppl_mean",
+    "final_ppl_std",
+    "best_ppl_mean",
     "epochs_to_target_mean",
     "seconds_to_target_mean",
     "loss_rate_measured_mean",
@@ -228,6 +249,9 @@ def write_outputs(records: list[dict[str, Any]], out: Path, target: float, curve
         path = out / f"accuracy_vs_{x}.png"
         if plot_against(records, x, path):
             written.append(path)
+    with_ppl = [r for r in records if not math.isnan(r["final_ppl_mean"])]
+    if with_ppl and plot_against(with_ppl, "loss_rate", out / "perplexity_vs_loss_rate.png", "final_ppl"):
+        written.append(out / "perplexity_vs_loss_rate.png")
     if len({r["loss_rate"] for r in records}) > 1:
         plot_time_to_target(records, target, out / "time_to_target.png")
         written.append(out / "time_to_target.png")
@@ -271,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         "lost",
     ):
         table.add_column(col, justify="right")
+    language = any(not math.isnan(r["final_ppl_mean"]) for r in records)
+    if language:
+        table.add_column("final ppl", justify="right")
     for r in sorted(records, key=lambda r: (r["drop_point"], r["fill"], r["options"], r["loss_rate"])):
         table.add_row(
             r["drop_point"],
@@ -282,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['best_mean']:.2f} ± {100 * r['best_std']:.2f}",
             f"{r['epochs_to_target_mean']:.1f}",
             f"{100 * r['loss_rate_measured_mean']:.2f}%",
+            *([f"{r['final_ppl_mean']:.3f} ± {r['final_ppl_std']:.3f}"] if language else []),
         )
     Console().print(table)
     print("wrote " + ", ".join(str(w) for w in written))

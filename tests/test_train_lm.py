@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import sys
 
@@ -179,3 +181,67 @@ def test_lossless_fsdp_and_ddp_train_the_same_model(tmp_path, text_folder):
         assert float(a[key]) == pytest.approx(float(b[key]), rel=2e-4), key
     assert a["worker_packets_sent"] == "" and int(a["post_packets_sent"]) > 0  # the post point
     assert int(b["post_packets_sent"]) > 0 and b["gather_packets_sent"] == ""
+
+
+# ------------------------------------------------------------------ plots and compare
+
+
+def _fake_run(root, name: str, cfg: dict, perplexities: list[list[float]]) -> None:
+    d = root / name
+    base = {
+        "dataset": "text",
+        "model": "gpt-tiny",
+        "world_size": 2,
+        "drop_point": "worker",
+        "post_sync": "shared",
+        "fill": "rescale",
+        "reduction": "mean",
+        "packetization": "mtu",
+        "mtu": 1500,
+        "accumulation_steps": 1,
+        "bucket_cap_mb": 25.0,
+        "loss_model": "random 10%",
+        "long_run_loss_rate": 0.1,
+        "lab_round": len(perplexities),
+        "optimizer": "adamw",
+    }
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(base | cfg))
+    for k, ppl in enumerate(perplexities):
+        (d / f"round{k}").mkdir()
+        lines = ["epoch,train_loss,val_loss,train_acc,val_acc,val_perplexity,epoch_seconds,status"]
+        lines += [f"{e + 1},2,{math.log(p)},0.4,0.45,{p},1.0,ok" for e, p in enumerate(ppl)]
+        (d / f"round{k}" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_compare_reports_perplexity_and_keeps_strategies_apart(tmp_path):
+    from lossy_hooks.compare import main as compare_main
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "ddp", {}, [[9.0, 7.0], [9.5, 7.2]])
+    _fake_run(runs, "fsdp", {"strategy": "fsdp"}, [[9.1, 7.4], [9.6, 7.6]])
+    _fake_run(
+        runs, "fsdp0", {"strategy": "fsdp", "loss_model": "random 0%", "long_run_loss_rate": 0.0}, [[8, 6]]
+    )
+    assert compare_main([str(runs), "--out", str(tmp_path / "cmp")]) == 0
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "cmp" / "compare.csv"))}
+    assert rows["ddp"]["options"] == "adamw" and rows["fsdp"]["options"] == "fsdp+adamw"  # two groups
+    assert float(rows["ddp"]["final_ppl_mean"]) == pytest.approx(7.1)
+    assert float(rows["fsdp"]["final_ppl_std"]) == pytest.approx(math.sqrt(0.02), rel=1e-5)  # 6 digits
+    assert float(rows["fsdp"]["best_ppl_mean"]) == pytest.approx(7.5)
+    assert (tmp_path / "cmp" / "perplexity_vs_loss_rate.png").stat().st_size > 10_000
+
+
+def test_round_plot_has_a_perplexity_panel_for_language_models(tmp_path):
+    from PIL import Image
+
+    from lossy_hooks.plotting import plot_round
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "lm", {}, [[9.0, 7.0]])
+    metrics = runs / "lm" / "round0" / "metrics.csv"
+    plot_round(metrics, tmp_path / "lm.png", "lm")
+    text = metrics.read_text().replace(",9.0,", ",,").replace(",7.0,", ",,")  # no perplexity
+    (tmp_path / "img.csv").write_text(text)
+    plot_round(tmp_path / "img.csv", tmp_path / "img.png", "img")
+    assert Image.open(tmp_path / "lm.png").width == 3 * Image.open(tmp_path / "img.png").width // 2
