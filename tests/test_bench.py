@@ -48,3 +48,24 @@ def test_bench_step_part_runs_and_times_the_hook(tmp_path):
     assert set(rows) == {"allreduce_hook", "worker 10% rescale"}
     assert rows["allreduce_hook"]["ratio_to_allreduce_hook"] == 1.0
     assert rows["worker 10% rescale"]["hook_host_ms_per_step"] > 0
+
+
+def test_bench_fsdp_runs_every_configuration(tmp_path):
+    """bench/bench_fsdp.py end to end (2 Gloo ranks, gpt-tiny, one repetition)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "fsdp.json"
+    script = BENCH.with_name("bench_fsdp.py")
+    cmd = [sys.executable, str(script), "--cpu", "--model", "gpt-tiny", "--batch_size", "2"]
+    cmd += ["--reps", "2", "--steps", "1", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    spec = importlib.util.spec_from_file_location("bench_fsdp", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(bench.CONFIGS)
+    assert rows["plain FSDP2"]["ratio_of_medians"] == rows["plain FSDP2"]["paired_ratio_median"] == 1.0
+    assert all(r["median_ms"] > 0 for r in rows.values())
