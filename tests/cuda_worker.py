@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,7 +139,56 @@ def no_device_sync() -> dict:
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (stats_before_and_after_resume, dtypes_and_bitwise, no_device_sync)}
+def fsdp_no_device_sync() -> dict:
+    """The FSDP2 collectives on CUDA tensors (NCCL): each configuration called once (records
+    made), then three times under sync debug mode "error"; the shard must stay finite. At
+    world size 1 a rank sends no row over the network, so this covers the post drop's masks
+    and the code paths of the others."""
+    from lossy_hooks import fsdp
+
+    out: dict[str, str] = {}
+    if dist.get_backend() != "nccl":  # Gloo on CUDA tensors copies through the host by design
+        return out
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for name, kw in {
+        "worker_rescale_separate": dict(counts_transport="separate"),
+        "worker_zero": dict(fill="zero"),
+        "post_rescale_shared": dict(drop_point="post"),
+        "post_stale_independent": dict(drop_point="post", fill="stale", post_sync="independent"),
+        "both_gemodel": dict(drop_point="both", loss_model=GilbertElliott(0.05, 0.3)),
+        "gather_stale": None,
+    }.items():
+        rows = torch.full((world * 4096,), float(2**rank), device=device())
+        shard = torch.empty(4096, device=device())
+        comm: Any
+        if kw is None:
+            comm = fsdp.LossyAllGather(fsdp._Wiring(fsdp.gather_state(loss_rate=0.2, mtu=512), 0), 0, "x")
+            args: tuple = (rows, shard.fill_(1.0), dist.group.WORLD)
+        else:
+            kw = kw if "loss_model" in kw else dict(kw, loss_rate=0.2)
+            comm = fsdp.LossyReduceScatter(fsdp._Wiring(LossyState(mtu=512, **kw), 1), 0, "x")
+            args = (shard, rows, dist.group.WORLD, dist.ReduceOp.AVG)  # rows rescaled in place: finite
+        comm(*args)
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            for _ in range(3):
+                comm(*args)
+            error = ""
+        except RuntimeError as e:
+            error = str(e)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        finite = bool(torch.isfinite(rows).all() and torch.isfinite(shard).all())
+        out[name] = error or ("" if finite else "non-finite values")
+    return out
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (stats_before_and_after_resume, dtypes_and_bitwise, no_device_sync, fsdp_no_device_sync)
+}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ pytestmark = [
 ]
 
 WORKER = Path(__file__).with_name("cuda_worker.py")
-SCENARIOS = ["stats_before_and_after_resume", "dtypes_and_bitwise", "no_device_sync"]
+SCENARIOS = ["stats_before_and_after_resume", "dtypes_and_bitwise", "no_device_sync", "fsdp_no_device_sync"]
 
 
 @pytest.fixture(scope="module", params=[("nccl", 1), ("gloo", 2)], ids=["nccl-W1", "gloo-cuda-W2"])
@@ -47,3 +47,12 @@ def test_hook_never_synchronises_the_device(runs):
     for rank in range(world):
         r = ranks[rank]["no_device_sync"]
         assert all(v == "" for v in r.values()), r
+
+
+def test_fsdp_collectives_never_synchronise_the_device(runs):
+    world, ranks = runs
+    for rank in range(world):
+        r = ranks[rank]["fsdp_no_device_sync"]
+        assert all(v == "" for v in r.values()), r
+        if world == 1:  # NCCL: every configuration ran
+            assert len(r) == 6
