@@ -97,6 +97,8 @@ def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
         raise ValueError(f"FSDP {collective}: packetization must be 'mtu' (shards are flat rows of elements)")
     if state.measure_fidelity:
         raise ValueError(f"FSDP {collective}: measure_fidelity is not supported under FSDP")
+    if state.network is not None:
+        raise ValueError(f"FSDP {collective}: network=... (simulated time) is not supported under FSDP yet")
     if state.counts_transport == "append":
         raise ValueError(
             f"FSDP {collective}: counts_transport='append' is not supported (the reduce-scatter output "

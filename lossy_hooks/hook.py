@@ -316,6 +316,9 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     step = state.steps
     if bucket.is_last():
         state.steps += 1
+    if state.clock is not None:  # the simulated network: this collective's arrivals and times
+        wire_bytes = record.layout.numel * state._wire_dtype(buf).itemsize
+        state.clock.tick(record.layout.num_packets, wire_bytes, wire_bytes / record.layout.num_packets)
     plan = _Plan(record.layout, state.world_size)
     if state.measure_fidelity:  # the lossless reference: the scaled bucket before any loss
         if scale != 1.0:

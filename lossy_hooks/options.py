@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .encoding import ENCODINGS, WIRE_DTYPES
-from .loss_models import Bernoulli
+from .loss_models import Bernoulli, DeadlineLoss
 
 if TYPE_CHECKING:
     from .state import LossyState
@@ -118,6 +118,22 @@ def check_combinations(state: LossyState) -> None:
         if state.error_feedback:
             raise ValueError(
                 "error_feedback with encoding='hadamard' is not supported (residuals would need a decode)"
+            )
+    if isinstance(state.loss_model, DeadlineLoss):
+        if state.network is None:
+            raise ValueError(
+                "the deadline loss model needs network=NetworkModel(...) (train_ddp.py: --bandwidth_gbps "
+                "and the other network flags): the losses come from the simulated arrival times"
+            )
+        if drop == "both":
+            raise ValueError(
+                "the deadline loss model loses packets of one traversal of the network: use "
+                "drop_point='worker' or 'post', not 'both'"
+            )
+        if state.protection.active or state.protect is not None:
+            raise ValueError(
+                "the deadline loss model with fec, retransmit or protect is not supported: the "
+                "deadline transport does not resend (the reliable transport is priced on the same clock)"
             )
     post_rescale = fill == "rescale" and state.drops_after
     if post_rescale and state.protection.active and not isinstance(state.loss_model, Bernoulli):

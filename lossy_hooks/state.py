@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,8 @@ import torch.distributed as dist
 from .buckets import BucketRecord, BucketRecords
 from .encoding import ENCODINGS, WIRE_DTYPES, wire_dtype_of
 from .ledger import BucketKey, PacketLedger, collective_device
-from .loss_models import Bernoulli, LossModel, check_probability, parse_loss_model
+from .loss_models import Bernoulli, DeadlineLoss, LossModel, check_probability, parse_loss_model
+from .netclock import NetworkModel, SimClock
 from .options import (
     COUNTS_TRANSPORTS,
     DROP_POINTS,
@@ -92,6 +94,9 @@ class LossyState:
         measure_fidelity: also allreduce the lossless bucket and record cosine similarity
             and relative L2 error of the lossy result against it, per step (costs one
             extra full allreduce).
+        network: a :class:`~lossy_hooks.netclock.NetworkModel`: price every collective on a
+            simulated clock (``state.clock``: loss-free, lossy and reliable transport times),
+            and the network the ``deadline`` loss model loses packets on.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class LossyState:
         protect: str | ProtectRule | None = None,
         retransmit: int = 0,
         fec: tuple[int, int] | None = None,
+        network: NetworkModel | None = None,
     ) -> None:
         self.drop_point = choice("drop_point", drop_point, DROP_POINTS)
         self.fill = choice("fill", fill, FILLS)
@@ -141,7 +147,12 @@ class LossyState:
         self.protect = protect
         self._protect_rule = protect_rule(protect)
         self.protection = Protection(retransmit, fec)
+        self.network = network
+        if network is not None and not isinstance(network, NetworkModel):
+            raise ValueError(f"network must be a NetworkModel, got {network!r}")
         check_combinations(self)
+        deadline = loss_model.deadline if isinstance(loss_model, DeadlineLoss) else None
+        self.clock = SimClock(network, deadline) if network is not None else None
         self.process_group = process_group
         self.measure_fidelity = bool(measure_fidelity)
 
@@ -191,19 +202,26 @@ class LossyState:
 
     def config(self) -> dict[str, Any]:
         """The settings, as plain values (for configs and run names)."""
-        return {
-            "loss_model": self.loss_model.spec,
-            "loss_rate": self.loss_model.long_run_loss_rate(),
-            "mtu": self.mtu,
-            "drop_point": self.drop_point,
-            "fill": self.fill,
-            "reduction": self.reduction,
-            "post_sync": self.post_sync,
-            "packetization": self.packetization,
-            "seed": self.seed,
-            "counts_transport": self.counts_transport,
-            "measure_fidelity": self.measure_fidelity,
-        } | {k: v for k, v in self._options().items() if v != OPTION_DEFAULTS[k]}
+        return (
+            {
+                "loss_model": self.loss_model.spec,
+                "loss_rate": self.loss_model.long_run_loss_rate(),
+                "mtu": self.mtu,
+                "drop_point": self.drop_point,
+                "fill": self.fill,
+                "reduction": self.reduction,
+                "post_sync": self.post_sync,
+                "packetization": self.packetization,
+                "seed": self.seed,
+                "counts_transport": self.counts_transport,
+                "measure_fidelity": self.measure_fidelity,
+            }
+            | {k: v for k, v in self._options().items() if v != OPTION_DEFAULTS[k]}
+            | self._network_config()
+        )
+
+    def _network_config(self) -> dict[str, Any]:
+        return {} if self.network is None else {"network": dataclasses.asdict(self.network)}
 
     def _options(self) -> dict[str, Any]:
         protect = (
@@ -237,6 +255,8 @@ class LossyState:
         self.world_size = dist.get_world_size(group)
         for site in (self.worker, self.post, self.rotation):
             site.prepare(buf.device, self.seed, self.rank)
+        if self.clock is not None:
+            self.clock.prepare(buf.device, self.seed, self.world_size)
         self.ledger.to(buf.device)
         self.buckets.to(buf.device)
         if self._counts_resolved is None:
@@ -263,6 +283,20 @@ class LossyState:
                         site.load_state_dict(self._saved_peers.pop(peer_rank))
                     self._peers[peer_rank] = site
                 site.prepare(buf.device, self.seed, peer_rank)
+        self._bind_deadlines(buf)
+
+    def _bind_deadlines(self, buf: torch.Tensor) -> None:
+        """Deadline loss models read the clock's arrivals: the worker site and every replayed
+        peer their own rank's row; the post site its rank's row, or row 0 when shared."""
+        if self.clock is None:
+            return
+        assert self.rank is not None
+        packet_bytes = self.mtu if self.packetization == "mtu" else buf.element_size()
+        post_row = self.rank if self.post.per_rank else 0
+        sites = [(self.worker, self.rank), (self.post, post_row), *((s, r) for r, s in self._peers.items())]
+        for site, row in sites:
+            if isinstance(site.model, DeadlineLoss):
+                site.model.bind(self.clock, row, packet_bytes)
 
     def _draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
         """The loss mask of this bucket at ``site`` after FEC, retransmission and protection
@@ -349,18 +383,22 @@ class LossyState:
         """Everything needed to resume the exact loss sequence and its figures: RNG states,
         loss-model memory, stale buffers and the ledger (tensors on CPU;
         ``torch.load(weights_only=True)`` safe). The process group is not included."""
-        return self.buckets.state_dict() | {
-            "version": STATE_VERSION,
-            "config": self.config(),
-            "steps": self.steps,
-            "worker": self.worker.state_dict(),
-            "post": self.post.state_dict(),
-            "rotation": self.rotation.state_dict(),
-            "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
-            | {str(r): sd for r, sd in self._saved_peers.items()},
-            "counts_transport_resolved": self._counts_resolved,
-            "ledger": self.ledger.state_dict(),
-        }
+        return (
+            self.buckets.state_dict()
+            | {
+                "version": STATE_VERSION,
+                "config": self.config(),
+                "steps": self.steps,
+                "worker": self.worker.state_dict(),
+                "post": self.post.state_dict(),
+                "rotation": self.rotation.state_dict(),
+                "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
+                | {str(r): sd for r, sd in self._saved_peers.items()},
+                "counts_transport_resolved": self._counts_resolved,
+                "ledger": self.ledger.state_dict(),
+            }
+            | ({"clock": self.clock.state_dict()} if self.clock is not None else {})
+        )
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         # options left at their defaults are not in config(): compare with them filled in
@@ -383,6 +421,8 @@ class LossyState:
         self._counts_resolved = sd.get("counts_transport_resolved", self._counts_resolved)
         ledger = sd["ledger"] if "ledger" in sd else PacketLedger.from_version_2(sd)
         self.ledger.load_state_dict(ledger)
+        if self.clock is not None:
+            self.clock.load_state_dict(sd["clock"])
         self.device = None  # re-prepare on the next bucket: generators restored there
 
     def __getstate__(self) -> dict[str, Any]:
@@ -390,6 +430,8 @@ class LossyState:
         init = {k: v for k, v in self.config().items() if k not in ("loss_model", "loss_rate")}
         if callable(self.protect):  # the predicate itself (pickled by reference), not its name
             init["protect"] = self.protect
+        if self.network is not None:
+            init["network"] = self.network
         return {"init": init, "loss_model": copy.deepcopy(self.loss_model), "state": self.state_dict()}
 
     def __setstate__(self, d: dict[str, Any]) -> None:

@@ -16,17 +16,21 @@ Models
 - :class:`MarkovFourState` ``(p13, p31, p32, p23, p14)``: netem ``loss state``.
 - :class:`TailDrop` ``(p)``: the last ``ceil(p*n)`` packets of each bucket (a deadline cut).
 - :class:`Trace` ``(seq_or_path)``: a recorded 0/1 loss sequence replayed cyclically.
+- :class:`DeadlineLoss` ``(deadline)``: packets the simulated network drops or delivers late
+  (:mod:`lossy_hooks.netclock`; needs ``LossyState(network=...)``).
 
 :func:`parse_loss_model` reads netem's syntax (percentages, ``%`` optional, as in ``tc``).
 """
 
 from .base import LossModel, RateModel, check_probability
+from .deadline import DeadlineLoss
 from .markov import GilbertElliott, MarkovFourState, MarkovLossModel, cesaro_limit
 from .memoryless import Bernoulli, ExactCount, TailDrop, Trace
 from .netem import parse_loss_model
 
 __all__ = [
     "Bernoulli",
+    "DeadlineLoss",
     "ExactCount",
     "GilbertElliott",
     "LossModel",

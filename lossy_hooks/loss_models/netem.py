@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import LossModel
+from .deadline import DeadlineLoss
 from .markov import GilbertElliott, MarkovFourState
 from .memoryless import Bernoulli, ExactCount, TailDrop, Trace
 
@@ -23,7 +24,8 @@ def _parse_percent(token: str, what: str) -> float:
 
 _SYNTAX = (
     "random P | state P13 [P31 [P32 [P23 [P14]]]] | gemodel P [R [1-H [1-K]]] | "
-    "exact P | tail P | trace FILE  (percentages as in tc-netem: '5%' or '5')"
+    "exact P | tail P | trace FILE | deadline D  (percentages as in tc-netem: '5%' or '5'; "
+    "D: 1.5x or 800us)"
 )
 
 
@@ -38,6 +40,7 @@ def parse_loss_model(spec: str) -> LossModel:
         exact P                           -> ExactCount(P)
         tail P                            -> TailDrop(P)
         trace FILE                        -> Trace(FILE)
+        deadline D                        -> DeadlineLoss(D): D = 1.5x (of the loss-free time) or 800us
 
     Numbers are percentages as in ``tc``: ``5%`` and ``5`` both mean 0.05.
     """
@@ -72,6 +75,9 @@ def parse_loss_model(spec: str) -> LossModel:
     if kind == "trace":
         nargs(1, 1)
         return Trace(args[0])
+    if kind == "deadline":
+        nargs(1, 1)
+        return DeadlineLoss(args[0])
     if kind == "gemodel":
         nargs(1, 4)
         names = ("gemodel p", "gemodel r", "gemodel 1-h", "gemodel 1-k")

@@ -1,0 +1,65 @@
+"""Deadline loss: a packet is lost when the simulated network drops it or delivers it after
+a deadline (:mod:`lossy_hooks.netclock`). The loss pattern comes from the timing: the model
+reads the packets its state's :class:`~lossy_hooks.netclock.SimClock` found late at this
+collective, so the losses, the lossy transport's time and the reliable transport's time all
+come from the same arrivals."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import LossModel
+
+if TYPE_CHECKING:
+    from ..netclock import Deadline, SimClock
+
+__all__ = ["DeadlineLoss"]
+
+
+class DeadlineLoss(LossModel):
+    """``deadline D``: ``D`` a multiple of the loss-free collective time (``1.5x``) or a time
+    (``800us``, ``2ms``). Needs ``LossyState(network=NetworkModel(...))``, which binds it to
+    the state's clock: rank ``row``'s packets are those of that row of the clock's arrivals."""
+
+    def __init__(self, deadline: str | Deadline) -> None:
+        from ..netclock import Deadline
+
+        self.deadline = Deadline.parse(deadline) if isinstance(deadline, str) else deadline
+        self.clock: SimClock | None = None
+        self.row = 0
+        self.packet_bytes = 0.0
+
+    def bind(self, clock: SimClock, row: int, packet_bytes: float) -> None:
+        """Draw from ``clock``'s arrivals, row ``row`` (a rank's own packets, or row 0 for a
+        mask shared by all ranks); ``packet_bytes`` prices :meth:`keep_fraction`."""
+        self.clock, self.row, self.packet_bytes = clock, row, float(packet_bytes)
+
+    def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
+        if self.clock is None:
+            raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
+        return self.clock.lost_row(self.row, num_packets)
+
+    def long_run_loss_rate(self) -> float:
+        """Not one number: the loss probability depends on the bucket's size (its loss-free
+        time ``T_0``); see :meth:`keep_fraction` and the ledger's measured rates."""
+        return math.nan
+
+    def keep_fraction(self, num_packets: int) -> float:
+        """``1 -`` the closed-form loss probability of a bucket of ``num_packets`` packets of
+        ``packet_bytes`` bytes (:meth:`NetworkModel.deadline_loss_probability`)."""
+        if self.clock is None:
+            raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
+        nbytes = num_packets * self.packet_bytes
+        t0 = self.clock.network.ring_seconds(nbytes, self.clock.world)
+        p = self.clock.network.deadline_loss_probability(self.deadline.seconds(t0), nbytes, self.clock.world)
+        return 1.0 - p
+
+    @property
+    def spec(self) -> str:
+        return f"deadline {self.deadline.spec}"
+
+    def clone(self) -> DeadlineLoss:
+        return DeadlineLoss(self.deadline)  # unbound: each copy is bound by its state
