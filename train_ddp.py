@@ -46,6 +46,7 @@ from lossy_hooks.run_io import (
     atomic_save,
     packet_rows,
     round_status,
+    sim_clock_column,
     to_cpu,
     write_json,
     write_summary,
@@ -167,6 +168,8 @@ class RoundRunner:
             for b in counts["buckets"]:
                 b["drop_point"] = "gather"
             buckets += packet_rows({"points": {}, "buckets": counts["buckets"], "parameters": []}, epoch)[1]
+        if self.state.clock is not None:  # the same on every rank (one shared random stream)
+            columns |= self.state.clock.since_mark()
         return columns, buckets, layers
 
     def checkpoint(self, epoch: int, final: bool = False) -> None:
@@ -314,6 +317,7 @@ class RoundRunner:
         for epoch in range(self.start_epoch, cfg["num_epochs"]):
             if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
                 break  # a resumed round that had already reached --max_steps
+            steps_before = self.steps
             row = self.train_epoch(epoch)
             last = epoch == cfg["num_epochs"] - 1 or bool(cfg["max_steps"] and self.steps >= cfg["max_steps"])
             diverged = row["train_loss"] is not None and not math.isfinite(row["train_loss"])
@@ -326,6 +330,8 @@ class RoundRunner:
             row.update(
                 epoch=epoch + 1, steps=self.steps, status="diverged" if diverged else "ok", **packet_columns
             )
+            if "sim_comm_s" in row:
+                row["sim_comm_per_step_s"] = row["sim_comm_s"] / max(self.steps - steps_before, 1)
             if logs is not None:
                 logs["buckets"].append(*bucket_rows)
                 logs["layers"].append(*layer_rows)
@@ -413,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             statuses.append(RoundRunner(cfg, run_dir, k, data, rank, world, device, report).run())
             gc.collect()
         if rank == 0:
-            write_summary(run_dir, cfg["lab_round"])
+            write_summary(run_dir, cfg["lab_round"], cfg.get("target_acc"), sim_clock_column(cfg))
             csvs = [run_dir / f"round{k}" / "metrics.csv" for k in range(cfg["lab_round"])]
             plot_summary([p for p in csvs if p.exists()], run_dir / "summary.png", run_dir.name)
             report.print(

@@ -39,7 +39,10 @@ __all__ = [
     "read_json",
     "round_status",
     "run_loss_rate",
+    "sim_clock_column",
+    "time_to_target",
     "to_cpu",
+    "workload_parts",
     "write_json",
     "write_summary",
 ]
@@ -69,6 +72,10 @@ METRIC_FIELDS = [
     "effective_loss_rate",
     "gather_packets_sent",
     "gather_packets_lost",
+    "sim_lossfree_s",
+    "sim_comm_s",
+    "sim_reliable_s",
+    "sim_comm_per_step_s",
     *(f"{p}_{f}" for p in ("worker", "post") for f in PROTECTION_COLUMNS),
     "fidelity_cosine",
     "fidelity_rel_l2",
@@ -121,6 +128,19 @@ def workload_parts(cfg: dict[str, Any]) -> list[str]:
         parts.append(cfg["optimizer"])
     if cfg.get("dataset") == "text" and cfg.get("corpus_mb", 1.0) != 1.0:
         parts.append(f"corpus{_slug(format(cfg['corpus_mb'], 'g'))}mb")
+    if cfg.get("bandwidth_gbps") is not None:
+        net = [f"net{format(cfg['bandwidth_gbps'], 'g')}g", f"{format(cfg.get('latency_us', 5.0), 'g')}us"]
+        if cfg.get("jitter", "none") != "none":
+            net.append(cfg["jitter"])
+        if cfg.get("straggler_prob", 0.0):
+            net.append(
+                f"strag{format(cfg['straggler_prob'], 'g')}x{format(cfg.get('straggler_factor', 1.0), 'g')}"
+            )
+        if cfg.get("net_drop_rate", 0.0):
+            net.append(f"drop{format(cfg['net_drop_rate'], 'g')}")
+        if cfg.get("rto_us", 1000.0) != 1000.0:
+            net.append(f"rto{format(cfg['rto_us'], 'g')}")
+        parts.append(_slug("-".join(net)))
     return parts
 
 
@@ -270,10 +290,35 @@ def run_loss_rate(rows: list[dict[str, str]]) -> float:
     return lost / sent if sent else math.nan
 
 
-def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
+def sim_clock_column(cfg: dict[str, Any]) -> str | None:
+    """The metrics.csv column that prices a run's communication on the simulated clock: the
+    deadline transport's for a ``deadline`` loss model, else the reliable transport's (the
+    run lost nothing to timing); ``None`` without a simulated network."""
+    if cfg.get("bandwidth_gbps") is None:
+        return None
+    return "sim_comm_s" if str(cfg.get("loss_model", "")).startswith("deadline") else "sim_reliable_s"
+
+
+def time_to_target(rows: list[dict[str, str]], target: float, clock: str | None = None) -> float:
+    """Seconds until the first epoch whose validation accuracy reaches ``target``: measured
+    epoch seconds, plus the simulated communication of ``clock`` when given (NaN if never)."""
+    total = 0.0
+    for r in rows:
+        total += parse_float(r.get("epoch_seconds")) + (parse_float(r.get(clock)) if clock else 0.0)
+        if parse_float(r.get("val_acc")) >= target:
+            return total
+    return math.nan
+
+
+def write_summary(
+    run_dir: Path, rounds: int, target_acc: float | None = None, clock: str | None = None
+) -> list[dict[str, Any]]:
     """``summary.csv``: per round its final and best validation accuracy (and, for a
     language model, final and lowest validation perplexity), status and the whole round's
-    measured loss rate, then mean and std over rounds."""
+    measured loss rate, then mean and std over rounds. With a simulated network (``clock``:
+    :func:`sim_clock_column`) the round's simulated time (measured epoch seconds plus the
+    simulated communication); with ``target_acc`` the time to reach it, measured and
+    simulated."""
     rows = []
     for k in range(rounds):
         rd = run_dir / f"round{k}"
@@ -295,6 +340,14 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
         }
         if ppl:  # a language model
             row |= {"final_val_perplexity": ppl[-1], "best_val_perplexity": min(ppl)}
+        if clock:
+            row["sim_time_s"] = sum(
+                parse_float(r.get("epoch_seconds")) + parse_float(r.get(clock)) for r in metrics
+            )
+        if target_acc is not None:
+            row["time_to_target_s"] = time_to_target(metrics, target_acc)
+            if clock:
+                row["sim_time_to_target_s"] = time_to_target(metrics, target_acc, clock)
         rows.append(row)
     fields = [
         "round",
@@ -305,8 +358,14 @@ def write_summary(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
         "final_train_loss",
         "effective_loss_rate",
     ]
-    if any("final_val_perplexity" in r for r in rows):
-        fields += ["final_val_perplexity", "best_val_perplexity"]
+    for extra in (
+        ("final_val_perplexity", "best_val_perplexity"),
+        ("sim_time_s",),
+        ("time_to_target_s",),
+        ("sim_time_to_target_s",),
+    ):
+        if any(extra[0] in r for r in rows):
+            fields += list(extra)
     with open(run_dir / "summary.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fields)
         w.writeheader()

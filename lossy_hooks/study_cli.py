@@ -24,6 +24,7 @@ from .encoding import ENCODINGS, WIRE_DTYPES
 from .gpt import GPT_CONFIGS
 from .loss_models import Bernoulli, parse_loss_model
 from .models import classification_models
+from .netclock import NetworkModel
 from .options import (
     AUTO_REGENERATE_MAX_WORLD,
     COUNTS_TRANSPORTS,
@@ -44,6 +45,7 @@ __all__ = [
     "build_parser",
     "gather_kwargs",
     "hook_kwargs",
+    "network_of",
     "prepare_run_dir",
     "resolve",
     "study_settings",
@@ -53,7 +55,17 @@ OPTIMIZERS = ("sgd", "adamw")
 GATHER_SEED_STREAM = 77  # the all-gather state's seed: derive_seed(round seed, 77)
 
 # Flags that steer a run but do not change what it computes: a resume may change them.
-CONTROL_FLAGS = {"resume", "overwrite", "workers", "output_dir", "download", "data_path", "backend", "device"}
+CONTROL_FLAGS = {
+    "resume",
+    "overwrite",
+    "workers",
+    "output_dir",
+    "download",
+    "data_path",
+    "backend",
+    "device",
+    "target_acc",
+}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -323,7 +335,67 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar=("G", "R"),
         help="R parity packets per G data packets (any G of G+R rebuild the group)",
     )
+    n = p.add_argument_group("simulated network time (docs/semantics.md; off without --bandwidth_gbps)")
+    n.add_argument(
+        "--bandwidth_gbps",
+        type=float,
+        default=None,
+        help="link bandwidth in Gbit/s (> 0): price every collective on a simulated clock (alpha-beta "
+        "ring allreduce) and enable --loss_model 'deadline D'",
+    )
+    n.add_argument("--latency_us", type=float, default=5.0, help="per-message latency alpha in us (>= 0)")
+    n.add_argument(
+        "--jitter",
+        default="none",
+        help="extra delay per packet: 'none', 'lognormal MU SIGMA' (ln of us), 'pareto XM A' (Lomax, us)",
+    )
+    n.add_argument(
+        "--straggler_prob",
+        type=float,
+        default=0.0,
+        help="a rank straggles at a collective with this probability",
+    )
+    n.add_argument(
+        "--straggler_factor",
+        type=float,
+        default=1.0,
+        help="a straggler's packets take this many times longer (>= 1)",
+    )
+    n.add_argument(
+        "--net_drop_rate",
+        type=float,
+        default=0.0,
+        help="share of packets the network drops, in [0, 1): lost by the deadline transport, resent by "
+        "the reliable one",
+    )
+    n.add_argument(
+        "--rto_us", type=float, default=1000.0, help="the reliable transport's retransmission timeout (us)"
+    )
+    n.add_argument(
+        "--target_acc",
+        type=float,
+        default=None,
+        help="validation accuracy in (0, 1]: summary.csv gets each round's (simulated) time to reach it",
+    )
     return p
+
+
+NETWORK_FLAGS = ("latency_us", "jitter", "straggler_prob", "straggler_factor", "net_drop_rate", "rto_us")
+
+
+def network_of(cfg: dict[str, Any]) -> NetworkModel | None:
+    """The simulated network of a configuration (``None`` without ``--bandwidth_gbps``)."""
+    if cfg.get("bandwidth_gbps") is None:
+        return None
+    return NetworkModel(
+        bandwidth_gbps=cfg["bandwidth_gbps"],
+        latency_us=cfg.get("latency_us", 5.0),
+        jitter=cfg.get("jitter", "none"),
+        straggler_prob=cfg.get("straggler_prob", 0.0),
+        straggler_factor=cfg.get("straggler_factor", 1.0),
+        drop_rate=cfg.get("net_drop_rate", 0.0),
+        rto_us=cfg.get("rto_us", 1000.0),
+    )
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -373,6 +445,17 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     )
     if msg:
         fail(msg)
+    if args.bandwidth_gbps is None:
+        changed = [f"--{f}" for f in NETWORK_FLAGS if getattr(args, f) != parser.get_default(f)]
+        if changed:
+            fail(f"{', '.join(changed)}: the simulated network needs --bandwidth_gbps")
+    else:
+        try:
+            network_of(vars(args))
+        except ValueError as e:
+            fail("--" + str(e).replace("drop_rate", "net_drop_rate"))
+    if args.target_acc is not None and not (0 < args.target_acc <= 1):
+        fail(f"--target_acc must be in (0, 1], got {args.target_acc}")
     if not (0.0 <= args.all_gather_loss_rate < 1.0):
         fail(f"--all_gather_loss_rate must be in [0, 1), got {args.all_gather_loss_rate}")
     if args.strategy == "ddp" and args.all_gather_loss_rate > 0:
@@ -447,6 +530,7 @@ def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
         counts_transport=cfg["counts_transport"],
         measure_fidelity=cfg["measure_fidelity"],
         seed=seed,
+        network=network_of(cfg),
     ) | options_of(cfg)
 
 

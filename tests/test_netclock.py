@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,37 @@ def test_the_state_carries_the_clock_through_its_checkpoint_and_config():
 def test_bad_settings_are_refused_with_the_setting_named(make, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
+
+
+# ------------------------------------------------------------------ inside DDP (W = 3)
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory):
+    from .launch import launch
+
+    worker = Path(__file__).with_name("clock_worker.py")
+    return launch(worker, 3, ["deadline"], tmp_path_factory.mktemp("clock") / "results.json")
+
+
+def test_deadline_loss_in_ddp_matches_the_cdf_and_the_clock_is_one(ddp_ranks):
+    world, steps, packets = 3, 60, 200
+    res = [r["deadline"] for r in ddp_ranks]
+    # rank r sends 2^r: the sum's bits say whose copies of each packet arrived
+    v = np.array(res[0]["zero"]["values"]).astype(int)  # the same result on every rank
+    for r in res[1:]:
+        assert np.array_equal(np.array(r["zero"]["values"]).astype(int), v)
+    arrived = (v[..., None] >> np.arange(world)) & 1
+    lost = int((1 - arrived).sum())
+    assert lost == res[0]["zero"]["lost"] and res[0]["zero"]["sent"] == world * steps * packets
+    assert inside(lost, world * steps * packets, 1 - res[0]["keep"])  # the closed form
+    assert all(r["clock"] == res[0]["clock"] for r in res)  # one clock on every rank
+    assert res[0]["clock"]["calls"] == steps and res[0]["clock"]["sim_comm_s"] > 0
+    # rescale with regenerated counts: the peers' masks are the clock's other rows, so the
+    # result is the mean of the copies that arrived (the same clock seed: the same losses)
+    rescaled = np.array(res[0]["rescale"]["values"])
+    expected = np.where(
+        arrived.sum(-1) > 0, (arrived * 2.0 ** np.arange(world)).sum(-1) / np.maximum(arrived.sum(-1), 1), 0
+    )
+    np.testing.assert_allclose(rescaled, expected, rtol=1e-6)
+    assert res[0]["rescale"]["clock"] == res[0]["clock"]
