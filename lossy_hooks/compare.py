@@ -106,7 +106,8 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
             "options": "+".join(option_parts(cfg) + workload_parts(cfg)) or "-",
             "loss_family": str(cfg.get("loss_model", "")).split()[0],
             "loss_model": cfg.get("loss_model"),
-            "loss_rate": float(cfg.get("long_run_loss_rate", cfg.get("loss_rate", 0.0))),
+            # None: no single rate (deadline loss depends on the bucket): NaN here
+            "loss_rate": parse_float(str(cfg.get("long_run_loss_rate", cfg.get("loss_rate", 0.0)))),
             "rounds": len(rounds),
             "curves": [r["val_acc"] for r in rounds],
             "diverged_rounds": sum(r["diverged"] for r in rounds),

@@ -60,6 +60,13 @@ __all__ = [
 STATE_VERSION = 3
 
 
+def _rate_or_none(model: LossModel) -> float | None:
+    """The long-run loss rate, ``None`` where there is no single one (deadline loss: it
+    depends on the bucket), so configurations compare equal (NaN != NaN)."""
+    rate = model.long_run_loss_rate()
+    return None if rate != rate else rate
+
+
 class LossyState:
     r"""State of :func:`~lossy_hooks.lossy_allreduce_hook`: the configuration, RNGs, one
     record per bucket, and the :class:`~lossy_hooks.ledger.PacketLedger` of what was lost.
@@ -205,7 +212,7 @@ class LossyState:
         return (
             {
                 "loss_model": self.loss_model.spec,
-                "loss_rate": self.loss_model.long_run_loss_rate(),
+                "loss_rate": _rate_or_none(self.loss_model),
                 "mtu": self.mtu,
                 "drop_point": self.drop_point,
                 "fill": self.fill,

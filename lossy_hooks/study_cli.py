@@ -500,7 +500,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         fill=fill,
         reduction=reduction,
         loss_model=model_spec.spec,
-        long_run_loss_rate=model_spec.long_run_loss_rate(),
+        long_run_loss_rate=None
+        if math.isnan(model_spec.long_run_loss_rate())
+        else model_spec.long_run_loss_rate(),
         world_size=world,
         dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size, language_model),
         dataset_flag=args.dataset,

@@ -239,3 +239,89 @@ def test_deadline_loss_in_ddp_matches_the_cdf_and_the_clock_is_one(ddp_ranks):
     )
     np.testing.assert_allclose(rescaled, expected, rtol=1e-6)
     assert res[0]["rescale"]["clock"] == res[0]["clock"]
+
+
+# ------------------------------------------------------------------ the study script
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--loss_model", "deadline 1.5x"], "the deadline loss model needs network=NetworkModel"),
+        (["--jitter", "lognormal 3 1"], "--jitter: the simulated network needs --bandwidth_gbps"),
+        (["--bandwidth_gbps", "-1"], "--bandwidth_gbps must be > 0"),
+        (["--bandwidth_gbps", "10", "--net_drop_rate", "1"], "--net_drop_rate must be in [0, 1)"),
+        (["--bandwidth_gbps", "10", "--jitter", "pareto 1"], "jitter 'pareto' takes 2 numbers"),
+        (["--bandwidth_gbps", "10", "--straggler_factor", "0.5"], "--straggler_factor must be >= 1"),
+        (["--bandwidth_gbps", "10", "--loss_model", "deadline 0x"], "deadline must be > 0"),
+        (["--target_acc", "1.5"], "--target_acc must be in (0, 1]"),
+        (["--bandwidth_gbps", "10", "--model", "gpt-tiny", "--strategy", "fsdp"], "not supported under FSDP"),
+    ],
+)
+def test_bad_network_flags_exit_2_with_message(flags, message, capsys, tmp_path):
+    import train_ddp
+
+    with pytest.raises(SystemExit) as exc:
+        train_ddp.main([*flags, "--output_dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+SIM = (
+    "--dataset digits --model squeezenet1_1 --workers 0 --num_epochs 3 --batch_size 32 "
+    "--accumulation_steps 1 --max_steps 60 --lab_round 1 --use_avg --worker_drop --mtu 1500 "
+    "--loss_model deadline_1.2x "
+    "--bandwidth_gbps 10 --jitter lognormal_4_1 --straggler_prob 0.1 --straggler_factor 2 "
+    "--net_drop_rate 0.001 --target_acc 0.05"
+)
+
+
+def sim_run(out: Path, extra: list[str] | None = None, env_extra: dict[str, str] | None = None):
+    import subprocess
+
+    from .test_train_ddp import env, torchrun
+
+    argv = [a.replace("_", " ") if a.startswith(("deadline", "lognormal")) else a for a in SIM.split()]
+    cmd = torchrun([*argv, *(extra or []), "--output_dir", str(out)])
+    return subprocess.run(cmd, env=env() | (env_extra or {}), capture_output=True, text=True, timeout=600)
+
+
+def test_simulated_time_columns_summary_and_exact_resume(tmp_path):
+    from lossy_hooks.run_control import FAULT_ENV
+
+    from .test_train_ddp import only_dir, rows
+
+    cut, ref = tmp_path / "cut", tmp_path / "ref"
+    res = sim_run(cut, env_extra={FAULT_ENV: "kill:after_metrics:2"})
+    assert res.returncode != 0 and "Signal 9 (SIGKILL)" in res.stdout + res.stderr
+    res = sim_run(cut, ["--resume"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = sim_run(ref)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_dir = only_dir(ref)
+    assert run_dir.name.endswith("_deadline-1p2x_bucket25mb_net10g-5us-lognormal-4-1-strag0p1x2-drop0p001")
+    drop = {"epoch_seconds", "images_per_s"}
+    resumed, reference = (
+        rows(only_dir(cut) / "round0" / "metrics.csv"),
+        rows(run_dir / "round0" / "metrics.csv"),
+    )
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in reference
+    ]  # the clock's stream and totals continue exactly
+    steps_before = 0
+    for r in reference:
+        steps, steps_before = int(r["steps"]) - steps_before, int(r["steps"])
+        lossfree, lossy, reliable = (float(r[k]) for k in ("sim_lossfree_s", "sim_comm_s", "sim_reliable_s"))
+        assert 0 < lossfree <= lossy and lossfree <= reliable  # jitter only adds time
+        assert lossy <= 1.2 * lossfree * (1 + 1e-5)  # never waits past 1.2 T_0 (CSV: 6 digits)
+        assert float(r["sim_comm_per_step_s"]) == pytest.approx(lossy / steps, rel=1e-5)
+        assert 0 < int(r["worker_packets_lost"]) < int(r["worker_packets_sent"])
+    summary = rows(run_dir / "summary.csv")[0]
+    first = reference[0]
+    assert float(summary["sim_time_to_target_s"]) == pytest.approx(
+        float(first["epoch_seconds"]) + float(first["sim_comm_s"]), rel=1e-5
+    )  # 5% accuracy is reached in the first epoch; a deadline run is priced by its own clock
+    total = sum(float(r["epoch_seconds"]) + float(r["sim_comm_s"]) for r in reference)
+    assert float(summary["sim_time_s"]) == pytest.approx(total, rel=1e-5)
