@@ -15,6 +15,10 @@ Reads every configuration folder under RUNS_DIR (those with a config.json) and w
 - ``perplexity_vs_loss_rate.png``: for language models, final validation perplexity against
   the loss rate (``compare.csv``'s ``final_ppl_*`` and ``best_ppl_*``: lowest);
 - ``time_to_target.png``: epochs to reach ``--target_acc`` against the loss rate;
+- ``accuracy_vs_sim_time.png``: for runs with a simulated network (``--bandwidth_gbps``),
+  validation accuracy against simulated time (measured epoch seconds plus the simulated
+  communication: the deadline transport's for deadline loss, else the reliable one's), and
+  ``sim_seconds_to_target_*`` in compare.csv;
 - ``curves.png``: validation accuracy over epochs (mean over rounds) of the chosen
   configurations (``--curves``: substrings of folder names; default: all, at most 12).
 """
@@ -35,7 +39,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .run_io import option_parts, parse_float, read_json, run_loss_rate, workload_parts
+from .run_io import (
+    option_parts,
+    parse_float,
+    read_json,
+    run_loss_rate,
+    sim_clock_column,
+    time_to_target,
+    workload_parts,
+)
 from .statistics import mean_std
 
 __all__ = ["collect", "main", "write_outputs"]
@@ -84,6 +96,12 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
             reach = next((i for i, a in enumerate(acc) if a >= target_acc), None)
             finite = [a for a in acc if not math.isnan(a)]
             ppl = [x for x in (parse_float(r.get("val_perplexity")) for r in rows) if not math.isnan(x)]
+            clock = sim_clock_column(cfg)
+            sim = (
+                np.cumsum([parse_float(r.get("epoch_seconds")) + parse_float(r.get(clock)) for r in rows])
+                if clock and rows
+                else np.array([])
+            )
             rounds.append(
                 {
                     "val_acc": acc,
@@ -93,6 +111,8 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
                     "best_ppl": min(ppl) if ppl else math.nan,
                     "epochs_to_target": reach + 1 if reach is not None else math.nan,
                     "seconds_to_target": float(seconds[reach]) if reach is not None else math.nan,
+                    "sim_seconds_to_target": time_to_target(rows, target_acc, clock) if clock else math.nan,
+                    "sim_times": sim.tolist(),
                     "loss_rate_measured": run_loss_rate(rows),  # the whole round, every epoch
                     "diverged": any(r["status"] == "diverged" for r in rows),
                 }
@@ -110,6 +130,7 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
             "loss_rate": parse_float(str(cfg.get("long_run_loss_rate", cfg.get("loss_rate", 0.0)))),
             "rounds": len(rounds),
             "curves": [r["val_acc"] for r in rounds],
+            "sim_curves": [(r["sim_times"], r["val_acc"]) for r in rounds if r["sim_times"]],
             "diverged_rounds": sum(r["diverged"] for r in rounds),
         }
         if rec["drop_point"] == "worker":
@@ -121,6 +142,7 @@ def collect(runs_dir: Path, target_acc: float) -> list[dict[str, Any]]:
             "best_ppl",
             "epochs_to_target",
             "seconds_to_target",
+            "sim_seconds_to_target",
             "loss_rate_measured",
         ):
             rec[f"{key}_mean"], rec[f"{key}_std"] = mean_std([r[key] for r in rounds])
@@ -216,6 +238,27 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_sim_time(records: list[dict[str, Any]], target: float, out: Path) -> None:
+    """Validation accuracy against simulated time, every round of every configuration (one
+    colour per configuration), the target as a line."""
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for i, r in enumerate(records):
+        for j, (times, acc) in enumerate(r["sim_curves"]):
+            label = f"{r['name'][-60:]} ({r['sim_seconds_to_target_mean']:.1f} s)" if j == 0 else None
+            ax.plot(times, 100 * np.asarray(acc), marker=".", color=f"C{i % 10}", alpha=0.8, label=label)
+    ax.axhline(100 * target, color="k", ls=":", lw=1)
+    ax.set(
+        xlabel="simulated time (s): measured compute + simulated communication",
+        ylabel="validation accuracy (%)",
+        title=f"Time to accuracy (legend: mean simulated seconds to {100 * target:.0f}%)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 CSV_FIELDS = [
     "name",
     *GROUP_FIELDS,
@@ -231,6 +274,8 @@ CSV_FIELDS = [
     "best_ppl_mean",
     "epochs_to_target_mean",
     "seconds_to_target_mean",
+    "sim_seconds_to_target_mean",
+    "sim_seconds_to_target_std",
     "loss_rate_measured_mean",
     "diverged_rounds",
 ]
@@ -256,6 +301,10 @@ def write_outputs(records: list[dict[str, Any]], out: Path, target: float, curve
     if len({r["loss_rate"] for r in records}) > 1:
         plot_time_to_target(records, target, out / "time_to_target.png")
         written.append(out / "time_to_target.png")
+    timed = [r for r in records if r["sim_curves"]]
+    if timed:
+        plot_sim_time(timed[:12], target, out / "accuracy_vs_sim_time.png")
+        written.append(out / "accuracy_vs_sim_time.png")
     chosen = [r for r in records if not curves or any(c in r["name"] for c in curves)][:12]
     if chosen:
         plot_curves(chosen, out / "curves.png")

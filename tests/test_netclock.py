@@ -325,3 +325,13 @@ def test_simulated_time_columns_summary_and_exact_resume(tmp_path):
     )  # 5% accuracy is reached in the first epoch; a deadline run is priced by its own clock
     total = sum(float(r["epoch_seconds"]) + float(r["sim_comm_s"]) for r in reference)
     assert float(summary["sim_time_s"]) == pytest.approx(total, rel=1e-5)
+    # compare: the same time to target, and the accuracy-against-simulated-time figure
+    from lossy_hooks.compare import main as compare_main
+
+    assert compare_main([str(ref), "--out", str(tmp_path / "cmp"), "--target_acc", "0.05"]) == 0
+    (row,) = rows(tmp_path / "cmp" / "compare.csv")
+    assert float(row["sim_seconds_to_target_mean"]) == pytest.approx(
+        float(summary["sim_time_to_target_s"]), rel=1e-5
+    )
+    assert row["loss_rate"] == "nan"  # deadline loss has no single long-run rate
+    assert (tmp_path / "cmp" / "accuracy_vs_sim_time.png").stat().st_size > 10_000
