@@ -21,20 +21,16 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from .process_group import free_port
-from .run_io import config_name, parse_float, read_json
+from .run_io import parse_float, read_json
 from .statistics import mean_std
-from .study_cli import build_parser, resolve
+from .sweep import launch_train, run_dir_for
 
 __all__ = ["MODES", "configurations", "main", "summarize"]
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_ddp.py"
 # mode label -> flags (with the loss rate appended as --loss_rate or --all_gather_loss_rate)
 MODES: dict[str, list[str]] = {
     f"{s} {p} {f}": ["--strategy", s, "--drop_point", p, "--fill", f]
@@ -63,21 +59,6 @@ def _workload(args: argparse.Namespace) -> list[str]:
         "--mtu", "1500", "--num_epochs", str(args.epochs), "--corpus_mb", format(args.corpus_mb, "g"),
         "--lab_round", str(args.rounds), "--workers", "0", "--output_dir", str(args.out),
     ]  # fmt: skip
-
-
-def _run_dir(flags: list[str], nproc: int) -> Path:
-    parser = build_parser()
-    previous = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
-    os.environ.update(RANK="0", WORLD_SIZE=str(nproc))  # the folder name holds the world size
-    try:
-        cfg = resolve(parser.parse_args(flags), parser)
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return Path(cfg["output_dir"]) / config_name(cfg)
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,13 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and not any(w in mode for w in args.only) and rate > 0:
             continue
         argv_run = [*workload, *flags]
-        run_dir = _run_dir(argv_run, args.nproc)
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-            f"--master_port={free_port()}", str(TRAIN_SCRIPT), *argv_run, "--resume",
-        ]  # fmt: skip
+        run_dir, error = run_dir_for(argv_run, args.nproc)
+        if run_dir is None:
+            print(f"{mode} at {100 * rate:g}%: invalid flags ({error})", file=sys.stderr)
+            return 1
         print(f"{mode} at {100 * rate:g}%: {run_dir.name}", flush=True)
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = launch_train([*argv_run, "--resume"], args.nproc)
         if res.returncode != 0:
             print(res.stdout[-2000:] + res.stderr[-2000:], file=sys.stderr)
             return 1

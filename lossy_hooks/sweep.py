@@ -33,7 +33,7 @@ from .process_group import free_port
 from .run_io import config_name, round_status
 from .study_cli import build_parser, resolve
 
-__all__ = ["expand_grid", "flags_for", "main", "parse_fixed", "run_sweep"]
+__all__ = ["expand_grid", "flags_for", "launch_train", "main", "parse_fixed", "run_dir_for", "run_sweep"]
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_ddp.py"
 # train_ddp.py flags that take several values (--fec G R)
@@ -103,7 +103,7 @@ def parse_fixed(extra: list[str]) -> dict[str, Any]:
     return fixed
 
 
-def _run_dir(argv: list[str], nproc: int) -> tuple[Path | None, str]:
+def run_dir_for(argv: list[str], nproc: int) -> tuple[Path | None, str]:
     """The configuration folder train_ddp.py would use, and ``""``; or ``None`` and
     train_ddp.py's own error message when the flags are invalid."""
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
@@ -123,6 +123,16 @@ def _run_dir(argv: list[str], nproc: int) -> tuple[Path | None, str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def launch_train(argv: list[str], nproc: int, log: Any = None) -> subprocess.CompletedProcess:
+    """One ``torchrun`` launch of train_ddp.py with ``argv`` on ``nproc`` ranks (output to
+    ``log``, a file, or captured when ``None``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += [f"--master_port={free_port()}", str(TRAIN_SCRIPT), *argv]
+    if log is None:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _outcome(run_dir: Path, rounds: int) -> str:
@@ -160,31 +170,19 @@ def run_sweep(
             argv = flags_for(settings)
             label = " ".join(f"{k}={v}" for k, v in combo.items())
             progress.update(task, current=label)
-            run_dir, error = _run_dir(argv, nproc)
+            run_dir, error = run_dir_for(argv, nproc)
             record = {"settings": combo, "run_dir": str(run_dir) if run_dir else None}
             if run_dir is None:
                 record["outcome"] = f"invalid flags ({error})"
             elif (done := _outcome(run_dir, rounds)) in ("finished", "diverged"):
                 record["outcome"] = f"skipped ({done})"
             else:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    f"--nproc_per_node={nproc}",
-                    f"--master_port={free_port()}",
-                    str(TRAIN_SCRIPT),
-                    *argv,
-                    "--resume",
-                ]
                 log = None
                 if log_dir is not None:
                     log_dir.mkdir(parents=True, exist_ok=True)
                     log = open(log_dir / f"config{i:03d}.log", "w")
                 try:
-                    code = subprocess.run(
-                        cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT
-                    ).returncode
+                    code = launch_train([*argv, "--resume"], nproc, log).returncode
                 finally:
                     if log is not None:
                         log.close()

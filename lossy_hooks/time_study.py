@@ -1,0 +1,332 @@
+"""Is a lossy transport faster to a target accuracy? Time-to-accuracy on the simulated clock.
+
+    python -m lossy_hooks.time_study --out runs/time_study --figures docs/results/time   # ~30 min
+    python -m lossy_hooks.time_study --part buckets                                      # ~5 min
+
+Part ``accuracy``: ResNet-18 on the packaged digits (2 Gloo ranks, SGD, batch 32 per rank,
+mtu 1500 B, 25 MiB buckets, ``--epochs`` epochs, ``--rounds`` rounds) on a simulated network
+of 1 Gbit/s links with 5 us latency, 1e-4 of the packets dropped and a 5 ms RTO, in two
+settings: ``heavy-tailed`` (lognormal per-packet delays, median 2 ms, sigma 1) and
+``stragglers`` (a rank is 3x slower at a collective with probability 5%, small jitter). Per
+setting: the reliable transport (no loss; every collective waits for its last packet and
+resends the dropped ones) and the deadline transport at several deadlines (multiples of the
+loss-free ring time) with zero fill, rescale, and Hadamard + rescale. Simulated time =
+measured epoch seconds on this machine + the simulated communication of the run's transport.
+
+Part ``buckets``: the bucket-size question. At ``--bucket_cap_mb`` 1, 5, 25 and 100, a few
+steps of the same model per loss process: the deadline transport (1.1x) under the two
+settings above and under Pareto delays, and TailDrop and Gilbert-Elliott losses (not timing
+models: the clock prices their collectives, the model decides their losses); per
+configuration the simulated communication per step (deadline and reliable transports) and
+the packets lost.
+
+Writes ``time_study.csv``, ``time_to_accuracy.png``, ``time_to_target_vs_deadline.png``,
+``bucket_study.csv`` and ``bucket_size.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .run_io import parse_float, time_to_target
+from .statistics import mean_std
+from .sweep import launch_train, run_dir_for
+
+__all__ = ["SETTINGS", "accuracy_configurations", "bucket_configurations", "main"]
+
+NETWORK = ["--bandwidth_gbps", "1", "--latency_us", "5", "--net_drop_rate", "0.0001", "--rto_us", "5000"]
+SETTINGS: dict[str, list[str]] = {
+    "heavy-tailed": ["--jitter", "lognormal 7.6 1"],
+    "stragglers": ["--jitter", "lognormal 6.2 0.5", "--straggler_prob", "0.05", "--straggler_factor", "3"],
+}
+FILLS = {
+    "zero": ["--fill", "zero"],
+    "rescale": ["--fill", "rescale"],
+    "hadamard+rescale": ["--fill", "rescale", "--encoding", "hadamard"],
+}
+BUCKET_LOSSES = {
+    "deadline, heavy-tailed": ["--loss_model", "deadline 1.1x", *SETTINGS["heavy-tailed"]],
+    "deadline, stragglers": ["--loss_model", "deadline 1.1x", *SETTINGS["stragglers"]],
+    "deadline, pareto": ["--loss_model", "deadline 1.1x", "--jitter", "pareto 2000 2"],
+    "taildrop 1%": ["--loss_model", "tail 1%", *SETTINGS["heavy-tailed"]],
+    "gemodel 1%, bursts of 16": ["--loss_model", "gemodel 0.0631% 6.25%", *SETTINGS["heavy-tailed"]],
+}
+
+
+def accuracy_configurations(
+    deadlines: list[float], settings: list[str] | None = None, fills: list[str] | None = None
+) -> list[tuple[str, str, float, list[str]]]:
+    """``(setting, transport, deadline multiple or 0 for reliable, flags)``."""
+    out = []
+    for setting in settings or list(SETTINGS):
+        net = SETTINGS[setting]
+        out.append((setting, "reliable", 0.0, [*net, "--loss_rate", "0"]))
+        for d in deadlines:
+            for fill in fills or list(FILLS):
+                out.append((setting, fill, d, [*net, "--loss_model", f"deadline {d:g}x", *FILLS[fill]]))
+    return out
+
+
+def bucket_configurations(
+    sizes: list[float], losses: list[str] | None = None
+) -> list[tuple[str, float, list[str]]]:
+    """``(loss process, bucket_cap_mb, flags)``."""
+    return [
+        (loss, mb, [*BUCKET_LOSSES[loss], "--bucket_cap_mb", format(mb, "g")])
+        for loss in losses or list(BUCKET_LOSSES)
+        for mb in sizes
+    ]
+
+
+def _rows(run_dir: Path, k: int) -> list[dict[str, str]]:
+    path = run_dir / f"round{k}" / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _run(argv: list[str], nproc: int) -> Path:
+    run_dir, error = run_dir_for(argv, nproc)
+    if run_dir is None:
+        raise SystemExit(f"time_study: invalid flags ({error})")
+    print(run_dir.name, flush=True)
+    res = launch_train([*argv, "--resume"], nproc)
+    if res.returncode != 0:
+        raise SystemExit(res.stdout[-2000:] + res.stderr[-2000:])
+    return run_dir
+
+
+def part_accuracy(args: argparse.Namespace, figures: Path) -> None:
+    base = [
+        "--dataset", "digits", "--model", "resnet18", "--num_epochs", str(args.epochs), "--batch_size", "32",
+        "--accumulation_steps", "1", "--learning_rate", "0.02", "--lab_round", str(args.rounds),
+        "--mtu", "1500", "--use_avg", "--worker_drop", "--workers", "0", "--output_dir", str(args.out),
+        "--target_acc", format(args.target, "g"), *NETWORK,
+    ]  # fmt: skip
+    records = []
+    for setting, transport, d, flags in accuracy_configurations(args.deadlines, args.settings, args.fills):
+        run_dir = _run([*base, *flags], args.nproc)
+        clock = "sim_reliable_s" if transport == "reliable" else "sim_comm_s"
+        rounds = [_rows(run_dir, k) for k in range(args.rounds)]
+        rounds = [r for r in rounds if r]
+        ttt = [time_to_target(r, args.target, clock) for r in rounds]
+        curves = [
+            (np.cumsum([parse_float(x["epoch_seconds"]) + parse_float(x[clock]) for x in r]).tolist(),
+             [parse_float(x["val_acc"]) for x in r])
+            for r in rounds
+        ]  # fmt: skip
+        sent = sum(parse_float(x["worker_packets_sent"]) for r in rounds for x in r)
+        lost = sum(parse_float(x["worker_packets_lost"]) for r in rounds for x in r)
+        comm = [sum(parse_float(x[clock]) for x in r) / max(int(r[-1]["steps"]), 1) for r in rounds]
+        m, s = mean_std(ttt)
+        acc_m, acc_s = mean_std([c[1][-1] for c in curves])
+        records.append(
+            {
+                "setting": setting,
+                "transport": transport,
+                "deadline": d,
+                "rounds": len(rounds),
+                "time_to_target_mean": m,
+                "time_to_target_std": s,
+                "reached": sum(not math.isnan(t) for t in ttt),
+                "final_acc_mean": acc_m,
+                "final_acc_std": acc_s,
+                "comm_per_step_s": mean_std(comm)[0],
+                "loss_measured": lost / sent if sent else 0.0,
+                "curves": curves,
+                "run_dir": run_dir.name,
+            }
+        )
+    fields = [k for k in records[0] if k != "curves"]
+    with open(figures / "time_study.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fields, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+    plot_accuracy(records, args, figures)
+
+
+def plot_accuracy(records: list[dict[str, Any]], args: argparse.Namespace, figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in records))
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 5), sharey=True, squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        chosen = [
+            r
+            for r in records
+            if r["setting"] == setting and (r["transport"] == "reliable" or r["transport"] == "rescale")
+        ]
+        for i, r in enumerate(chosen):
+            n = min(len(c[0]) for c in r["curves"])
+            t = np.mean([c[0][:n] for c in r["curves"]], 0)
+            a = np.mean([c[1][:n] for c in r["curves"]], 0)
+            label = "reliable" if r["transport"] == "reliable" else f"deadline {r['deadline']:g}x, rescale"
+            ax.plot(t, 100 * a, "o-" if r["transport"] == "reliable" else ".--", color=f"C{i}", label=label)
+        ax.axhline(100 * args.target, color="k", ls=":", lw=1)
+        ax.set(title=setting, xlabel="simulated time (s): measured compute + simulated communication")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation accuracy (%, mean over rounds)")
+    fig.tight_layout()
+    fig.savefig(figures / "time_to_accuracy.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 5), sharey=True, squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        rel = next(r for r in records if r["setting"] == setting and r["transport"] == "reliable")
+        ax.axhspan(
+            rel["time_to_target_mean"] - rel["time_to_target_std"],
+            rel["time_to_target_mean"] + rel["time_to_target_std"],
+            color="k", alpha=0.1,
+        )  # fmt: skip
+        ax.axhline(rel["time_to_target_mean"], color="k", label="reliable transport")
+        for i, fill in enumerate(FILLS):
+            pts = sorted(
+                (r for r in records if r["setting"] == setting and r["transport"] == fill),
+                key=lambda r: r["deadline"],
+            )
+            ax.errorbar(
+                [r["deadline"] for r in pts], [r["time_to_target_mean"] for r in pts],
+                [r["time_to_target_std"] for r in pts], fmt="o-", capsize=3, color=f"C{i}",
+                label=f"deadline, {fill}",
+            )  # fmt: skip
+        ax.set(title=setting, xlabel="deadline (x the loss-free ring time)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"simulated seconds to {100 * args.target:.0f}% (mean ± std over rounds)")
+    fig.tight_layout()
+    fig.savefig(figures / "time_to_target_vs_deadline.png", dpi=110)
+    plt.close(fig)
+
+
+def part_buckets(args: argparse.Namespace, figures: Path) -> None:
+    base = [
+        "--dataset", "digits", "--model", "resnet18", "--num_epochs", "1",
+        "--max_steps", str(args.bucket_steps), "--batch_size", "32", "--accumulation_steps", "1",
+        "--lab_round", "1", "--mtu", "1500", "--use_avg", "--worker_drop", "--fill", "rescale",
+        "--workers", "0", "--output_dir", str(args.out / "buckets"), *NETWORK,
+    ]  # fmt: skip
+    records = []
+    for loss, mb, flags in bucket_configurations(args.bucket_sizes, args.bucket_losses):
+        run_dir = _run([*base, *flags], args.nproc)
+        (row,) = _rows(run_dir, 0)
+        steps = int(row["steps"])
+        sent, lost = parse_float(row["worker_packets_sent"]), parse_float(row["worker_packets_lost"])
+        records.append(
+            {
+                "loss": loss,
+                "bucket_cap_mb": mb,
+                "steps": steps,
+                "lossfree_per_step_s": parse_float(row["sim_lossfree_s"]) / steps,
+                "deadline_per_step_s": parse_float(row["sim_comm_s"]) / steps,
+                "reliable_per_step_s": parse_float(row["sim_reliable_s"]) / steps,
+                "packets_sent": int(sent),
+                "packets_lost": int(lost),
+                "loss_rate": lost / sent if sent else 0.0,
+                "run_dir": run_dir.name,
+            }
+        )
+    with open(figures / "bucket_study.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, list(records[0]))
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, loss in enumerate(dict.fromkeys(r["loss"] for r in records)):
+        pts = sorted((r for r in records if r["loss"] == loss), key=lambda r: r["bucket_cap_mb"])
+        x = [r["bucket_cap_mb"] for r in pts]
+        if loss.startswith("deadline"):
+            ax_t.plot(
+                x,
+                [1e3 * r["deadline_per_step_s"] for r in pts],
+                "o-",
+                color=f"C{i}",
+                label=f"{loss}: deadline",
+            )
+            ax_t.plot(
+                x,
+                [1e3 * r["reliable_per_step_s"] for r in pts],
+                "s:",
+                color=f"C{i}",
+                label=f"{loss}: reliable",
+            )
+        ax_l.plot(x, [100 * r["loss_rate"] for r in pts], "o-", color=f"C{i}", label=loss)
+    lossfree = sorted(
+        (r for r in records if r["loss"] == records[0]["loss"]), key=lambda r: r["bucket_cap_mb"]
+    )
+    ax_t.plot(
+        [r["bucket_cap_mb"] for r in lossfree],
+        [1e3 * r["lossfree_per_step_s"] for r in lossfree],
+        "k--",
+        label="loss-free alpha-beta",
+    )
+    ax_t.set(
+        xscale="log",
+        xlabel="bucket_cap_mb",
+        ylabel="simulated communication per step (ms)",
+        title="Time per step",
+    )
+    ax_l.set(
+        xscale="log", xlabel="bucket_cap_mb", ylabel="packets lost (%)", title="Packets lost (deadline 1.1x)"
+    )
+    for ax in (ax_t, ax_l):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figures / "bucket_size.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("accuracy", "buckets", "both"), default="both")
+    p.add_argument("--out", type=Path, default=Path("runs/time_study"), help="train_ddp.py --output_dir")
+    p.add_argument("--figures", type=Path, default=None, help="where the CSVs and plots go (default --out)")
+    p.add_argument(
+        "--deadlines", type=float, nargs="+", default=[1.05, 1.1, 1.3], help="multiples of T_0 (> 1)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds per configuration (>= 1)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per round (>= 1)")
+    p.add_argument("--target", type=float, default=0.9, help="target validation accuracy in (0, 1]")
+    p.add_argument("--bucket_sizes", type=float, nargs="+", default=[1, 5, 25, 100], help="MiB")
+    p.add_argument("--bucket_steps", type=int, default=10, help="steps per bucket-size configuration")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per launch (>= 2)")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=None, help="default: all")
+    p.add_argument("--fills", nargs="+", choices=list(FILLS), default=None, help="default: all")
+    p.add_argument(
+        "--bucket_losses", nargs="+", choices=list(BUCKET_LOSSES), default=None, help="default: all"
+    )
+    args = p.parse_args(argv)
+    if not all(d > 0 for d in args.deadlines) or args.rounds < 1 or args.epochs < 1 or args.nproc < 2:
+        p.error("--deadlines must be > 0, --rounds and --epochs >= 1, --nproc >= 2")
+    if not (0 < args.target <= 1):
+        p.error(f"--target must be in (0, 1], got {args.target}")
+    figures = args.figures or args.out
+    figures.mkdir(parents=True, exist_ok=True)
+    if args.part in ("accuracy", "both"):
+        part_accuracy(args, figures)
+    if args.part in ("buckets", "both"):
+        part_buckets(args, figures)
+    print(f"wrote {figures}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
