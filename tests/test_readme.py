@@ -185,3 +185,19 @@ def test_language_model_command_reports_perplexity(tmp_path):
         (row,) = list(csv.DictReader(fh))
     assert row["steps"] == "6" and float(row["val_perplexity"]) > 1.0
     assert int(row["worker_packets_sent"]) > 0 and int(row["gather_packets_sent"]) > 0
+
+
+def test_deadline_command_prices_time_and_loses_late_packets(tmp_path):
+    argv = readme_command(
+        "torchrun --nproc_per_node=2 train_ddp.py --dataset digits --model resnet18 --num_epochs 4"
+    )
+    res = run([*script_argv(argv), *SHRINK, "--max_steps", "4", "--output_dir", str(tmp_path)], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert "_deadline-1p2x_" in run_dir.name and run_dir.name.endswith("_net1g-5us-lognormal-7p6-1")
+    with open(run_dir / "round0" / "metrics.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    lossfree, lossy = float(row["sim_lossfree_s"]), float(row["sim_comm_s"])
+    assert 0 < lossfree <= lossy <= 1.2 * lossfree * (1 + 1e-5)
+    assert 0 < int(row["worker_packets_lost"]) < int(row["worker_packets_sent"])
+    assert "sim_time_s" in (run_dir / "summary.csv").read_text()
