@@ -41,6 +41,7 @@ RUN_IO = ("tests/test_run_io.py",)
 OPTIONS = ("tests/test_protection_encoding.py", "tests/test_ledger.py", "tests/test_options_ddp.py")
 FSDP = ("tests/test_fsdp.py",)  # one 3-rank launch of every FSDP scenario
 LM = ("tests/test_train_lm.py",)
+CLOCK = ("tests/test_netclock.py", "-k", "not script and not summary")  # in-process and W=3 DDP
 
 
 def script(*names: str) -> tuple[str, ...]:
@@ -578,6 +579,55 @@ MUTANTS = [
         "        _ = None if lost is None else lost.any().item()",
         "the FSDP collectives never wait for the device (no host sync)",
         (FSDP,),
+    ),
+    # ---------------------------------------------------------------- simulated time
+    M(
+        "M65",
+        "lossy_hooks/netclock.py",
+        "        return 2 * (world - 1) * (self.alpha + nbytes / (world * self.beta))",
+        "        return 2 * world * (self.alpha + nbytes / (world * self.beta))",
+        "the loss-free ring takes 2(W-1) steps of B/W bytes",
+        (CLOCK,),
+    ),
+    M(
+        "M66",
+        "lossy_hooks/netclock.py",
+        "torch.where(lost.any(), torch.as_tensor(d, dtype=torch.float64, device=dev), t.max())",
+        "t.max()",
+        "the deadline transport stops at the deadline when anything is lost",
+        (CLOCK,),
+    ),
+    M(
+        "M67",
+        "lossy_hooks/netclock.py",
+        "            reliable = (t + tries * resend).max()",
+        "            reliable = (t + (tries > 0) * resend).max()",
+        "a packet dropped K times costs K timeouts and resends",
+        (CLOCK,),
+    ),
+    M(
+        "M68",
+        "lossy_hooks/netclock.py",
+        "            base = torch.where(slow, net.straggler_factor * t0, base)",
+        "            base = torch.where(slow, t0, base)",
+        "a straggler's packets take f times the loss-free time",
+        (CLOCK,),
+    ),
+    M(
+        "M69",
+        "lossy_hooks/netclock.py",
+        "                gen.set_state(state)",
+        "                pass",
+        "a resumed clock continues its random stream",
+        (CLOCK,),
+    ),
+    M(
+        "M70",
+        "lossy_hooks/state.py",
+        "*((s, r) for r, s in self._peers.items())",
+        "*((s, self.rank) for r, s in self._peers.items())",
+        "regenerated counts replay each peer's own row of the clock",
+        (CLOCK,),
     ),
     M(
         "M45",
