@@ -248,7 +248,7 @@ def plot_sim_time(records: list[dict[str, Any]], target: float, out: Path) -> No
             ax.plot(times, 100 * np.asarray(acc), marker=".", color=f"C{i % 10}", alpha=0.8, label=label)
     ax.axhline(100 * target, color="k", ls=":", lw=1)
     ax.set(
-        xlabel="simulated time (s): measured compute + simulated communication",
+        xlabel="simulated time (s): measured epoch time on this machine + simulated communication",
         ylabel="validation accuracy (%)",
         title=f"Time to accuracy (legend: mean simulated seconds to {100 * target:.0f}%)",
     )
@@ -291,15 +291,17 @@ def write_outputs(records: list[dict[str, Any]], out: Path, target: float, curve
             w.writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in CSV_FIELDS}
             )
+    # deadline loss has no single loss rate (NaN): left out of the plots against it
+    rated = [r for r in records if not math.isnan(r["loss_rate"])]
     for x in X_AXES:
         path = out / f"accuracy_vs_{x}.png"
-        if plot_against(records, x, path):
+        if plot_against(rated if x == "loss_rate" else records, x, path):
             written.append(path)
-    with_ppl = [r for r in records if not math.isnan(r["final_ppl_mean"])]
+    with_ppl = [r for r in rated if not math.isnan(r["final_ppl_mean"])]
     if with_ppl and plot_against(with_ppl, "loss_rate", out / "perplexity_vs_loss_rate.png", "final_ppl"):
         written.append(out / "perplexity_vs_loss_rate.png")
-    if len({r["loss_rate"] for r in records}) > 1:
-        plot_time_to_target(records, target, out / "time_to_target.png")
+    if len({r["loss_rate"] for r in rated}) > 1:
+        plot_time_to_target(rated, target, out / "time_to_target.png")
         written.append(out / "time_to_target.png")
     timed = [r for r in records if r["sim_curves"]]
     if timed:

@@ -158,7 +158,10 @@ def build_datasets(
         if block_size <= 0:
             raise ValueError("--dataset text is for the language models (--model gpt-*)")
         train_bytes, val_bytes, corpus = load_corpus(data_path, int(corpus_mb * 2**20))
-        train, val = TokenWindows(train_bytes, block_size), TokenWindows(val_bytes, block_size)
+        try:
+            train, val = TokenWindows(train_bytes, block_size), TokenWindows(val_bytes, block_size)
+        except ValueError as e:
+            raise ValueError(f"--corpus_mb {corpus_mb:g} / --data_path: {e}") from None
         return DataSpec(f"text:{corpus}", train, val, 256, (block_size,), task="lm")
     data_path = data_path or DEFAULT_IMAGE_PATH
     if name == "digits":

@@ -55,6 +55,7 @@ the protections and ``measure_fidelity`` are refused by :func:`check_state` with
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -122,6 +123,16 @@ def gather_state(
     state = LossyState(loss_rate=loss_rate, drop_point="post", fill=fill, post_sync=post_sync, **kwargs)
     check_state(state, "all-gather")
     return state
+
+
+def _scale(layout: PacketLayout, flat: torch.Tensor, factor: torch.Tensor) -> None:
+    """``flat[packet] *= factor[packet]`` with the factor applied in fp32: a bf16/fp16 buffer
+    (FSDP's ``MixedPrecisionPolicy(reduce_dtype=...)``) is widened for the multiply, so
+    ``W/c`` and ``1/q`` are not rounded to the buffer's dtype (bf16 ``1/0.9`` is 0.16% low)."""
+    if flat.dtype in (torch.float32, torch.float64):
+        layout.scale_(flat, factor)
+    else:
+        flat.copy_(layout.scale_(flat.float(), factor))
 
 
 def _insert_row(net: torch.Tensor, row: int) -> torch.Tensor:
@@ -219,6 +230,11 @@ class LossyReduceScatter(DefaultAllocMixin, ReduceScatter):
             return None
         world, rank = state.world_size, state.rank
         assert world is not None and rank is not None
+        if group.size() != world:
+            raise ValueError(
+                f"one LossyState serves one process group: this reduce-scatter runs on {group.size()} "
+                f"ranks, the state's first on {world}"
+            )
         rows = input_tensor.view(world, -1)
         record = self.wiring.record(self.index, self.label, rows, world if not state.post.per_rank else 1)
         layout, n = record.layout, record.layout.num_packets
@@ -235,7 +251,7 @@ class LossyReduceScatter(DefaultAllocMixin, ReduceScatter):
                         counts = (~lost).to(torch.int32)
         post_lost = self._draw_post(record, world, rank) if state.drops_after else None
         if pre is not None:
-            layout.scale_(rows, pre)
+            _scale(layout, rows, pre)
         dist.reduce_scatter_single(output=output_tensor, input=input_tensor, op=op, group=group)
         factor: torch.Tensor | None = None
         if counts is not None:
@@ -248,7 +264,7 @@ class LossyReduceScatter(DefaultAllocMixin, ReduceScatter):
             keep = torch.where(post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)
             factor = keep if factor is None else factor.mul_(keep)
         if factor is not None:
-            layout.scale_(output_tensor, factor)
+            _scale(layout, output_tensor, factor)
         if state.fill == "stale":
             if record.stale is None:
                 record.stale = torch.zeros_like(output_tensor)
@@ -299,8 +315,9 @@ class LossyAllGather(DefaultAllocMixin, AllGather):
         state._bucket_calls += 1
         if state._passthrough:
             return None
-        world, rank = state.world_size, state.rank
-        assert world is not None and rank is not None
+        # this call's group (a backward all-gather may run on a smaller group than the
+        # forward one, fully_shard(reshard_after_forward=<int>))
+        world, rank = group.size(), group.rank()
         rows = output_tensor.view(world, -1)
         record = self.wiring.record(self.index, self.label, rows, 1)
         layout = record.layout
@@ -321,12 +338,15 @@ class LossyAllGather(DefaultAllocMixin, AllGather):
 
 
 def _groups(model: nn.Module) -> list[tuple[str, FSDPModule]]:
-    """``(name, module)`` of every FSDP module of ``model`` that manages parameters."""
-    out = []
+    """``(name, module)`` of every FSDP unit of ``model`` that manages parameters, once per
+    unit (``fully_shard([a, b])`` makes one unit of two modules: the first one names it)."""
+    out, seen = [], set()
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
-            groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", None)
-            if groups is None or len(groups) > 0:
+            unit = module._get_fsdp_state()
+            groups = getattr(unit, "_fsdp_param_groups", None)
+            if id(unit) not in seen and (groups is None or len(groups) > 0):
+                seen.add(id(unit))
                 out.append((name or "(root)", module))
     return out
 
@@ -350,6 +370,13 @@ def register(model: nn.Module, state: LossyState | None, all_gather: LossyState 
         check_state(all_gather, "all-gather")
         if all_gather is state:
             raise ValueError("lossy_hooks.fsdp.register: the all-gather needs a LossyState of its own")
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        warnings.warn(
+            "lossy_hooks.fsdp.register at world size 1: FSDP calls no collective there, so nothing "
+            "is lost (DDP's hook still applies post drops at world size 1)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     scatter = _Wiring(state, len(groups)) if state is not None else None
     gather = _Wiring(all_gather, 0) if all_gather is not None else None
     for index, (name, module) in enumerate(groups):

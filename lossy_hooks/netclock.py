@@ -105,7 +105,7 @@ class NetworkModel:
         )
         check(0.0 <= self.drop_rate < 1.0, f"drop_rate must be in [0, 1), got {self.drop_rate}")
         check(self.rto_us > 0 and math.isfinite(self.rto_us), f"rto_us must be > 0, got {self.rto_us}")
-        parse_jitter(self.jitter)
+        object.__setattr__(self, "_jitter", parse_jitter(self.jitter))  # parsed once
 
     @property
     def beta(self) -> float:
@@ -126,7 +126,7 @@ class NetworkModel:
         """``F(x) = P(X <= x)`` of the extra delay ``X`` (seconds)."""
         if x < 0:
             return 0.0
-        kind, params = parse_jitter(self.jitter)
+        kind, params = self._jitter  # type: ignore[attr-defined]
         us = x * 1e6
         if kind == "none":
             return 1.0
@@ -138,7 +138,7 @@ class NetworkModel:
 
     def sample_delays(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Extra delays ``X`` (seconds, float64) of ``shape`` packets, on the generator's device."""
-        kind, params = parse_jitter(self.jitter)
+        kind, params = self._jitter  # type: ignore[attr-defined]
         device = generator.device
         if kind == "none":
             return torch.zeros(shape, dtype=torch.float64, device=device)
@@ -149,7 +149,10 @@ class NetworkModel:
         return params[0] * (u.pow(-1.0 / params[1]) - 1.0) * 1e-6
 
     def deadline_loss_probability(self, deadline_s: float, nbytes: float, world: int) -> float:
-        """Per-packet loss probability of the deadline transport (module docs)."""
+        """Per-packet loss probability of the deadline transport (module docs); 0 at world
+        size 1, where nothing crosses the network."""
+        if world <= 1:
+            return 0.0
         t0 = self.ring_seconds(nbytes, world)
         q, f = self.straggler_prob, self.straggler_factor
         on_time = (1 - q) * self.delay_cdf(deadline_s - t0) + q * self.delay_cdf(deadline_s - f * t0)
@@ -279,11 +282,12 @@ class SimClock:
         if self.deadline is not None:
             d = self.deadline.seconds(t0)
             lost = t > d if dropped is None else (t > d) | dropped
-            lossy = torch.where(lost.any(), torch.as_tensor(d, dtype=torch.float64, device=dev), t.max())
+            lossy = torch.where(lost.any(), d, t.max())  # a Python scalar: no host-to-device copy
             self.lost = lost
         else:
             lossy = t.max()
-        self.totals.add_(torch.stack((torch.as_tensor(t0, dtype=torch.float64, device=dev), lossy, reliable)))
+        self.totals[0] += t0
+        self.totals[1:].add_(torch.stack((lossy, reliable)))
 
     def lost_row(self, row: int, num_packets: int) -> torch.Tensor:
         """The deadline transport's loss mask of rank ``row``'s packets at the last call."""

@@ -130,6 +130,10 @@ def check_combinations(state: LossyState) -> None:
                 "the deadline loss model loses packets of one traversal of the network: use "
                 "drop_point='worker' or 'post', not 'both'"
             )
+        if state.packetization != "mtu":
+            raise ValueError(
+                "the deadline loss model needs packetization='mtu' (the clock prices packets of mtu bytes)"
+            )
         if state.protection.active or state.protect is not None:
             raise ValueError(
                 "the deadline loss model with fec, retransmit or protect is not supported: the "

@@ -298,7 +298,7 @@ class LossyState:
         if self.clock is None:
             return
         assert self.rank is not None
-        packet_bytes = self.mtu if self.packetization == "mtu" else buf.element_size()
+        packet_bytes = self.mtu  # deadline loss needs packetization="mtu"
         post_row = self.rank if self.post.per_rank else 0
         sites = [(self.worker, self.rank), (self.post, post_row), *((s, r) for r, s in self._peers.items())]
         for site, row in sites:

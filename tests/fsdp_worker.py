@@ -90,6 +90,21 @@ def scatter_post() -> dict[str, Any]:
     return out
 
 
+def bf16_factors() -> dict[str, Any]:
+    """Post rescale of a bf16 shard (FSDP's reduce_dtype=bf16): the factor 1/(1-p) is applied
+    in fp32 and the product rounded once, not rounded to bf16 first."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    comm = scatter_comm(LossyState(loss_rate=0.1, mtu=MTU, drop_point="post", reduction="sum", seed=4))
+    out = torch.empty(S, dtype=torch.bfloat16)
+    comm(
+        out,
+        torch.full((world * S,), float(2**rank), dtype=torch.bfloat16),
+        dist.group.WORLD,
+        dist.ReduceOp.AVG,
+    )
+    return {"values": sorted(set(out.float().tolist()))}
+
+
 def gather() -> dict[str, Any]:
     """All-gather loss at 20%: rank q's shard at call t is 1000 (t + 1) + q everywhere."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -215,6 +230,11 @@ def training() -> dict[str, Any]:
     nn.functional.cross_entropy(plain(x), y).backward()
     opt.step()
     out["sum_max_diff"] = float((full_params(model) - full_params(plain)).abs().max())
+    # fully_shard([a, b]) makes one unit of two modules: one reduce-scatter, one index
+    grouped, _ = model_and_data(0)
+    fully_shard([grouped[0], grouped[3]])
+    fully_shard(grouped)
+    out["grouped"] = fsdp.register(grouped, LossyState(loss_rate=0.0, mtu=MTU))
     # lossy: worker rescale 20% + all-gather stale 10%
     model, data = model_and_data(0)
     model = shard(model)
@@ -297,5 +317,5 @@ def layout() -> dict[str, Any]:
 if __name__ == "__main__":
     worker_main(
         {"scatter_worker": scatter_worker, "scatter_post": scatter_post, "gather": gather, "resume": resume}
-        | {"training": training, "layout": layout, "no_host_sync": no_host_sync}
+        | {"training": training, "layout": layout, "no_host_sync": no_host_sync, "bf16_factors": bf16_factors}
     )

@@ -550,15 +550,15 @@ MUTANTS = [
     M(
         "M61",
         "lossy_hooks/text_data.py",
-        "        train = b\"\\n\".join(p for i, p in enumerate(parts) if i % VAL_EVERY != VAL_EVERY - 1)",
-        "        train = b\"\\n\".join(parts)",
+        '        train = b"\\n".join(p for i, p in enumerate(parts) if i % VAL_EVERY != VAL_EVERY - 1)',
+        '        train = b"\\n".join(parts)',
         "validation files are kept out of training",
         (("tests/test_train_lm.py", "-k", "corpus"),),
     ),
     M(
         "M62",
         "train_ddp.py",
-        "                self.gather.load_state_dict(mine[\"gather\"])",
+        '                self.gather.load_state_dict(mine["gather"])',
         "                pass",
         "a resumed FSDP run continues the all-gather's loss sequence",
         (("tests/test_train_lm.py", "-k", "resumes_exactly"),),
@@ -592,7 +592,7 @@ MUTANTS = [
     M(
         "M66",
         "lossy_hooks/netclock.py",
-        "torch.where(lost.any(), torch.as_tensor(d, dtype=torch.float64, device=dev), t.max())",
+        "torch.where(lost.any(), d, t.max())",
         "t.max()",
         "the deadline transport stops at the deadline when anything is lost",
         (CLOCK,),

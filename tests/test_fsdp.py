@@ -16,7 +16,16 @@ from lossy_hooks.statistics import binomial_interval
 from .launch import launch
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-SCENARIOS = ["scatter_worker", "scatter_post", "gather", "resume", "training", "layout", "no_host_sync"]
+SCENARIOS = [
+    "scatter_worker",
+    "scatter_post",
+    "gather",
+    "resume",
+    "training",
+    "layout",
+    "no_host_sync",
+    "bf16_factors",
+]
 WORLD = 3
 CALLS, PACKETS = 200, 10  # calls per scenario, packets per row (1000 fp32 at mtu 400)
 
@@ -145,6 +154,7 @@ def test_fully_shard_training(ranks):
         assert t["lossless_steps"] == 6 and t["lossless_sent"] > 0 and t["gather_sent"] > 0
         assert t["lossless_sent"] % (6 * (WORLD - 1)) == 0
         assert t["sum_max_diff"] < 1e-6  # reduction="sum": W times the gradient
+        assert t["grouped"] == ["(root)", "0"]  # fully_shard([m[0], m[3]]): one unit, named by m[0]
         first, last = t["lossy_first_last"]
         assert last < first  # still learns at 20% gradient and 10% parameter loss
         assert t["lossy_steps"] == 24
@@ -197,3 +207,14 @@ def test_register_refuses_what_it_cannot_wire():
         fsdp.check_state(LossyState(loss_rate=0.1, drop_point="worker", fill="zero"), "all-gather")
     with pytest.raises(TypeError, match="fully_shard"):
         fsdp.register(nn.Linear(2, 2), LossyState(loss_rate=0.1))
+
+
+def test_bf16_shards_get_fp32_rescale_factors(ranks):
+    import torch
+
+    full = float(2**WORLD - 1)  # the sum of 2^r
+    exact = torch.tensor(full / 0.9, dtype=torch.float32).to(torch.bfloat16).item()
+    rounded = (torch.tensor(full, dtype=torch.bfloat16) * torch.tensor(1 / 0.9).to(torch.bfloat16)).item()
+    assert exact != rounded  # the case tells the two apart
+    for r in ranks:
+        assert r["bf16_factors"]["values"] == [0.0, exact]  # lost packets 0, received rescaled once

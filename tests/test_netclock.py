@@ -43,6 +43,7 @@ def test_no_jitter_gives_the_alpha_beta_ring_time_exactly():
     got = c.read()
     assert got["sim_lossfree_s"] == got["sim_comm_s"] == got["sim_reliable_s"] == 3 * t0
     assert not c.lost.any()  # every packet at T_0 < 1.5 T_0
+    assert net.deadline_loss_probability(0.0, NBYTES, 1) == 0.0  # one rank: nothing is late
     one = clock(net, world=1)
     one.tick(N, NBYTES, PACKET)
     assert one.read()["sim_comm_s"] == 0.0 and not one.lost_row(0, N).any()
@@ -199,6 +200,10 @@ def test_the_state_carries_the_clock_through_its_checkpoint_and_config():
         (
             lambda: LossyState(loss_model="deadline 2x", network=NetworkModel(), retransmit=1),
             "does not resend",
+        ),
+        (
+            lambda: LossyState(loss_model="deadline 2x", network=NetworkModel(), packetization="tensor"),
+            "needs packetization='mtu'",
         ),
     ],
 )
