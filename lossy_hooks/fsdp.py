@@ -201,11 +201,15 @@ class _Wiring:
             self.state.steps += 1
 
 
-class LossyReduceScatter(DefaultAllocMixin, ReduceScatter):
-    """FSDP2's gradient reduce-scatter with packet loss (see the module docs)."""
+class _LossyComm(DefaultAllocMixin):
+    """What both lossy collectives hold: the shared wiring, the unit's index and name."""
 
     def __init__(self, wiring: _Wiring, index: int, label: str) -> None:
         self.wiring, self.index, self.label = wiring, index, label
+
+
+class LossyReduceScatter(_LossyComm, ReduceScatter):
+    """FSDP2's gradient reduce-scatter with packet loss (see the module docs)."""
 
     def __call__(
         self,
@@ -296,11 +300,8 @@ class LossyReduceScatter(DefaultAllocMixin, ReduceScatter):
         return counts.float()
 
 
-class LossyAllGather(DefaultAllocMixin, AllGather):
+class LossyAllGather(_LossyComm, AllGather):
     """FSDP2's parameter all-gather with packet loss at the receivers (see the module docs)."""
-
-    def __init__(self, wiring: _Wiring, index: int, label: str) -> None:
-        self.wiring, self.index, self.label = wiring, index, label
 
     def __call__(
         self,
