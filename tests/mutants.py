@@ -542,8 +542,8 @@ MUTANTS = [
     M(
         "M60",
         "lossy_hooks/fsdp.py",
-        "        net = None if lost is None else torch.cat((lost[:rank], lost[rank + 1 :]))",
-        "        net = lost",
+        "        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)",
+        "        self.state.ledger.count(site.name, record.key, world * n, net)",
         "packets counted as sent are the (W-1) n that cross the network",
         (FSDP,),
     ),
