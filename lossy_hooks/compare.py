@@ -164,6 +164,15 @@ def _label(key: tuple, records: list[dict], varying: list[str]) -> str:
     return ", ".join(f"{r[f]}" if f in ("drop_point", "fill") else f"{f}={r[f]}" for f in varying) or "all"
 
 
+def _save(fig: Any, ax: Any, out: Path, legend_size: int) -> None:
+    """Grid, legend, layout, and the figure written to ``out`` and closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot_against(records: list[dict[str, Any]], x: str, out: Path, metric: str = "final") -> bool:
     """Accuracy against ``x`` with error bars; False where the study has one value of ``x``."""
     if len({r[x] for r in records}) < 2:
@@ -186,11 +195,7 @@ def plot_against(records: list[dict[str, Any]], x: str, out: Path, metric: str =
         title=f"{which.capitalize()} {what.split(' (')[0]} vs {X_AXES[x].split(' (')[0]} "
         f"(mean ± std over rounds)",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out, legend_size=8)
     return True
 
 
@@ -213,11 +218,7 @@ def plot_time_to_target(records: list[dict[str, Any]], target: float, out: Path)
         ylabel="epochs",
         title=f"Epochs to reach {100 * target:.0f}% validation accuracy (missing = never reached)",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out, legend_size=8)
 
 
 def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
@@ -231,11 +232,7 @@ def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
             mean = np.nanmean(grid, 0) * 100
         ax.plot(np.arange(1, n + 1), mean, marker="o", label=r["name"], linewidth=1.2)
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy (mean over rounds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out, legend_size=6)
 
 
 def plot_sim_time(records: list[dict[str, Any]], target: float, out: Path) -> None:
@@ -252,11 +249,7 @@ def plot_sim_time(records: list[dict[str, Any]], target: float, out: Path) -> No
         ylabel="validation accuracy (%)",
         title=f"Time to accuracy (legend: mean simulated seconds to {100 * target:.0f}%)",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out, legend_size=6)
 
 
 CSV_FIELDS = [

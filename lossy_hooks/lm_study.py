@@ -27,7 +27,7 @@ from typing import Any
 
 from .run_io import parse_float, read_json
 from .statistics import mean_std
-from .sweep import launch_train, run_dir_for
+from .sweep import run_config
 
 __all__ = ["MODES", "configurations", "main", "summarize"]
 
@@ -208,15 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and not any(w in mode for w in args.only) and rate > 0:
             continue
         argv_run = [*workload, *flags]
-        run_dir, error = run_dir_for(argv_run, args.nproc)
-        if run_dir is None:
-            print(f"{mode} at {100 * rate:g}%: invalid flags ({error})", file=sys.stderr)
-            return 1
-        print(f"{mode} at {100 * rate:g}%: {run_dir.name}", flush=True)
-        res = launch_train([*argv_run, "--resume"], args.nproc)
-        if res.returncode != 0:
-            print(res.stdout[-2000:] + res.stderr[-2000:], file=sys.stderr)
-            return 1
+        run_dir = run_config(argv_run, args.nproc, f"{mode} at {100 * rate:g}%")
         ppl, measured = _collect(run_dir, args.rounds)
         records.append({"mode": mode, "rate": rate, "rounds": ppl, "loss_measured": measured})
         records[-1]["run_dir"] = run_dir.name

@@ -17,7 +17,14 @@ import torch.distributed as dist
 from .buckets import BucketRecord, BucketRecords
 from .encoding import ENCODINGS, WIRE_DTYPES, wire_dtype_of
 from .ledger import BucketKey, PacketLedger, collective_device
-from .loss_models import Bernoulli, DeadlineLoss, LossModel, check_probability, parse_loss_model
+from .loss_models import (
+    Bernoulli,
+    DeadlineLoss,
+    LossModel,
+    check_probability,
+    parse_loss_model,
+    rate_or_none,
+)
 from .netclock import NetworkModel, SimClock
 from .options import (
     COUNTS_TRANSPORTS,
@@ -58,13 +65,6 @@ __all__ = [
 ]
 
 STATE_VERSION = 3
-
-
-def _rate_or_none(model: LossModel) -> float | None:
-    """The long-run loss rate, ``None`` where there is no single one (deadline loss: it
-    depends on the bucket), so configurations compare equal (NaN != NaN)."""
-    rate = model.long_run_loss_rate()
-    return None if rate != rate else rate
 
 
 class LossyState:
@@ -212,7 +212,7 @@ class LossyState:
         return (
             {
                 "loss_model": self.loss_model.spec,
-                "loss_rate": _rate_or_none(self.loss_model),
+                "loss_rate": rate_or_none(self.loss_model),
                 "mtu": self.mtu,
                 "drop_point": self.drop_point,
                 "fill": self.fill,
@@ -290,9 +290,9 @@ class LossyState:
                         site.load_state_dict(self._saved_peers.pop(peer_rank))
                     self._peers[peer_rank] = site
                 site.prepare(buf.device, self.seed, peer_rank)
-        self._bind_deadlines(buf)
+        self._bind_deadlines()
 
-    def _bind_deadlines(self, buf: torch.Tensor) -> None:
+    def _bind_deadlines(self) -> None:
         """Deadline loss models read the clock's arrivals: the worker site and every replayed
         peer their own rank's row; the post site its rank's row, or row 0 when shared."""
         if self.clock is None:

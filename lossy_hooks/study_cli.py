@@ -22,7 +22,7 @@ from . import fsdp
 from .data import DATASETS, IMAGENETTE_SIZES, check_data_args, resolve_dataset
 from .encoding import ENCODINGS, WIRE_DTYPES
 from .gpt import GPT_CONFIGS
-from .loss_models import Bernoulli, parse_loss_model
+from .loss_models import Bernoulli, parse_loss_model, rate_or_none
 from .models import classification_models
 from .netclock import NetworkModel
 from .options import (
@@ -500,9 +500,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         fill=fill,
         reduction=reduction,
         loss_model=model_spec.spec,
-        long_run_loss_rate=None
-        if math.isnan(model_spec.long_run_loss_rate())
-        else model_spec.long_run_loss_rate(),
+        long_run_loss_rate=rate_or_none(model_spec),
         world_size=world,
         dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size, language_model),
         dataset_flag=args.dataset,

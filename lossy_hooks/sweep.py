@@ -33,7 +33,16 @@ from .process_group import free_port
 from .run_io import config_name, round_status
 from .study_cli import build_parser, resolve
 
-__all__ = ["expand_grid", "flags_for", "launch_train", "main", "parse_fixed", "run_dir_for", "run_sweep"]
+__all__ = [
+    "expand_grid",
+    "flags_for",
+    "launch_train",
+    "main",
+    "parse_fixed",
+    "run_config",
+    "run_dir_for",
+    "run_sweep",
+]
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_ddp.py"
 # train_ddp.py flags that take several values (--fec G R)
@@ -133,6 +142,20 @@ def launch_train(argv: list[str], nproc: int, log: Any = None) -> subprocess.Com
     if log is None:
         return subprocess.run(cmd, capture_output=True, text=True)
     return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_config(argv: list[str], nproc: int, label: str = "") -> Path:
+    """Launch one configuration (``--resume``: a finished one is not run again) and return
+    its folder; exit with train_ddp.py's message when the flags are invalid or the run fails.
+    The study tools' one way to run a configuration."""
+    run_dir, error = run_dir_for(argv, nproc)
+    if run_dir is None:
+        raise SystemExit(f"{label or 'configuration'}: invalid flags ({error})")
+    print(f"{label + ': ' if label else ''}{run_dir.name}", flush=True)
+    res = launch_train([*argv, "--resume"], nproc)
+    if res.returncode != 0:
+        raise SystemExit(res.stdout[-2000:] + res.stderr[-2000:])
+    return run_dir
 
 
 def _outcome(run_dir: Path, rounds: int) -> str:

@@ -40,7 +40,7 @@ import numpy as np
 
 from .run_io import parse_float
 from .statistics import mean_std
-from .sweep import launch_train, run_dir_for
+from .sweep import run_config
 
 __all__ = ["SETTINGS", "accuracy_configurations", "bucket_configurations", "main"]
 
@@ -96,17 +96,6 @@ def _rows(run_dir: Path, k: int) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _run(argv: list[str], nproc: int) -> Path:
-    run_dir, error = run_dir_for(argv, nproc)
-    if run_dir is None:
-        raise SystemExit(f"time_study: invalid flags ({error})")
-    print(run_dir.name, flush=True)
-    res = launch_train([*argv, "--resume"], nproc)
-    if res.returncode != 0:
-        raise SystemExit(res.stdout[-2000:] + res.stderr[-2000:])
-    return run_dir
-
-
 def part_accuracy(args: argparse.Namespace, figures: Path) -> None:
     base = [
         "--dataset", "digits", "--model", "resnet18", "--num_epochs", str(args.epochs), "--batch_size", "32",
@@ -115,7 +104,7 @@ def part_accuracy(args: argparse.Namespace, figures: Path) -> None:
         "--target_acc", format(args.target, "g"), *NETWORK,
     ]  # fmt: skip
     runs = [
-        (setting, transport, d, _run([*base, *flags], args.nproc))
+        (setting, transport, d, run_config([*base, *flags], args.nproc))
         for setting, transport, d, flags in accuracy_configurations(args.deadlines, args.settings, args.fills)
     ]
     compute: dict[str, float] = {}  # per setting: the reliable run's median seconds per step
@@ -236,7 +225,7 @@ def part_buckets(args: argparse.Namespace, figures: Path) -> None:
     ]  # fmt: skip
     records = []
     for loss, mb, flags in bucket_configurations(args.bucket_sizes, args.bucket_losses):
-        run_dir = _run([*base, *flags], args.nproc)
+        run_dir = run_config([*base, *flags], args.nproc)
         (row,) = _rows(run_dir, 0)
         steps = int(row["steps"])
         sent, lost = parse_float(row["worker_packets_sent"]), parse_float(row["worker_packets_lost"])

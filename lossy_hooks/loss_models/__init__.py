@@ -22,7 +22,7 @@ Models
 :func:`parse_loss_model` reads netem's syntax (percentages, ``%`` optional, as in ``tc``).
 """
 
-from .base import LossModel, RateModel, check_probability
+from .base import LossModel, RateModel, check_probability, rate_or_none
 from .deadline import DeadlineLoss
 from .markov import GilbertElliott, MarkovFourState, MarkovLossModel, cesaro_limit
 from .memoryless import Bernoulli, ExactCount, TailDrop, Trace
@@ -42,4 +42,5 @@ __all__ = [
     "cesaro_limit",
     "check_probability",
     "parse_loss_model",
+    "rate_or_none",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LossModel", "RateModel", "check_probability"]
+__all__ = ["LossModel", "RateModel", "check_probability", "rate_or_none"]
 
 
 # Tolerance used when turning p*n into a whole number of packets, so that 0.3*10 counts 3.
@@ -82,6 +82,13 @@ class LossModel(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
+
+
+def rate_or_none(model: LossModel) -> float | None:
+    """The long-run loss rate, ``None`` where there is no single one (deadline loss: it
+    depends on the bucket), so that configurations compare equal (NaN != NaN)."""
+    rate = model.long_run_loss_rate()
+    return None if math.isnan(rate) else rate
 
 
 class RateModel(LossModel):
