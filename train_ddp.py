@@ -29,11 +29,11 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from lossy_hooks import LossyState, fsdp
+from lossy_hooks import LossyState
 from lossy_hooks.data import build_datasets
 from lossy_hooks.gpt import GPT_CONFIGS
 from lossy_hooks.models import build_model, build_optimizer, logits
-from lossy_hooks.parallel import full_state, load_full_state, no_grad_sync, parallelize
+from lossy_hooks.parallel import fsdp_api, full_state, load_full_state, no_grad_sync, parallelize
 from lossy_hooks.plotting import plot_round, plot_summary
 from lossy_hooks.process_group import init_from_environment
 from lossy_hooks.progress import Reporter
@@ -82,7 +82,7 @@ class RoundRunner:
         self.state = LossyState(**hook_kwargs(cfg, self.seed))
         self.state.name_parameters(model)  # for --protect
         gathering = self.fsdp and cfg.get("all_gather_loss_rate", 0.0) > 0
-        self.gather = fsdp.gather_state(**gather_kwargs(cfg, self.seed)) if gathering else None
+        self.gather = fsdp_api().gather_state(**gather_kwargs(cfg, self.seed)) if gathering else None
         # DDP wraps the model; fully_shard turns it into its own FSDP module (self.ddp is self.module)
         self.ddp = parallelize(model, cfg["strategy"], self.state, self.gather, device, cfg["bucket_cap_mb"])
         self.opt = build_optimizer(cfg["optimizer"], self.ddp, cfg["learning_rate"])

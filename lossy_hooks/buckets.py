@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .encoding import block_size
+from .encoding import block_size, padded_numel
 from .ledger import BucketEntry, BucketKey, key_from_str, key_str
 from .loss_models import Bernoulli
 from .packetization import PacketLayout
@@ -107,8 +107,8 @@ class BucketRecords:
         if self.state.packetization == "tensor":
             layout = PacketLayout.by_tensor(sizes)
         else:
-            block = self._block(numel)
-            wire_numel = -(-numel // block) * block  # whole blocks when encoded (else block 1)
+            encoded = self.state.encoding == "hadamard"
+            wire_numel = padded_numel(numel, self.state.hadamard_block) if encoded else numel
             layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, self.state._wire_dtype(buf).itemsize)
         n = layout.num_packets
         protected = self._protected_packets(layout, params, numel)  # on the CPU

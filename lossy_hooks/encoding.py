@@ -2,39 +2,65 @@ r"""What travels on the wire instead of the bucket: a randomized Hadamard rotati
 (OptiReduce's idea: a lost packet becomes small noise spread over a block instead of a hole),
 and a narrower wire dtype (as PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook``).
 
-**Hadamard.** A bucket of ``N`` elements is cut into blocks of ``B = 2^b`` elements (``B`` is
-``hadamard_block``, or the next power of two >= ``N`` for a smaller bucket), the last block
-zero-padded, so ``N_p = B * ceil(N / B)`` elements travel (the padding is counted in the
-packets sent). Each block ``x`` is sent as ``y = H_B D x / sqrt(B)``, with ``H_B`` the
-Sylvester-Hadamard matrix (entries ±1) and ``D`` a diagonal of random signs drawn from one
-generator that every rank seeds alike (``(seed, stream 4)``) and advances alike, once per
-bucket call: so ``D`` is shared by all ranks and new at every step. ``Q = H_B / sqrt(B)`` is
-symmetric and orthogonal (``Q Q = I``), so the receiver computes ``x = D Q y`` (``D D = I``).
+**Hadamard.** A bucket of ``N`` elements is cut into ``floor(N / B)`` blocks of ``B = 2^b``
+elements (``B`` is ``hadamard_block``) and, when ``B`` does not divide ``N``, one tail block
+of ``T = 2^ceil(log2(N mod B))`` elements (the next power of two >= the remainder; a bucket
+smaller than ``B`` is one such block), zero-padded: ``N_p = B floor(N / B) + T`` elements
+travel (:func:`padded_numel`; the padding, fewer than ``min(N mod B, B / 2)`` elements, is
+counted in the packets sent). Each block ``x`` is sent as ``y = H D x / sqrt(len x)``, with
+``H`` the Sylvester-Hadamard matrix (entries ±1) and ``D`` a diagonal of random signs drawn
+from one generator that every rank seeds alike (``(seed, stream 4)``) and advances alike, once
+per bucket call: so ``D`` is shared by all ranks and new at every step. ``Q = H / sqrt(len)``
+is symmetric and orthogonal (``Q Q = I``), so the receiver computes ``x = D Q y``
+(``D D = I``). The rotation is computed in fp32 (fp64 for an fp64 bucket).
 
 - Linear: ``sum_r Q D g_r = Q D sum_r g_r``, so the collective's sum decodes to the sum; at
-  loss 0 the result equals the lossless one up to fp32 round-off: each stage of the transform
+  loss 0 the result equals the lossless one up to round-off: each stage of the transform
   and of its inverse sums ``r <= 64`` products per element, so the relative error is of order
-  ``sqrt(r) 2^-24`` per stage (tested: relative L2 < ``4 b * 2^-24``, ``b = log2 B``).
+  ``sqrt(r) eps`` per stage (tested: relative L2 < ``4 b eps``, ``eps = 2^-24`` in fp32).
 - Unbiased with ``fill="rescale"``: rescaling is unbiased packet by packet in the rotated
   domain, and the decoder is linear.
 - A lost packet of ``k`` coefficients removes ``k`` of ``B`` orthogonal components: the error
   it causes, ``D Q e`` with ``e`` the lost coefficients, spreads over all ``B`` elements of its
-  block with ``|error_i| <= |e|_1 / sqrt(B)`` instead of wiping ``k`` elements out.
+  block with ``|error_i| <= |e|_1 / sqrt(B)`` instead of wiping ``k`` elements out. With
+  coefficients of variance ``s^2`` and a fraction ``f`` of a block's coefficients lost, each
+  element of that block is off by about ``N(0, f s^2)``; the worst element of the bucket is
+  set by the worst block's ``f``. A block must therefore hold many loss bursts for ``f`` to
+  stay near the long-run loss rate: the default ``B = 2^18`` (1 MiB of fp32, ~700 packets of
+  1500 B) holds ~9 bursts of 4 packets at 5% loss (docs/semantics.md has the measured error
+  per block size and burst length, docs/performance.md the CPU cost).
 
-The transform (:func:`fwht`) is a mixed-radix fast Walsh–Hadamard transform: ``H_B`` is the
-Kronecker product of ``64 x 64`` (and smaller) Sylvester factors, each applied to one axis
-of a view of the blocks by a matmul, so a 4096-element block costs two passes over the data
-(a radix-2 butterfly costs twelve). No ``B x B`` matrix is formed.
+**The transform** (:func:`fwht_`) is a mixed-radix fast Walsh–Hadamard transform: ``H_B`` is
+the Kronecker product of ``64 x 64`` (and smaller) Sylvester factors, each applied to one axis
+of a view of the blocks by a matmul (``O(N (r_1 + ... + r_k))`` multiply-adds, done by the
+matmul kernels), each stage written into the other of two buffers (ping-pong: no allocation
+per stage, which on CPU costs page faults worth half the transform). No ``B x B`` matrix is
+formed. **The signs** are bits: ``ceil(N_p / 32)`` random int32 words per call (32 signs a
+draw) are expanded into sign-bit masks and XOR-ed into the floats' sign bits (no multiply, no
+float per sign); the words are what is kept for decoding.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["ENCODINGS", "WIRE_DTYPES", "block_size", "decode_", "encode", "fwht", "wire_dtype_of"]
+__all__ = [
+    "DEFAULT_HADAMARD_BLOCK",
+    "ENCODINGS",
+    "WIRE_DTYPES",
+    "block_size",
+    "decode_",
+    "encode",
+    "fwht",
+    "fwht_",
+    "padded_numel",
+    "rotation_dtype",
+    "wire_dtype_of",
+]
 
 ENCODINGS = ("none", "hadamard")
 WIRE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_HADAMARD_BLOCK = 1 << 18  # elements; see the module docs for why
 
 
 def wire_dtype_of(name: str, bucket_dtype: torch.dtype) -> torch.dtype:
@@ -42,73 +68,153 @@ def wire_dtype_of(name: str, bucket_dtype: torch.dtype) -> torch.dtype:
     return WIRE_DTYPES[name] or bucket_dtype
 
 
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def block_size(numel: int, block: int) -> int:
     """``B`` for a bucket of ``numel`` elements: ``block``, or the next power of two >= ``numel``
-    when that is smaller (a small bucket is not padded to a large block)."""
-    return min(block, 1 << max(numel - 1, 0).bit_length())
+    when that is smaller (a small bucket is not padded to a large block). The tail block of a
+    larger bucket (:func:`padded_numel`) is smaller; it ends the bucket."""
+    return min(block, _next_power_of_two(numel))
+
+
+def _blocks(numel: int, block: int) -> tuple[int, int, int]:
+    """``(B, full, T)``: ``full`` blocks of ``B`` elements, then a tail block of ``T`` (0: none)."""
+    b = block_size(numel, block)
+    full, rest = divmod(numel, b)
+    return b, full, _next_power_of_two(rest) if rest else 0
+
+
+def padded_numel(numel: int, block: int) -> int:
+    """``N_p = B floor(N / B) + T``: the elements that travel for a bucket of ``N = numel``."""
+    b, full, tail = _blocks(numel, block)
+    return b * full + tail
 
 
 RADIX = 64  # elements of the dense Hadamard factor applied per stage
-_FACTORS: dict[tuple[int, torch.device], torch.Tensor] = {}
+_FACTORS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_SIGN_BIT = -(2**31)
 
 
-def _factor(r: int, device: torch.device) -> torch.Tensor:
-    """``H_r / sqrt(r)`` (Sylvester, fp32) on ``device``, built once."""
-    h = _FACTORS.get((r, device))
+def _factor(r: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``H_r / sqrt(r)`` (Sylvester) in ``dtype`` on ``device``, built once."""
+    h = _FACTORS.get((r, device, dtype))
     if h is None:
         h = torch.ones(1, 1, dtype=torch.float64)
         while h.shape[0] < r:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        h = _FACTORS[(r, device)] = (h / r**0.5).float().to(device)
+        h = _FACTORS[(r, device, dtype)] = (h / r**0.5).to(device=device, dtype=dtype)
     return h
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh–Hadamard transform of each row of ``x`` (``(m, B)`` fp32, ``B`` a
-    power of two), as a new tensor.
+def fwht_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh–Hadamard transform of each row of ``x`` (``(m, B)`` fp32 or fp64,
+    contiguous, ``B`` a power of two), computed by ping-pong between ``x`` and ``scratch``
+    (same shape and dtype; both overwritten): returns the one that holds the result.
 
-    ``H_B = H_{r_1} ⊗ ... ⊗ H_{r_k}`` with radices ``r_i <= 64``: each stage multiplies one
-    axis of the ``(m, ..., r_i, ...)`` view by the ``r_i x r_i`` factor (one matmul, ±1/sqrt(r)
-    entries), so ``B = 4096`` takes two passes over the data instead of the twelve of a radix-2
-    butterfly: ``O(N (r_1 + ... + r_k))`` multiply-adds, done by the matmul kernels.
-    On CUDA with TF32 matmuls enabled (``torch.backends.cuda.matmul.allow_tf32``) the stages
-    round to TF32 (about ``1e-3`` relative); PyTorch's default keeps fp32."""
+    ``H_B = H_{r_1} ⊗ ... ⊗ H_{r_k}`` with radices ``r_i <= 64``: stage ``i`` multiplies
+    axis ``i`` of the ``(m, ..., r_i, ...)`` view by the ``r_i x r_i`` factor (one matmul,
+    ±1/sqrt(r) entries), so ``B = 2^18`` takes three passes over the data instead of the 18 of
+    a radix-2 butterfly. On CUDA with TF32 matmuls enabled
+    (``torch.backends.cuda.matmul.allow_tf32``) the stages round to TF32 (about ``1e-3``
+    relative); PyTorch's default keeps fp32."""
     m, b = x.shape
+    src, dst = x.view(-1), scratch.view(-1)
     stride = 1
     while stride < b:
         r = min(RADIX, b // stride)
-        h = _factor(r, x.device)
+        h = _factor(r, x.device, x.dtype)
         if stride == 1:
-            x = (x.reshape(-1, r) @ h).view(m, b)
+            torch.mm(src.view(-1, r), h, out=dst.view(-1, r))
         else:
-            x = torch.matmul(h, x.reshape(-1, r, stride)).view(m, b)
+            torch.matmul(h, src.view(-1, r, stride), out=dst.view(-1, r, stride))
+        src, dst = dst, src
         stride *= r
-    return x
+    return src.view(m, b)
 
 
-def _signs(numel: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """A vector of random ±1 (fp32)."""
-    bits = torch.randint(0, 2, (numel,), generator=generator, device=device, dtype=torch.float32)
-    return bits.mul_(2).sub_(1)
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """:func:`fwht_` of each row of ``x`` as a new tensor (``x`` untouched)."""
+    return fwht_(x.clone(), torch.empty_like(x))
+
+
+def _transform(x: torch.Tensor, scratch: torch.Tensor, b: int, full: int, tail: int) -> torch.Tensor:
+    """:func:`fwht_` of every block of ``x`` (``full`` of ``b`` elements, then one of
+    ``tail``): the buffer, ``x`` or ``scratch``, that holds the whole result."""
+    main = full * b
+    home = None
+    if full:
+        done = fwht_(x[:main].view(full, b), scratch[:main].view(full, b))
+        home = x if done.data_ptr() == x.data_ptr() else scratch
+    if tail:
+        done = fwht_(x[main:].view(1, tail), scratch[main:].view(1, tail))
+        if home is None:
+            home = x if done.data_ptr() == x.data_ptr() else scratch
+        elif done.data_ptr() != home[main:].data_ptr():  # stage counts of other parity: one copy
+            home[main:].copy_(done.view(-1))
+    assert home is not None
+    return home
+
+
+def _sign_bits(x: torch.Tensor) -> torch.Tensor:
+    """The int32 words of ``x`` that hold its elements' sign bits (fp32: the element itself;
+    fp64: its high word, little-endian), as a view to XOR into."""
+    words = x.view(torch.int32)
+    return words if x.dtype == torch.float32 else words.view(-1, 2)[:, 1]
+
+
+def _sign_words(numel: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``ceil(numel / 32)`` random int32 words: bit ``i`` of word ``w`` is the sign of element
+    ``32 w + i`` (1: negative)."""
+    words = torch.empty(-(-numel // 32), dtype=torch.int32, device=device)
+    return words.random_(-(2**31), 2**31, generator=generator)
+
+
+def _flip_signs_(x: torch.Tensor, words: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+    """``x <- D x`` in place: XOR each element's sign bit with its bit of ``words``; the
+    expanded masks are built in ``scratch`` (as int32) when it is given and fits."""
+    shifts = _SHIFTS.get(x.device)
+    if shifts is None:
+        shifts = _SHIFTS[x.device] = 31 - torch.arange(32, dtype=torch.int32, device=x.device)
+    n = x.numel()
+    target = _sign_bits(x)
+    room = None if scratch is None else scratch.view(torch.int32)
+    if room is not None and n % 32 == 0 and room.numel() >= n:
+        masks = torch.bitwise_left_shift(words.unsqueeze(1), shifts, out=room[:n].view(-1, 32))
+    else:
+        masks = words.unsqueeze(1) << shifts
+    target.bitwise_xor_(masks.bitwise_and_(_SIGN_BIT).view(-1)[:n])
+
+
+def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rotation is computed in for a bucket of ``dtype``: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def encode(flat: torch.Tensor, block: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, D)``: the rotated, zero-padded fp32 copy of ``flat`` (``N_p`` elements) and the
-    sign vector used (keep it for :func:`decode_`)."""
+    """``(y, words)``: the rotated, zero-padded copy of ``flat`` (``N_p`` elements, fp32; fp64
+    for an fp64 bucket) and the sign words used (keep them for :func:`decode_`)."""
     n = flat.numel()
-    b = block_size(n, block)
-    padded = -(-n // b) * b
-    signs = _signs(padded, generator, flat.device)
-    x = torch.empty(padded, dtype=torch.float32, device=flat.device)
-    torch.mul(flat, signs[:n], out=x[:n])  # D x, in the copy to fp32
+    b, full, tail = _blocks(n, block)
+    padded = b * full + tail
+    words = _sign_words(padded, generator, flat.device)
+    x = torch.empty(padded, dtype=rotation_dtype(flat.dtype), device=flat.device)
+    x[:n].copy_(flat)
     x[n:].zero_()
-    return fwht(x.view(-1, b)).view(-1), signs
+    scratch = torch.empty_like(x)
+    _flip_signs_(x, words, scratch)  # D x
+    return _transform(x, scratch, b, full, tail), words
 
 
-def decode_(out: torch.Tensor, y: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """``out <- (D Q y)[:N]`` (``out`` has the bucket's ``N`` elements and dtype)."""
-    b = block_size(out.numel(), block)
-    x = fwht(y.float().view(-1, b)).view(-1)[: out.numel()]
-    if out.dtype == torch.float32:
-        return torch.mul(x, signs[: out.numel()], out=out)
-    return out.copy_(x.mul_(signs[: out.numel()]))
+def decode_(out: torch.Tensor, y: torch.Tensor, words: torch.Tensor, block: int) -> torch.Tensor:
+    """``out <- (D Q y)[:N]`` (``out`` has the bucket's ``N`` elements and dtype; ``y`` the
+    ``N_p`` received coefficients, overwritten)."""
+    n = out.numel()
+    b, full, tail = _blocks(n, block)
+    y = y if y.dtype == rotation_dtype(out.dtype) else y.to(rotation_dtype(out.dtype))
+    scratch = torch.empty_like(y)
+    x = _transform(y, scratch, b, full, tail)
+    _flip_signs_(x, words, scratch if x is y else y)  # D (Q y)
+    return out.copy_(x[:n])

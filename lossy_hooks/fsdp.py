@@ -61,7 +61,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
@@ -71,7 +71,7 @@ from .options import OPTION_DEFAULTS
 from .packetization import PacketLayout
 from .state import LossyState
 
-__all__ = ["LossyAllGather", "LossyReduceScatter", "check_state", "gather_state", "register"]
+__all__ = ["LossyAllGather", "LossyReduceScatter", "check_state", "fully_shard", "gather_state", "register"]
 
 # LossyState settings that have no FSDP counterpart yet, with the reason given to the user.
 _UNSUPPORTED = {

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .buckets import BucketRecord
-from .encoding import decode_, encode
+from .encoding import decode_, encode, rotation_dtype
 from .ledger import collective_device
 from .packetization import PacketLayout
 from .state import LossyState, derive_seed, resolve_counts_transport
@@ -174,7 +174,7 @@ class _Plan:
     clean: torch.Tensor | None = None  # the lossless copy (measure_fidelity)
     fidelity_slot: torch.Tensor | None = None  # where the fidelity sums go
     bucket: torch.Tensor | None = None  # DDP's buffer, when what travels is another tensor
-    signs: torch.Tensor | None = None  # encoding="hadamard": this call's random signs D
+    signs: torch.Tensor | None = None  # encoding="hadamard": this call's sign words (D)
     block: int = 0  # encoding="hadamard": the block size option
 
     def read_in_callback(self) -> tuple[torch.Tensor | None, ...]:
@@ -254,16 +254,16 @@ def _to_wire(state: LossyState, plan: _Plan, buf: torch.Tensor, scale: float) ->
 
 
 def _finish(plan: _Plan, results: list[torch.Tensor]) -> torch.Tensor:
-    """The callback: widen a narrow wire dtype (into DDP's buffer, or to fp32 for a rotated
-    bucket), ``W/c_j`` from the summed counts and the independent post mask in one pass, the
+    """The callback: widen a narrow wire dtype (into DDP's buffer, or to the rotation's dtype
+    for a rotated bucket), ``W/c_j`` from the summed counts and the independent post mask in one pass, the
     stale fill (by selection), the inverse rotation into DDP's buffer, and the fidelity sums.
     Compute only."""
     numel = plan.layout.numel
     out = results[0][:numel] if plan.appended else results[0]
     arrivals = results[0][numel:] if plan.appended else results[1] if plan.counts is not None else None
     if plan.bucket is not None:  # widen a narrow wire dtype before any factor or fill
-        if plan.signs is not None:
-            out = out.float()
+        if plan.signs is not None:  # to the rotation's dtype (fp32; fp64 for an fp64 bucket)
+            out = out.to(rotation_dtype(plan.bucket.dtype))
         else:
             out = plan.bucket.copy_(out)
     factor = plan.post

@@ -268,7 +268,8 @@ class PacketLedger:
                             start // entry.block * entry.block,
                             -(-(start + size) // entry.block) * entry.block,
                         )
-                        first, last = lo // entry.packet_numel, (hi - 1) // entry.packet_numel
+                        first = lo // entry.packet_numel
+                        last = min((hi - 1) // entry.packet_numel, entry.packets - 1)  # the tail block
                     start += size
                     label = names.get(pid, f"param@{pid}")
                     row = totals.setdefault(

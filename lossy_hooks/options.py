@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .encoding import ENCODINGS, WIRE_DTYPES
+from .encoding import DEFAULT_HADAMARD_BLOCK, ENCODINGS, WIRE_DTYPES
 from .loss_models import Bernoulli, DeadlineLoss
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def check_combinations(state: LossyState) -> None:
 AUTO_REGENERATE_MAX_WORLD = 4
 OPTION_DEFAULTS: dict[str, Any] = {
     "encoding": "none",
-    "hadamard_block": 4096,
+    "hadamard_block": DEFAULT_HADAMARD_BLOCK,
     "wire_dtype": "fp32",
     "error_feedback": False,
     "protect": None,

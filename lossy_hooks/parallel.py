@@ -5,13 +5,16 @@ communication into it; local gradient accumulation; whole-model checkpoints.
 - ``fsdp``: FSDP2 ``fully_shard`` on every transformer block of a GPT (every top-level child
   with parameters of another model), then on the model (the embeddings, final norm and
   head), and :func:`lossy_hooks.fsdp.register` for the lossy reduce-scatter and, with a
-  gather state, the lossy all-gather.
+  gather state, the lossy all-gather. FSDP2's custom collectives need torch >= 2.10: the FSDP
+  modules are imported only for ``fsdp`` (:func:`fsdp_api`), so ``ddp`` runs on older torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -23,16 +26,37 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import fsdp
 from .hook import lossy_allreduce_hook
 from .state import LossyState
 
-__all__ = ["STRATEGIES", "full_state", "load_full_state", "no_grad_sync", "parallelize", "shard_units"]
+__all__ = [
+    "FSDP_MIN_TORCH",
+    "STRATEGIES",
+    "fsdp_api",
+    "full_state",
+    "load_full_state",
+    "no_grad_sync",
+    "parallelize",
+    "shard_units",
+]
 
 STRATEGIES = ("ddp", "fsdp")
+FSDP_MIN_TORCH = "2.10"  # FSDP2's ReduceScatter / AllGather extension points (lossy_hooks.fsdp)
+
+
+def fsdp_api() -> ModuleType:
+    """:mod:`lossy_hooks.fsdp`, imported on first use; ``RuntimeError`` naming the torch
+    version it needs when this torch lacks FSDP2's custom-collective API."""
+    try:
+        return importlib.import_module(f"{__package__}.fsdp")
+    except ImportError as e:
+        raise RuntimeError(
+            f"--strategy fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard with custom "
+            f"reduce-scatter and all-gather collectives); this is torch {torch.__version__} ({e}). "
+            "--strategy ddp works on this torch."
+        ) from None
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -63,9 +87,10 @@ def parallelize(
         return ddp
     if strategy != "fsdp":
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    fsdp = fsdp_api()
     for unit in shard_units(model):
-        fully_shard(unit)
-    fully_shard(model)
+        fsdp.fully_shard(unit)
+    fsdp.fully_shard(model)
     fsdp.register(model, state, all_gather=gather)
     return model
 
@@ -79,7 +104,7 @@ def no_grad_sync(model: nn.Module, active: bool) -> Iterator[None]:
     elif isinstance(model, DDP):
         with model.no_sync():
             yield
-    elif isinstance(model, FSDPModule):
+    elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
         model.set_requires_gradient_sync(False)
         try:
             yield

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .buckets import BucketRecord, BucketRecords
-from .encoding import ENCODINGS, WIRE_DTYPES, wire_dtype_of
+from .encoding import DEFAULT_HADAMARD_BLOCK, ENCODINGS, WIRE_DTYPES, wire_dtype_of
 from .ledger import BucketKey, PacketLedger, collective_device
 from .loss_models import (
     Bernoulli,
@@ -64,7 +64,9 @@ __all__ = [
     "resolve_counts_transport",
 ]
 
-STATE_VERSION = 3
+STATE_VERSION = 4
+# defaults that changed: what a checkpoint older than version 4 meant when it left them out
+_BEFORE_VERSION_4 = {"hadamard_block": 4096}
 
 
 class LossyState:
@@ -121,7 +123,7 @@ class LossyState:
         counts_transport: str = "auto",
         measure_fidelity: bool = False,
         encoding: str = "none",
-        hadamard_block: int = 4096,
+        hadamard_block: int = DEFAULT_HADAMARD_BLOCK,
         wire_dtype: str = "fp32",
         error_feedback: bool = False,
         protect: str | ProtectRule | None = None,
@@ -409,7 +411,8 @@ class LossyState:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         # options left at their defaults are not in config(): compare with them filled in
-        mine, theirs = OPTION_DEFAULTS | self.config(), OPTION_DEFAULTS | sd["config"]
+        then = OPTION_DEFAULTS | (_BEFORE_VERSION_4 if int(sd.get("version", 0)) < 4 else {})
+        mine, theirs = OPTION_DEFAULTS | self.config(), then | sd["config"]
         diff = {
             k: (theirs.get(k), mine.get(k))
             for k in mine.keys() | theirs.keys()

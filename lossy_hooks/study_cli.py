@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from . import fsdp
 from .data import DATASETS, IMAGENETTE_SIZES, check_data_args, resolve_dataset
 from .encoding import ENCODINGS, WIRE_DTYPES
 from .gpt import GPT_CONFIGS
@@ -34,7 +33,7 @@ from .options import (
     PACKETIZATIONS,
     POST_SYNCS,
 )
-from .parallel import STRATEGIES
+from .parallel import STRATEGIES, fsdp_api
 from .run_io import config_name, read_json, round_status
 from .state import LossyState
 from .streams import derive_seed
@@ -505,6 +504,11 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size, language_model),
         dataset_flag=args.dataset,
     )
+    if args.strategy == "fsdp":
+        try:
+            fsdp = fsdp_api()
+        except RuntimeError as e:
+            fail(str(e))
     try:
         state = LossyState(**hook_kwargs(cfg))
         if args.strategy == "fsdp":

@@ -11,7 +11,7 @@ import pytest
 from .launch import launch
 
 WORKER = Path(__file__).with_name("options_worker.py")
-SCENARIOS = ["hadamard", "error_feedback", "wire_dtypes", "protect_and_recover"]
+SCENARIOS = ["hadamard", "hadamard_default", "error_feedback", "wire_dtypes", "protect_and_recover"]
 WORLD = 3
 
 
@@ -35,6 +35,27 @@ def test_hadamard_lossless_unbiased_and_spreads_bursts(ranks):
         b = h["burst"]
         assert b["none"]["lost"] == b["hadamard"]["lost"] > 0
         assert b["hadamard"]["worst_coordinate"] < 0.5 * b["none"]["worst_coordinate"]
+
+
+def test_hadamard_default_block_spreads_bursts_of_four_packets(ranks):
+    """Gilbert-Elliott at a stationary 5%, mean bursts of 4 packets, on a 4,000-packet bucket:
+    the default block (2^18) cuts the worst coordinate's error to at most half of plain; the
+    old default (4096, 11 packets a block: one burst wipes out a third of it) does not."""
+    w = ranks[0]["hadamard_default"]["worst"]
+    assert w["default"]["block"] == 2**18
+    for label in w:  # the loss the runs saw: the model's 5%, within a loose band (bursts)
+        assert 0.035 < w[label]["loss"] < 0.065, (label, w[label]["loss"])
+    assert w["default"]["worst_coordinate"] <= 0.5 * w["none"]["worst_coordinate"]
+    assert w["4096"]["worst_coordinate"] > 0.6 * w["none"]["worst_coordinate"]
+
+
+def test_hadamard_lossless_in_every_bucket_dtype(ranks):
+    """Loss 0 with the rotation: fp16, bf16 and fp64 buckets (and an fp32 model under
+    PyTorch's fp16_compress_wrapper) get DDP's mean to their own dtype's round-off."""
+    for r in ranks:
+        for label, x in r["hadamard_default"]["lossless"].items():
+            assert x["rel_l2"] < 8 * x["eps"], (label, x)
+        assert r["hadamard_default"]["lossless"]["fp64"]["grad_dtype"] == "torch.float64"
 
 
 def test_error_feedback_delivers_every_gradient_in_the_end(ranks):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lossy_hooks import LossyState
-from lossy_hooks.encoding import block_size, decode_, encode, fwht
+from lossy_hooks.encoding import block_size, decode_, encode, fwht, padded_numel
 from lossy_hooks.protection import COUNTERS, Protection
 from lossy_hooks.statistics import binomial_interval
 
@@ -136,6 +136,9 @@ def test_fwht_is_the_orthonormal_sylvester_transform_and_its_own_inverse():
         assert torch.allclose(y, dense, atol=1e-5), b
         assert torch.allclose(fwht(y), x, atol=1e-5), b
     assert block_size(10, 4096) == 16 and block_size(5000, 4096) == 4096 and block_size(1, 8) == 1
+    # N_p: whole blocks, then the tail in the next power of two >= N mod B
+    assert padded_numel(5000, 4096) == 4096 + 1024 and padded_numel(8192, 4096) == 8192
+    assert padded_numel(10, 4096) == 16 and padded_numel(300_000, 2**18) == 2**18 + 2**16
 
 
 def test_encode_decode_round_trip_and_a_lost_packet_spreads_over_its_block():
