@@ -107,9 +107,8 @@ def hadamard_default() -> dict:
         "default": {"encoding": "hadamard"},
         "4096": {"encoding": "hadamard", "hadamard_block": 4096},
     }.items():
-        st = LossyState(
-            loss_model=GilbertElliott(r * 0.05 / 0.95, r), mtu=1500, drop_point="post", fill="zero", seed=3, **kw
-        )
+        bursts = GilbertElliott(r * 0.05 / 0.95, r)
+        st = LossyState(loss_model=bursts, mtu=1500, drop_point="post", fill="zero", seed=3, **kw)
         res = run_steps(st, sizes, steps)
         worst[label] = {
             "worst_coordinate": float((res - ref).abs().max(1).values.mean()),
