@@ -30,6 +30,7 @@ class BucketRecord:
 
     key: BucketKey
     layout: PacketLayout  # packets of what travels (wire dtype; padded blocks with an encoding)
+    wire_bytes: int  # bytes of what travels: the clock's price, the ledger's bytes, the deadline keep
     post_factor: float | torch.Tensor  # 1 / E[kept] of a post drop (per packet with protection)
     stale: torch.Tensor | None = None  # the last received value of each element (fill="stale")
     protected: torch.Tensor | None = None  # packets never lost (protect=...)
@@ -91,9 +92,8 @@ class BucketRecords:
         self.records[key] = record
         layout = record.layout
         packet_numel = None if layout.per_tensor else layout.packet_numel
-        wire_bytes = layout.numel * self.state._wire_dtype(buf).itemsize
         entry = BucketEntry(
-            layout.num_packets, sizes, tuple(ids[1:]), packet_numel, wire_bytes, self._block(numel)
+            layout.num_packets, sizes, tuple(ids[1:]), packet_numel, record.wire_bytes, self._block(numel)
         )
         self.state.ledger.register(key, entry)
         return record
@@ -111,11 +111,12 @@ class BucketRecords:
             wire_numel = padded_numel(numel, self.state.hadamard_block) if encoded else numel
             layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, self.state._wire_dtype(buf).itemsize)
         n = layout.num_packets
+        wire_bytes = layout.numel * self.state._wire_dtype(buf).itemsize
         protected = self._protected_packets(layout, params, numel)  # on the CPU
         if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
             keep: float | torch.Tensor = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
         else:
-            keep = self.state.post.model.keep_fraction(n)
+            keep = self.state.post.model.keep_fraction(n, wire_bytes)
         factor: float | torch.Tensor = (
             (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
         )
@@ -124,7 +125,7 @@ class BucketRecords:
         if isinstance(factor, torch.Tensor):
             factor = factor.float().to(buf.device)
         on_device = None if protected is None else protected.to(buf.device)
-        record = BucketRecord(key, layout, factor, self.saved_stale.pop(key, None), on_device)
+        record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None), on_device)
         record.residual = self.saved_residual.pop(key, None)
         if self.state._protecting:
             base = torch.zeros(len(COUNTERS), dtype=torch.int64)

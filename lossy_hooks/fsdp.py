@@ -160,17 +160,17 @@ class _Wiring:
         record = state.buckets.records.get(key)
         if record is None:
             layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
-            keep = (
-                state.post.model.keep_fraction(post_rows * layout.num_packets) if state.drops_after else 1.0
-            )
+            wire_bytes = rows.shape[1] * rows.element_size()
+            drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
+            keep = state.post.model.keep_fraction(drawn, post_rows * wire_bytes) if state.drops_after else 1.0
             factor = 1.0 / keep if keep > 0 else 0.0
-            record = BucketRecord(key, layout, factor, state.buckets.saved_stale.pop(key, None))
+            record = BucketRecord(key, layout, wire_bytes, factor, state.buckets.saved_stale.pop(key, None))
             state.buckets.records[key] = record
             entry = BucketEntry(
                 layout.num_packets,
                 (),
                 packet_numel=layout.packet_numel,
-                wire_bytes=rows.shape[1] * rows.element_size(),
+                wire_bytes=wire_bytes,
                 label=label,
             )
             state.ledger.register(key, entry)

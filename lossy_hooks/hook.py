@@ -317,8 +317,8 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     if bucket.is_last():
         state.steps += 1
     if state.clock is not None:  # the simulated network: this collective's arrivals and times
-        wire_bytes = record.layout.numel * state._wire_dtype(buf).itemsize
-        state.clock.tick(record.layout.num_packets, wire_bytes, wire_bytes / record.layout.num_packets)
+        n = record.layout.num_packets
+        state.clock.tick(n, record.wire_bytes, record.wire_bytes / n)
     plan = _Plan(record.layout, state.world_size)
     if state.measure_fidelity:  # the lossless reference: the scaled bucket before any loss
         if scale != 1.0:

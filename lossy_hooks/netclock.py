@@ -6,7 +6,8 @@ These machines have no lossy network, so time is simulated on a clock every rank
 identically (one random stream shared by all ranks, no communication), on the bucket's
 device, without host synchronisation; it is read at epoch ends.
 
-The model (``W`` ranks; a collective over ``B`` bytes in ``n`` packets of ``b = mtu`` bytes;
+The model (``W`` ranks; a collective over ``B`` bytes (the bucket's real bytes on the wire) in
+``n`` packets, ``b = B / n`` bytes each on average (``mtu`` but for a short last packet);
 ``alpha`` the per-message latency, ``beta`` the link bandwidth in bytes/s):
 
 - loss-free ring allreduce (``2(W-1)`` steps, each sending ``B/W`` bytes to a neighbour):

@@ -300,12 +300,11 @@ class LossyState:
         if self.clock is None:
             return
         assert self.rank is not None
-        packet_bytes = self.mtu  # deadline loss needs packetization="mtu"
         post_row = self.rank if self.post.per_rank else 0
         sites = [(self.worker, self.rank), (self.post, post_row), *((s, r) for r, s in self._peers.items())]
         for site, row in sites:
             if isinstance(site.model, DeadlineLoss):
-                site.model.bind(self.clock, row, packet_bytes)
+                site.model.bind(self.clock, row)
 
     def _draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
         """The loss mask of this bucket at ``site`` after FEC, retransmission and protection

@@ -20,19 +20,20 @@ except ImportError:
     from tests.launch import worker_main
 
 SIZE, MTU, STEPS = 20_000, 400, 60  # one bucket of 200 packets of 100 fp32 elements
+SHORT = 20_050  # 201 packets, the last of 50 elements
 NETWORK = NetworkModel(bandwidth_gbps=10, latency_us=5, jitter="lognormal 4 1")
 
 
-def run(**kw: Any) -> tuple[LossyState, list[list[float]]]:
+def run(size: int = SIZE, **kw: Any) -> tuple[LossyState, list[list[float]]]:
     state = LossyState(loss_model="deadline 1.2x", network=NETWORK, mtu=MTU, seed=3, **kw)
-    ddp = DDP(Probe([SIZE]), bucket_cap_mb=25)
+    ddp = DDP(Probe([size]), bucket_cap_mb=25)
     ddp.register_comm_hook(state, lossy_allreduce_hook)
     with state.passthrough():  # DDP's first iteration and its bucket rebuild, uncounted
         probe_step(ddp, 1.0)
     values = []
     for _ in range(STEPS):
         g = probe_step(ddp, float(2 ** dist.get_rank()))[0]
-        values.append(g.view(-1, MTU // 4)[:, 0].tolist())  # one value per packet
+        values.append(g[:: MTU // 4].tolist())  # one value per packet (the first element)
     return state, values
 
 
@@ -42,9 +43,14 @@ def deadline() -> dict[str, Any]:
     st = state.stats(all_ranks=True)["worker"]
     out["zero"] = {"values": values, "sent": st["packets_sent"], "lost": st["packets_lost"]}
     out["clock"] = state.clock.read()
-    out["keep"] = state.worker.model.keep_fraction(SIZE // (MTU // 4))
+    out["keep"] = state.worker.model.keep_fraction(SIZE // (MTU // 4), 4 * SIZE)
     state, values = run(fill="rescale", counts_transport="regenerate")
     out["rescale"] = {"values": values, "clock": state.clock.read()}
+    # post rescale of a bucket whose last packet is short (201 packets, the last of 50
+    # elements): survivors divided by the keep fraction of the bytes the clock prices
+    state, values = run(SHORT, drop_point="post", fill="rescale", reduction="sum")
+    st = state.stats()["post"]
+    out["short"] = {"values": values, "sent": st["packets_sent"], "lost": st["packets_lost"]}
     return out
 
 

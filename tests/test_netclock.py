@@ -70,8 +70,10 @@ def test_deadline_loss_rate_is_the_delay_cdf_at_the_deadline(network, deadline):
     assert 0.01 < p < 0.9  # the cases are chosen to lose a fair share
     assert inside(lost, sent, p), (lost, sent, p)
     model = parse_loss_model(f"deadline {deadline}")
-    model.bind(c, 0, PACKET)
-    assert model.keep_fraction(N) == pytest.approx(1 - p)
+    model.bind(c, 0)
+    assert model.keep_fraction(N, NBYTES) == pytest.approx(1 - p)
+    with pytest.raises(ValueError, match="needs the bucket's wire_bytes"):
+        model.keep_fraction(N)
 
 
 def test_straggler_mixture_rate_over_many_calls():
@@ -150,7 +152,7 @@ def test_one_clock_for_every_rank_and_exact_resume():
     # the deadline models of different ranks read different rows of the same arrivals
     models = [DeadlineLoss("1.3x") for _ in range(W)]
     for r, m in enumerate(models):
-        m.bind(a, r, PACKET)
+        m.bind(a, r)
     rows = [m.sample(N, torch.Generator()) for m in models]
     assert all(torch.equal(rows[r], a.lost[r]) for r in range(W)) and not torch.equal(rows[0], rows[1])
     # resume: a state_dict after 3 calls continues exactly
@@ -244,6 +246,25 @@ def test_deadline_loss_in_ddp_matches_the_cdf_and_the_clock_is_one(ddp_ranks):
     )
     np.testing.assert_allclose(rescaled, expected, rtol=1e-6)
     assert res[0]["rescale"]["clock"] == res[0]["clock"]
+
+
+def test_deadline_post_rescale_prices_the_bucket_s_real_bytes(ddp_ranks):
+    """A bucket of 20,050 fp32 elements in 201 packets of mtu 400 (the last 200 bytes):
+    received packets are the lossless sum divided by 1 - p(d, B) with B = 80,200 bytes, the
+    size the clock prices (not 201 x 400 = 80,400), and p is the lost fraction."""
+    world, steps, packets, nbytes = 3, 60, 201, 4 * 20_050
+    net = NetworkModel(bandwidth_gbps=10, latency_us=5, jitter="lognormal 4 1")
+    p = net.deadline_loss_probability(1.2 * net.ring_seconds(nbytes, world), nbytes, world)
+    wrong = net.deadline_loss_probability(1.2 * net.ring_seconds(400 * packets, world), 400 * packets, world)
+    assert abs(p - wrong) > 1e-4  # the premise: the two byte counts give different factors
+    for r in ddp_ranks:
+        short = r["deadline"]["short"]
+        v = np.array(short["values"])
+        assert v.shape == (steps, packets) and short["sent"] == steps * packets
+        received = v != 0
+        assert int((~received).sum()) == short["lost"]
+        assert inside(short["lost"], steps * packets, p)
+        np.testing.assert_allclose(v[received], (2**world - 1) / (1 - p), rtol=1e-6)
 
 
 # ------------------------------------------------------------------ the study script

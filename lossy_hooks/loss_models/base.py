@@ -56,12 +56,14 @@ class LossModel(ABC):
         """True when the model can never lose a packet (the hook then skips all masking)."""
         return False
 
-    def keep_fraction(self, num_packets: int) -> float:
+    def keep_fraction(self, num_packets: int, wire_bytes: float | None = None) -> float:
         r"""``E[fraction of a bucket's n packets received]``: what post-drop ``fill="rescale"``
-        divides by. For a model under which every packet has the same marginal keep
-        probability ``q`` (i.i.d. models, uniformly chosen subsets, stationary chains),
-        ``E[b_j / q] = 1``: exactly unbiased per packet. Default: ``1 - p`` with ``p`` the
-        long-run loss rate; models that lose a fixed number of packets per bucket override it."""
+        divides by (``wire_bytes``: the bucket's bytes on the wire, for models whose loss
+        depends on the bucket's size, :class:`~lossy_hooks.loss_models.DeadlineLoss`). For a
+        model under which every packet has the same marginal keep probability ``q`` (i.i.d.
+        models, uniformly chosen subsets, stationary chains), ``E[b_j / q] = 1``: exactly
+        unbiased per packet. Default: ``1 - p`` with ``p`` the long-run loss rate; models that
+        lose a fixed number of packets per bucket override it."""
         return 1.0 - self.long_run_loss_rate()
 
     def start_stream(self, seed: int) -> None:  # noqa: B027 (random models: nothing to do)

@@ -30,12 +30,11 @@ class DeadlineLoss(LossModel):
         self.deadline = Deadline.parse(deadline) if isinstance(deadline, str) else deadline
         self.clock: SimClock | None = None
         self.row = 0
-        self.packet_bytes = 0.0
 
-    def bind(self, clock: SimClock, row: int, packet_bytes: float) -> None:
+    def bind(self, clock: SimClock, row: int) -> None:
         """Draw from ``clock``'s arrivals, row ``row`` (a rank's own packets, or row 0 for a
-        mask shared by all ranks); ``packet_bytes`` prices :meth:`keep_fraction`."""
-        self.clock, self.row, self.packet_bytes = clock, row, float(packet_bytes)
+        mask shared by all ranks)."""
+        self.clock, self.row = clock, row
 
     def sample(self, num_packets: int, generator: torch.Generator) -> torch.Tensor:
         if self.clock is None:
@@ -47,12 +46,15 @@ class DeadlineLoss(LossModel):
         time ``T_0``); see :meth:`keep_fraction` and the ledger's measured rates."""
         return math.nan
 
-    def keep_fraction(self, num_packets: int) -> float:
-        """``1 -`` the closed-form loss probability of a bucket of ``num_packets`` packets of
-        ``packet_bytes`` bytes (:meth:`NetworkModel.deadline_loss_probability`)."""
+    def keep_fraction(self, num_packets: int, wire_bytes: float | None = None) -> float:
+        """``1 -`` the closed-form loss probability of a bucket of ``wire_bytes`` bytes on the
+        wire (:meth:`NetworkModel.deadline_loss_probability`): the bytes the clock prices the
+        bucket's collective at (its real size: the last packet may be short), not ``n mtu``."""
         if self.clock is None:
             raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
-        nbytes = num_packets * self.packet_bytes
+        if wire_bytes is None:
+            raise ValueError("the deadline loss model's keep fraction needs the bucket's wire_bytes")
+        nbytes = float(wire_bytes)
         t0 = self.clock.network.ring_seconds(nbytes, self.clock.world)
         p = self.clock.network.deadline_loss_probability(self.deadline.seconds(t0), nbytes, self.clock.world)
         return 1.0 - p
