@@ -700,6 +700,45 @@ def half_buckets() -> dict:
     return out
 
 
+def combinations() -> dict:
+    """Every drop point x post sync x fill x counts transport at W = 3 (other world sizes:
+    nothing): rank r sends (t + 1) 2^r at step t (sum), so a delivered packet divided by
+    t + 1 says which copies arrived and which factors were applied. Per configuration, the
+    value of every packet at every step on this rank."""
+    if world() != 3:
+        return {}
+    n, k, steps = 2000, 100, 40
+    out: dict = {}
+    for drop in ("worker", "post", "both"):
+        for sync in ("shared", "independent"):
+            for fill in ("zero", "rescale", "stale"):
+                if fill == "stale" and drop != "post":
+                    continue
+                for counts in ("separate", "append", "regenerate"):
+                    state = LossyState(
+                        loss_rate=0.3,
+                        mtu=4 * k,
+                        drop_point=drop,
+                        fill=fill,
+                        post_sync=sync,
+                        counts_transport=counts,
+                        reduction="sum",
+                        seed=21,
+                    )
+                    ddp = DDP(Probe([n]), bucket_cap_mb=25)
+                    ddp.register_comm_hook(state, lossy_allreduce_hook)
+                    vals = [
+                        probe_step(ddp, float((t + 1) * 2 ** rank()))[0][::k].tolist() for t in range(steps)
+                    ]
+                    st = state.stats()
+                    out[f"{drop}/{sync}/{fill}/{counts}"] = {
+                        "values": vals,
+                        "post_lost": st["post"]["packets_lost"] if "post" in st else None,
+                        "counts_in_use": state.counts_transport_in_use,
+                    }
+    return out
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -722,6 +761,7 @@ SCENARIOS = {
         no_host_sync,
         rule_values,
         half_buckets,
+        combinations,
     )
 }
 

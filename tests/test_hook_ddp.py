@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lossy_hooks import MarkovFourState
@@ -34,6 +35,7 @@ SCENARIOS = [
     "no_host_sync",
     "rule_values",
     "half_buckets",
+    "combinations",
 ]
 
 
@@ -391,3 +393,99 @@ def test_exact_count_and_four_state_per_rank_inside_the_hook(runs):
     lo, hi = markov_loss_interval(chain.transition_matrix, chain.loss_probabilities, state["total"])
     assert all(lo <= lost / state["total"] <= hi for lost in state["lost_per_rank"]), state["lost_per_rank"]
     assert not state["identical_masks"]
+
+
+def _arrival_sets(world: int, fill: str) -> dict[float, frozenset[int]]:
+    """The value a worker-dropped packet takes (sum reduction, rank r sends 2^r) -> the set
+    of ranks whose copies arrived: the sum (zero fill) or W/|A| times it (rescale)."""
+    out = {}
+    for m in range(1, 2**world):
+        a = frozenset(r for r in range(world) if m >> r & 1)
+        total = float(sum(2**r for r in a))
+        out[total if fill == "zero" else world / len(a) * total] = a
+    return out
+
+
+def _lookup(u: float, table: dict[float, frozenset[int]]) -> frozenset[int] | None:
+    for value, a in table.items():
+        if u == pytest.approx(value, rel=1e-6):
+            return a
+    return None
+
+
+def test_every_drop_point_post_sync_fill_and_counts_transport_delivers_its_values(runs):
+    """W = 3, loss 30% at each drop point, 20 packets x 40 steps, rank r sending (t+1) 2^r.
+    For each of the 42 configurations, every delivered packet u = value / (t + 1) is: with a
+    worker drop, the arrived sum (zero) or W/|A| times it (rescale) for the set A of copies
+    that arrived, the same on every rank; without one, the lossless 2^W - 1; then a post drop
+    keeps it (times 1/(1-p) under rescale) or zeroes it, with one mask on all ranks (shared)
+    or each rank's own (independent); stale keeps the last value this rank received. Rates:
+    each rank's copy arrives at 1 - p (given any did), post losses at p per rank, ranks'
+    independent post masks differ at 2p(1-p)."""
+    world, ranks = runs
+    if world != 3:
+        assert ranks[0]["combinations"] == {}
+        return
+    p, q, steps, packets = 0.3, 0.7, 40, 20
+    configs = ranks[0]["combinations"]
+    assert len(configs) == 42  # 3 drops x 2 syncs x (2 fills + stale for post) x 3 transports
+    full = 2**world - 1
+
+    def inside(count: int, n: int, rate: float) -> bool:
+        lo, hi = binomial_interval(n, rate, 0.999)
+        return lo <= count <= hi
+
+    for name, res0 in configs.items():
+        drop, sync, fill, counts = name.split("/")
+        assert res0["counts_in_use"] == counts, name
+        v = np.array([r["combinations"][name]["values"] for r in ranks])  # (rank, step, packet)
+        assert v.shape == (world, steps, packets), name
+        u = v / (np.arange(steps) + 1.0)[None, :, None]
+        worker, post = drop in ("worker", "both"), drop in ("post", "both")
+        factor = 1 / q if post and fill == "rescale" else 1.0
+        table = _arrival_sets(world, fill) if worker else {float(full): frozenset(range(world))}
+        table = {value * factor: a for value, a in table.items()}
+        if post and sync == "shared":  # one post mask: every rank gets the same values
+            assert (v == v[0]).all(), name
+        if fill == "stale":
+            for r in range(world):
+                last = np.zeros(packets)
+                for t in range(steps):
+                    got = v[r, t] == full * (t + 1)
+                    assert np.array_equal(v[r, t][~got], last[~got]), (name, r, t)  # the last received
+                    last = np.where(got, v[r, t], last)
+                lost = int((v[r] != full * (np.arange(steps) + 1.0)[:, None]).sum())
+                assert lost == ranks[r]["combinations"][name]["post_lost"], name
+                assert inside(lost, steps * packets, p), (name, r, lost)
+            continue
+        members, observed = np.zeros(world, dtype=int), 0
+        for t in range(steps):
+            for j in range(packets):
+                nonzero = [x for x in u[:, t, j] if x != 0]
+                if not worker:
+                    assert all(x == pytest.approx(full * factor, rel=1e-6) for x in nonzero), (name, t, j)
+                if not nonzero:
+                    continue
+                a = _lookup(nonzero[0], table)
+                assert a is not None, (name, t, j, nonzero[0])  # a value no rule gives
+                assert all(x == pytest.approx(nonzero[0], rel=1e-6) for x in nonzero), (name, t, j)
+                observed += 1
+                for r in a:
+                    members[r] += 1
+        zeros = (u == 0).sum(axis=(1, 2))
+        if worker:  # each rank's copy arrived at 1 - p, given that any did (and was seen)
+            for r in range(world):
+                assert inside(int(members[r]), observed, q / (1 - p**world)), (name, r, members)
+        if post:
+            p_zero = p + q * p**world if worker else p  # post lost, or no copy arrived
+            for r in range(world):
+                assert inside(int(zeros[r]), steps * packets, p_zero), (name, r, zeros)
+            if not worker:
+                counted = [ranks[r]["combinations"][name]["post_lost"] for r in range(world)]
+                assert [int(z) for z in zeros] == counted, name
+            if sync == "independent":  # rank 0 lost a packet rank 1 received, or the reverse
+                differ = int(((u[0] == 0) != (u[1] == 0)).sum())
+                seen = 1 - p**world if worker else 1.0  # a packet no copy reached is 0 on all
+                assert inside(differ, steps * packets, 2 * p * q * seen), (name, differ)
+        else:
+            assert (zeros == zeros[0]).all() and inside(int(zeros[0]), steps * packets, p**world), name
