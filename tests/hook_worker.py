@@ -405,6 +405,12 @@ class Scripted(LossModel):
     def spec(self) -> str:
         return f"scripted {self.masks}"
 
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
 
 class Distinct(nn.Module):
     """Parameters whose gradients differ: d loss / d ws[i] = (i + 1) * x."""
@@ -524,11 +530,29 @@ def rebuilt_buckets() -> dict:
     ddp2.register_comm_hook(stale, lossy_allreduce_hook)
     names2 = {id(p): n for n, p in model2.named_parameters()}
     orders2 = [[names2[i] for i in ids] for _, ids in sorted(stale.bucket_parameter_ids().items())]
-    grads = []
+    grads, snapshot = [], b""
     for t in range(4):
+        if t == 3:  # two saved keys of the same index and sizes: the generations (0, 300, 0|1)
+            snapshot = pickle.dumps(stale)
         grads.append([float(g[0]) for g in probe_step(ddp2, float(t + 1))])
     orders2 = [[names2[i] for i in ids] for _, ids in sorted(stale.bucket_parameter_ids().items())]
-    return {"orders": orders, "rows": rows, "stale_orders": orders2, "stale_grads": grads}
+    # resume in a fresh model (new identities) after a passthrough warm-up: the rebuilt bucket
+    # takes over the most recent generation's key, hence its stale buffer
+    resumed = pickle.loads(snapshot)
+    ddp3 = DDP(Distinct([100, 100, 100]), bucket_cap_mb=25)
+    ddp3.register_comm_hook(resumed, lossy_allreduce_hook)
+    with resumed.passthrough():
+        probe_step(ddp3, 0.0)
+    after = [float(g[0]) for g in probe_step(ddp3, 4.0)]
+    keys = sorted(resumed.bucket_parameter_ids())
+    return {
+        "orders": orders,
+        "rows": rows,
+        "stale_orders": orders2,
+        "stale_grads": grads,
+        "resumed_grads": after,
+        "resumed_keys": [list(k) for k in keys],
+    }
 
 
 def resync_momentum() -> dict:

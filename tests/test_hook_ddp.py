@@ -257,6 +257,11 @@ def test_rebuilt_buckets_get_their_own_accounting_and_stale_buffer(runs):
     assert g[0] == [(i + 1) * 1 * world for i in range(3)]
     assert g[1] == [0.0, 0.0, 0.0]
     assert g[2] == g[3] == [(i + 1) * 3 * world for i in range(3)]
+    # resumed from the checkpoint taken before step 4 (saved keys (0, 300, 0) and (0, 300, 1),
+    # same index and parameter sizes): the rebuilt bucket takes over generation 1, the most
+    # recent, and step 4 (all lost) delivers its step-3 values, not the zeros of generation 0
+    assert r["resumed_grads"] == g[3]
+    assert r["resumed_keys"] == [[0, 300, 1]]
 
 
 def test_resync_includes_optimizer_momentum(runs):
