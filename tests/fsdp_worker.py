@@ -80,13 +80,17 @@ def scatter_post() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for fill in ("zero", "rescale", "stale"):
         for sync in ("shared", "independent"):
-            state = LossyState(
-                loss_rate=0.25, mtu=MTU, drop_point="post", fill=fill, post_sync=sync, reduction="sum", seed=3
-            )
-            comm = scatter_comm(state)
+            kw = dict(loss_rate=0.25, mtu=MTU, drop_point="post", post_sync=sync, reduction="sum", seed=3)
+            comm = scatter_comm(LossyState(fill=fill, **kw))
             values = [per_packet(scatter(comm, marked_rows(world, rank, t))) for t in range(CALLS)]
-            st = state.stats()["post"]
+            st = comm.wiring.state.stats()["post"]
             out[f"{fill}-{sync}"] = {"values": values, "sent": st["packets_sent"], "lost": st["packets_lost"]}
+    # the shared post mask, drawn from the post stream (seed alone) of a state like the one
+    # above: one (W, n) mask per call, of which rank r must keep row r
+    ref = LossyState(loss_rate=0.25, mtu=MTU, drop_point="post", post_sync="shared", seed=3)
+    ref.post.prepare(torch.device("cpu"), 3, rank)
+    n = S // PACKET
+    out["shared_draw"] = [ref.post.draw(world * n).view(world, n).tolist() for _ in range(CALLS)]
     return out
 
 

@@ -100,6 +100,14 @@ def test_reduce_scatter_post_drop_fills(ranks):
                         np.testing.assert_array_equal(v[t][lost[t]], last[lost[t]])
                         last = np.where(lost[t], last, full[t])
                 assert lost.sum() == x["lost"]
+                if sync == "shared":  # rank r loses row r of the one (W, n) mask per call
+                    draw = np.array(ranks[0]["scatter_post"]["shared_draw"], dtype=bool)  # [t, rank, i]
+                    for j, r in enumerate(ranks):
+                        got = np.array(r["scatter_post"][f"{fill}-{sync}"]["values"]) == 0
+                        if fill == "stale":
+                            got = np.array(r["scatter_post"][f"{fill}-{sync}"]["values"]) != full
+                        np.testing.assert_array_equal(got, draw[:, j])
+                    assert (draw[:, 0] != draw[:, 1]).any()  # rows differ: ranks lose other packets
 
 
 def test_all_gather_receivers_lose_other_ranks_packets(ranks):
