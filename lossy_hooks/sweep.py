@@ -22,8 +22,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+    import tomli as tomllib
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -166,6 +172,14 @@ def _outcome(run_dir: Path, rounds: int) -> str:
     return "diverged" if "diverged" in ended else "finished"
 
 
+FAILED_TAIL_LINES = 15  # lines of a failed launch's output shown after it
+
+
+def _tail(path: Path, lines: int = FAILED_TAIL_LINES) -> list[str]:
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [ln for ln in text if ln.strip()][-lines:]
+
+
 def run_sweep(
     nproc: int,
     fixed: dict[str, Any],
@@ -173,8 +187,15 @@ def run_sweep(
     log_dir: Path | None = None,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every configuration; return one record per configuration with its outcome."""
+    """Run every configuration; return one record per configuration with its outcome.
+
+    Each launch's output goes to ``log_dir/config<i>.log`` (without ``log_dir``: a temporary
+    folder, where only the logs of failed launches are kept). A failed launch's last
+    ``FAILED_TAIL_LINES`` lines are printed right after it, with the log's path (also in its
+    record, ``"log"``)."""
     console = console or Console()
+    keep_all = log_dir is not None
+    logs = log_dir if log_dir is not None else Path(tempfile.mkdtemp(prefix="lossy_sweep_logs_"))
     records = []
     combos = expand_grid(grid) or [{}]
     with Progress(
@@ -200,17 +221,19 @@ def run_sweep(
             elif (done := _outcome(run_dir, rounds)) in ("finished", "diverged"):
                 record["outcome"] = f"skipped ({done})"
             else:
-                log = None
-                if log_dir is not None:
-                    log_dir.mkdir(parents=True, exist_ok=True)
-                    log = open(log_dir / f"config{i:03d}.log", "w")
-                try:
+                logs.mkdir(parents=True, exist_ok=True)
+                log_path = logs / f"config{i:03d}.log"
+                with open(log_path, "w") as log:
                     code = launch_train([*argv, "--resume"], nproc, log).returncode
-                finally:
-                    if log is not None:
-                        log.close()
                 record["outcome"] = f"failed (exit {code})" if code else _outcome(run_dir, rounds)
+                if code:
+                    record["log"] = str(log_path)
+                elif not keep_all:
+                    log_path.unlink()
             console.print(f"[{i + 1}/{len(combos)}] {label or '(fixed flags)'}: {record['outcome']}")
+            if "log" in record:
+                console.print("\n".join(f"    {ln}" for ln in _tail(Path(record["log"]))), markup=False)
+                console.print(f"    (the whole output: {record['log']})", markup=False)
             records.append(record)
             progress.advance(task)
     return records
@@ -218,8 +241,6 @@ def run_sweep(
 
 def _load_config(path: str) -> dict[str, Any]:
     if path.endswith(".toml"):
-        import tomllib
-
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     with open(path, encoding="utf-8") as fh:
@@ -250,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FLAG=V1,V2",
         help="grid axes, e.g. loss_rate=0,0.1 drop_point=worker,post",
     )
-    p.add_argument("--log_dir", default=None, help="keep each launch's output here")
+    p.add_argument(
+        "--log_dir",
+        default=None,
+        help="keep each launch's output here (default: a temporary folder keeping failed launches' logs)",
+    )
     args = p.parse_args(argv)
     spec = _load_config(args.config) if args.config else {}
     nproc = args.nproc or int(spec.get("nproc", 2))
@@ -269,9 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("settings", "outcome", "folder"):
         table.add_column(col)
     for r in records:
+        outcome = r["outcome"]
+        if "log" in r:  # the last line of what failed, and where the rest is
+            last = (_tail(Path(r["log"]), 1) or [""])[0]
+            outcome += f": {last}\nlog: {r['log']}"
         table.add_row(
             " ".join(f"{k}={v}" for k, v in r["settings"].items()),
-            r["outcome"],
+            outcome,
             Path(r["run_dir"]).name if r["run_dir"] else "-",
         )
     console.print(table)

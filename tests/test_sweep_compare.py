@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,45 @@ def test_flags_with_several_values_and_switches_match_train_ddp_parser():
     switches = {a.dest for a in actions if isinstance(a, argparse._StoreTrueAction)}
     assert switches - {"resume"} <= BOOLEAN_FLAGS  # --resume is the sweep's own business
     assert {a.dest for a in actions if isinstance(a.nargs, int) and a.nargs > 1} == MULTI_VALUE_FLAGS
+
+
+def test_a_failed_launch_shows_its_last_lines_and_where_its_log_is(tmp_path, monkeypatch, capsys):
+    """A launch that fails after its flags were accepted (here a stand-in for torchrun that
+    writes a traceback and exits 1): its last lines are printed right after it and in the end
+    table, with the path of its whole log, kept even without --log_dir."""
+
+    def failing_launch(argv, nproc, log=None):
+        log.write("".join(f"rank 0: step {i}\n" for i in range(30)) + "RuntimeError: out of memory\n")
+        return subprocess.CompletedProcess(argv, 1)
+
+    monkeypatch.setattr(sweep, "launch_train", failing_launch)
+    fixed = ["--dataset", "digits", "--model", "squeezenet1_1", "--output_dir", str(tmp_path / "runs")]
+    assert sweep.main(["--nproc", "1", "--", *fixed]) == 1
+    out = capsys.readouterr().out
+    log = Path(re.search(r"\(the whole output: (\S+)\)", out).group(1))
+    assert log.read_text().endswith("RuntimeError: out of memory\n")  # kept: it failed
+    shown = out[: out.index("(the whole output")]
+    assert "rank 0: step 29" in shown and "RuntimeError: out of memory" in shown
+    assert "rank 0: step 10" not in shown  # the last lines only
+    table = out[out.index("sweep: 1 configurations") :]
+    assert "failed (exit 1)" in table and "out of memory" in table and "log:" in table
+    records = sweep.run_sweep(1, sweep.parse_fixed(fixed), {}, tmp_path / "logs")
+    assert records[0]["outcome"] == "failed (exit 1)"
+    assert Path(records[0]["log"]) == tmp_path / "logs" / "config000.log"
+
+
+def test_sweep_reads_toml_with_tomli_on_python_3_10(tmp_path):
+    """On Python 3.10 (no tomllib) the sweep reads its TOML file with tomli: simulated in a
+    fresh interpreter that reports version 3.10 and cannot import tomllib."""
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text('nproc = 3\n[fixed]\ndataset = "digits"\n[grid]\nmtu = [1500, 9000]\n')
+    code = (  # the sweep's own imports first (torch checks the version too), then the sweep
+        "import sys, rich.console, rich.progress, rich.table, lossy_hooks.study_cli\n"
+        "sys.modules['tomllib'] = None; real = sys.version_info; sys.version_info = (3, 10, 14)\n"
+        "from lossy_hooks import sweep\n"
+        "sys.version_info = real\n"
+        f"print(sweep.tomllib.__name__, sweep._load_config({str(cfg)!r}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    expected = {"nproc": 3, "fixed": {"dataset": "digits"}, "grid": {"mtu": [1500, 9000]}}
+    assert res.stdout.strip() == f"tomli {expected}"

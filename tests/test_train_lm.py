@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ from lossy_hooks.run_control import FAULT_ENV
 from lossy_hooks.statistics import binomial_interval
 from lossy_hooks.text_data import TokenWindows, corpus_files, load_corpus
 
+from .launch import ROOT
 from .test_train_ddp import env, only_dir, rows, run, torchrun
 
 WORDS = "the quick brown fox jumps over a lazy dog while packets go missing on the wire".split()
@@ -110,6 +112,31 @@ def test_bad_flags_exit_2_with_message(flags, message, capsys, tmp_path):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_an_older_torch_without_fsdp2_collectives_refuses_only_fsdp(tmp_path):
+    """On a torch without FSDP2's custom-collective API (simulated: its ReduceScatter and
+    AllGather classes removed) train_ddp.py still starts and parses --strategy ddp, and
+    --strategy fsdp exits 2 naming the version it needs, before any work."""
+    block = (  # the extension points torch 2.10 added, removed
+        "import sys, torch.distributed.fsdp._fully_shard._fsdp_api as api\n"
+        "del api.ReduceScatter, api.AllGather\n"
+    )
+    run = "import runpy; runpy.run_path('train_ddp.py', run_name='__main__')\n"
+
+    def script(*flags: str) -> subprocess.CompletedProcess:
+        argv = ["train_ddp.py", *flags, "--output_dir", str(tmp_path / "runs")]
+        code = block + f"sys.argv = {argv!r}\n" + run
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+    assert script("--help").returncode == 0
+    ddp = script("--strategy", "ddp", "--fill", "stale", "--drop_point", "worker")  # the last check
+    assert ddp.returncode == 2 and "fill='stale' needs drop_point='post'" in ddp.stderr
+    assert "2.10" not in ddp.stderr
+    fsdp = script("--strategy", "fsdp", "--model", "gpt-tiny")
+    assert fsdp.returncode == 2
+    assert "--strategy fsdp needs torch >= 2.10" in fsdp.stderr and "--strategy ddp works" in fsdp.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------ runs
