@@ -21,7 +21,7 @@ import torch
 from .data import DATASETS, IMAGENETTE_SIZES, check_data_args, resolve_dataset
 from .encoding import ENCODINGS, WIRE_DTYPES
 from .gpt import GPT_CONFIGS
-from .loss_models import Bernoulli, parse_loss_model, rate_or_none
+from .loss_models import LOSS_MODEL_SYNTAX, Bernoulli, parse_loss_model, rate_or_none
 from .models import classification_models
 from .netclock import NetworkModel
 from .options import (
@@ -90,7 +90,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=256,
-        help="images per micro-batch PER RANK (>= 1); global = batch_size x world size",
+        help="examples per micro-batch PER RANK (>= 1): images, or token sequences for a language "
+        "model; global = batch_size x world size",
     )
     g.add_argument(
         "--learning_rate",
@@ -98,7 +99,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=0.01,
-        help="SGD learning rate (> 0); momentum 0.9 as in the original",
+        help="the --optimizer's learning rate (> 0): SGD with momentum 0.9 as in the original, or AdamW",
     )
     g.add_argument(
         "--accumulation_steps",
@@ -149,14 +150,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     x.add_argument(
         "--loss_model",
         default=None,
-        help="netem-style loss model, e.g. 'gemodel 1%% 20%%', 'state 2%%', 'exact 5%%', "
-        "'tail 5%%', 'trace FILE' (percentages); default: random --loss_rate",
+        help="netem-style loss model, e.g. 'gemodel 1%% 20%%': "
+        + LOSS_MODEL_SYNTAX.replace("%", "%%")
+        + "; 'deadline D' needs --bandwidth_gbps; default: random --loss_rate",
     )
     x.add_argument(
         "--drop_point",
         choices=DROP_POINTS,
         default=None,
-        help="where packets are lost; overrides --worker_drop (default: worker if --worker_drop else post)",
+        help="where packets are lost: worker (each rank's copy, before the allreduce), post (the "
+        "result, after it) or both; default: worker if --worker_drop else post (--worker_drop with "
+        "--drop_point post is refused as a contradiction)",
     )
     x.add_argument(
         "--post_sync",
@@ -168,8 +172,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--fill",
         choices=FILLS,
         default=None,
-        help="what replaces a lost packet; overrides --use_zero (stale: post drop only) "
-        "(default: zero if --use_zero else rescale)",
+        help="what replaces a lost packet (stale: post drop only); default: zero if --use_zero else "
+        "rescale (--use_zero with --fill rescale or stale is refused as a contradiction)",
     )
     x.add_argument(
         "--packetization",
@@ -324,7 +328,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="parameters whose packets are never lost, by name (e.g. 'bias|bn|downsample.1')",
     )
     e.add_argument(
-        "--retransmit", type=int, default=0, metavar="K", help="resend a lost packet up to K times"
+        "--retransmit",
+        type=int,
+        default=0,
+        metavar="K",
+        help="resend a lost packet up to K times (whole K >= 0; 0 = off)",
     )
     e.add_argument(
         "--fec",
@@ -352,7 +360,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--straggler_prob",
         type=float,
         default=0.0,
-        help="a rank straggles at a collective with this probability",
+        help="probability in [0, 1] that a rank straggles at a collective (per rank and call)",
     )
     n.add_argument(
         "--straggler_factor",
@@ -368,7 +376,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "the reliable one",
     )
     n.add_argument(
-        "--rto_us", type=float, default=1000.0, help="the reliable transport's retransmission timeout (us)"
+        "--rto_us",
+        type=float,
+        default=1000.0,
+        help="the reliable transport's retransmission timeout in us (> 0)",
     )
     n.add_argument(
         "--target_acc",

@@ -305,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/time_study"), help="train_ddp.py --output_dir")
     p.add_argument("--figures", type=Path, default=None, help="where the CSVs and plots go (default --out)")
     p.add_argument(
-        "--deadlines", type=float, nargs="+", default=[1.05, 1.1, 1.3], help="multiples of T_0 (> 1)"
+        "--deadlines",
+        type=float,
+        nargs="+",
+        default=[1.05, 1.1, 1.3],
+        help="multiples of T_0 (> 0; at or below 1 every packet is late)",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds per configuration (>= 1)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per round (>= 1)")

@@ -18,6 +18,7 @@ from lossy_hooks.bucket_layout import bucket_layout
 from lossy_hooks.models import build_model
 from lossy_hooks.run_control import FAULT_ENV
 from lossy_hooks.statistics import binomial_interval
+from lossy_hooks.study_cli import build_parser, resolve
 
 from .launch import ROOT, free_port
 
@@ -101,6 +102,43 @@ def test_bad_flags_exit_2_with_message(flags, message, capsys, tmp_path):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing created
+
+
+@pytest.mark.parametrize(
+    "flag, claim, bad, message",
+    [
+        ("--straggler_prob", "in [0, 1]", ["--straggler_prob", "1.5"], "--straggler_prob must be in [0, 1]"),
+        ("--rto_us", "(> 0)", ["--rto_us", "0"], "--rto_us must be > 0"),
+        ("--retransmit", "K >= 0", ["--retransmit", "-1"], "retransmit must be a whole number of tries >= 0"),
+        ("--loss_model", "[0%, 100%]", ["--loss_model", "random 150%"], "must be between 0% and 100%"),
+        ("--loss_model", "D > 0", ["--loss_model", "deadline -2x"], "deadline must be > 0"),
+        ("--batch_size", "(>= 1)", ["--batch_size", "0"], "--batch_size must be >= 1"),
+        ("--learning_rate", "(> 0)", ["--learning_rate", "0"], "--learning_rate must be > 0"),
+        ("--drop_point", "post is refused", ["--worker_drop", "--drop_point", "post"], "contradicts"),
+        ("--fill", "--fill rescale or stale is refused", ["--use_zero", "--fill", "rescale"], "contradicts"),
+    ],
+)
+def test_help_states_the_range_the_parser_enforces(flag, claim, bad, message, capsys, tmp_path):
+    """Each flag's help gives its unit and range, and the parser refuses what it says it does."""
+    helps = {opt: a.help.replace("%%", "%") for a in build_parser()._actions for opt in a.option_strings}
+    assert claim in helps[flag], (flag, helps[flag])
+    with pytest.raises(SystemExit) as exc:
+        train_ddp.main([*bad, "--bandwidth_gbps", "10", "--output_dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_what_the_help_allows_is_accepted():
+    """The combinations the help does not refuse: --worker_drop with --drop_point both, --use_zero
+    with --fill zero, AdamW's learning rate, a 0.9x deadline."""
+    parser = build_parser()
+    for flags, key, value in (
+        (["--worker_drop", "--drop_point", "both"], "drop_point", "both"),
+        (["--use_zero", "--fill", "zero"], "fill", "zero"),
+        (["--optimizer", "adamw", "--learning_rate", "0.003"], "learning_rate", 0.003),
+        (["--loss_model", "deadline 0.9x", "--bandwidth_gbps", "10"], "loss_model", "deadline 0.9x"),
+    ):
+        assert resolve(parser.parse_args(flags), parser)[key] == value, flags
 
 
 def test_folder_without_val_is_refused(tmp_path, capsys):

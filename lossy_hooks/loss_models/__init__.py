@@ -26,9 +26,10 @@ from .base import LossModel, RateModel, check_probability, rate_or_none
 from .deadline import DeadlineLoss
 from .markov import GilbertElliott, MarkovFourState, MarkovLossModel, cesaro_limit
 from .memoryless import Bernoulli, ExactCount, TailDrop, Trace
-from .netem import parse_loss_model
+from .netem import LOSS_MODEL_SYNTAX, parse_loss_model
 
 __all__ = [
+    "LOSS_MODEL_SYNTAX",
     "Bernoulli",
     "DeadlineLoss",
     "ExactCount",

@@ -7,7 +7,7 @@ from .deadline import DeadlineLoss
 from .markov import GilbertElliott, MarkovFourState
 from .memoryless import Bernoulli, ExactCount, TailDrop, Trace
 
-__all__ = ["parse_loss_model"]
+__all__ = ["LOSS_MODEL_SYNTAX", "parse_loss_model"]
 
 
 def _parse_percent(token: str, what: str) -> float:
@@ -22,10 +22,10 @@ def _parse_percent(token: str, what: str) -> float:
     return value
 
 
-_SYNTAX = (
+LOSS_MODEL_SYNTAX = (
     "random P | state P13 [P31 [P32 [P23 [P14]]]] | gemodel P [R [1-H [1-K]]] | "
-    "exact P | tail P | trace FILE | deadline D  (percentages as in tc-netem: '5%' or '5'; "
-    "D: 1.5x or 800us)"
+    "exact P | tail P | trace FILE | deadline D  (percentages in [0%, 100%] as in tc-netem: '5%' "
+    "or '5'; D > 0: a multiple of the loss-free collective time, 1.5x, or a time, 800us / 2ms)"
 )
 
 
@@ -48,7 +48,7 @@ def parse_loss_model(spec: str) -> LossModel:
     if tokens and tokens[0] == "loss":
         tokens = tokens[1:]
     if not tokens:
-        raise ValueError(f"loss model is empty; expected one of: {_SYNTAX}")
+        raise ValueError(f"loss model is empty; expected one of: {LOSS_MODEL_SYNTAX}")
     kind, args = tokens[0], tokens[1:]
     if kind[0].isdigit() or kind[0] == ".":
         kind, args = "random", tokens
@@ -92,4 +92,4 @@ def parse_loss_model(spec: str) -> LossModel:
         names = ("state p13", "state p31", "state p32", "state p23", "state p14")
         vals = [_parse_percent(a, n) for a, n in zip(args, names, strict=False)]
         return MarkovFourState(*vals)
-    raise ValueError(f"unknown loss model {kind!r} in {spec!r}; expected one of: {_SYNTAX}")
+    raise ValueError(f"unknown loss model {kind!r} in {spec!r}; expected one of: {LOSS_MODEL_SYNTAX}")
