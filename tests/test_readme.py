@@ -201,3 +201,88 @@ def test_deadline_command_prices_time_and_loses_late_packets(tmp_path):
     assert 0 < lossfree <= lossy <= 1.2 * lossfree * (1 + 1e-5)
     assert 0 < int(row["worker_packets_lost"]) < int(row["worker_packets_sent"])
     assert "sim_time_s" in (run_dir / "summary.csv").read_text()
+
+
+def _readme_pattern() -> re.Pattern[str]:
+    """README's folder-name pattern as a regex: ``<x>`` a part without ``_`` (``<model>``:
+    any text; torchvision names have underscores), ``[...]`` optional, ``(a|b)`` one of."""
+    text = README.split("**Outputs.**", 1)[1].split("<output_dir>/", 1)[1].split("/\n", 1)[0]
+    out = []
+    for token in re.findall(r"<[^<>]+>|\[|\]|\(|\)|\||[^<>\[\]()|]+", text):
+        if token.startswith("<"):
+            out.append(".+?" if token == "<model>" else "[^_]+")
+        else:
+            out.append({"[": "(?:", "]": ")?", "(": "(?:", ")": ")", "|": "|"}.get(token, re.escape(token)))
+    return re.compile("".join(out))
+
+
+NAMED = [  # flags -> parts their folder name must have (every optional part at least once)
+    ("--dataset digits --model resnet18", []),
+    (
+        "--dataset digits --model resnet18 --encoding hadamard --wire_dtype fp16 --protect bias "
+        "--fec 8 1 --retransmit 1 --tag try2",
+        ["_hadamard262144", "_wire-fp16", "_protect-bias", "_fec8-1", "_retx1", "_try2"],
+    ),
+    ("--dataset digits --model resnet18 --worker_drop --use_zero --error_feedback", ["_ef"]),
+    (
+        "--model gpt-tiny --strategy fsdp --all_gather_loss_rate 0.1 --optimizer adamw --corpus_mb 0.5 "
+        "--drop_point both --post_sync independent",
+        ["_both-independent_", "_fsdp", "_ag0p1-stale", "_adamw", "_corpus0p5mb"],
+    ),
+    (
+        "--dataset digits --model mobilenet_v3_small --loss_model 'deadline 1.2x' --bandwidth_gbps 10 "
+        "--jitter 'lognormal 3 1' --straggler_prob 0.1 --straggler_factor 2 --net_drop_rate 0.01 "
+        "--rto_us 500",
+        ["_deadline-1p2x_", "_net10g-5us-lognormal-3-1-strag0p1x2-drop0p01-rto500"],
+    ),
+    ("--dataset digits --model resnet18 --packetization tensor", ["_pkt-tensor_"]),
+]
+
+
+@pytest.mark.parametrize("flags, parts", NAMED, ids=range(len(NAMED)))
+def test_the_folder_pattern_is_the_code_s(flags, parts):
+    """The names train_ddp.py gives configurations fit README's pattern, part for part."""
+    from lossy_hooks.run_io import config_name
+    from lossy_hooks.study_cli import build_parser, resolve
+
+    parser = build_parser()
+    name = config_name(resolve(parser.parse_args(shlex.split(flags)), parser))
+    assert _readme_pattern().fullmatch(name), name
+    for part in parts:
+        assert part in name, (part, name)
+    assert not _readme_pattern().fullmatch(name.replace("_bucket", "_")), "a pattern that takes anything"
+
+
+def _layout() -> tuple[set[str], set[str]]:
+    """The paths README's layout block names, and the folders it names."""
+    block = README.split("## Layout", 1)[1].split("```", 2)[1]
+    named, folders, current = set(), set(), None
+    for line in block.strip("\n").splitlines():
+        if not line.startswith(" "):
+            left, _, desc = line.partition("  ")
+            items = [x.strip() for x in left.split(", ")]
+            base = items[0].rsplit("/", 1)[0] + "/" if "/" in items[0].rstrip("/") else ""
+            paths = [items[0]] + [base + x for x in items[1:]]
+            named |= set(paths)
+            current = paths[0] if paths[0].endswith("/") else None
+            if current:
+                folders.add(current)
+        else:
+            desc = line
+        if current:  # a folder's line and its continuations name its modules
+            named |= {current + m for m in re.findall(r"\b(\w+\.py)\b", desc)}
+    return named, folders
+
+
+def test_the_layout_block_names_every_module_and_document_and_nothing_else():
+    named, folders = _layout()
+    for path in named:
+        assert (ROOT / path).exists(), f"README's layout names {path}, which does not exist"
+    required = {str(p.relative_to(ROOT)) for p in (ROOT / "lossy_hooks").rglob("*.py")}
+    required |= {str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py")}
+    required |= {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")}
+    required |= {".ci/run", "train_ddp.py", "pyproject.toml", "lossy_hooks/assets/", "tests/mutants.py"}
+    required |= {str(p.relative_to(ROOT)) + "/" for p in (ROOT / "docs").iterdir() if p.is_dir()}
+    covered = named | {f + "__init__.py" for f in folders}
+    missing = sorted(r for r in required if r not in covered)
+    assert not missing, f"README's layout does not name {missing}"
