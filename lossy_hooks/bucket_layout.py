@@ -73,8 +73,9 @@ def bucket_layout(
     for the first rebuilt bucket); a number is passed as given. Each bucket closes after the
     parameter that reaches the cap, so a bucket can exceed it by up to one parameter.
 
-    ``example_input`` (default: one 3x224x224 image) drives one forward/backward pass in
-    eval mode so DDP learns the gradient-ready order; parameters are not changed.
+    ``example_input`` (default: a batch of two 3x224x224 zero images) drives one
+    forward/backward pass in eval mode so DDP learns the gradient-ready order; parameters are
+    not changed.
     """
     model = model.to(dtype)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -13,7 +13,8 @@ Reads every configuration folder under RUNS_DIR (those with a config.json) and w
   = std over rounds; ``accuracy_vs_mtu.png`` and ``accuracy_vs_bucket_cap_mb.png`` the same
   against mtu and bucket size, where the study varies them;
 - ``perplexity_vs_loss_rate.png``: for language models, final validation perplexity against
-  the loss rate (``compare.csv``'s ``final_ppl_*`` and ``best_ppl_*``: lowest);
+  the loss rate (``compare.csv``'s ``final_ppl_mean``, ``final_ppl_std`` and ``best_ppl_mean``,
+  the mean over rounds of each round's lowest);
 - ``time_to_target.png``: epochs to reach ``--target_acc`` against the loss rate;
 - ``accuracy_vs_sim_time.png``: for runs with a simulated network (``--bandwidth_gbps``),
   validation accuracy against simulated time (measured epoch seconds plus the simulated

@@ -6,8 +6,10 @@ files in sorted order of their relative paths, read until ``--corpus_mb`` MiB. `
 instead takes any text file or folder of text files (every file under it that decodes as
 UTF-8, sorted). The split is by file, deterministic: every 10th file (positions 9, 19, ...)
 is validation, the others training; a single file is split 90/10 by bytes. Each split is one
-byte stream (files joined by a newline) cut into non-overlapping windows of
-``block_size + 1`` bytes: inputs ``x = w[:-1]``, next-byte targets ``y = w[1:]``.
+byte stream (files joined by a newline) cut into windows of ``block_size + 1`` bytes that
+start every ``block_size`` bytes (a window's last byte is the next one's first, so every byte
+but the first is a target exactly once): inputs ``x = w[:-1]``, next-byte targets
+``y = w[1:]``.
 
 Different Python versions ship different standard libraries: the corpus (hence perplexity)
 is the same on every machine of one Python version, and ``config.json`` records which one.
@@ -91,8 +93,9 @@ def load_corpus(data_path: str | None, max_bytes: int) -> tuple[torch.Tensor, to
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping windows of ``block_size + 1`` bytes of a stream: item ``i`` is
-    ``(x, y)`` with ``x = s[i b : i b + b]`` and ``y = s[i b + 1 : i b + b + 1]`` (int64)."""
+    """Windows of ``block_size + 1`` bytes of a stream, one every ``block_size`` bytes
+    (consecutive windows overlap by one byte): item ``i`` is ``(x, y)`` with
+    ``x = s[i b : i b + b]`` and ``y = s[i b + 1 : i b + b + 1]`` (int64)."""
 
     def __init__(self, stream: torch.Tensor, block_size: int) -> None:
         if len(stream) < block_size + 1:
