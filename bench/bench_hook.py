@@ -3,6 +3,7 @@
     python bench/bench_hook.py                      # both parts, CPU/Gloo, 2 ranks
     python bench/bench_hook.py --part alone         # the hook's tensor work on a 25 MiB bucket
     python bench/bench_hook.py --part step --models resnet18 --batch_sizes 16 1
+    python bench/bench_hook.py --part hadamard      # the rotation's cost per block size
 
 Part "alone": time to packetize, draw the loss mask and apply it to a 25 MiB bucket, for
 every loss model, fp32 and fp16, against one ``copy_`` of that bucket (the memory-bandwidth
@@ -16,6 +17,9 @@ its ratio to PyTorch's built-in ``allreduce_hook``; the median and quartiles of 
 paired within each repetition; the host time spent in the hook's body and result callback
 per step, and the step ratio that implies (low-noise; see docs/performance.md); and the bytes
 a step allocates beyond the ``allreduce_hook`` step.
+Part "hadamard": encoding and decoding one bucket (``--hadamard_numel`` fp32 elements, default
+ResNet-18's 11.2M) at each block size of ``--hadamard_blocks``, against one ``copy_`` of it,
+and the padding each block size sends (one thread on CPU, as the step part).
 Results are printed as tables and saved as JSON (``--out``).
 """
 
@@ -38,6 +42,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lossy_hooks import LossyState, lossy_allreduce_hook, parse_loss_model
+from lossy_hooks.encoding import decode_, encode, padded_numel
 from lossy_hooks.packetization import PacketLayout
 from lossy_hooks.process_group import free_port
 
@@ -90,6 +95,39 @@ def allocated_bytes(fn, device: torch.device) -> int:
         fn()
     # self (exclusive) allocations: an op's inclusive figure also counts its children's
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+def bench_hadamard(device: torch.device, numel: int, blocks: list[int], reps: int) -> list[dict]:
+    """Median seconds to encode (signs, padded fp32 copy, forward transform) and to decode
+    (inverse transform, signs, copy into the bucket) one fp32 bucket of ``numel`` elements
+    at each block size, with the median of one ``copy_`` of the bucket in the same loop."""
+    run = timer(device)
+    bucket = torch.randn(numel, device=device)
+    out = torch.empty_like(bucket)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for block in blocks:
+        y, words = encode(bucket, block, gen)
+        spare = torch.empty_like(y)
+        enc, dec, copy = [], [], []
+        for _ in range(reps):
+            enc += run(lambda block=block: encode(bucket, block, gen), 1)
+            spare.copy_(y)  # decode overwrites what it is given
+            dec += run(lambda b=block, w=words, y2=spare: decode_(out, y2, w, b), 1)
+            copy += run(lambda: out.copy_(bucket), 1)
+        med = {k: statistics.median(v) for k, v in (("encode", enc), ("decode", dec), ("copy", copy))}
+        rows.append(
+            {
+                "block": block,
+                "numel": numel,
+                "padded_elements": padded_numel(numel, block) - numel,
+                "encode_seconds": med["encode"],
+                "decode_seconds": med["decode"],
+                "copy_seconds": med["copy"],
+                "ratio_to_copy": (med["encode"] + med["decode"]) / med["copy"],
+            }
+        )
+    return rows
 
 
 def bench_alone(device: torch.device, mtu: int, reps: int, world: int = 2) -> list[dict]:
@@ -336,7 +374,11 @@ def print_table(title: str, rows: list[dict], cols: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("alone", "step", "both"), default="both")
+    p.add_argument("--part", choices=("alone", "step", "both", "hadamard"), default="both")
+    p.add_argument("--hadamard_numel", type=int, default=11_200_000, help="fp32 elements (part hadamard)")
+    p.add_argument(
+        "--hadamard_blocks", nargs="+", type=int, default=[4096, 2**14, 2**16, 2**18, 2**20], metavar="B"
+    )
     p.add_argument("--models", nargs="+", default=["resnet18"])
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[16, 1])
     p.add_argument("--image_size", type=int, default=64)
@@ -377,6 +419,14 @@ def main() -> None:
                 "ratio_to_copy",
                 "allocated_bytes",
             ],
+        )
+    if args.part == "hadamard":
+        numel, blocks = args.hadamard_numel, args.hadamard_blocks
+        result["hadamard"] = bench_hadamard(device, numel, blocks, args.alone_reps)
+        print_table(
+            f"Hadamard encode + decode, {args.hadamard_numel} fp32 elements ({result['device']})",
+            result["hadamard"],
+            ["block", "padded_elements", "encode_seconds", "decode_seconds", "copy_seconds", "ratio_to_copy"],
         )
     if args.part in ("step", "both"):
         result["step"] = bench_step(args)

@@ -31,6 +31,14 @@ def test_bench_alone_reports_every_model_dtype_and_variant():
         assert r["allocated_bytes"] > 0  # every variant allocates at least its mask
 
 
+def test_bench_hadamard_reports_every_block_and_its_padding():
+    bench = load_bench()
+    rows = bench.bench_hadamard(torch.device("cpu"), numel=5000, blocks=[1024, 8192], reps=1)
+    assert [r["block"] for r in rows] == [1024, 8192]
+    assert [r["padded_elements"] for r in rows] == [120, 3192]  # 4 x 1024 + a tail of 1024; one of 8192
+    assert all(r["encode_seconds"] > 0 and r["decode_seconds"] > 0 and r["ratio_to_copy"] > 0 for r in rows)
+
+
 def test_bench_step_part_runs_and_times_the_hook(tmp_path):
     """The step part (2 Gloo ranks, the hook wrapped for host timing) runs end to end: a
     change to the hook's private signatures must not silently break the benchmark."""
