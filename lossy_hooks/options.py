@@ -33,6 +33,7 @@ __all__ = [
     "choice",
     "protect_rule",
     "resolve_counts_transport",
+    "unused_settings",
     "whole",
 ]
 
@@ -164,6 +165,13 @@ NOT_REACHED = (
     "framework that skipped it, e.g. Lightning's DDPStrategy on CPU), and nothing was lost; "
     "see README 'Where you already train'"
 )
+
+
+def unused_settings(cfg: dict[str, Any]) -> set[str]:
+    """Settings without effect in configuration ``cfg`` (``hadamard_block`` unless
+    ``encoding="hadamard"``): two configurations that differ only there are the same one (a
+    checkpoint or run folder saved under another default of such a setting still resumes)."""
+    return set() if cfg.get("encoding", OPTION_DEFAULTS["encoding"]) == "hadamard" else {"hadamard_block"}
 
 
 def resolve_counts_transport(requested: str, device: torch.device, world_size: int) -> str:

@@ -42,6 +42,7 @@ from .options import (
     power_of_two,
     protect_rule,
     resolve_counts_transport,
+    unused_settings,
     whole,
 )
 from .protection import Protection
@@ -65,8 +66,6 @@ __all__ = [
 ]
 
 STATE_VERSION = 4
-# defaults that changed: what a checkpoint older than version 4 meant when it left them out
-_BEFORE_VERSION_4 = {"hadamard_block": 4096}
 
 
 class LossyState:
@@ -410,15 +409,23 @@ class LossyState:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         # options left at their defaults are not in config(): compare with them filled in
-        then = OPTION_DEFAULTS | (_BEFORE_VERSION_4 if int(sd.get("version", 0)) < 4 else {})
-        mine, theirs = OPTION_DEFAULTS | self.config(), then | sd["config"]
+        mine, theirs = OPTION_DEFAULTS | self.config(), OPTION_DEFAULTS | sd["config"]
+        unused = unused_settings(mine) & unused_settings(theirs)
         diff = {
             k: (theirs.get(k), mine.get(k))
-            for k in mine.keys() | theirs.keys()
+            for k in (mine.keys() | theirs.keys()) - unused
             if theirs.get(k) != mine.get(k)
         }
         if diff:
             raise ValueError(f"LossyState.load_state_dict: settings differ (saved, now): {diff}")
+        version = int(sd.get("version", 0))
+        if version < 4 and theirs.get("encoding") == "hadamard":
+            raise ValueError(
+                f"LossyState.load_state_dict: this checkpoint (state version {version}) was written with "
+                "encoding='hadamard' before version 4, which padded the last block to a whole block "
+                "(version 4 pads it to a power of two): its per-packet counters do not fit today's "
+                "packets; start the run again"
+            )
         self.steps = int(sd["steps"])
         self.worker.load_state_dict(sd["worker"])
         self.post.load_state_dict(sd["post"])

@@ -32,6 +32,7 @@ from .options import (
     OPTION_DEFAULTS,
     PACKETIZATIONS,
     POST_SYNCS,
+    unused_settings,
 )
 from .parallel import STRATEGIES, fsdp_api
 from .run_io import config_name, read_json, round_status
@@ -590,8 +591,11 @@ def prepare_run_dir(cfg: dict[str, Any], parser: argparse.ArgumentParser) -> Pat
     # a flag added since the saved run started counts as its default there
     saved = {k: parser.get_default(k) for k in study_settings(cfg)} | study_settings(read_json(cfg_path))
     now = study_settings(cfg)
+    unused = unused_settings(saved) & unused_settings(now)  # e.g. a Hadamard block without Hadamard
     diff = {
-        k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+        k: (saved.get(k), now.get(k))
+        for k in sorted((set(saved) | set(now)) - unused)
+        if saved.get(k) != now.get(k)
     }
     if diff:
         lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())

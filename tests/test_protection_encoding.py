@@ -242,6 +242,23 @@ def test_checkpoints_keep_rotation_options_and_predicates():
         assert copy.protect is keep_biases
 
 
+def test_checkpoints_of_another_hadamard_default_or_layout():
+    """The block size is a setting only with the encoding: a checkpoint that names another
+    block (the old default, 4096) loads into a state without Hadamard; with Hadamard the blocks
+    must agree, and a Hadamard checkpoint of state version 3 (whole-block padding) is refused
+    with the reason."""
+    plain = LossyState(loss_rate=0.1).state_dict()
+    LossyState(loss_rate=0.1).load_state_dict(plain | {"config": plain["config"] | {"hadamard_block": 4096}})
+    LossyState(loss_rate=0.1).load_state_dict(plain | {"version": 3})  # a version-3 run without it
+    old = LossyState(loss_rate=0.1, encoding="hadamard", hadamard_block=4096).state_dict()
+    with pytest.raises(ValueError, match="settings differ"):
+        LossyState(loss_rate=0.1, encoding="hadamard").load_state_dict(old)
+    with pytest.raises(ValueError, match="before version 4, which padded the last block"):
+        LossyState(loss_rate=0.1, encoding="hadamard", hadamard_block=4096).load_state_dict(
+            old | {"version": 3}
+        )
+
+
 def test_rescale_is_applied_before_a_narrow_wire_cast():
     """bf16 wire, post drop of exactly 10% with rescale: received elements carry x / 0.9
     rounded once to bf16, so their mean ratio to x is 1/0.9 without the 0.16% bias of a

@@ -141,6 +141,30 @@ def test_what_the_help_allows_is_accepted():
         assert resolve(parser.parse_args(flags), parser)[key] == value, flags
 
 
+def test_resume_of_a_run_saved_under_another_hadamard_default(tmp_path, capsys):
+    """A run folder whose config.json names the old default block (4096) resumes when the
+    run has no encoding (the block does nothing there); with --encoding hadamard the block
+    is part of the configuration and a change is refused."""
+    import json
+
+    from lossy_hooks.run_io import config_name
+    from lossy_hooks.study_cli import prepare_run_dir
+
+    parser = build_parser()
+    for extra, refused in (([], False), (["--encoding", "hadamard"], True)):
+        flags = ["--dataset", "digits", "--output_dir", str(tmp_path / str(refused)), *extra]
+        cfg = resolve(parser.parse_args([*flags, "--resume"]), parser)
+        run_dir = tmp_path / str(refused) / config_name(cfg)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg | {"hadamard_block": 4096, "resume": False}))
+        if refused:
+            with pytest.raises(SystemExit):
+                prepare_run_dir(cfg, parser)
+            assert "hadamard_block: saved 4096, now 262144" in capsys.readouterr().err
+        else:
+            assert prepare_run_dir(cfg, parser) == run_dir
+
+
 def test_folder_without_val_is_refused(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(SystemExit) as exc:
