@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
     import tomli as tomllib
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -173,11 +175,31 @@ def _outcome(run_dir: Path, rounds: int) -> str:
 
 
 FAILED_TAIL_LINES = 15  # lines of a failed launch's output shown after it
+# an exception line, optionally behind torchrun's "[rankN]:" prefix: "RuntimeError: ...",
+# "torch.OutOfMemoryError: ...", "KeyboardInterrupt"
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(\w+\.)*\w*(Error|Exception|Interrupt)\b")
 
 
-def _tail(path: Path, lines: int = FAILED_TAIL_LINES) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return [ln for ln in text if ln.strip()][-lines:]
+def failure_excerpt(log: Path, lines: int = FAILED_TAIL_LINES) -> tuple[list[str], str]:
+    """What a failed launch's log says about why: its last ``lines`` non-blank lines before
+    torchrun's own report (the launcher's ``ChildFailedError`` traceback and banner, which
+    say only that a rank failed), then the banner's rank and exit code in one line; and the
+    one line for a table (the ranks' last exception line, else the last line)."""
+    text = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    cut = next((i for i, ln in enumerate(text) if "ChildFailedError" in ln), None)
+    summary = []
+    if cut is not None:
+        tracebacks = [i for i in range(cut) if text[i].startswith("Traceback (most recent call last)")]
+        start = tracebacks[-1] if tracebacks else cut
+        fields = (ln.split(":", 1) for ln in text[cut:] if " : " in ln)
+        banner = {key.strip(): value.strip() for key, value in fields}
+        if "exitcode" in banner:
+            summary = [f"torchrun: rank {banner.get('rank', '?')} failed, exitcode {banner['exitcode']}"]
+        text = text[:start]
+    kept = [ln for ln in text if ln.strip()]
+    errors = [ln.strip() for ln in kept if _ERROR_LINE.search(ln.strip())]
+    headline = errors[-1] if errors else (kept[-1].strip() if kept else (summary or ["(no output)"])[0])
+    return kept[-lines:] + summary, headline
 
 
 def run_sweep(
@@ -232,10 +254,13 @@ def run_sweep(
                     log_path.unlink()
             console.print(f"[{i + 1}/{len(combos)}] {label or '(fixed flags)'}: {record['outcome']}")
             if "log" in record:
-                console.print("\n".join(f"    {ln}" for ln in _tail(Path(record["log"]))), markup=False)
-                console.print(f"    (the whole output: {record['log']})", markup=False)
+                excerpt, _ = failure_excerpt(Path(record["log"]))
+                console.print("\n".join(f"    {ln}" for ln in excerpt), markup=False, highlight=False)
+                console.print(f"    (the whole output: {record['log']})", markup=False, highlight=False)
             records.append(record)
             progress.advance(task)
+    if not keep_all and not any(logs.iterdir()):  # nothing failed: no temporary folder left behind
+        logs.rmdir()
     return records
 
 
@@ -295,12 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col)
     for r in records:
         outcome = r["outcome"]
-        if "log" in r:  # the last line of what failed, and where the rest is
-            last = (_tail(Path(r["log"]), 1) or [""])[0]
-            outcome += f": {last}\nlog: {r['log']}"
+        if "log" in r:  # the line that says why, and where the rest is
+            outcome += f": {failure_excerpt(Path(r['log']))[1]}\nlog: {r['log']}"
         table.add_row(
-            " ".join(f"{k}={v}" for k, v in r["settings"].items()),
-            outcome,
+            escape(" ".join(f"{k}={v}" for k, v in r["settings"].items())),
+            escape(outcome),  # log text is not markup: "[rank0]:" stays, "[/x]" cannot break the table
             Path(r["run_dir"]).name if r["run_dir"] else "-",
         )
     console.print(table)

@@ -145,26 +145,55 @@ def test_flags_with_several_values_and_switches_match_train_ddp_parser():
     assert {a.dest for a in actions if isinstance(a.nargs, int) and a.nargs > 1} == MULTI_VALUE_FLAGS
 
 
-def test_a_failed_launch_shows_its_last_lines_and_where_its_log_is(tmp_path, monkeypatch, capsys):
-    """A launch that fails after its flags were accepted (here a stand-in for torchrun that
-    writes a traceback and exits 1): its last lines are printed right after it and in the end
-    table, with the path of its whole log, kept even without --log_dir."""
+TORCHRUN_REPORT = """Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/usr/lib/python3/site-packages/torch/distributed/launcher/api.py", line 386, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+train_ddp.py FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-02_01:33:37
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : 1 (pid: 15552)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_a_failed_launch_shows_why_and_where_its_log_is(tmp_path, monkeypatch, capsys):
+    """A launch that fails after its flags were accepted (a stand-in for torchrun writing what
+    it writes: the rank's traceback, then its own ChildFailedError report): the rank's last
+    lines and the report's rank and exit code are printed right after it, the exception line
+    (markup-like text kept as it is) is in the end table, and the whole log is kept even
+    without --log_dir."""
 
     def failing_launch(argv, nproc, log=None):
-        log.write("".join(f"rank 0: step {i}\n" for i in range(30)) + "RuntimeError: out of memory\n")
+        log.write("".join(f"[rank1]: step {i}\n" for i in range(30)))
+        log.write('Traceback (most recent call last):\n  File "train_ddp.py", line 9, in <module>\n')
+        log.write("[rank1]: RuntimeError: out of memory [/x]\n" + TORCHRUN_REPORT)
         return subprocess.CompletedProcess(argv, 1)
 
     monkeypatch.setattr(sweep, "launch_train", failing_launch)
+    monkeypatch.setenv("COLUMNS", "300")  # the end table on one line per row
     fixed = ["--dataset", "digits", "--model", "squeezenet1_1", "--output_dir", str(tmp_path / "runs")]
     assert sweep.main(["--nproc", "1", "--", *fixed]) == 1
     out = capsys.readouterr().out
     log = Path(re.search(r"\(the whole output: (\S+)\)", out).group(1))
-    assert log.read_text().endswith("RuntimeError: out of memory\n")  # kept: it failed
+    assert log.read_text().endswith(TORCHRUN_REPORT)  # kept: it failed
     shown = out[: out.index("(the whole output")]
-    assert "rank 0: step 29" in shown and "RuntimeError: out of memory" in shown
-    assert "rank 0: step 10" not in shown  # the last lines only
+    assert "[rank1]: step 29" in shown and "[rank1]: RuntimeError: out of memory [/x]" in shown
+    assert "torchrun: rank 1 (local_rank: 1) failed, exitcode 1 (pid: 15552)" in shown
+    assert "[rank1]: step 10" not in shown and "Root Cause" not in shown  # the rank's last lines
     table = out[out.index("sweep: 1 configurations") :]
-    assert "failed (exit 1)" in table and "out of memory" in table and "log:" in table
+    assert "failed (exit 1): [rank1]: RuntimeError: out of memory [/x]" in table and "log:" in table
     records = sweep.run_sweep(1, sweep.parse_fixed(fixed), {}, tmp_path / "logs")
     assert records[0]["outcome"] == "failed (exit 1)"
     assert Path(records[0]["log"]) == tmp_path / "logs" / "config000.log"
