@@ -30,7 +30,8 @@ class BucketRecord:
 
     key: BucketKey
     layout: PacketLayout  # packets of what travels (wire dtype; padded blocks with an encoding)
-    wire_bytes: int  # bytes of what travels: the clock's price, the ledger's bytes, the deadline keep
+    wire_bytes: int  # bytes of what travels: the clock prices them, the ledger counts them, and a
+    # deadline post rescale takes its keep fraction at them
     post_factor: float | torch.Tensor  # 1 / E[kept] of a post drop (per packet with protection)
     stale: torch.Tensor | None = None  # the last received value of each element (fill="stale")
     protected: torch.Tensor | None = None  # packets never lost (protect=...)
@@ -116,7 +117,7 @@ class BucketRecords:
         if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
             keep: float | torch.Tensor = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
         else:
-            keep = self.state.post.model.keep_fraction(n, wire_bytes)
+            keep = self.state.post.model.bucket_keep_fraction(n, wire_bytes)
         factor: float | torch.Tensor = (
             (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
         )

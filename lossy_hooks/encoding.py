@@ -42,6 +42,8 @@ float per sign); the words are what is kept for decoding.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 __all__ = [
@@ -160,9 +162,13 @@ def _transform(x: torch.Tensor, scratch: torch.Tensor, b: int, full: int, tail: 
 
 def _sign_bits(x: torch.Tensor) -> torch.Tensor:
     """The int32 words of ``x`` that hold its elements' sign bits (fp32: the element itself;
-    fp64: its high word, little-endian), as a view to XOR into."""
+    fp64: its high word, the second of the two on a little-endian machine), as a view to XOR
+    into."""
     words = x.view(torch.int32)
-    return words if x.dtype == torch.float32 else words.view(-1, 2)[:, 1]
+    if x.dtype == torch.float32:
+        return words
+    assert sys.byteorder == "little", "fp64 sign bits are located for little-endian machines"
+    return words.view(-1, 2)[:, 1]
 
 
 def _sign_words(numel: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -162,7 +162,8 @@ class _Wiring:
             layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
             wire_bytes = rows.shape[1] * rows.element_size()
             drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
-            keep = state.post.model.keep_fraction(drawn, post_rows * wire_bytes) if state.drops_after else 1.0
+            model = state.post.model
+            keep = model.bucket_keep_fraction(drawn, post_rows * wire_bytes) if state.drops_after else 1.0
             factor = 1.0 / keep if keep > 0 else 0.0
             record = BucketRecord(key, layout, wire_bytes, factor, state.buckets.saved_stale.pop(key, None))
             state.buckets.records[key] = record

@@ -74,7 +74,7 @@ class LossyState:
     Every argument is checked here (a bad one raises ``ValueError`` naming it and the allowed
     values), except what needs the bucket: that ``mtu`` holds at least one element of the
     bucket's dtype, and that ``counts_transport="append"`` can count the group's ranks
-    exactly in that dtype, are checked at the first bucket (``ValueError`` from inside the
+    exactly in the wire dtype, are checked at the first bucket (``ValueError`` from inside the
     backward pass).
 
     Args:

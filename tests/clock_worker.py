@@ -43,7 +43,7 @@ def deadline() -> dict[str, Any]:
     st = state.stats(all_ranks=True)["worker"]
     out["zero"] = {"values": values, "sent": st["packets_sent"], "lost": st["packets_lost"]}
     out["clock"] = state.clock.read()
-    out["keep"] = state.worker.model.keep_fraction(SIZE // (MTU // 4), 4 * SIZE)
+    out["keep"] = state.worker.model.bucket_keep_fraction(SIZE // (MTU // 4), 4 * SIZE)
     state, values = run(fill="rescale", counts_transport="regenerate")
     out["rescale"] = {"values": values, "clock": state.clock.read()}
     # post rescale of a bucket whose last packet is short (201 packets, the last of 50

@@ -673,10 +673,18 @@ MUTANTS = [
     M(
         "M76",
         "lossy_hooks/buckets.py",
-        "keep = self.state.post.model.keep_fraction(n, wire_bytes)",
-        "keep = self.state.post.model.keep_fraction(n, n * self.state.mtu)",
+        "keep = self.state.post.model.bucket_keep_fraction(n, wire_bytes)",
+        "keep = self.state.post.model.bucket_keep_fraction(n, n * self.state.mtu)",
         "the deadline post rescale prices the bucket's real bytes (a short last packet)",
         (CLOCK,),
+    ),
+    M(
+        "M77",
+        "lossy_hooks/encoding.py",
+        "            home[main:].copy_(done.view(-1))\n",
+        "            pass\n",
+        "a tail block whose transform has the other stage parity is copied into the result",
+        (OPTIONS,),
     ),
     M(
         "M45",

@@ -425,7 +425,7 @@ def test_every_drop_point_post_sync_fill_and_counts_transport_delivers_its_value
     that arrived, the same on every rank; without one, the lossless 2^W - 1; then a post drop
     keeps it (times 1/(1-p) under rescale) or zeroes it, with one mask on all ranks (shared)
     or each rank's own (independent); stale keeps the last value this rank received. Rates:
-    each rank's copy arrives at 1 - p (given any did), post losses at p per rank, ranks'
+    each rank's copy arrives at (1 - p) / (1 - p^W) given that any did, post losses at p per rank, ranks'
     independent post masks differ at 2p(1-p)."""
     world, ranks = runs
     if world != 3:

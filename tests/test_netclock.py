@@ -71,8 +71,8 @@ def test_deadline_loss_rate_is_the_delay_cdf_at_the_deadline(network, deadline):
     assert inside(lost, sent, p), (lost, sent, p)
     model = parse_loss_model(f"deadline {deadline}")
     model.bind(c, 0)
-    assert model.keep_fraction(N, NBYTES) == pytest.approx(1 - p)
-    with pytest.raises(ValueError, match="needs the bucket's wire_bytes"):
+    assert model.bucket_keep_fraction(N, NBYTES) == pytest.approx(1 - p)
+    with pytest.raises(ValueError, match="depends on the bucket's bytes"):
         model.keep_fraction(N)
 
 

@@ -159,6 +159,34 @@ def test_encode_decode_round_trip_and_a_lost_packet_spreads_over_its_block():
     assert err[b : 2 * b].abs().max() <= y[b : b + 375].abs().sum() / math.sqrt(b) + 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "n, block, tail",
+    [
+        (2**18 + 1000, 2**18, 1024),  # 3 stages for the blocks, 2 for the tail: one copy of it
+        (4096 + 10, 4096, 16),  # 2 and 1
+        (3 * 4096 + 3000, 4096, 4096),  # a tail as large as a block, 2 and 2
+        (2**18 + 5000, 2**18, 8192),  # 3 and 3 (8192 = 64 x 64 x 2): no copy
+    ],
+)
+def test_round_trip_with_a_tail_block_of_either_stage_parity(n, block, tail, dtype):
+    """A bucket of whole blocks and a smaller tail block (the next power of two of N mod B),
+    whose transform has as many stages as the blocks' or one fewer: decoded to round-off, and
+    a lost tail coefficient spreads over the tail block only."""
+    x = torch.randn(n, dtype=torch.float64).to(dtype)
+    y, words = encode(x, block, torch.Generator().manual_seed(1))
+    full = n // block * block
+    assert y.numel() == padded_numel(n, block) == full + tail and y.dtype == dtype
+    out = torch.empty_like(x)
+    decode_(out, y.clone(), words, block)
+    eps = torch.finfo(dtype).eps
+    assert float((out - x).norm() / x.norm()) < 4 * math.log2(block) * eps
+    y[full] = 0  # a lost coefficient of the tail block
+    decode_(out, y, words, block)
+    err = (out - x).abs()
+    assert float(err[:full].max()) < 1e3 * eps and float(err[full:].min()) > 0
+
+
 def test_protect_predicate_keeps_the_chosen_gradients_at_total_loss():
     """protect as a predicate (name, parameter): with every packet lost, the protected
     parameters' gradients still arrive exactly, the others are zero; without names, a clear

@@ -56,15 +56,20 @@ class LossModel(ABC):
         """True when the model can never lose a packet (the hook then skips all masking)."""
         return False
 
-    def keep_fraction(self, num_packets: int, wire_bytes: float | None = None) -> float:
+    def keep_fraction(self, num_packets: int) -> float:
         r"""``E[fraction of a bucket's n packets received]``: what post-drop ``fill="rescale"``
-        divides by (``wire_bytes``: the bucket's bytes on the wire, for models whose loss
-        depends on the bucket's size, :class:`~lossy_hooks.loss_models.DeadlineLoss`). For a
-        model under which every packet has the same marginal keep probability ``q`` (i.i.d.
-        models, uniformly chosen subsets, stationary chains), ``E[b_j / q] = 1``: exactly
-        unbiased per packet. Default: ``1 - p`` with ``p`` the long-run loss rate; models that
-        lose a fixed number of packets per bucket override it."""
+        divides by. For a model under which every packet has the same marginal keep
+        probability ``q`` (i.i.d. models, uniformly chosen subsets, stationary chains),
+        ``E[b_j / q] = 1``: exactly unbiased per packet. Default: ``1 - p`` with ``p`` the
+        long-run loss rate; models that lose a fixed number of packets per bucket override it."""
         return 1.0 - self.long_run_loss_rate()
+
+    def bucket_keep_fraction(self, num_packets: int, wire_bytes: float) -> float:
+        """:meth:`keep_fraction` of a bucket of ``num_packets`` packets and ``wire_bytes`` bytes
+        on the wire: what the hook and the FSDP collectives call. Models whose loss depends on
+        the bucket's size (:class:`~lossy_hooks.loss_models.DeadlineLoss`) override this one;
+        the others (and subclasses that override :meth:`keep_fraction` alone) need not."""
+        return self.keep_fraction(num_packets)
 
     def start_stream(self, seed: int) -> None:  # noqa: B027 (random models: nothing to do)
         """Called once when a fresh stream (one rank's, or the shared one) starts using this

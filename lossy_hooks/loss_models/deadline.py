@@ -43,17 +43,22 @@ class DeadlineLoss(LossModel):
 
     def long_run_loss_rate(self) -> float:
         """Not one number: the loss probability depends on the bucket's size (its loss-free
-        time ``T_0``); see :meth:`keep_fraction` and the ledger's measured rates."""
+        time ``T_0``); see :meth:`bucket_keep_fraction` and the ledger's measured rates."""
         return math.nan
 
-    def keep_fraction(self, num_packets: int, wire_bytes: float | None = None) -> float:
+    def keep_fraction(self, num_packets: int) -> float:
+        """Not defined by the packet count alone: see :meth:`bucket_keep_fraction`."""
+        raise ValueError(
+            "the deadline loss model's keep fraction depends on the bucket's bytes: use "
+            "bucket_keep_fraction(num_packets, wire_bytes)"
+        )
+
+    def bucket_keep_fraction(self, num_packets: int, wire_bytes: float) -> float:
         """``1 -`` the closed-form loss probability of a bucket of ``wire_bytes`` bytes on the
         wire (:meth:`NetworkModel.deadline_loss_probability`): the bytes the clock prices the
         bucket's collective at (its real size: the last packet may be short), not ``n mtu``."""
         if self.clock is None:
             raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
-        if wire_bytes is None:
-            raise ValueError("the deadline loss model's keep fraction needs the bucket's wire_bytes")
         nbytes = float(wire_bytes)
         t0 = self.clock.network.ring_seconds(nbytes, self.clock.world)
         p = self.clock.network.deadline_loss_probability(self.deadline.seconds(t0), nbytes, self.clock.world)

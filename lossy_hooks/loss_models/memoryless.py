@@ -38,7 +38,7 @@ class ExactCount(RateModel):
 
     keyword, param_name = "exact", "ExactCount p"
 
-    def keep_fraction(self, num_packets: int, wire_bytes: float | None = None) -> float:
+    def keep_fraction(self, num_packets: int) -> float:
         if num_packets <= 0:
             return 1.0
         return (num_packets - math.floor(self.p * num_packets + _COUNT_EPS)) / num_packets
@@ -58,7 +58,7 @@ class TailDrop(RateModel):
 
     keyword, param_name = "tail", "TailDrop p"
 
-    def keep_fraction(self, num_packets: int, wire_bytes: float | None = None) -> float:
+    def keep_fraction(self, num_packets: int) -> float:
         """``(n - ceil(p n)) / n``: the fraction that is always received. No rule can make a
         packet that is always lost unbiased; dividing the survivors by this keeps the
         bucket's sum for equal-sized packets (what a deadline-cut collective would report)."""
