@@ -211,6 +211,9 @@ STEP_CONFIGS = {
     "fidelity on": dict(loss_rate=0.1, measure_fidelity=True),
     # encodings and protection (docs/semantics.md), all at 10% worker loss
     "hadamard 10% rescale": dict(loss_rate=0.1, fill="rescale", encoding="hadamard"),
+    "hadamard 4096 10% rescale": dict(
+        loss_rate=0.1, fill="rescale", encoding="hadamard", hadamard_block=4096
+    ),  # the block of before 2026-12-02
     "error feedback 10%": dict(loss_rate=0.1, fill="zero", error_feedback=True),
     "fec 8 1 10%": dict(loss_rate=0.1, fill="rescale", fec=(8, 1)),
     "retransmit 1 10%": dict(loss_rate=0.1, fill="rescale", retransmit=1),
