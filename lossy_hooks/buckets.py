@@ -1,5 +1,5 @@
 """One record per bucket the hook has seen: what travels (its packets, in the wire dtype,
-padded to whole blocks when encoded), which packets are protected, the post-drop rescale
+padded to its blocks when encoded), which packets are protected, the post-drop rescale
 factors, and the buffers the hook keeps between steps (stale values, error-feedback
 residuals), with their checkpoint state."""
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .encoding import block_size, padded_numel
+from .encoding import block_edges, carrying_packets, padded_numel
 from .ledger import BucketEntry, BucketKey, key_from_str, key_str
 from .loss_models import Bernoulli
 from .packetization import PacketLayout
@@ -94,7 +94,7 @@ class BucketRecords:
         layout = record.layout
         packet_numel = None if layout.per_tensor else layout.packet_numel
         entry = BucketEntry(
-            layout.num_packets, sizes, tuple(ids[1:]), packet_numel, record.wire_bytes, self._block(numel)
+            layout.num_packets, sizes, tuple(ids[1:]), packet_numel, record.wire_bytes, self._edges(numel)
         )
         self.state.ledger.register(key, entry)
         return record
@@ -102,7 +102,7 @@ class BucketRecords:
     def _new_record(
         self, key: BucketKey, sizes: tuple[int, ...], buf: torch.Tensor, params: list[torch.Tensor]
     ) -> BucketRecord:
-        """Packets of what travels: the bucket in the wire dtype, padded to whole blocks when
+        """Packets of what travels: the bucket in the wire dtype, padded to its blocks when
         encoded; protected packets; post-rescale factors; saved stale and residual buffers."""
         numel = buf.numel()
         if self.state.packetization == "tensor":
@@ -135,9 +135,10 @@ class BucketRecords:
             record.lossless_counters = base.to(buf.device)
         return record
 
-    def _block(self, numel: int) -> int:
-        """Elements over which the encoding spreads a packet's loss (1 without one)."""
-        return block_size(numel, self.state.hadamard_block) if self.state.encoding == "hadamard" else 1
+    def _edges(self, numel: int) -> tuple[int, ...]:
+        """The edges of the blocks over which the encoding spreads a packet's loss (``()``
+        without one: a packet's loss stays in its own elements)."""
+        return block_edges(numel, self.state.hadamard_block) if self.state.encoding == "hadamard" else ()
 
     def _protected_packets(
         self, layout: PacketLayout, params: list[torch.Tensor], numel: int
@@ -151,7 +152,7 @@ class BucketRecords:
                 "protect=... matches parameter names: call state.name_parameters(model) before training"
             )
         out = torch.zeros(layout.num_packets, dtype=torch.bool)
-        block = self._block(numel)
+        edges = self._edges(numel)
         start = 0
         for j, p in enumerate(params):
             size = p.numel()
@@ -159,8 +160,9 @@ class BucketRecords:
                 if layout.per_tensor:
                     out[j] = True
                 else:
-                    lo, hi = start // block * block, -(-(start + size) // block) * block
-                    out[lo // layout.packet_numel : (hi - 1) // layout.packet_numel + 1] = True
+                    k, n = layout.packet_numel, layout.num_packets
+                    first, last = carrying_packets(start, start + size, k, n, edges)
+                    out[first : last + 1] = True
             start += size
         return out
 

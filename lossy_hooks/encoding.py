@@ -3,11 +3,13 @@ r"""What travels on the wire instead of the bucket: a randomized Hadamard rotati
 and a narrower wire dtype (as PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook``).
 
 **Hadamard.** A bucket of ``N`` elements is cut into ``floor(N / B)`` blocks of ``B = 2^b``
-elements (``B`` is ``hadamard_block``) and, when ``B`` does not divide ``N``, one tail block
-of ``T = 2^ceil(log2(N mod B))`` elements (the next power of two >= the remainder; a bucket
-smaller than ``B`` is one such block), zero-padded: ``N_p = B floor(N / B) + T`` elements
-travel (:func:`padded_numel`; the padding, fewer than ``min(N mod B, B / 2)`` elements, is
-counted in the packets sent). Each block ``x`` is sent as ``y = H D x / sqrt(len x)``, with
+elements (``B`` is ``hadamard_block``) and, when ``B`` does not divide ``N``, the rest
+``R = N mod B`` into tail blocks, one per set bit of ``R`` rounded up to a multiple of
+``M = min(B, 1024)`` (largest first: ``R = 189,280`` gives ``2^17 + 2^15 + 2^14 + 2^13 +
+2^10``); a rest of at most ``M`` elements is one block of the next power of two. Blocks are
+zero-padded: ``N_p`` elements travel (:func:`padded_numel`; the padding, fewer than ``M``
+elements per bucket, is counted in the packets sent). Each block ``x`` is sent as
+``y = H D x / sqrt(len x)``, with
 ``H`` the Sylvester-Hadamard matrix (entries ±1) and ``D`` a diagonal of random signs drawn
 from one generator that every rank seeds alike (``(seed, stream 4)``) and advances alike, once
 per bucket call: so ``D`` is shared by all ranks and new at every step. ``Q = H / sqrt(len)``
@@ -28,7 +30,10 @@ is symmetric and orthogonal (``Q Q = I``), so the receiver computes ``x = D Q y`
   set by the worst block's ``f``. A block must therefore hold many loss bursts for ``f`` to
   stay near the long-run loss rate: the default ``B = 2^18`` (1 MiB of fp32, ~700 packets of
   1500 B) holds ~9 bursts of 4 packets at 5% loss (docs/semantics.md has the measured error
-  per block size and burst length, docs/performance.md the CPU cost).
+  per block size and burst length, docs/performance.md the CPU cost). The tail blocks are
+  smaller and spread less, but hold fewer than ``B`` of the bucket's elements; one block of
+  the next power of two for the whole rest would spread it better and pad up to ``B / 2``
+  elements (87% of a 140k-element bucket's size), bytes a time study would pay for.
 
 **The transform** (:func:`fwht_`) is a mixed-radix fast Walsh–Hadamard transform: ``H_B`` is
 the Kronecker product of ``64 x 64`` (and smaller) Sylvester factors, each applied to one axis
@@ -42,6 +47,7 @@ float per sign); the words are what is kept for decoding.
 
 from __future__ import annotations
 
+import bisect
 import sys
 
 import torch
@@ -49,8 +55,11 @@ import torch
 __all__ = [
     "DEFAULT_HADAMARD_BLOCK",
     "ENCODINGS",
+    "TAIL_GRANULE",
     "WIRE_DTYPES",
-    "block_size",
+    "block_edges",
+    "block_groups",
+    "carrying_packets",
     "decode_",
     "encode",
     "fwht",
@@ -74,24 +83,47 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def block_size(numel: int, block: int) -> int:
-    """``B`` for a bucket of ``numel`` elements: ``block``, or the next power of two >= ``numel``
-    when that is smaller (a small bucket is not padded to a large block). The tail block of a
-    larger bucket (:func:`padded_numel`) is smaller; it ends the bucket."""
-    return min(block, _next_power_of_two(numel))
+TAIL_GRANULE = 1024  # M: the rest of a bucket is padded to a multiple of min(B, M)
 
 
-def _blocks(numel: int, block: int) -> tuple[int, int, int]:
-    """``(B, full, T)``: ``full`` blocks of ``B`` elements, then a tail block of ``T`` (0: none)."""
-    b = block_size(numel, block)
-    full, rest = divmod(numel, b)
-    return b, full, _next_power_of_two(rest) if rest else 0
+def block_groups(numel: int, block: int) -> list[tuple[int, int]]:
+    """The blocks of a bucket of ``numel`` elements, in order, as ``(size, count)`` groups:
+    ``floor(N / B)`` of ``B``, then one tail block per set bit of the rest rounded up to a
+    multiple of ``min(B, M)`` (a rest of at most that: one block of its next power of two)."""
+    full, rest = divmod(numel, block)
+    groups = [(block, full)] if full else []
+    granule = min(block, TAIL_GRANULE)
+    if 0 < rest <= granule:
+        groups.append((_next_power_of_two(rest), 1))
+    elif rest:
+        rounded = -(-rest // granule) * granule
+        groups += [(1 << k, 1) for k in range(rounded.bit_length() - 1, -1, -1) if rounded >> k & 1]
+    return groups
+
+
+def block_edges(numel: int, block: int) -> tuple[int, ...]:
+    """``(0, e_1, ..., N_p)``: where each block of :func:`block_groups` ends."""
+    edges = [0]
+    for size, count in block_groups(numel, block):
+        edges += [edges[-1] + size * (i + 1) for i in range(count)]
+    return tuple(edges)
+
+
+def carrying_packets(
+    start: int, stop: int, packet_numel: int, num_packets: int, edges: tuple[int, ...] = ()
+) -> tuple[int, int]:
+    """``(first, last)``: the packets that carry elements ``[start, stop)`` of a bucket: with
+    an encoding (``edges`` from :func:`block_edges`) every packet of every block holding one of
+    them (a lost coefficient anywhere in a block changes all of its elements)."""
+    if edges:
+        start = edges[bisect.bisect_right(edges, start) - 1]
+        stop = edges[bisect.bisect_left(edges, stop)]
+    return start // packet_numel, min((stop - 1) // packet_numel, num_packets - 1)
 
 
 def padded_numel(numel: int, block: int) -> int:
-    """``N_p = B floor(N / B) + T``: the elements that travel for a bucket of ``N = numel``."""
-    b, full, tail = _blocks(numel, block)
-    return b * full + tail
+    """``N_p``: the elements that travel for a bucket of ``numel`` (its blocks' sizes summed)."""
+    return sum(size * count for size, count in block_groups(numel, block))
 
 
 RADIX = 64  # elements of the dense Hadamard factor applied per stage
@@ -142,20 +174,20 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return fwht_(x.clone(), torch.empty_like(x))
 
 
-def _transform(x: torch.Tensor, scratch: torch.Tensor, b: int, full: int, tail: int) -> torch.Tensor:
-    """:func:`fwht_` of every block of ``x`` (``full`` of ``b`` elements, then one of
-    ``tail``): the buffer, ``x`` or ``scratch``, that holds the whole result."""
-    main = full * b
+def _transform(x: torch.Tensor, scratch: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+    """:func:`fwht_` of every block of ``x`` (:func:`block_groups`, one call per group): the
+    buffer, ``x`` or ``scratch``, that holds the whole result (the first group's; a later
+    group whose stage count has the other parity is copied into it)."""
     home = None
-    if full:
-        done = fwht_(x[:main].view(full, b), scratch[:main].view(full, b))
-        home = x if done.data_ptr() == x.data_ptr() else scratch
-    if tail:
-        done = fwht_(x[main:].view(1, tail), scratch[main:].view(1, tail))
+    start = 0
+    for size, count in groups:
+        end = start + size * count
+        done = fwht_(x[start:end].view(count, size), scratch[start:end].view(count, size))
         if home is None:
             home = x if done.data_ptr() == x.data_ptr() else scratch
-        elif done.data_ptr() != home[main:].data_ptr():  # stage counts of other parity: one copy
-            home[main:].copy_(done.view(-1))
+        elif done.data_ptr() != home[start:end].data_ptr():  # the other stage parity: one copy
+            home[start:end].copy_(done.view(-1))
+        start = end
     assert home is not None
     return home
 
@@ -203,24 +235,23 @@ def encode(flat: torch.Tensor, block: int, generator: torch.Generator) -> tuple[
     """``(y, words)``: the rotated, zero-padded copy of ``flat`` (``N_p`` elements, fp32; fp64
     for an fp64 bucket) and the sign words used (keep them for :func:`decode_`)."""
     n = flat.numel()
-    b, full, tail = _blocks(n, block)
-    padded = b * full + tail
+    groups = block_groups(n, block)
+    padded = sum(size * count for size, count in groups)
     words = _sign_words(padded, generator, flat.device)
     x = torch.empty(padded, dtype=rotation_dtype(flat.dtype), device=flat.device)
     x[:n].copy_(flat)
     x[n:].zero_()
     scratch = torch.empty_like(x)
     _flip_signs_(x, words, scratch)  # D x
-    return _transform(x, scratch, b, full, tail), words
+    return _transform(x, scratch, groups), words
 
 
 def decode_(out: torch.Tensor, y: torch.Tensor, words: torch.Tensor, block: int) -> torch.Tensor:
     """``out <- (D Q y)[:N]`` (``out`` has the bucket's ``N`` elements and dtype; ``y`` the
     ``N_p`` received coefficients, overwritten)."""
     n = out.numel()
-    b, full, tail = _blocks(n, block)
     y = y if y.dtype == rotation_dtype(out.dtype) else y.to(rotation_dtype(out.dtype))
     scratch = torch.empty_like(y)
-    x = _transform(y, scratch, b, full, tail)
+    x = _transform(y, scratch, block_groups(n, block))
     _flip_signs_(x, words, scratch if x is y else y)  # D (Q y)
     return out.copy_(x[:n])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .encoding import carrying_packets
 from .protection import COUNTERS
 
 __all__ = ["BucketEntry", "BucketKey", "PacketLedger", "collective_device"]
@@ -57,7 +58,7 @@ def collective_device(group: Any = None) -> torch.device:
 class BucketEntry:
     """What the ledger knows of one bucket key: its packet count and parameter sizes (kept
     across resumes), and, once seen in this process, its parameters' ``id()``, the elements
-    per packet (``None``: one packet per parameter), its bytes on the wire and the block over
+    per packet (``None``: one packet per parameter), its bytes on the wire and the blocks over
     which an encoding spreads a packet's loss."""
 
     packets: int
@@ -65,7 +66,7 @@ class BucketEntry:
     param_ids: tuple[int, ...] | None = None
     packet_numel: int | None = None
     wire_bytes: int = 0  # bytes of one call's packets on the wire (wire dtype, padding included)
-    block: int = 1  # a parameter's loss is counted over whole blocks of this many elements
+    blocks: tuple[int, ...] = ()  # an encoding's block edges (encoding.block_edges); () without one
     label: str | None = None  # what the bucket holds when it is not a list of parameters (FSDP)
 
 
@@ -264,12 +265,9 @@ class PacketLedger:
                     if entry.packet_numel is None:
                         first = last = j
                     else:  # with an encoding, every packet of the blocks the parameter is in
-                        lo, hi = (
-                            start // entry.block * entry.block,
-                            -(-(start + size) // entry.block) * entry.block,
+                        first, last = carrying_packets(
+                            start, start + size, entry.packet_numel, entry.packets, entry.blocks
                         )
-                        first = lo // entry.packet_numel
-                        last = min((hi - 1) // entry.packet_numel, entry.packets - 1)  # the tail block
                     start += size
                     label = names.get(pid, f"param@{pid}")
                     row = totals.setdefault(

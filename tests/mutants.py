@@ -681,7 +681,7 @@ MUTANTS = [
     M(
         "M77",
         "lossy_hooks/encoding.py",
-        "            home[main:].copy_(done.view(-1))\n",
+        "            home[start:end].copy_(done.view(-1))\n",
         "            pass\n",
         "a tail block whose transform has the other stage parity is copied into the result",
         (OPTIONS,),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lossy_hooks import LossyState
-from lossy_hooks.encoding import block_size, decode_, encode, fwht, padded_numel
+from lossy_hooks.encoding import block_edges, block_groups, decode_, encode, fwht, padded_numel
 from lossy_hooks.protection import COUNTERS, Protection
 from lossy_hooks.statistics import binomial_interval
 
@@ -135,10 +135,16 @@ def test_fwht_is_the_orthonormal_sylvester_transform_and_its_own_inverse():
         dense = (x.double() @ sylvester(b) / math.sqrt(b)).float()
         assert torch.allclose(y, dense, atol=1e-5), b
         assert torch.allclose(fwht(y), x, atol=1e-5), b
-    assert block_size(10, 4096) == 16 and block_size(5000, 4096) == 4096 and block_size(1, 8) == 1
-    # N_p: whole blocks, then the tail in the next power of two >= N mod B
+    # whole blocks, then the rest in blocks of its set bits, rounded up to multiples of 1024
+    tail = [(2**17, 1), (2**15, 1), (2**14, 1), (2**13, 1), (2**10, 1)]  # 189,280 -> 189,440
+    assert block_groups(2**18 + 189_280, 2**18) == [(2**18, 1), *tail]
+    assert block_groups(10, 4096) == [(16, 1)] and block_groups(1, 8) == [(1, 1)]
+    assert block_groups(20, 8) == [(8, 2), (4, 1)]
     assert padded_numel(5000, 4096) == 4096 + 1024 and padded_numel(8192, 4096) == 8192
-    assert padded_numel(10, 4096) == 16 and padded_numel(300_000, 2**18) == 2**18 + 2**16
+    assert padded_numel(300_000, 2**18) == 2**18 + 2**15 + 2**12 + 2**10  # 37,856 -> 37,888
+    assert block_edges(5000, 4096) == (0, 4096, 5120) and block_edges(9000, 4096) == (0, 4096, 8192, 9216)
+    for n in (1, 1000, 1025, 140_000, 6_553_600 + 12_345):
+        assert 0 <= padded_numel(n, 2**18) - n < 1024, n  # padding below one granule per bucket
 
 
 def test_encode_decode_round_trip_and_a_lost_packet_spreads_over_its_block():
@@ -161,30 +167,38 @@ def test_encode_decode_round_trip_and_a_lost_packet_spreads_over_its_block():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "n, block, tail",
+    "n, block, tails",
     [
-        (2**18 + 1000, 2**18, 1024),  # 3 stages for the blocks, 2 for the tail: one copy of it
-        (4096 + 10, 4096, 16),  # 2 and 1
-        (3 * 4096 + 3000, 4096, 4096),  # a tail as large as a block, 2 and 2
-        (2**18 + 5000, 2**18, 8192),  # 3 and 3 (8192 = 64 x 64 x 2): no copy
+        (2**18 + 1000, 2**18, [1024]),  # 3 stages for the blocks, 2 for the tail: one copy of it
+        (4096 + 10, 4096, [16]),  # 2 and 1
+        (3 * 4096 + 3000, 4096, [2048, 1024]),  # 2, 2 and 2
+        (2**18 + 5000, 2**18, [4096, 1024]),  # 3, 2 and 2
+        (2**18 + 2**13 + 3000, 2**18, [8192, 2048, 1024]),  # 3, 3 (64 x 64 x 2), 2, 2
     ],
 )
-def test_round_trip_with_a_tail_block_of_either_stage_parity(n, block, tail, dtype):
-    """A bucket of whole blocks and a smaller tail block (the next power of two of N mod B),
-    whose transform has as many stages as the blocks' or one fewer: decoded to round-off, and
-    a lost tail coefficient spreads over the tail block only."""
+def test_round_trip_with_tail_blocks_of_either_stage_parity(n, block, tails, dtype):
+    """A bucket of whole blocks and smaller tail blocks, whose transforms have as many stages
+    as the blocks' or one fewer: decoded to round-off, and a lost coefficient of one tail
+    block spreads over that block only."""
     x = torch.randn(n, dtype=torch.float64).to(dtype)
     y, words = encode(x, block, torch.Generator().manual_seed(1))
     full = n // block * block
-    assert y.numel() == padded_numel(n, block) == full + tail and y.dtype == dtype
+    assert block_groups(n, block) == [(block, n // block)] + [(t, 1) for t in tails]
+    assert y.numel() == padded_numel(n, block) == full + sum(tails) and y.dtype == dtype
     out = torch.empty_like(x)
     decode_(out, y.clone(), words, block)
     eps = torch.finfo(dtype).eps
     assert float((out - x).norm() / x.norm()) < 4 * math.log2(block) * eps
-    y[full] = 0  # a lost coefficient of the tail block
-    decode_(out, y, words, block)
-    err = (out - x).abs()
-    assert float(err[:full].max()) < 1e3 * eps and float(err[full:].min()) > 0
+    edges = block_edges(n, block)
+    for lo, hi in zip(edges[-len(tails) - 1 : -1], edges[-len(tails) :], strict=True):
+        lost = y.clone()
+        lost[lo] = 0  # a lost coefficient of this tail block
+        decode_(out, lost, words, block)
+        err = (out - x).abs()
+        inside = err[lo : min(hi, n)]
+        assert float(err[:lo].max()) < 1e3 * eps and float(inside.min()) > 0, (lo, hi)
+        if hi < n:
+            assert float(err[hi:].max()) < 1e3 * eps
 
 
 def test_protect_predicate_keeps_the_chosen_gradients_at_total_loss():
