@@ -228,9 +228,9 @@ MUTANTS = [
     ),
     M(
         "M21",
-        "lossy_hooks/ledger.py",
-        "last = min((hi - 1) // entry.packet_numel, entry.packets - 1)",
-        "last = min(hi // entry.packet_numel, entry.packets - 1)",
+        "lossy_hooks/encoding.py",
+        "return start // packet_numel, min((stop - 1) // packet_numel, num_packets - 1)",
+        "return start // packet_numel, min(stop // packet_numel, num_packets - 1)",
         "loss_by_parameter: a parameter is carried by packets s//k .. (e-1)//k",
         (HOOK,),
     ),
