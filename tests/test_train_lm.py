@@ -117,26 +117,40 @@ def test_bad_flags_exit_2_with_message(flags, message, capsys, tmp_path):
 def test_an_older_torch_without_fsdp2_collectives_refuses_only_fsdp(tmp_path):
     """On a torch without FSDP2's custom-collective API (simulated: its ReduceScatter and
     AllGather classes removed) train_ddp.py still starts and parses --strategy ddp, and
-    --strategy fsdp exits 2 naming the version it needs, before any work."""
-    block = (  # the extension points torch 2.10 added, removed
-        "import sys, torch.distributed.fsdp._fully_shard._fsdp_api as api\n"
-        "del api.ReduceScatter, api.AllGather\n"
+    --strategy fsdp exits 2 naming the version it needs, before any work. One interpreter,
+    three command lines (each exit and its stderr recorded)."""
+    out = tmp_path / "runs"
+    runs = {
+        "help": ["--help"],
+        "ddp": ["--strategy", "ddp", "--fill", "stale", "--drop_point", "worker"],  # the last check
+        "fsdp": ["--strategy", "fsdp", "--model", "gpt-tiny"],
+    }
+    code = (
+        "import contextlib, io, json, sys\n"
+        "import torch.distributed.fsdp._fully_shard._fsdp_api as api\n"
+        "del api.ReduceScatter, api.AllGather  # the extension points torch 2.10 added\n"
+        "sys.path.insert(0, '.')\n"
+        "import train_ddp\n"
+        "res = {}\n"
+        f"for name, argv in {runs!r}.items():\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        f"            code = train_ddp.main([*argv, '--output_dir', {str(out)!r}])\n"
+        "        except SystemExit as e:\n"
+        "            code = e.code\n"
+        "    res[name] = [code, err.getvalue()]\n"
+        "print(json.dumps(res))\n"
     )
-    run = "import runpy; runpy.run_path('train_ddp.py', run_name='__main__')\n"
-
-    def script(*flags: str) -> subprocess.CompletedProcess:
-        argv = ["train_ddp.py", *flags, "--output_dir", str(tmp_path / "runs")]
-        code = block + f"sys.argv = {argv!r}\n" + run
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-
-    assert script("--help").returncode == 0
-    ddp = script("--strategy", "ddp", "--fill", "stale", "--drop_point", "worker")  # the last check
-    assert ddp.returncode == 2 and "fill='stale' needs drop_point='post'" in ddp.stderr
-    assert "2.10" not in ddp.stderr
-    fsdp = script("--strategy", "fsdp", "--model", "gpt-tiny")
-    assert fsdp.returncode == 2
-    assert "--strategy fsdp needs torch >= 2.10" in fsdp.stderr and "--strategy ddp works" in fsdp.stderr
-    assert not (tmp_path / "runs").exists()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["help"][0] == 0
+    assert res["ddp"][0] == 2 and "fill='stale' needs drop_point='post'" in res["ddp"][1]
+    assert "2.10" not in res["ddp"][1]
+    code, err = res["fsdp"]
+    assert code == 2 and "--strategy fsdp needs torch >= 2.10" in err and "--strategy ddp works" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ runs
