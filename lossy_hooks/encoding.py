@@ -121,9 +121,13 @@ def carrying_packets(
     return start // packet_numel, min((stop - 1) // packet_numel, num_packets - 1)
 
 
+def _total(groups: list[tuple[int, int]]) -> int:
+    return sum(size * count for size, count in groups)
+
+
 def padded_numel(numel: int, block: int) -> int:
     """``N_p``: the elements that travel for a bucket of ``numel`` (its blocks' sizes summed)."""
-    return sum(size * count for size, count in block_groups(numel, block))
+    return _total(block_groups(numel, block))
 
 
 RADIX = 64  # elements of the dense Hadamard factor applied per stage
@@ -236,7 +240,7 @@ def encode(flat: torch.Tensor, block: int, generator: torch.Generator) -> tuple[
     for an fp64 bucket) and the sign words used (keep them for :func:`decode_`)."""
     n = flat.numel()
     groups = block_groups(n, block)
-    padded = sum(size * count for size, count in groups)
+    padded = _total(groups)
     words = _sign_words(padded, generator, flat.device)
     x = torch.empty(padded, dtype=rotation_dtype(flat.dtype), device=flat.device)
     x[:n].copy_(flat)

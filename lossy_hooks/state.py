@@ -423,8 +423,8 @@ class LossyState:
             raise ValueError(
                 f"LossyState.load_state_dict: this checkpoint (state version {version}) was written with "
                 "encoding='hadamard' before version 4, which padded the last block to a whole block "
-                "(version 4 pads it to a power of two): its per-packet counters do not fit today's "
-                "packets; start the run again"
+                "(version 4 splits it into power-of-two blocks, encoding.block_groups): its per-packet "
+                "counters do not fit today's packets; start the run again"
             )
         self.steps = int(sd["steps"])
         self.worker.load_state_dict(sd["worker"])

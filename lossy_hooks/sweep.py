@@ -213,8 +213,8 @@ def run_sweep(
 
     Each launch's output goes to ``log_dir/config<i>.log`` (without ``log_dir``: a temporary
     folder, where only the logs of failed launches are kept). A failed launch's last
-    ``FAILED_TAIL_LINES`` lines are printed right after it, with the log's path (also in its
-    record, ``"log"``)."""
+    ``FAILED_TAIL_LINES`` lines are printed right after it, with the log's path (in its record
+    as ``"log"``, and the line that says why as ``"why"``)."""
     console = console or Console()
     keep_all = log_dir is not None
     logs = log_dir if log_dir is not None else Path(tempfile.mkdtemp(prefix="lossy_sweep_logs_"))
@@ -248,13 +248,14 @@ def run_sweep(
                 with open(log_path, "w") as log:
                     code = launch_train([*argv, "--resume"], nproc, log).returncode
                 record["outcome"] = f"failed (exit {code})" if code else _outcome(run_dir, rounds)
+                excerpt: list[str] = []
                 if code:
+                    excerpt, record["why"] = failure_excerpt(log_path)
                     record["log"] = str(log_path)
                 elif not keep_all:
                     log_path.unlink()
             console.print(f"[{i + 1}/{len(combos)}] {label or '(fixed flags)'}: {record['outcome']}")
             if "log" in record:
-                excerpt, _ = failure_excerpt(Path(record["log"]))
                 console.print("\n".join(f"    {ln}" for ln in excerpt), markup=False, highlight=False)
                 console.print(f"    (the whole output: {record['log']})", markup=False, highlight=False)
             records.append(record)
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         outcome = r["outcome"]
         if "log" in r:  # the line that says why, and where the rest is
-            outcome += f": {failure_excerpt(Path(r['log']))[1]}\nlog: {r['log']}"
+            outcome += f": {r['why']}\nlog: {r['log']}"
         table.add_row(
             escape(" ".join(f"{k}={v}" for k, v in r["settings"].items())),
             escape(outcome),  # log text is not markup: "[rank0]:" stays, "[/x]" cannot break the table
