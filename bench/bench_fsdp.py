@@ -32,9 +32,9 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lossy_hooks import LossyState, fsdp
-from lossy_hooks.gpt import build_gpt
-from lossy_hooks.parallel import shard_units
-from lossy_hooks.process_group import free_port
+from lossy_hooks.core.process_group import free_port
+from lossy_hooks.study.parallel import shard_units
+from lossy_hooks.study.workloads.gpt import build_gpt
 
 # label -> (reduce-scatter state kwargs or None, all-gather state kwargs or None)
 CONFIGS: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {

@@ -6,8 +6,9 @@ Two lines in existing DDP code::
     ddp_model.register_comm_hook(state, lossy_allreduce_hook)
 """
 
-from .hook import LossyState, lossy_allreduce_hook
-from .loss_models import (
+from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.hook import LossyState, lossy_allreduce_hook
+from lossy_hooks.loss_models import (
     Bernoulli,
     ExactCount,
     GilbertElliott,
@@ -17,7 +18,6 @@ from .loss_models import (
     Trace,
     parse_loss_model,
 )
-from .packetization import PacketLayout
 
 __version__ = "0.1.0"
 

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .packetization import elements_per_packet
-from .process_group import single_process_group
+from lossy_hooks.core.packetization import elements_per_packet
+from lossy_hooks.core.process_group import single_process_group
 
 __all__ = ["bucket_layout", "fsdp_layout", "main", "straddling_packets"]
 
@@ -154,7 +154,7 @@ def fsdp_layout(
     shards it), with their shard rows and packets (see the module docs)."""
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_dim0_padded_size
 
-    from .parallel import shard_units
+    from lossy_hooks.study.parallel import shard_units
 
     names = {id(p): n for n, p in model.named_parameters()}
     module_names = {id(m): n for n, m in model.named_modules()}
@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .gpt import GPT_CONFIGS
-    from .models import build_model, classification_models
+    from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
+    from lossy_hooks.study.workloads.models import build_model, classification_models
 
     p = argparse.ArgumentParser(description="DDP bucket or FSDP2 shard layout of a model, in packets")
     p.add_argument("--model", default="resnet101", help="torchvision classification model, or gpt-*")

@@ -40,7 +40,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .run_io import (
+from lossy_hooks.core.statistics import mean_std
+from lossy_hooks.study.run_io import (
     option_parts,
     parse_float,
     read_json,
@@ -49,7 +50,6 @@ from .run_io import (
     time_to_target,
     workload_parts,
 )
-from .statistics import mean_std
 
 __all__ = ["collect", "main", "write_outputs"]
 

@@ -65,11 +65,11 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
-from .buckets import BucketRecord
-from .ledger import BucketEntry
-from .options import OPTION_DEFAULTS
-from .packetization import PacketLayout
-from .state import LossyState
+from lossy_hooks.core.buckets import BucketRecord
+from lossy_hooks.core.ledger import BucketEntry
+from lossy_hooks.core.options import OPTION_DEFAULTS
+from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.core.state import LossyState
 
 __all__ = ["LossyAllGather", "LossyReduceScatter", "check_state", "fully_shard", "gather_state", "register"]
 

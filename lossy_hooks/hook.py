@@ -9,7 +9,7 @@ Usage (PyTorch's PowerSGD convention: a state object plus a hook function)::
     print(state.stats())
 
 The math (``W`` ranks, rank ``r`` holds bucket ``g_r``, split into packets ``j = 0..n-1`` by
-:class:`~lossy_hooks.packetization.PacketLayout`; ``a_{r,j} = 1`` when rank ``r``'s copy of
+:class:`~lossy_hooks.core.packetization.PacketLayout`; ``a_{r,j} = 1`` when rank ``r``'s copy of
 packet ``j`` arrives; ``c_j = sum_r a_{r,j}``; ``s = 1/W`` for ``reduction="mean"``, ``1``
 for ``"sum"``):
 
@@ -45,11 +45,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .buckets import BucketRecord
-from .encoding import decode_, encode, rotation_dtype
-from .ledger import collective_device
-from .packetization import PacketLayout
-from .state import LossyState, derive_seed, resolve_counts_transport
+from lossy_hooks.core.buckets import BucketRecord
+from lossy_hooks.core.encoding import decode_, encode, rotation_dtype
+from lossy_hooks.core.ledger import collective_device
+from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.core.state import LossyState, derive_seed, resolve_counts_transport
 
 __all__ = [
     "LossyState",

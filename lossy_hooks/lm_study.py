@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .run_io import parse_float, read_json
-from .statistics import mean_std
-from .sweep import run_config
+from lossy_hooks.core.statistics import mean_std
+from lossy_hooks.study.run_io import parse_float, read_json
+from lossy_hooks.sweep import run_config
 
 __all__ = ["MODES", "configurations", "main", "summarize"]
 

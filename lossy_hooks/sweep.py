@@ -37,9 +37,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .process_group import free_port
-from .run_io import config_name, round_status
-from .study_cli import build_parser, resolve
+from lossy_hooks.core.process_group import free_port
+from lossy_hooks.study.cli import build_parser, resolve
+from lossy_hooks.study.run_io import config_name, round_status
 
 __all__ = [
     "expand_grid",
@@ -52,7 +52,8 @@ __all__ = [
     "run_sweep",
 ]
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_ddp.py"
+# the study script, launched as a module so that an installed (non-editable) package runs it
+TRAIN_MODULE = "lossy_hooks.study.train"
 # train_ddp.py flags that take several values (--fec G R)
 MULTI_VALUE_FLAGS = {"fec"}
 BOOLEAN_FLAGS = {
@@ -146,7 +147,7 @@ def launch_train(argv: list[str], nproc: int, log: Any = None) -> subprocess.Com
     """One ``torchrun`` launch of train_ddp.py with ``argv`` on ``nproc`` ranks (output to
     ``log``, a file, or captured when ``None``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    cmd += [f"--master_port={free_port()}", str(TRAIN_SCRIPT), *argv]
+    cmd += [f"--master_port={free_port()}", "-m", TRAIN_MODULE, *argv]
     if log is None:
         return subprocess.run(cmd, capture_output=True, text=True)
     return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)

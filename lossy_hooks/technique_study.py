@@ -28,12 +28,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .data import build_datasets
-from .hook import lossy_allreduce_hook
-from .models import build_model, logits
-from .process_group import free_port
-from .state import LossyState
-from .statistics import mean_std
+from lossy_hooks.core.process_group import free_port
+from lossy_hooks.core.state import LossyState
+from lossy_hooks.core.statistics import mean_std
+from lossy_hooks.hook import lossy_allreduce_hook
+from lossy_hooks.study.workloads.data import build_datasets
+from lossy_hooks.study.workloads.models import build_model, logits
 
 __all__ = ["LOSS_MODELS", "TECHNIQUES", "loss_spec", "main"]
 

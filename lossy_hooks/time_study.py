@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from .run_io import parse_float
-from .statistics import mean_std
-from .sweep import run_config
+from lossy_hooks.core.statistics import mean_std
+from lossy_hooks.study.run_io import parse_float
+from lossy_hooks.sweep import run_config
 
 __all__ = ["SETTINGS", "accuracy_configurations", "bucket_configurations", "main"]
 

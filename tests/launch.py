@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lossy_hooks.process_group import free_port
+from lossy_hooks.core.process_group import free_port
 
 __all__ = ["ROOT", "free_port", "launch", "run_scenarios", "worker_main"]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch.nn.parallel import DistributedDataParallel
 
-from ..hook import lossy_allreduce_hook
-from ..state import LossyState
+from lossy_hooks.core.state import LossyState
+from lossy_hooks.hook import lossy_allreduce_hook
 
 __all__ = ["HookNotReachedError", "check_hook_reached", "register_on_ddp"]
 

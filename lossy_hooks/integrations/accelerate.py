@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..state import LossyState
-from . import check_hook_reached, register_on_ddp
+from lossy_hooks.core.state import LossyState
+from lossy_hooks.integrations import check_hook_reached, register_on_ddp
 
 __all__ = ["check", "register"]
 

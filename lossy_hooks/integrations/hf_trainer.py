@@ -21,8 +21,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..state import LossyState
-from . import check_hook_reached, register_on_ddp
+from lossy_hooks.core.state import LossyState
+from lossy_hooks.integrations import check_hook_reached, register_on_ddp
 
 __all__ = ["LossyTrainerCallback", "register"]
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from ..state import LossyState
-from . import check_hook_reached, register_on_ddp
+from lossy_hooks.core.state import LossyState
+from lossy_hooks.integrations import check_hook_reached, register_on_ddp
 
 __all__ = ["LossyHookCallback"]
 

@@ -17,16 +17,16 @@ Models
 - :class:`TailDrop` ``(p)``: the last ``ceil(p*n)`` packets of each bucket (a deadline cut).
 - :class:`Trace` ``(seq_or_path)``: a recorded 0/1 loss sequence replayed cyclically.
 - :class:`DeadlineLoss` ``(deadline)``: packets the simulated network drops or delivers late
-  (:mod:`lossy_hooks.netclock`; needs ``LossyState(network=...)``).
+  (:mod:`lossy_hooks.core.netclock`; needs ``LossyState(network=...)``).
 
 :func:`parse_loss_model` reads netem's syntax (percentages, ``%`` optional, as in ``tc``).
 """
 
-from .base import LossModel, RateModel, check_probability, rate_or_none
-from .deadline import DeadlineLoss
-from .markov import GilbertElliott, MarkovFourState, MarkovLossModel, cesaro_limit
-from .memoryless import Bernoulli, ExactCount, TailDrop, Trace
-from .netem import LOSS_MODEL_SYNTAX, parse_loss_model
+from lossy_hooks.loss_models.base import LossModel, RateModel, check_probability, rate_or_none
+from lossy_hooks.loss_models.deadline import DeadlineLoss
+from lossy_hooks.loss_models.markov import GilbertElliott, MarkovFourState, MarkovLossModel, cesaro_limit
+from lossy_hooks.loss_models.memoryless import Bernoulli, ExactCount, TailDrop, Trace
+from lossy_hooks.loss_models.netem import LOSS_MODEL_SYNTAX, parse_loss_model
 
 __all__ = [
     "LOSS_MODEL_SYNTAX",

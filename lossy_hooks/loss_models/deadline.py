@@ -1,6 +1,6 @@
 """Deadline loss: a packet is lost when the simulated network drops it or delivers it after
-a deadline (:mod:`lossy_hooks.netclock`). The loss pattern comes from the timing: the model
-reads the packets its state's :class:`~lossy_hooks.netclock.SimClock` found late at this
+a deadline (:mod:`lossy_hooks.core.netclock`). The loss pattern comes from the timing: the model
+reads the packets its state's :class:`~lossy_hooks.core.netclock.SimClock` found late at this
 collective, so the losses, the lossy transport's time and the reliable transport's time all
 come from the same arrivals."""
 
@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import LossModel
+from lossy_hooks.loss_models.base import LossModel
 
 if TYPE_CHECKING:
-    from ..netclock import Deadline, SimClock
+    from lossy_hooks.core.netclock import Deadline, SimClock
 
 __all__ = ["DeadlineLoss"]
 
@@ -25,7 +25,7 @@ class DeadlineLoss(LossModel):
     the state's clock: rank ``row``'s packets are those of that row of the clock's arrivals."""
 
     def __init__(self, deadline: str | Deadline) -> None:
-        from ..netclock import Deadline
+        from lossy_hooks.core.netclock import Deadline
 
         self.deadline = Deadline.parse(deadline) if isinstance(deadline, str) else deadline
         self.clock: SimClock | None = None

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .base import LossModel, _pct, check_probability
+from lossy_hooks.loss_models.base import LossModel, _pct, check_probability
 
 __all__ = ["GilbertElliott", "MarkovFourState", "MarkovLossModel", "cesaro_limit"]
 

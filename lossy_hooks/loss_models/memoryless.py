@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import _COUNT_EPS, LossModel, RateModel, _pct
+from lossy_hooks.loss_models.base import _COUNT_EPS, LossModel, RateModel, _pct
 
 __all__ = ["Bernoulli", "ExactCount", "TailDrop", "Trace"]
 

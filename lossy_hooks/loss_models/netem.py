@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import LossModel
-from .deadline import DeadlineLoss
-from .markov import GilbertElliott, MarkovFourState
-from .memoryless import Bernoulli, ExactCount, TailDrop, Trace
+from lossy_hooks.loss_models.base import LossModel
+from lossy_hooks.loss_models.deadline import DeadlineLoss
+from lossy_hooks.loss_models.markov import GilbertElliott, MarkovFourState
+from lossy_hooks.loss_models.memoryless import Bernoulli, ExactCount, TailDrop, Trace
 
 __all__ = ["LOSS_MODEL_SYNTAX", "parse_loss_model"]
 

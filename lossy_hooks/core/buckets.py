@@ -1,0 +1,213 @@
+"""One record per bucket the hook has seen: what travels (its packets, in the wire dtype,
+padded to its blocks when encoded), which packets are protected, the post-drop rescale
+factors, and the buffers the hook keeps between steps (stale values, error-feedback
+residuals), with their checkpoint state."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from lossy_hooks.core.encoding import block_edges, carrying_packets, padded_numel
+from lossy_hooks.core.ledger import BucketEntry, BucketKey, key_from_str, key_str
+from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.core.protection import COUNTERS
+from lossy_hooks.loss_models import Bernoulli
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.state import LossyState
+
+__all__ = ["BucketRecord", "BucketRecords"]
+
+
+@dataclass
+class BucketRecord:
+    """What the hook keeps for one bucket key in this process."""
+
+    key: BucketKey
+    layout: PacketLayout  # packets of what travels (wire dtype; padded blocks with an encoding)
+    wire_bytes: int  # bytes of what travels: the clock prices them, the ledger counts them, and a
+    # deadline post rescale takes its keep fraction at them
+    post_factor: float | torch.Tensor  # 1 / E[kept] of a post drop (per packet with protection)
+    stale: torch.Tensor | None = None  # the last received value of each element (fill="stale")
+    protected: torch.Tensor | None = None  # packets never lost (protect=...)
+    lossless_counters: torch.Tensor | None = None  # protection counters of a call that loses nothing
+    residual: torch.Tensor | None = None  # error feedback: what this rank's uplink lost last time
+
+
+class BucketRecords:
+    """The :class:`BucketRecord` of every bucket key of one :class:`~lossy_hooks.LossyState`,
+    and the buffers saved for keys not seen again yet (after a resume)."""
+
+    def __init__(self, state: LossyState) -> None:
+        self.state = state
+        self.records: dict[BucketKey, BucketRecord] = {}
+        self.key_of: dict[tuple[int, tuple[int, ...]], BucketKey] = {}  # (index, param ids) -> key
+        self.saved_stale: dict[BucketKey, torch.Tensor] = {}
+        self.saved_residual: dict[BucketKey, torch.Tensor] = {}
+
+    def to(self, device: torch.device) -> None:
+        """Move every tensor kept (a model moved to another device, or a resume)."""
+        for record in self.records.values():
+            for name in ("stale", "protected", "lossless_counters", "residual", "post_factor"):
+                value = getattr(record, name)
+                if isinstance(value, torch.Tensor):
+                    setattr(record, name, value.to(device))
+        self.saved_stale = {k: v.to(device) for k, v in self.saved_stale.items()}
+        self.saved_residual = {k: v.to(device) for k, v in self.saved_residual.items()}
+
+    def lookup(self, bucket: dist.GradBucket, buf: torch.Tensor) -> BucketRecord:
+        """The record of this bucket, keyed on what it holds.
+
+        Keyed on its index and the identities of its parameters, in order. DDP rebuilds its
+        buckets after the first iteration, and a rebuilt bucket can keep its index and size
+        but hold other parameters, or the same ones in another order: it gets a key of its own
+        (the next generation at that index and size), hence its own packet layout, loss
+        counters, per-parameter accounting and stale buffer. After :meth:`load_state_dict` (a
+        new process: new identities) a bucket takes over the saved key of the same index,
+        size and parameter sizes, the most recent generation first."""
+        params = bucket.parameters()
+        ids = (buf.numel(), *map(id, params))
+        key = self.key_of.get((bucket.index(), ids))
+        if key is not None:
+            return self.records[key]
+        sizes = tuple(p.numel() for p in params)
+        if self.state.packetization == "tensor" and sum(sizes) != buf.numel():
+            raise RuntimeError(
+                f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}"
+            )
+        index, numel = bucket.index(), buf.numel()
+        known = self.state.ledger.buckets
+        claimed = set(self.key_of.values())
+        same = [k for k in known if k[:2] == (index, numel)]
+        saved = [k for k in same if k not in claimed and known[k].sizes == sizes]
+        key = max(saved) if saved else (index, numel, max((k[2] + 1 for k in same), default=0))
+        record = self._new_record(key, sizes, buf, params)
+        if self.state.error_feedback and record.residual is None:
+            record.residual = self._adopt_residuals(tuple(ids[1:]), sizes, buf)
+        self.key_of[(index, ids)] = key
+        self.records[key] = record
+        layout = record.layout
+        packet_numel = None if layout.per_tensor else layout.packet_numel
+        entry = BucketEntry(
+            layout.num_packets, sizes, tuple(ids[1:]), packet_numel, record.wire_bytes, self._edges(numel)
+        )
+        self.state.ledger.register(key, entry)
+        return record
+
+    def _new_record(
+        self, key: BucketKey, sizes: tuple[int, ...], buf: torch.Tensor, params: list[torch.Tensor]
+    ) -> BucketRecord:
+        """Packets of what travels: the bucket in the wire dtype, padded to its blocks when
+        encoded; protected packets; post-rescale factors; saved stale and residual buffers."""
+        numel = buf.numel()
+        if self.state.packetization == "tensor":
+            layout = PacketLayout.by_tensor(sizes)
+        else:
+            encoded = self.state.encoding == "hadamard"
+            wire_numel = padded_numel(numel, self.state.hadamard_block) if encoded else numel
+            layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, self.state._wire_dtype(buf).itemsize)
+        n = layout.num_packets
+        wire_bytes = layout.numel * self.state._wire_dtype(buf).itemsize
+        protected = self._protected_packets(layout, params, numel)  # on the CPU
+        if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
+            keep: float | torch.Tensor = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
+        else:
+            keep = self.state.post.model.bucket_keep_fraction(n, wire_bytes)
+        factor: float | torch.Tensor = (
+            (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
+        )
+        if protected is not None:
+            factor = torch.where(protected, 1.0, torch.as_tensor(factor, dtype=torch.float64))
+        if isinstance(factor, torch.Tensor):
+            factor = factor.float().to(buf.device)
+        on_device = None if protected is None else protected.to(buf.device)
+        record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None), on_device)
+        record.residual = self.saved_residual.pop(key, None)
+        if self.state._protecting:
+            base = torch.zeros(len(COUNTERS), dtype=torch.int64)
+            base[0] = self.state.protection.parity_packets(n)
+            base[4] = 0 if protected is None else int(protected.sum())
+            record.lossless_counters = base.to(buf.device)
+        return record
+
+    def _edges(self, numel: int) -> tuple[int, ...]:
+        """The edges of the blocks over which the encoding spreads a packet's loss (``()``
+        without one: a packet's loss stays in its own elements)."""
+        return block_edges(numel, self.state.hadamard_block) if self.state.encoding == "hadamard" else ()
+
+    def _protected_packets(
+        self, layout: PacketLayout, params: list[torch.Tensor], numel: int
+    ) -> torch.Tensor | None:
+        """Packets carrying any element of a parameter ``protect`` selects (with an encoding,
+        of any block holding one), as a bool CPU tensor (built once per key); ``None`` if none."""
+        if self.state._protect_rule is None:
+            return None
+        if not self.state._names:
+            raise ValueError(
+                "protect=... matches parameter names: call state.name_parameters(model) before training"
+            )
+        out = torch.zeros(layout.num_packets, dtype=torch.bool)
+        edges = self._edges(numel)
+        start = 0
+        for j, p in enumerate(params):
+            size = p.numel()
+            if self.state._protect_rule(self.state._names.get(id(p), ""), p):
+                if layout.per_tensor:
+                    out[j] = True
+                else:
+                    k, n = layout.packet_numel, layout.num_packets
+                    first, last = carrying_packets(start, start + size, k, n, edges)
+                    out[first : last + 1] = True
+            start += size
+        return out
+
+    def _adopt_residuals(
+        self, ids: tuple[int, ...], sizes: tuple[int, ...], buf: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Error feedback across a bucket rebuild: the residuals other buckets of this process
+        hold for this bucket's parameters move here, slice by slice, so no lost gradient is
+        dropped when DDP regroups its parameters (after its first iteration)."""
+        offsets = dict(zip(ids, itertools.accumulate(sizes, initial=0), strict=False))
+        residual = None
+        for other in self.records.values():
+            entry = self.state.ledger.buckets.get(other.key)
+            if other.residual is None or entry is None or entry.param_ids is None:
+                continue
+            start = 0
+            for pid, size in zip(entry.param_ids, entry.sizes, strict=True):
+                if pid in offsets:
+                    residual = torch.zeros_like(buf) if residual is None else residual
+                    residual[offsets[pid] : offsets[pid] + size].add_(other.residual[start : start + size])
+                    other.residual[start : start + size].zero_()
+                start += size
+        return residual
+
+    def stale_buffer(self, record: BucketRecord, like: torch.Tensor) -> torch.Tensor:
+        if record.stale is None:
+            # A rebuilt bucket with the same index replaces the old one's buffer.
+            for other in self.records.values():
+                if other.key[0] == record.key[0]:
+                    other.stale = None
+            self.saved_stale = {k: v for k, v in self.saved_stale.items() if k[0] != record.key[0]}
+            record.stale = torch.zeros_like(like)
+        return record.stale
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stale buffers and error-feedback residuals by key (CPU tensors)."""
+        stale = {k: r.stale for k, r in self.records.items() if r.stale is not None} | self.saved_stale
+        residual = {k: r.residual for k, r in self.records.items() if r.residual is not None}
+        residual |= self.saved_residual
+        return {
+            "stale": {key_str(k): v.detach().cpu() for k, v in stale.items()},
+            "residual": {key_str(k): v.detach().cpu() for k, v in residual.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.records, self.key_of = {}, {}
+        self.saved_stale = {key_from_str(k): v.clone() for k, v in sd["stale"].items()}
+        self.saved_residual = {key_from_str(k): v.clone() for k, v in sd.get("residual", {}).items()}

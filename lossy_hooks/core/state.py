@@ -1,0 +1,459 @@
+"""The state of the lossy hook: its configuration (checked), its random streams, and one
+record per bucket (packet layout, post-rescale factor, stale buffer). Everything it counts
+lives in its :class:`~lossy_hooks.core.ledger.PacketLedger` (``state.ledger``)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lossy_hooks.core.buckets import BucketRecord, BucketRecords
+from lossy_hooks.core.encoding import DEFAULT_HADAMARD_BLOCK, ENCODINGS, WIRE_DTYPES, wire_dtype_of
+from lossy_hooks.core.ledger import BucketKey, PacketLedger, collective_device
+from lossy_hooks.core.netclock import NetworkModel, SimClock
+from lossy_hooks.core.options import (
+    COUNTS_TRANSPORTS,
+    DROP_POINTS,
+    FILLS,
+    NOT_REACHED,
+    OPTION_DEFAULTS,
+    PACKETIZATIONS,
+    POST_SYNCS,
+    REDUCTIONS,
+    ProtectRule,
+    _exact_count_limit,
+    check_combinations,
+    choice,
+    power_of_two,
+    protect_rule,
+    resolve_counts_transport,
+    unused_settings,
+    whole,
+)
+from lossy_hooks.core.protection import Protection
+from lossy_hooks.core.streams import (
+    STREAM_POST_INDEPENDENT,
+    STREAM_POST_SHARED,
+    STREAM_ROTATION,
+    STREAM_WORKER,
+    DropSite,
+    derive_seed,
+)
+from lossy_hooks.loss_models import (
+    Bernoulli,
+    DeadlineLoss,
+    LossModel,
+    check_probability,
+    parse_loss_model,
+    rate_or_none,
+)
+
+__all__ = [
+    "BucketRecord",
+    "BucketRecords",
+    "DropSite",
+    "LossyState",
+    "collective_device",
+    "derive_seed",
+    "resolve_counts_transport",
+]
+
+STATE_VERSION = 4
+
+
+class LossyState:
+    r"""State of :func:`~lossy_hooks.lossy_allreduce_hook`: the configuration, RNGs, one
+    record per bucket, and the :class:`~lossy_hooks.core.ledger.PacketLedger` of what was lost.
+    Every argument is checked here (a bad one raises ``ValueError`` naming it and the allowed
+    values), except what needs the bucket: that ``mtu`` holds at least one element of the
+    bucket's dtype, and that ``counts_transport="append"`` can count the group's ranks
+    exactly in the wire dtype, are checked at the first bucket (``ValueError`` from inside the
+    backward pass).
+
+    Args:
+        loss_rate: Bernoulli loss probability per packet, in [0, 1] (shorthand for
+            ``loss_model=Bernoulli(loss_rate)``). Give this or ``loss_model``, not both.
+        mtu: gradient payload bytes per packet (> 0 here; at least one element of the bucket
+            dtype, checked at the first bucket).
+        drop_point: ``"worker"`` (each rank's contribution, before the allreduce),
+            ``"post"`` (the result, after it) or ``"both"``.
+        fill: ``"zero"``, ``"rescale"`` (unbiased) or ``"stale"`` (post drop only).
+        reduction: ``"mean"`` (DDP's) or ``"sum"``.
+        post_sync: ``"shared"`` (same post mask on all ranks) or ``"independent"``.
+        packetization: ``"mtu"`` (fixed-size packets) or ``"tensor"`` (one per parameter).
+        loss_model: a :class:`~lossy_hooks.loss_models.LossModel` or netem-style text.
+        seed: base seed (>= 0); worker masks use (seed, rank), shared post masks seed alone.
+        process_group: the group to reduce over (default: the world).
+        counts_transport: how worker-drop ``rescale`` learns the arrival counts:
+            ``"separate"`` (a small extra allreduce, and ``W/c_j`` applied to the result),
+            ``"append"`` (appended to the bucket), ``"regenerate"`` (replays the other ranks'
+            masks locally: no communication, ``W/c_j`` folded into the pre-allreduce multiply,
+            ``W`` times the sampling work) or ``"auto"``: ``"regenerate"`` on CPU with at most
+            ``AUTO_REGENERATE_MAX_WORLD`` ranks, where an extra Gloo collective costs more than
+            sampling, else ``"separate"``. All give the same counts; the choice is kept in
+            :meth:`state_dict`, so a resumed run keeps it.
+        measure_fidelity: also allreduce the lossless bucket and record cosine similarity
+            and relative L2 error of the lossy result against it, per step (costs one
+            extra full allreduce).
+        network: a :class:`~lossy_hooks.core.netclock.NetworkModel`: price every collective on a
+            simulated clock (``state.clock``: loss-free, lossy and reliable transport times),
+            and the network the ``deadline`` loss model loses packets on.
+    """
+
+    def __init__(
+        self,
+        loss_rate: float | None = None,
+        mtu: int = 1500,
+        drop_point: str = "worker",
+        fill: str = "rescale",
+        reduction: str = "mean",
+        post_sync: str = "shared",
+        packetization: str = "mtu",
+        loss_model: LossModel | str | None = None,
+        seed: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        counts_transport: str = "auto",
+        measure_fidelity: bool = False,
+        encoding: str = "none",
+        hadamard_block: int = DEFAULT_HADAMARD_BLOCK,
+        wire_dtype: str = "fp32",
+        error_feedback: bool = False,
+        protect: str | ProtectRule | None = None,
+        retransmit: int = 0,
+        fec: tuple[int, int] | None = None,
+        network: NetworkModel | None = None,
+    ) -> None:
+        self.drop_point = choice("drop_point", drop_point, DROP_POINTS)
+        self.fill = choice("fill", fill, FILLS)
+        self.reduction = choice("reduction", reduction, REDUCTIONS)
+        self.post_sync = choice("post_sync", post_sync, POST_SYNCS)
+        self.packetization = choice("packetization", packetization, PACKETIZATIONS)
+        self.counts_transport = choice("counts_transport", counts_transport, COUNTS_TRANSPORTS)
+        self.mtu = whole("mtu", mtu, 1, "a positive whole number of bytes")
+        self.seed = whole("seed", seed, 0, "a non-negative integer")
+        if loss_model is not None and loss_rate is not None:
+            raise ValueError("give loss_rate or loss_model, not both")
+        if isinstance(loss_model, str):
+            loss_model = parse_loss_model(loss_model)
+        if loss_model is None:
+            loss_model = Bernoulli(check_probability("loss_rate", 0.0 if loss_rate is None else loss_rate))
+        if not isinstance(loss_model, LossModel):
+            raise ValueError(f"loss_model must be a LossModel or netem-style text, got {loss_model!r}")
+        self.loss_model = loss_model
+        self.post_keep_rate = 1.0 - loss_model.long_run_loss_rate()
+        self.encoding = choice("encoding", encoding, ENCODINGS)
+        self.hadamard_block = power_of_two("hadamard_block", hadamard_block)
+        self.wire_dtype = choice("wire_dtype", wire_dtype, tuple(WIRE_DTYPES))
+        self.error_feedback = bool(error_feedback)
+        self.protect = protect
+        self._protect_rule = protect_rule(protect)
+        self.protection = Protection(retransmit, fec)
+        self.network = network
+        if network is not None and not isinstance(network, NetworkModel):
+            raise ValueError(f"network must be a NetworkModel, got {network!r}")
+        check_combinations(self)
+        deadline = loss_model.deadline if isinstance(loss_model, DeadlineLoss) else None
+        self.clock = SimClock(network, deadline) if network is not None else None
+        self.process_group = process_group
+        self.measure_fidelity = bool(measure_fidelity)
+
+        self.worker = DropSite("worker", loss_model.clone(), STREAM_WORKER, per_rank=True)
+        shared = self.post_sync == "shared"
+        stream = STREAM_POST_SHARED if shared else STREAM_POST_INDEPENDENT
+        self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
+        self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
+        points = tuple(p for p, on in (("worker", self.drops_before), ("post", self.drops_after)) if on)
+        self._protecting = self.protection.active or protect is not None
+        unrecovered = self.drops_before and self.fill == "rescale"
+        self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self._protecting)
+        self._names: dict[int, str] = {}
+        self.steps = 0
+        self.rank: int | None = None
+        self.world_size: int | None = None
+        self.device: torch.device | None = None
+        self.buckets = BucketRecords(self)
+        self._passthrough = False
+        self._bucket_calls = 0  # hook calls, passthrough ones included
+        self._warned_unreached = False
+        self._peers: dict[int, DropSite] = {}
+        self._saved_peers: dict[int, dict[str, Any]] = {}
+        self._counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
+
+    # -- configuration ----------------------------------------------------------------
+
+    @property
+    def drops_before(self) -> bool:
+        return self.drop_point in ("worker", "both")
+
+    @property
+    def drops_after(self) -> bool:
+        return self.drop_point in ("post", "both")
+
+    @property
+    def hook_reached(self) -> bool:
+        """Whether any gradient bucket has reached this state (in this process, or before
+        the checkpoint it was loaded from). ``False`` after training steps means the hook is
+        not registered on the DDP module that trains: nothing was lost."""
+        return self._bucket_calls > 0 or self.steps > 0
+
+    @property
+    def counts_transport_in_use(self) -> str | None:
+        """The counts transport in effect (``"auto"`` resolved at the first bucket; ``None`` before it)."""
+        return self._counts_resolved
+
+    def config(self) -> dict[str, Any]:
+        """The settings, as plain values (for configs and run names)."""
+        return (
+            {
+                "loss_model": self.loss_model.spec,
+                "loss_rate": rate_or_none(self.loss_model),
+                "mtu": self.mtu,
+                "drop_point": self.drop_point,
+                "fill": self.fill,
+                "reduction": self.reduction,
+                "post_sync": self.post_sync,
+                "packetization": self.packetization,
+                "seed": self.seed,
+                "counts_transport": self.counts_transport,
+                "measure_fidelity": self.measure_fidelity,
+            }
+            | {k: v for k, v in self._options().items() if v != OPTION_DEFAULTS[k]}
+            | self._network_config()
+        )
+
+    def _network_config(self) -> dict[str, Any]:
+        return {} if self.network is None else {"network": dataclasses.asdict(self.network)}
+
+    def _options(self) -> dict[str, Any]:
+        protect = (
+            self.protect
+            if self.protect is None or isinstance(self.protect, str)
+            else (getattr(self.protect, "__qualname__", repr(self.protect)))
+        )
+        fec = None if self.protection.fec is None else list(self.protection.fec)
+        return {
+            "encoding": self.encoding,
+            "hadamard_block": self.hadamard_block,
+            "wire_dtype": self.wire_dtype,
+            "error_feedback": self.error_feedback,
+            "protect": protect,
+            "retransmit": self.protection.retransmit,
+            "fec": fec,
+        }
+
+    def name_parameters(self, module: torch.nn.Module) -> None:
+        """Tell the state the names of ``module``'s parameters (``protect=`` matches them)."""
+        self._names = {id(p): n for n, p in module.named_parameters()}
+
+    # -- used by the hook -----------------------------------------------------------------
+
+    def _prepare(self, buf: torch.Tensor, group: Any) -> None:
+        """At the first bucket on a device: rank, world size, generators, the counts rule."""
+        if self.device == buf.device:
+            return
+        self.device = buf.device
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        for site in (self.worker, self.post, self.rotation):
+            site.prepare(buf.device, self.seed, self.rank)
+        if self.clock is not None:
+            self.clock.prepare(buf.device, self.seed, self.world_size)
+        self.ledger.to(buf.device)
+        self.buckets.to(buf.device)
+        if self._counts_resolved is None:
+            self._counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
+        uses_counts = self.drops_before and self.fill == "rescale"
+        if uses_counts and self._counts_resolved == "append":
+            wire = wire_dtype_of(self.wire_dtype, buf.dtype)
+            limit = _exact_count_limit(wire)
+            if self.world_size > limit:
+                raise ValueError(
+                    f"counts_transport='append' sends arrival counts in the wire dtype ({wire}), "
+                    f"exact only up to {limit} ranks; this group has {self.world_size}: use "
+                    "counts_transport='separate' (int32 counts)"
+                )
+        if self._counts_resolved == "regenerate" and uses_counts:
+            for peer_rank in range(self.world_size):
+                if peer_rank == self.rank:
+                    continue
+                site = self._peers.get(peer_rank)
+                if site is None:
+                    name = f"worker of rank {peer_rank}"
+                    site = DropSite(name, self.loss_model.clone(), STREAM_WORKER, per_rank=True)
+                    if peer_rank in self._saved_peers:
+                        site.load_state_dict(self._saved_peers.pop(peer_rank))
+                    self._peers[peer_rank] = site
+                site.prepare(buf.device, self.seed, peer_rank)
+        self._bind_deadlines()
+
+    def _bind_deadlines(self) -> None:
+        """Deadline loss models read the clock's arrivals: the worker site and every replayed
+        peer their own rank's row; the post site its rank's row, or row 0 when shared."""
+        if self.clock is None:
+            return
+        assert self.rank is not None
+        post_row = self.rank if self.post.per_rank else 0
+        sites = [(self.worker, self.rank), (self.post, post_row), *((s, r) for r, s in self._peers.items())]
+        for site, row in sites:
+            if isinstance(site.model, DeadlineLoss):
+                site.model.bind(self.clock, row)
+
+    def _draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
+        """The loss mask of this bucket at ``site`` after FEC, retransmission and protection
+        (:class:`~lossy_hooks.core.protection.Protection`), counted in the ledger."""
+        n = record.layout.num_packets
+        if site.lossless or not self._protecting:
+            lost = site.draw(n)
+            counters = record.lossless_counters if self._protecting else None
+        else:
+            assert self.device is not None
+            lost, counters = self.protection.resolve(n, site.draw, record.protected, self.device)
+        self.ledger.count(site.name, record.key, n, lost)
+        if counters is not None:
+            self.ledger.count_protection(site.name, record.key, counters)
+        return lost
+
+    def _regenerated_counts(self, own_lost: torch.Tensor, record: BucketRecord) -> torch.Tensor:
+        """``c_j``: this rank's arrivals plus every other rank's, replayed from their generators
+        (through the same FEC, retransmission and protection)."""
+        counts = (~own_lost).to(torch.int32)
+        n = own_lost.numel()
+        for site in self._peers.values():
+            if self._protecting:
+                lost = self.protection.resolve(n, site.draw, record.protected, own_lost.device)[0]
+            else:
+                lost = site.draw(n)
+            assert lost is not None
+            counts += ~lost
+        return counts
+
+    def _wire_dtype(self, buf: torch.Tensor) -> torch.dtype:
+        return wire_dtype_of(self.wire_dtype, buf.dtype)
+
+    @contextlib.contextmanager
+    def passthrough(self) -> Iterator[None]:
+        """While active the hook is an exact lossless allreduce that draws no random
+        numbers and counts nothing. Use it for a warm-up iteration that lets DDP rebuild
+        its buckets, so that a fresh run and a resumed one see the same bucket layouts and
+        therefore the same loss sequence."""
+        previous, self._passthrough = self._passthrough, True
+        try:
+            yield
+        finally:
+            self._passthrough = previous
+
+    # -- what was counted (see PacketLedger) ------------------------------------------------
+
+    def stats(self, all_ranks: bool = False) -> dict[str, Any]:
+        """Packets sent and lost so far, per drop point and per bucket.
+
+        Counters live on the device and are read here (one host sync). With
+        ``all_ranks=True`` they are summed over the process group (a collective: call it on
+        every rank, outside the backward pass). For the worker drop point "sent" counts this
+        rank's packets to the collective; for post, packets of the result delivered to it.
+        ``packets_unrecovered`` (worker rescale) counts packets no rank's copy reached.
+        """
+        scope = "all ranks" if all_ranks else f"rank {self.rank}"
+        head: dict[str, Any] = {"steps": self.steps, "world_size": self.world_size, "scope": scope}
+        head["hook_reached"] = self.hook_reached
+        if not self.hook_reached:
+            head["warning"] = NOT_REACHED
+            if not self._warned_unreached:
+                self._warned_unreached = True
+                warnings.warn(NOT_REACHED, RuntimeWarning, stacklevel=2)
+        return head | self.ledger.stats(all_ranks)
+
+    def loss_by_parameter(self, names: dict[int, str], all_ranks: bool = False) -> list[dict[str, Any]]:
+        """Packets sent and lost per parameter gradient (:meth:`PacketLedger.loss_by_parameter`)."""
+        return self.ledger.loss_by_parameter(names, all_ranks)
+
+    def bucket_parameter_ids(self) -> dict[BucketKey, list[int]]:
+        """``id()`` of the parameters in each bucket seen in this process, in buffer order."""
+        return {k: list(e.param_ids) for k, e in self.ledger.buckets.items() if e.param_ids is not None}
+
+    def fidelity(self) -> list[dict[str, float]]:
+        """Per finished step since the last call: cosine similarity and relative L2 error of
+        the lossy aggregate against the lossless one (``measure_fidelity=True``; see
+        :meth:`PacketLedger.fidelity`)."""
+        return self.ledger.fidelity(self.steps)
+
+    # -- checkpointing ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the exact loss sequence and its figures: RNG states,
+        loss-model memory, stale buffers and the ledger (tensors on CPU;
+        ``torch.load(weights_only=True)`` safe). The process group is not included."""
+        return (
+            self.buckets.state_dict()
+            | {
+                "version": STATE_VERSION,
+                "config": self.config(),
+                "steps": self.steps,
+                "worker": self.worker.state_dict(),
+                "post": self.post.state_dict(),
+                "rotation": self.rotation.state_dict(),
+                "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
+                | {str(r): sd for r, sd in self._saved_peers.items()},
+                "counts_transport_resolved": self._counts_resolved,
+                "ledger": self.ledger.state_dict(),
+            }
+            | ({"clock": self.clock.state_dict()} if self.clock is not None else {})
+        )
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        # options left at their defaults are not in config(): compare with them filled in
+        mine, theirs = OPTION_DEFAULTS | self.config(), OPTION_DEFAULTS | sd["config"]
+        unused = unused_settings(mine) & unused_settings(theirs)
+        diff = {
+            k: (theirs.get(k), mine.get(k))
+            for k in (mine.keys() | theirs.keys()) - unused
+            if theirs.get(k) != mine.get(k)
+        }
+        if diff:
+            raise ValueError(f"LossyState.load_state_dict: settings differ (saved, now): {diff}")
+        version = int(sd.get("version", 0))
+        if version < 4 and theirs.get("encoding") == "hadamard":
+            raise ValueError(
+                f"LossyState.load_state_dict: this checkpoint (state version {version}) was written with "
+                "encoding='hadamard' before version 4, which padded the last block to a whole block "
+                "(version 4 splits it into power-of-two blocks, encoding.block_groups): its per-packet "
+                "counters do not fit today's packets; start the run again"
+            )
+        self.steps = int(sd["steps"])
+        self.worker.load_state_dict(sd["worker"])
+        self.post.load_state_dict(sd["post"])
+        if "rotation" in sd:
+            self.rotation.load_state_dict(sd["rotation"])
+        self.buckets.load_state_dict(sd)
+        self._peers = {}
+        self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
+        self._counts_resolved = sd.get("counts_transport_resolved", self._counts_resolved)
+        ledger = sd["ledger"] if "ledger" in sd else PacketLedger.from_version_2(sd)
+        self.ledger.load_state_dict(ledger)
+        if self.clock is not None:
+            self.clock.load_state_dict(sd["clock"])
+        self.device = None  # re-prepare on the next bucket: generators restored there
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Like PowerSGDState: the process group is not serializable and is left out.
+        init = {k: v for k, v in self.config().items() if k not in ("loss_model", "loss_rate")}
+        if callable(self.protect):  # the predicate itself (pickled by reference), not its name
+            init["protect"] = self.protect
+        if self.network is not None:
+            init["network"] = self.network
+        return {"init": init, "loss_model": copy.deepcopy(self.loss_model), "state": self.state_dict()}
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__init__(loss_model=d["loss_model"], **d["init"])  # type: ignore[misc]
+        self.load_state_dict(d["state"])
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"LossyState({cfg})"

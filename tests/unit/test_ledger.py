@@ -1,0 +1,118 @@
+"""PacketLedger on its own (no process group): counts, per-parameter ranges, deltas since a
+mark, and its checkpoint, against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from lossy_hooks.core.ledger import BucketEntry, PacketLedger
+
+# bucket (0, 10, 0): parameters a (4 elements) and b (6), 3 elements per packet -> packets
+# [0,3) [3,6) [6,9) [9,10): a is carried by packets 0-1, b by packets 1-3
+KEY = (0, 10, 0)
+NAMES = {101: "a", 102: "b"}
+
+
+def ledger() -> PacketLedger:
+    led = PacketLedger(("worker", "post"), track_unrecovered=True)
+    led.register(
+        KEY, BucketEntry(packets=4, sizes=(4, 6), param_ids=(101, 102), packet_numel=3, wire_bytes=40)
+    )
+    return led
+
+
+def mask(*bits: int) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.bool)
+
+
+def test_counts_per_point_bucket_and_parameter():
+    led = ledger()
+    led.count("worker", KEY, 4, mask(1, 0, 0, 1))
+    led.count("worker", KEY, 4, mask(1, 1, 0, 0))
+    led.count("post", KEY, 4, None)  # lossless draw: sent, nothing lost
+    led.unrecovered_counter(KEY, torch.device("cpu")).add_(2)
+    st = led.stats()
+    assert st["worker"] == {
+        "packets_sent": 8,
+        "packets_lost": 4,
+        "loss_rate": 0.5,
+        "bytes_sent": 80,  # 2 calls of 40 bytes
+        "packets_unrecovered": 2,
+    }
+    assert st["post"] == {"packets_sent": 4, "packets_lost": 0, "loss_rate": 0.0, "bytes_sent": 40}
+    assert st["buckets"] == [
+        {"index": 0, "numel": 10, "generation": 0, "packets": 4}
+        | {"worker_sent": 8, "worker_lost": 4, "post_sent": 4, "post_lost": 0}
+    ]
+    rows = {(r["drop_point"], r["parameter"]): r for r in led.loss_by_parameter(NAMES)}
+    # a: packets 0-1 over 2 calls = 4 sent; lost: packet 0 twice, packet 1 once = 3
+    assert (rows["worker", "a"]["packets_sent"], rows["worker", "a"]["packets_lost"]) == (4, 3)
+    # b: packets 1-3 over 2 calls = 6 sent; lost: packet 1 once, packet 3 once = 2
+    assert (rows["worker", "b"]["packets_sent"], rows["worker", "b"]["packets_lost"]) == (6, 2)
+    assert rows["post", "b"]["packets_sent"] == 3 and rows["post", "b"]["packets_lost"] == 0
+
+
+def test_since_mark_gives_deltas_and_the_mark_survives_a_checkpoint():
+    led = ledger()
+    led.count("worker", KEY, 4, mask(1, 0, 0, 0))
+    first = led.since_mark(NAMES, all_ranks=False)
+    assert first["points"]["worker"] == {
+        "packets_sent": 4,
+        "packets_lost": 1,
+        "bytes_sent": 40,
+        "packets_unrecovered": 0,
+    }
+    assert first["points"]["post"] == {"packets_sent": 0, "packets_lost": 0, "bytes_sent": 0}
+    assert [(b["drop_point"], b["packets_sent"], b["packets_lost"]) for b in first["buckets"]] == [
+        ("worker", 4, 1)
+    ]  # post sent nothing in the interval: no row
+    assert first["buckets"][0]["params"] == ["a", "b"]
+    led.count("worker", KEY, 4, mask(0, 0, 1, 1))
+    buf = io.BytesIO()
+    torch.save(led.state_dict(), buf)
+    buf.seek(0)
+    resumed = PacketLedger(("worker", "post"), track_unrecovered=True)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    # a new process: the bucket is registered again with its new parameter identities
+    resumed.register(
+        KEY, BucketEntry(packets=4, sizes=(4, 6), param_ids=(201, 202), packet_numel=3, wire_bytes=40)
+    )
+    second = resumed.since_mark({201: "a", 202: "b"}, all_ranks=False)
+    worker = second["points"]["worker"]
+    assert (worker["packets_sent"], worker["packets_lost"], worker["bytes_sent"]) == (4, 2, 40)
+    by_param = {
+        (r["drop_point"], r["parameter"]): (r["packets_sent"], r["packets_lost"])
+        for r in second["parameters"]
+    }
+    assert by_param["worker", "a"] == (2, 0) and by_param["worker", "b"] == (3, 2)
+    assert set(resumed.since_mark({201: "a", 202: "b"}, all_ranks=False)["points"]["worker"].values()) == {0}
+
+
+def test_fidelity_records_only_finished_steps():
+    led = PacketLedger(("worker",), track_unrecovered=False)
+    # step 0: two buckets; x = lossy, y = lossless: sums [<x,y>, <x,x>, <y,y>, |x-y|^2]
+    led.fidelity_slot(0, torch.device("cpu")).copy_(torch.tensor([3.0, 4.0, 4.0, 0.0], dtype=torch.float64))
+    led.fidelity_slot(0, torch.device("cpu")).copy_(torch.tensor([0.0, 0.0, 5.0, 5.0], dtype=torch.float64))
+    led.fidelity_slot(1, torch.device("cpu"))
+    (rec,) = led.fidelity(steps_done=1)
+    assert rec["step"] == 0
+    assert abs(rec["cosine"] - 3 / (4 * 9) ** 0.5) < 1e-12 and abs(rec["rel_l2"] - (5 / 9) ** 0.5) < 1e-12
+    assert led.fidelity(steps_done=1) == [] and len(led.fidelity(steps_done=2)) == 1
+
+
+def test_version_2_checkpoint_counters_are_read():
+    v2 = {
+        "packets": {"0:10:0": 4},
+        "sizes": {"0:10:0": [4, 6]},
+        "worker": {
+            "sent": {"0:10:0": 8},
+            "lost_per_packet": {"0:10:0": torch.tensor([2, 1, 0, 1])},
+            "unrecovered": {},
+        },
+        "post": {"sent": {}, "unrecovered": {}},
+    }
+    led = PacketLedger(("worker",), track_unrecovered=True)
+    led.load_state_dict(PacketLedger.from_version_2(v2))
+    assert led.stats()["worker"]["packets_lost"] == 4 and led.buckets[KEY].sizes == (4, 6)

@@ -1,0 +1,106 @@
+"""The hook's hot path must not synchronise with the device: no .item(), .tolist(), .cpu(),
+float()/int() of a tensor, nonzero() or print in the functions that run per bucket (a static
+read of their source; tests/multiprocess/test_hook_ddp.py::test_no_host_sync_on_any_path checks the same
+at run time, on every configuration path, with the calls patched to raise)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+
+from lossy_hooks import fsdp, hook, loss_models
+from lossy_hooks.core import (
+    buckets,
+    encoding,
+    ledger,
+    netclock,
+    packetization,
+    protection,
+    state,
+    streams,
+)
+from lossy_hooks.loss_models import markov
+
+HOT_PATH = [
+    hook.lossy_allreduce_hook,
+    hook._join,
+    hook._plan_masks,
+    hook._finish,
+    hook._allreduce,
+    streams.DropSite.draw,
+    ledger.PacketLedger.count,
+    ledger.PacketLedger.unrecovered_counter,
+    ledger.PacketLedger.fidelity_slot,
+    state.LossyState._draw,
+    buckets.BucketRecords.lookup,
+    buckets.BucketRecords.stale_buffer,
+    hook._feed_back,
+    hook._to_wire,
+    encoding.encode,
+    encoding.decode_,
+    encoding.fwht,
+    encoding._factor,
+    encoding.fwht_,
+    encoding._transform,
+    encoding._sign_words,
+    encoding._flip_signs_,
+    encoding._sign_bits,
+    protection.Protection.resolve,
+    protection.Protection._data_of,
+    protection.Protection._after_fec,
+    ledger.PacketLedger.count_protection,
+    hook._scale_before_collective,
+    state.LossyState._regenerated_counts,
+    hook._fidelity_sums,
+    hook._arrival_factor,
+    hook._exact_factor,
+    fsdp.LossyReduceScatter.__call__,
+    fsdp.LossyReduceScatter._draw_post,
+    fsdp.LossyReduceScatter._regenerated_counts,
+    fsdp.LossyAllGather.__call__,
+    fsdp._Wiring.draw_network,
+    fsdp._Wiring.step_done,
+    fsdp._insert_row,
+    netclock.SimClock.tick,
+    netclock.SimClock.lost_row,
+    netclock.NetworkModel.sample_delays,
+    loss_models.DeadlineLoss.sample,
+    markov._TransitionMaps.state_indices,
+    markov._TransitionMaps._scan,
+    markov._TransitionMaps.tables,
+    markov._scan_states_by_gather,
+    *[
+        getattr(packetization.PacketLayout, n)
+        for n in (
+            "_split",
+            "_per_packet_mul_",
+            "zero_",
+            "scale_",
+            "fill_from_",
+            "finite_packets",
+            "expand",
+            "packet_sizes",
+        )
+    ],
+    *[
+        cls.sample
+        for cls in (
+            loss_models.Bernoulli,
+            loss_models.ExactCount,
+            loss_models.TailDrop,
+            loss_models.Trace,
+            loss_models.MarkovLossModel,
+        )
+    ],
+]
+SYNCING = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|\.numpy\(|nonzero\(|(?<![.\w])(?:float|int|bool|print)\(")
+
+
+@pytest.mark.parametrize("fn", HOT_PATH, ids=lambda f: f.__qualname__)
+def test_hot_path_has_no_host_sync(fn):
+    source = inspect.getsource(fn)
+    code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+    code = re.sub(r'"""[\s\S]*?"""', "", code)
+    assert not SYNCING.findall(code), f"{fn.__qualname__} synchronises: {SYNCING.findall(code)}"
