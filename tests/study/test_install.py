@@ -1,0 +1,81 @@
+"""A non-editable install runs every tool: build the package's wheel, install it into a fresh
+virtual environment (its torch and the rest from this interpreter's site-packages), and, from
+a folder outside the checkout, run a one-configuration sweep (which launches the installed
+``lossy_hooks.study.train`` module through torchrun) and the ``lossy-train`` console script.
+Before the study script moved into the package, the sweep looked for train_ddp.py beside the
+package and an installed copy could not run it at all."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+from ..launch import ROOT
+
+SMALL = ["--dataset", "digits", "--model", "squeezenet1_1", "--workers", "0", "--batch_size", "16"]
+
+
+def _clean_env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e | {"OMP_NUM_THREADS": "1"}
+
+
+def test_wheel_in_a_fresh_venv_runs_the_sweep_and_the_console_script(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(ROOT / "lossy_hooks", src / "lossy_hooks", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    wheels = tmp_path / "wheels"
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", str(wheels), str(src)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("lossy_hooks-*.whl")
+
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python, bindir = env_dir / "bin" / "python", env_dir / "bin"
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    pip = pip if _pip_has_python_option() else [str(python), "-m", "pip"]
+    subprocess.run([*pip, "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = _clean_env() | {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    where = subprocess.run(
+        [str(python), "-c", "import lossy_hooks.study.train as t; print(t.__file__)"],
+        cwd=work, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(env_dir), f"the venv imported the package from {where}"
+
+    sweep = [str(python), "-m", "lossy_hooks.sweep", "--nproc", "1", "--grid", "loss_rate=0.2", "--"]
+    sweep += [*SMALL, "--num_epochs", "1", "--max_steps", "2", "--worker_drop", "--output_dir", "runs"]
+    res = subprocess.run(sweep, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = (work / "runs").iterdir()
+    assert json.loads((run_dir / "round0" / "status.json").read_text())["status"] == "finished"
+    with open(run_dir / "round0" / "metrics.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    lost, sent = int(row["worker_packets_lost"]), int(row["worker_packets_sent"])
+    assert sent > 1000 and 0.15 < lost / sent < 0.25  # 20% loss
+
+    script = [str(bindir / "lossy-train"), *SMALL, "--num_epochs", "1", "--max_steps", "1"]
+    res = subprocess.run([*script, "--output_dir", "cli"], cwd=work, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (cli_dir,) = (work / "cli").iterdir()
+    assert (cli_dir / "round0" / "metrics.csv").exists() and (cli_dir / "summary.csv").exists()
+    bad = subprocess.run([*script, "--mtu", "2"], cwd=work, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--mtu must be >= 4 bytes" in bad.stderr
+
+
+def _pip_has_python_option() -> bool:
+    """pip >= 22.3 installs into another interpreter with ``--python``."""
+    out = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, text=True).stdout
+    major, minor = (int(x) for x in out.split()[1].split(".")[:2])
+    return (major, minor) >= (22, 3)
