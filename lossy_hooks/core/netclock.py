@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lossy_hooks.core.placement import ParameterServer, Placement
 from lossy_hooks.core.streams import derive_seed
 
 __all__ = ["JITTERS", "STREAM_CLOCK", "Deadline", "NetworkModel", "SimClock", "parse_jitter"]
@@ -149,12 +150,12 @@ class NetworkModel:
         u = 1.0 - torch.rand(shape, generator=generator, dtype=torch.float64, device=device)  # (0, 1]
         return params[0] * (u.pow(-1.0 / params[1]) - 1.0) * 1e-6
 
-    def deadline_loss_probability(self, deadline_s: float, nbytes: float, world: int) -> float:
-        """Per-packet loss probability of the deadline transport (module docs); 0 at world
-        size 1, where nothing crosses the network."""
+    def deadline_loss_probability(self, deadline_s: float, t0: float, world: int) -> float:
+        """Per-packet loss probability of the deadline transport (module docs) for a collective
+        whose loss-free time is ``t0`` (its placement's price, :meth:`SimClock.lossfree_seconds`);
+        0 at world size 1, where nothing crosses the network."""
         if world <= 1:
             return 0.0
-        t0 = self.ring_seconds(nbytes, world)
         q, f = self.straggler_prob, self.straggler_factor
         on_time = (1 - q) * self.delay_cdf(deadline_s - t0) + q * self.delay_cdf(deadline_s - f * t0)
         return 1.0 - (1.0 - self.drop_rate) * on_time
@@ -218,9 +219,12 @@ class SimClock:
     time of every rank's packets (from a stream shared by all ranks, so every rank computes
     the same clock), the lossy and reliable completion times, summed on the device."""
 
-    def __init__(self, network: NetworkModel, deadline: Deadline | None = None) -> None:
+    def __init__(
+        self, network: NetworkModel, deadline: Deadline | None = None, placement: Placement | None = None
+    ) -> None:
         self.network = network
         self.deadline = deadline
+        self.placement = placement if placement is not None else ParameterServer()
         self.generator: torch.Generator | None = None
         self.totals: torch.Tensor | None = None  # float64 [T_0, T_lossy, T_reliable] sums
         self.lost: torch.Tensor | None = None  # (W, n) packets the deadline transport lost, last call
@@ -254,6 +258,11 @@ class SimClock:
             totals.copy_(self.totals)
         self.generator, self.totals = gen, totals
 
+    def lossfree_seconds(self, nbytes: float) -> float:
+        """``T_0`` of one collective of ``nbytes`` bytes at this clock's world size, as its
+        placement prices it (:meth:`Placement.lossfree_seconds`)."""
+        return self.placement.lossfree_seconds(self.network, nbytes, self.world)
+
     def tick(self, num_packets: int, nbytes: float, packet_bytes: float) -> None:
         """One collective of ``nbytes`` bytes in ``num_packets`` packets: draw every rank's
         arrivals, add ``T_0``, ``T_lossy`` and ``T_reliable`` to the totals, and keep the
@@ -265,7 +274,7 @@ class SimClock:
         if w == 1:  # one rank: nothing crosses the network, nothing takes time or is lost
             self.lost = torch.zeros((1, n), dtype=torch.bool, device=dev)
             return
-        t0 = net.ring_seconds(nbytes, w)
+        t0 = self.lossfree_seconds(nbytes)
         base = torch.full((w, 1), t0, dtype=torch.float64, device=dev)
         if net.straggler_prob > 0:
             slow = torch.rand((w, 1), generator=gen, device=dev) < net.straggler_prob

@@ -37,6 +37,7 @@ from lossy_hooks.core.options import (
     unused_settings,
     whole,
 )
+from lossy_hooks.core.placement import ParameterServer
 from lossy_hooks.core.protection import Protection
 from lossy_hooks.core.streams import (
     STREAM_POST_INDEPENDENT,
@@ -158,9 +159,10 @@ class LossyState:
         self.network = network
         if network is not None and not isinstance(network, NetworkModel):
             raise ValueError(f"network must be a NetworkModel, got {network!r}")
+        self.placement = ParameterServer()  # where packets are lost, and what a collective costs
         check_combinations(self)
         deadline = loss_model.deadline if isinstance(loss_model, DeadlineLoss) else None
-        self.clock = SimClock(network, deadline) if network is not None else None
+        self.clock = SimClock(network, deadline, self.placement) if network is not None else None
         self.process_group = process_group
         self.measure_fidelity = bool(measure_fidelity)
 
@@ -169,7 +171,7 @@ class LossyState:
         stream = STREAM_POST_SHARED if shared else STREAM_POST_INDEPENDENT
         self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
         self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
-        points = tuple(p for p, on in (("worker", self.drops_before), ("post", self.drops_after)) if on)
+        points = tuple(site.name for site in self.placement.sites(self.drop_point))
         self._protecting = self.protection.active or protect is not None
         unrecovered = self.drops_before and self.fill == "rescale"
         self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self._protecting)
@@ -190,11 +192,11 @@ class LossyState:
 
     @property
     def drops_before(self) -> bool:
-        return self.drop_point in ("worker", "both")
+        return self.placement.loses(self.drop_point, "reduce")
 
     @property
     def drops_after(self) -> bool:
-        return self.drop_point in ("post", "both")
+        return self.placement.loses(self.drop_point, "broadcast")
 
     @property
     def hook_reached(self) -> bool:

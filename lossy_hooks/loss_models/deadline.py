@@ -60,8 +60,8 @@ class DeadlineLoss(LossModel):
         if self.clock is None:
             raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
         nbytes = float(wire_bytes)
-        t0 = self.clock.network.ring_seconds(nbytes, self.clock.world)
-        p = self.clock.network.deadline_loss_probability(self.deadline.seconds(t0), nbytes, self.clock.world)
+        t0 = self.clock.lossfree_seconds(nbytes)
+        p = self.clock.network.deadline_loss_probability(self.deadline.seconds(t0), t0, self.clock.world)
         return 1.0 - p
 
     @property

@@ -50,7 +50,7 @@ def fsdp_api() -> ModuleType:
     """:mod:`lossy_hooks.fsdp`, imported on first use; ``RuntimeError`` naming the torch
     version it needs when this torch lacks FSDP2's custom-collective API."""
     try:
-        return importlib.import_module(f"{__package__}.fsdp")
+        return importlib.import_module("lossy_hooks.fsdp")
     except ImportError as e:
         raise RuntimeError(
             f"--strategy fsdp needs torch >= {FSDP_MIN_TORCH} (FSDP2's fully_shard with custom "

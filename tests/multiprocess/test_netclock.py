@@ -43,7 +43,7 @@ def test_no_jitter_gives_the_alpha_beta_ring_time_exactly():
     got = c.read()
     assert got["sim_lossfree_s"] == got["sim_comm_s"] == got["sim_reliable_s"] == 3 * t0
     assert not c.lost.any()  # every packet at T_0 < 1.5 T_0
-    assert net.deadline_loss_probability(0.0, NBYTES, 1) == 0.0  # one rank: nothing is late
+    assert net.deadline_loss_probability(0.0, net.ring_seconds(NBYTES, 1), 1) == 0.0  # one rank: none late
     one = clock(net, world=1)
     one.tick(N, NBYTES, PACKET)
     assert one.read()["sim_comm_s"] == 0.0 and not one.lost_row(0, N).any()
@@ -66,7 +66,7 @@ def test_deadline_loss_rate_is_the_delay_cdf_at_the_deadline(network, deadline):
         lost += int(c.lost.sum())
         sent += c.lost.numel()
     d = Deadline.parse(deadline).seconds(network.ring_seconds(NBYTES, W))
-    p = network.deadline_loss_probability(d, NBYTES, W)
+    p = network.deadline_loss_probability(d, network.ring_seconds(NBYTES, W), W)
     assert 0.01 < p < 0.9  # the cases are chosen to lose a fair share
     assert inside(lost, sent, p), (lost, sent, p)
     model = parse_loss_model(f"deadline {deadline}")
@@ -95,7 +95,7 @@ def test_straggler_mixture_rate_over_many_calls():
     fast_rate = 1 - net.delay_cdf(2 * t0 - t0)
     assert inside(fast_lost, fast_sent, fast_rate)
     # the closed form is the mixture: a straggler at 3 T_0 misses a 2 T_0 deadline entirely
-    assert net.deadline_loss_probability(2 * t0, NBYTES, W) == pytest.approx(0.25 + 0.75 * fast_rate)
+    assert net.deadline_loss_probability(2 * t0, t0, W) == pytest.approx(0.25 + 0.75 * fast_rate)
 
 
 def test_reliable_transport_tail_is_the_maximum_of_geometric_resends():
@@ -254,8 +254,10 @@ def test_deadline_post_rescale_prices_the_bucket_s_real_bytes(ddp_ranks):
     size the clock prices (not 201 x 400 = 80,400), and p is the lost fraction."""
     world, steps, packets, nbytes = 3, 60, 201, 4 * 20_050
     net = NetworkModel(bandwidth_gbps=10, latency_us=5, jitter="lognormal 4 1")
-    p = net.deadline_loss_probability(1.2 * net.ring_seconds(nbytes, world), nbytes, world)
-    wrong = net.deadline_loss_probability(1.2 * net.ring_seconds(400 * packets, world), 400 * packets, world)
+    t0 = net.ring_seconds(nbytes, world)
+    p = net.deadline_loss_probability(1.2 * t0, t0, world)
+    t0_mtu = net.ring_seconds(400 * packets, world)
+    wrong = net.deadline_loss_probability(1.2 * t0_mtu, t0_mtu, world)
     assert abs(p - wrong) > 1e-4  # the premise: the two byte counts give different factors
     for r in ddp_ranks:
         short = r["deadline"]["short"]

@@ -1,0 +1,95 @@
+"""Where a collective can lose packets, and what its loss-free run costs: the placement seam.
+
+A placement answers two questions for one collective over ``W`` ranks:
+
+* **where** packets can be lost: its loss *sites*, each a phase of the collective
+  (``reduce``: contributions travelling towards the sum; ``broadcast``: the result travelling
+  back) crossed in a number of hops; a drop point (``worker``, ``post``, ``both``) selects
+  the sites of its phases;
+* **what it costs**: the loss-free time of the collective on a
+  :class:`~lossy_hooks.core.netclock.NetworkModel`, which the simulated clock
+  (:class:`~lossy_hooks.core.netclock.SimClock`) and the deadline loss model take as ``T_0``.
+
+:class:`ParameterServer` is today's placement: every rank's contribution crosses one uplink
+before the sum (site ``worker``, the reduce phase) and the result one downlink after it (site
+``post``, the broadcast phase), the real collective in between opaque to the loss; it is
+priced as the α–β ring allreduce ``T_0 = 2 (W - 1) (α + B / (W β))``
+(:meth:`NetworkModel.ring_seconds`). A placement that loses per hop of a ring, a tree or a
+direct exchange is a new subclass here, registered in :data:`PLACEMENTS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.netclock import NetworkModel
+
+Phase = Literal["reduce", "broadcast"]
+
+# which phases a drop point loses in
+PHASES_OF_DROP_POINT: dict[str, tuple[Phase, ...]] = {
+    "worker": ("reduce",),
+    "post": ("broadcast",),
+    "both": ("reduce", "broadcast"),
+}
+
+
+@dataclass(frozen=True)
+class LossSite:
+    """One place where a collective can lose packets: ``name`` (the ledger's drop point),
+    its ``phase``, and the ``hops`` a packet makes through it."""
+
+    name: str
+    phase: Phase
+    hops: int
+
+
+class Placement(ABC):
+    """Where a collective loses packets and what it costs loss-free (see the module)."""
+
+    name: str
+
+    @abstractmethod
+    def all_sites(self) -> tuple[LossSite, ...]:
+        """Every loss site of the collective, reduce phase first."""
+
+    @abstractmethod
+    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
+        """``T_0``: the loss-free time of one collective of ``nbytes`` bytes over ``world``
+        ranks on ``network``."""
+
+    def sites(self, drop_point: str) -> tuple[LossSite, ...]:
+        """The sites ``drop_point`` loses at: those of its phases (:data:`PHASES_OF_DROP_POINT`)."""
+        phases = PHASES_OF_DROP_POINT[drop_point]
+        return tuple(s for s in self.all_sites() if s.phase in phases)
+
+    def loses(self, drop_point: str, phase: Phase) -> bool:
+        """Whether ``drop_point`` loses packets in ``phase``."""
+        return any(s.phase == phase for s in self.sites(drop_point))
+
+
+class ParameterServer(Placement):
+    """One hop each way around an opaque allreduce: site ``worker`` (each rank's uplink,
+    reduce phase) and site ``post`` (each rank's downlink, broadcast phase); priced as the
+    ring allreduce ``2 (W - 1) (α + B / (W β))``."""
+
+    name = "ps"
+
+    def all_sites(self) -> tuple[LossSite, ...]:
+        return (LossSite("worker", "reduce", 1), LossSite("post", "broadcast", 1))
+
+    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
+        return network.ring_seconds(nbytes, world)
+
+
+PLACEMENTS: dict[str, type[Placement]] = {ParameterServer.name: ParameterServer}
+
+
+def placement_of(name: str) -> Placement:
+    """The placement called ``name`` (one of :data:`PLACEMENTS`)."""
+    if name not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {name!r}")
+    return PLACEMENTS[name]()
