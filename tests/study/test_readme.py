@@ -1,5 +1,6 @@
-"""README's examples run as written (with sizes cut down where they would take minutes) and
-give what the README says they give."""
+"""The examples of README and of the pages it sends a reader to (docs/reference.md,
+docs/tools.md) run as written (with sizes cut down where they would take minutes) and give
+what those pages say they give; docs/architecture.md's layout names every module."""
 
 from __future__ import annotations
 
@@ -15,17 +16,20 @@ import pytest
 
 from ..launch import ROOT, free_port
 
-README = (ROOT / "README.md").read_text()
+# README first: a command is looked up in the order a reader meets it
+PAGES = ("README.md", "docs/reference.md", "docs/tools.md")
+DOCS = "\n".join((ROOT / page).read_text() for page in PAGES)
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
 SHRINK = ["--num_epochs", "1", "--max_steps", "2", "--lab_round", "1"]  # last flag wins
 
 
 def readme_command(prefix: str) -> list[str]:
-    """The README line that starts with ``prefix`` (inside a code block), as argv."""
-    for line in README.splitlines():
+    """The first line of README or its pages that starts with ``prefix`` (inside a code block), as argv."""
+    for line in DOCS.splitlines():
         line = line.strip().strip("`")
         if line.startswith(prefix):
             return shlex.split(line)
-    raise AssertionError(f"README has no command starting with {prefix!r}")
+    raise AssertionError(f"README and its pages have no command starting with {prefix!r}")
 
 
 def env() -> dict[str, str]:
@@ -52,7 +56,7 @@ def test_quick_study_command_makes_the_folder_it_names(tmp_path):
     argv = line[line.index("torchrun") :]
     res = run([*script_argv(argv), *SHRINK, "--workers", "0"], cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    named = re.search(r"`runs/(\S+?)/`", README).group(1)
+    named = re.search(r"`runs/(\S+?)/`", DOCS).group(1)
     run_dir = tmp_path / "runs" / named
     for name in ("config.json", "round0/metrics.csv", "round0/checkpoint.pt", "round0/final.pt"):
         assert (run_dir / name).exists(), name
@@ -76,11 +80,11 @@ def test_tail_drop_example_lands_where_the_readme_says(tmp_path):
         rate = {r["parameter"]: float(r["loss_rate"]) for r in csv.DictReader(fh)}
     with open(run_dir / "round0" / "buckets.csv", newline="") as fh:
         (bucket,) = list(csv.DictReader(fh))
-    assert bucket["packets"] == "1941" and "1,941 packets whose last 195" in README
+    assert bucket["packets"] == "1941" and "1,941 packets whose last 195" in DOCS
     early = {p for p in rate if re.match(r"features\.[0-6]\.", p)} | {"features.7.squeeze.bias"}
     assert early and all(rate[p] == 1.0 for p in early)
     assert rate["features.7.squeeze.weight"] == pytest.approx(0.227, abs=0.001)
-    assert "`features.7.squeeze.weight` 22.7%" in README
+    assert "`features.7.squeeze.weight` 22.7%" in DOCS
     rest = set(rate) - early - {"features.7.squeeze.weight"}
     assert rest and all(rate[p] == 0.0 for p in rest)
 
@@ -93,10 +97,10 @@ def test_layout_example_numbers(tmp_path):
     res = run([sys.executable, *argv[1:], "--json", str(out)], cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     layout = json.loads(out.read_text())
-    assert layout["num_buckets"] == 7 and "7 buckets" in README
-    assert layout["packets_per_step"] == 118_800 and "118,800 packets" in README
-    assert round(100 * layout["straddling_share"], 2) == 0.21 and "0.21% straddling" in README
-    assert round(layout["buckets"][0]["bytes"] / 1e6, 1) == 30.3 and "bucket 0 holds 30.3 MB" in README
+    assert layout["num_buckets"] == 7 and "7 buckets" in DOCS
+    assert layout["packets_per_step"] == 118_800 and "118,800 packets" in DOCS
+    assert round(100 * layout["straddling_share"], 2) == 0.21 and "0.21% straddling" in DOCS
+    assert round(layout["buckets"][0]["bytes"] / 1e6, 1) == 30.3 and "bucket 0 holds 30.3 MB" in DOCS
 
 
 def test_sweep_and_compare_commands(tmp_path):
@@ -118,7 +122,7 @@ def test_sweep_and_compare_commands(tmp_path):
 
 def test_hook_snippet_runs_in_a_ddp_program(tmp_path):
     """README's two-line snippet, pasted into a one-process DDP program."""
-    block = README.split("## The hook in your DDP code", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    block = DOCS.split("## The hook in your DDP code", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     snippet = block.replace("...", "ddp_model(torch.ones(4, 8)).sum().backward()")
     program = (
         "import torch\nfrom torch.nn.parallel import DistributedDataParallel as DDP\n"
@@ -144,7 +148,7 @@ STEPS = (
 
 def test_fsdp_snippet_runs_in_a_two_rank_fsdp_program(tmp_path):
     """README's FSDP2 snippet, pasted into a 2-rank Gloo program on the GPT."""
-    section = README.split("### FSDP2, and a language model", 1)[1]
+    section = DOCS.split("### FSDP2\n", 1)[1]
     snippet = section.split("```python", 1)[1].split("```", 1)[0]
     program = (
         "import torch, torch.distributed as dist\n"
@@ -206,7 +210,7 @@ def test_deadline_command_prices_time_and_loses_late_packets(tmp_path):
 def _readme_pattern() -> re.Pattern[str]:
     """README's folder-name pattern as a regex: ``<x>`` a part without ``_`` (``<model>``:
     any text; torchvision names have underscores), ``[...]`` optional, ``(a|b)`` one of."""
-    text = README.split("**Outputs.**", 1)[1].split("<output_dir>/", 1)[1].split("/\n", 1)[0]
+    text = DOCS.split("**Outputs.**", 1)[1].split("<output_dir>/", 1)[1].split("/\n", 1)[0]
     out = []
     for token in re.findall(r"<[^<>]+>|\[|\]|\(|\)|\||[^<>\[\]()|]+", text):
         if token.startswith("<"):
@@ -254,8 +258,8 @@ def test_the_folder_pattern_is_the_code_s(flags, parts):
 
 
 def _layout() -> tuple[set[str], set[str]]:
-    """The paths README's layout block names, and the folders it names."""
-    block = README.split("## Layout", 1)[1].split("```", 2)[1]
+    """The paths docs/architecture.md's layout block names, and the folders it names."""
+    block = ARCHITECTURE.split("## Layout", 1)[1].split("```", 2)[1]
     named, folders, current = set(), set(), None
     for line in block.strip("\n").splitlines():
         if not line.startswith(" "):
@@ -277,7 +281,7 @@ def _layout() -> tuple[set[str], set[str]]:
 def test_the_layout_block_names_every_module_and_document_and_nothing_else():
     named, folders = _layout()
     for path in named:
-        assert (ROOT / path).exists(), f"README's layout names {path}, which does not exist"
+        assert (ROOT / path).exists(), f"docs/architecture.md's layout names {path}, which does not exist"
     required = {str(p.relative_to(ROOT)) for p in (ROOT / "lossy_hooks").rglob("*.py")}
     required |= {str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py")}
     required |= {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")}
@@ -285,4 +289,4 @@ def test_the_layout_block_names_every_module_and_document_and_nothing_else():
     required |= {str(p.relative_to(ROOT)) + "/" for p in (ROOT / "docs").iterdir() if p.is_dir()}
     covered = named | {f + "__init__.py" for f in folders}
     missing = sorted(r for r in required if r not in covered)
-    assert not missing, f"README's layout does not name {missing}"
+    assert not missing, f"docs/architecture.md's layout does not name {missing}"
