@@ -87,7 +87,7 @@ _UNSUPPORTED = {
 def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
     """Raise ``ValueError`` naming the setting if ``state`` asks for something the FSDP
     collectives do not do (``collective``: ``"reduce-scatter"`` or ``"all-gather"``)."""
-    options = state._options()
+    options = state.options()
     for name, why in _UNSUPPORTED.items():
         default = OPTION_DEFAULTS[name]
         if options[name] != default and not (name == "fec" and options[name] is None):
@@ -221,8 +221,8 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
         async_op: bool = False,
     ) -> dist.Work | None:
         state = self.wiring.state
-        state._prepare(input_tensor, group)
-        state._bucket_calls += 1
+        state.prepare(input_tensor, group)
+        state.bucket_calls += 1
         if state.reduction == "sum":
             if op != dist.ReduceOp.AVG:
                 raise ValueError(
@@ -230,7 +230,7 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
                     "divide factor or a low-precision reduce dtype): use reduction='mean'"
                 )
             op = dist.ReduceOp.SUM
-        if state._passthrough:
+        if state.passing_through:
             dist.reduce_scatter_single(output=output_tensor, input=input_tensor, op=op, group=group)
             return None
         world, rank = state.world_size, state.rank
@@ -250,7 +250,7 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
             if lost is not None:
                 pre = (~lost).float()
                 if state.fill == "rescale":
-                    if state._counts_resolved == "regenerate":
+                    if state.counts_resolved == "regenerate":
                         pre.mul_(world / self._regenerated_counts(lost, record, world))
                     else:
                         counts = (~lost).to(torch.int32)
@@ -294,7 +294,7 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
         replayed from their generators (each rank's own row always arrives)."""
         state, n = self.wiring.state, record.layout.num_packets
         counts = (~own).to(torch.int32)
-        for peer, site in state._peers.items():
+        for peer, site in state.peers.items():
             drawn = site.draw((world - 1) * n)
             assert drawn is not None
             counts += ~_insert_row(drawn.view(world - 1, n), peer)
@@ -313,9 +313,9 @@ class LossyAllGather(_LossyComm, AllGather):
     ) -> dist.Work | None:
         state = self.wiring.state
         dist.all_gather_single(output_tensor, input_tensor, group=group)
-        state._prepare(output_tensor, group)
-        state._bucket_calls += 1
-        if state._passthrough:
+        state.prepare(output_tensor, group)
+        state.bucket_calls += 1
+        if state.passing_through:
             return None
         # this call's group (a backward all-gather may run on a smaller group than the
         # forward one, fully_shard(reshard_after_forward=<int>))

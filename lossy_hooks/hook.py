@@ -197,21 +197,21 @@ def _plan_masks(state: LossyState, record: BucketRecord, plan: _Plan, buf: torch
     its rescale) into ``plan.pre``; leave the rest (summed counts, an independent post mask)
     for :func:`_finish`."""
     key = record.key
-    lost = state._draw(state.worker, record) if state.drops_before else None
+    lost = state.draw(state.worker, record) if state.drops_before else None
     if lost is not None:
         plan.pre = (~lost).float()  # a_{r,j}
         if state.fill == "rescale":
             plan.unrecovered = state.ledger.unrecovered_counter(key, buf.device)
-            if state._counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
+            if state.counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
                 plan.pre.mul_(
-                    _arrival_factor(state._regenerated_counts(lost, record), plan.world, plan.unrecovered)
+                    _arrival_factor(state.regenerated_counts(lost, record), plan.world, plan.unrecovered)
                 )
             else:
-                wire = state._wire_dtype(buf)
-                plan.counts = (~lost).to(torch.int32 if state._counts_resolved == "separate" else wire)
+                wire = state.wire_dtype_for(buf)
+                plan.counts = (~lost).to(torch.int32 if state.counts_resolved == "separate" else wire)
         if state.error_feedback:
             _feed_back(record, buf, lost)
-    plan.post_lost = state._draw(state.post, record) if state.drops_after else None
+    plan.post_lost = state.draw(state.post, record) if state.drops_after else None
     if plan.post_lost is not None and state.fill != "stale":
         # rescale: 1 / E[fraction of the bucket's packets received] (see LossModel.keep_fraction)
         keep = torch.where(plan.post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)
@@ -246,7 +246,7 @@ def _to_wire(state: LossyState, plan: _Plan, buf: torch.Tensor, scale: float) ->
         x, plan.signs = encode(buf, state.hadamard_block, state.rotation.generator)
         plan.block = state.hadamard_block
     _scale_before_collective(x, plan.layout, plan.pre, scale)
-    dtype = state._wire_dtype(buf)
+    dtype = state.wire_dtype_for(buf)
     wire = x.to(dtype) if x.dtype != dtype else x
     if wire is not buf:
         plan.bucket = buf
@@ -303,12 +303,12 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buf = bucket.buffer()
-    state._prepare(buf, group)
-    state._bucket_calls += 1
+    state.prepare(buf, group)
+    state.bucket_calls += 1
     assert state.world_size is not None
     # ``1/W`` as DDP's reducer applies it: a multiply by the scalar (bitwise DDP at any W)
     scale = 1.0 / state.world_size if state.reduction == "mean" else 1.0
-    if state._passthrough:
+    if state.passing_through:
         if scale != 1.0:
             buf.mul_(scale)
         return _join([_allreduce(buf, group)], buf.is_cuda, lambda r: r[0])
@@ -329,7 +329,7 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     _plan_masks(state, record, plan, buf)
     wire = _to_wire(state, plan, buf, scale)
 
-    plan.appended = plan.counts is not None and state._counts_resolved == "append"
+    plan.appended = plan.counts is not None and state.counts_resolved == "append"
     futures = [_allreduce(torch.cat((wire, plan.counts)) if plan.appended else wire, group)]  # type: ignore[arg-type]
     if plan.counts is not None and not plan.appended:
         futures.append(_allreduce(plan.counts, group))

@@ -172,7 +172,7 @@ MUTANTS = [
     M(
         "M13",
         "lossy_hooks/core/state.py",
-        "        for site in self._peers.values():\n",
+        "        for site in self.peers.values():\n",
         "        for site in []:\n",
         "regenerate counts replay every other rank's mask",
         (HOOK,),
@@ -632,8 +632,8 @@ MUTANTS = [
     M(
         "M70",
         "lossy_hooks/core/state.py",
-        "*((s, r) for r, s in self._peers.items())",
-        "*((s, self.rank) for r, s in self._peers.items())",
+        "*((s, r) for r, s in self.peers.items())",
+        "*((s, self.rank) for r, s in self.peers.items())",
         "regenerated counts replay each peer's own row of the clock",
         (CLOCK,),
     ),

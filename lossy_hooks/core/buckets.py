@@ -110,9 +110,9 @@ class BucketRecords:
         else:
             encoded = self.state.encoding == "hadamard"
             wire_numel = padded_numel(numel, self.state.hadamard_block) if encoded else numel
-            layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, self.state._wire_dtype(buf).itemsize)
+            layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, self.state.wire_dtype_for(buf).itemsize)
         n = layout.num_packets
-        wire_bytes = layout.numel * self.state._wire_dtype(buf).itemsize
+        wire_bytes = layout.numel * self.state.wire_dtype_for(buf).itemsize
         protected = self._protected_packets(layout, params, numel)  # on the CPU
         if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
             keep: float | torch.Tensor = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
@@ -128,7 +128,7 @@ class BucketRecords:
         on_device = None if protected is None else protected.to(buf.device)
         record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None), on_device)
         record.residual = self.saved_residual.pop(key, None)
-        if self.state._protecting:
+        if self.state.protecting:
             base = torch.zeros(len(COUNTERS), dtype=torch.int64)
             base[0] = self.state.protection.parity_packets(n)
             base[4] = 0 if protected is None else int(protected.sum())
@@ -145,9 +145,9 @@ class BucketRecords:
     ) -> torch.Tensor | None:
         """Packets carrying any element of a parameter ``protect`` selects (with an encoding,
         of any block holding one), as a bool CPU tensor (built once per key); ``None`` if none."""
-        if self.state._protect_rule is None:
+        if self.state.protect_rule is None:
             return None
-        if not self.state._names:
+        if not self.state.parameter_names:
             raise ValueError(
                 "protect=... matches parameter names: call state.name_parameters(model) before training"
             )
@@ -156,7 +156,7 @@ class BucketRecords:
         start = 0
         for j, p in enumerate(params):
             size = p.numel()
-            if self.state._protect_rule(self.state._names.get(id(p), ""), p):
+            if self.state.protect_rule(self.state.parameter_names.get(id(p), ""), p):
                 if layout.per_tensor:
                     out[j] = True
                 else:

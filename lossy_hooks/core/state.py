@@ -154,7 +154,7 @@ class LossyState:
         self.wire_dtype = choice("wire_dtype", wire_dtype, tuple(WIRE_DTYPES))
         self.error_feedback = bool(error_feedback)
         self.protect = protect
-        self._protect_rule = protect_rule(protect)
+        self.protect_rule = protect_rule(protect)
         self.protection = Protection(retransmit, fec)
         self.network = network
         if network is not None and not isinstance(network, NetworkModel):
@@ -172,21 +172,21 @@ class LossyState:
         self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
         self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
         points = tuple(site.name for site in self.placement.sites(self.drop_point))
-        self._protecting = self.protection.active or protect is not None
+        self.protecting = self.protection.active or protect is not None
         unrecovered = self.drops_before and self.fill == "rescale"
-        self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self._protecting)
-        self._names: dict[int, str] = {}
+        self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self.protecting)
+        self.parameter_names: dict[int, str] = {}
         self.steps = 0
         self.rank: int | None = None
         self.world_size: int | None = None
         self.device: torch.device | None = None
         self.buckets = BucketRecords(self)
-        self._passthrough = False
-        self._bucket_calls = 0  # hook calls, passthrough ones included
+        self.passing_through = False
+        self.bucket_calls = 0  # hook calls, passthrough ones included
         self._warned_unreached = False
-        self._peers: dict[int, DropSite] = {}
+        self.peers: dict[int, DropSite] = {}
         self._saved_peers: dict[int, dict[str, Any]] = {}
-        self._counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
+        self.counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
 
     # -- configuration ----------------------------------------------------------------
 
@@ -203,12 +203,12 @@ class LossyState:
         """Whether any gradient bucket has reached this state (in this process, or before
         the checkpoint it was loaded from). ``False`` after training steps means the hook is
         not registered on the DDP module that trains: nothing was lost."""
-        return self._bucket_calls > 0 or self.steps > 0
+        return self.bucket_calls > 0 or self.steps > 0
 
     @property
     def counts_transport_in_use(self) -> str | None:
         """The counts transport in effect (``"auto"`` resolved at the first bucket; ``None`` before it)."""
-        return self._counts_resolved
+        return self.counts_resolved
 
     def config(self) -> dict[str, Any]:
         """The settings, as plain values (for configs and run names)."""
@@ -226,14 +226,14 @@ class LossyState:
                 "counts_transport": self.counts_transport,
                 "measure_fidelity": self.measure_fidelity,
             }
-            | {k: v for k, v in self._options().items() if v != OPTION_DEFAULTS[k]}
+            | {k: v for k, v in self.options().items() if v != OPTION_DEFAULTS[k]}
             | self._network_config()
         )
 
     def _network_config(self) -> dict[str, Any]:
         return {} if self.network is None else {"network": dataclasses.asdict(self.network)}
 
-    def _options(self) -> dict[str, Any]:
+    def options(self) -> dict[str, Any]:
         protect = (
             self.protect
             if self.protect is None or isinstance(self.protect, str)
@@ -252,11 +252,11 @@ class LossyState:
 
     def name_parameters(self, module: torch.nn.Module) -> None:
         """Tell the state the names of ``module``'s parameters (``protect=`` matches them)."""
-        self._names = {id(p): n for n, p in module.named_parameters()}
+        self.parameter_names = {id(p): n for n, p in module.named_parameters()}
 
     # -- used by the hook -----------------------------------------------------------------
 
-    def _prepare(self, buf: torch.Tensor, group: Any) -> None:
+    def prepare(self, buf: torch.Tensor, group: Any) -> None:
         """At the first bucket on a device: rank, world size, generators, the counts rule."""
         if self.device == buf.device:
             return
@@ -269,10 +269,10 @@ class LossyState:
             self.clock.prepare(buf.device, self.seed, self.world_size)
         self.ledger.to(buf.device)
         self.buckets.to(buf.device)
-        if self._counts_resolved is None:
-            self._counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
+        if self.counts_resolved is None:
+            self.counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
         uses_counts = self.drops_before and self.fill == "rescale"
-        if uses_counts and self._counts_resolved == "append":
+        if uses_counts and self.counts_resolved == "append":
             wire = wire_dtype_of(self.wire_dtype, buf.dtype)
             limit = _exact_count_limit(wire)
             if self.world_size > limit:
@@ -281,17 +281,17 @@ class LossyState:
                     f"exact only up to {limit} ranks; this group has {self.world_size}: use "
                     "counts_transport='separate' (int32 counts)"
                 )
-        if self._counts_resolved == "regenerate" and uses_counts:
+        if self.counts_resolved == "regenerate" and uses_counts:
             for peer_rank in range(self.world_size):
                 if peer_rank == self.rank:
                     continue
-                site = self._peers.get(peer_rank)
+                site = self.peers.get(peer_rank)
                 if site is None:
                     name = f"worker of rank {peer_rank}"
                     site = DropSite(name, self.loss_model.clone(), STREAM_WORKER, per_rank=True)
                     if peer_rank in self._saved_peers:
                         site.load_state_dict(self._saved_peers.pop(peer_rank))
-                    self._peers[peer_rank] = site
+                    self.peers[peer_rank] = site
                 site.prepare(buf.device, self.seed, peer_rank)
         self._bind_deadlines()
 
@@ -302,18 +302,18 @@ class LossyState:
             return
         assert self.rank is not None
         post_row = self.rank if self.post.per_rank else 0
-        sites = [(self.worker, self.rank), (self.post, post_row), *((s, r) for r, s in self._peers.items())]
+        sites = [(self.worker, self.rank), (self.post, post_row), *((s, r) for r, s in self.peers.items())]
         for site, row in sites:
             if isinstance(site.model, DeadlineLoss):
                 site.model.bind(self.clock, row)
 
-    def _draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
+    def draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
         """The loss mask of this bucket at ``site`` after FEC, retransmission and protection
         (:class:`~lossy_hooks.core.protection.Protection`), counted in the ledger."""
         n = record.layout.num_packets
-        if site.lossless or not self._protecting:
+        if site.lossless or not self.protecting:
             lost = site.draw(n)
-            counters = record.lossless_counters if self._protecting else None
+            counters = record.lossless_counters if self.protecting else None
         else:
             assert self.device is not None
             lost, counters = self.protection.resolve(n, site.draw, record.protected, self.device)
@@ -322,13 +322,13 @@ class LossyState:
             self.ledger.count_protection(site.name, record.key, counters)
         return lost
 
-    def _regenerated_counts(self, own_lost: torch.Tensor, record: BucketRecord) -> torch.Tensor:
+    def regenerated_counts(self, own_lost: torch.Tensor, record: BucketRecord) -> torch.Tensor:
         """``c_j``: this rank's arrivals plus every other rank's, replayed from their generators
         (through the same FEC, retransmission and protection)."""
         counts = (~own_lost).to(torch.int32)
         n = own_lost.numel()
-        for site in self._peers.values():
-            if self._protecting:
+        for site in self.peers.values():
+            if self.protecting:
                 lost = self.protection.resolve(n, site.draw, record.protected, own_lost.device)[0]
             else:
                 lost = site.draw(n)
@@ -336,7 +336,7 @@ class LossyState:
             counts += ~lost
         return counts
 
-    def _wire_dtype(self, buf: torch.Tensor) -> torch.dtype:
+    def wire_dtype_for(self, buf: torch.Tensor) -> torch.dtype:
         return wire_dtype_of(self.wire_dtype, buf.dtype)
 
     @contextlib.contextmanager
@@ -345,11 +345,11 @@ class LossyState:
         numbers and counts nothing. Use it for a warm-up iteration that lets DDP rebuild
         its buckets, so that a fresh run and a resumed one see the same bucket layouts and
         therefore the same loss sequence."""
-        previous, self._passthrough = self._passthrough, True
+        previous, self.passing_through = self.passing_through, True
         try:
             yield
         finally:
-            self._passthrough = previous
+            self.passing_through = previous
 
     # -- what was counted (see PacketLedger) ------------------------------------------------
 
@@ -401,9 +401,9 @@ class LossyState:
                 "worker": self.worker.state_dict(),
                 "post": self.post.state_dict(),
                 "rotation": self.rotation.state_dict(),
-                "peers": {str(r): site.state_dict() for r, site in self._peers.items()}
+                "peers": {str(r): site.state_dict() for r, site in self.peers.items()}
                 | {str(r): sd for r, sd in self._saved_peers.items()},
-                "counts_transport_resolved": self._counts_resolved,
+                "counts_transport_resolved": self.counts_resolved,
                 "ledger": self.ledger.state_dict(),
             }
             | ({"clock": self.clock.state_dict()} if self.clock is not None else {})
@@ -434,9 +434,9 @@ class LossyState:
         if "rotation" in sd:
             self.rotation.load_state_dict(sd["rotation"])
         self.buckets.load_state_dict(sd)
-        self._peers = {}
+        self.peers = {}
         self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
-        self._counts_resolved = sd.get("counts_transport_resolved", self._counts_resolved)
+        self.counts_resolved = sd.get("counts_transport_resolved", self.counts_resolved)
         ledger = sd["ledger"] if "ledger" in sd else PacketLedger.from_version_2(sd)
         self.ledger.load_state_dict(ledger)
         if self.clock is not None:

@@ -43,7 +43,7 @@ def register_on_ddp(model: Any, state: LossyState, framework: str) -> Distribute
             "there are no DDP buckets for the lossy hook: run with 2 or more processes "
             "(torchrun --nproc_per_node=N, or the framework's own launcher) and a DDP strategy"
         )
-    if state.protect is not None and not state._names:  # protect= matches parameter names
+    if state.protect is not None and not state.parameter_names:  # protect= matches parameter names
         state.name_parameters(model.module)
     model.register_comm_hook(state, lossy_allreduce_hook)
     return model
