@@ -84,6 +84,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Train a torchvision model or a small GPT with DDP or FSDP2 under simulated packet loss.",
         formatter_class=_HelpFormatter,
     )
+    _add_original_flags(p)
+    beyond = p.add_argument_group("beyond the original")
+    _add_loss_and_model_flags(beyond)
+    _add_data_and_run_flags(beyond)
+    _add_technique_flags(p)
+    _add_network_flags(p)
+    return p
+
+
+def _add_original_flags(p: argparse.ArgumentParser) -> None:
+    """The original study's flags, with its names, defaults and meanings."""
     g = p.add_argument_group("the original study's flags")
     g.add_argument("--num_epochs", "--num-epochs", type=int, default=400, help="epochs per round (>= 1)")
     g.add_argument(
@@ -147,7 +158,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="lose packets at the workers before the allreduce; otherwise after it",
     )
-    x = p.add_argument_group("beyond the original")
+
+
+def _add_loss_and_model_flags(x: argparse._ArgumentGroup) -> None:
+    """Loss models, drop points, fills, packets, buckets, the model and the strategy."""
     x.add_argument(
         "--loss_model",
         default=None,
@@ -210,6 +224,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default="ddp",
         help="ddp: lossy allreduce hook; fsdp: FSDP2 with the lossy reduce-scatter (and all-gather)",
     )
+
+
+def _add_data_and_run_flags(x: argparse._ArgumentGroup) -> None:
+    """The optimizer, data, seeds, evaluation, AMP, the run folder, resume, measurements."""
     x.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
@@ -298,6 +316,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "or regenerated locally from every rank's seed (no communication); auto: regenerate "
         f"on CPU with <= {AUTO_REGENERATE_MAX_WORLD} ranks, else separate",
     )
+
+
+def _add_technique_flags(p: argparse.ArgumentParser) -> None:
+    """Encodings and protection."""
     e = p.add_argument_group("encodings and protection (docs/semantics.md)")
     e.add_argument(
         "--encoding",
@@ -343,6 +365,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar=("G", "R"),
         help="R parity packets per G data packets (any G of G+R rebuild the group)",
     )
+
+
+def _add_network_flags(p: argparse.ArgumentParser) -> None:
+    """The simulated network (off without --bandwidth_gbps)."""
     n = p.add_argument_group("simulated network time (docs/semantics.md; off without --bandwidth_gbps)")
     n.add_argument(
         "--bandwidth_gbps",
@@ -388,7 +414,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="validation accuracy in (0, 1]: summary.csv gets each round's (simulated) time to reach it",
     )
-    return p
 
 
 NETWORK_FLAGS = ("latency_us", "jitter", "straggler_prob", "straggler_factor", "net_drop_rate", "rto_us")
