@@ -38,7 +38,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lossy_hooks.core.process_group import free_port
-from lossy_hooks.study.cli import build_parser, resolve
+from lossy_hooks.study.cli import resolve
+from lossy_hooks.study.flags import build_parser
 from lossy_hooks.study.run_io import config_name, round_status
 
 __all__ = [

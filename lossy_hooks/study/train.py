@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torchvision
 
 from lossy_hooks.core.process_group import init_from_environment
-from lossy_hooks.study.cli import build_parser, prepare_run_dir, resolve
+from lossy_hooks.study.cli import prepare_run_dir, resolve
+from lossy_hooks.study.flags import build_parser
 from lossy_hooks.study.plotting import plot_summary
 from lossy_hooks.study.progress import Reporter
 from lossy_hooks.study.rounds import RoundRunner

@@ -246,7 +246,8 @@ NAMED = [  # flags -> parts their folder name must have (every optional part at 
 @pytest.mark.parametrize("flags, parts", NAMED, ids=range(len(NAMED)))
 def test_the_folder_pattern_is_the_code_s(flags, parts):
     """The names train_ddp.py gives configurations fit README's pattern, part for part."""
-    from lossy_hooks.study.cli import build_parser, resolve
+    from lossy_hooks.study.cli import resolve
+    from lossy_hooks.study.flags import build_parser
     from lossy_hooks.study.run_io import config_name
 
     parser = build_parser()

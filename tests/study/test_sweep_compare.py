@@ -133,7 +133,7 @@ def test_flags_with_several_values_and_switches_match_train_ddp_parser():
     sweep knows every switch and multi-value flag train_ddp.py has."""
     import argparse
 
-    from lossy_hooks.study.cli import build_parser
+    from lossy_hooks.study.flags import build_parser
     from lossy_hooks.sweep import BOOLEAN_FLAGS, MULTI_VALUE_FLAGS, flags_for, parse_fixed
 
     fixed = parse_fixed(["--fec", "8", "1", "--use_avg", "--loss_model", "random 10%", "--lr_x", "-1"])

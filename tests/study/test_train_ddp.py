@@ -16,7 +16,8 @@ import torch
 
 from lossy_hooks.bucket_layout import bucket_layout
 from lossy_hooks.core.statistics import binomial_interval
-from lossy_hooks.study.cli import build_parser, resolve
+from lossy_hooks.study.cli import resolve
+from lossy_hooks.study.flags import build_parser
 from lossy_hooks.study.run_control import FAULT_ENV
 from lossy_hooks.study.workloads.models import build_model
 
