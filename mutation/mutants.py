@@ -565,9 +565,9 @@ MUTANTS = [
     ),
     M(
         "M62",
-        "lossy_hooks/study/rounds.py",
-        '                self.gather.load_state_dict(mine["gather"])',
-        "                pass",
+        "lossy_hooks/study/checkpoints.py",
+        '            runner.gather.load_state_dict(mine["gather"])',
+        "            pass",
         "a resumed FSDP run continues the all-gather's loss sequence",
         (("tests/study/test_train_lm.py", "-k", "resumes_exactly"),),
     ),

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lossy_hooks import LossyState
 from lossy_hooks.core.streams import derive_seed
+from lossy_hooks.study.checkpoints import load_checkpoint, save_checkpoint
 from lossy_hooks.study.cli import gather_kwargs, hook_kwargs
-from lossy_hooks.study.parallel import fsdp_api, full_state, load_full_state, no_grad_sync, parallelize
+from lossy_hooks.study.parallel import fsdp_api, no_grad_sync, parallelize
 from lossy_hooks.study.plotting import plot_round
 from lossy_hooks.study.progress import Reporter
 from lossy_hooks.study.replicas import replica_drift, resync_replicas
@@ -28,9 +29,7 @@ from lossy_hooks.study.run_io import (
     BUCKET_FIELDS,
     LAYER_FIELDS,
     MetricsLog,
-    atomic_save,
     packet_rows,
-    to_cpu,
     write_json,
 )
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
@@ -107,21 +106,7 @@ class RoundRunner:
                     (self.dir / log).unlink(missing_ok=True)
             dist.barrier()
             return
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        mine = ckpt["ranks"][self.rank]
-        if self.fsdp:
-            load_full_state(self.module, self.opt, ckpt["model"], ckpt["optimizer"])
-            if self.gather is not None:
-                self.gather.load_state_dict(mine["gather"])
-        else:
-            self.module.load_state_dict(mine.get("model", ckpt["model"]))
-            self.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state.load_state_dict(mine["hook"])
-        torch.set_rng_state(mine["torch_rng"].cpu())
-        if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(mine["cuda_rng"].cpu())
-        self.start_epoch, self.steps = int(ckpt["epoch"]), int(ckpt["steps"])
+        self.start_epoch, self.steps = load_checkpoint(self, ckpt_path)
         if self.rank == 0:
             for log in self.logs().values():
                 log.truncate_after(self.start_epoch)
@@ -154,35 +139,7 @@ class RoundRunner:
         return columns, buckets, layers
 
     def checkpoint(self, epoch: int, final: bool = False) -> None:
-        independent = self.cfg["post_sync"] == "independent" and self.cfg["drop_point"] != "worker"
-        mine = {
-            "hook": self.state.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
-        }
-        if self.gather is not None:
-            mine["gather"] = self.gather.state_dict()
-        if self.fsdp:  # the whole model and optimizer, gathered on rank 0 (a collective)
-            model_sd, opt_sd = full_state(self.module, self.opt)
-        else:
-            model_sd, opt_sd = self.module.state_dict(), self.opt.state_dict()
-        if (
-            independent and not self.fsdp
-        ):  # replicas differ: keep each one (CPU copies: NCCL cannot gather objects on GPU)
-            mine["model"] = to_cpu(self.module.state_dict())
-            mine["optimizer"] = to_cpu(self.opt.state_dict())
-        ranks: list[Any] = [None] * self.world
-        dist.all_gather_object(ranks, mine)
-        if self.rank == 0:
-            ckpt = {
-                "epoch": epoch,
-                "steps": self.steps,
-                "model": model_sd,
-                "optimizer": opt_sd,
-                "scaler": self.scaler.state_dict(),
-                "ranks": ranks,
-            }
-            atomic_save(ckpt, self.dir / ("final.pt" if final else "checkpoint.pt"))
+        save_checkpoint(self, self.dir / ("final.pt" if final else "checkpoint.pt"), epoch)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over this rank's shard. Micro-batches are grouped ``--accumulation_steps``

@@ -1,0 +1,74 @@
+"""A round's checkpoint: what is saved at the end of each epoch and restored by ``--resume``.
+
+One file per round, written atomically by rank 0: the model and optimizer (gathered whole
+under FSDP), the AMP scaler, and every rank's own part (``ranks[r]``): its hook state (loss
+streams, ledger, clock), its all-gather state, its RNG states, and, where the replicas differ
+(``--post_sync independent``), its own model and optimizer. Restoring it gives the same
+results as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from lossy_hooks.study.parallel import full_state, load_full_state
+from lossy_hooks.study.run_io import atomic_save, to_cpu
+
+if TYPE_CHECKING:
+    from lossy_hooks.study.rounds import RoundRunner
+
+
+def save_checkpoint(runner: RoundRunner, path: Path, epoch: int) -> None:
+    """Every rank's part gathered to rank 0, which writes ``path`` (a collective)."""
+    independent = runner.cfg["post_sync"] == "independent" and runner.cfg["drop_point"] != "worker"
+    mine = {
+        "hook": runner.state.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if runner.device.type == "cuda" else None,
+    }
+    if runner.gather is not None:
+        mine["gather"] = runner.gather.state_dict()
+    if runner.fsdp:  # the whole model and optimizer, gathered on rank 0 (a collective)
+        model_sd, opt_sd = full_state(runner.module, runner.opt)
+    else:
+        model_sd, opt_sd = runner.module.state_dict(), runner.opt.state_dict()
+    if independent and not runner.fsdp:
+        # replicas differ: keep each one (CPU copies: NCCL cannot gather objects on GPU)
+        mine["model"] = to_cpu(runner.module.state_dict())
+        mine["optimizer"] = to_cpu(runner.opt.state_dict())
+    ranks: list[Any] = [None] * runner.world
+    dist.all_gather_object(ranks, mine)
+    if runner.rank == 0:
+        ckpt = {
+            "epoch": epoch,
+            "steps": runner.steps,
+            "model": model_sd,
+            "optimizer": opt_sd,
+            "scaler": runner.scaler.state_dict(),
+            "ranks": ranks,
+        }
+        atomic_save(ckpt, path)
+
+
+def load_checkpoint(runner: RoundRunner, path: Path) -> tuple[int, int]:
+    """Restore ``runner``'s model, optimizer, scaler, hook, all-gather and RNG states from
+    ``path``; return the epochs and steps it had finished."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    mine = ckpt["ranks"][runner.rank]
+    if runner.fsdp:
+        load_full_state(runner.module, runner.opt, ckpt["model"], ckpt["optimizer"])
+        if runner.gather is not None:
+            runner.gather.load_state_dict(mine["gather"])
+    else:
+        runner.module.load_state_dict(mine.get("model", ckpt["model"]))
+        runner.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
+    runner.scaler.load_state_dict(ckpt["scaler"])
+    runner.state.load_state_dict(mine["hook"])
+    torch.set_rng_state(mine["torch_rng"].cpu())
+    if runner.device.type == "cuda" and mine.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(mine["cuda_rng"].cpu())
+    return int(ckpt["epoch"]), int(ckpt["steps"])
