@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,89 +78,16 @@ def network_of(cfg: dict[str, Any]) -> NetworkModel | None:
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Check every flag and derive the run configuration; errors exit 2 before any work."""
+    """Check every flag and derive the run configuration; errors exit 2 before any work
+    (the checks run in this order, so the first bad flag is the one reported)."""
 
     def fail(msg: str) -> None:
         parser.error(msg)
 
-    positive_ints = {
-        "num_epochs": 1,
-        "batch_size": 1,
-        "accumulation_steps": 1,
-        "lab_round": 1,
-        "eval_every": 1,
-    }
-    for name, low in positive_ints.items():
-        if getattr(args, name) < low:
-            fail(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    for name in ("workers", "seed", "measure_drift", "resync"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        fail(f"--max_steps must be >= 1, got {args.max_steps}")
-    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-        fail(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if not (0.0 <= args.loss_rate <= 1.0):
-        fail(f"--loss_rate must be in [0, 1], got {args.loss_rate}")
-    if args.mtu < 4:
-        fail(f"--mtu must be >= 4 bytes (one fp32 gradient element), got {args.mtu}")
-    if not (args.bucket_cap_mb > 0):
-        fail(f"--bucket_cap_mb must be > 0, got {args.bucket_cap_mb}")
+    _check_ranges(args, fail)
     language_model = args.model in GPT_CONFIGS
-    if not language_model and args.model not in classification_models():
-        fail(
-            f"--model {args.model!r} is neither a torchvision classification model "
-            f"(e.g. resnet18, resnet101, mobilenet_v3_small, squeezenet1_1) nor a language model "
-            f"({', '.join(GPT_CONFIGS)})"
-        )
-    if language_model and args.dataset not in ("auto", "text"):
-        fail(f"--model {args.model} is a language model: --dataset text (or auto), got {args.dataset}")
-    if not language_model and args.dataset == "text":
-        fail(f"--dataset text needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}")
-    if not (args.corpus_mb > 0 and math.isfinite(args.corpus_mb)):
-        fail(f"--corpus_mb must be > 0, got {args.corpus_mb}")
-    msg = check_data_args(
-        "text" if language_model else args.dataset, args.data_path, args.download, args.imagenette_size
-    )
-    if msg:
-        fail(msg)
-    if args.bandwidth_gbps is None:
-        changed = [f"--{f}" for f in NETWORK_FLAGS if getattr(args, f) != parser.get_default(f)]
-        if changed:
-            fail(f"{', '.join(changed)}: the simulated network needs --bandwidth_gbps")
-    else:
-        try:
-            network_of(vars(args))
-        except ValueError as e:
-            fail("--" + str(e).replace("drop_rate", "net_drop_rate"))
-    if args.target_acc is not None and not (0 < args.target_acc <= 1):
-        fail(f"--target_acc must be in (0, 1], got {args.target_acc}")
-    if not (0.0 <= args.all_gather_loss_rate < 1.0):
-        fail(f"--all_gather_loss_rate must be in [0, 1), got {args.all_gather_loss_rate}")
-    if args.strategy == "ddp" and args.all_gather_loss_rate > 0:
-        fail("--all_gather_loss_rate needs --strategy fsdp (DDP has no parameter all-gather)")
-    if args.strategy == "fsdp":
-        ddp_only = {
-            "--amp": args.amp,
-            "--resync": args.resync,
-            "--measure_drift": args.measure_drift,
-            "--measure_fidelity": args.measure_fidelity,
-            "--bucket_cap_mb": args.bucket_cap_mb != parser.get_default("bucket_cap_mb"),
-        }
-        given = [flag for flag, on in ddp_only.items() if on]
-        if given:
-            fail(
-                f"{', '.join(given)}: DDP only, not with --strategy fsdp (FSDP has no replicas, buckets "
-                "or GradScaler path here; use its MixedPrecisionPolicy for low precision)"
-            )
-    if not (args.amp_init_scale > 0 and math.isfinite(args.amp_init_scale)):
-        fail(f"--amp_init_scale must be > 0, got {args.amp_init_scale}")
-    if args.backend == "nccl" and not torch.cuda.is_available():
-        fail("--backend nccl needs CUDA (no GPU found); use --backend gloo")
-    if args.error_feedback and args.amp:
-        fail("--error_feedback with --amp: residuals would carry one step's loss scale into the next")
-    if args.loss_model is not None and args.loss_rate != 0.0:
-        fail("give --loss_rate or --loss_model, not both")
+    _check_workload(args, parser, fail, language_model)
+    _check_combinations(args, parser, fail)
     try:
         model_spec = parse_loss_model(args.loss_model) if args.loss_model else Bernoulli(args.loss_rate)
     except ValueError as e:
@@ -197,6 +125,102 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     except ValueError as e:
         fail(f"invalid loss settings: {e}")
     return cfg
+
+
+def _check_ranges(args: argparse.Namespace, fail: Callable[[str], None]) -> None:
+    """Counts, rates and sizes in their ranges."""
+    positive_ints = {
+        "num_epochs": 1,
+        "batch_size": 1,
+        "accumulation_steps": 1,
+        "lab_round": 1,
+        "eval_every": 1,
+    }
+    for name, low in positive_ints.items():
+        if getattr(args, name) < low:
+            fail(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    for name in ("workers", "seed", "measure_drift", "resync"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        fail(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        fail(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not (0.0 <= args.loss_rate <= 1.0):
+        fail(f"--loss_rate must be in [0, 1], got {args.loss_rate}")
+    if args.mtu < 4:
+        fail(f"--mtu must be >= 4 bytes (one fp32 gradient element), got {args.mtu}")
+    if not (args.bucket_cap_mb > 0):
+        fail(f"--bucket_cap_mb must be > 0, got {args.bucket_cap_mb}")
+
+
+def _check_workload(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    fail: Callable[[str], None],
+    language_model: bool,
+) -> None:
+    """The model, its data, and the simulated network."""
+    if not language_model and args.model not in classification_models():
+        fail(
+            f"--model {args.model!r} is neither a torchvision classification model "
+            f"(e.g. resnet18, resnet101, mobilenet_v3_small, squeezenet1_1) nor a language model "
+            f"({', '.join(GPT_CONFIGS)})"
+        )
+    if language_model and args.dataset not in ("auto", "text"):
+        fail(f"--model {args.model} is a language model: --dataset text (or auto), got {args.dataset}")
+    if not language_model and args.dataset == "text":
+        fail(f"--dataset text needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}")
+    if not (args.corpus_mb > 0 and math.isfinite(args.corpus_mb)):
+        fail(f"--corpus_mb must be > 0, got {args.corpus_mb}")
+    msg = check_data_args(
+        "text" if language_model else args.dataset, args.data_path, args.download, args.imagenette_size
+    )
+    if msg:
+        fail(msg)
+    if args.bandwidth_gbps is None:
+        changed = [f"--{f}" for f in NETWORK_FLAGS if getattr(args, f) != parser.get_default(f)]
+        if changed:
+            fail(f"{', '.join(changed)}: the simulated network needs --bandwidth_gbps")
+    else:
+        try:
+            network_of(vars(args))
+        except ValueError as e:
+            fail("--" + str(e).replace("drop_rate", "net_drop_rate"))
+    if args.target_acc is not None and not (0 < args.target_acc <= 1):
+        fail(f"--target_acc must be in (0, 1], got {args.target_acc}")
+
+
+def _check_combinations(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, fail: Callable[[str], None]
+) -> None:
+    """Flags that exclude each other: FSDP against DDP-only flags, AMP, the backend."""
+    if not (0.0 <= args.all_gather_loss_rate < 1.0):
+        fail(f"--all_gather_loss_rate must be in [0, 1), got {args.all_gather_loss_rate}")
+    if args.strategy == "ddp" and args.all_gather_loss_rate > 0:
+        fail("--all_gather_loss_rate needs --strategy fsdp (DDP has no parameter all-gather)")
+    if args.strategy == "fsdp":
+        ddp_only = {
+            "--amp": args.amp,
+            "--resync": args.resync,
+            "--measure_drift": args.measure_drift,
+            "--measure_fidelity": args.measure_fidelity,
+            "--bucket_cap_mb": args.bucket_cap_mb != parser.get_default("bucket_cap_mb"),
+        }
+        given = [flag for flag, on in ddp_only.items() if on]
+        if given:
+            fail(
+                f"{', '.join(given)}: DDP only, not with --strategy fsdp (FSDP has no replicas, buckets "
+                "or GradScaler path here; use its MixedPrecisionPolicy for low precision)"
+            )
+    if not (args.amp_init_scale > 0 and math.isfinite(args.amp_init_scale)):
+        fail(f"--amp_init_scale must be > 0, got {args.amp_init_scale}")
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        fail("--backend nccl needs CUDA (no GPU found); use --backend gloo")
+    if args.error_feedback and args.amp:
+        fail("--error_feedback with --amp: residuals would carry one step's loss scale into the next")
+    if args.loss_model is not None and args.loss_rate != 0.0:
+        fail("give --loss_rate or --loss_model, not both")
 
 
 def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
