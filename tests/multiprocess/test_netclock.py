@@ -308,7 +308,7 @@ SIM = (
 def sim_run(out: Path, extra: list[str] | None = None, env_extra: dict[str, str] | None = None):
     import subprocess
 
-    from .test_train_ddp import env, torchrun
+    from ..study.test_train_ddp import env, torchrun
 
     argv = [a.replace("_", " ") if a.startswith(("deadline", "lognormal")) else a for a in SIM.split()]
     cmd = torchrun([*argv, *(extra or []), "--output_dir", str(out)])
@@ -318,7 +318,7 @@ def sim_run(out: Path, extra: list[str] | None = None, env_extra: dict[str, str]
 def test_simulated_time_columns_summary_and_exact_resume(tmp_path):
     from lossy_hooks.study.run_control import FAULT_ENV
 
-    from .test_train_ddp import only_dir, rows
+    from ..study.test_train_ddp import only_dir, rows
 
     cut, ref = tmp_path / "cut", tmp_path / "ref"
     res = sim_run(cut, env_extra={FAULT_ENV: "kill:after_metrics:2"})
