@@ -46,6 +46,7 @@ import torch
 
 from lossy_hooks.core.placement import ParameterServer, Placement
 from lossy_hooks.core.streams import derive_seed
+from lossy_hooks.loss_models.deadline import Deadline
 
 __all__ = ["JITTERS", "STREAM_CLOCK", "Deadline", "NetworkModel", "SimClock", "parse_jitter"]
 
@@ -171,43 +172,6 @@ class NetworkModel:
                 break
             k += 1
         return total
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """A deadline: ``value`` seconds (absolute), or ``value`` times the loss-free collective
-    time ``T_0`` (relative). Text: ``"1.5x"`` or ``"800us"`` / ``"2ms"`` / ``"0.1s"``."""
-
-    value: float
-    relative: bool
-
-    @classmethod
-    def parse(cls, text: str) -> Deadline:
-        t = text.strip().lower()
-        units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-        try:
-            if t.endswith("x"):
-                out = cls(float(t[:-1]), True)
-            else:
-                unit = next((u for u in ("us", "ms", "s") if t.endswith(u)), None)
-                if unit is None:
-                    raise ValueError
-                out = cls(float(t[: -len(unit)]) * units[unit], False)
-        except ValueError:
-            raise ValueError(
-                f"deadline must be a multiple of the loss-free collective time ('1.5x') or a time "
-                f"('800us', '2ms', '0.1s'), got {text!r}"
-            ) from None
-        if not (out.value > 0 and math.isfinite(out.value)):
-            raise ValueError(f"deadline must be > 0, got {text!r}")
-        return out
-
-    def seconds(self, t0: float) -> float:
-        return self.value * t0 if self.relative else self.value
-
-    @property
-    def spec(self) -> str:
-        return f"{self.value:g}x" if self.relative else f"{self.value * 1e6:g}us"
 
 
 # totals: loss-free T_0, the lossy (deadline) transport, the reliable one; and calls

@@ -77,9 +77,10 @@ class ParameterServer(Placement):
     ring allreduce ``2 (W - 1) (α + B / (W β))``."""
 
     name = "ps"
+    SITES = (LossSite("worker", "reduce", 1), LossSite("post", "broadcast", 1))
 
     def all_sites(self) -> tuple[LossSite, ...]:
-        return (LossSite("worker", "reduce", 1), LossSite("post", "broadcast", 1))
+        return self.SITES
 
     def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
         return network.ring_seconds(nbytes, world)

@@ -7,6 +7,7 @@ come from the same arrivals."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,9 +15,46 @@ import torch
 from lossy_hooks.loss_models.base import LossModel
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.netclock import Deadline, SimClock
+    from lossy_hooks.core.netclock import SimClock
 
 __all__ = ["DeadlineLoss"]
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A deadline: ``value`` seconds (absolute), or ``value`` times the loss-free collective
+    time ``T_0`` (relative). Text: ``"1.5x"`` or ``"800us"`` / ``"2ms"`` / ``"0.1s"``."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Deadline:
+        t = text.strip().lower()
+        units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+        try:
+            if t.endswith("x"):
+                out = cls(float(t[:-1]), True)
+            else:
+                unit = next((u for u in ("us", "ms", "s") if t.endswith(u)), None)
+                if unit is None:
+                    raise ValueError
+                out = cls(float(t[: -len(unit)]) * units[unit], False)
+        except ValueError:
+            raise ValueError(
+                f"deadline must be a multiple of the loss-free collective time ('1.5x') or a time "
+                f"('800us', '2ms', '0.1s'), got {text!r}"
+            ) from None
+        if not (out.value > 0 and math.isfinite(out.value)):
+            raise ValueError(f"deadline must be > 0, got {text!r}")
+        return out
+
+    def seconds(self, t0: float) -> float:
+        return self.value * t0 if self.relative else self.value
+
+    @property
+    def spec(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value * 1e6:g}us"
 
 
 class DeadlineLoss(LossModel):
@@ -25,8 +63,6 @@ class DeadlineLoss(LossModel):
     the state's clock: rank ``row``'s packets are those of that row of the clock's arrivals."""
 
     def __init__(self, deadline: str | Deadline) -> None:
-        from lossy_hooks.core.netclock import Deadline
-
         self.deadline = Deadline.parse(deadline) if isinstance(deadline, str) else deadline
         self.clock: SimClock | None = None
         self.row = 0
