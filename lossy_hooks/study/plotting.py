@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -64,12 +65,7 @@ def plot_round(metrics_csv: Path, out_png: Path, title: str) -> None:
     ax_acc.plot(c["epoch"], 100 * c["val_acc"], "s--", label="validation")
     if ax_ppl is not None:
         ax_ppl.plot(c["epoch"], c["val_perplexity"], "s--", color="C1", label="validation")
-    for ax in (ax_loss, ax_acc, ax_ppl):
-        if ax is not None:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(fig, (ax_loss, ax_acc, ax_ppl), out_png)
 
 
 def plot_summary(metric_csvs: list[Path], out_png: Path, title: str) -> None:
@@ -97,12 +93,7 @@ def plot_summary(metric_csvs: list[Path], out_png: Path, title: str) -> None:
         label = key.replace("_", " ").replace("val", "validation")
         ax.plot(epochs, mean, style, label=label)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-    for ax in (ax_loss, ax_acc, ax_ppl):
-        if ax is not None:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(fig, (ax_loss, ax_acc, ax_ppl), out_png)
 
 
 class _quiet:
@@ -115,3 +106,13 @@ class _quiet:
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
+
+
+def _save(fig: Any, axes: tuple[Any, ...], out_png: Path) -> None:
+    """Legends on the panels that exist, then the figure written to ``out_png`` and closed."""
+    for ax in axes:
+        if ax is not None:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
