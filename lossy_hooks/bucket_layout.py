@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -215,7 +216,6 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
@@ -277,12 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         title=f"{args.model}: {layout['num_buckets']} buckets of {cap or 25:g} MiB caps, "
         f"mtu {args.mtu} B = {layout['elements_per_packet']} {args.dtype} elements per packet"
     )
-    for c in COLUMNS:
-        table.add_column(c, justify="left" if "param" in c and c != "params" else "right")
-    for b in layout["buckets"]:
-        table.add_row(*[str(b[c]) for c in COLUMNS])
-    console = Console()
-    console.print(table)
+    left = [c for c in COLUMNS if "param" in c and c != "params"]
+    console = _print_table(table, COLUMNS, left, layout["buckets"])
     console.print(
         f"packets per step: {layout['packets_per_step']}; straddling a parameter boundary: "
         f"{100 * layout['straddling_share']:.2f}%"
@@ -291,40 +287,46 @@ def main(argv: list[str] | None = None) -> int:
         f"first bucket: {layout['first_bucket_rule']}; a bucket closes after the parameter that "
         "reaches its cap (it can exceed the cap by one parameter)"
     )
-    if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(layout["buckets"])
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(layout, fh, indent=2)
-    return 0
+    return _write_files(layout, layout["buckets"], COLUMNS, args)
 
 
 def _print_fsdp(layout: dict[str, Any], args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
         title=f"{args.model} under FSDP2 at {args.world_size} ranks: {len(layout['units'])} units, mtu "
         f"{args.mtu} B = {layout['elements_per_packet']} {args.dtype} elements per packet"
     )
-    for c in FSDP_COLUMNS:
-        table.add_column(c, justify="left" if c in ("unit", "first_param") else "right")
-    for u in layout["units"]:
-        table.add_row(*[str(u[c]) for c in FSDP_COLUMNS])
-    console = Console()
-    console.print(table)
+    console = _print_table(table, FSDP_COLUMNS, ["unit", "first_param"], layout["units"])
     console.print(
         f"packets a rank sends per reduce-scatter round (one per unit): "
         f"{layout['packets_per_reduce_scatter_round']}; it receives as many per all-gather round"
     )
+    return _write_files(layout, layout["units"], FSDP_COLUMNS, args)
+
+
+def _print_table(table: Any, columns: Sequence[str], left: Sequence[str], rows: list[dict[str, Any]]) -> Any:
+    """``rows`` as ``table``'s rows (``left`` columns left-aligned), printed; the console."""
+    from rich.console import Console
+
+    for c in columns:
+        table.add_column(c, justify="left" if c in left else "right")
+    for r in rows:
+        table.add_row(*[str(r[c]) for c in columns])
+    console = Console()
+    console.print(table)
+    return console
+
+
+def _write_files(
+    layout: dict[str, Any], rows: list[dict[str, Any]], columns: Sequence[str], args: Any
+) -> int:
+    """``--csv``: ``rows`` with ``columns``; ``--json``: the whole layout."""
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, FSDP_COLUMNS)
+            w = csv.DictWriter(fh, columns, extrasaction="ignore")
             w.writeheader()
-            w.writerows(layout["units"])
+            w.writerows(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(layout, fh, indent=2)
