@@ -66,40 +66,25 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatt
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
 from lossy_hooks.core.buckets import BucketRecord
-from lossy_hooks.core.ledger import BucketEntry
-from lossy_hooks.core.options import OPTION_DEFAULTS
-from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.core.pipeline import (
+    arrival_factor,
+    insert_own_row,
+    post_keep,
+    regenerated_counts,
+    stale_fill_,
+)
 from lossy_hooks.core.state import LossyState
 
 __all__ = ["LossyAllGather", "LossyReduceScatter", "check_state", "fully_shard", "gather_state", "register"]
-
-# LossyState settings that have no FSDP counterpart yet, with the reason given to the user.
-_UNSUPPORTED = {
-    "encoding": "the Hadamard rotation spans a bucket, FSDP's rows go to different ranks",
-    "wire_dtype": "use FSDP's own MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)",
-    "error_feedback": "residuals are kept per DDP bucket",
-    "protect": "protection matches parameters in a DDP bucket; FSDP rows are flat shards",
-    "retransmit": "not wired into the sharded collectives yet",
-    "fec": "an FEC group would span packets bound for different ranks",
-}
 
 
 def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
     """Raise ``ValueError`` naming the setting if ``state`` asks for something the FSDP
     collectives do not do (``collective``: ``"reduce-scatter"`` or ``"all-gather"``)."""
-    options = state.options()
-    for name, why in _UNSUPPORTED.items():
-        default = OPTION_DEFAULTS[name]
-        if options[name] != default and not (name == "fec" and options[name] is None):
-            raise ValueError(
-                f"FSDP {collective}: {name}={options[name]!r} is not supported under FSDP ({why})"
-            )
-    if state.packetization != "mtu":
-        raise ValueError(f"FSDP {collective}: packetization must be 'mtu' (shards are flat rows of elements)")
-    if state.measure_fidelity:
-        raise ValueError(f"FSDP {collective}: measure_fidelity is not supported under FSDP")
-    if state.network is not None:
-        raise ValueError(f"FSDP {collective}: network=... (simulated time) is not supported under FSDP yet")
+    refused = state.settings.fsdp_refusal()
+    if refused is not None:
+        name, value, why = refused
+        raise ValueError(f"FSDP {collective}: {name}={value!r} is not supported under FSDP ({why})")
     if state.counts_transport == "append":
         raise ValueError(
             f"FSDP {collective}: counts_transport='append' is not supported (the reduce-scatter output "
@@ -125,23 +110,6 @@ def gather_state(
     return state
 
 
-def _scale(layout: PacketLayout, flat: torch.Tensor, factor: torch.Tensor) -> None:
-    """``flat[packet] *= factor[packet]`` with the factor applied in fp32: a bf16/fp16 buffer
-    (FSDP's ``MixedPrecisionPolicy(reduce_dtype=...)``) is widened for the multiply, so
-    ``W/c`` and ``1/q`` are not rounded to the buffer's dtype (bf16 ``1/0.9`` is 0.16% low)."""
-    if flat.dtype in (torch.float32, torch.float64):
-        layout.scale_(flat, factor)
-    else:
-        flat.copy_(layout.scale_(flat.float(), factor))
-
-
-def _insert_row(net: torch.Tensor, row: int) -> torch.Tensor:
-    """``(W-1, n)`` masks of the rows a rank sends or receives -> ``(W, n)``, its own row
-    ``row`` never lost."""
-    own = torch.zeros((1, net.shape[1]), dtype=net.dtype, device=net.device)
-    return torch.cat((net[:row], own, net[row:]))
-
-
 class _Wiring:
     """What the collectives of one :func:`register` call share: the state, the number of
     FSDP parameter groups (a training step = one reduce-scatter per group) and the count."""
@@ -150,32 +118,6 @@ class _Wiring:
         self.state = state
         self.groups = groups
         self.calls = 0
-
-    def record(self, index: int, label: str, rows: torch.Tensor, post_rows: int) -> BucketRecord:
-        """The record of group ``index``: the packet layout of one row, the post rescale
-        factor of a draw of ``post_rows`` rows' packets, and the stale buffer saved in a
-        checkpoint."""
-        state = self.state
-        key = (index, rows.numel(), 0)
-        record = state.buckets.records.get(key)
-        if record is None:
-            layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
-            wire_bytes = rows.shape[1] * rows.element_size()
-            drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
-            model = state.post.model
-            keep = model.bucket_keep_fraction(drawn, post_rows * wire_bytes) if state.drops_after else 1.0
-            factor = 1.0 / keep if keep > 0 else 0.0
-            record = BucketRecord(key, layout, wire_bytes, factor, state.buckets.saved_stale.pop(key, None))
-            state.buckets.records[key] = record
-            entry = BucketEntry(
-                layout.num_packets,
-                (),
-                packet_numel=layout.packet_numel,
-                wire_bytes=wire_bytes,
-                label=label,
-            )
-            state.ledger.register(key, entry)
-        return record
 
     def draw_network(self, site: Any, record: BucketRecord, world: int, rank: int) -> torch.Tensor | None:
         """``(W, n)`` loss mask of the rows crossing the network at ``site`` (own row kept),
@@ -189,7 +131,7 @@ class _Wiring:
             lost = drawn.view(world, n).clone()
             lost[rank] = False
         else:
-            lost = _insert_row(drawn.view(world - 1, n), rank)
+            lost = insert_own_row(drawn.view(world - 1, n), rank)
         net = None if lost is None else torch.cat((lost[:rank], lost[rank + 1 :]))
         self.state.ledger.count(site.name, record.key, (world - 1) * n, net)
         return lost
@@ -241,7 +183,9 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
                 f"ranks, the state's first on {world}"
             )
         rows = input_tensor.view(world, -1)
-        record = self.wiring.record(self.index, self.label, rows, world if not state.post.per_rank else 1)
+        record = state.buckets.shard_record(
+            self.index, self.label, rows, world if not state.post.per_rank else 1
+        )
         layout, n = record.layout, record.layout.num_packets
         pre: torch.Tensor | None = None
         counts: torch.Tensor | None = None
@@ -251,12 +195,13 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
                 pre = (~lost).float()
                 if state.fill == "rescale":
                     if state.counts_resolved == "regenerate":
-                        pre.mul_(world / self._regenerated_counts(lost, record, world))
+                        replayed = regenerated_counts(lost, state.peer_draws(record), shard_rows=True)
+                        pre.mul_(arrival_factor(replayed, world))
                     else:
                         counts = (~lost).to(torch.int32)
         post_lost = self._draw_post(record, world, rank) if state.drops_after else None
         if pre is not None:
-            _scale(layout, rows, pre)
+            layout.scale_(rows, pre)
         dist.reduce_scatter_single(output=output_tensor, input=input_tensor, op=op, group=group)
         factor: torch.Tensor | None = None
         if counts is not None:
@@ -264,18 +209,16 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
             dist.reduce_scatter_single(
                 output=arrived, input=counts.view(-1), op=dist.ReduceOp.SUM, group=group
             )
-            factor = world / arrived.float()
-        if post_lost is not None and state.fill != "stale":
-            keep = torch.where(post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)
+            factor = arrival_factor(arrived, world)
+        keep = post_keep(post_lost, state.fill, record.post_factor)
+        if keep is not None:
             factor = keep if factor is None else factor.mul_(keep)
         if factor is not None:
-            _scale(layout, output_tensor, factor)
+            layout.scale_(output_tensor, factor)
         if state.fill == "stale":
             if record.stale is None:
                 record.stale = torch.zeros_like(output_tensor)
-            if post_lost is not None:
-                layout.fill_from_(output_tensor, post_lost, record.stale)
-            layout.fill_from_(record.stale, layout.finite_packets(output_tensor), output_tensor)
+            stale_fill_(layout, output_tensor, post_lost, record.stale)
         self.wiring.step_done()
         return None
 
@@ -288,17 +231,6 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
         lost = None if drawn is None else (drawn.view(world, n)[rank] if not site.per_rank else drawn)
         state.ledger.count(site.name, record.key, n, lost)
         return lost
-
-    def _regenerated_counts(self, own: torch.Tensor, record: BucketRecord, world: int) -> torch.Tensor:
-        """``c_{j,i}`` for every shard ``j``: this rank's arrivals plus every other rank's,
-        replayed from their generators (each rank's own row always arrives)."""
-        state, n = self.wiring.state, record.layout.num_packets
-        counts = (~own).to(torch.int32)
-        for peer, site in state.peers.items():
-            drawn = site.draw((world - 1) * n)
-            assert drawn is not None
-            counts += ~_insert_row(drawn.view(world - 1, n), peer)
-        return counts.float()
 
 
 class LossyAllGather(_LossyComm, AllGather):
@@ -321,20 +253,16 @@ class LossyAllGather(_LossyComm, AllGather):
         # forward one, fully_shard(reshard_after_forward=<int>))
         world, rank = group.size(), group.rank()
         rows = output_tensor.view(world, -1)
-        record = self.wiring.record(self.index, self.label, rows, 1)
+        record = state.buckets.shard_record(self.index, self.label, rows, 1)
         layout = record.layout
         if state.fill == "stale" and record.stale is None:
             record.stale = rows.clone()  # every rank built the whole model before sharding it
         lost = self.wiring.draw_network(state.post, record, world, rank)
-        if lost is not None:
-            if state.fill == "stale":
-                assert record.stale is not None
-                layout.fill_from_(rows, lost, record.stale)
-            else:
-                layout.zero_(rows, lost)
         if state.fill == "stale":
             assert record.stale is not None
-            layout.fill_from_(record.stale, layout.finite_packets(rows), rows)
+            stale_fill_(layout, rows, lost, record.stale)
+        elif lost is not None:
+            layout.zero_(rows, lost)
         self.wiring.step_done()
         return None
 

@@ -49,6 +49,7 @@ from lossy_hooks.core.buckets import BucketRecord
 from lossy_hooks.core.encoding import decode_, encode, rotation_dtype
 from lossy_hooks.core.ledger import collective_device
 from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.core.pipeline import arrival_factor, post_keep, regenerated_counts, stale_fill_
 from lossy_hooks.core.state import LossyState, derive_seed, resolve_counts_transport
 
 __all__ = [
@@ -82,14 +83,6 @@ def _scale_before_collective(
     else:  # 1/W would round in the factor's cast: multiply by the scalar first, as DDP does
         buf.mul_(scale)
         layout.scale_(buf, pre)
-
-
-def _arrival_factor(arrivals: torch.Tensor, world: int, unrecovered: torch.Tensor) -> torch.Tensor:
-    """Worker rescale: ``W / c_j`` per packet from the arrival counts ``c_j``, and ``0`` where
-    no copy arrived (``c_j = 0``), those packets added to the ``unrecovered`` counter."""
-    c = arrivals.float()
-    unrecovered.add_((c == 0).sum())
-    return torch.where(c > 0, world / c.clamp_min(1.0), 0.0)
 
 
 _FIDELITY_CHUNK = 2**14
@@ -203,18 +196,16 @@ def _plan_masks(state: LossyState, record: BucketRecord, plan: _Plan, buf: torch
         if state.fill == "rescale":
             plan.unrecovered = state.ledger.unrecovered_counter(key, buf.device)
             if state.counts_resolved == "regenerate":  # c_j known here: fold W / c_j into pre
-                plan.pre.mul_(
-                    _arrival_factor(state.regenerated_counts(lost, record), plan.world, plan.unrecovered)
-                )
+                counts = regenerated_counts(lost, state.peer_draws(record))
+                plan.pre.mul_(arrival_factor(counts, plan.world, plan.unrecovered))
             else:
                 wire = state.wire_dtype_for(buf)
                 plan.counts = (~lost).to(torch.int32 if state.counts_resolved == "separate" else wire)
         if state.error_feedback:
             _feed_back(record, buf, lost)
     plan.post_lost = state.draw(state.post, record) if state.drops_after else None
-    if plan.post_lost is not None and state.fill != "stale":
-        # rescale: 1 / E[fraction of the bucket's packets received] (see LossModel.keep_fraction)
-        keep = torch.where(plan.post_lost, 0.0, record.post_factor if state.fill == "rescale" else 1.0)
+    keep = post_keep(plan.post_lost, state.fill, record.post_factor)
+    if keep is not None:
         if state.post_sync == "shared":  # b_j (R_j) = R_j computed from b_j-scaled copies
             plan.pre = keep if plan.pre is None else plan.pre.mul_(keep)
         else:
@@ -269,15 +260,12 @@ def _finish(plan: _Plan, results: list[torch.Tensor]) -> torch.Tensor:
     factor = plan.post
     if plan.counts is not None:
         assert plan.unrecovered is not None and arrivals is not None
-        rescale = _arrival_factor(arrivals, plan.world, plan.unrecovered)
+        rescale = arrival_factor(arrivals, plan.world, plan.unrecovered)
         factor = rescale if factor is None else factor.mul_(rescale)
     if factor is not None:
         plan.layout.scale_(out, factor)
     if plan.stale is not None:
-        if plan.post_lost is not None:  # select: received packets are never touched
-            plan.layout.fill_from_(out, plan.post_lost, plan.stale)
-        # the stale value of a packet: its last received, finite value
-        plan.layout.fill_from_(plan.stale, plan.layout.finite_packets(out), out)
+        stale_fill_(plan.layout, out, plan.post_lost, plan.stale)
     if plan.signs is not None:  # x = D Q y, then back into DDP's buffer
         assert plan.bucket is not None
         out = decode_(plan.bucket, out, plan.signs, plan.block)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from lossy_hooks.core.encoding import block_edges, carrying_packets, padded_numel
 from lossy_hooks.core.ledger import BucketEntry, BucketKey, key_from_str, key_str
 from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.core.pipeline import post_rescale_factor
 from lossy_hooks.core.protection import COUNTERS
 from lossy_hooks.loss_models import Bernoulli
 
@@ -114,13 +115,12 @@ class BucketRecords:
         n = layout.num_packets
         wire_bytes = layout.numel * self.state.wire_dtype_for(buf).itemsize
         protected = self._protected_packets(layout, params, numel)  # on the CPU
+        factor: float | torch.Tensor
         if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
-            keep: float | torch.Tensor = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
+            keep = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
+            factor = (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
         else:
-            keep = self.state.post.model.bucket_keep_fraction(n, wire_bytes)
-        factor: float | torch.Tensor = (
-            (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
-        )
+            factor = post_rescale_factor(self.state.post.model, n, wire_bytes)
         if protected is not None:
             factor = torch.where(protected, 1.0, torch.as_tensor(factor, dtype=torch.float64))
         if isinstance(factor, torch.Tensor):
@@ -133,6 +133,31 @@ class BucketRecords:
             base[0] = self.state.protection.parity_packets(n)
             base[4] = 0 if protected is None else int(protected.sum())
             record.lossless_counters = base.to(buf.device)
+        return record
+
+    def shard_record(self, index: int, label: str, rows: torch.Tensor, post_rows: int) -> BucketRecord:
+        """The record of FSDP unit ``index`` (named ``label``) for a ``(W, numel)`` shard set:
+        the packet layout of one row (a packet never crosses a row), the post-rescale factor
+        of a draw of ``post_rows`` rows' packets, and the stale buffer saved in a checkpoint;
+        registered in the ledger on first sight, keyed ``(index, rows.numel(), 0)``."""
+        key = (index, rows.numel(), 0)
+        record = self.records.get(key)
+        if record is None:
+            state = self.state
+            layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
+            wire_bytes = rows.shape[1] * rows.element_size()
+            drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
+            factor = (
+                post_rescale_factor(state.post.model, drawn, post_rows * wire_bytes)
+                if state.drops_after
+                else 1.0
+            )
+            record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None))
+            self.records[key] = record
+            entry = BucketEntry(
+                layout.num_packets, (), packet_numel=layout.packet_numel, wire_bytes=wire_bytes, label=label
+            )
+            state.ledger.register(key, entry)
         return record
 
     def _edges(self, numel: int) -> tuple[int, ...]:

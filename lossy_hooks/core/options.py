@@ -1,21 +1,32 @@
-"""The settings of :class:`~lossy_hooks.LossyState`, their allowed values, and every check of
-how they combine: each bad value or combination raises ``ValueError`` naming the option and
-what is allowed, before any bucket is touched."""
+"""The settings of :class:`~lossy_hooks.LossyState` in one frozen dataclass,
+:class:`LossConfig`: every setting, its default, its allowed values, every check of how
+settings combine (each bad value or combination raises ``ValueError`` naming the setting and
+what is allowed, before any bucket is touched), and what the FSDP collectives refuse. The
+hook's state, the study CLI, run-folder names, pickling and checkpoints read it."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from lossy_hooks.core.encoding import DEFAULT_HADAMARD_BLOCK, ENCODINGS, WIRE_DTYPES
-from lossy_hooks.loss_models import Bernoulli, DeadlineLoss
-
-if TYPE_CHECKING:
-    from lossy_hooks.core.state import LossyState
+from lossy_hooks.core.netclock import NetworkModel
+from lossy_hooks.core.placement import ParameterServer, Placement
+from lossy_hooks.core.protection import Protection
+from lossy_hooks.loss_models import (
+    Bernoulli,
+    DeadlineLoss,
+    LossModel,
+    check_probability,
+    parse_loss_model,
+    rate_or_none,
+)
 
 __all__ = [
     "AUTO_REGENERATE_MAX_WORLD",
@@ -29,8 +40,10 @@ __all__ = [
     "POST_SYNCS",
     "REDUCTIONS",
     "WIRE_DTYPES",
+    "LossConfig",
     "check_combinations",
     "choice",
+    "exact_count_limit",
     "protect_rule",
     "resolve_counts_transport",
     "unused_settings",
@@ -82,7 +95,7 @@ def protect_rule(protect: str | ProtectRule | None) -> ProtectRule | None:
     return lambda name, _param: pattern.search(name) is not None
 
 
-def check_combinations(state: LossyState) -> None:
+def check_combinations(state: LossConfig) -> None:
     """Combinations of settings that have no meaning, refused with the reason."""
     drop, fill = state.drop_point, state.fill
     if fill == "stale" and drop != "post":
@@ -150,14 +163,173 @@ def check_combinations(state: LossyState) -> None:
 
 # counts_transport="auto" regenerates on CPU up to this many ranks (see LossyState).
 AUTO_REGENERATE_MAX_WORLD = 4
+
+
+def _meta(group: str = "core", fsdp: str | None = None) -> dict[str, Any]:
+    """A :class:`LossConfig` field's metadata: ``group`` ``"core"`` (always in
+    :meth:`LossConfig.as_dict`), ``"option"`` (there only when not at its default:
+    configurations saved before the option existed name the same run), ``"network"``,
+    ``"runtime"`` or ``"derived"`` (computed from the others); ``fsdp``: why the FSDP
+    collectives refuse any value but the default (``None``: they honour it)."""
+    return {"group": group, "fsdp": fsdp}
+
+
+@dataclass(frozen=True, eq=False)
+class LossConfig:
+    """Every setting of a lossy collective, checked at construction (see
+    :class:`~lossy_hooks.LossyState` for what each one means); ``loss_model`` also takes
+    netem-style text. :meth:`from_arguments` adds ``LossyState``'s ``loss_rate`` shorthand."""
+
+    loss_model: LossModel = field(default=None, metadata=_meta())  # type: ignore[assignment]
+    mtu: int = field(default=1500, metadata=_meta())
+    drop_point: str = field(default="worker", metadata=_meta())
+    fill: str = field(default="rescale", metadata=_meta())
+    reduction: str = field(default="mean", metadata=_meta())
+    post_sync: str = field(default="shared", metadata=_meta())
+    packetization: str = field(
+        default="mtu", metadata=_meta("core", "shards are flat rows of elements: packetization must be 'mtu'")
+    )
+    seed: int = field(default=0, metadata=_meta())
+    counts_transport: str = field(default="auto", metadata=_meta())
+    measure_fidelity: bool = field(
+        default=False, metadata=_meta("core", "there is no lossless reference of a shard")
+    )
+    encoding: str = field(
+        default="none",
+        metadata=_meta("option", "the Hadamard rotation spans a bucket, FSDP's rows go to different ranks"),
+    )
+    hadamard_block: int = field(default=DEFAULT_HADAMARD_BLOCK, metadata=_meta("option"))
+    wire_dtype: str = field(
+        default="fp32",
+        metadata=_meta("option", "use FSDP's own MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)"),
+    )
+    error_feedback: bool = field(default=False, metadata=_meta("option", "residuals are kept per DDP bucket"))
+    protect: str | ProtectRule | None = field(
+        default=None,
+        metadata=_meta("option", "protection matches parameters in a DDP bucket; FSDP rows are flat shards"),
+    )
+    retransmit: int = field(default=0, metadata=_meta("option", "not wired into the sharded collectives yet"))
+    fec: tuple[int, int] | None = field(
+        default=None, metadata=_meta("option", "an FEC group would span packets bound for different ranks")
+    )
+    network: NetworkModel | None = field(
+        default=None, metadata=_meta("network", "simulated time is not wired into FSDP yet")
+    )
+    # where packets are lost and what a collective costs (today's only one: ParameterServer)
+    placement: Placement = field(default_factory=ParameterServer, metadata=_meta("runtime"))
+    # derived from the settings above at construction
+    post_keep_rate: float = field(init=False, repr=False, metadata=_meta("derived"))  # 1 - long-run loss
+    protect_rule: ProtectRule | None = field(init=False, repr=False, metadata=_meta("derived"))
+    protection: Protection = field(init=False, repr=False, metadata=_meta("derived"))  # FEC, retransmit
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name, allowed in (
+            ("drop_point", DROP_POINTS),
+            ("fill", FILLS),
+            ("reduction", REDUCTIONS),
+            ("post_sync", POST_SYNCS),
+            ("packetization", PACKETIZATIONS),
+            ("counts_transport", COUNTS_TRANSPORTS),
+        ):
+            choice(name, getattr(self, name), allowed)
+        put("mtu", whole("mtu", self.mtu, 1, "a positive whole number of bytes"))
+        put("seed", whole("seed", self.seed, 0, "a non-negative integer"))
+        model = self.loss_model
+        model = (
+            Bernoulli(0.0) if model is None else parse_loss_model(model) if isinstance(model, str) else model
+        )
+        if not isinstance(model, LossModel):
+            raise ValueError(f"loss_model must be a LossModel or netem-style text, got {model!r}")
+        put("loss_model", model)
+        put("post_keep_rate", 1.0 - model.long_run_loss_rate())
+        choice("encoding", self.encoding, ENCODINGS)
+        put("hadamard_block", power_of_two("hadamard_block", self.hadamard_block))
+        choice("wire_dtype", self.wire_dtype, tuple(WIRE_DTYPES))
+        put("error_feedback", bool(self.error_feedback))
+        put("measure_fidelity", bool(self.measure_fidelity))
+        put("protect_rule", protect_rule(self.protect))
+        put("protection", Protection(self.retransmit, self.fec))
+        put("retransmit", self.protection.retransmit)
+        put("fec", self.protection.fec)
+        if self.network is not None and not isinstance(self.network, NetworkModel):
+            raise ValueError(f"network must be a NetworkModel, got {self.network!r}")
+        check_combinations(self)
+
+    @classmethod
+    def from_arguments(
+        cls, loss_rate: float | None = None, loss_model: LossModel | str | None = None, **settings: Any
+    ) -> LossConfig:
+        """``LossyState``'s arguments: ``loss_rate`` (a Bernoulli model) or ``loss_model``."""
+        if loss_model is not None and loss_rate is not None:
+            raise ValueError("give loss_rate or loss_model, not both")
+        if loss_model is None:
+            loss_model = Bernoulli(check_probability("loss_rate", 0.0 if loss_rate is None else loss_rate))
+        return cls(loss_model=loss_model, **settings)
+
+    @classmethod
+    def names(cls, group: str) -> tuple[str, ...]:
+        """The settings of ``group`` (``"core"``, ``"option"``, ``"network"``), in order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["group"] == group)
+
+    def fsdp_refusal(self) -> tuple[str, Any, str] | None:
+        """``(setting, value, reason)`` of the first setting away from its default that the
+        FSDP collectives do not do (the reasons are the fields' ``fsdp`` metadata), or ``None``."""
+        plain = self.options()
+        for f in dataclasses.fields(self):
+            if f.metadata["fsdp"] and getattr(self, f.name) != f.default:
+                return f.name, plain.get(f.name, getattr(self, f.name)), f.metadata["fsdp"]
+        return None
+
+    @property
+    def drops_before(self) -> bool:
+        """Whether packets are lost on the way to the sum (the placement's reduce phase)."""
+        return self.placement.loses(self.drop_point, "reduce")
+
+    @property
+    def drops_after(self) -> bool:
+        """Whether packets of the result are lost (the placement's broadcast phase)."""
+        return self.placement.loses(self.drop_point, "broadcast")
+
+    def options(self) -> dict[str, Any]:
+        """The option settings as plain values (a predicate ``protect`` by its name)."""
+        out = {name: getattr(self, name) for name in self.names("option")}
+        if out["protect"] is not None and not isinstance(out["protect"], str):
+            out["protect"] = getattr(out["protect"], "__qualname__", repr(out["protect"]))
+        out["fec"] = None if out["fec"] is None else list(out["fec"])
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain values (configs, run names, checkpoints): the core ones,
+        the options not at their defaults, and the network's fields when there is one."""
+        core = {name: getattr(self, name) for name in self.names("core")}
+        core["loss_model"] = self.loss_model.spec
+        core = {"loss_model": core.pop("loss_model"), "loss_rate": rate_or_none(self.loss_model)} | core
+        options = {k: v for k, v in self.options().items() if v != OPTION_DEFAULTS[k]}
+        network = {} if self.network is None else {"network": dataclasses.asdict(self.network)}
+        return core | options | network
+
+    def arguments(self) -> dict[str, Any]:
+        """What rebuilds this configuration: ``LossConfig(**config.arguments())``."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata["group"] != "derived"
+        }
+
+    def differences(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{setting: (saved, now)}`` where a saved :meth:`as_dict` differs from this one
+        (options missing there at their defaults; settings unused in both left out)."""
+        mine, theirs = OPTION_DEFAULTS | self.as_dict(), OPTION_DEFAULTS | saved
+        unused = unused_settings(mine) & unused_settings(theirs)
+        keys = (mine.keys() | theirs.keys()) - unused
+        return {k: (theirs.get(k), mine.get(k)) for k in keys if theirs.get(k) != mine.get(k)}
+
+
 OPTION_DEFAULTS: dict[str, Any] = {
-    "encoding": "none",
-    "hadamard_block": DEFAULT_HADAMARD_BLOCK,
-    "wire_dtype": "fp32",
-    "error_feedback": False,
-    "protect": None,
-    "retransmit": 0,
-    "fec": None,
+    f.name: f.default for f in dataclasses.fields(LossConfig) if f.metadata["group"] == "option"
 }
 NOT_REACHED = (
     "no gradient bucket has reached this LossyState yet: if training steps have run, the lossy "
@@ -185,6 +357,6 @@ def resolve_counts_transport(requested: str, device: torch.device, world_size: i
     return "regenerate" if small_cpu else "separate"
 
 
-def _exact_count_limit(dtype: torch.dtype) -> int:
+def exact_count_limit(dtype: torch.dtype) -> int:
     """The largest ``W`` such that every whole number ``0..W`` is exact in ``dtype``."""
     return round(2 / torch.finfo(dtype).eps) if dtype.is_floating_point else 2**31 - 1

@@ -109,9 +109,7 @@ class PacketLayout:
         return per_packet.repeat_interleave(sizes, output_size=self.numel)
 
     def _per_packet_mul_(self, flat: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """``flat[e] *= factor[packet(e)]`` in place, ``factor`` cast to ``flat``'s dtype (an
-        fp32 factor on an fp16 bucket would take a slow promoting path)."""
-        factor = factor.to(flat.dtype)
+        """``flat[e] *= factor[packet(e)]`` in place, computed in the promoted dtype of the two."""
         if self.sizes is not None:
             return flat.mul_(self.expand(factor))
         full, tail, n_full = self._split(flat)
@@ -124,11 +122,24 @@ class PacketLayout:
         """Zero the elements of lost packets, in place: one streaming multiply by the 0/1
         keep vector (4x faster on CPU than a broadcast ``masked_fill_``). Finite values become
         exactly 0; a lost ``inf``/``nan`` stays non-finite, as it would without loss."""
-        return self._per_packet_mul_(flat, ~lost)
+        return self._per_packet_mul_(flat, (~lost).to(flat.dtype))
 
     def scale_(self, flat: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """Multiply every element of packet ``j`` by ``factor[j]``, in place."""
-        return self._per_packet_mul_(flat, factor)
+        """Multiply every element of packet ``j`` by ``factor[j]`` (fp32), in place.
+
+        The one precision rule of every per-packet factor (``W/c_j``, ``1/q``, a keep mask
+        times ``1/W``): it is applied at least in fp32, ``flat_e <- round(flat_e * f_j)``
+        with one rounding to ``flat``'s dtype, never ``flat_e * round(f_j)``: a bf16 ``1/0.9``
+        is 0.16% low, a bias on every received element. An fp32 or fp64 buffer is
+        multiplied by the factor in its own dtype; a bf16/fp16 one (DDP's half-precision
+        buckets, FSDP's ``MixedPrecisionPolicy(reduce_dtype=...)``) is widened to fp32 for
+        the multiply on the CPU (faster there than a promoting in-place multiply, and
+        bitwise the same) and multiplied with promotion in one kernel on an accelerator."""
+        if flat.dtype in (torch.float32, torch.float64):
+            return self._per_packet_mul_(flat, factor.to(flat.dtype))
+        if flat.device.type != "cpu":
+            return self._per_packet_mul_(flat, factor.float())
+        return flat.copy_(self._per_packet_mul_(flat.float(), factor))
 
     def fill_from_(self, flat: torch.Tensor, lost: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Replace the elements of lost packets with those of ``source``, in place, by

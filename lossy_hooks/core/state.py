@@ -7,38 +7,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import operator
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lossy_hooks.core.buckets import BucketRecord, BucketRecords
-from lossy_hooks.core.encoding import DEFAULT_HADAMARD_BLOCK, ENCODINGS, WIRE_DTYPES, wire_dtype_of
+from lossy_hooks.core.encoding import DEFAULT_HADAMARD_BLOCK, wire_dtype_of
 from lossy_hooks.core.ledger import BucketKey, PacketLedger, collective_device
 from lossy_hooks.core.netclock import NetworkModel, SimClock
 from lossy_hooks.core.options import (
-    COUNTS_TRANSPORTS,
-    DROP_POINTS,
-    FILLS,
     NOT_REACHED,
-    OPTION_DEFAULTS,
-    PACKETIZATIONS,
-    POST_SYNCS,
-    REDUCTIONS,
+    LossConfig,
     ProtectRule,
-    _exact_count_limit,
-    check_combinations,
-    choice,
-    power_of_two,
-    protect_rule,
+    exact_count_limit,
     resolve_counts_transport,
-    unused_settings,
-    whole,
 )
-from lossy_hooks.core.placement import ParameterServer
-from lossy_hooks.core.protection import Protection
 from lossy_hooks.core.streams import (
     STREAM_POST_INDEPENDENT,
     STREAM_POST_SHARED,
@@ -51,9 +38,6 @@ from lossy_hooks.loss_models import (
     Bernoulli,
     DeadlineLoss,
     LossModel,
-    check_probability,
-    parse_loss_model,
-    rate_or_none,
 )
 
 __all__ = [
@@ -131,40 +115,31 @@ class LossyState:
         fec: tuple[int, int] | None = None,
         network: NetworkModel | None = None,
     ) -> None:
-        self.drop_point = choice("drop_point", drop_point, DROP_POINTS)
-        self.fill = choice("fill", fill, FILLS)
-        self.reduction = choice("reduction", reduction, REDUCTIONS)
-        self.post_sync = choice("post_sync", post_sync, POST_SYNCS)
-        self.packetization = choice("packetization", packetization, PACKETIZATIONS)
-        self.counts_transport = choice("counts_transport", counts_transport, COUNTS_TRANSPORTS)
-        self.mtu = whole("mtu", mtu, 1, "a positive whole number of bytes")
-        self.seed = whole("seed", seed, 0, "a non-negative integer")
-        if loss_model is not None and loss_rate is not None:
-            raise ValueError("give loss_rate or loss_model, not both")
-        if isinstance(loss_model, str):
-            loss_model = parse_loss_model(loss_model)
-        if loss_model is None:
-            loss_model = Bernoulli(check_probability("loss_rate", 0.0 if loss_rate is None else loss_rate))
-        if not isinstance(loss_model, LossModel):
-            raise ValueError(f"loss_model must be a LossModel or netem-style text, got {loss_model!r}")
-        self.loss_model = loss_model
-        self.post_keep_rate = 1.0 - loss_model.long_run_loss_rate()
-        self.encoding = choice("encoding", encoding, ENCODINGS)
-        self.hadamard_block = power_of_two("hadamard_block", hadamard_block)
-        self.wire_dtype = choice("wire_dtype", wire_dtype, tuple(WIRE_DTYPES))
-        self.error_feedback = bool(error_feedback)
-        self.protect = protect
-        self.protect_rule = protect_rule(protect)
-        self.protection = Protection(retransmit, fec)
-        self.network = network
-        if network is not None and not isinstance(network, NetworkModel):
-            raise ValueError(f"network must be a NetworkModel, got {network!r}")
-        self.placement = ParameterServer()  # where packets are lost, and what a collective costs
-        check_combinations(self)
+        self.settings = LossConfig.from_arguments(
+            loss_rate,
+            loss_model,
+            mtu=mtu,
+            drop_point=drop_point,
+            fill=fill,
+            reduction=reduction,
+            post_sync=post_sync,
+            packetization=packetization,
+            seed=seed,
+            counts_transport=counts_transport,
+            measure_fidelity=measure_fidelity,
+            encoding=encoding,
+            hadamard_block=hadamard_block,
+            wire_dtype=wire_dtype,
+            error_feedback=error_feedback,
+            protect=protect,
+            retransmit=retransmit,
+            fec=fec,
+            network=network,
+        )
+        loss_model = self.loss_model
         deadline = loss_model.deadline if isinstance(loss_model, DeadlineLoss) else None
         self.clock = SimClock(network, deadline, self.placement) if network is not None else None
         self.process_group = process_group
-        self.measure_fidelity = bool(measure_fidelity)
 
         self.worker = DropSite("worker", loss_model.clone(), STREAM_WORKER, per_rank=True)
         shared = self.post_sync == "shared"
@@ -172,7 +147,7 @@ class LossyState:
         self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
         self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
         points = tuple(site.name for site in self.placement.sites(self.drop_point))
-        self.protecting = self.protection.active or protect is not None
+        self.protecting = self.protection.active or self.protect is not None
         unrecovered = self.drops_before and self.fill == "rescale"
         self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self.protecting)
         self.parameter_names: dict[int, str] = {}
@@ -191,14 +166,6 @@ class LossyState:
     # -- configuration ----------------------------------------------------------------
 
     @property
-    def drops_before(self) -> bool:
-        return self.placement.loses(self.drop_point, "reduce")
-
-    @property
-    def drops_after(self) -> bool:
-        return self.placement.loses(self.drop_point, "broadcast")
-
-    @property
     def hook_reached(self) -> bool:
         """Whether any gradient bucket has reached this state (in this process, or before
         the checkpoint it was loaded from). ``False`` after training steps means the hook is
@@ -211,44 +178,12 @@ class LossyState:
         return self.counts_resolved
 
     def config(self) -> dict[str, Any]:
-        """The settings, as plain values (for configs and run names)."""
-        return (
-            {
-                "loss_model": self.loss_model.spec,
-                "loss_rate": rate_or_none(self.loss_model),
-                "mtu": self.mtu,
-                "drop_point": self.drop_point,
-                "fill": self.fill,
-                "reduction": self.reduction,
-                "post_sync": self.post_sync,
-                "packetization": self.packetization,
-                "seed": self.seed,
-                "counts_transport": self.counts_transport,
-                "measure_fidelity": self.measure_fidelity,
-            }
-            | {k: v for k, v in self.options().items() if v != OPTION_DEFAULTS[k]}
-            | self._network_config()
-        )
-
-    def _network_config(self) -> dict[str, Any]:
-        return {} if self.network is None else {"network": dataclasses.asdict(self.network)}
+        """The settings, as plain values (for configs and run names; :meth:`LossConfig.as_dict`)."""
+        return self.settings.as_dict()
 
     def options(self) -> dict[str, Any]:
-        protect = (
-            self.protect
-            if self.protect is None or isinstance(self.protect, str)
-            else (getattr(self.protect, "__qualname__", repr(self.protect)))
-        )
-        fec = None if self.protection.fec is None else list(self.protection.fec)
-        return {
-            "encoding": self.encoding,
-            "hadamard_block": self.hadamard_block,
-            "wire_dtype": self.wire_dtype,
-            "error_feedback": self.error_feedback,
-            "protect": protect,
-            "retransmit": self.protection.retransmit,
-            "fec": fec,
-        }
+        """The option settings, as plain values (:meth:`LossConfig.options`)."""
+        return self.settings.options()
 
     def name_parameters(self, module: torch.nn.Module) -> None:
         """Tell the state the names of ``module``'s parameters (``protect=`` matches them)."""
@@ -274,7 +209,7 @@ class LossyState:
         uses_counts = self.drops_before and self.fill == "rescale"
         if uses_counts and self.counts_resolved == "append":
             wire = wire_dtype_of(self.wire_dtype, buf.dtype)
-            limit = _exact_count_limit(wire)
+            limit = exact_count_limit(wire)
             if self.world_size > limit:
                 raise ValueError(
                     f"counts_transport='append' sends arrival counts in the wire dtype ({wire}), "
@@ -322,19 +257,20 @@ class LossyState:
             self.ledger.count_protection(site.name, record.key, counters)
         return lost
 
-    def regenerated_counts(self, own_lost: torch.Tensor, record: BucketRecord) -> torch.Tensor:
-        """``c_j``: this rank's arrivals plus every other rank's, replayed from their generators
-        (through the same FEC, retransmission and protection)."""
-        counts = (~own_lost).to(torch.int32)
-        n = own_lost.numel()
-        for site in self.peers.values():
-            if self.protecting:
-                lost = self.protection.resolve(n, site.draw, record.protected, own_lost.device)[0]
-            else:
-                lost = site.draw(n)
-            assert lost is not None
-            counts += ~lost
-        return counts
+    def peer_draws(self, record: BucketRecord) -> list[tuple[int, Callable[[int], torch.Tensor | None]]]:
+        """``(rank, draw)`` of every other rank's replayed worker stream (``counts_transport=
+        "regenerate"``), ``draw(m)`` its loss mask of ``m`` packets through the same FEC,
+        retransmission and protection as this rank's own (for
+        :func:`~lossy_hooks.core.pipeline.regenerated_counts`)."""
+        if not self.protecting:
+            return [(rank, site.draw) for rank, site in self.peers.items()]
+        protection, device = self.protection, self.device
+        assert device is not None
+
+        def through_protection(site: DropSite) -> Callable[[int], torch.Tensor | None]:
+            return lambda m: protection.resolve(m, site.draw, record.protected, device)[0]
+
+        return [(rank, through_protection(site)) for rank, site in self.peers.items()]
 
     def wire_dtype_for(self, buf: torch.Tensor) -> torch.dtype:
         return wire_dtype_of(self.wire_dtype, buf.dtype)
@@ -410,18 +346,11 @@ class LossyState:
         )
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        # options left at their defaults are not in config(): compare with them filled in
-        mine, theirs = OPTION_DEFAULTS | self.config(), OPTION_DEFAULTS | sd["config"]
-        unused = unused_settings(mine) & unused_settings(theirs)
-        diff = {
-            k: (theirs.get(k), mine.get(k))
-            for k in (mine.keys() | theirs.keys()) - unused
-            if theirs.get(k) != mine.get(k)
-        }
+        diff = self.settings.differences(sd["config"])
         if diff:
             raise ValueError(f"LossyState.load_state_dict: settings differ (saved, now): {diff}")
         version = int(sd.get("version", 0))
-        if version < 4 and theirs.get("encoding") == "hadamard":
+        if version < 4 and sd["config"].get("encoding") == "hadamard":
             raise ValueError(
                 f"LossyState.load_state_dict: this checkpoint (state version {version}) was written with "
                 "encoding='hadamard' before version 4, which padded the last block to a whole block "
@@ -445,11 +374,8 @@ class LossyState:
 
     def __getstate__(self) -> dict[str, Any]:
         # Like PowerSGDState: the process group is not serializable and is left out.
-        init = {k: v for k, v in self.config().items() if k not in ("loss_model", "loss_rate")}
-        if callable(self.protect):  # the predicate itself (pickled by reference), not its name
-            init["protect"] = self.protect
-        if self.network is not None:
-            init["network"] = self.network
+        init = self.settings.arguments()
+        del init["loss_model"], init["placement"]
         return {"init": init, "loss_model": copy.deepcopy(self.loss_model), "state": self.state_dict()}
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -459,3 +385,12 @@ class LossyState:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"LossyState({cfg})"
+
+
+# The settings read as attributes of the state (``state.fill``, ``state.drops_before``):
+# read-only views of ``state.settings``, the one copy.
+for _name in (*(f.name for f in dataclasses.fields(LossConfig)), "drops_before", "drops_after"):
+    setattr(
+        LossyState, _name, property(operator.attrgetter(f"settings.{_name}"), doc=f"``settings.{_name}``")
+    )
+del _name

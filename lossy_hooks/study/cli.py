@@ -20,15 +20,18 @@ from typing import Any
 import torch
 
 from lossy_hooks.core.netclock import NetworkModel
-from lossy_hooks.core.options import (
-    OPTION_DEFAULTS,
-    unused_settings,
-)
+from lossy_hooks.core.options import OPTION_DEFAULTS, LossConfig, unused_settings
 from lossy_hooks.core.state import LossyState
 from lossy_hooks.core.streams import derive_seed
 from lossy_hooks.loss_models import Bernoulli, parse_loss_model, rate_or_none
 from lossy_hooks.study.parallel import fsdp_api
-from lossy_hooks.study.run_io import config_name, read_json, round_status
+from lossy_hooks.study.run_io import (
+    NETWORK_DEFAULTS,
+    NETWORK_FIELD_OF_FLAG,
+    config_name,
+    read_json,
+    round_status,
+)
 from lossy_hooks.study.workloads.data import check_data_args, resolve_dataset
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 from lossy_hooks.study.workloads.models import classification_models
@@ -59,21 +62,16 @@ CONTROL_FLAGS = {
 }
 
 
-NETWORK_FLAGS = ("latency_us", "jitter", "straggler_prob", "straggler_factor", "net_drop_rate", "rto_us")
+NETWORK_FLAGS = tuple(f for f in NETWORK_FIELD_OF_FLAG if f != "bandwidth_gbps")  # need --bandwidth_gbps
 
 
 def network_of(cfg: dict[str, Any]) -> NetworkModel | None:
-    """The simulated network of a configuration (``None`` without ``--bandwidth_gbps``)."""
+    """The simulated network of a configuration (``None`` without ``--bandwidth_gbps``; a flag
+    missing from a saved configuration takes the model's default)."""
     if cfg.get("bandwidth_gbps") is None:
         return None
     return NetworkModel(
-        bandwidth_gbps=cfg["bandwidth_gbps"],
-        latency_us=cfg.get("latency_us", 5.0),
-        jitter=cfg.get("jitter", "none"),
-        straggler_prob=cfg.get("straggler_prob", 0.0),
-        straggler_factor=cfg.get("straggler_factor", 1.0),
-        drop_rate=cfg.get("net_drop_rate", 0.0),
-        rto_us=cfg.get("rto_us", 1000.0),
+        **{name: cfg.get(flag, NETWORK_DEFAULTS[flag]) for flag, name in NETWORK_FIELD_OF_FLAG.items()}
     )
 
 
@@ -225,20 +223,11 @@ def _check_combinations(
 
 def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     """:class:`~lossy_hooks.LossyState` arguments of a resolved configuration (the one place
-    where study flags become hook settings)."""
-    return dict(
-        loss_model=parse_loss_model(cfg["loss_model"]),
-        mtu=cfg["mtu"],
-        drop_point=cfg["drop_point"],
-        fill=cfg["fill"],
-        reduction=cfg["reduction"],
-        post_sync=cfg["post_sync"],
-        packetization=cfg["packetization"],
-        counts_transport=cfg["counts_transport"],
-        measure_fidelity=cfg["measure_fidelity"],
-        seed=seed,
-        network=network_of(cfg),
-    ) | options_of(cfg)
+    where study flags become hook settings): the :class:`LossConfig` core settings of the
+    same names, the options (:func:`options_of`), the seed and the network."""
+    core = {name: cfg[name] for name in LossConfig.names("core") if name not in ("loss_model", "seed")}
+    model = parse_loss_model(cfg["loss_model"])
+    return core | dict(loss_model=model, seed=seed, network=network_of(cfg)) | options_of(cfg)
 
 
 def gather_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
@@ -253,8 +242,8 @@ def gather_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 
 def options_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The encoding and protection settings of a configuration (a config saved before they
-    existed has none: their defaults)."""
+    """The option settings of a configuration (:class:`LossConfig`'s ``"option"`` group; a
+    config saved before one existed has none: its default)."""
     out = {k: cfg.get(k, default) for k, default in OPTION_DEFAULTS.items()}
     out["fec"] = None if out["fec"] is None else tuple(out["fec"])
     return out

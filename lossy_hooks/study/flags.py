@@ -19,6 +19,7 @@ from lossy_hooks.core.options import (
 )
 from lossy_hooks.loss_models import LOSS_MODEL_SYNTAX
 from lossy_hooks.study.parallel import STRATEGIES
+from lossy_hooks.study.run_io import NETWORK_DEFAULTS
 from lossy_hooks.study.workloads.data import DATASETS, IMAGENETTE_SIZES
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 
@@ -341,35 +342,40 @@ def _add_network_flags(p: argparse.ArgumentParser) -> None:
         help="link bandwidth in Gbit/s (> 0): price every collective on a simulated clock (alpha-beta "
         "ring allreduce) and enable --loss_model 'deadline D'",
     )
-    n.add_argument("--latency_us", type=float, default=5.0, help="per-message latency alpha in us (>= 0)")
+    n.add_argument(
+        "--latency_us",
+        type=float,
+        default=NETWORK_DEFAULTS["latency_us"],
+        help="per-message latency alpha in us (>= 0)",
+    )
     n.add_argument(
         "--jitter",
-        default="none",
+        default=NETWORK_DEFAULTS["jitter"],
         help="extra delay per packet: 'none', 'lognormal MU SIGMA' (ln of us), 'pareto XM A' (Lomax, us)",
     )
     n.add_argument(
         "--straggler_prob",
         type=float,
-        default=0.0,
+        default=NETWORK_DEFAULTS["straggler_prob"],
         help="probability in [0, 1] that a rank straggles at a collective (per rank and call)",
     )
     n.add_argument(
         "--straggler_factor",
         type=float,
-        default=1.0,
+        default=NETWORK_DEFAULTS["straggler_factor"],
         help="a straggler's packets take this many times longer (>= 1)",
     )
     n.add_argument(
         "--net_drop_rate",
         type=float,
-        default=0.0,
+        default=NETWORK_DEFAULTS["net_drop_rate"],
         help="share of packets the network drops, in [0, 1): lost by the deadline transport, resent by "
         "the reliable one",
     )
     n.add_argument(
         "--rto_us",
         type=float,
-        default=1000.0,
+        default=NETWORK_DEFAULTS["rto_us"],
         help="the reliable transport's retransmission timeout in us (> 0)",
     )
     n.add_argument(

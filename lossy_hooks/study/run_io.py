@@ -14,6 +14,7 @@ Layout::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lossy_hooks.core.netclock import NetworkModel
 from lossy_hooks.core.options import OPTION_DEFAULTS
 from lossy_hooks.core.statistics import mean_std
 
@@ -30,6 +32,8 @@ __all__ = [
     "BUCKET_FIELDS",
     "LAYER_FIELDS",
     "METRIC_FIELDS",
+    "NETWORK_DEFAULTS",
+    "NETWORK_FIELD_OF_FLAG",
     "MetricsLog",
     "atomic_save",
     "config_name",
@@ -88,6 +92,22 @@ METRIC_FIELDS = [
 ]
 
 
+# the study's network flags -> NetworkModel's fields (their defaults are the model's)
+NETWORK_FIELD_OF_FLAG = {
+    "bandwidth_gbps": "bandwidth_gbps",
+    "latency_us": "latency_us",
+    "jitter": "jitter",
+    "straggler_prob": "straggler_prob",
+    "straggler_factor": "straggler_factor",
+    "net_drop_rate": "drop_rate",
+    "rto_us": "rto_us",
+}
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(NetworkModel)}
+NETWORK_DEFAULTS: dict[str, Any] = {
+    flag: _MODEL_DEFAULTS[name] for flag, name in NETWORK_FIELD_OF_FLAG.items()
+}
+
+
 def _slug(text: str) -> str:
     text = text.replace("%", "pct").replace(".", "p")
     return re.sub(r"[^A-Za-z0-9p]+", "-", text).strip("-")
@@ -129,16 +149,17 @@ def workload_parts(cfg: dict[str, Any]) -> list[str]:
     if cfg.get("dataset") == "text" and cfg.get("corpus_mb", 1.0) != 1.0:
         parts.append(f"corpus{_slug(format(cfg['corpus_mb'], 'g'))}mb")
     if cfg.get("bandwidth_gbps") is not None:
-        net = [f"net{format(cfg['bandwidth_gbps'], 'g')}g", f"{format(cfg.get('latency_us', 5.0), 'g')}us"]
-        if cfg.get("jitter", "none") != "none":
+        net_cfg = NETWORK_DEFAULTS | {k: v for k, v in cfg.items() if k in NETWORK_DEFAULTS}
+        net = [f"net{format(cfg['bandwidth_gbps'], 'g')}g", f"{format(net_cfg['latency_us'], 'g')}us"]
+        if net_cfg["jitter"] != NETWORK_DEFAULTS["jitter"]:
             net.append(cfg["jitter"])
-        if cfg.get("straggler_prob", 0.0):
+        if net_cfg["straggler_prob"] != NETWORK_DEFAULTS["straggler_prob"]:
             net.append(
-                f"strag{format(cfg['straggler_prob'], 'g')}x{format(cfg.get('straggler_factor', 1.0), 'g')}"
+                f"strag{format(cfg['straggler_prob'], 'g')}x{format(net_cfg['straggler_factor'], 'g')}"
             )
-        if cfg.get("net_drop_rate", 0.0):
+        if net_cfg["net_drop_rate"] != NETWORK_DEFAULTS["net_drop_rate"]:
             net.append(f"drop{format(cfg['net_drop_rate'], 'g')}")
-        if cfg.get("rto_us", 1000.0) != 1000.0:
+        if net_cfg["rto_us"] != NETWORK_DEFAULTS["rto_us"]:
             net.append(f"rto{format(cfg['rto_us'], 'g')}")
         parts.append(_slug("-".join(net)))
     return parts

@@ -365,7 +365,7 @@ def test_fidelity_is_cosine_and_relative_l2_against_the_lossless_gradient(runs):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_buckets(runs, dtype):
     """fp16/bf16 buckets: packets of mtu // 2 elements; worker rescale delivers (W/c) x the
-    arrived sum (to the dtype's rounding of W/c), post stale fill only ever shows the full sum
+    arrived sum (W/c applied in fp32, then rounded to the dtype), post stale fill only ever shows the full sum
     or 0 (nothing received yet), never a mixture."""
     world, ranks = runs
     r = ranks[0]["half_buckets"][dtype]

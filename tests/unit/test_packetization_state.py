@@ -167,3 +167,54 @@ def test_fill_from_selects_whole_packets_and_never_touches_received_ones():
     lost = torch.tensor([False, True, False])
     layout.fill_from_(out, lost, stale)
     assert out.tolist() == [1.0, 2, 3, -1, -2, -3, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_per_packet_factor_is_applied_in_fp32_with_one_rounding(dtype):
+    """The one precision rule of every factor (W/c_j, 1/q): a half-precision buffer gets
+    round(x * f) with f in fp32, never x * round(f) (bf16 1/0.9 is 0.16% low); zeroing
+    stays exact; fp32 buffers are multiplied in fp32 as before."""
+    layout = PacketLayout.by_mtu(1000, 64, 2)  # 32 elements a packet, a tail of 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, generator=g).to(dtype)
+    factor = torch.full((layout.num_packets,), 1 / 0.9)
+    factor[1::2] = 3 / 2
+    want = (x.float() * layout.expand(factor)).to(dtype)
+    assert torch.equal(layout.scale_(x.clone(), factor), want)
+    rounded = x * layout.expand(factor.to(dtype))
+    assert not torch.equal(rounded, want)  # the rule matters
+    lost = torch.zeros(layout.num_packets, dtype=torch.bool)
+    lost[::4] = True
+    zeroed = layout.zero_(x.clone(), lost)
+    assert torch.equal(zeroed, torch.where(layout.expand(lost), 0.0, x.float()).to(dtype))
+    x32 = x.float()
+    assert torch.equal(layout.scale_(x32.clone(), factor), x32 * layout.expand(factor))
+
+
+def test_the_pipeline_rules_against_their_closed_forms():
+    """arrival_factor = W/c (0 and counted where c = 0); post_keep = 0 | 1/q | 1 (none for
+    stale); regenerated counts of shard rows = own arrivals + each peer's replayed rows with
+    the peer's own row received (the literal per-row sum)."""
+    from lossy_hooks.core.pipeline import arrival_factor, post_keep, regenerated_counts
+
+    unrecovered = torch.zeros((), dtype=torch.int64)
+    f = arrival_factor(torch.tensor([0, 1, 2, 3]), 3, unrecovered)
+    assert f.tolist() == [0.0, 3.0, 1.5, 1.0] and int(unrecovered) == 1
+    lost = torch.tensor([True, False, False])
+    assert post_keep(lost, "rescale", 1.25).tolist() == [0.0, 1.25, 1.25]
+    assert post_keep(lost, "zero", 1.25).tolist() == [0.0, 1.0, 1.0]
+    assert post_keep(lost, "stale", 1.25) is None and post_keep(None, "zero", 1.0) is None
+    world, n = 3, 5
+    g = torch.Generator().manual_seed(2)
+    own = torch.rand(world, n, generator=g) < 0.5
+    own[0] = False  # this is rank 0: its own row is local
+    peer_rows = {r: torch.rand(world - 1, n, generator=g) < 0.5 for r in (1, 2)}
+    peers = [(r, lambda m, r=r: peer_rows[r].reshape(m)) for r in (1, 2)]
+    got = regenerated_counts(own, peers, shard_rows=True)
+    want = (~own).int()
+    for r, rows in peer_rows.items():
+        full = [
+            rows[i if i < r else i - 1] if i != r else torch.zeros(n, dtype=torch.bool) for i in range(world)
+        ]
+        want += ~torch.stack(full)
+    assert torch.equal(got, want)
