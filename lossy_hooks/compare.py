@@ -41,15 +41,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lossy_hooks.core.statistics import mean_std
-from lossy_hooks.study.run_io import (
-    option_parts,
-    parse_float,
-    read_json,
-    run_loss_rate,
-    sim_clock_column,
-    time_to_target,
-    workload_parts,
-)
+from lossy_hooks.study.run_io import parse_float, read_json, run_loss_rate, sim_clock_column, time_to_target
+from lossy_hooks.study.run_names import option_parts, workload_parts
 
 __all__ = ["collect", "main", "write_outputs"]
 

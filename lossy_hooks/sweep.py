@@ -40,7 +40,8 @@ from rich.table import Table
 from lossy_hooks.core.process_group import free_port
 from lossy_hooks.study.cli import resolve
 from lossy_hooks.study.flags import build_parser
-from lossy_hooks.study.run_io import config_name, round_status
+from lossy_hooks.study.run_io import round_status
+from lossy_hooks.study.run_names import config_name
 
 __all__ = [
     "expand_grid",

@@ -2,7 +2,7 @@
 
 The study script and the tools that launch it (``sweep``) share one parser
 (:func:`lossy_hooks.study.flags.build_parser`) and one set of checks: ``resolve(args, parser)`` gives the
-configuration dict that names the run folder (``run_io.config_name``), is saved as
+configuration dict that names the run folder (``run_names.config_name``), is saved as
 config.json, and builds the hook's :class:`~lossy_hooks.LossyState` (``hook_kwargs``).
 Every check runs here, before any process group or file exists; a bad flag exits 2 with a
 message naming it and its allowed range.
@@ -25,13 +25,8 @@ from lossy_hooks.core.state import LossyState
 from lossy_hooks.core.streams import derive_seed
 from lossy_hooks.loss_models import Bernoulli, parse_loss_model, rate_or_none
 from lossy_hooks.study.parallel import fsdp_api
-from lossy_hooks.study.run_io import (
-    NETWORK_DEFAULTS,
-    NETWORK_FIELD_OF_FLAG,
-    config_name,
-    read_json,
-    round_status,
-)
+from lossy_hooks.study.run_io import read_json, round_status
+from lossy_hooks.study.run_names import NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
 from lossy_hooks.study.workloads.data import check_data_args, resolve_dataset
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 from lossy_hooks.study.workloads.models import classification_models

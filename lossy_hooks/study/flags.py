@@ -19,7 +19,7 @@ from lossy_hooks.core.options import (
 )
 from lossy_hooks.loss_models import LOSS_MODEL_SYNTAX
 from lossy_hooks.study.parallel import STRATEGIES
-from lossy_hooks.study.run_io import NETWORK_DEFAULTS
+from lossy_hooks.study.run_names import NETWORK_DEFAULTS
 from lossy_hooks.study.workloads.data import DATASETS, IMAGENETTE_SIZES
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 

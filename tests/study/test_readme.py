@@ -248,7 +248,7 @@ def test_the_folder_pattern_is_the_code_s(flags, parts):
     """The names train_ddp.py gives configurations fit README's pattern, part for part."""
     from lossy_hooks.study.cli import resolve
     from lossy_hooks.study.flags import build_parser
-    from lossy_hooks.study.run_io import config_name
+    from lossy_hooks.study.run_names import config_name
 
     parser = build_parser()
     name = config_name(resolve(parser.parse_args(shlex.split(flags)), parser))

@@ -149,7 +149,7 @@ def test_resume_of_a_run_saved_under_another_hadamard_default(tmp_path, capsys):
     import json
 
     from lossy_hooks.study.cli import prepare_run_dir
-    from lossy_hooks.study.run_io import config_name
+    from lossy_hooks.study.run_names import config_name
 
     parser = build_parser()
     for extra, refused in (([], False), (["--encoding", "hadamard"], True)):
