@@ -95,21 +95,21 @@ def protect_rule(protect: str | ProtectRule | None) -> ProtectRule | None:
     return lambda name, _param: pattern.search(name) is not None
 
 
-def check_combinations(state: LossConfig) -> None:
+def check_combinations(config: LossConfig) -> None:
     """Combinations of settings that have no meaning, refused with the reason."""
-    drop, fill = state.drop_point, state.fill
+    drop, fill = config.drop_point, config.fill
     if fill == "stale" and drop != "post":
         raise ValueError(
             f"fill='stale' needs drop_point='post' (a worker's lost contribution has no "
             f"previous value at the receiver); got drop_point={drop!r}"
         )
-    if fill == "rescale" and state.drops_after and state.post_keep_rate <= 0.0:
+    if fill == "rescale" and config.drops_after and config.post_keep_rate <= 0.0:
         raise ValueError(
             "fill='rescale' after the allreduce needs a long-run loss rate < 1 "
-            f"(rescales survivors by 1/(1-p)); {state.loss_model.spec!r} loses every packet"
+            f"(rescales survivors by 1/(1-p)); {config.loss_model.spec!r} loses every packet"
         )
-    if state.error_feedback:
-        if not state.drops_before:
+    if config.error_feedback:
+        if not config.drops_before:
             raise ValueError(
                 f"error_feedback resends what a worker's uplink lost: it needs drop_point='worker' or "
                 f"'both', got {drop!r}"
@@ -119,8 +119,8 @@ def check_combinations(state: LossConfig) -> None:
                 f"error_feedback needs fill='zero' (rescale already compensates the loss in expectation; "
                 f"both together count it twice), got fill={fill!r}"
             )
-    if state.encoding == "hadamard":
-        if state.packetization == "tensor":
+    if config.encoding == "hadamard":
+        if config.packetization == "tensor":
             raise ValueError(
                 "encoding='hadamard' needs packetization='mtu' (rotated packets have no tensors)"
             )
@@ -129,12 +129,12 @@ def check_combinations(state: LossConfig) -> None:
                 "encoding='hadamard' cannot use fill='stale': the rotation is new at every step, so a "
                 "previous step's packet is not comparable"
             )
-        if state.error_feedback:
+        if config.error_feedback:
             raise ValueError(
                 "error_feedback with encoding='hadamard' is not supported (residuals would need a decode)"
             )
-    if isinstance(state.loss_model, DeadlineLoss):
-        if state.network is None:
+    if isinstance(config.loss_model, DeadlineLoss):
+        if config.network is None:
             raise ValueError(
                 "the deadline loss model needs network=NetworkModel(...) (train_ddp.py: --bandwidth_gbps "
                 "and the other network flags): the losses come from the simulated arrival times"
@@ -144,20 +144,20 @@ def check_combinations(state: LossConfig) -> None:
                 "the deadline loss model loses packets of one traversal of the network: use "
                 "drop_point='worker' or 'post', not 'both'"
             )
-        if state.packetization != "mtu":
+        if config.packetization != "mtu":
             raise ValueError(
                 "the deadline loss model needs packetization='mtu' (the clock prices packets of mtu bytes)"
             )
-        if state.protection.active or state.protect is not None:
+        if config.protection.active or config.protect is not None:
             raise ValueError(
                 "the deadline loss model with fec, retransmit or protect is not supported: the "
                 "deadline transport does not resend (the reliable transport is priced on the same clock)"
             )
-    post_rescale = fill == "rescale" and state.drops_after
-    if post_rescale and state.protection.active and not isinstance(state.loss_model, Bernoulli):
+    post_rescale = fill == "rescale" and config.drops_after
+    if post_rescale and config.protection.active and not isinstance(config.loss_model, Bernoulli):
         raise ValueError(
             "fill='rescale' after the allreduce with fec or retransmit needs loss_rate / a Bernoulli "
-            f"model (the kept fraction has a closed form only there); got {state.loss_model.spec!r}"
+            f"model (the kept fraction has a closed form only there); got {config.loss_model.spec!r}"
         )
 
 
@@ -304,9 +304,8 @@ class LossConfig:
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain values (configs, run names, checkpoints): the core ones,
         the options not at their defaults, and the network's fields when there is one."""
-        core = {name: getattr(self, name) for name in self.names("core")}
-        core["loss_model"] = self.loss_model.spec
-        core = {"loss_model": core.pop("loss_model"), "loss_rate": rate_or_none(self.loss_model)} | core
+        model = {"loss_model": self.loss_model.spec, "loss_rate": rate_or_none(self.loss_model)}
+        core = model | {name: getattr(self, name) for name in self.names("core") if name != "loss_model"}
         options = {k: v for k, v in self.options().items() if v != OPTION_DEFAULTS[k]}
         network = {} if self.network is None else {"network": dataclasses.asdict(self.network)}
         return core | options | network
