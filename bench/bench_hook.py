@@ -42,9 +42,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lossy_hooks import LossyState, lossy_allreduce_hook, parse_loss_model
-from lossy_hooks.core.encoding import decode_, encode, padded_numel
 from lossy_hooks.core.packetization import PacketLayout
 from lossy_hooks.core.process_group import free_port
+from lossy_hooks.core.techniques.hadamard import decode_, encode, padded_numel
 
 MODELS = {
     "random 10%": "random 10%",

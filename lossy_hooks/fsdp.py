@@ -66,14 +66,8 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatt
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
 from lossy_hooks.core.buckets import BucketRecord
-from lossy_hooks.core.pipeline import (
-    arrival_factor,
-    insert_own_row,
-    post_keep,
-    regenerated_counts,
-    stale_fill_,
-)
 from lossy_hooks.core.state import LossyState
+from lossy_hooks.core.techniques.fills import arrival_factor, insert_own_row, regenerated_counts
 
 __all__ = ["LossyAllGather", "LossyReduceScatter", "check_state", "fully_shard", "gather_state", "register"]
 
@@ -91,7 +85,7 @@ def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
             "is FSDP's own buffer); use 'separate', 'regenerate' or 'auto'"
         )
     if collective == "all-gather":
-        if state.drop_point != "post" or state.fill not in ("stale", "zero"):
+        if state.drop_point != "post" or not state.fill_technique.for_parameters:
             raise ValueError(
                 "FSDP all-gather: the state must have drop_point='post' (a receiver loses packets of "
                 "other ranks' parameter shards) and fill 'stale' or 'zero' (a parameter has nothing to "
@@ -186,14 +180,14 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
         record = state.buckets.shard_record(
             self.index, self.label, rows, world if not state.post.per_rank else 1
         )
-        layout, n = record.layout, record.layout.num_packets
+        layout, n, fill = record.layout, record.layout.num_packets, state.fill_technique
         pre: torch.Tensor | None = None
         counts: torch.Tensor | None = None
         if state.drops_before:
             lost = self.wiring.draw_network(state.worker, record, world, rank)
             if lost is not None:
-                pre = (~lost).float()
-                if state.fill == "rescale":
+                pre = fill.worker_keep(lost)
+                if fill.needs_counts:
                     if state.counts_resolved == "regenerate":
                         replayed = regenerated_counts(lost, state.peer_draws(record), shard_rows=True)
                         pre.mul_(arrival_factor(replayed, world))
@@ -210,15 +204,14 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
                 output=arrived, input=counts.view(-1), op=dist.ReduceOp.SUM, group=group
             )
             factor = arrival_factor(arrived, world)
-        keep = post_keep(post_lost, state.fill, record.post_factor)
+        keep = fill.post_keep(post_lost, record.post_factor)
         if keep is not None:
             factor = keep if factor is None else factor.mul_(keep)
         if factor is not None:
             layout.scale_(output_tensor, factor)
-        if state.fill == "stale":
-            if record.stale is None:
-                record.stale = torch.zeros_like(output_tensor)
-            stale_fill_(layout, output_tensor, post_lost, record.stale)
+        if fill.keeps_stale and record.stale is None:
+            record.stale = torch.zeros_like(output_tensor)
+        fill.fill_result_(layout, output_tensor, post_lost, record.stale)
         self.wiring.step_done()
         return None
 
@@ -254,15 +247,11 @@ class LossyAllGather(_LossyComm, AllGather):
         world, rank = group.size(), group.rank()
         rows = output_tensor.view(world, -1)
         record = state.buckets.shard_record(self.index, self.label, rows, 1)
-        layout = record.layout
-        if state.fill == "stale" and record.stale is None:
+        fill = state.fill_technique
+        if fill.keeps_stale and record.stale is None:
             record.stale = rows.clone()  # every rank built the whole model before sharding it
         lost = self.wiring.draw_network(state.post, record, world, rank)
-        if state.fill == "stale":
-            assert record.stale is not None
-            stale_fill_(layout, rows, lost, record.stale)
-        elif lost is not None:
-            layout.zero_(rows, lost)
+        fill.fill_received_(record.layout, rows, lost, record.stale)
         self.wiring.step_done()
         return None
 

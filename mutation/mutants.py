@@ -71,7 +71,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- the hook
     M(
         "M01",
-        "lossy_hooks/core/pipeline.py",
+        "lossy_hooks/core/techniques/fills.py",
         "    layout.fill_from_(stale, layout.finite_packets(out), out)\n",
         "    pass\n",
         "stale fill: the stale buffer takes every received finite packet",
@@ -79,7 +79,7 @@ MUTANTS = [
     ),
     M(
         "M02",
-        "lossy_hooks/core/pipeline.py",
+        "lossy_hooks/core/techniques/fills.py",
         "layout.fill_from_(stale, layout.finite_packets(out), out)",
         "layout.fill_from_(stale, torch.ones_like(layout.finite_packets(out)), out)",
         "stale fill: a non-finite packet never becomes the stale value",
@@ -96,31 +96,31 @@ MUTANTS = [
     ),
     M(
         "M04",
-        "lossy_hooks/hook.py",
-        "plan.pre = keep if plan.pre is None else plan.pre.mul_(keep)",
-        "plan.pre = keep if plan.pre is None else plan.pre",
+        "lossy_hooks/core/techniques/fills.py",
+        "pre = keep if pre is None else pre.mul_(keep)",
+        "pre = keep if pre is None else pre",
         "drop_point='both' with a shared post mask applies the post mask",
         (HOOK,),
     ),
     M(
         "M05",
-        "lossy_hooks/core/pipeline.py",
-        'return torch.where(post_lost, 0.0, post_factor if fill == "rescale" else 1.0)',
-        "return torch.where(post_lost, 0.0, 1.0)",
+        "lossy_hooks/core/techniques/fills.py",
+        "return None if post_lost is None else torch.where(post_lost, 0.0, post_factor)",
+        "return None if post_lost is None else torch.where(post_lost, 0.0, 1.0)",
         "post rescale divides received packets by the kept fraction (independent masks too)",
         (HOOK,),
     ),
     M(
         "M06",
-        "lossy_hooks/hook.py",
-        "keep = post_keep(plan.post_lost, state.fill, record.post_factor)",
-        "keep = post_keep(plan.post_lost, state.fill, 1.0 / state.post_keep_rate)",
+        "lossy_hooks/core/techniques/fills.py",
+        "keep = self.post_keep(call.post_lost, call.record.post_factor)",
+        "keep = self.post_keep(call.post_lost, 1.0 / self.config.post_keep_rate)",
         "post rescale for fixed-count models divides by (n - m)/n, not 1 - p",
         (HOOK,),
     ),
     M(
         "M07",
-        "lossy_hooks/core/pipeline.py",
+        "lossy_hooks/core/techniques/fills.py",
         "return torch.where(c > 0, world / c.clamp_min(1.0), 0.0)",
         "return torch.where(c > 0, 1.0 / c.clamp_min(1.0), 0.0)",
         "worker rescale is W/c_j times the arrived sum (sum reduction: W g_r when only r arrived)",
@@ -128,7 +128,7 @@ MUTANTS = [
     ),
     M(
         "M08",
-        "lossy_hooks/core/pipeline.py",
+        "lossy_hooks/core/techniques/fills.py",
         "unrecovered.add_((c == 0).sum())",
         "unrecovered.add_((c <= 1).sum())",
         "packets_unrecovered counts exactly the packets no copy reached",
@@ -152,7 +152,7 @@ MUTANTS = [
     ),
     M(
         "M11",
-        "lossy_hooks/hook.py",
+        "lossy_hooks/core/techniques/fills.py",
         "    if pre is None:\n        if scale != 1.0:\n            buf.mul_(scale)",
         "    if pre is None:\n        if scale != 1.0:\n            buf.div_(round(1.0 / scale))",
         "1/W applied as DDP's multiply: bitwise DDP at loss 0 for any W",
@@ -163,7 +163,7 @@ MUTANTS = [
     ),
     M(
         "M12",
-        "lossy_hooks/hook.py",
+        "lossy_hooks/core/techniques/fills.py",
         "return dtype == torch.float32 or math.frexp(value)[0] == 0.5",
         "return True",
         "1/W is never folded into a half-precision factor (no bf16-rounded 1/3)",
@@ -171,7 +171,7 @@ MUTANTS = [
     ),
     M(
         "M13",
-        "lossy_hooks/core/pipeline.py",
+        "lossy_hooks/core/techniques/fills.py",
         "    for peer, draw in peers:\n",
         "    for peer, draw in []:\n",
         "regenerate counts replay every other rank's mask",
@@ -236,7 +236,7 @@ MUTANTS = [
     ),
     M(
         "M21",
-        "lossy_hooks/core/encoding.py",
+        "lossy_hooks/core/techniques/hadamard.py",
         "return start // packet_numel, min((stop - 1) // packet_numel, num_packets - 1)",
         "return start // packet_numel, min(stop // packet_numel, num_packets - 1)",
         "loss_by_parameter: a parameter is carried by packets s//k .. (e-1)//k",
@@ -452,7 +452,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- encodings and protection
     M(
         "M48",
-        "lossy_hooks/core/protection.py",
+        "lossy_hooks/core/techniques/protection.py",
         "lost = lost & draw(n)",
         "lost = draw(n)",
         "a retransmission can only recover a packet, never lose one that arrived",
@@ -460,7 +460,7 @@ MUTANTS = [
     ),
     M(
         "M49",
-        "lossy_hooks/core/protection.py",
+        "lossy_hooks/core/techniques/protection.py",
         "(groups.sum(1, keepdim=True) > r)",
         "(groups.sum(1, keepdim=True) >= r)",
         "an FEC group with at most r losses loses nothing",
@@ -468,7 +468,7 @@ MUTANTS = [
     ),
     M(
         "M50",
-        "lossy_hooks/core/encoding.py",
+        "lossy_hooks/core/techniques/hadamard.py",
         "    _flip_signs_(x, words, scratch if x is y else y)  # D (Q y)\n",
         "",
         "the decoder undoes the random signs (x = D Q y)",
@@ -476,7 +476,7 @@ MUTANTS = [
     ),
     M(
         "M51",
-        "lossy_hooks/hook.py",
+        "lossy_hooks/core/techniques/error_feedback.py",
         "record.layout.fill_from_(record.residual, lost & record.layout.finite_packets(buf), buf)",
         "record.layout.fill_from_(record.residual, ~lost & record.layout.finite_packets(buf), buf)",
         "error feedback keeps what was lost, not what arrived",
@@ -484,7 +484,7 @@ MUTANTS = [
     ),
     M(
         "M52",
-        "lossy_hooks/core/protection.py",
+        "lossy_hooks/core/techniques/protection.py",
         "lost = lost & ~protected",
         "lost = lost",
         "protected packets are never lost",
@@ -517,7 +517,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- FSDP and the language model
     M(
         "M56",
-        "lossy_hooks/core/pipeline.py",
+        "lossy_hooks/core/techniques/fills.py",
         "    own = torch.zeros((1, net.shape[1]), dtype=net.dtype, device=net.device)",
         "    own = torch.ones((1, net.shape[1]), dtype=net.dtype, device=net.device)",
         "a rank's own row never crosses the network, so it is never lost",
@@ -640,9 +640,9 @@ MUTANTS = [
     # ---------------------------------------------------------------- issue 28's four, and two more
     M(
         "M71",
-        "lossy_hooks/hook.py",
-        "        factor = rescale if factor is None else factor.mul_(rescale)",
-        "        factor = rescale",
+        "lossy_hooks/core/techniques/fills.py",
+        "        return rescale if factor is None else factor.mul_(rescale)",
+        "        return rescale",
         "both + independent post + rescale with summed counts: W/c_j and the post factor multiply",
         (HOOK,),
     ),
@@ -664,7 +664,7 @@ MUTANTS = [
     ),
     M(
         "M74",
-        "lossy_hooks/core/encoding.py",
+        "lossy_hooks/core/techniques/hadamard.py",
         "words.view(-1, 2)[:, 1]",
         "words.view(-1, 2)[:, 0]",
         "Hadamard signs of an fp64 bucket flip the sign bit (the high word)",
@@ -672,7 +672,7 @@ MUTANTS = [
     ),
     M(
         "M75",
-        "lossy_hooks/core/encoding.py",
+        "lossy_hooks/core/techniques/hadamard.py",
         "DEFAULT_HADAMARD_BLOCK = 1 << 18",
         "DEFAULT_HADAMARD_BLOCK = 4096",
         "the default Hadamard block spreads bursts of 4 packets (error <= 0.5x plain)",
@@ -688,7 +688,7 @@ MUTANTS = [
     ),
     M(
         "M77",
-        "lossy_hooks/core/encoding.py",
+        "lossy_hooks/core/techniques/hadamard.py",
         "            home[start:end].copy_(done.view(-1))\n",
         "            pass\n",
         "a tail block whose transform has the other stage parity is copied into the result",

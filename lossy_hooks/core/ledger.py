@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lossy_hooks.core.encoding import carrying_packets
-from lossy_hooks.core.protection import COUNTERS
+from lossy_hooks.core.techniques.hadamard import carrying_packets
+from lossy_hooks.core.techniques.protection import COUNTERS
 
 __all__ = ["BucketEntry", "BucketKey", "PacketLedger", "collective_device"]
 
@@ -127,7 +127,7 @@ class PacketLedger:
         per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else lost)
 
     def count_protection(self, point: str, key: BucketKey, counters: torch.Tensor) -> None:
-        """Add one call's :data:`~lossy_hooks.core.protection.COUNTERS` (an int64 device vector)."""
+        """Add one call's :data:`~lossy_hooks.core.techniques.protection.COUNTERS` (int64, on the device)."""
         total = self.protection[point].get(key)
         if total is None:
             self.protection[point][key] = counters.clone()

@@ -7,21 +7,21 @@ hook's state, the study CLI, run-folder names, pickling and checkpoints read it.
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from lossy_hooks.core.encoding import DEFAULT_HADAMARD_BLOCK, ENCODINGS, WIRE_DTYPES
 from lossy_hooks.core.netclock import NetworkModel
 from lossy_hooks.core.placement import ParameterServer, Placement
-from lossy_hooks.core.protection import Protection
+from lossy_hooks.core.techniques import FILLS as FILL_TECHNIQUES
+from lossy_hooks.core.techniques import Fill, Protection, fill_of, refusals
+from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK, ENCODINGS
+from lossy_hooks.core.techniques.protection import ProtectRule, protect_rule
+from lossy_hooks.core.techniques.wire_dtype import WIRE_DTYPES
 from lossy_hooks.loss_models import (
     Bernoulli,
-    DeadlineLoss,
     LossModel,
     check_probability,
     parse_loss_model,
@@ -51,13 +51,11 @@ __all__ = [
 ]
 
 DROP_POINTS = ("worker", "post", "both")
-FILLS = ("zero", "rescale", "stale")
+FILLS = tuple(FILL_TECHNIQUES)
 REDUCTIONS = ("mean", "sum")
 POST_SYNCS = ("shared", "independent")
 PACKETIZATIONS = ("mtu", "tensor")
 COUNTS_TRANSPORTS = ("auto", "separate", "append", "regenerate")
-
-ProtectRule = Callable[[str, torch.Tensor], bool]
 
 
 def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -79,86 +77,13 @@ def power_of_two(name: str, value: Any) -> int:
     return n
 
 
-def protect_rule(protect: str | ProtectRule | None) -> ProtectRule | None:
-    """``protect`` as a predicate ``(parameter name, parameter) -> bool``: a regular
-    expression is searched in the name (``"bias|norm|bn"``); a callable is used as it is."""
-    if protect is None or callable(protect):
-        return protect
-    if not isinstance(protect, str) or not protect:
-        raise ValueError(
-            f"protect must be a name pattern (regular expression) or a predicate, got {protect!r}"
-        )
-    try:
-        pattern = re.compile(protect)
-    except re.error as e:
-        raise ValueError(f"protect: {protect!r} is not a regular expression ({e})") from None
-    return lambda name, _param: pattern.search(name) is not None
-
-
 def check_combinations(config: LossConfig) -> None:
-    """Combinations of settings that have no meaning, refused with the reason."""
-    drop, fill = config.drop_point, config.fill
-    if fill == "stale" and drop != "post":
-        raise ValueError(
-            f"fill='stale' needs drop_point='post' (a worker's lost contribution has no "
-            f"previous value at the receiver); got drop_point={drop!r}"
-        )
-    if fill == "rescale" and config.drops_after and config.post_keep_rate <= 0.0:
-        raise ValueError(
-            "fill='rescale' after the allreduce needs a long-run loss rate < 1 "
-            f"(rescales survivors by 1/(1-p)); {config.loss_model.spec!r} loses every packet"
-        )
-    if config.error_feedback:
-        if not config.drops_before:
-            raise ValueError(
-                f"error_feedback resends what a worker's uplink lost: it needs drop_point='worker' or "
-                f"'both', got {drop!r}"
-            )
-        if fill != "zero":
-            raise ValueError(
-                f"error_feedback needs fill='zero' (rescale already compensates the loss in expectation; "
-                f"both together count it twice), got fill={fill!r}"
-            )
-    if config.encoding == "hadamard":
-        if config.packetization == "tensor":
-            raise ValueError(
-                "encoding='hadamard' needs packetization='mtu' (rotated packets have no tensors)"
-            )
-        if fill == "stale":
-            raise ValueError(
-                "encoding='hadamard' cannot use fill='stale': the rotation is new at every step, so a "
-                "previous step's packet is not comparable"
-            )
-        if config.error_feedback:
-            raise ValueError(
-                "error_feedback with encoding='hadamard' is not supported (residuals would need a decode)"
-            )
-    if isinstance(config.loss_model, DeadlineLoss):
-        if config.network is None:
-            raise ValueError(
-                "the deadline loss model needs network=NetworkModel(...) (train_ddp.py: --bandwidth_gbps "
-                "and the other network flags): the losses come from the simulated arrival times"
-            )
-        if drop == "both":
-            raise ValueError(
-                "the deadline loss model loses packets of one traversal of the network: use "
-                "drop_point='worker' or 'post', not 'both'"
-            )
-        if config.packetization != "mtu":
-            raise ValueError(
-                "the deadline loss model needs packetization='mtu' (the clock prices packets of mtu bytes)"
-            )
-        if config.protection.active or config.protect is not None:
-            raise ValueError(
-                "the deadline loss model with fec, retransmit or protect is not supported: the "
-                "deadline transport does not resend (the reliable transport is priced on the same clock)"
-            )
-    post_rescale = fill == "rescale" and config.drops_after
-    if post_rescale and config.protection.active and not isinstance(config.loss_model, Bernoulli):
-        raise ValueError(
-            "fill='rescale' after the allreduce with fec or retransmit needs loss_rate / a Bernoulli "
-            f"model (the kept fraction has a closed form only there); got {config.loss_model.spec!r}"
-        )
+    """Combinations of settings that have no meaning, refused with the reason: what the
+    techniques ``config`` uses refuse (:func:`~lossy_hooks.core.techniques.refusals`), then
+    what its loss model refuses (``LossModel.refuses``)."""
+    for reason in (*refusals(config), config.loss_model.refuses(config)):
+        if reason is not None:
+            raise ValueError(reason)
 
 
 # counts_transport="auto" regenerates on CPU up to this many ranks (see LossyState).
@@ -221,6 +146,7 @@ class LossConfig:
     post_keep_rate: float = field(init=False, repr=False, metadata=_meta("derived"))  # 1 - long-run loss
     protect_rule: ProtectRule | None = field(init=False, repr=False, metadata=_meta("derived"))
     protection: Protection = field(init=False, repr=False, metadata=_meta("derived"))  # FEC, retransmit
+    fill_technique: Fill = field(init=False, repr=False, metadata=_meta("derived"))  # FILLS[fill]
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -256,6 +182,7 @@ class LossConfig:
         put("fec", self.protection.fec)
         if self.network is not None and not isinstance(self.network, NetworkModel):
             raise ValueError(f"network must be a NetworkModel, got {self.network!r}")
+        put("fill_technique", fill_of(self))
         check_combinations(self)
 
     @classmethod

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from lossy_hooks.core.buckets import BucketRecord, BucketRecords
-from lossy_hooks.core.encoding import DEFAULT_HADAMARD_BLOCK, wire_dtype_of
 from lossy_hooks.core.ledger import BucketKey, PacketLedger, collective_device
 from lossy_hooks.core.netclock import NetworkModel, SimClock
 from lossy_hooks.core.options import (
@@ -34,6 +33,9 @@ from lossy_hooks.core.streams import (
     DropSite,
     derive_seed,
 )
+from lossy_hooks.core.techniques import Technique, wire_chain
+from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK
+from lossy_hooks.core.techniques.wire_dtype import wire_dtype_of
 from lossy_hooks.loss_models import (
     Bernoulli,
     DeadlineLoss,
@@ -140,6 +142,8 @@ class LossyState:
         deadline = loss_model.deadline if isinstance(loss_model, DeadlineLoss) else None
         self.clock = SimClock(network, deadline, self.placement) if network is not None else None
         self.process_group = process_group
+        # what the DDP hook does to a bucket, in order (techniques.CHAIN)
+        self.techniques: tuple[Technique, ...] = wire_chain(self.settings, self.fill_technique)
 
         self.worker = DropSite("worker", loss_model.clone(), STREAM_WORKER, per_rank=True)
         shared = self.post_sync == "shared"
@@ -148,7 +152,7 @@ class LossyState:
         self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
         points = tuple(site.name for site in self.placement.sites(self.drop_point))
         self.protecting = self.protection.active or self.protect is not None
-        unrecovered = self.drops_before and self.fill == "rescale"
+        unrecovered = self.drops_before and self.fill_technique.needs_counts
         self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self.protecting)
         self.parameter_names: dict[int, str] = {}
         self.steps = 0
@@ -206,7 +210,7 @@ class LossyState:
         self.buckets.to(buf.device)
         if self.counts_resolved is None:
             self.counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
-        uses_counts = self.drops_before and self.fill == "rescale"
+        uses_counts = self.drops_before and self.fill_technique.needs_counts
         if uses_counts and self.counts_resolved == "append":
             wire = wire_dtype_of(self.wire_dtype, buf.dtype)
             limit = exact_count_limit(wire)
@@ -244,7 +248,7 @@ class LossyState:
 
     def draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
         """The loss mask of this bucket at ``site`` after FEC, retransmission and protection
-        (:class:`~lossy_hooks.core.protection.Protection`), counted in the ledger."""
+        (:class:`~lossy_hooks.core.techniques.protection.Protection`), counted in the ledger."""
         n = record.layout.num_packets
         if site.lossless or not self.protecting:
             lost = site.draw(n)
@@ -261,7 +265,7 @@ class LossyState:
         """``(rank, draw)`` of every other rank's replayed worker stream (``counts_transport=
         "regenerate"``), ``draw(m)`` its loss mask of ``m`` packets through the same FEC,
         retransmission and protection as this rank's own (for
-        :func:`~lossy_hooks.core.pipeline.regenerated_counts`)."""
+        :func:`~lossy_hooks.core.techniques.fills.regenerated_counts`)."""
         if not self.protecting:
             return [(rank, site.draw) for rank, site in self.peers.items()]
         protection, device = self.protection, self.device

@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.options import LossConfig
 
 __all__ = ["LossModel", "RateModel", "check_probability", "rate_or_none"]
 
@@ -51,6 +54,11 @@ class LossModel(ABC):
     @abstractmethod
     def spec(self) -> str:
         """The model in :func:`parse_loss_model` syntax (used in run names and configs)."""
+
+    def refuses(self, config: LossConfig) -> str | None:
+        """Why this model cannot lose packets under ``config`` (the other settings), or
+        ``None`` (the default: every model works with every setting)."""
+        return None
 
     def is_lossless(self) -> bool:
         """True when the model can never lose a packet (the hook then skips all masking)."""

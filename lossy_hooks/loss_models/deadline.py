@@ -16,6 +16,7 @@ from lossy_hooks.loss_models.base import LossModel
 
 if TYPE_CHECKING:
     from lossy_hooks.core.netclock import SimClock
+    from lossy_hooks.core.options import LossConfig
 
 __all__ = ["DeadlineLoss"]
 
@@ -76,6 +77,26 @@ class DeadlineLoss(LossModel):
         if self.clock is None:
             raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
         return self.clock.lost_row(self.row, num_packets)
+
+    def refuses(self, config: LossConfig) -> str | None:
+        if config.network is None:
+            return (
+                "the deadline loss model needs network=NetworkModel(...) (train_ddp.py: --bandwidth_gbps "
+                "and the other network flags): the losses come from the simulated arrival times"
+            )
+        if config.drop_point == "both":
+            return (
+                "the deadline loss model loses packets of one traversal of the network: use "
+                "drop_point='worker' or 'post', not 'both'"
+            )
+        if config.packetization != "mtu":
+            return "the deadline loss model needs packetization='mtu' (the clock prices packets of mtu bytes)"
+        if config.protection.active or config.protect is not None:
+            return (
+                "the deadline loss model with fec, retransmit or protect is not supported: the "
+                "deadline transport does not resend (the reliable transport is priced on the same clock)"
+            )
+        return None
 
     def long_run_loss_rate(self) -> float:
         """Not one number: the loss probability depends on the bucket's size (its loss-free

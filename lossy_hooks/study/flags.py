@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from lossy_hooks.core.encoding import ENCODINGS, WIRE_DTYPES
 from lossy_hooks.core.options import (
     AUTO_REGENERATE_MAX_WORLD,
     COUNTS_TRANSPORTS,
@@ -17,6 +16,8 @@ from lossy_hooks.core.options import (
     PACKETIZATIONS,
     POST_SYNCS,
 )
+from lossy_hooks.core.techniques.hadamard import ENCODINGS
+from lossy_hooks.core.techniques.wire_dtype import WIRE_DTYPES
 from lossy_hooks.loss_models import LOSS_MODEL_SYNTAX
 from lossy_hooks.study.parallel import STRATEGIES
 from lossy_hooks.study.run_names import NETWORK_DEFAULTS

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lossy_hooks import GilbertElliott, LossyState, PacketLayout
+from lossy_hooks.core.options import LossConfig
 
 
 def test_mtu_layout_counts_and_bounds():
@@ -115,7 +116,8 @@ def test_scaling_before_the_collective_is_ddps_arithmetic(dtype, world):
     leaves it, ``grad * (1/W)`` with a scalar, in every dtype and world size; 1/W is folded
     into the per-packet factor only where that is bitwise the same (fp32, or W a power of
     two), never rounded to the bucket's half dtype (1/3 in bf16 is 0.33398)."""
-    from lossy_hooks.hook import _exact_factor, _scale_before_collective
+    from lossy_hooks.core.techniques.fills import _exact_factor
+    from lossy_hooks.core.techniques.fills import scale_before_collective as _scale_before_collective
 
     g = torch.Generator().manual_seed(world)
     grad = (torch.randn(1000, generator=g) * 100).to(dtype)
@@ -134,7 +136,8 @@ def test_scaling_before_the_collective_is_ddps_arithmetic(dtype, world):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fidelity_sums_match_fp64_over_chunks_and_tail(dtype):
-    from lossy_hooks.hook import _FIDELITY_CHUNK, _fidelity_sums
+    from lossy_hooks.core.techniques.fidelity import _FIDELITY_CHUNK
+    from lossy_hooks.core.techniques.fidelity import fidelity_sums as _fidelity_sums
 
     g = torch.Generator().manual_seed(0)
     n = 3 * _FIDELITY_CHUNK + 1234  # three whole chunks and a tail
@@ -191,11 +194,15 @@ def test_a_per_packet_factor_is_applied_in_fp32_with_one_rounding(dtype):
     assert torch.equal(layout.scale_(x32.clone(), factor), x32 * layout.expand(factor))
 
 
-def test_the_pipeline_rules_against_their_closed_forms():
+def test_the_fill_rules_against_their_closed_forms():
     """arrival_factor = W/c (0 and counted where c = 0); post_keep = 0 | 1/q | 1 (none for
     stale); regenerated counts of shard rows = own arrivals + each peer's replayed rows with
     the peer's own row received (the literal per-row sum)."""
-    from lossy_hooks.core.pipeline import arrival_factor, post_keep, regenerated_counts
+    from lossy_hooks.core.techniques import FILLS
+    from lossy_hooks.core.techniques.fills import arrival_factor, regenerated_counts
+
+    def post_keep(lost, fill, factor):
+        return FILLS[fill](LossConfig(fill=fill, drop_point="post")).post_keep(lost, factor)
 
     unrecovered = torch.zeros((), dtype=torch.int64)
     f = arrival_factor(torch.tensor([0, 1, 2, 3]), 3, unrecovered)

@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from lossy_hooks import LossyState
-from lossy_hooks.core.encoding import block_edges, block_groups, decode_, encode, fwht, padded_numel
-from lossy_hooks.core.protection import COUNTERS, Protection
 from lossy_hooks.core.statistics import binomial_interval
+from lossy_hooks.core.techniques.hadamard import (
+    block_edges,
+    block_groups,
+    decode_,
+    encode,
+    fwht,
+    padded_numel,
+)
+from lossy_hooks.core.techniques.protection import COUNTERS, Protection
 
 
 def scripted(*masks: list[int]):

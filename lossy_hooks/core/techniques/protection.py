@@ -29,11 +29,19 @@ protection, and protected packets sent.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["COUNTERS", "Protection"]
+from lossy_hooks.core.techniques.base import Technique
+from lossy_hooks.loss_models import Bernoulli
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.options import LossConfig
+
+__all__ = ["COUNTERS", "ProtectRule", "Protection", "protect_rule"]
 
 COUNTERS = (
     "extra_packets",
@@ -44,10 +52,29 @@ COUNTERS = (
 )
 
 Draw = Callable[[int], torch.Tensor]
+ProtectRule = Callable[[str, torch.Tensor], bool]
 
 
-class Protection:
-    """Forward error correction and retransmission settings (checked here).
+def protect_rule(protect: str | ProtectRule | None) -> ProtectRule | None:
+    """``protect`` as a predicate ``(parameter name, parameter) -> bool``: a regular
+    expression is searched in the name (``"bias|norm|bn"``); a callable is used as it is."""
+    if protect is None or callable(protect):
+        return protect
+    if not isinstance(protect, str) or not protect:
+        raise ValueError(
+            f"protect must be a name pattern (regular expression) or a predicate, got {protect!r}"
+        )
+    try:
+        pattern = re.compile(protect)
+    except re.error as e:
+        raise ValueError(f"protect: {protect!r} is not a regular expression ({e})") from None
+    return lambda name, _param: pattern.search(name) is not None
+
+
+class Protection(Technique):
+    """Forward error correction and retransmission settings (checked here), and the
+    technique that applies them and the protected packets to a drop point's loss mask
+    (:meth:`resolve`, called where the masks are drawn: it acts on no tensor of the bucket).
 
     Args:
         retransmit: tries per lost packet, a whole number >= 0 (0: none).
@@ -67,6 +94,23 @@ class Protection:
             fec = (int(fec[0]), int(fec[1]))
         self.retransmit = int(retransmit)
         self.fec = fec
+
+    name = "protection"
+    counters = (*COUNTERS, "extra_bytes")
+
+    @classmethod
+    def used_by(cls, config: LossConfig) -> bool:
+        return config.protection.active or config.protect is not None
+
+    @classmethod
+    def refuses(cls, config: LossConfig) -> str | None:
+        post_rescale = config.fill == "rescale" and config.drops_after
+        if post_rescale and config.protection.active and not isinstance(config.loss_model, Bernoulli):
+            return (
+                "fill='rescale' after the allreduce with fec or retransmit needs loss_rate / a Bernoulli "
+                f"model (the kept fraction has a closed form only there); got {config.loss_model.spec!r}"
+            )
+        return None
 
     @property
     def active(self) -> bool:

@@ -1,6 +1,6 @@
-r"""What travels on the wire instead of the bucket: a randomized Hadamard rotation of it
-(OptiReduce's idea: a lost packet becomes small noise spread over a block instead of a hole),
-and a narrower wire dtype (as PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook``).
+r"""``encoding="hadamard"``: what travels instead of the bucket is a randomized Hadamard
+rotation of it (OptiReduce's idea: a lost packet becomes small noise spread over a block
+instead of a hole). :class:`HadamardEncoding` is the technique; the functions are its math.
 
 **Hadamard.** A bucket of ``N`` elements is cut into ``floor(N / B)`` blocks of ``B = 2^b``
 elements (``B`` is ``hadamard_block``) and, when ``B`` does not divide ``N``, the rest
@@ -49,14 +49,20 @@ from __future__ import annotations
 
 import bisect
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+from lossy_hooks.core.techniques.base import BucketCall, Technique
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.options import LossConfig
 
 __all__ = [
     "DEFAULT_HADAMARD_BLOCK",
     "ENCODINGS",
     "TAIL_GRANULE",
-    "WIRE_DTYPES",
+    "HadamardEncoding",
     "block_edges",
     "block_groups",
     "carrying_packets",
@@ -66,17 +72,10 @@ __all__ = [
     "fwht_",
     "padded_numel",
     "rotation_dtype",
-    "wire_dtype_of",
 ]
 
 ENCODINGS = ("none", "hadamard")
-WIRE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_HADAMARD_BLOCK = 1 << 18  # elements; see the module docs for why
-
-
-def wire_dtype_of(name: str, bucket_dtype: torch.dtype) -> torch.dtype:
-    """The dtype packets carry: ``"fp32"`` means the bucket's own dtype (no conversion)."""
-    return WIRE_DTYPES[name] or bucket_dtype
 
 
 def _next_power_of_two(n: int) -> int:
@@ -259,3 +258,37 @@ def decode_(out: torch.Tensor, y: torch.Tensor, words: torch.Tensor, block: int)
     x = _transform(y, scratch, block_groups(n, block))
     _flip_signs_(x, words, scratch if x is y else y)  # D (Q y)
     return out.copy_(x[:n])
+
+
+class HadamardEncoding(Technique):
+    """Rotate this rank's copy before the wire (``y = Q D g``, the bucket zero-padded to its
+    blocks), decode the summed result into DDP's buffer (``D Q y``). The packets are those of
+    the padded rotation (``BucketRecords`` lays them out)."""
+
+    name = "hadamard"
+
+    @classmethod
+    def used_by(cls, config: LossConfig) -> bool:
+        return config.encoding == cls.name
+
+    @classmethod
+    def refuses(cls, config: LossConfig) -> str | None:
+        if config.packetization == "tensor":
+            return "encoding='hadamard' needs packetization='mtu' (rotated packets have no tensors)"
+        if config.fill == "stale":
+            return (
+                "encoding='hadamard' cannot use fill='stale': the rotation is new at every step, so a "
+                "previous step's packet is not comparable"
+            )
+        return None
+
+    def before_wire(self, call: BucketCall, x: torch.Tensor) -> torch.Tensor:
+        generator = call.state.rotation.generator
+        assert generator is not None
+        y, signs = encode(x, self.config.hadamard_block, generator)
+        call.memo[self.name] = signs
+        call.keep_alive(signs, call.bucket)
+        return y
+
+    def after_collective(self, call: BucketCall, out: torch.Tensor) -> torch.Tensor:
+        return decode_(call.bucket, out, call.memo[self.name], self.config.hadamard_block)

@@ -1,0 +1,106 @@
+r"""The interface every technique implements, and the one call it works on.
+
+A *technique* is one thing a transport or a training system does about packet loss (a fill,
+an encoding, a wire dtype, error feedback, a fidelity measurement, FEC and retransmission).
+It answers four questions, and nothing else in the package asks them of it:
+
+* :meth:`Technique.refuses`: which settings it cannot work with (the reason, raised as a
+  ``ValueError`` by :class:`~lossy_hooks.core.options.LossConfig` before any work);
+* :meth:`Technique.before_wire`: what it does to this rank's copy of a bucket before the
+  collective (it may replace what travels, ``x -> x'``);
+* :meth:`Technique.after_collective`: what it does to the collective's result;
+* :attr:`Technique.counters`: the counters it adds to ``LossyState.stats()``.
+
+The DDP hook runs the chain of :func:`~lossy_hooks.core.techniques.wire_chain` in order
+before the wire and in reverse order after the collective, so each technique undoes its own
+transform with everything applied after it already undone:
+``out = a_1(a_2(...a_k(C(b_k(...b_1(g))))))``, ``b_i``/``a_i`` the technique's
+before/after maps and ``C`` the collective.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.buckets import BucketRecord
+    from lossy_hooks.core.options import LossConfig
+    from lossy_hooks.core.state import LossyState
+
+__all__ = ["BucketCall", "Technique"]
+
+
+@dataclass(eq=False)
+class BucketCall:
+    """One call of the DDP hook on one bucket: what the techniques of the chain read and
+    leave for their :meth:`~Technique.after_collective` (everything on the bucket's device).
+
+    ``lost`` / ``post_lost``: this call's loss masks before and after the collective (``True``
+    = lost; ``None`` where nothing can be lost); ``scale``: the ``1/W`` of a mean not yet
+    applied to the bucket; ``memo``: each technique's own per-call values, by its name."""
+
+    state: LossyState
+    record: BucketRecord
+    bucket: torch.Tensor  # DDP's buffer: what the hook returns into
+    world: int
+    scale: float
+    step: int
+    lost: torch.Tensor | None = None
+    post_lost: torch.Tensor | None = None
+    appended: torch.Tensor | None = None  # travels in the bucket's own collective, after it
+    appended_result: torch.Tensor | None = None  # its summed value, after the collective
+    extra: list[torch.Tensor] = field(default_factory=list)  # reduced by collectives of their own
+    results: list[torch.Tensor] = field(default_factory=list)  # [main, *extra] once reduced
+    kept: list[torch.Tensor] = field(default_factory=list)  # read by the callback (CUDA streams)
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def reduce_also(self, tensor: torch.Tensor) -> int:
+        """Sum ``tensor`` over the ranks in a collective of its own, launched with the
+        bucket's; its result is ``results[index]`` after the collective."""
+        self.extra.append(tensor)
+        return len(self.extra)
+
+    def append_to_bucket(self, tensor: torch.Tensor) -> None:
+        """Send ``tensor`` (the wire dtype) after the bucket in the bucket's own collective;
+        its sum is ``appended_result`` after it."""
+        if self.appended is not None:
+            raise RuntimeError("one tensor can travel appended to a bucket")
+        self.appended = tensor
+
+    def keep_alive(self, *tensors: torch.Tensor | None) -> None:
+        """Tensors made before the collective that :meth:`Technique.after_collective` reads:
+        on CUDA the callback's stream records them (see ``hook._join``)."""
+        self.kept.extend(t for t in tensors if t is not None)
+
+
+class Technique(ABC):
+    """One technique (see the module): ``name`` is the value of its setting that selects it."""
+
+    name: ClassVar[str]
+    counters: ClassVar[tuple[str, ...]] = ()  # the keys it adds to each bucket of stats()
+
+    def __init__(self, config: LossConfig) -> None:
+        self.config = config
+
+    @classmethod
+    @abstractmethod
+    def used_by(cls, config: LossConfig) -> bool:
+        """Whether ``config`` asks for this technique."""
+
+    @classmethod
+    def refuses(cls, config: LossConfig) -> str | None:
+        """Why ``config`` (which uses this technique) has no meaning, or ``None``."""
+        return None
+
+    def before_wire(self, call: BucketCall, x: torch.Tensor) -> torch.Tensor:
+        """This rank's copy on its way to the collective: ``x`` (the bucket, or what an
+        earlier technique made of it) -> what travels on."""
+        return x
+
+    def after_collective(self, call: BucketCall, out: torch.Tensor) -> torch.Tensor:
+        """The collective's result on its way back to DDP: ``out`` -> what goes on."""
+        return out
