@@ -61,6 +61,23 @@ def first_bucket_cap_bytes(bucket_cap_mb: float | None) -> tuple[int, str]:
     return cap, f"bucket_cap_mb={bucket_cap_mb:g} passed: the first bucket has the same cap, {cap} B"
 
 
+def _bucket_row(index: int, b: dict[str, Any], mtu: int) -> dict[str, Any]:
+    """One rebuilt bucket as a row: its parameters, bytes and packets at ``mtu``."""
+    k = elements_per_packet(mtu, b["element_size"])
+    return {
+        "index": index,
+        "first_param": b["names"][0],
+        "last_param": b["names"][-1],
+        "params": len(b["names"]),
+        "elements": b["numel"],
+        "bytes": b["numel"] * b["element_size"],
+        "packets": -(-b["numel"] // k),
+        "straddling_packets": straddling_packets(b["sizes"], k),
+        "param_names": b["names"],
+        "param_sizes": b["sizes"],
+    }
+
+
 def bucket_layout(
     model: nn.Module,
     bucket_cap_mb: float | None = 25.0,
@@ -112,25 +129,7 @@ def bucket_layout(
             out = out if isinstance(out, torch.Tensor) else out[0]
             out.float().sum().backward()
             model.zero_grad(set_to_none=True)
-    buckets = []
-    for index in sorted(seen):
-        b = seen[index]
-        k = elements_per_packet(mtu, b["element_size"])
-        packets = -(-b["numel"] // k)
-        buckets.append(
-            {
-                "index": index,
-                "first_param": b["names"][0],
-                "last_param": b["names"][-1],
-                "params": len(b["names"]),
-                "elements": b["numel"],
-                "bytes": b["numel"] * b["element_size"],
-                "packets": packets,
-                "straddling_packets": straddling_packets(b["sizes"], k),
-                "param_names": b["names"],
-                "param_sizes": b["sizes"],
-            }
-        )
+    buckets = [_bucket_row(index, seen[index], mtu) for index in sorted(seen)]
     total_packets = sum(b["packets"] for b in buckets)
     straddling = sum(b["straddling_packets"] for b in buckets)
     first_cap, rule = first_bucket_cap_bytes(bucket_cap_mb)

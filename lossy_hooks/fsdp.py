@@ -196,7 +196,7 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
         post_lost = self._draw_post(record, world, rank) if state.drops_after else None
         if pre is not None:
             layout.scale_(rows, pre)
-        dist.reduce_scatter_single(output=output_tensor, input=input_tensor, op=op, group=group)
+        state.placement.reduce_scatter(output_tensor, input_tensor, op, group)
         factor: torch.Tensor | None = None
         if counts is not None:
             arrived = torch.empty(n, dtype=torch.int32, device=counts.device)
@@ -237,11 +237,12 @@ class LossyAllGather(_LossyComm, AllGather):
         async_op: bool = False,
     ) -> dist.Work | None:
         state = self.wiring.state
-        dist.all_gather_single(output_tensor, input_tensor, group=group)
         state.prepare(output_tensor, group)
         state.bucket_calls += 1
         if state.passing_through:
+            dist.all_gather_single(output_tensor, input_tensor, group=group)
             return None
+        state.placement.all_gather(output_tensor, input_tensor, group)
         # this call's group (a backward all-gather may run on a smaller group than the
         # forward one, fully_shard(reshard_after_forward=<int>))
         world, rank = group.size(), group.rank()

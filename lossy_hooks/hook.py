@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lossy_hooks.core.ledger import collective_device
+from lossy_hooks.core.process_group import collective_device
 from lossy_hooks.core.state import LossyState, derive_seed, resolve_counts_transport
 from lossy_hooks.core.techniques import BucketCall
 
@@ -150,5 +150,6 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     for technique in state.techniques:  # fidelity, error feedback, encoding, the fill, wire dtype
         wire = technique.before_wire(call, wire)
     main = wire if call.appended is None else torch.cat((wire, call.appended))
-    futures = [_allreduce(t, group) for t in (main, *call.extra)]
+    # the bucket through the placement's collective; counts and the reference arrive whole
+    futures = [state.placement.all_reduce(main, group), *(_allreduce(t, group) for t in call.extra)]
     return _join(futures, buf.is_cuda, functools.partial(_finish, call), tuple(call.kept))

@@ -216,38 +216,8 @@ def plot_accuracy(records: list[dict[str, Any]], args: argparse.Namespace, figur
     plt.close(fig)
 
 
-def part_buckets(args: argparse.Namespace, figures: Path) -> None:
-    base = [
-        "--dataset", "digits", "--model", "resnet18", "--num_epochs", "1",
-        "--max_steps", str(args.bucket_steps), "--batch_size", "32", "--accumulation_steps", "1",
-        "--lab_round", "1", "--mtu", "1500", "--use_avg", "--worker_drop", "--fill", "rescale",
-        "--workers", "0", "--output_dir", str(args.out / "buckets"), *NETWORK,
-    ]  # fmt: skip
-    records = []
-    for loss, mb, flags in bucket_configurations(args.bucket_sizes, args.bucket_losses):
-        run_dir = run_config([*base, *flags], args.nproc)
-        (row,) = _rows(run_dir, 0)
-        steps = int(row["steps"])
-        sent, lost = parse_float(row["worker_packets_sent"]), parse_float(row["worker_packets_lost"])
-        records.append(
-            {
-                "loss": loss,
-                "bucket_cap_mb": mb,
-                "steps": steps,
-                "lossfree_per_step_s": parse_float(row["sim_lossfree_s"]) / steps,
-                "deadline_per_step_s": parse_float(row["sim_comm_s"]) / steps,
-                "reliable_per_step_s": parse_float(row["sim_reliable_s"]) / steps,
-                "packets_sent": int(sent),
-                "packets_lost": int(lost),
-                "loss_rate": lost / sent if sent else 0.0,
-                "run_dir": run_dir.name,
-            }
-        )
-    with open(figures / "bucket_study.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, list(records[0]))
-        w.writeheader()
-        for r in records:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+def _plot_buckets(records: list[dict[str, Any]], path: Path) -> None:
+    """The bucket study's figure: simulated time per step and packets lost, per bucket cap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,8 +265,43 @@ def part_buckets(args: argparse.Namespace, figures: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(figures / "bucket_size.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def part_buckets(args: argparse.Namespace, figures: Path) -> None:
+    base = [
+        "--dataset", "digits", "--model", "resnet18", "--num_epochs", "1",
+        "--max_steps", str(args.bucket_steps), "--batch_size", "32", "--accumulation_steps", "1",
+        "--lab_round", "1", "--mtu", "1500", "--use_avg", "--worker_drop", "--fill", "rescale",
+        "--workers", "0", "--output_dir", str(args.out / "buckets"), *NETWORK,
+    ]  # fmt: skip
+    records = []
+    for loss, mb, flags in bucket_configurations(args.bucket_sizes, args.bucket_losses):
+        run_dir = run_config([*base, *flags], args.nproc)
+        (row,) = _rows(run_dir, 0)
+        steps = int(row["steps"])
+        sent, lost = parse_float(row["worker_packets_sent"]), parse_float(row["worker_packets_lost"])
+        records.append(
+            {
+                "loss": loss,
+                "bucket_cap_mb": mb,
+                "steps": steps,
+                "lossfree_per_step_s": parse_float(row["sim_lossfree_s"]) / steps,
+                "deadline_per_step_s": parse_float(row["sim_comm_s"]) / steps,
+                "reliable_per_step_s": parse_float(row["sim_reliable_s"]) / steps,
+                "packets_sent": int(sent),
+                "packets_lost": int(lost),
+                "loss_rate": lost / sent if sent else 0.0,
+                "run_dir": run_dir.name,
+            }
+        )
+    with open(figures / "bucket_study.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, list(records[0]))
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _plot_buckets(records, figures / "bucket_size.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from lossy_hooks.core.ledger import BucketEntry, BucketKey, key_from_str, key_str
+from lossy_hooks.core.counters import BucketEntry, BucketKey, key_from_str, key_str
 from lossy_hooks.core.packetization import PacketLayout
 from lossy_hooks.core.techniques.fills import post_rescale_factor
 from lossy_hooks.core.techniques.hadamard import block_edges, carrying_packets, padded_numel

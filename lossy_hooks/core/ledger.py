@@ -18,135 +18,24 @@ so a resumed run continues every figure where the checkpoint left it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from lossy_hooks.core.counters import BucketEntry, BucketKey, PacketCounters, key_str
+from lossy_hooks.core.process_group import collective_device
 from lossy_hooks.core.techniques.hadamard import carrying_packets
 from lossy_hooks.core.techniques.protection import COUNTERS
 
-__all__ = ["BucketEntry", "BucketKey", "PacketLedger", "collective_device"]
-
-# (bucket index, numel, generation): one key per distinct content of a bucket. DDP rebuilds
-# its buckets after the first iteration; a rebuilt bucket may keep its index and size but hold
-# other parameters (or the same ones in another order): it gets the next generation.
-BucketKey = tuple[int, int, int]
+__all__ = ["PacketLedger"]
 
 
-def key_str(key: BucketKey) -> str:
-    return ":".join(map(str, key))
-
-
-def key_from_str(text: str) -> BucketKey:
-    parts = [int(x) for x in text.split(":")]
-    return parts[0], parts[1], parts[2] if len(parts) > 2 else 0  # "index:numel" before version 2
-
-
-def collective_device(group: Any = None) -> torch.device:
-    """The device a collective over ``group`` needs its tensors on: the current CUDA device
-    for NCCL, else the CPU (Gloo, MPI)."""
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-@dataclass
-class BucketEntry:
-    """What the ledger knows of one bucket key: its packet count and parameter sizes (kept
-    across resumes), and, once seen in this process, its parameters' ``id()``, the elements
-    per packet (``None``: one packet per parameter), its bytes on the wire and the blocks over
-    which an encoding spreads a packet's loss."""
-
-    packets: int
-    sizes: tuple[int, ...]
-    param_ids: tuple[int, ...] | None = None
-    packet_numel: int | None = None
-    wire_bytes: int = 0  # bytes of one call's packets on the wire (wire dtype, padding included)
-    blocks: tuple[int, ...] = ()  # an encoding's block edges (encoding.block_edges); () without one
-    label: str | None = None  # what the bucket holds when it is not a list of parameters (FSDP)
-
-
-class PacketLedger:
-    """Counters of one :class:`~lossy_hooks.LossyState`.
-
-    Args:
-        points: the active drop points, among ``("worker", "post")``.
-        track_unrecovered: count packets no rank's copy reached (worker drop with rescale).
-        track_protection: report FEC / retransmission / protection counters in :meth:`stats`.
-        process_group: the group ``all_ranks=True`` sums over (default: the world).
-    """
-
-    def __init__(
-        self,
-        points: tuple[str, ...],
-        track_unrecovered: bool,
-        process_group: Any = None,
-        track_protection: bool = False,
-    ) -> None:
-        self.points = points
-        self.track_unrecovered = track_unrecovered
-        self.track_protection = track_protection
-        self.process_group = process_group
-        self.device: torch.device | None = None
-        self.buckets: dict[BucketKey, BucketEntry] = {}
-        self.sent: dict[str, dict[BucketKey, int]] = {p: {} for p in points}
-        self.lost: dict[str, dict[BucketKey, torch.Tensor]] = {p: {} for p in points}  # per packet
-        self.unrecovered: dict[BucketKey, torch.Tensor] = {}
-        self.protection: dict[str, dict[BucketKey, torch.Tensor]] = {p: {} for p in points}
-        self.mark: dict[str, list[int]] = {}
-        self._fidelity: dict[int, list[torch.Tensor]] = {}
-
-    # -- called by the hook (device work only) --------------------------------------------
-
-    def to(self, device: torch.device) -> None:
-        """Keep the counters on ``device`` (the buckets')."""
-        self.device = device
-        for d in (*self.lost.values(), *self.protection.values(), self.unrecovered):
-            for k, v in d.items():
-                d[k] = v.to(device)
-
-    def register(self, key: BucketKey, entry: BucketEntry) -> None:
-        self.buckets[key] = entry
-
-    def count(self, point: str, key: BucketKey, num_packets: int, lost: torch.Tensor | None) -> None:
-        """``num_packets`` sent at ``point``; ``lost`` the loss mask (``None``: none lost), or
-        ``(rows, n)`` masks of rows of the same ``n`` packets (FSDP shards: counted per packet
-        position, summed over the rows)."""
-        self.sent[point][key] = self.sent[point].get(key, 0) + num_packets
-        if lost is None:
-            return
-        per_packet = self.lost[point].get(key)
-        if per_packet is None:
-            per_packet = self.lost[point][key] = torch.zeros(
-                lost.shape[-1], dtype=torch.int32, device=lost.device
-            )
-        per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else lost)
-
-    def count_protection(self, point: str, key: BucketKey, counters: torch.Tensor) -> None:
-        """Add one call's :data:`~lossy_hooks.core.techniques.protection.COUNTERS` (int64, on the device)."""
-        total = self.protection[point].get(key)
-        if total is None:
-            self.protection[point][key] = counters.clone()
-        else:
-            total.add_(counters)
-
-    def unrecovered_counter(self, key: BucketKey, device: torch.device) -> torch.Tensor:
-        counter = self.unrecovered.get(key)
-        if counter is None:
-            counter = self.unrecovered[key] = torch.zeros((), dtype=torch.long, device=device)
-        return counter
-
-    def fidelity_slot(self, step: int, device: torch.device) -> torch.Tensor:
-        """A 4-vector the hook's callback fills with one bucket's fidelity sums for ``step``."""
-        slot = torch.zeros(4, dtype=torch.float64, device=device)
-        self._fidelity.setdefault(step, []).append(slot)
-        return slot
-
-    # -- read when asked --------------------------------------------------------------------
+class PacketLedger(PacketCounters):
+    """The counters of one :class:`~lossy_hooks.LossyState`
+    (:class:`~lossy_hooks.core.counters.PacketCounters`: what the hook writes) and the
+    questions a study asks of them (see the module)."""
 
     def _collective_device(self) -> torch.device:
         """The buckets' device once one was seen; before that the group backend's."""
@@ -295,8 +184,8 @@ class PacketLedger:
         ``cos = <x, y> / (|x| |y|)`` (1 when both are 0), ``rel_l2 = |x - y| / |y|`` (0 when equal).
         """
         out = []
-        for step in sorted(s for s in self._fidelity if s < steps_done):
-            dot, xx, yy, dd = torch.stack(self._fidelity.pop(step)).sum(0).tolist()
+        for step in sorted(s for s in self.pending_fidelity if s < steps_done):
+            dot, xx, yy, dd = torch.stack(self.pending_fidelity.pop(step)).sum(0).tolist()
             cos = 1.0 if xx == 0 and yy == 0 else dot / math.sqrt(xx * yy) if xx * yy > 0 else 0.0
             rel = 0.0 if dd == 0 else (math.sqrt(dd / yy) if yy > 0 else math.inf)
             out.append({"step": step, "cosine": cos, "rel_l2": rel})
@@ -351,60 +240,3 @@ class PacketLedger:
             for p in self.points
         }
         return {"points": points, "buckets": buckets, "parameters": parameters}
-
-    # -- checkpointing ------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters (CPU tensors), bucket registry, mark; ``torch.load(weights_only=True)`` safe."""
-        return {
-            "buckets": {
-                key_str(k): {"packets": e.packets, "sizes": list(e.sizes), "wire_bytes": e.wire_bytes}
-                | ({"label": e.label} if e.label else {})
-                for k, e in self.buckets.items()
-            },
-            "sent": {p: {key_str(k): n for k, n in d.items()} for p, d in self.sent.items()},
-            "lost": {p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.lost.items()},
-            "unrecovered": {key_str(k): v.detach().cpu() for k, v in self.unrecovered.items()},
-            "protection": {
-                p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.protection.items()
-            },
-            "mark": {k: list(v) for k, v in self.mark.items()},
-        }
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.buckets = {
-            key_from_str(k): BucketEntry(
-                int(e["packets"]),
-                tuple(int(x) for x in e["sizes"]),
-                wire_bytes=int(e.get("wire_bytes", 0)),
-                label=e.get("label"),
-            )
-            for k, e in sd["buckets"].items()
-        }
-        self.sent = {
-            p: {key_from_str(k): int(n) for k, n in sd["sent"].get(p, {}).items()} for p in self.points
-        }
-        self.lost = {
-            p: {key_from_str(k): v.clone() for k, v in sd["lost"].get(p, {}).items()} for p in self.points
-        }
-        self.unrecovered = {key_from_str(k): v.clone() for k, v in sd["unrecovered"].items()}
-        saved = sd.get("protection", {})
-        self.protection = {
-            p: {key_from_str(k): v.clone() for k, v in saved.get(p, {}).items()} for p in self.points
-        }
-        self.mark = {k: [int(x) for x in v] for k, v in sd.get("mark", {}).items()}
-        self._fidelity = {}
-        self.device = None
-
-    @staticmethod
-    def from_version_2(sd: dict[str, Any]) -> dict[str, Any]:
-        """A version-2 ``LossyState.state_dict`` (counters kept per drop site) as a ledger state."""
-        sizes = sd.get("sizes", {})
-        return {
-            "buckets": {
-                k: {"packets": n, "sizes": sizes.get(k, [])} for k, n in sd.get("packets", {}).items()
-            },
-            "sent": {p: dict(sd[p]["sent"]) for p in ("worker", "post")},
-            "lost": {p: dict(sd[p].get("lost_per_packet", {})) for p in ("worker", "post")},
-            "unrecovered": dict(sd["worker"]["unrecovered"]),
-        }

@@ -41,6 +41,7 @@ __all__ = [
     "REDUCTIONS",
     "WIRE_DTYPES",
     "LossConfig",
+    "check_append_counts",
     "check_combinations",
     "choice",
     "exact_count_limit",
@@ -286,3 +287,15 @@ def resolve_counts_transport(requested: str, device: torch.device, world_size: i
 def exact_count_limit(dtype: torch.dtype) -> int:
     """The largest ``W`` such that every whole number ``0..W`` is exact in ``dtype``."""
     return round(2 / torch.finfo(dtype).eps) if dtype.is_floating_point else 2**31 - 1
+
+
+def check_append_counts(world: int, wire: torch.dtype) -> None:
+    """``counts_transport="append"`` sends the arrival counts in the wire dtype: refused for a
+    group of more ranks than it counts exactly (:func:`exact_count_limit`)."""
+    limit = exact_count_limit(wire)
+    if world > limit:
+        raise ValueError(
+            f"counts_transport='append' sends arrival counts in the wire dtype ({wire}), "
+            f"exact only up to {limit} ranks; this group has {world}: use "
+            "counts_transport='separate' (int32 counts)"
+        )

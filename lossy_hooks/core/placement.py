@@ -6,6 +6,11 @@ A placement answers two questions for one collective over ``W`` ranks:
   (``reduce``: contributions travelling towards the sum; ``broadcast``: the result travelling
   back) crossed in a number of hops; a drop point (``worker``, ``post``, ``both``) selects
   the sites of its phases;
+* **how the collective runs**: it launches the lossy collective itself (:meth:`Placement.all_reduce`
+  for a DDP bucket, :meth:`Placement.reduce_scatter` / :meth:`Placement.all_gather` for FSDP's
+  shards), so a placement that loses packets inside the collective (per hop of a ring) owns
+  the whole exchange; the collectives that must arrive whole (arrival counts, the lossless
+  reference of ``measure_fidelity``) stay plain ``torch.distributed`` calls;
 * **what it costs**: the loss-free time of the collective on a
   :class:`~lossy_hooks.core.netclock.NetworkModel`, which the simulated clock
   (:class:`~lossy_hooks.core.netclock.SimClock`) and the deadline loss model take as ``T_0``.
@@ -22,7 +27,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from lossy_hooks.core.netclock import NetworkModel
@@ -61,6 +69,20 @@ class Placement(ABC):
         """``T_0``: the loss-free time of one collective of ``nbytes`` bytes over ``world``
         ranks on ``network``."""
 
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor, group: Any) -> torch.futures.Future:
+        """Launch the sum of ``tensor`` over ``group`` in place, asynchronously (the DDP
+        hook's bucket: called in the hook body, never from a callback)."""
+
+    @abstractmethod
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: Any, group: Any) -> None:
+        """FSDP's gradient reduce-scatter: ``output`` <- row ``rank`` of ``op`` over the
+        ranks' ``input`` rows, on the calling stream."""
+
+    @abstractmethod
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: Any) -> None:
+        """FSDP's parameter all-gather: row ``j`` of ``output`` <- rank ``j``'s ``input``."""
+
     def sites(self, drop_point: str) -> tuple[LossSite, ...]:
         """The sites ``drop_point`` loses at: those of its phases (:data:`PHASES_OF_DROP_POINT`)."""
         phases = PHASES_OF_DROP_POINT[drop_point]
@@ -84,6 +106,16 @@ class ParameterServer(Placement):
 
     def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
         return network.ring_seconds(nbytes, world)
+
+    # the collective itself is the backend's own (NCCL, Gloo): loss happens only at the sites
+    def all_reduce(self, tensor: torch.Tensor, group: Any) -> torch.futures.Future:
+        return dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: Any, group: Any) -> None:
+        dist.reduce_scatter_single(output=output, input=input, op=op, group=group)
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: Any) -> None:
+        dist.all_gather_single(output, input, group=group)
 
 
 PLACEMENTS: dict[str, type[Placement]] = {ParameterServer.name: ParameterServer}

@@ -11,7 +11,22 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["free_port", "init_from_environment", "init_single_process_group", "single_process_group"]
+__all__ = [
+    "collective_device",
+    "free_port",
+    "init_from_environment",
+    "init_single_process_group",
+    "single_process_group",
+]
+
+
+def collective_device(group: object = None) -> torch.device:
+    """The device a collective over ``group`` needs its tensors on: the current CUDA device
+    for NCCL, else the CPU (Gloo, MPI)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def free_port() -> int:

@@ -16,28 +16,22 @@ import torch
 import torch.distributed as dist
 
 from lossy_hooks.core.buckets import BucketRecord, BucketRecords
-from lossy_hooks.core.ledger import BucketKey, PacketLedger, collective_device
+from lossy_hooks.core.counters import BucketKey
+from lossy_hooks.core.ledger import PacketLedger
 from lossy_hooks.core.netclock import NetworkModel, SimClock
 from lossy_hooks.core.options import (
     NOT_REACHED,
     LossConfig,
     ProtectRule,
-    exact_count_limit,
+    check_append_counts,
     resolve_counts_transport,
 )
-from lossy_hooks.core.streams import (
-    STREAM_POST_INDEPENDENT,
-    STREAM_POST_SHARED,
-    STREAM_ROTATION,
-    STREAM_WORKER,
-    DropSite,
-    derive_seed,
-)
-from lossy_hooks.core.techniques import Technique, wire_chain
+from lossy_hooks.core.process_group import collective_device
+from lossy_hooks.core.streams import DropSite, DropSites, derive_seed
+from lossy_hooks.core.techniques import Protection, Technique, wire_chain
 from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK
 from lossy_hooks.core.techniques.wire_dtype import wire_dtype_of
 from lossy_hooks.loss_models import (
-    Bernoulli,
     DeadlineLoss,
     LossModel,
 )
@@ -56,42 +50,18 @@ STATE_VERSION = 4
 
 
 class LossyState:
-    r"""State of :func:`~lossy_hooks.lossy_allreduce_hook`: the configuration, RNGs, one
-    record per bucket, and the :class:`~lossy_hooks.core.ledger.PacketLedger` of what was lost.
-    Every argument is checked here (a bad one raises ``ValueError`` naming it and the allowed
-    values), except what needs the bucket: that ``mtu`` holds at least one element of the
-    bucket's dtype, and that ``counts_transport="append"`` can count the group's ranks
-    exactly in the wire dtype, are checked at the first bucket (``ValueError`` from inside the
-    backward pass).
+    r"""State of :func:`~lossy_hooks.lossy_allreduce_hook` and of the FSDP collectives: its
+    settings (``state.settings``, a :class:`~lossy_hooks.core.options.LossConfig`, where every
+    argument is checked: a bad one raises ``ValueError`` naming it and the allowed values),
+    its random streams (``state.sites``), the technique chain (``state.techniques``), one
+    record per bucket (``state.buckets``) and the :class:`~lossy_hooks.core.ledger.PacketLedger`
+    of what was lost. What needs the bucket is checked at the first bucket (``ValueError``
+    from inside the backward pass): that ``mtu`` holds one element of the bucket's dtype, and
+    that ``counts_transport="append"`` counts the group's ranks exactly in the wire dtype.
 
-    Args:
-        loss_rate: Bernoulli loss probability per packet, in [0, 1] (shorthand for
-            ``loss_model=Bernoulli(loss_rate)``). Give this or ``loss_model``, not both.
-        mtu: gradient payload bytes per packet (> 0 here; at least one element of the bucket
-            dtype, checked at the first bucket).
-        drop_point: ``"worker"`` (each rank's contribution, before the allreduce),
-            ``"post"`` (the result, after it) or ``"both"``.
-        fill: ``"zero"``, ``"rescale"`` (unbiased) or ``"stale"`` (post drop only).
-        reduction: ``"mean"`` (DDP's) or ``"sum"``.
-        post_sync: ``"shared"`` (same post mask on all ranks) or ``"independent"``.
-        packetization: ``"mtu"`` (fixed-size packets) or ``"tensor"`` (one per parameter).
-        loss_model: a :class:`~lossy_hooks.loss_models.LossModel` or netem-style text.
-        seed: base seed (>= 0); worker masks use (seed, rank), shared post masks seed alone.
-        process_group: the group to reduce over (default: the world).
-        counts_transport: how worker-drop ``rescale`` learns the arrival counts:
-            ``"separate"`` (a small extra allreduce, and ``W/c_j`` applied to the result),
-            ``"append"`` (appended to the bucket), ``"regenerate"`` (replays the other ranks'
-            masks locally: no communication, ``W/c_j`` folded into the pre-allreduce multiply,
-            ``W`` times the sampling work) or ``"auto"``: ``"regenerate"`` on CPU with at most
-            ``AUTO_REGENERATE_MAX_WORLD`` ranks, where an extra Gloo collective costs more than
-            sampling, else ``"separate"``. All give the same counts; the choice is kept in
-            :meth:`state_dict`, so a resumed run keeps it.
-        measure_fidelity: also allreduce the lossless bucket and record cosine similarity
-            and relative L2 error of the lossy result against it, per step (costs one
-            extra full allreduce).
-        network: a :class:`~lossy_hooks.core.netclock.NetworkModel`: price every collective on a
-            simulated clock (``state.clock``: loss-free, lossy and reliable transport times),
-            and the network the ``deadline`` loss model loses packets on.
+    The arguments are ``LossConfig``'s settings, plus ``loss_rate`` (a Bernoulli model's
+    shorthand: give it or ``loss_model``) and ``process_group`` (the group to reduce over;
+    default the world); docs/reference.md lists each with its values and meaning.
     """
 
     def __init__(
@@ -117,41 +87,18 @@ class LossyState:
         fec: tuple[int, int] | None = None,
         network: NetworkModel | None = None,
     ) -> None:
-        self.settings = LossConfig.from_arguments(
-            loss_rate,
-            loss_model,
-            mtu=mtu,
-            drop_point=drop_point,
-            fill=fill,
-            reduction=reduction,
-            post_sync=post_sync,
-            packetization=packetization,
-            seed=seed,
-            counts_transport=counts_transport,
-            measure_fidelity=measure_fidelity,
-            encoding=encoding,
-            hadamard_block=hadamard_block,
-            wire_dtype=wire_dtype,
-            error_feedback=error_feedback,
-            protect=protect,
-            retransmit=retransmit,
-            fec=fec,
-            network=network,
-        )
+        arguments = dict(locals())  # exactly the parameters above: LossConfig takes them all
+        del arguments["self"], arguments["process_group"]
+        self.settings = LossConfig.from_arguments(**arguments)
         loss_model = self.loss_model
         deadline = loss_model.deadline if isinstance(loss_model, DeadlineLoss) else None
         self.clock = SimClock(network, deadline, self.placement) if network is not None else None
         self.process_group = process_group
         # what the DDP hook does to a bucket, in order (techniques.CHAIN)
         self.techniques: tuple[Technique, ...] = wire_chain(self.settings, self.fill_technique)
-
-        self.worker = DropSite("worker", loss_model.clone(), STREAM_WORKER, per_rank=True)
-        shared = self.post_sync == "shared"
-        stream = STREAM_POST_SHARED if shared else STREAM_POST_INDEPENDENT
-        self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
-        self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
+        self.sites = DropSites(loss_model, self.post_sync)
         points = tuple(site.name for site in self.placement.sites(self.drop_point))
-        self.protecting = self.protection.active or self.protect is not None
+        self.protecting = Protection.used_by(self.settings)
         unrecovered = self.drops_before and self.fill_technique.needs_counts
         self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self.protecting)
         self.parameter_names: dict[int, str] = {}
@@ -163,8 +110,6 @@ class LossyState:
         self.passing_through = False
         self.bucket_calls = 0  # hook calls, passthrough ones included
         self._warned_unreached = False
-        self.peers: dict[int, DropSite] = {}
-        self._saved_peers: dict[int, dict[str, Any]] = {}
         self.counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
 
     # -- configuration ----------------------------------------------------------------
@@ -202,8 +147,6 @@ class LossyState:
         self.device = buf.device
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        for site in (self.worker, self.post, self.rotation):
-            site.prepare(buf.device, self.seed, self.rank)
         if self.clock is not None:
             self.clock.prepare(buf.device, self.seed, self.world_size)
         self.ledger.to(buf.device)
@@ -212,39 +155,11 @@ class LossyState:
             self.counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
         uses_counts = self.drops_before and self.fill_technique.needs_counts
         if uses_counts and self.counts_resolved == "append":
-            wire = wire_dtype_of(self.wire_dtype, buf.dtype)
-            limit = exact_count_limit(wire)
-            if self.world_size > limit:
-                raise ValueError(
-                    f"counts_transport='append' sends arrival counts in the wire dtype ({wire}), "
-                    f"exact only up to {limit} ranks; this group has {self.world_size}: use "
-                    "counts_transport='separate' (int32 counts)"
-                )
-        if self.counts_resolved == "regenerate" and uses_counts:
-            for peer_rank in range(self.world_size):
-                if peer_rank == self.rank:
-                    continue
-                site = self.peers.get(peer_rank)
-                if site is None:
-                    name = f"worker of rank {peer_rank}"
-                    site = DropSite(name, self.loss_model.clone(), STREAM_WORKER, per_rank=True)
-                    if peer_rank in self._saved_peers:
-                        site.load_state_dict(self._saved_peers.pop(peer_rank))
-                    self.peers[peer_rank] = site
-                site.prepare(buf.device, self.seed, peer_rank)
-        self._bind_deadlines()
-
-    def _bind_deadlines(self) -> None:
-        """Deadline loss models read the clock's arrivals: the worker site and every replayed
-        peer their own rank's row; the post site its rank's row, or row 0 when shared."""
-        if self.clock is None:
-            return
-        assert self.rank is not None
-        post_row = self.rank if self.post.per_rank else 0
-        sites = [(self.worker, self.rank), (self.post, post_row), *((s, r) for r, s in self.peers.items())]
-        for site, row in sites:
-            if isinstance(site.model, DeadlineLoss):
-                site.model.bind(self.clock, row)
+            check_append_counts(self.world_size, wire_dtype_of(self.wire_dtype, buf.dtype))
+        replay = self.counts_resolved == "regenerate" and uses_counts
+        self.sites.prepare(buf.device, self.seed, self.rank, self.world_size, replay)
+        if self.clock is not None:
+            self.sites.bind_deadlines(self.clock, self.rank)
 
     def draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
         """The loss mask of this bucket at ``site`` after FEC, retransmission and protection
@@ -267,14 +182,14 @@ class LossyState:
         retransmission and protection as this rank's own (for
         :func:`~lossy_hooks.core.techniques.fills.regenerated_counts`)."""
         if not self.protecting:
-            return [(rank, site.draw) for rank, site in self.peers.items()]
+            return [(rank, site.draw) for rank, site in self.sites.peers.items()]
         protection, device = self.protection, self.device
         assert device is not None
 
         def through_protection(site: DropSite) -> Callable[[int], torch.Tensor | None]:
             return lambda m: protection.resolve(m, site.draw, record.protected, device)[0]
 
-        return [(rank, through_protection(site)) for rank, site in self.peers.items()]
+        return [(rank, through_protection(site)) for rank, site in self.sites.peers.items()]
 
     def wire_dtype_for(self, buf: torch.Tensor) -> torch.dtype:
         return wire_dtype_of(self.wire_dtype, buf.dtype)
@@ -338,11 +253,7 @@ class LossyState:
                 "version": STATE_VERSION,
                 "config": self.config(),
                 "steps": self.steps,
-                "worker": self.worker.state_dict(),
-                "post": self.post.state_dict(),
-                "rotation": self.rotation.state_dict(),
-                "peers": {str(r): site.state_dict() for r, site in self.peers.items()}
-                | {str(r): sd for r, sd in self._saved_peers.items()},
+                **self.sites.state_dict(),
                 "counts_transport_resolved": self.counts_resolved,
                 "ledger": self.ledger.state_dict(),
             }
@@ -362,13 +273,8 @@ class LossyState:
                 "counters do not fit today's packets; start the run again"
             )
         self.steps = int(sd["steps"])
-        self.worker.load_state_dict(sd["worker"])
-        self.post.load_state_dict(sd["post"])
-        if "rotation" in sd:
-            self.rotation.load_state_dict(sd["rotation"])
+        self.sites.load_state_dict(sd)
         self.buckets.load_state_dict(sd)
-        self.peers = {}
-        self._saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}
         self.counts_resolved = sd.get("counts_transport_resolved", self.counts_resolved)
         ledger = sd["ledger"] if "ledger" in sd else PacketLedger.from_version_2(sd)
         self.ledger.load_state_dict(ledger)
@@ -390,6 +296,11 @@ class LossyState:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"LossyState({cfg})"
 
+
+# The drop sites read as attributes of the state (``state.worker``, ``state.post``): views
+# of ``state.sites``.
+for _name in ("worker", "post", "rotation", "peers"):
+    setattr(LossyState, _name, property(operator.attrgetter(f"sites.{_name}"), doc=f"``sites.{_name}``"))
 
 # The settings read as attributes of the state (``state.fill``, ``state.drops_before``):
 # read-only views of ``state.settings``, the one copy.

@@ -5,14 +5,17 @@ continues each sequence where its checkpoint left it."""
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from lossy_hooks.loss_models import LossModel
+from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, LossModel
 
-__all__ = ["DropSite", "derive_seed"]
+if TYPE_CHECKING:
+    from lossy_hooks.core.netclock import SimClock
+
+__all__ = ["DropSite", "DropSites", "derive_seed"]
 
 # Random streams: one seed per (run seed, stream, rank).
 STREAM_WORKER, STREAM_POST_SHARED, STREAM_POST_INDEPENDENT = 1, 2, 3
@@ -84,3 +87,66 @@ class DropSite:
         # a checkpoint loaded with map_location="cuda" moves the state tensor to the GPU;
         # Generator.set_state takes a CPU ByteTensor
         self._saved_generator = None if gen is None else (str(gen[0]), gen[1].detach().cpu().clone())
+
+
+class DropSites:
+    """The random streams of one :class:`~lossy_hooks.LossyState`: the ``worker`` and ``post``
+    drop sites (a shared post mask is one stream from the seed alone, an independent one a
+    stream per rank), the Hadamard signs (``rotation``: the same on every rank), and for
+    ``counts_transport="regenerate"`` a replay of every other rank's worker stream
+    (``peers``, by rank)."""
+
+    def __init__(self, loss_model: LossModel, post_sync: str) -> None:
+        self.loss_model = loss_model
+        self.worker = DropSite("worker", loss_model.clone(), STREAM_WORKER, per_rank=True)
+        shared = post_sync == "shared"
+        stream = STREAM_POST_SHARED if shared else STREAM_POST_INDEPENDENT
+        self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
+        self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
+        self.peers: dict[int, DropSite] = {}
+        self.saved_peers: dict[int, dict[str, Any]] = {}  # restored at the peer's first use
+
+    def prepare(self, device: torch.device, seed: int, rank: int, world: int, replay_peers: bool) -> None:
+        """Generators on ``device`` for this rank; with ``replay_peers`` every other rank's
+        worker stream too (its saved state restored)."""
+        for site in (self.worker, self.post, self.rotation):
+            site.prepare(device, seed, rank)
+        if not replay_peers:
+            return
+        for peer_rank in range(world):
+            if peer_rank == rank:
+                continue
+            site = self.peers.get(peer_rank)
+            if site is None:
+                name = f"worker of rank {peer_rank}"
+                site = DropSite(name, self.loss_model.clone(), STREAM_WORKER, per_rank=True)
+                if peer_rank in self.saved_peers:
+                    site.load_state_dict(self.saved_peers.pop(peer_rank))
+                self.peers[peer_rank] = site
+            site.prepare(device, seed, peer_rank)
+
+    def bind_deadlines(self, clock: SimClock, rank: int) -> None:
+        """Deadline loss models read the clock's arrivals: the worker site and every replayed
+        peer their own rank's row; the post site its rank's row, or row 0 when shared."""
+        post_row = rank if self.post.per_rank else 0
+        sites = [(self.worker, rank), (self.post, post_row), *((s, r) for r, s in self.peers.items())]
+        for site, row in sites:
+            if isinstance(site.model, DeadlineLoss):
+                site.model.bind(clock, row)
+
+    def state_dict(self) -> dict[str, Any]:
+        peers = {str(r): site.state_dict() for r, site in self.peers.items()}
+        return {
+            "worker": self.worker.state_dict(),
+            "post": self.post.state_dict(),
+            "rotation": self.rotation.state_dict(),
+            "peers": peers | {str(r): sd for r, sd in self.saved_peers.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.worker.load_state_dict(sd["worker"])
+        self.post.load_state_dict(sd["post"])
+        if "rotation" in sd:
+            self.rotation.load_state_dict(sd["rotation"])
+        self.peers = {}
+        self.saved_peers = {int(r): p for r, p in sd.get("peers", {}).items()}

@@ -6,6 +6,7 @@ round's status.json and figures."""
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,79 @@ from lossy_hooks.study.run_io import (
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
+
+
+@dataclass
+class _EpochTally:
+    """What one epoch of training adds up on this rank, on the device (no host sync per
+    step): the micro-batches of the open accumulation group, and the groups whose step the
+    GradScaler did not skip."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = field(init=False)
+    correct: torch.Tensor = field(init=False)
+    group_loss: torch.Tensor = field(init=False)
+    group_correct: torch.Tensor = field(init=False)
+    seen: int = 0
+    group_seen: int = 0
+    skipped: int = 0
+    processed: int = 0
+    drift: list[tuple[float, float]] = field(default_factory=list)
+    skipped_hook_steps: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.group_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.group_correct = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def add_micro_batch(self, loss: torch.Tensor, hits: torch.Tensor, count: int, batch: int) -> None:
+        self.group_loss += loss.detach().double() * count
+        self.group_correct += hits
+        self.group_seen += count
+        self.processed += batch
+
+    def close_group(self, skipped_hook_step: int | None) -> None:
+        """The group's optimizer step ran (``None``) or was skipped at hook step ``skipped_hook_step``."""
+        if skipped_hook_step is not None:
+            self.skipped += 1
+            self.skipped_hook_steps.add(skipped_hook_step)
+        else:
+            self.loss_sum += self.group_loss
+            self.correct += self.group_correct
+            self.seen += self.group_seen
+        self.group_loss.zero_()
+        self.group_correct.zero_()
+        self.group_seen = 0
+
+    def row(self, cfg: dict[str, Any], state: LossyState, world: int, t0: float) -> dict[str, Any]:
+        """The epoch's metrics.csv training columns, summed over the ranks (collectives)."""
+        dev, drift, skipped_hook_steps = self.device, self.drift, self.skipped_hook_steps
+        counts = torch.tensor([self.seen, self.skipped, self.processed], dtype=torch.float64, device=dev)
+        totals = torch.cat([torch.stack([self.loss_sum, self.correct.double()]), counts])
+        dist.all_reduce(totals)
+        seconds = time.perf_counter() - t0
+        row = {
+            # None (an empty cell) when the scaler skipped every step of the epoch
+            "train_loss": float(totals[0] / totals[2]) if totals[2] > 0 else None,
+            "train_acc": float(totals[1] / totals[2]) if totals[2] > 0 else None,
+            "epoch_seconds": seconds,
+            "images_per_s": float(totals[4]) / seconds,
+        }
+        if cfg["amp"]:
+            row["skipped_steps"] = round(float(totals[3]) / world)  # the same on every rank
+        if drift:
+            row["drift_max"] = max(d[0] for d in drift)
+            row["drift_mean"] = sum(d[1] for d in drift) / len(drift)
+        if cfg["measure_fidelity"]:
+            fid = [f for f in state.fidelity() if f["step"] not in skipped_hook_steps]
+            sums = [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)]
+            vals = torch.tensor(sums, dtype=torch.float64, device=dev)
+            dist.all_reduce(vals)
+            if vals[2] > 0:
+                row["fidelity_cosine"] = float(vals[0] / vals[2])
+                row["fidelity_rel_l2"] = float(vals[1] / vals[2])
+        return row
 
 
 class RoundRunner:
@@ -152,12 +226,7 @@ class RoundRunner:
         self.ddp.train()
         self.sampler.set_epoch(epoch)
         acc_steps = cfg["accumulation_steps"]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        correct = torch.zeros((), dtype=torch.long, device=dev)
-        group_loss = torch.zeros((), dtype=torch.float64, device=dev)
-        group_correct = torch.zeros((), dtype=torch.long, device=dev)
-        seen, group_seen, skipped, processed, drift = 0, 0, 0, 0, []
-        skipped_hook_steps: set[int] = set()
+        tally = _EpochTally(dev)
         n_batches = len(self.loader)
         self.report.start_epoch(f"round {self.k} epoch {epoch + 1}/{cfg['num_epochs']}", n_batches)
         t0 = time.perf_counter()
@@ -170,60 +239,25 @@ class RoundRunner:
                 with torch.autocast(dev.type, dtype=torch.float16, enabled=cfg["amp"]):
                     loss, hits, count = _task_loss(logits(self.ddp(x)), y)
                 self.scaler.scale(loss / group_size).backward()
-            group_loss += loss.detach().double() * count
-            group_correct += hits
-            group_seen += count
-            processed += len(y)
+            tally.add_micro_batch(loss, hits, count, len(y))
             if sync:
                 scale_before = self.scaler.get_scale() if cfg["amp"] else 0.0
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
                 self.steps += 1
-                if cfg["amp"] and self.scaler.get_scale() < scale_before:  # inf/nan found: skipped
-                    skipped += 1
-                    skipped_hook_steps.add(self.state.steps - 1)
-                else:
-                    loss_sum += group_loss
-                    correct += group_correct
-                    seen += group_seen
-                group_loss.zero_()
-                group_correct.zero_()
-                group_seen = 0
+                overflow = cfg["amp"] and self.scaler.get_scale() < scale_before  # inf/nan: skipped
+                tally.close_group(self.state.steps - 1 if overflow else None)
                 if cfg["resync"] and self.steps % cfg["resync"] == 0:
                     resync_replicas(self.module, self.opt)
                 if cfg["measure_drift"] and self.steps % cfg["measure_drift"] == 0:
-                    drift.append(replica_drift(self.module))
+                    tally.drift.append(replica_drift(self.module))
                 if self.report.enabled and (i % 10 == 0 or i == n_batches - 1):
                     st = self.state.stats()
-                    self.report.update(i + 1, processed * self.world, float(loss.detach()), _rate(st))
+                    self.report.update(i + 1, tally.processed * self.world, float(loss.detach()), _rate(st))
                 if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
                     break
-        counts = torch.tensor([seen, skipped, processed], dtype=torch.float64, device=dev)
-        totals = torch.cat([torch.stack([loss_sum, correct.double()]), counts])
-        dist.all_reduce(totals)
-        seconds = time.perf_counter() - t0
-        row = {
-            # None (an empty cell) when the scaler skipped every step of the epoch
-            "train_loss": float(totals[0] / totals[2]) if totals[2] > 0 else None,
-            "train_acc": float(totals[1] / totals[2]) if totals[2] > 0 else None,
-            "epoch_seconds": seconds,
-            "images_per_s": float(totals[4]) / seconds,
-        }
-        if cfg["amp"]:
-            row["skipped_steps"] = round(float(totals[3]) / self.world)  # the same on every rank
-        if drift:
-            row["drift_max"] = max(d[0] for d in drift)
-            row["drift_mean"] = sum(d[1] for d in drift) / len(drift)
-        if cfg["measure_fidelity"]:
-            fid = [f for f in self.state.fidelity() if f["step"] not in skipped_hook_steps]
-            sums = [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)]
-            vals = torch.tensor(sums, dtype=torch.float64, device=dev)
-            dist.all_reduce(vals)
-            if vals[2] > 0:
-                row["fidelity_cosine"] = float(vals[0] / vals[2])
-                row["fidelity_rel_l2"] = float(vals[1] / vals[2])
-        return row
+        return tally.row(cfg, self.state, self.world, t0)
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:

@@ -7,7 +7,8 @@ import io
 
 import torch
 
-from lossy_hooks.core.ledger import BucketEntry, PacketLedger
+from lossy_hooks.core.counters import BucketEntry
+from lossy_hooks.core.ledger import PacketLedger
 
 # bucket (0, 10, 0): parameters a (4 elements) and b (6), 3 elements per packet -> packets
 # [0,3) [3,6) [6,9) [9,10): a is carried by packets 0-1, b by packets 1-3

@@ -67,3 +67,41 @@ def test_the_clock_and_the_deadline_price_a_collective_through_the_placement():
     assert keep == pytest.approx(1 - jittery.deadline_loss_probability(1.5 * t0_j, t0_j, W), rel=1e-12)
     half = jittery.ring_seconds(N * PACKET, W)
     assert abs(keep - (1 - jittery.deadline_loss_probability(1.5 * half, half, W))) > 0.01
+
+
+class _Counting(ParameterServer):
+    """The parameter server, counting the collectives it is asked to run."""
+
+    def __init__(self) -> None:
+        self.all_reduces: list[int] = []
+
+    def all_reduce(self, tensor: torch.Tensor, group):
+        self.all_reduces.append(tensor.numel())
+        return super().all_reduce(tensor, group)
+
+
+def test_the_hook_runs_the_bucket_through_its_placements_collective():
+    """The lossy bucket (with its appended counts) goes through ``state.placement.all_reduce``
+    once per hook call; what must arrive whole (separate counts, the fidelity reference)
+    does not; the parameter server's collective gives DDP's sum."""
+    import dataclasses
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lossy_hooks import lossy_allreduce_hook
+    from lossy_hooks.core.process_group import single_process_group
+
+    with single_process_group():
+        for transport, extra in (("separate", 0), ("append", 1)):
+            state = LossyState(loss_rate=0.2, mtu=400, counts_transport=transport, measure_fidelity=True)
+            counting = _Counting()
+            state.settings = dataclasses.replace(state.settings, placement=counting)
+            torch.manual_seed(0)
+            model = torch.nn.Linear(50, 4)
+            ddp = DDP(model)
+            ddp.register_comm_hook(state, lossy_allreduce_hook)
+            ddp(torch.ones(2, 50)).sum().backward()
+            numel = sum(p.numel() for p in model.parameters())
+            packets = state.stats()["worker"]["packets_sent"]
+            assert counting.all_reduces == [numel + extra * packets] and state.bucket_calls == 1
+            assert len(state.fidelity()) == 1
