@@ -187,7 +187,7 @@ MUTANTS = [
     ),
     M(
         "M15",
-        "lossy_hooks/core/state.py",
+        "lossy_hooks/core/streams.py",
         "per_rank=not shared)",
         "per_rank=True)",
         "post_sync='shared' draws one mask for every rank",
@@ -220,7 +220,7 @@ MUTANTS = [
     ),
     M(
         "M19",
-        "lossy_hooks/core/ledger.py",
+        "lossy_hooks/core/counters.py",
         "per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else lost)",
         "per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else ~lost)",
         "packets_lost counts the lost packets",
@@ -244,9 +244,9 @@ MUTANTS = [
     ),
     M(
         "M22",
-        "lossy_hooks/core/state.py",
-        "            if self.world_size > limit:\n",
-        "            if False:\n",
+        "lossy_hooks/core/options.py",
+        "    if world > limit:\n",
+        "    if False:\n",
         "append counts are refused where the dtype cannot count the ranks",
         (HOOK,),
     ),
@@ -412,8 +412,8 @@ MUTANTS = [
     M(
         "M41",
         "lossy_hooks/study/rounds.py",
-        'if cfg["amp"] and self.scaler.get_scale() < scale_before:',
-        "if False:",
+        'overflow = cfg["amp"] and self.scaler.get_scale() < scale_before',
+        "overflow = False",
         "AMP skipped steps are counted and kept out of the averages",
         (script("amp_overflow"),),
     ),
@@ -452,7 +452,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- encodings and protection
     M(
         "M48",
-        "lossy_hooks/core/techniques/protection.py",
+        "lossy_hooks/core/techniques/retransmit.py",
         "lost = lost & draw(n)",
         "lost = draw(n)",
         "a retransmission can only recover a packet, never lose one that arrived",
@@ -460,7 +460,7 @@ MUTANTS = [
     ),
     M(
         "M49",
-        "lossy_hooks/core/techniques/protection.py",
+        "lossy_hooks/core/techniques/fec.py",
         "(groups.sum(1, keepdim=True) > r)",
         "(groups.sum(1, keepdim=True) >= r)",
         "an FEC group with at most r losses loses nothing",
@@ -484,7 +484,7 @@ MUTANTS = [
     ),
     M(
         "M52",
-        "lossy_hooks/core/techniques/protection.py",
+        "lossy_hooks/core/techniques/protect.py",
         "lost = lost & ~protected",
         "lost = lost",
         "protected packets are never lost",
@@ -500,7 +500,7 @@ MUTANTS = [
     ),
     M(
         "M54",
-        "lossy_hooks/core/state.py",
+        "lossy_hooks/core/streams.py",
         '            "rotation": self.rotation.state_dict(),\n',
         "",
         "a resumed Hadamard run continues the same sign stream",
@@ -631,9 +631,9 @@ MUTANTS = [
     ),
     M(
         "M70",
-        "lossy_hooks/core/state.py",
+        "lossy_hooks/core/streams.py",
         "*((s, r) for r, s in self.peers.items())",
-        "*((s, self.rank) for r, s in self.peers.items())",
+        "*((s, rank) for r, s in self.peers.items())",
         "regenerated counts replay each peer's own row of the clock",
         (CLOCK,),
     ),

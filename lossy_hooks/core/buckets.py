@@ -15,7 +15,8 @@ import torch.distributed as dist
 from lossy_hooks.core.counters import BucketEntry, BucketKey, key_from_str, key_str
 from lossy_hooks.core.packetization import PacketLayout
 from lossy_hooks.core.techniques.fills import post_rescale_factor
-from lossy_hooks.core.techniques.hadamard import block_edges, carrying_packets, padded_numel
+from lossy_hooks.core.techniques.hadamard import block_edges, padded_numel
+from lossy_hooks.core.techniques.protect import protected_packets
 from lossy_hooks.core.techniques.protection import COUNTERS
 from lossy_hooks.loss_models import Bernoulli
 
@@ -168,28 +169,16 @@ class BucketRecords:
     def _protected_packets(
         self, layout: PacketLayout, params: list[torch.Tensor], numel: int
     ) -> torch.Tensor | None:
-        """Packets carrying any element of a parameter ``protect`` selects (with an encoding,
-        of any block holding one), as a bool CPU tensor (built once per key); ``None`` if none."""
-        if self.state.protect_rule is None:
+        """The packets ``protect`` selects (:func:`~lossy_hooks.core.techniques.protect.protected_packets`,
+        built once per key, on the CPU); ``None`` without ``protect``."""
+        rule = self.state.protect_rule
+        if rule is None:
             return None
         if not self.state.parameter_names:
             raise ValueError(
                 "protect=... matches parameter names: call state.name_parameters(model) before training"
             )
-        out = torch.zeros(layout.num_packets, dtype=torch.bool)
-        edges = self._edges(numel)
-        start = 0
-        for j, p in enumerate(params):
-            size = p.numel()
-            if self.state.protect_rule(self.state.parameter_names.get(id(p), ""), p):
-                if layout.per_tensor:
-                    out[j] = True
-                else:
-                    k, n = layout.packet_numel, layout.num_packets
-                    first, last = carrying_packets(start, start + size, k, n, edges)
-                    out[first : last + 1] = True
-            start += size
-        return out
+        return protected_packets(rule, self.state.parameter_names, layout, params, self._edges(numel))
 
     def _adopt_residuals(
         self, ids: tuple[int, ...], sizes: tuple[int, ...], buf: torch.Tensor

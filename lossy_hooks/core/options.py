@@ -18,7 +18,7 @@ from lossy_hooks.core.placement import ParameterServer, Placement
 from lossy_hooks.core.techniques import FILLS as FILL_TECHNIQUES
 from lossy_hooks.core.techniques import Fill, Protection, fill_of, refusals
 from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK, ENCODINGS
-from lossy_hooks.core.techniques.protection import ProtectRule, protect_rule
+from lossy_hooks.core.techniques.protect import ProtectRule, protect_rule
 from lossy_hooks.core.techniques.wire_dtype import WIRE_DTYPES
 from lossy_hooks.loss_models import (
     Bernoulli,

@@ -20,7 +20,7 @@ from lossy_hooks.core import (
     streams,
     techniques,
 )
-from lossy_hooks.core.techniques import fills, hadamard, protection
+from lossy_hooks.core.techniques import fec, fills, hadamard, protect, protection, retransmit
 from lossy_hooks.loss_models import markov
 
 # every technique's per-bucket methods (what a chain runs, and the fill rules FSDP calls)
@@ -67,8 +67,11 @@ HOT_PATH = [
     hadamard._flip_signs_,
     hadamard._sign_bits,
     protection.Protection.resolve,
-    protection.Protection._data_of,
-    protection.Protection._after_fec,
+    fec.ForwardErrorCorrection.recover,
+    fec.ForwardErrorCorrection._data_of,
+    fec.ForwardErrorCorrection._after_fec,
+    retransmit.Retransmission.recover,
+    protect.ProtectedPackets.recover,
     ledger.PacketLedger.count_protection,
     fills.scale_before_collective,
     state.LossyState.peer_draws,

@@ -170,7 +170,13 @@ def test_a_technique_added_by_registration_alone_runs_in_the_hook(monkeypatch):
 
 @pytest.mark.parametrize(
     ("settings", "technique"),
-    [({"loss_rate": 0.3}, "rescale"), ({"loss_rate": 0.3, "fill": "zero", "fec": (4, 1)}, "protection")],
+    [
+        ({"loss_rate": 0.3}, "rescale"),
+        ({"loss_rate": 0.3, "fill": "zero", "fec": (4, 1)}, "protection"),
+        ({"loss_rate": 0.3, "fill": "zero", "fec": (4, 1)}, "fec"),
+        ({"loss_rate": 0.3, "fill": "zero", "retransmit": 2}, "retransmit"),
+        ({"loss_rate": 0.3, "fill": "zero", "protect": "bias"}, "protect"),
+    ],
 )
 def test_a_technique_adds_its_counters_to_stats_and_only_when_used(settings, technique):
     cls = next(c for c in TECHNIQUES if c.name == technique)

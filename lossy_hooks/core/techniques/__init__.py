@@ -7,8 +7,9 @@ the registration that orders them. Adding a technique: its module, and one entry
 - :mod:`.error_feedback`: ``error_feedback`` (a worker resends what its uplink lost);
 - :mod:`.hadamard`: ``encoding="hadamard"`` (the randomized rotation);
 - :mod:`.wire_dtype`: ``wire_dtype`` (what dtype travels);
-- :mod:`.protection`: ``fec``, ``retransmit``, ``protect`` (a transport's recovery, on the
-  loss masks: :meth:`Protection.resolve`).
+- :mod:`.fec`, :mod:`.protect`, :mod:`.retransmit`: ``fec``, ``protect``, ``retransmit`` (a
+  transport's recovery, on the loss masks), applied in that order by :mod:`.protection`
+  (:meth:`Protection.resolve`, where the masks are drawn).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from typing import TYPE_CHECKING
 
 from lossy_hooks.core.techniques.base import BucketCall, Technique
 from lossy_hooks.core.techniques.error_feedback import ErrorFeedback
+from lossy_hooks.core.techniques.fec import ForwardErrorCorrection
 from lossy_hooks.core.techniques.fidelity import MeasureFidelity
 from lossy_hooks.core.techniques.fills import Fill, RescaleFill, StaleFill, ZeroFill
 from lossy_hooks.core.techniques.hadamard import HadamardEncoding
+from lossy_hooks.core.techniques.protect import ProtectedPackets
 from lossy_hooks.core.techniques.protection import Protection
+from lossy_hooks.core.techniques.retransmit import Retransmission
 from lossy_hooks.core.techniques.wire_dtype import WireDtype
 
 if TYPE_CHECKING:
@@ -48,7 +52,17 @@ FILLS: dict[str, type[Fill]] = {cls.name: cls for cls in (ZeroFill, RescaleFill,
 CHAIN: tuple[type[Technique], ...] = (MeasureFidelity, ErrorFeedback, HadamardEncoding, Fill, WireDtype)
 
 # every technique, in the order their refusals are checked
-TECHNIQUES: tuple[type[Technique], ...] = (*FILLS.values(), HadamardEncoding, ErrorFeedback, Protection)
+TECHNIQUES: tuple[type[Technique], ...] = (
+    *FILLS.values(),
+    MeasureFidelity,
+    HadamardEncoding,
+    ErrorFeedback,
+    WireDtype,
+    ForwardErrorCorrection,
+    ProtectedPackets,
+    Retransmission,
+    Protection,
+)
 
 
 def fill_of(config: LossConfig) -> Fill:

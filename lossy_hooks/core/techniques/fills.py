@@ -37,6 +37,8 @@ from lossy_hooks.core.techniques.base import BucketCall, Technique
 if TYPE_CHECKING:
     from lossy_hooks.core.options import LossConfig
 
+Mask = torch.Tensor | None  # a loss mask (True = lost), or None where nothing can be lost
+
 __all__ = [
     "Fill",
     "RescaleFill",
@@ -160,19 +162,11 @@ class Fill(Technique):
         """``a_{r,j}``: the fp32 factor of this rank's copy before the collective."""
         return (~lost).float()
 
-    def post_keep(
-        self, post_lost: torch.Tensor | None, post_factor: float | torch.Tensor
-    ) -> torch.Tensor | None:
+    def post_keep(self, post_lost: Mask, post_factor: float | torch.Tensor) -> Mask:
         """The fp32 factor of a post drop on the result (``None``: no mask, or not a factor)."""
         return None if post_lost is None else torch.where(post_lost, 0.0, 1.0)
 
-    def fill_result_(
-        self,
-        layout: PacketLayout,
-        out: torch.Tensor,
-        post_lost: torch.Tensor | None,
-        stale: torch.Tensor | None,
-    ) -> None:
+    def fill_result_(self, layout: PacketLayout, out: torch.Tensor, post_lost: Mask, stale: Mask) -> None:
         """After the factors, on the result: nothing (the factors did it), or the stale fill."""
 
     def fill_received_(
@@ -235,9 +229,7 @@ class RescaleFill(Fill):
             )
         return None
 
-    def post_keep(
-        self, post_lost: torch.Tensor | None, post_factor: float | torch.Tensor
-    ) -> torch.Tensor | None:
+    def post_keep(self, post_lost: Mask, post_factor: float | torch.Tensor) -> Mask:
         return None if post_lost is None else torch.where(post_lost, 0.0, post_factor)
 
     def _worker_factor(self, call: BucketCall, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -287,18 +279,10 @@ class StaleFill(Fill):
             )
         return None
 
-    def post_keep(
-        self, post_lost: torch.Tensor | None, post_factor: float | torch.Tensor
-    ) -> torch.Tensor | None:
+    def post_keep(self, post_lost: Mask, post_factor: float | torch.Tensor) -> Mask:
         return None
 
-    def fill_result_(
-        self,
-        layout: PacketLayout,
-        out: torch.Tensor,
-        post_lost: torch.Tensor | None,
-        stale: torch.Tensor | None,
-    ) -> None:
+    def fill_result_(self, layout: PacketLayout, out: torch.Tensor, post_lost: Mask, stale: Mask) -> None:
         assert stale is not None
         stale_fill_(layout, out, post_lost, stale)
 
