@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lossy_hooks.core.options as options_module
-import lossy_hooks.core.state as state_module
 from lossy_hooks import (
     ExactCount,
     GilbertElliott,
@@ -592,8 +591,8 @@ def resync_momentum() -> dict:
 def append_exactness() -> dict:
     """counts_transport='append' in bf16 is refused beyond the exact-count limit (lowered to
     W - 1 here to see it), with a message naming the option."""
-    cap = state_module.exact_count_limit
-    state_module.exact_count_limit = lambda dtype: world() - 1
+    cap = options_module.exact_count_limit
+    options_module.exact_count_limit = lambda dtype: world() - 1
     try:
         state = LossyState(
             loss_rate=0.1, mtu=64, drop_point="worker", fill="rescale", counts_transport="append"
@@ -606,7 +605,7 @@ def append_exactness() -> dict:
         except Exception as e:  # raised inside the hook, re-raised by backward
             message = str(e)
     finally:
-        state_module.exact_count_limit = cap
+        options_module.exact_count_limit = cap
     return {"message": message}
 
 
