@@ -1,6 +1,6 @@
 """Curated mutation testing: does the suite notice when a rule breaks?
 
-    python mutation/mutants.py                 # every mutant (~55 min on 2 cores: 41-49 s a mutant)
+    python mutation/mutants.py                 # every mutant (~90 min on 2 cores: 10-175 s a mutant)
     python mutation/mutants.py --list          # the mutants and the rule each one breaks
     python mutation/mutants.py --only M07 M12  # some of them
     python mutation/mutants.py --json out.json
