@@ -212,6 +212,11 @@ class LossConfig:
         return None
 
     @property
+    def protecting(self) -> bool:
+        """Whether a drop point's masks go through FEC, retransmission or protected packets."""
+        return self.protection.active or self.protect is not None
+
+    @property
     def drops_before(self) -> bool:
         """Whether packets are lost on the way to the sum (the placement's reduce phase)."""
         return self.placement.loses(self.drop_point, "reduce")

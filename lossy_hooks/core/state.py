@@ -28,7 +28,7 @@ from lossy_hooks.core.options import (
 )
 from lossy_hooks.core.process_group import collective_device
 from lossy_hooks.core.streams import DropSite, DropSites, derive_seed
-from lossy_hooks.core.techniques import Protection, Technique, wire_chain
+from lossy_hooks.core.techniques import Technique, wire_chain
 from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK
 from lossy_hooks.core.techniques.wire_dtype import wire_dtype_of
 from lossy_hooks.loss_models import (
@@ -98,7 +98,7 @@ class LossyState:
         self.techniques: tuple[Technique, ...] = wire_chain(self.settings, self.fill_technique)
         self.sites = DropSites(loss_model, self.post_sync)
         points = tuple(site.name for site in self.placement.sites(self.drop_point))
-        self.protecting = Protection.used_by(self.settings)
+        self.protecting = self.settings.protecting
         unrecovered = self.drops_before and self.fill_technique.needs_counts
         self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self.protecting)
         self.parameter_names: dict[int, str] = {}
@@ -155,7 +155,7 @@ class LossyState:
             self.counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
         uses_counts = self.drops_before and self.fill_technique.needs_counts
         if uses_counts and self.counts_resolved == "append":
-            check_append_counts(self.world_size, wire_dtype_of(self.wire_dtype, buf.dtype))
+            check_append_counts(self.world_size, self.wire_dtype_for(buf))
         replay = self.counts_resolved == "regenerate" and uses_counts
         self.sites.prepare(buf.device, self.seed, self.rank, self.world_size, replay)
         if self.clock is not None:

@@ -91,7 +91,7 @@ class DeadlineLoss(LossModel):
             )
         if config.packetization != "mtu":
             return "the deadline loss model needs packetization='mtu' (the clock prices packets of mtu bytes)"
-        if config.protection.active or config.protect is not None:
+        if config.protecting:
             return (
                 "the deadline loss model with fec, retransmit or protect is not supported: the "
                 "deadline transport does not resend (the reliable transport is priced on the same clock)"

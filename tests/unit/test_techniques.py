@@ -78,6 +78,7 @@ def stand_in(settings: dict) -> SimpleNamespace:
         "protection": Protection(values["retransmit"], values["fec"]),
         "drops_before": drop in ("worker", "both"),
         "drops_after": drop in ("post", "both"),
+        "protecting": values["retransmit"] > 0 or values["fec"] is not None or values["protect"] is not None,
     }
     return SimpleNamespace(**values)
 

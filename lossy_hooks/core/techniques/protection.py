@@ -63,7 +63,7 @@ class Protection(Technique):
 
     @classmethod
     def used_by(cls, config: LossConfig) -> bool:
-        return config.protection.active or config.protect is not None
+        return config.protecting
 
     @classmethod
     def refuses(cls, config: LossConfig) -> str | None:

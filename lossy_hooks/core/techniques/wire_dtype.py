@@ -40,7 +40,7 @@ class WireDtype(Technique):
         return True
 
     def before_wire(self, call: BucketCall, x: torch.Tensor) -> torch.Tensor:
-        dtype = wire_dtype_of(self.config.wire_dtype, call.bucket.dtype)
+        dtype = call.state.wire_dtype_for(call.bucket)
         if x.dtype == dtype:
             return x
         into_bucket = x is call.bucket
