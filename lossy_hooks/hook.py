@@ -144,8 +144,7 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
         n = record.layout.num_packets
         state.clock.tick(n, record.wire_bytes, record.wire_bytes / n)
     call = BucketCall(state, record, buf, state.world_size, scale, step)
-    call.lost = state.draw(state.worker, record) if state.drops_before else None
-    call.post_lost = state.draw(state.post, record) if state.drops_after else None
+    state.draw_masks(call)  # where the placement loses: this rank's masks, counted
     wire = buf
     for technique in state.techniques:  # fidelity, error feedback, encoding, the fill, wire dtype
         wire = technique.before_wire(call, wire)

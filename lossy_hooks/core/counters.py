@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["BucketEntry", "BucketKey", "PacketCounters", "key_from_str", "key_str"]
@@ -71,13 +72,17 @@ class PacketCounters:
         self.protection: dict[str, dict[BucketKey, torch.Tensor]] = {p: {} for p in points}
         self.mark: dict[str, list[int]] = {}
         self.pending_fidelity: dict[int, list[torch.Tensor]] = {}
+        # a per-hop placement's links, per phase: names, packets carried (host), lost (device)
+        self.links: dict[str, tuple[str, ...]] = {}
+        self.link_carried: dict[str, np.ndarray] = {}
+        self.link_lost: dict[str, torch.Tensor] = {}
 
     # -- called by the hook (device work only) --------------------------------------------
 
     def to(self, device: torch.device) -> None:
         """Keep the counters on ``device`` (the buckets')."""
         self.device = device
-        for d in (*self.lost.values(), *self.protection.values(), self.unrecovered):
+        for d in (*self.lost.values(), *self.protection.values(), self.unrecovered, self.link_lost):
             for k, v in d.items():
                 d[k] = v.to(device)
 
@@ -97,6 +102,19 @@ class PacketCounters:
                 lost.shape[-1], dtype=torch.int32, device=lost.device
             )
         per_packet.add_(lost.sum(0, dtype=torch.int32) if lost.dim() > 1 else lost)
+
+    def count_links(
+        self, phase: str, links: tuple[tuple[int, int], ...], carried: np.ndarray, lost: torch.Tensor
+    ) -> None:
+        """One collective of a per-hop placement in ``phase``: packets each link carried
+        (known on the host from the schedule) and lost (int64, on the device). The same on
+        every rank (every rank replays every hop)."""
+        if phase not in self.links:
+            self.links[phase] = tuple(f"{a}->{b}" for a, b in links)
+            self.link_carried[phase] = np.zeros(len(links), dtype=np.int64)
+            self.link_lost[phase] = torch.zeros(len(links), dtype=torch.int64, device=lost.device)
+        self.link_carried[phase] += carried
+        self.link_lost[phase].add_(lost)
 
     def count_protection(self, point: str, key: BucketKey, counters: torch.Tensor) -> None:
         """Add one call's :data:`~lossy_hooks.core.techniques.protection.COUNTERS` (int64, on the device)."""
@@ -135,7 +153,20 @@ class PacketCounters:
                 p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.protection.items()
             },
             "mark": {k: list(v) for k, v in self.mark.items()},
-        }
+        } | (
+            {
+                "links": {
+                    phase: {
+                        "names": list(names),
+                        "carried": torch.from_numpy(self.link_carried[phase].copy()),
+                        "lost": self.link_lost[phase].detach().cpu(),
+                    }
+                    for phase, names in self.links.items()
+                }
+            }
+            if self.links
+            else {}
+        )
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.buckets = {
@@ -159,6 +190,10 @@ class PacketCounters:
             p: {key_from_str(k): v.clone() for k, v in saved.get(p, {}).items()} for p in self.points
         }
         self.mark = {k: [int(x) for x in v] for k, v in sd.get("mark", {}).items()}
+        links = sd.get("links", {})
+        self.links = {phase: tuple(v["names"]) for phase, v in links.items()}
+        self.link_carried = {phase: v["carried"].numpy().astype(np.int64) for phase, v in links.items()}
+        self.link_lost = {phase: v["lost"].clone() for phase, v in links.items()}
         self.pending_fidelity = {}
         self.device = None
 

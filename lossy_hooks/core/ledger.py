@@ -109,7 +109,33 @@ class PacketLedger(PacketCounters):
                 entry_out |= dict(zip(COUNTERS, total[3:], strict=True)) | {"extra_bytes": extra_bytes}
             out[p] = entry_out
         out["buckets"] = list(buckets.values())
+        if self.links:
+            out["links"] = self.link_rows()
+            for p in self.points:  # contributions (worker) / result packets (post) delivered
+                sent = out[p]["packets_sent"]
+                out[p]["delivered_fraction"] = 1.0 - out[p]["packets_lost"] / sent if sent else 1.0
         return out
+
+    def link_rows(self) -> list[dict[str, Any]]:
+        """A per-hop placement's links: per phase and link (``"src->dst"``), packets carried
+        and lost and the loss rate, the same on every rank (not summed over ranks). One host
+        read."""
+        lost = {phase: v.tolist() for phase, v in self.link_lost.items()}
+        rows = []
+        for phase, names in self.links.items():
+            for name, carried, n_lost in zip(
+                names, self.link_carried[phase].tolist(), lost[phase], strict=True
+            ):
+                rows.append(
+                    {
+                        "phase": phase,
+                        "link": name,
+                        "packets_carried": carried,
+                        "packets_lost": n_lost,
+                        "loss_rate": n_lost / carried if carried else 0.0,
+                    }
+                )
+        return rows
 
     def _entry(self, key: BucketKey) -> BucketEntry:
         return self.buckets.get(key) or BucketEntry(0, ())
@@ -210,6 +236,8 @@ class PacketLedger(PacketCounters):
             now[f"bucket:{p}:{b['index']}:{b['numel']}:{b['generation']}"] = [b[f"{p}_sent"], b[f"{p}_lost"]]
         for r in by_param:
             now[f"param:{r['drop_point']}:{r['parameter']}"] = [r["packets_sent"], r["packets_lost"]]
+        for r in stats.get("links", []):
+            now[f"link:{r['phase']}:{r['link']}"] = [r["packets_carried"], r["packets_lost"]]
         prev, self.mark = self.mark, now
 
         def delta(name: str) -> tuple[int, int]:
@@ -239,4 +267,15 @@ class PacketLedger(PacketCounters):
             p: {f: v - prev.get(f"point:{p}:{f}", [0])[0] for f, v in stats[p].items() if isinstance(v, int)}
             for p in self.points
         }
-        return {"points": points, "buckets": buckets, "parameters": parameters}
+        links = []
+        for r in stats.get("links", []):
+            carried, lost = delta(f"link:{r['phase']}:{r['link']}")
+            links.append(
+                r
+                | {
+                    "packets_carried": carried,
+                    "packets_lost": lost,
+                    "loss_rate": lost / carried if carried else 0.0,
+                }
+            )
+        return {"points": points, "buckets": buckets, "parameters": parameters, "links": links}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lossy_hooks.core.netclock import NetworkModel
-from lossy_hooks.core.placement import ParameterServer, Placement
+from lossy_hooks.core.placement import ALGORITHMS, LinkRules, Placement, parse_link_loss, placement_of
 from lossy_hooks.core.techniques import FILLS as FILL_TECHNIQUES
 from lossy_hooks.core.techniques import Fill, Protection, fill_of, refusals
 from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK, ENCODINGS
@@ -29,6 +29,7 @@ from lossy_hooks.loss_models import (
 )
 
 __all__ = [
+    "ALGORITHMS",
     "AUTO_REGENERATE_MAX_WORLD",
     "COUNTS_TRANSPORTS",
     "DROP_POINTS",
@@ -81,8 +82,9 @@ def power_of_two(name: str, value: Any) -> int:
 def check_combinations(config: LossConfig) -> None:
     """Combinations of settings that have no meaning, refused with the reason: what the
     techniques ``config`` uses refuse (:func:`~lossy_hooks.core.techniques.refusals`), then
-    what its loss model refuses (``LossModel.refuses``)."""
-    for reason in (*refusals(config), config.loss_model.refuses(config)):
+    what its loss model refuses (``LossModel.refuses``), then what its placement refuses
+    (``Placement.refuses``)."""
+    for reason in (*refusals(config), config.loss_model.refuses(config), config.placement.refuses(config)):
         if reason is not None:
             raise ValueError(reason)
 
@@ -141,13 +143,24 @@ class LossConfig:
     network: NetworkModel | None = field(
         default=None, metadata=_meta("network", "simulated time is not wired into FSDP yet")
     )
-    # where packets are lost and what a collective costs (today's only one: ParameterServer)
-    placement: Placement = field(default_factory=ParameterServer, metadata=_meta("runtime"))
+    # where packets are lost: the collective's algorithm (core/placement), which links lose
+    algorithm: str = field(
+        default="ps", metadata=_meta("option", "the sharded collectives lose one hop each way (ps) only, yet")
+    )
+    ranks_per_node: int | None = field(
+        default=None, metadata=_meta("option", "the sharded collectives have no per-hop links yet")
+    )
+    link_loss: Any = field(
+        default=None, metadata=_meta("option", "the sharded collectives have no per-hop links yet")
+    )
+    # the placement object (default: the one ``algorithm`` names; a test may give its own)
+    placement: Placement = field(default=None, metadata=_meta("runtime"))  # type: ignore[assignment]
     # derived from the settings above at construction
     post_keep_rate: float = field(init=False, repr=False, metadata=_meta("derived"))  # 1 - long-run loss
     protect_rule: ProtectRule | None = field(init=False, repr=False, metadata=_meta("derived"))
     protection: Protection = field(init=False, repr=False, metadata=_meta("derived"))  # FEC, retransmit
     fill_technique: Fill = field(init=False, repr=False, metadata=_meta("derived"))  # FILLS[fill]
+    link_rules: LinkRules = field(init=False, repr=False, metadata=_meta("derived"))  # per-link loss
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -184,6 +197,16 @@ class LossConfig:
         if self.network is not None and not isinstance(self.network, NetworkModel):
             raise ValueError(f"network must be a NetworkModel, got {self.network!r}")
         put("fill_technique", fill_of(self))
+        choice("algorithm", self.algorithm, ALGORITHMS)
+        if self.placement is None:
+            put("placement", placement_of(self.algorithm))
+        if self.ranks_per_node is not None:
+            put(
+                "ranks_per_node",
+                whole("ranks_per_node", self.ranks_per_node, 1, "a whole number of ranks >= 1"),
+            )
+        put("link_loss", parse_link_loss(self.link_loss) or None)
+        put("link_rules", LinkRules(self.ranks_per_node, self.link_loss or ()))
         check_combinations(self)
 
     @classmethod
@@ -226,12 +249,20 @@ class LossConfig:
         """Whether packets of the result are lost (the placement's broadcast phase)."""
         return self.placement.loses(self.drop_point, "broadcast")
 
+    @property
+    def shares_post_mask(self) -> bool:
+        """Whether every rank misses the same packets of the result (``post_sync="shared"``
+        on the parameter server: the mask is then folded in before the collective)."""
+        return self.post_sync == "shared" and not self.placement.per_hop
+
     def options(self) -> dict[str, Any]:
         """The option settings as plain values (a predicate ``protect`` by its name)."""
         out = {name: getattr(self, name) for name in self.names("option")}
         if out["protect"] is not None and not isinstance(out["protect"], str):
             out["protect"] = getattr(out["protect"], "__qualname__", repr(out["protect"]))
         out["fec"] = None if out["fec"] is None else list(out["fec"])
+        if out["link_loss"] is not None:
+            out["link_loss"] = {f"{a}->{b}": m.spec for a, b, m in out["link_loss"]}
         return out
 
     def as_dict(self) -> dict[str, Any]:

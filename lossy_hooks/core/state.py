@@ -26,9 +26,10 @@ from lossy_hooks.core.options import (
     check_append_counts,
     resolve_counts_transport,
 )
+from lossy_hooks.core.placement import PHASES_OF_DROP_POINT, HopLoss, HopPlacement
 from lossy_hooks.core.process_group import collective_device
 from lossy_hooks.core.streams import DropSite, DropSites, derive_seed
-from lossy_hooks.core.techniques import Technique, wire_chain
+from lossy_hooks.core.techniques import BucketCall, Technique, wire_chain
 from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK
 from lossy_hooks.core.techniques.wire_dtype import wire_dtype_of
 from lossy_hooks.loss_models import (
@@ -86,6 +87,9 @@ class LossyState:
         retransmit: int = 0,
         fec: tuple[int, int] | None = None,
         network: NetworkModel | None = None,
+        algorithm: str = "ps",
+        ranks_per_node: int | None = None,
+        link_loss: Any = None,
     ) -> None:
         arguments = dict(locals())  # exactly the parameters above: LossConfig takes them all
         del arguments["self"], arguments["process_group"]
@@ -101,6 +105,10 @@ class LossyState:
         self.protecting = self.settings.protecting
         unrecovered = self.drops_before and self.fill_technique.needs_counts
         self.ledger = PacketLedger(points, unrecovered, process_group, track_protection=self.protecting)
+        self.hops: HopLoss | None = None  # the per-link streams of a per-hop placement
+        if isinstance(self.placement, HopPlacement):
+            phases = PHASES_OF_DROP_POINT[self.drop_point]
+            self.hops = HopLoss(self.placement, loss_model, self.settings.link_rules, phases)
         self.parameter_names: dict[int, str] = {}
         self.steps = 0
         self.rank: int | None = None
@@ -151,15 +159,45 @@ class LossyState:
             self.clock.prepare(buf.device, self.seed, self.world_size)
         self.ledger.to(buf.device)
         self.buckets.to(buf.device)
+        if self.hops is not None:  # every rank replays every hop: the counts are regenerated
+            self.counts_resolved = "regenerate"
+            self.hops.prepare(buf.device, self.seed, self.rank, self.world_size)
         if self.counts_resolved is None:
             self.counts_resolved = resolve_counts_transport("auto", buf.device, self.world_size)
         uses_counts = self.drops_before and self.fill_technique.needs_counts
         if uses_counts and self.counts_resolved == "append":
             check_append_counts(self.world_size, self.wire_dtype_for(buf))
-        replay = self.counts_resolved == "regenerate" and uses_counts
+        replay = self.counts_resolved == "regenerate" and uses_counts and self.hops is None
         self.sites.prepare(buf.device, self.seed, self.rank, self.world_size, replay)
         if self.clock is not None:
             self.sites.bind_deadlines(self.clock, self.rank)
+
+    def draw_masks(self, call: BucketCall) -> None:
+        """This call's loss masks (``call.lost``, ``call.post_lost``), its post-rescale factor
+        and, on a per-hop placement, the arrival counts, counted in the ledger (per drop
+        point; per link on a per-hop placement)."""
+        record = call.record
+        call.post_factor = record.post_factor
+        if self.hops is None:
+            call.lost = self.draw(self.worker, record) if self.drops_before else None
+            call.post_lost = self.draw(self.post, record) if self.drops_after else None
+            return
+        assert self.device is not None
+        n = record.layout.num_packets
+        counts = self.drops_before and self.fill_technique.needs_counts
+        post_rescale = self.drops_after and self.fill_technique.needs_counts
+        masks = self.hops.masks(n, counts, post_rescale, self.device)
+        call.lost, call.post_lost, call.arrivals = masks.lost, masks.post_lost, masks.arrivals
+        if masks.post_factor is not None:
+            call.post_factor = masks.post_factor
+        for point, phase, lost in (("worker", "reduce", masks.lost), ("post", "broadcast", masks.post_lost)):
+            if point in self.ledger.points:
+                self.ledger.count(point, record.key, n, lost)
+            if phase in masks.link_lost:
+                links = self.hops.links[phase]
+                self.ledger.count_links(
+                    phase, links, self.hops.carried(phase, n, self.device), masks.link_lost[phase]
+                )
 
     def draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
         """The loss mask of this bucket at ``site`` after FEC, retransmission and protection
@@ -255,6 +293,7 @@ class LossyState:
                 "steps": self.steps,
                 **self.sites.state_dict(),
                 "counts_transport_resolved": self.counts_resolved,
+                **({"hops": self.hops.state_dict()} if self.hops is not None else {}),
                 "ledger": self.ledger.state_dict(),
             }
             | ({"clock": self.clock.state_dict()} if self.clock is not None else {})
@@ -276,6 +315,8 @@ class LossyState:
         self.sites.load_state_dict(sd)
         self.buckets.load_state_dict(sd)
         self.counts_resolved = sd.get("counts_transport_resolved", self.counts_resolved)
+        if self.hops is not None:
+            self.hops.load_state_dict(sd.get("hops", {}))
         ledger = sd["ledger"] if "ledger" in sd else PacketLedger.from_version_2(sd)
         self.ledger.load_state_dict(ledger)
         if self.clock is not None:

@@ -21,6 +21,8 @@ __all__ = ["DropSite", "DropSites", "derive_seed"]
 STREAM_WORKER, STREAM_POST_SHARED, STREAM_POST_INDEPENDENT = 1, 2, 3
 # The random signs of encoding="hadamard": one stream, the same on every rank.
 STREAM_ROTATION = 4
+# The hops of a per-hop placement, one stream per phase, the same on every rank.
+STREAM_HOPS = {"reduce": 5, "broadcast": 6}
 # Seeds of the start offsets of deterministic models: (seed, stream + this, rank).
 STREAM_START_OFFSET = 100
 

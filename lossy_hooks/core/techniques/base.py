@@ -40,8 +40,10 @@ class BucketCall:
     leave for their :meth:`~Technique.after_collective` (everything on the bucket's device).
 
     ``lost`` / ``post_lost``: this call's loss masks before and after the collective (``True``
-    = lost; ``None`` where nothing can be lost); ``scale``: the ``1/W`` of a mean not yet
-    applied to the bucket; ``memo``: each technique's own per-call values, by its name."""
+    = lost; ``None`` where nothing can be lost), drawn by ``LossyState.draw_masks`` with
+    ``post_factor`` and, on a per-hop placement, the arrival counts ``arrivals``; ``scale``:
+    the ``1/W`` of a mean not yet applied to the bucket; ``memo``: each technique's own
+    per-call values, by its name."""
 
     state: LossyState
     record: BucketRecord
@@ -51,6 +53,8 @@ class BucketCall:
     step: int
     lost: torch.Tensor | None = None
     post_lost: torch.Tensor | None = None
+    post_factor: float | torch.Tensor = 1.0  # post rescale 1/q (per packet on a per-hop placement)
+    arrivals: torch.Tensor | None = None  # c_j where known before the collective (per-hop placements)
     appended: torch.Tensor | None = None  # travels in the bucket's own collective, after it
     appended_result: torch.Tensor | None = None  # its summed value, after the collective
     extra: list[torch.Tensor] = field(default_factory=list)  # reduced by collectives of their own

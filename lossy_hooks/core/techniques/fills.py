@@ -178,9 +178,9 @@ class Fill(Technique):
 
     def before_wire(self, call: BucketCall, x: torch.Tensor) -> torch.Tensor:
         pre = None if call.lost is None else self._worker_factor(call, x, self.worker_keep(call.lost))
-        keep = self.post_keep(call.post_lost, call.record.post_factor)
+        keep = self.post_keep(call.post_lost, call.post_factor)
         if keep is not None:
-            if self.config.post_sync == "shared":  # b_j (R_j) = R_j computed from b_j-scaled copies
+            if self.config.shares_post_mask:  # b_j (R_j) = R_j computed from b_j-scaled copies
                 pre = keep if pre is None else pre.mul_(keep)
             else:
                 call.memo["post"] = keep
@@ -238,6 +238,8 @@ class RescaleFill(Fill):
         state, lost = call.state, call.lost
         assert lost is not None
         unrecovered = state.ledger.unrecovered_counter(call.record.key, x.device)
+        if call.arrivals is not None:  # a per-hop placement: c_j known from the shared hops
+            return pre.mul_(arrival_factor(call.arrivals, call.world, unrecovered))
         transport = state.counts_resolved
         if transport == "regenerate":  # c_j known here: fold W / c_j into pre
             counts = regenerated_counts(lost, state.peer_draws(call.record))

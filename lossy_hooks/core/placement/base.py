@@ -1,4 +1,4 @@
-"""Where a collective can lose packets, and what its loss-free run costs: the placement seam.
+"""The placement seam: where a collective can lose packets, how it runs, what it costs.
 
 A placement answers two questions for one collective over ``W`` ranks:
 
@@ -20,20 +20,22 @@ before the sum (site ``worker``, the reduce phase) and the result one downlink a
 ``post``, the broadcast phase), the real collective in between opaque to the loss; it is
 priced as the α–β ring allreduce ``T_0 = 2 (W - 1) (α + B / (W β))``
 (:meth:`NetworkModel.ring_seconds`). A placement that loses per hop of a ring, a tree or a
-direct exchange is a new subclass here, registered in :data:`PLACEMENTS`.
+direct exchange is a :class:`~lossy_hooks.core.placement.hops.HopPlacement`
+(``ring.py``, ``tree.py``, ``direct.py``), all registered in
+:data:`~lossy_hooks.core.placement.PLACEMENTS`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 
 if TYPE_CHECKING:
     from lossy_hooks.core.netclock import NetworkModel
+    from lossy_hooks.core.options import LossConfig
 
 Phase = Literal["reduce", "broadcast"]
 
@@ -48,17 +50,19 @@ PHASES_OF_DROP_POINT: dict[str, tuple[Phase, ...]] = {
 @dataclass(frozen=True)
 class LossSite:
     """One place where a collective can lose packets: ``name`` (the ledger's drop point),
-    its ``phase``, and the ``hops`` a packet makes through it."""
+    its ``phase``, and the ``hops`` a packet makes through it (``None``: as many as the
+    algorithm's schedule makes at the world size, e.g. ``W - 1`` on a ring)."""
 
     name: str
     phase: Phase
-    hops: int
+    hops: int | None
 
 
 class Placement(ABC):
     """Where a collective loses packets and what it costs loss-free (see the module)."""
 
-    name: str
+    name: ClassVar[str]
+    per_hop: ClassVar[bool] = False  # loses per link transmission (HopPlacement)
 
     @abstractmethod
     def all_sites(self) -> tuple[LossSite, ...]:
@@ -83,6 +87,10 @@ class Placement(ABC):
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: Any) -> None:
         """FSDP's parameter all-gather: row ``j`` of ``output`` <- rank ``j``'s ``input``."""
 
+    def refuses(self, config: LossConfig) -> str | None:
+        """Why ``config`` (which uses this placement) has no meaning here, or ``None``."""
+        return None
+
     def sites(self, drop_point: str) -> tuple[LossSite, ...]:
         """The sites ``drop_point`` loses at: those of its phases (:data:`PHASES_OF_DROP_POINT`)."""
         phases = PHASES_OF_DROP_POINT[drop_point]
@@ -91,38 +99,3 @@ class Placement(ABC):
     def loses(self, drop_point: str, phase: Phase) -> bool:
         """Whether ``drop_point`` loses packets in ``phase``."""
         return any(s.phase == phase for s in self.sites(drop_point))
-
-
-class ParameterServer(Placement):
-    """One hop each way around an opaque allreduce: site ``worker`` (each rank's uplink,
-    reduce phase) and site ``post`` (each rank's downlink, broadcast phase); priced as the
-    ring allreduce ``2 (W - 1) (α + B / (W β))``."""
-
-    name = "ps"
-    SITES = (LossSite("worker", "reduce", 1), LossSite("post", "broadcast", 1))
-
-    def all_sites(self) -> tuple[LossSite, ...]:
-        return self.SITES
-
-    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
-        return network.ring_seconds(nbytes, world)
-
-    # the collective itself is the backend's own (NCCL, Gloo): loss happens only at the sites
-    def all_reduce(self, tensor: torch.Tensor, group: Any) -> torch.futures.Future:
-        return dist.all_reduce(tensor, group=group, async_op=True).get_future()
-
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: Any, group: Any) -> None:
-        dist.reduce_scatter_single(output=output, input=input, op=op, group=group)
-
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: Any) -> None:
-        dist.all_gather_single(output, input, group=group)
-
-
-PLACEMENTS: dict[str, type[Placement]] = {ParameterServer.name: ParameterServer}
-
-
-def placement_of(name: str) -> Placement:
-    """The placement called ``name`` (one of :data:`PLACEMENTS`)."""
-    if name not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {name!r}")
-    return PLACEMENTS[name]()

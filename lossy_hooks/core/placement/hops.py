@@ -1,0 +1,113 @@
+r"""The per-hop placements' common part: loss per link transmission of the algorithm's
+schedule (:mod:`~lossy_hooks.core.placement.schedule`), the real collective still carrying the
+result.
+
+The fast path (:class:`~lossy_hooks.core.placement.hop_loss.HopLoss` draws the hops):
+
+* reduce phase: rank ``r`` multiplies its copy of packet ``j`` (chunk ``c``, slot ``i``) by
+  ``s_reduce[c, r, i]``, the survival of its contribution along its path to ``c``'s root,
+  before the backend's allreduce, whose sum is then exactly the root's partial sum;
+  ``fill="rescale"`` scales by ``W / c_j``, ``c_j = sum_r s_reduce[c, r, i]`` the count of
+  contributions, known on every rank (a header would carry it; the root's own is never lost,
+  so ``c_j >= 1``);
+* broadcast phase: rank ``r`` misses packet ``j`` of the result where
+  ``s_broadcast[c, r, i] = 0``: ``zero`` sets it to 0, ``rescale`` divides a received one by
+  ``q[c, r]``, the product of its path's link keep probabilities (the owner ``1``; on a ring
+  ``(1 - p)^k`` at ``k`` hops downstream), ``stale`` keeps the last value received.
+
+``drop_point`` selects the phases that lose (``worker``: reduce, ``post``: broadcast). Every
+directed link has its own loss model (its memory: bursts are per link) and all ranks draw the
+same hops from one stream per phase, shared by the ranks (``(seed, phase)``), so every rank
+knows what every hop lost without communicating.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lossy_hooks.core.placement.base import LossSite, Phase, Placement
+from lossy_hooks.core.placement.schedule import PhaseShape
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.netclock import NetworkModel
+    from lossy_hooks.core.options import LossConfig
+
+__all__ = ["HopPlacement"]
+
+
+class HopPlacement(Placement):
+    """A placement that loses per hop of its algorithm's schedule (see the module).
+    Subclasses give the chunks (:meth:`chunk_count`) and each phase's trees
+    (:meth:`trees`)."""
+
+    per_hop = True
+    SITES = (LossSite("worker", "reduce", None), LossSite("post", "broadcast", None))
+    # the phase each tree direction belongs to: reduce links run towards the root
+    TOWARDS_ROOT: ClassVar[dict[Phase, bool]] = {"reduce": True, "broadcast": False}
+
+    def __init__(self) -> None:
+        self._shapes: dict[int, dict[Phase, PhaseShape]] = {}
+
+    def all_sites(self) -> tuple[LossSite, ...]:
+        return self.SITES
+
+    @abstractmethod
+    def chunk_count(self, world: int) -> int:
+        """``C``: how many chunks a bucket is split into at ``world`` ranks."""
+
+    @abstractmethod
+    def trees(self, world: int) -> dict[Phase, tuple[np.ndarray, np.ndarray]]:
+        """Per phase, ``(parent, order)``: ``(C, W)`` int arrays (see the schedule module)."""
+
+    def shapes(self, world: int) -> dict[Phase, PhaseShape]:
+        """Both phases' :class:`PhaseShape` at ``world`` ranks (built once per world size)."""
+        if world not in self._shapes:
+            self._shapes[world] = {
+                phase: PhaseShape.build(parent, order, self.TOWARDS_ROOT[phase])
+                for phase, (parent, order) in self.trees(world).items()
+            }
+        return self._shapes[world]
+
+    def refuses(self, config: LossConfig) -> str | None:
+        why = {
+            "post_sync": (
+                config.post_sync != "shared",
+                "the algorithm decides which ranks miss a result packet",
+            ),
+            "counts_transport": (
+                config.counts_transport not in ("auto", "regenerate"),
+                "every rank replays every hop, so the arrival counts are known without a transport",
+            ),
+            "network": (config.network is not None, "the simulated clock prices one ring, not per hop, yet"),
+            "fec": (config.fec is not None, "an FEC group per link is not modelled yet"),
+            "retransmit": (config.retransmit > 0, "a per-hop resend is not modelled yet"),
+            "protect": (config.protect is not None, "protected packets per hop are not modelled yet"),
+        }
+        for name, (refused, reason) in why.items():
+            if refused:
+                return f"algorithm={self.name!r} does not take {name}={getattr(config, name)!r}: {reason}"
+        return None
+
+    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
+        raise NotImplementedError(
+            f"algorithm={self.name!r} is not priced per hop yet (LossConfig refuses a network with it)"
+        )
+
+    # the real collective carries the result; the hops' losses are the masks around it
+    def all_reduce(self, tensor: torch.Tensor, group: Any) -> torch.futures.Future:
+        return dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: Any, group: Any) -> None:
+        raise NotImplementedError(
+            f"algorithm={self.name!r} is not wired into FSDP yet (LossConfig refuses it)"
+        )
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: Any) -> None:
+        raise NotImplementedError(
+            f"algorithm={self.name!r} is not wired into FSDP yet (LossConfig refuses it)"
+        )
