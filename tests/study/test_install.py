@@ -51,7 +51,11 @@ def test_wheel_in_a_fresh_venv_runs_the_sweep_and_the_console_script(tmp_path):
     env = _clean_env() | {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     where = subprocess.run(
         [str(python), "-c", "import lossy_hooks.study.train as t; print(t.__file__)"],
-        cwd=work, env=env, capture_output=True, text=True, check=True,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(env_dir), f"the venv imported the package from {where}"
 

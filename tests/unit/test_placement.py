@@ -1,16 +1,32 @@
-"""The placement seam (lossy_hooks/core/placement.py): where a collective loses packets and
-what its loss-free run costs. Today's placement is a parameter server with one hop each way;
-the state's drop sites and ledger, and the clock's prices, come from the placement object."""
+"""The placement seam (lossy_hooks/core/placement/): where a collective loses packets and
+what its loss-free run costs. The parameter server loses one hop each way; the state's drop
+sites and ledger, and the clock's prices, come from the placement object. The per-hop
+placements' schedules, survival rule, per-link streams and refusals (one process, virtual
+ranks); their real-process checks are in tests/multiprocess/test_placements.py."""
 
 from __future__ import annotations
+
+import math
+import pickle
 
 import pytest
 import torch
 
 from lossy_hooks import LossyState
 from lossy_hooks.core.netclock import Deadline, NetworkModel, SimClock
-from lossy_hooks.core.placement import LossSite, ParameterServer, placement_of
-from lossy_hooks.loss_models import DeadlineLoss
+from lossy_hooks.core.placement import (
+    Chunking,
+    HopLoss,
+    LinkRules,
+    LossSite,
+    ParameterServer,
+    binary_tree_parents,
+    parse_link_loss,
+    path_products,
+    placement_of,
+)
+from lossy_hooks.core.statistics import burst_lengths
+from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, GilbertElliott
 
 W, N, PACKET = 4, 200, 1500
 
@@ -21,8 +37,8 @@ def test_parameter_server_loses_one_hop_each_way_per_drop_point():
     assert ps.sites("worker") == (LossSite("worker", "reduce", 1),)
     assert ps.sites("post") == (LossSite("post", "broadcast", 1),)
     assert [s.name for s in ps.sites("both")] == ["worker", "post"]
-    with pytest.raises(ValueError, match="placement must be one of \\['ps'\\], got 'ring'"):
-        placement_of("ring")
+    with pytest.raises(ValueError, match="algorithm must be one of 'ps', 'ring', 'tree', 'dbtree', 'direct'"):
+        placement_of("mesh")
 
 
 @pytest.mark.parametrize(
@@ -105,3 +121,150 @@ def test_the_hook_runs_the_bucket_through_its_placements_collective():
             packets = state.stats()["worker"]["packets_sent"]
             assert counting.all_reduces == [numel + extra * packets] and state.bucket_calls == 1
             assert len(state.fidelity()) == 1
+
+
+# ------------------------------------------------------------------ per-hop placements
+
+CPU = torch.device("cpu")
+
+
+def hop_loss(
+    algorithm: str, world: int, model, phases=("reduce", "broadcast"), rules=None, seed=0
+) -> HopLoss:
+    hops = HopLoss(placement_of(algorithm), model, rules or LinkRules(), phases)
+    hops.prepare(CPU, seed, 0, world)
+    return hops
+
+
+def test_the_ring_schedule_is_ncclS_step_chunk_schedule():
+    """W = 3: at reduce-scatter step s rank r sends chunk (r - s - 1) mod W to r + 1; at
+    all-gather step s chunk (r - s) mod W. Each link carries W - 1 chunks per phase."""
+    shapes = placement_of("ring").shapes(3)
+    for phase, first_chunk in (
+        ("reduce", lambda r, s: (r - s - 1) % 3),
+        ("broadcast", lambda r, s: (r - s) % 3),
+    ):
+        shape = shapes[phase]
+        assert shape.links == ((0, 1), (1, 2), (2, 0)) and shape.steps == 2 and shape.depth == 2
+        for link, (src, _) in enumerate(shape.links):
+            for s in range(2):
+                assert shape.carries[link * 2 + s] == first_chunk(src, s), (phase, src, s)
+
+
+def test_ncclS_binary_tree_shape():
+    """The tree drawn in NCCL's trees.cc for 14 ranks: 0 -> 8 -> {4, 12}, 4 -> {2, 6}, ..."""
+    parent = binary_tree_parents(14).tolist()
+    assert parent == [0, 2, 4, 2, 8, 6, 4, 6, 0, 10, 12, 10, 8, 12]
+    second = placement_of("dbtree").trees(8)["reduce"][0][1]
+    interior = {int(p) for r, p in enumerate(second) if p != r}
+    assert interior and all(x % 2 == 1 for x in interior)  # W even: the first tree's leaves
+
+
+def test_path_products_are_the_product_along_each_path():
+    """Pointer doubling against a walk up the tree, on a random forest of depth up to 9."""
+    g = torch.Generator().manual_seed(0)
+    for world in (1, 2, 5, 10):
+        parent = torch.stack([torch.arange(world)] * 3)
+        for c in range(3):  # a random tree: each rank's parent among the ranks before it
+            order = torch.randperm(world, generator=g)
+            for i in range(1, world):
+                parent[c, order[i]] = order[int(torch.randint(i, (1,), generator=g))]
+        edge = torch.rand((3, world, 4), generator=g) > 0.2
+        edge[parent == torch.arange(world)] = True
+        depth = 0
+        for c in range(3):
+            for r in range(world):
+                want, x, d = torch.ones(4, dtype=torch.bool), r, 0
+                while parent[c, x] != x:
+                    want &= edge[c, x]
+                    x, d = int(parent[c, x]), d + 1
+                depth = max(depth, d)
+                got = path_products(edge, parent, max(depth, world))[c, r]
+                assert torch.equal(got, want)
+
+
+def test_chunks_split_as_array_split_and_slots_mark_the_short_chunks():
+    c = Chunking.of(17, 5)
+    assert c.sizes.tolist() == [4, 4, 3, 3, 3] and c.slots == 4
+    assert c.packet_slot.tolist()[:9] == [0, 1, 2, 3, 4, 5, 6, 7, 8] and c.packet_slot[8] == 8
+    assert c.packet_slot.tolist()[8:] == [8, 9, 10, 12, 13, 14, 16, 17, 18]
+
+
+def test_gilbert_elliott_bursts_stay_on_their_link_across_collectives():
+    """GE per link (p=5%, r=25%, loss in bad 1): each link's stream of slots, concatenated over
+    collectives, has bursts of mean length 1/r; a stream restarted per collective would cut
+    them. Burst lengths are geometric: the mean is checked in a 99.9% normal interval."""
+    model = GilbertElliott(0.05, 0.25)
+    hops = hop_loss("ring", 4, model, phases=("reduce",))
+    rows = [hops.draw("reduce", 40, CPU)[:-1].view(4, -1) for _ in range(300)]
+    for link in range(4):
+        seq = torch.cat([~r[link] for r in rows])
+        bursts = burst_lengths(seq).double()
+        mean, sd = float(bursts.mean()), 1 / 0.25 * math.sqrt(1 - 0.25)
+        assert abs(mean - 4.0) < 3.29 * sd / math.sqrt(len(bursts)), (link, mean, len(bursts))
+    # the links are independent streams: their loss sequences differ
+    assert not torch.equal(rows[0][0], rows[0][1])
+
+
+def test_ranks_per_node_and_link_overrides_pick_each_links_model():
+    rules = LinkRules(2, parse_link_loss("3->0=50%; 1->2=gemodel 1% 20%"))
+    hops = hop_loss("ring", 4, Bernoulli(0.1), phases=("reduce",), rules=rules)
+    models = dict(zip(hops.links["reduce"], hops.streams["reduce"].models, strict=True))
+    assert models[(0, 1)].is_lossless() and models[(2, 3)].is_lossless()
+    assert models[(3, 0)].spec == "random 50%" and models[(1, 2)].spec.startswith("gemodel 1%")
+    keep = torch.stack([hops.draw("reduce", 30, CPU)[:-1].view(4, -1) for _ in range(50)])
+    assert keep[:, 0].all() and keep[:, 2].all() and not keep[:, 3].all()
+    with pytest.raises(ValueError, match="link_loss names 0->2, which algorithm='ring' does not use"):
+        hop_loss("ring", 4, Bernoulli(0.1), rules=LinkRules(None, parse_link_loss({(0, 2): 0.1})))
+    with pytest.raises(ValueError, match="link_loss names 4->0, but the group has 4 ranks"):
+        hop_loss("ring", 4, Bernoulli(0.1), rules=LinkRules(None, parse_link_loss({"4->0": 0.1})))
+    with pytest.raises(ValueError, match="a link is written 'src->dst'"):
+        parse_link_loss("3-4=5%")
+
+
+def test_a_resumed_hop_loss_continues_every_links_stream():
+    for model in (Bernoulli(0.3), GilbertElliott(0.1, 0.3)):
+        whole = hop_loss("direct", 3, model)
+        want = [whole.draw(ph, 11, CPU) for _ in range(4) for ph in ("reduce", "broadcast")]
+        first = hop_loss("direct", 3, model)
+        got = [first.draw(ph, 11, CPU) for _ in range(2) for ph in ("reduce", "broadcast")]
+        second = HopLoss(placement_of("direct"), model, LinkRules(), ("reduce", "broadcast"))
+        second.load_state_dict(first.state_dict())
+        second.prepare(CPU, 0, 0, 3)
+        got += [second.draw(ph, 11, CPU) for _ in range(2) for ph in ("reduce", "broadcast")]
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), model
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (
+            dict(algorithm="ring", post_sync="independent"),
+            "algorithm='ring' does not take post_sync='independent'",
+        ),
+        (dict(algorithm="tree", counts_transport="append"), "does not take counts_transport='append'"),
+        (dict(algorithm="direct", fec=(4, 1)), "does not take fec"),
+        (dict(algorithm="dbtree", retransmit=2), "does not take retransmit=2"),
+        (dict(algorithm="ring", network=NetworkModel()), "the simulated clock prices one ring"),
+        (dict(ranks_per_node=2), "ranks_per_node needs a per-hop algorithm"),
+        (dict(algorithm="ring", ranks_per_node=0), "ranks_per_node must be a whole number of ranks >= 1"),
+        (dict(algorithm="torus"), "algorithm must be one of 'ps', 'ring'"),
+    ],
+)
+def test_per_hop_refusals_name_the_setting_and_the_reason(settings, match):
+    with pytest.raises(ValueError, match=match):
+        LossyState(loss_rate=0.1, **settings)
+
+
+def test_per_hop_settings_are_options_in_configs_and_refused_by_fsdp():
+    state = LossyState(loss_rate=0.1, algorithm="ring", ranks_per_node=2, link_loss="1->2=5%")
+    cfg = state.config()
+    assert (
+        cfg["algorithm"] == "ring"
+        and cfg["ranks_per_node"] == 2
+        and cfg["link_loss"] == {"1->2": "random 5%"}
+    )
+    assert "algorithm" not in LossyState(loss_rate=0.1).config()  # ps: run names unchanged
+    assert state.settings.fsdp_refusal()[0] == "algorithm"
+    again = pickle.loads(pickle.dumps(state))
+    assert again.config() == cfg

@@ -141,8 +141,12 @@ class HopLoss:
         """Packets each link of ``phase`` carries in one collective of ``packets`` packets."""
         return self._chunking(packets, device)[1][f"carried:{phase}"]
 
-    def _keep_table(self, streams: _PhaseStreams, slots: int, device: torch.device) -> torch.Tensor:
-        """``(L S + 1, K)``: this collective's hops, ``True`` = kept; the last row (the roots) kept."""
+    def draw(self, phase: Phase, packets: int, device: torch.device) -> torch.Tensor:
+        """Draw ``phase``'s hops for one collective of ``packets`` packets: the keep table,
+        ``(L S + 1, K)`` bool, ``True`` = kept; row ``link S + step`` is that link's
+        ``step``-th chunk (the schedule module), the last row (the roots) always kept."""
+        streams = self.streams[phase]
+        slots = self._chunking(packets, device)[0].slots
         links, steps = len(streams.shape.links), streams.shape.steps
         width = steps * slots
         gen = streams.generator
@@ -157,17 +161,17 @@ class HopLoss:
         keep[:-1] = ~lost.view(links * steps, slots)
         return keep
 
-    def survival(self, phase: Phase, packets: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``phase``'s hops for one collective of ``packets`` packets: the ``(C, W, K)``
-        survival of every rank's packets and the packets each link lost (``(L,)`` int64)."""
+    def survival(
+        self, phase: Phase, keep: torch.Tensor, packets: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a keep table of :meth:`draw`: the ``(C, W, K)`` survival of every rank's
+        packets (``True`` = arrived) and the packets each link lost (``(L,)`` int64)."""
         streams = self.streams[phase]
-        chunking, extra = self._chunking(packets, device)
-        keep = self._keep_table(streams, chunking.slots, device)
+        valid = self._chunking(packets, device)[1][f"valid:{phase}"]
         edge = keep[streams.device["hop"]]  # (C, W, K): each rank's own hop
         alive = path_products(edge, streams.device["parent"], streams.shape.depth)
-        links = len(streams.shape.links)
-        lost_slots = keep[:-1].logical_not_().logical_and_(extra[f"valid:{phase}"])
-        return alive, lost_slots.view(links, -1).sum(1)
+        lost_slots = keep[:-1].logical_not().logical_and_(valid)
+        return alive, lost_slots.view(len(streams.shape.links), -1).sum(1)
 
     def path_keep(self, phase: Phase, slots: int, device: torch.device) -> torch.Tensor:
         """``q[c, r]``: the product of the link keep fractions (``LossModel.keep_fraction``
@@ -187,7 +191,7 @@ class HopLoss:
         for phase, streams in self.streams.items():
             if streams.lossless:
                 continue
-            alive, link_lost = self.survival(phase, packets, device)
+            alive, link_lost = self.survival(phase, self.draw(phase, packets, device), packets, device)
             out.link_lost[phase], out.survival[phase] = link_lost, alive
             mine = alive[:, self.rank].reshape(-1)[slot].logical_not_()
             if phase == "reduce":
