@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from lossy_hooks.core.options import (
+    ALGORITHMS,
     AUTO_REGENERATE_MAX_WORLD,
     COUNTS_TRANSPORTS,
     DROP_POINTS,
@@ -50,9 +51,36 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _add_loss_and_model_flags(beyond)
     _add_data_and_run_flags(beyond)
     _add_run_folder_flags(beyond)
+    _add_placement_flags(p)
     _add_technique_flags(p)
     _add_network_flags(p)
     return p
+
+
+def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+    """Where a collective loses packets: the algorithm, per hop (core/placement)."""
+    h = p.add_argument_group("where packets are lost: per hop of the collective (docs/semantics.md)")
+    h.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default=OPTION_DEFAULTS["algorithm"],
+        help="ps: one uplink before and one downlink after an opaque allreduce; ring / tree / dbtree / "
+        "direct: --loss_rate per link transmission of NCCL's ring, its (double) binary tree, or a "
+        "transpose exchange (worker = the reduce phase's hops, post = the broadcast phase's)",
+    )
+    h.add_argument(
+        "--ranks_per_node",
+        type=int,
+        default=None,
+        metavar="G",
+        help="ranks r, s share a node when r // G == s // G: hops between them never lose",
+    )
+    h.add_argument(
+        "--link_loss",
+        default=None,
+        metavar="SPEC",
+        help="per-link loss models, e.g. '3->4=5%%; 0->1=gemodel 1%% 20%%' (a rate or netem text)",
+    )
 
 
 def _add_original_flags(p: argparse.ArgumentParser) -> None:

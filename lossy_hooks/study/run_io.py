@@ -65,6 +65,7 @@ METRIC_FIELDS = [
     "post_packets_sent",
     "post_packets_lost",
     "effective_loss_rate",
+    "delivered_fraction",
     "gather_packets_sent",
     "gather_packets_lost",
     "sim_lossfree_s",
@@ -300,8 +301,11 @@ def write_summary(
 def packet_rows(counts: dict[str, Any], epoch: int) -> tuple[dict[str, Any], list[dict], list[dict]]:
     """What :meth:`~lossy_hooks.core.ledger.PacketLedger.since_mark` counted in an epoch, as
     metrics.csv's packet columns (``<point>_packets_sent``, ``<point>_packets_lost``,
-    ``effective_loss_rate``: lost over sent, all drop points together) and the rows of
-    buckets.csv (``BUCKET_FIELDS``) and layers.csv (``LAYER_FIELDS``)."""
+    ``effective_loss_rate``: lost over sent, all drop points together; on a per-hop placement
+    ``delivered_fraction``, the contributions that reached their chunk's root) and the rows of
+    buckets.csv (``BUCKET_FIELDS``; a per-hop placement adds one row per phase and link:
+    ``drop_point`` = ``reduce`` / ``broadcast``, ``bucket`` = ``src->dst``, ``packets_sent`` =
+    packets it carried) and layers.csv (``LAYER_FIELDS``)."""
     columns: dict[str, Any] = {}
     for point, figures in counts["points"].items():
         columns[f"{point}_packets_sent"], columns[f"{point}_packets_lost"] = (
@@ -312,12 +316,20 @@ def packet_rows(counts: dict[str, Any], epoch: int) -> tuple[dict[str, Any], lis
     sent = sum(v["packets_sent"] for v in counts["points"].values())
     lost = sum(v["packets_lost"] for v in counts["points"].values())
     columns["effective_loss_rate"] = lost / sent if sent else 0.0
+    worker = counts["points"].get("worker")
+    if counts.get("links") and worker is not None and worker["packets_sent"]:  # a per-hop placement
+        columns["delivered_fraction"] = 1.0 - worker["packets_lost"] / worker["packets_sent"]
     buckets = [
         {"epoch": epoch, "drop_point": b["drop_point"], "bucket": b["index"]}
         | {k: b[k] for k in ("generation", "numel", "packets")}
         | {"params": len(b["params"]), "first_param": b["params"][0], "last_param": b["params"][-1]}
         | {k: b[k] for k in ("packets_sent", "packets_lost", "loss_rate")}
         for b in counts["buckets"]
+    ]
+    buckets += [  # a per-hop placement's links: drop_point = the phase, bucket = "src->dst"
+        {"epoch": epoch, "drop_point": r["phase"], "bucket": r["link"], "packets_sent": r["packets_carried"]}
+        | {k: r[k] for k in ("packets_lost", "loss_rate")}
+        for r in counts.get("links", [])
     ]
     return columns, buckets, [{"epoch": epoch} | r for r in counts["parameters"]]
 

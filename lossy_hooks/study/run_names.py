@@ -90,6 +90,14 @@ def option_parts(cfg: dict[str, Any]) -> list[str]:
     """Name parts of the encodings and protections in use (none: the names of before)."""
     cfg = OPTION_DEFAULTS | {k: v for k, v in cfg.items() if k in OPTION_DEFAULTS}
     parts = []
+    if cfg["algorithm"] != OPTION_DEFAULTS["algorithm"]:
+        parts.append(cfg["algorithm"])
+    if cfg.get("ranks_per_node"):
+        parts.append(f"node{cfg['ranks_per_node']}")
+    if cfg.get("link_loss"):
+        link_loss = cfg["link_loss"]
+        text = link_loss if isinstance(link_loss, str) else ";".join(f"{k}={v}" for k, v in link_loss.items())
+        parts.append("links-" + _slug(text.replace("->", "to")))
     if cfg["encoding"] != OPTION_DEFAULTS["encoding"]:
         parts.append(f"{cfg['encoding']}{cfg['hadamard_block']}")
     if cfg["wire_dtype"] != OPTION_DEFAULTS["wire_dtype"]:
