@@ -25,7 +25,7 @@ from lossy_hooks.core.placement import (
     path_products,
     placement_of,
 )
-from lossy_hooks.core.statistics import burst_lengths
+from lossy_hooks.core.statistics import binomial_interval, burst_lengths
 from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, GilbertElliott
 
 W, N, PACKET = 4, 200, 1500
@@ -268,3 +268,54 @@ def test_per_hop_settings_are_options_in_configs_and_refused_by_fsdp():
     assert state.settings.fsdp_refusal()[0] == "algorithm"
     again = pickle.loads(pickle.dumps(state))
     assert again.config() == cfg
+
+
+@pytest.mark.parametrize("world", [3, 8, 64, 512])
+def test_expected_delivered_is_each_algorithms_closed_form(world):
+    """From the schedule's paths: the ring's (1-(1-p)^W)/(W p) (0.966 at W = 8, 0.741 at 64,
+    0.194 at 512 for p = 1%), the direct exchange's 1 - p (W-1)/W, the ps's 1 - p, the trees'
+    mean (1-p)^depth; the broadcast phase the same by symmetry."""
+    p = 0.01
+    ring = (1 - (1 - p) ** world) / (world * p)
+    assert placement_of("ring").expected_delivered(world, p, "reduce") == pytest.approx(ring, rel=1e-12)
+    assert placement_of("ring").expected_delivered(world, p, "broadcast") == pytest.approx(ring, rel=1e-12)
+    direct = 1 - p * (world - 1) / world
+    assert placement_of("direct").expected_delivered(world, p, "reduce") == pytest.approx(direct, rel=1e-12)
+    assert placement_of("ps").expected_delivered(world, p, "broadcast") == 1 - p
+    parent = binary_tree_parents(world)
+    depth = [0] * world
+    for r in range(world):
+        x = r
+        while parent[x] != x:
+            x, depth[r] = int(parent[x]), depth[r] + 1
+    tree = sum((1 - p) ** d for d in depth) / world
+    assert placement_of("tree").expected_delivered(world, p, "reduce") == pytest.approx(tree, rel=1e-12)
+    if world in (8, 64, 512):
+        assert round(ring, 3) == {8: 0.966, 64: 0.741, 512: 0.194}[world]
+
+
+def test_the_placement_study_writes_its_rows_and_figure(tmp_path):
+    from lossy_hooks import placement_study
+
+    argv = ["--out", str(tmp_path), "--worlds", "2", "16", "--loss_rates", "0.05", "--packets", "300"]
+    assert placement_study.main([*argv, "--trials", "2"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "placement_study.csv", encoding="utf-8")))
+    assert [(r["algorithm"], r["world"]) for r in rows] == [
+        (a, w) for a in ("ps", "ring", "tree", "dbtree", "direct") for w in ("2", "16")
+    ]
+    assert (tmp_path / "placement_study.png").stat().st_size > 10_000
+    for r in rows:
+        closed = placement_of(r["algorithm"]).expected_delivered(int(r["world"]), 0.05, "reduce")
+        assert float(r["delivered_closed_form"]) == pytest.approx(closed, rel=1e-5)
+        if r["algorithm"] == "ps":  # W n trials independent copies
+            n = int(r["world"]) * 300 * 2
+            lo, hi = binomial_interval(n, 0.95)
+            assert lo <= round(float(r["delivered"]) * n) <= hi
+    ring16 = next(r for r in rows if r["algorithm"] == "ring" and r["world"] == "16")
+    direct16 = next(r for r in rows if r["algorithm"] == "direct" and r["world"] == "16")
+    assert float(ring16["rel_l2_zero"]) > float(direct16["rel_l2_zero"])  # the ring loses partial sums
+    with pytest.raises(SystemExit) as bad:
+        placement_study.main([*argv, "--trials", "0"])
+    assert bad.value.code == 2

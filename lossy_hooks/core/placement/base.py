@@ -87,6 +87,12 @@ class Placement(ABC):
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: Any) -> None:
         """FSDP's parameter all-gather: row ``j`` of ``output`` <- rank ``j``'s ``input``."""
 
+    @abstractmethod
+    def expected_delivered(self, world: int, loss_rate: float, phase: Phase) -> float:
+        """The closed form: the mean fraction of contributions that reach the sum
+        (``reduce``) or of result packets that reach a rank (``broadcast``) under i.i.d.
+        loss ``p`` on every lossy hop, zero fill, chunks of equal size."""
+
     def refuses(self, config: LossConfig) -> str | None:
         """Why ``config`` (which uses this placement) has no meaning here, or ``None``."""
         return None

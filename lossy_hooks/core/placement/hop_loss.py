@@ -173,6 +173,12 @@ class HopLoss:
         lost_slots = keep[:-1].logical_not().logical_and_(valid)
         return alive, lost_slots.view(len(streams.shape.links), -1).sum(1)
 
+    def per_rank(self, alive: torch.Tensor, packets: int, device: torch.device) -> torch.Tensor:
+        """A ``(C, W, K)`` survival of :meth:`survival` as ``(W, n)``: rank by packet."""
+        slot = self._chunking(packets, device)[1]["slot"]
+        chunks, world, slots = alive.shape
+        return alive.transpose(0, 1).reshape(world, chunks * slots)[:, slot]
+
     def path_keep(self, phase: Phase, slots: int, device: torch.device) -> torch.Tensor:
         """``q[c, r]``: the product of the link keep fractions (``LossModel.keep_fraction``
         of a stream of ``S K`` slots) on ``r``'s path in ``phase``, fp32 ``(C, W)``."""

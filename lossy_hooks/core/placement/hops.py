@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lossy_hooks.core.placement.base import LossSite, Phase, Placement
-from lossy_hooks.core.placement.schedule import PhaseShape
+from lossy_hooks.core.placement.schedule import PhaseShape, path_products
 
 if TYPE_CHECKING:
     from lossy_hooks.core.netclock import NetworkModel
@@ -72,6 +72,15 @@ class HopPlacement(Placement):
                 for phase, (parent, order) in self.trees(world).items()
             }
         return self._shapes[world]
+
+    def expected_delivered(self, world: int, loss_rate: float, phase: Phase) -> float:
+        """``mean_{c, r} (1 - p)^{hops(c, r)}``, the hops of ``r``'s path in the schedule
+        (exact for every algorithm here; on a ring ``(1 - (1-p)^W) / (W p)``, a direct
+        exchange ``1 - p (W - 1) / W``, a tree the mean of ``(1-p)^depth``)."""
+        shape = self.shapes(world)[phase]
+        edge = torch.full(shape.parent.shape, 1.0 - loss_rate, dtype=torch.float64)
+        edge[shape.parent == torch.arange(world)] = 1.0
+        return float(path_products(edge, shape.parent, shape.depth).mean())
 
     def refuses(self, config: LossConfig) -> str | None:
         why = {

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from lossy_hooks.core.placement.base import LossSite, Placement
+from lossy_hooks.core.placement.base import LossSite, Phase, Placement
 
 if TYPE_CHECKING:
     from lossy_hooks.core.netclock import NetworkModel
@@ -35,6 +35,10 @@ class ParameterServer(Placement):
                     "algorithm='ps' has no links between ranks"
                 )
         return None
+
+    def expected_delivered(self, world: int, loss_rate: float, phase: Phase) -> float:
+        """``1 - p``: every copy crosses one lossy hop, in either phase."""
+        return 1.0 - loss_rate
 
     def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
         return network.ring_seconds(nbytes, world)
