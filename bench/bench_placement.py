@@ -67,9 +67,8 @@ def main() -> None:
         device,
     )
     rows = []
-    print(
-        f"bucket {args.bucket_mb:g} MiB = {packets} packets; copy_ {floor * 1e3:.3f} ms; ps draw {ps * 1e3:.3f} ms"
-    )
+    head = f"bucket {args.bucket_mb:g} MiB = {packets} packets; copy_ {floor * 1e3:.3f} ms"
+    print(f"{head}; ps draw {ps * 1e3:.3f} ms")
     print(f"{'algorithm':>9} {'W':>5} {'ms':>9} {'x copy_':>8}")
     for algorithm in ALGORITHMS:
         for world in args.worlds:
