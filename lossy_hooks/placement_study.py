@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from lossy_hooks.core.placement import ALGORITHMS, HopLoss, LinkRules, placement_of
+from lossy_hooks.core.placement import ALGORITHMS, HopLoss, HopPlacement, LinkRules, Placement, placement_of
 from lossy_hooks.loss_models import Bernoulli
 
 __all__ = ["FIELDS", "main", "measure", "plot"]
@@ -63,22 +63,29 @@ FIELDS = [
 CPU = torch.device("cpu")
 
 
-def _masks(
-    algorithm: str, world: int, p: float, packets: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K, B)``: ``(W, n)`` bool, contribution reached its root / result reached the rank."""
-    if algorithm == "ps":
-        gen = torch.Generator().manual_seed(seed)
-        return torch.rand((world, packets), generator=gen) >= p, torch.rand(
-            (world, packets), generator=gen
-        ) >= p
-    hops = HopLoss(placement_of(algorithm), Bernoulli(p), LinkRules(), ("reduce", "broadcast"))
-    hops.prepare(CPU, seed, 0, world)
-    out = []
-    for phase in ("reduce", "broadcast"):
-        alive, _ = hops.survival(phase, hops.draw(phase, packets, CPU), packets, CPU)
-        out.append(hops.per_rank(alive, packets, CPU))
-    return out[0], out[1]
+class _Collectives:
+    """Successive collectives of one placement at ``W`` virtual ranks: ``next()`` gives
+    ``(K, B)``, ``(W, n)`` bool, contribution reached its root / result reached the rank
+    (built once: the schedule and every link's model)."""
+
+    def __init__(self, placement: Placement, world: int, p: float, packets: int, seed: int) -> None:
+        self.world, self.p, self.packets = world, p, packets
+        self.generator = torch.Generator().manual_seed(seed)
+        self.hops = None
+        if isinstance(placement, HopPlacement):
+            self.hops = HopLoss(placement, Bernoulli(p), LinkRules(), ("reduce", "broadcast"))
+            self.hops.prepare(CPU, seed, 0, world)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.world, self.packets)
+        if self.hops is None:  # ps: one uplink and one downlink per rank
+            gen = self.generator
+            return torch.rand(shape, generator=gen) >= self.p, torch.rand(shape, generator=gen) >= self.p
+        out = []
+        for phase in ("reduce", "broadcast"):
+            alive, _ = self.hops.survival(phase, self.hops.draw(phase, self.packets, CPU), self.packets, CPU)
+            out.append(self.hops.per_rank(alive, self.packets, CPU))
+        return out[0], out[1]
 
 
 def measure(
@@ -95,13 +102,14 @@ def measure(
     placement = placement_of(algorithm)
     sums = dict.fromkeys(("delivered", "received", "rel_l2_zero", "rel_l2_rescale", "disagreement"), 0.0)
     seconds = 0.0
+    collectives = _Collectives(placement, world, p, packets, seed)
     for t in range(trials):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
         g = mu[None, :packets] + spread * mu.square().mean().sqrt() * torch.randn(
             (world, packets), generator=gen
         )
         start = time.perf_counter()
-        keep, got = _masks(algorithm, world, p, packets, seed * 7919 + t)
+        keep, got = collectives.next()
         seconds += time.perf_counter() - start
         exact = g.sum(0)
         zero = (g * keep).sum(0)

@@ -96,8 +96,9 @@ class HopLoss:
                 shape = shapes[phase]
                 self.rules.check(world, shape.links, self.placement.name)
                 models = [self.rules.model_for(link, self.loss_model) for link in shape.links]
-                for i, m in enumerate(models):
-                    m.start_stream(derive_seed(seed, STREAM_HOPS[phase] + STREAM_START_OFFSET, i))
+                for i, m in enumerate(models):  # deterministic models (traces) start per link
+                    if type(m).start_stream is not LossModel.start_stream:
+                        m.start_stream(derive_seed(seed, STREAM_HOPS[phase] + STREAM_START_OFFSET, i))
                 self.streams[phase] = _PhaseStreams(phase, shape, models)
         self._chunkings = {}
         for phase, streams in self.streams.items():
@@ -118,8 +119,10 @@ class HopLoss:
             elif streams.generator is not None and streams.generator.device.type == device.type:
                 gen.set_state(streams.generator.get_state())
             streams.generator = gen
-            keep = [1.0 - (m.p if isinstance(m, Bernoulli) else 0.0) for m in streams.models]
-            streams.rates = torch.tensor([1.0 - k for k in keep], dtype=torch.float32, device=device)[:, None]
+            rates = np.fromiter(
+                (m.p if isinstance(m, Bernoulli) else 0.0 for m in streams.models), np.float32
+            )
+            streams.rates = torch.from_numpy(rates).to(device)[:, None]
             parent, hop = streams.shape.on(device)
             streams.device = {"parent": parent, "hop": hop}
         self._saved = None

@@ -22,6 +22,7 @@ from lossy_hooks.loss_models import Bernoulli, LossModel, check_probability, par
 __all__ = ["LinkRules", "link_name", "parse_link_loss"]
 
 Link = tuple[int, int]
+LOSSLESS = Bernoulli(0.0)  # an intra-node hop
 LinkOverride = tuple[int, int, LossModel]
 
 
@@ -88,14 +89,15 @@ class LinkRules:
     overrides: tuple[LinkOverride, ...] = ()
 
     def model_for(self, link: Link, base: LossModel) -> LossModel:
-        """A fresh copy of the loss model of ``link``."""
+        """The loss model of ``link``: a copy of its own for a model with memory (its state is
+        the link's), the model itself for a memoryless Bernoulli (nothing to keep per link)."""
         for s, d, model in self.overrides:
             if (s, d) == link:
                 return model.clone()
         g = self.ranks_per_node
         if g is not None and link[0] // g == link[1] // g:
-            return Bernoulli(0.0)
-        return base.clone()
+            return LOSSLESS
+        return base if type(base) is Bernoulli else base.clone()  # memoryless: one shared copy
 
     def check(self, world: int, links: tuple[Link, ...], algorithm: str) -> None:
         """At the first bucket: every override names a link ``algorithm`` uses at ``world``."""

@@ -63,7 +63,7 @@ class PhaseShape:
         up = parent[c_idx, r_idx]
         src, dst = (r_idx, up) if towards_root else (up, r_idx)
         keys, link_of = np.unique(src * world + dst, return_inverse=True)
-        links = tuple((int(k // world), int(k % world)) for k in keys)
+        links = tuple(zip((keys // world).tolist(), (keys % world).tolist(), strict=True))
         sort = np.lexsort((c_idx, order[c_idx, r_idx], link_of))  # by link, then step, then chunk
         step = np.empty(len(sort), dtype=np.int64)
         first = np.r_[0, np.flatnonzero(np.diff(link_of[sort])) + 1] if len(sort) else np.zeros(0, int)
