@@ -49,6 +49,12 @@ OPTIONS = (
 )
 FSDP = ("tests/multiprocess/test_fsdp.py",)  # one 3-rank launch of every FSDP scenario
 LM = ("tests/study/test_train_lm.py",)
+PLACEMENT_UNIT = ("tests/unit/test_placement.py",)
+PLACEMENTS_W3 = (
+    "tests/multiprocess/test_placements.py",
+    "-k",
+    "3",
+)  # the 3-rank launch: oracle, closed forms
 CLOCK = ("tests/multiprocess/test_netclock.py", "-k", "not script and not summary")  # in-process and W=3 DDP
 
 
@@ -113,7 +119,7 @@ MUTANTS = [
     M(
         "M06",
         "lossy_hooks/core/techniques/fills.py",
-        "keep = self.post_keep(call.post_lost, call.record.post_factor)",
+        "keep = self.post_keep(call.post_lost, call.post_factor)",
         "keep = self.post_keep(call.post_lost, 1.0 / self.config.post_keep_rate)",
         "post rescale for fixed-count models divides by (n - m)/n, not 1 - p",
         (HOOK,),
@@ -693,6 +699,30 @@ MUTANTS = [
         "            pass\n",
         "a tail block whose transform has the other stage parity is copied into the result",
         (OPTIONS,),
+    ),
+    M(
+        "M78",
+        "lossy_hooks/core/placement/ring.py",
+        '"reduce": (np.where(owner, c, (r + 1) % world), (r - c - 1) % world),',
+        '"reduce": (np.where(owner, c, (r + 1) % world), (r - c) % world),',
+        "at reduce-scatter step s rank r sends chunk (r - s - 1) mod W",
+        (PLACEMENT_UNIT, PLACEMENTS_W3),
+    ),
+    M(
+        "M79",
+        "lossy_hooks/core/placement/schedule.py",
+        "for _ in range(math.ceil(math.log2(depth)) if depth > 1 else 0):",
+        "for _ in range(math.floor(math.log2(depth)) if depth > 1 else 0):",
+        "pointer doubling takes ceil(log2 depth) rounds to cover every path",
+        (PLACEMENT_UNIT,),
+    ),
+    M(
+        "M80",
+        "lossy_hooks/core/placement/hop_loss.py",
+        "out.post_lost = mine",
+        "out.post_lost = alive[:, 0].reshape(-1)[slot].logical_not_()",
+        "a rank's broadcast mask is its own path's, not the root's",
+        (PLACEMENTS_W3,),
     ),
     M(
         "M45",
