@@ -704,7 +704,7 @@ MUTANTS = [
         "M78",
         "lossy_hooks/core/placement/ring.py",
         '"reduce": (np.where(owner, c, (r + 1) % world), (r - c - 1) % world),',
-        '"reduce": (np.where(owner, c, (r + 1) % world), (r - c) % world),',
+        '"reduce": (np.where(owner, c, (r + 1) % world), (c - r - 1) % world),',
         "at reduce-scatter step s rank r sends chunk (r - s - 1) mod W",
         (PLACEMENT_UNIT, PLACEMENTS_W3),
     ),
