@@ -112,8 +112,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     try:
         state = LossyState(**hook_kwargs(cfg))
         if state.hops is not None and world > 1:  # the links named exist at this world size
-            links = {link for shape in state.placement.shapes(world).values() for link in shape.links}
-            state.settings.link_rules.check(world, tuple(sorted(links)), state.algorithm)
+            state.hops.check_links(world)
         if args.strategy == "fsdp":
             fsdp.check_state(state)
             if args.all_gather_loss_rate > 0:

@@ -220,6 +220,16 @@ def test_ranks_per_node_and_link_overrides_pick_each_links_model():
         hop_loss("ring", 4, Bernoulli(0.1), rules=LinkRules(None, parse_link_loss({"4->0": 0.1})))
     with pytest.raises(ValueError, match="a link is written 'src->dst'"):
         parse_link_loss("3-4=5%")
+    # a tree's reduce and broadcast links differ: an override needs a link of one lossy phase
+    tree = hop_loss("tree", 5, Bernoulli(0.1), rules=LinkRules(None, parse_link_loss({(1, 2): 0.5})))
+    assert (
+        dict(zip(tree.links["reduce"], tree.streams["reduce"].models, strict=True))[(1, 2)].spec
+        == "random 50%"
+    )
+    with pytest.raises(ValueError, match="link_loss names 2->1, which algorithm='tree' does not use"):
+        hop_loss(
+            "tree", 5, Bernoulli(0.1), ("reduce",), rules=LinkRules(None, parse_link_loss({(2, 1): 0.5}))
+        )
 
 
 def test_a_resumed_hop_loss_continues_every_links_stream():

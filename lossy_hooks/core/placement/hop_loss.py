@@ -37,22 +37,19 @@ class HopMasks:
     ``lost``: this rank's contributions that did not reach their chunk's root; ``post_lost``:
     the result's packets that did not reach this rank; ``arrivals``: ``c_j`` (int32);
     ``post_factor``: ``1 / q[c, rank]`` per packet; ``link_lost``: per phase, packets lost
-    per link (int64, the schedule's link order); ``survival``: per phase the
-    ``(C, W, K)`` survival of every rank (the study reads it)."""
+    per link (int64, the schedule's link order)."""
 
     lost: torch.Tensor | None = None
     post_lost: torch.Tensor | None = None
     arrivals: torch.Tensor | None = None
     post_factor: torch.Tensor | None = None
     link_lost: dict[Phase, torch.Tensor] = field(default_factory=dict)
-    survival: dict[Phase, torch.Tensor] = field(default_factory=dict)
 
 
 class _PhaseStreams:
     """One phase's link models and shared generator."""
 
-    def __init__(self, phase: Phase, shape: PhaseShape, models: list[LossModel]) -> None:
-        self.phase = phase
+    def __init__(self, shape: PhaseShape, models: list[LossModel]) -> None:
         self.shape = shape
         self.models = models
         self.memoryless = all(type(m) is Bernoulli for m in models)
@@ -90,16 +87,15 @@ class HopLoss:
         """Link models and generators for ``world`` ranks on ``device`` (a saved state restored)."""
         self.rank, self.world = rank, world
         shapes = self.placement.shapes(world)
-        fresh = not self.streams
-        if fresh:
+        if not self.streams:
+            self.check_links(world)
             for phase in self.phases:
                 shape = shapes[phase]
-                self.rules.check(world, shape.links, self.placement.name)
                 models = [self.rules.model_for(link, self.loss_model) for link in shape.links]
                 for i, m in enumerate(models):  # deterministic models (traces) start per link
                     if type(m).start_stream is not LossModel.start_stream:
                         m.start_stream(derive_seed(seed, STREAM_HOPS[phase] + STREAM_START_OFFSET, i))
-                self.streams[phase] = _PhaseStreams(phase, shape, models)
+                self.streams[phase] = _PhaseStreams(shape, models)
         self._chunkings = {}
         for phase, streams in self.streams.items():
             gen = torch.Generator(device=device)
@@ -126,6 +122,13 @@ class HopLoss:
             parent, hop = streams.shape.on(device)
             streams.device = {"parent": parent, "hop": hop}
         self._saved = None
+
+    def check_links(self, world: int) -> None:
+        """Every ``link_loss`` override names a link of a lossy phase at ``world`` ranks
+        (``LinkRules.check``; the study script calls it before any work)."""
+        shapes = self.placement.shapes(world)
+        used = {link for phase in self.phases for link in shapes[phase].links}
+        self.rules.check(world, tuple(sorted(used)), self.placement.name)
 
     def _chunking(self, packets: int, device: torch.device) -> tuple[Chunking, dict[str, Any]]:
         """A bucket size's chunking and what the masks need of it on ``device`` (cached)."""
@@ -201,7 +204,7 @@ class HopLoss:
             if streams.lossless:
                 continue
             alive, link_lost = self.survival(phase, self.draw(phase, packets, device), packets, device)
-            out.link_lost[phase], out.survival[phase] = link_lost, alive
+            out.link_lost[phase] = link_lost
             mine = alive[:, self.rank].reshape(-1)[slot].logical_not_()
             if phase == "reduce":
                 out.lost = mine
