@@ -171,6 +171,8 @@ class LossyState:
         self.sites.prepare(buf.device, self.seed, self.rank, self.world_size, replay)
         if self.clock is not None:
             self.sites.bind_deadlines(self.clock, self.rank)
+            if self.hops is not None:
+                self.hops.bind_clock(self.clock)
 
     def draw_masks(self, call: BucketCall) -> None:
         """This call's loss masks (``call.lost``, ``call.post_lost``), its post-rescale factor
@@ -186,7 +188,7 @@ class LossyState:
         n = record.layout.num_packets
         counts = self.drops_before and self.fill_technique.needs_counts
         post_rescale = self.drops_after and self.fill_technique.needs_counts
-        masks = self.hops.masks(n, counts, post_rescale, self.device)
+        masks = self.hops.masks(n, counts, post_rescale, self.device, record.wire_bytes)
         call.lost, call.post_lost, call.arrivals = masks.lost, masks.post_lost, masks.arrivals
         if masks.post_factor is not None:
             call.post_factor = masks.post_factor

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
     from lossy_hooks.core.netclock import SimClock
     from lossy_hooks.core.options import LossConfig
 
-__all__ = ["DeadlineLoss"]
+__all__ = ["ADAPTIVE_SYNTAX", "AdaptiveDeadline", "Deadline", "DeadlineLoss", "parse_deadline"]
 
 
 @dataclass(frozen=True)
 class Deadline:
-    """A deadline: ``value`` seconds (absolute), or ``value`` times the loss-free collective
-    time ``T_0`` (relative). Text: ``"1.5x"`` or ``"800us"`` / ``"2ms"`` / ``"0.1s"``."""
+    """A fixed deadline: ``value`` seconds (absolute), or ``value`` times the loss-free
+    collective time ``T_0`` (relative). Text: ``"1.5x"`` or ``"800us"`` / ``"2ms"`` / ``"0.1s"``."""
 
     value: float
     relative: bool
@@ -53,9 +53,94 @@ class Deadline:
     def seconds(self, t0: float) -> float:
         return self.value * t0 if self.relative else self.value
 
+    def multiple(self, t0: float) -> float:
+        """The deadline as a multiple of ``T_0`` (what a per-hop clock gives each step)."""
+        return self.value if self.relative else (self.value / t0 if t0 > 0 else math.inf)
+
     @property
     def spec(self) -> str:
         return f"{self.value:g}x" if self.relative else f"{self.value * 1e6:g}us"
+
+
+ADAPTIVE_SYNTAX = "adaptive [median | pNN] [last=K] [cap=Xx]"
+
+
+@dataclass(frozen=True)
+class AdaptiveDeadline:
+    r"""A deadline set per collective from the completion times of the ones before it, in
+    units of each collective's loss-free time ``T_0`` (so buckets of every size share one
+    history). The clock keeps, for the last ``K`` collectives ``k``, every rank's completion
+    ratio ``e_{k,r}`` (the time rank ``r`` had everything it receives, as if nothing were
+    cut, over ``T_0``) and the collective's ``e_k = max_r e_{k,r}``. The next deadline is
+    ``x T_0`` with
+
+    * ``median`` (OptiReduce's rule): ``x = min(cap, median_r mean_k e_{k,r})``: each rank's
+      estimate is the mean of its last ``K`` ratios; the ranks agree on the median of the
+      estimates;
+    * ``pNN``: ``x = min(cap, quantile_{NN/100}(e_k))`` over the last ``K`` collectives;
+
+    (medians and quantiles interpolate linearly, as ``numpy.quantile``), and ``x = cap``
+    while there is no history. The transport closes early: a collective (a step, per hop)
+    ends at its last arrival when nothing is late, else at the deadline.
+    Text: ``"adaptive"`` (``median last=8 cap=3x``), ``"adaptive p95 last=16 cap=2x"``."""
+
+    quantile: float | None = None  # None: the median rule; else the percentile rule's q
+    last: int = 8
+    cap: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.quantile is not None and not (0.0 < self.quantile <= 1.0):
+            raise ValueError(f"deadline adaptive pNN: NN must be in (0, 100], got {self.quantile * 100:g}")
+        if not (isinstance(self.last, int) and self.last >= 1):
+            raise ValueError(f"deadline adaptive last=K: K must be an integer >= 1, got {self.last!r}")
+        if not (self.cap > 0 and math.isfinite(self.cap)):
+            raise ValueError(f"deadline adaptive cap=Xx: X must be > 0, got {self.cap!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> AdaptiveDeadline:
+        tokens = text.split()
+        if not tokens or tokens[0] != "adaptive":
+            raise ValueError(f"an adaptive deadline reads {ADAPTIVE_SYNTAX!r}, got {text!r}")
+        quantile, last, cap = None, 8, 3.0
+        try:
+            for tok in tokens[1:]:
+                if tok == "median":
+                    quantile = None
+                elif tok.startswith("p") and tok[1:].replace(".", "", 1).isdigit():
+                    quantile = float(tok[1:]) / 100
+                elif tok.startswith("last="):
+                    last = int(tok[5:])
+                elif tok.startswith("cap=") and tok.endswith("x"):
+                    cap = float(tok[4:-1])
+                else:
+                    raise ValueError
+        except ValueError:
+            raise ValueError(f"deadline {text!r}: expected {ADAPTIVE_SYNTAX!r}") from None
+        return cls(quantile, last, cap)
+
+    def multiple(self, history: torch.Tensor) -> torch.Tensor | float:
+        """``x`` from ``history``: ``(k, W + 1)`` float64 ratios of the last ``k <= K``
+        collectives (column ``r``: rank ``r``'s ``e_{k,r}``, the last column ``e_k``), on the
+        clock's device: no host sync."""
+        if history.shape[0] == 0:
+            return self.cap
+        if self.quantile is None:
+            x = torch.quantile(history[:, :-1].mean(0), 0.5)
+        else:
+            x = torch.quantile(history[:, -1], self.quantile)
+        return x.clamp(max=self.cap)
+
+    @property
+    def spec(self) -> str:
+        rule = "median" if self.quantile is None else f"p{self.quantile * 100:g}"
+        return f"adaptive {rule} last={self.last} cap={self.cap:g}x"
+
+
+def parse_deadline(text: str) -> Deadline | AdaptiveDeadline:
+    """``"1.5x"``, ``"800us"`` (:class:`Deadline`) or ``"adaptive ..."`` (:class:`AdaptiveDeadline`)."""
+    if text.split()[:1] == ["adaptive"]:
+        return AdaptiveDeadline.parse(text)
+    return Deadline.parse(text)
 
 
 class DeadlineLoss(LossModel):
@@ -63,8 +148,8 @@ class DeadlineLoss(LossModel):
     (``800us``, ``2ms``). Needs ``LossyState(network=NetworkModel(...))``, which binds it to
     the state's clock: rank ``row``'s packets are those of that row of the clock's arrivals."""
 
-    def __init__(self, deadline: str | Deadline) -> None:
-        self.deadline = Deadline.parse(deadline) if isinstance(deadline, str) else deadline
+    def __init__(self, deadline: str | Deadline | AdaptiveDeadline) -> None:
+        self.deadline = parse_deadline(deadline) if isinstance(deadline, str) else deadline
         self.clock: SimClock | None = None
         self.row = 0
 
@@ -84,10 +169,26 @@ class DeadlineLoss(LossModel):
                 "the deadline loss model needs network=NetworkModel(...) (train_ddp.py: --bandwidth_gbps "
                 "and the other network flags): the losses come from the simulated arrival times"
             )
-        if config.drop_point == "both":
+        per_hop = config.placement.per_hop
+        if config.drop_point == "both" and not per_hop:
             return (
-                "the deadline loss model loses packets of one traversal of the network: use "
-                "drop_point='worker' or 'post', not 'both'"
+                "the deadline loss model with algorithm='ps' loses packets of one traversal of the "
+                "network: use drop_point='worker' or 'post', not 'both' (a per-hop algorithm, ring, "
+                "tree, dbtree or direct, times both phases)"
+            )
+        for name in ("ranks_per_node", "link_loss"):
+            if getattr(config, name) is not None:
+                return (
+                    f"the deadline loss model does not take {name}: the clock prices every link the "
+                    "same (per-link networks are not modelled)"
+                )
+        adaptive = isinstance(self.deadline, AdaptiveDeadline)
+        if adaptive and config.fill == "rescale" and config.drop_point != "worker":
+            return (
+                "the adaptive deadline with fill='rescale' at drop_point='post' or 'both' is not "
+                "supported: the broadcast rescale needs a closed-form keep fraction, which a "
+                "deadline set from the history does not have (use fill='zero' or 'stale', or "
+                "drop_point='worker', whose rescale counts the arrivals)"
             )
         if config.packetization != "mtu":
             return "the deadline loss model needs packetization='mtu' (the clock prices packets of mtu bytes)"
@@ -116,8 +217,10 @@ class DeadlineLoss(LossModel):
         bucket's collective at (its real size: the last packet may be short), not ``n mtu``."""
         if self.clock is None:
             raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
+        if not isinstance(self.deadline, Deadline):
+            raise ValueError("an adaptive deadline has no closed-form keep fraction")
         nbytes = float(wire_bytes)
-        t0 = self.clock.lossfree_seconds(nbytes)
+        t0 = self.clock.lossfree_seconds(nbytes, num_packets)
         p = self.clock.network.deadline_loss_probability(self.deadline.seconds(t0), t0, self.clock.world)
         return 1.0 - p
 

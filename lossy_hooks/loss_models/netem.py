@@ -25,7 +25,8 @@ def _parse_percent(token: str, what: str) -> float:
 LOSS_MODEL_SYNTAX = (
     "random P | state P13 [P31 [P32 [P23 [P14]]]] | gemodel P [R [1-H [1-K]]] | "
     "exact P | tail P | trace FILE | deadline D  (percentages in [0%, 100%] as in tc-netem: '5%' "
-    "or '5'; D > 0: a multiple of the loss-free collective time, 1.5x, or a time, 800us / 2ms)"
+    "or '5'; D > 0: a multiple of the loss-free collective time, 1.5x, or a time, 800us / 2ms, "
+    "or 'adaptive [median | pNN] [last=K] [cap=Xx]')"
 )
 
 
@@ -41,6 +42,7 @@ def parse_loss_model(spec: str) -> LossModel:
         tail P                            -> TailDrop(P)
         trace FILE                        -> Trace(FILE)
         deadline D                        -> DeadlineLoss(D): D = 1.5x (of the loss-free time) or 800us
+        deadline adaptive [median|pNN] [last=K] [cap=Xx] -> DeadlineLoss(AdaptiveDeadline(...))
 
     Numbers are percentages as in ``tc``: ``5%`` and ``5`` both mean 0.05.
     """
@@ -76,8 +78,8 @@ def parse_loss_model(spec: str) -> LossModel:
         nargs(1, 1)
         return Trace(args[0])
     if kind == "deadline":
-        nargs(1, 1)
-        return DeadlineLoss(args[0])
+        nargs(1, 4)
+        return DeadlineLoss(" ".join(args))
     if kind == "gemodel":
         nargs(1, 4)
         names = ("gemodel p", "gemodel r", "gemodel 1-h", "gemodel 1-k")

@@ -69,9 +69,11 @@ class Placement(ABC):
         """Every loss site of the collective, reduce phase first."""
 
     @abstractmethod
-    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
-        """``T_0``: the loss-free time of one collective of ``nbytes`` bytes over ``world``
-        ranks on ``network``."""
+    def lossfree_seconds(
+        self, network: NetworkModel, nbytes: float, world: int, packets: int | None = None
+    ) -> float:
+        """``T_0``: the loss-free time of one collective of ``nbytes`` bytes (in ``packets``
+        packets, where the placement prices packets) over ``world`` ranks on ``network``."""
 
     @abstractmethod
     def all_reduce(self, tensor: torch.Tensor, group: Any) -> torch.futures.Future:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,7 +25,10 @@ from lossy_hooks.core.placement.hops import HopPlacement
 from lossy_hooks.core.placement.links import LinkRules, link_name
 from lossy_hooks.core.placement.schedule import Chunking, PhaseShape, path_products
 from lossy_hooks.core.streams import STREAM_HOPS, STREAM_START_OFFSET, derive_seed
-from lossy_hooks.loss_models import Bernoulli, LossModel
+from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, LossModel
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.netclock import SimClock
 
 __all__ = ["HopLoss", "HopMasks"]
 
@@ -52,6 +55,7 @@ class _PhaseStreams:
     def __init__(self, shape: PhaseShape, models: list[LossModel]) -> None:
         self.shape = shape
         self.models = models
+        self.clocked = bool(models) and isinstance(models[0], DeadlineLoss)  # late on the clock
         self.memoryless = all(type(m) is Bernoulli for m in models)
         self.lossless = all(m.is_lossless() for m in models)
         self.generator: torch.Generator | None = None
@@ -77,6 +81,12 @@ class HopLoss:
         self.rank = 0
         self._saved: dict[str, Any] | None = None
         self._chunkings: dict[int, tuple[Chunking, dict[str, Any]]] = {}
+        self.clock: SimClock | None = None
+
+    def bind_clock(self, clock: SimClock) -> None:
+        """The deadline loss model: every hop's losses are the packets ``clock`` found late
+        on that hop (:meth:`SimClock.hop_late`)."""
+        self.clock = clock
 
     @property
     def links(self) -> dict[Phase, tuple[tuple[int, int], ...]]:
@@ -159,6 +169,10 @@ class HopLoss:
         assert gen is not None and streams.rates is not None
         if links == 0 or width == 0:
             lost = torch.zeros((links, width), dtype=torch.bool, device=device)
+        elif streams.clocked:
+            if self.clock is None:
+                raise RuntimeError("the deadline loss model needs LossyState(network=NetworkModel(...))")
+            lost = self.clock.hop_late(phase, links * steps, slots).view(links, width)
         elif streams.memoryless:
             lost = torch.rand((links, width), generator=gen, device=device) < streams.rates
         else:  # models with memory: one draw per link, in link order
@@ -185,18 +199,34 @@ class HopLoss:
         chunks, world, slots = alive.shape
         return alive.transpose(0, 1).reshape(world, chunks * slots)[:, slot]
 
-    def path_keep(self, phase: Phase, slots: int, device: torch.device) -> torch.Tensor:
-        """``q[c, r]``: the product of the link keep fractions (``LossModel.keep_fraction``
-        of a stream of ``S K`` slots) on ``r``'s path in ``phase``, fp32 ``(C, W)``."""
+    def path_keep(
+        self, phase: Phase, packets: int, device: torch.device, nbytes: float | None = None
+    ) -> torch.Tensor:
+        """``q[c, r]``: the product of the hop keep fractions on ``r``'s path in ``phase``,
+        fp32 ``(C, W)``: each link's ``LossModel.keep_fraction`` of a stream of ``S K`` slots,
+        or (the deadline loss model, a bucket of ``nbytes`` bytes) each hop's closed form on
+        the clock (:meth:`SimClock.hop_keep_probability`)."""
         streams = self.streams[phase]
-        steps = streams.shape.steps
-        per_link = [m.keep_fraction(steps * slots) for m in streams.models]
-        table = torch.tensor([*np.repeat(per_link, steps), 1.0], dtype=torch.float32, device=device)
+        steps, slots = streams.shape.steps, self._chunking(packets, device)[0].slots
+        if streams.clocked:
+            if self.clock is None or nbytes is None:
+                raise RuntimeError("the deadline loss model's keep fractions need the clock and the bytes")
+            per_hop = self.clock.hop_keep_probability(phase, packets, nbytes)
+        else:
+            per_hop = np.repeat([m.keep_fraction(steps * slots) for m in streams.models], steps)
+        table = torch.tensor([*per_hop, 1.0], dtype=torch.float32, device=device)
         return path_products(table[streams.device["hop"]], streams.device["parent"], streams.shape.depth)
 
-    def masks(self, packets: int, counts: bool, post_rescale: bool, device: torch.device) -> HopMasks:
-        """This rank's masks of one bucket of ``packets`` packets (see :class:`HopMasks`);
-        ``counts``: compute ``c_j``; ``post_rescale``: compute ``1/q``."""
+    def masks(
+        self,
+        packets: int,
+        counts: bool,
+        post_rescale: bool,
+        device: torch.device,
+        nbytes: float | None = None,
+    ) -> HopMasks:
+        """This rank's masks of one bucket of ``packets`` packets, ``nbytes`` bytes on the
+        wire (see :class:`HopMasks`); ``counts``: compute ``c_j``; ``post_rescale``: compute ``1/q``."""
         out = HopMasks()
         chunking, extra = self._chunking(packets, device)
         slot = extra["slot"]
@@ -213,9 +243,9 @@ class HopLoss:
             else:
                 out.post_lost = mine
                 if post_rescale:
-                    key = f"factor:{phase}"
+                    key = f"factor:{phase}:{nbytes if streams.clocked else ''}"
                     if key not in extra:
-                        q = self.path_keep(phase, chunking.slots, device)[:, self.rank]
+                        q = self.path_keep(phase, packets, device, nbytes)[:, self.rank]
                         extra[key] = torch.where(q > 0, 1.0 / q, 0.0)[slot // chunking.slots]
                     out.post_factor = extra[key]
         return out

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from lossy_hooks.core.placement.base import LossSite, Phase, Placement
-from lossy_hooks.core.placement.schedule import PhaseShape, path_products
+from lossy_hooks.core.placement.schedule import Chunking, PhaseShape, path_products
+from lossy_hooks.core.placement.timing import PhaseTiming
 
 if TYPE_CHECKING:
     from lossy_hooks.core.netclock import NetworkModel
@@ -92,7 +93,6 @@ class HopPlacement(Placement):
                 config.counts_transport not in ("auto", "regenerate"),
                 "every rank replays every hop, so the arrival counts are known without a transport",
             ),
-            "network": (config.network is not None, "the simulated clock prices one ring, not per hop, yet"),
             "fec": (config.fec is not None, "an FEC group per link is not modelled yet"),
             "retransmit": (config.retransmit > 0, "a per-hop resend is not modelled yet"),
             "protect": (config.protect is not None, "protected packets per hop are not modelled yet"),
@@ -102,10 +102,29 @@ class HopPlacement(Placement):
                 return f"algorithm={self.name!r} does not take {name}={getattr(config, name)!r}: {reason}"
         return None
 
-    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
-        raise NotImplementedError(
-            f"algorithm={self.name!r} is not priced per hop yet (LossConfig refuses a network with it)"
-        )
+    def timing(
+        self,
+        network: NetworkModel,
+        world: int,
+        packets: int,
+        nbytes: float,
+        device: torch.device | None = None,
+    ) -> dict[Phase, PhaseTiming]:
+        """Both phases' price for a bucket of ``nbytes`` bytes in ``packets`` packets
+        (:class:`~lossy_hooks.core.placement.timing.PhaseTiming`: the store-and-forward rule)."""
+        chunking = Chunking.of(packets, self.chunk_count(world))
+        b = nbytes / max(packets, 1)
+        return {p: PhaseTiming.of(s, chunking, b, network, device) for p, s in self.shapes(world).items()}
+
+    def lossfree_seconds(
+        self, network: NetworkModel, nbytes: float, world: int, packets: int | None = None
+    ) -> float:
+        """``T_0 = sum`` over both phases of ``sum_t tau0_t`` (the timing module)."""
+        if world <= 1:
+            return 0.0
+        if packets is None:
+            raise ValueError(f"algorithm={self.name!r} prices a bucket by its packets: give packets=")
+        return sum(t.lossfree for t in self.timing(network, world, packets, nbytes).values())
 
     # the real collective carries the result; the hops' losses are the masks around it
     def all_reduce(self, tensor: torch.Tensor, group: Any) -> torch.futures.Future:

@@ -40,7 +40,9 @@ class ParameterServer(Placement):
         """``1 - p``: every copy crosses one lossy hop, in either phase."""
         return 1.0 - loss_rate
 
-    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
+    def lossfree_seconds(
+        self, network: NetworkModel, nbytes: float, world: int, packets: int | None = None
+    ) -> float:
         return network.ring_seconds(nbytes, world)
 
     # the collective itself is the backend's own (NCCL, Gloo): loss happens only at the sites

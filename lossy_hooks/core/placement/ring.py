@@ -18,21 +18,16 @@ Each link carries ``W - 1`` chunks per phase, in step order.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from lossy_hooks.core.placement.base import Phase
 from lossy_hooks.core.placement.hops import HopPlacement
 
-if TYPE_CHECKING:
-    from lossy_hooks.core.netclock import NetworkModel
-
 __all__ = ["Ring"]
 
 
 class Ring(HopPlacement):
-    """``algorithm="ring"`` (see the module); priced as today's ring allreduce."""
+    """``algorithm="ring"`` (see the module); priced per step (the timing module)."""
 
     name = "ring"
 
@@ -47,6 +42,3 @@ class Ring(HopPlacement):
             "reduce": (np.where(owner, c, (r + 1) % world), (r - c - 1) % world),
             "broadcast": (np.where(owner, c, (r - 1) % world), (r - 1 - c) % world),
         }
-
-    def lossfree_seconds(self, network: NetworkModel, nbytes: float, world: int) -> float:
-        return network.ring_seconds(nbytes, world)

@@ -53,6 +53,8 @@ class PhaseShape:
     hop: torch.Tensor  # row of the keep table; len(links) * steps at a root (always kept)
     carries: np.ndarray  # (L * S,) the chunk each hop carries, -1 where none
     depth: int  # the longest path to a root, in hops
+    hop_level: np.ndarray  # (L * S,) the hop's synchronous step (the timing rule), -1 where none
+    levels: int  # synchronous steps of the phase
 
     @classmethod
     def build(cls, parent: np.ndarray, order: np.ndarray, towards_root: bool) -> PhaseShape:
@@ -75,11 +77,16 @@ class PhaseShape:
         carries = np.full(len(links) * steps, -1, dtype=np.int64)
         carries[hop[c_idx, r_idx]] = c_idx
         depth, reach = 0, np.broadcast_to(np.arange(world), parent.shape)
+        rank_depth = np.zeros(parent.shape, dtype=np.int64)  # hops from (c, r) to the root
         while True:  # host, once per world size: hops until every rank is at its root
             up = np.take_along_axis(parent, reach, axis=1)
             if (up == reach).all():
                 break
+            rank_depth += up != reach
             reach, depth = up, depth + 1
+        level = _levels(parent, rank_depth, towards_root)
+        hop_level = np.full(len(links) * steps, -1, dtype=np.int64)
+        hop_level[hop[c_idx, r_idx]] = level[c_idx, r_idx]
         return cls(
             world,
             chunks,
@@ -89,11 +96,28 @@ class PhaseShape:
             torch.from_numpy(hop),
             carries,
             depth,
+            hop_level,
+            int(hop_level.max()) + 1 if len(hop_level) else 0,
         )
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(parent, hop)`` on ``device``."""
         return self.parent.to(device), self.hop.to(device)
+
+
+def _levels(parent: np.ndarray, depth: np.ndarray, towards_root: bool) -> np.ndarray:
+    """The synchronous step of each ``(chunk, rank)``'s transmission (store and forward):
+    towards the root a rank sends once all its children's partial sums are in, at its
+    *height* (0 for a leaf, ``1 + max`` over its children); away from it a rank receives one
+    step after its parent did, at ``depth - 1``. (Roots: unused.)"""
+    if not towards_root:
+        return depth - 1
+    height = np.zeros(parent.shape, dtype=np.int64)
+    rows = np.broadcast_to(np.arange(parent.shape[0])[:, None], parent.shape)
+    child = parent != np.arange(parent.shape[1])[None, :]
+    for _ in range(int(depth.max()) if depth.size else 0):  # host, once per world size
+        np.maximum.at(height, (rows[child], parent[child]), height[child] + 1)
+    return height
 
 
 @dataclass(frozen=True, eq=False)
