@@ -120,6 +120,8 @@ class BucketRecords:
         if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
             keep = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
             factor = (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
+        elif self.state.placement.per_hop or not self.state.drops_after:
+            factor = 1.0  # unused: per hop the masks bring their own (HopMasks.post_factor)
         else:
             factor = post_rescale_factor(self.state.post.model, n, wire_bytes)
         if protected is not None:

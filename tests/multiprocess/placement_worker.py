@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lossy_hooks import LossyState, lossy_allreduce_hook
+from lossy_hooks.core.netclock import NetworkModel
 from lossy_hooks.core.placement import binary_tree_parents
 from lossy_hooks.core.placement.tree import complementary_tree_parents
 
@@ -276,6 +277,64 @@ def oracle() -> dict:
     return out
 
 
+CLOCK_CASES = [("1.2x", "both", "zero"), ("adaptive p50 last=2 cap=2x", "both", "zero")]
+CLOCK_CASES += [("1.2x", "worker", "rescale")]
+
+
+def clocked() -> dict:
+    """The deadline transport per hop: the hook's result against the literal algorithms fed
+    the packets a second state's clock found late (fixed and adaptive deadlines), and every
+    rank's clock totals (the same on every rank)."""
+    W, r = dist.get_world_size(), dist.get_rank()
+    k, n, steps = 10, 17, 4
+    net = NetworkModel(
+        bandwidth_gbps=10,
+        latency_us=5,
+        jitter="lognormal 1 1",
+        straggler_prob=0.2,
+        straggler_factor=1.5,
+        drop_rate=0.05,
+    )
+    out = {}
+    for algorithm in ALGORITHMS:
+        for deadline, drop_point, fill in CLOCK_CASES:
+            kw = dict(
+                loss_model=f"deadline {deadline}",
+                network=net,
+                mtu=4 * k,
+                algorithm=algorithm,
+                drop_point=drop_point,
+                fill=fill,
+                seed=5,
+            )
+            state = LossyState(reduction="sum", **kw)
+            fast = hook_steps(state, n * k, steps, float(2**r))
+            reference = LossyState(reduction="sum", **kw)
+            assert reference.hops is not None and reference.clock is not None
+            reference.clock.prepare(torch.device("cpu"), 5, W)
+            reference.hops.prepare(torch.device("cpu"), 5, r, W)
+            reference.hops.bind_clock(reference.clock)
+            literal = Literal(reference, algorithm, k, n, W, r)
+            stale = torch.zeros(n * k)
+            g = torch.full((n * k,), float(2**r))
+            worst, equal = 0.0, True
+            for t in range(steps):
+                reference.clock.tick(n, 4 * n * k, 4 * k)
+                expect = literal.run(g, drop_point, fill, stale)
+                if fill == "rescale":
+                    worst = max(worst, float(((fast[t] - expect).abs() / expect.abs().clamp_min(1)).max()))
+                else:
+                    equal &= bool(torch.equal(fast[t], expect))
+            lost = state.stats()
+            out[f"{algorithm}/{deadline}/{drop_point}/{fill}"] = {
+                "equal": equal,
+                "rel": worst,
+                "lost": sum(lost[p]["packets_lost"] for p in ("worker", "post") if p in lost),
+                "clock": state.clock.read() if state.clock is not None else None,
+            }
+    return out
+
+
 def loss0_bitwise() -> dict:
     """Loss 0: every algorithm's gradients bitwise those of DDP without a hook (mean)."""
     torch.manual_seed(0)
@@ -385,4 +444,4 @@ def resume() -> dict:
 
 
 if __name__ == "__main__":
-    worker_main({f.__name__: f for f in (oracle, loss0_bitwise, distances, heterogeneous, resume)})
+    worker_main({f.__name__: f for f in (oracle, clocked, loss0_bitwise, distances, heterogeneous, resume)})

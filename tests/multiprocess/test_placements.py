@@ -20,8 +20,8 @@ from tests.launch import launch
 WORKER = Path(__file__).with_name("placement_worker.py")
 SCENARIOS = {
     2: ["oracle"],
-    3: ["oracle", "loss0_bitwise", "distances", "resume"],
-    4: ["oracle", "distances", "heterogeneous"],
+    3: ["oracle", "clocked", "loss0_bitwise", "distances", "resume"],
+    4: ["oracle", "clocked", "distances", "heterogeneous"],
     5: ["oracle", "distances"],
 }
 P_DIST = 0.2  # distances()'s per-link loss rate
@@ -65,6 +65,24 @@ def test_the_fast_path_delivers_what_the_literal_algorithms_deliver(run):
             assert v["rel"] < 1e-6, (world, rank, case, v["rel"])
             lost += v["lost"]
     assert lost > 100  # the comparison saw losses (P = 0.3 over every case)
+
+
+def test_the_deadline_transport_per_hop_loses_what_the_one_clock_finds_late(run):
+    world, results = run
+    if "clocked" not in SCENARIOS[world]:
+        pytest.skip("at W = 3, 4")
+    lost = 0
+    for rank, result in enumerate(results):
+        for case, v in result["clocked"].items():
+            assert v["equal"] and v["rel"] < 1e-6, (world, rank, case, v["rel"])
+            assert v["clock"] == results[0]["clocked"][case]["clock"], (rank, case)  # one clock
+            lost += v["lost"]
+            clock = v["clock"]
+            assert clock["sim_comm_s"] == pytest.approx(
+                clock["sim_comm_reduce_s"] + clock["sim_comm_broadcast_s"]
+            )
+            assert clock["sim_comm_s"] < clock["sim_reliable_s"], case  # drops: the deadline wins
+    assert lost > 100
 
 
 def test_survival_and_receipt_by_distance_against_the_closed_forms(run):
