@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lossy_hooks.core.netclock import PHASE_CLOCK_FIELDS
 from lossy_hooks.core.statistics import mean_std
 
 __all__ = [
@@ -72,6 +73,7 @@ METRIC_FIELDS = [
     "sim_comm_s",
     "sim_reliable_s",
     "sim_comm_per_step_s",
+    *PHASE_CLOCK_FIELDS,
     *(f"{p}_{f}" for p in ("worker", "post") for f in PROTECTION_COLUMNS),
     "fidelity_cosine",
     "fidelity_rel_l2",
