@@ -30,6 +30,13 @@ The model (``W`` ranks; a collective over ``B`` bytes (the bucket's real bytes o
 
 At world size 1 nothing crosses the network: no time, no loss.
 
+That is ``algorithm="ps"``'s price (one traversal around an opaque ring allreduce). A per-hop
+placement (ring, tree, dbtree, direct) is priced step by step on the links its schedule uses
+(:class:`SimClock`; the steps and each hop's loss-free duration in
+:mod:`lossy_hooks.core.placement.timing`), with per-step deadlines, so the deadline transport
+loses a packet on the hop where it is late. The deadline is fixed (:class:`Deadline`) or set
+per collective from the earlier ones' completion times (:class:`AdaptiveDeadline`).
+
 Per-packet loss probability of the deadline transport (what its counters converge to):
 ``1 - (1 - p_0) [(1 - q) F(d - T_0) + q F(d - f T_0)]`` with ``F`` the CDF of ``X``
 (:meth:`NetworkModel.deadline_loss_probability`).

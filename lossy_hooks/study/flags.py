@@ -369,7 +369,8 @@ def _add_network_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="link bandwidth in Gbit/s (> 0): price every collective on a simulated clock (alpha-beta "
-        "ring allreduce) and enable --loss_model 'deadline D'",
+        "ring allreduce for --algorithm ps, step by step on its links for a per-hop algorithm) and enable "
+        "--loss_model 'deadline D' / 'deadline adaptive ...'",
     )
     n.add_argument(
         "--latency_us",
