@@ -280,7 +280,7 @@ def _time_study(args: argparse.Namespace) -> int:
     with open(path, "w", newline="", encoding="utf-8") as fh:  # one row at a time: a kill keeps them
         writer = csv.DictWriter(fh, TIME_FIELDS)
         writer.writeheader()
-        for algorithm in ("ps", *args.algorithms):
+        for algorithm in dict.fromkeys(("ps", *args.algorithms)):  # ps first, once
             for world in args.worlds:
                 for transport in TRANSPORTS:
                     deadline = args.adaptive if transport == "adaptive" else args.deadline
