@@ -46,6 +46,17 @@ the very first gather changes nothing). ``post_sync="independent"`` (the default
 :func:`gather_state`) draws each receiver's losses on its own; ``"shared"`` loses a sender's
 packet for every receiver at once.
 
+**Per hop** (``algorithm="ring"`` or ``"direct"``, :mod:`lossy_hooks.core.placement`): row
+``c`` is chunk ``c`` of the algorithm, rooted at its owner, rank ``c``. The reduce-scatter is
+the reduce phase (drop point ``"worker"`` only): ``a_{r,c,i}`` is the survival of rank
+``r``'s contribution along its path to ``c`` (on a ring ``(1-p)^d`` at ``d`` hops upstream,
+a lost hop removing the partial sum it carried), ``c_{c,i}`` the contributions that arrived
+(every rank replays every hop: no counts travel), so the rules above hold with those masks.
+The all-gather is the broadcast phase: rank ``r`` receives packet ``i`` of rank ``c``'s
+shard where every hop between them kept it (ring: ``k`` hops downstream). The backend's own
+reduce-scatter / all-gather carries the values; NCCL runs both as rings. Trees have no
+sharded form and are refused.
+
 Both collectives run synchronously on the stream FSDP calls them on (FSDP's reduce-scatter
 and all-gather streams on CUDA: the host does not wait) and return ``None``; the masks are
 drawn on the tensors' device, with no host synchronisation. Settings that need a bucket of
@@ -79,6 +90,9 @@ def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
     if refused is not None:
         name, value, why = refused
         raise ValueError(f"FSDP {collective}: {name}={value!r} is not supported under FSDP ({why})")
+    why = state.placement.fsdp_refuses(state.settings, collective)
+    if why is not None:
+        raise ValueError(f"FSDP {collective}: {why}")
     if state.counts_transport == "append":
         raise ValueError(
             f"FSDP {collective}: counts_transport='append' is not supported (the reduce-scatter output "
@@ -94,11 +108,15 @@ def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
 
 
 def gather_state(
-    loss_rate: float | None = None, fill: str = "stale", post_sync: str = "independent", **kwargs: Any
+    loss_rate: float | None = None, fill: str = "stale", post_sync: str | None = None, **kwargs: Any
 ) -> LossyState:
     """A :class:`~lossy_hooks.LossyState` for the lossy all-gather: drop point ``"post"``,
-    ``fill`` ``"stale"`` (default) or ``"zero"``, per-receiver losses by default. Other
-    arguments (``mtu``, ``loss_model``, ``seed``, ...) as for ``LossyState``."""
+    ``fill`` ``"stale"`` (default) or ``"zero"``, per-receiver losses by default
+    (``post_sync="independent"``; with a per-hop ``algorithm`` the algorithm decides who
+    misses a packet: ``"shared"``). Other arguments (``mtu``, ``loss_model``, ``seed``,
+    ``algorithm``, ...) as for ``LossyState``."""
+    if post_sync is None:
+        post_sync = "independent" if kwargs.get("algorithm", "ps") == "ps" else "shared"
     state = LossyState(loss_rate=loss_rate, drop_point="post", fill=fill, post_sync=post_sync, **kwargs)
     check_state(state, "all-gather")
     return state
@@ -129,6 +147,27 @@ class _Wiring:
         net = None if lost is None else torch.cat((lost[:rank], lost[rank + 1 :]))
         self.state.ledger.count(site.name, record.key, (world - 1) * n, net)
         return lost
+
+    def draw_hops(
+        self, site: Any, record: BucketRecord, world: int, rank: int, counts: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A per-hop placement (ring, direct): the ``(W, n)`` loss mask of the shard rows at
+        ``site`` (chunk ``c`` of the collective is row ``c``, owned by rank ``c``: the own
+        row is never lost) and, with ``counts``, the ``(W, n)`` arrival counts; the rows
+        that cross the network counted in the ledger as ``(W-1) n`` packets, and every link."""
+        state, n = self.state, record.layout.num_packets
+        if world != state.world_size:
+            raise ValueError(
+                f"algorithm={state.algorithm!r}: one LossyState serves one group; this collective runs "
+                f"on {world} ranks, the state's hops on {state.world_size}"
+            )
+        masks = state.hop_masks(world * n, world * record.wire_bytes, counts, False)
+        lost = masks.lost if site.name == "worker" else masks.post_lost
+        rows = None if lost is None else lost.view(world, n)
+        net = None if rows is None else torch.cat((rows[:rank], rows[rank + 1 :]))
+        state.ledger.count(site.name, record.key, (world - 1) * n, net)
+        arrivals = None if masks.arrivals is None else masks.arrivals.view(world, n)
+        return rows, arrivals
 
     def step_done(self) -> None:
         """One more reduce-scatter: a training step every ``groups`` of them (all-gathers,
@@ -183,7 +222,13 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
         layout, n, fill = record.layout, record.layout.num_packets, state.fill_technique
         pre: torch.Tensor | None = None
         counts: torch.Tensor | None = None
-        if state.drops_before:
+        if state.drops_before and state.hops is not None:  # per hop of a ring / direct exchange
+            lost, arrived = self.wiring.draw_hops(state.worker, record, world, rank, fill.needs_counts)
+            if lost is not None:
+                pre = fill.worker_keep(lost)
+                if arrived is not None:
+                    pre.mul_(arrival_factor(arrived, world))
+        elif state.drops_before:
             lost = self.wiring.draw_network(state.worker, record, world, rank)
             if lost is not None:
                 pre = fill.worker_keep(lost)
@@ -251,7 +296,10 @@ class LossyAllGather(_LossyComm, AllGather):
         fill = state.fill_technique
         if fill.keeps_stale and record.stale is None:
             record.stale = rows.clone()  # every rank built the whole model before sharding it
-        lost = self.wiring.draw_network(state.post, record, world, rank)
+        if state.hops is not None:  # per hop: rank c's shard travels the algorithm's broadcast phase
+            lost, _ = self.wiring.draw_hops(state.post, record, world, rank, False)
+        else:
+            lost = self.wiring.draw_network(state.post, record, world, rank)
         fill.fill_received_(record.layout, rows, lost, record.stale)
         self.wiring.step_done()
         return None

@@ -152,7 +152,7 @@ class BucketRecords:
             drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
             factor = (
                 post_rescale_factor(state.post.model, drawn, post_rows * wire_bytes)
-                if state.drops_after
+                if state.drops_after and not state.placement.per_hop
                 else 1.0
             )
             record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None))

@@ -144,15 +144,9 @@ class LossConfig:
         default=None, metadata=_meta("network", "simulated time is not wired into FSDP yet")
     )
     # where packets are lost: the collective's algorithm (core/placement), which links lose
-    algorithm: str = field(
-        default="ps", metadata=_meta("option", "the sharded collectives lose one hop each way (ps) only, yet")
-    )
-    ranks_per_node: int | None = field(
-        default=None, metadata=_meta("option", "the sharded collectives have no per-hop links yet")
-    )
-    link_loss: Any = field(
-        default=None, metadata=_meta("option", "the sharded collectives have no per-hop links yet")
-    )
+    algorithm: str = field(default="ps", metadata=_meta("option"))  # FSDP: Placement.fsdp_refuses
+    ranks_per_node: int | None = field(default=None, metadata=_meta("option"))
+    link_loss: Any = field(default=None, metadata=_meta("option"))
     # the placement object (default: the one ``algorithm`` names; a test may give its own)
     placement: Placement = field(default=None, metadata=_meta("runtime"))  # type: ignore[assignment]
     # derived from the settings above at construction

@@ -26,7 +26,7 @@ from lossy_hooks.core.options import (
     check_append_counts,
     resolve_counts_transport,
 )
-from lossy_hooks.core.placement import PHASES_OF_DROP_POINT, HopLoss, HopPlacement
+from lossy_hooks.core.placement import PHASES_OF_DROP_POINT, HopLoss, HopMasks, HopPlacement
 from lossy_hooks.core.process_group import collective_device
 from lossy_hooks.core.streams import DropSite, DropSites, derive_seed
 from lossy_hooks.core.techniques import BucketCall, Technique, wire_chain
@@ -184,22 +184,28 @@ class LossyState:
             call.lost = self.draw(self.worker, record) if self.drops_before else None
             call.post_lost = self.draw(self.post, record) if self.drops_after else None
             return
-        assert self.device is not None
         n = record.layout.num_packets
         counts = self.drops_before and self.fill_technique.needs_counts
         post_rescale = self.drops_after and self.fill_technique.needs_counts
-        masks = self.hops.masks(n, counts, post_rescale, self.device, record.wire_bytes)
+        masks = self.hop_masks(n, record.wire_bytes, counts, post_rescale)
         call.lost, call.post_lost, call.arrivals = masks.lost, masks.post_lost, masks.arrivals
         if masks.post_factor is not None:
             call.post_factor = masks.post_factor
-        for point, phase, lost in (("worker", "reduce", masks.lost), ("post", "broadcast", masks.post_lost)):
+        for point, lost in (("worker", masks.lost), ("post", masks.post_lost)):
             if point in self.ledger.points:
                 self.ledger.count(point, record.key, n, lost)
-            if phase in masks.link_lost:
-                links = self.hops.links[phase]
-                self.ledger.count_links(
-                    phase, links, self.hops.carried(phase, n, self.device), masks.link_lost[phase]
-                )
+
+    def hop_masks(self, packets: int, nbytes: float, counts: bool, post_rescale: bool) -> HopMasks:
+        """A per-hop placement: this rank's masks of one collective of ``packets`` packets
+        (``nbytes`` on the wire; :meth:`HopLoss.masks`), each link's carried and lost
+        packets counted in the ledger (the drop points are the caller's to count: a DDP
+        bucket counts every packet, an FSDP shard set the rows that cross the network)."""
+        assert self.hops is not None and self.device is not None
+        masks = self.hops.masks(packets, counts, post_rescale, self.device, nbytes)
+        for phase, lost in masks.link_lost.items():
+            carried = self.hops.carried(phase, packets, self.device)
+            self.ledger.count_links(phase, self.hops.links[phase], carried, lost)
+        return masks
 
     def draw(self, site: DropSite, record: BucketRecord) -> torch.Tensor | None:
         """The loss mask of this bucket at ``site`` after FEC, retransmission and protection

@@ -335,6 +335,91 @@ def clocked() -> dict:
     return out
 
 
+class Full(nn.Module):
+    """One parameter whose gradient is the input value and whose forward returns it whole
+    (under FSDP: the unsharded parameter, as the all-gather delivered it)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x: float) -> torch.Tensor:
+        return self.w * x
+
+
+FSDP_CASES = [("reduce-scatter", "zero"), ("reduce-scatter", "rescale"), ("all-gather", "zero")]
+FSDP_CASES += [("all-gather", "stale")]
+
+
+def fsdp_oracle() -> dict:
+    """FSDP2's lossy reduce-scatter (the reduce phase) and all-gather (the broadcast phase)
+    per hop of a ring and a direct exchange, through a real ``fully_shard`` model, against
+    the literal algorithms fed the same hop losses: row ``c`` of the shard set is chunk ``c``."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lossy_hooks import fsdp
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    k, per_row, steps = 10, 3, 4  # 3 packets of 10 elements per row
+    n, m = W * per_row, per_row * k
+    out = {}
+    for algorithm in ("ring", "direct"):
+        for collective, fill in FSDP_CASES:
+            kw = dict(loss_rate=P, mtu=4 * k, algorithm=algorithm, fill=fill, seed=7)
+            model = Full(W * m)
+            fully_shard(model)
+            if collective == "reduce-scatter":
+                state = LossyState(reduction="sum", drop_point="worker", **kw)
+                fsdp.register(model, state)
+                drop_point = "worker"
+            else:
+                state = fsdp.gather_state(**kw)
+                fsdp.register(model, None, all_gather=state)
+                drop_point = "post"
+            reference = LossyState(reduction="sum", drop_point=drop_point, **{**kw, "fill": "zero"})
+            assert reference.hops is not None
+            reference.hops.prepare(torch.device("cpu"), 7, r, W)
+            literal = Literal(reference, algorithm, k, n, W, r)
+            stale = torch.zeros(n * k)
+            worst, equal, first = 0.0, True, None
+            for _ in range(steps):
+                if collective == "reduce-scatter":
+                    model.zero_grad(set_to_none=True)
+                    model(float(2**r)).sum().backward()
+                    got = model.w.grad.to_local().detach().clone()
+                    expect = literal.run(torch.full((n * k,), float(2**r)), "worker", fill, stale)[
+                        r * m : (r + 1) * m
+                    ]
+                    if fill == "rescale":
+                        worst = max(worst, float(((got - expect).abs() / expect.abs().clamp_min(1)).max()))
+                    else:
+                        equal &= bool(torch.equal(got, expect))
+                else:  # the shards change each step (as parameters do): rank c's holds 2^c (t + 1)
+                    t = state.bucket_calls + 1
+                    with torch.no_grad():
+                        model.w.to_local().fill_(float(2**r * t))
+                        got = model(1.0).detach().clone()
+                    model.reshard()  # one all-gather per forward
+                    g = torch.zeros(n * k)
+                    g[r * m : (r + 1) * m] = float(2**r * t)
+                    if first is None:  # the stale copy starts as the whole model's first values
+                        first = torch.cat([torch.full((m,), float(2**c)) for c in range(W)])
+                        stale.copy_(first)
+                    expect = literal.run(g, "post", fill, stale)
+                    equal &= bool(torch.equal(got, expect))
+            stats = state.stats()
+            point = "worker" if collective == "reduce-scatter" else "post"
+            out[f"{algorithm}/{collective}/{fill}"] = {
+                "equal": equal,
+                "rel": worst,
+                "calls": state.bucket_calls,
+                "lost": stats[point]["packets_lost"],
+                "sent": stats[point]["packets_sent"],
+                "links": len(stats.get("links", [])),
+            }
+    return out
+
+
 def loss0_bitwise() -> dict:
     """Loss 0: every algorithm's gradients bitwise those of DDP without a hook (mean)."""
     torch.manual_seed(0)
@@ -444,4 +529,5 @@ def resume() -> dict:
 
 
 if __name__ == "__main__":
-    worker_main({f.__name__: f for f in (oracle, clocked, loss0_bitwise, distances, heterogeneous, resume)})
+    scenarios = (oracle, clocked, fsdp_oracle, loss0_bitwise, distances, heterogeneous, resume)
+    worker_main({f.__name__: f for f in scenarios})

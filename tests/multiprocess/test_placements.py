@@ -2,7 +2,9 @@
 path (masks around the real allreduce) delivers exactly the contributions of literal
 point-to-point algorithms fed the same hop losses, at W = 2..5 for every phase and fill;
 survival and receipt by distance / depth in 99.9% binomial intervals; the delivered fraction
-against its closed form; loss 0 bitwise DDP; per-link counts; resume. One launch per W."""
+against its closed form; loss 0 bitwise DDP; per-link counts; resume; the deadline transport
+per hop (fixed, adaptive) through the literal algorithms with one clock on every rank; FSDP2's
+reduce-scatter and all-gather per hop of a ring and a direct exchange. One launch per W."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from tests.launch import launch
 WORKER = Path(__file__).with_name("placement_worker.py")
 SCENARIOS = {
     2: ["oracle"],
-    3: ["oracle", "clocked", "loss0_bitwise", "distances", "resume"],
-    4: ["oracle", "clocked", "distances", "heterogeneous"],
+    3: ["oracle", "clocked", "fsdp_oracle", "loss0_bitwise", "distances", "resume"],
+    4: ["oracle", "clocked", "fsdp_oracle", "distances", "heterogeneous"],
     5: ["oracle", "distances"],
 }
 P_DIST = 0.2  # distances()'s per-link loss rate
@@ -83,6 +85,21 @@ def test_the_deadline_transport_per_hop_loses_what_the_one_clock_finds_late(run)
             )
             assert clock["sim_comm_s"] < clock["sim_reliable_s"], case  # drops: the deadline wins
     assert lost > 100
+
+
+def test_fsdp_reduce_scatter_and_all_gather_per_hop_equal_the_literal_ring_and_direct(run):
+    world, results = run
+    if "fsdp_oracle" not in SCENARIOS[world]:
+        pytest.skip("at W = 3, 4")
+    lost = 0
+    for rank, result in enumerate(results):
+        for case, v in result["fsdp_oracle"].items():
+            assert v["equal"] and v["rel"] < 1e-6, (world, rank, case, v["rel"])
+            assert v["calls"] == 4 and v["sent"] == 4 * (world - 1) * 3, case  # the rows that cross
+            links = world if case.startswith("ring") else world * (world - 1)
+            assert v["links"] == links, case
+            lost += v["lost"]
+    assert lost > 50
 
 
 def test_survival_and_receipt_by_distance_against_the_closed_forms(run):

@@ -267,7 +267,7 @@ def test_per_hop_refusals_name_the_setting_and_the_reason(settings, match):
         LossyState(loss_rate=0.1, **settings)
 
 
-def test_per_hop_settings_are_options_in_configs_and_refused_by_fsdp():
+def test_per_hop_settings_are_options_in_configs():
     state = LossyState(loss_rate=0.1, algorithm="ring", ranks_per_node=2, link_loss="1->2=5%")
     cfg = state.config()
     assert (
@@ -276,7 +276,7 @@ def test_per_hop_settings_are_options_in_configs_and_refused_by_fsdp():
         and cfg["link_loss"] == {"1->2": "random 5%"}
     )
     assert "algorithm" not in LossyState(loss_rate=0.1).config()  # ps: run names unchanged
-    assert state.settings.fsdp_refusal()[0] == "algorithm"
+    assert state.settings.fsdp_refusal() is None  # the placement decides (fsdp_refuses)
     again = pickle.loads(pickle.dumps(state))
     assert again.config() == cfg
 
@@ -330,3 +330,19 @@ def test_the_placement_study_writes_its_rows_and_figure(tmp_path):
     with pytest.raises(SystemExit) as bad:
         placement_study.main([*argv, "--trials", "0"])
     assert bad.value.code == 2
+
+
+def test_fsdp_takes_ring_and_direct_and_refuses_trees_and_a_reduce_scatter_broadcast():
+    from lossy_hooks import fsdp
+
+    for algorithm in ("ring", "direct"):
+        fsdp.check_state(LossyState(loss_rate=0.1, algorithm=algorithm, ranks_per_node=2))
+        gather = fsdp.gather_state(loss_rate=0.1, algorithm=algorithm)
+        assert gather.post_sync == "shared" and gather.drop_point == "post"
+    assert fsdp.gather_state(loss_rate=0.1).post_sync == "independent"  # ps: per receiver
+    with pytest.raises(ValueError, match="FSDP reduce-scatter: algorithm='tree' has no sharded form"):
+        fsdp.check_state(LossyState(loss_rate=0.1, algorithm="tree"))
+    with pytest.raises(ValueError, match="FSDP all-gather: algorithm='dbtree' has no sharded form"):
+        fsdp.gather_state(loss_rate=0.1, algorithm="dbtree")
+    with pytest.raises(ValueError, match="only the reduce\\s*phase|drop_point must be 'worker', not 'both'"):
+        fsdp.check_state(LossyState(loss_rate=0.1, algorithm="ring", drop_point="both"))

@@ -99,6 +99,11 @@ class Placement(ABC):
         """Why ``config`` (which uses this placement) has no meaning here, or ``None``."""
         return None
 
+    def fsdp_refuses(self, config: LossConfig, collective: str) -> str | None:
+        """Why FSDP's ``collective`` (``"reduce-scatter"``, ``"all-gather"``) cannot run
+        ``config`` on this placement, or ``None``."""
+        return None
+
     def sites(self, drop_point: str) -> tuple[LossSite, ...]:
         """The sites ``drop_point`` loses at: those of its phases (:data:`PHASES_OF_DROP_POINT`)."""
         phases = PHASES_OF_DROP_POINT[drop_point]

@@ -22,6 +22,7 @@ class Direct(HopPlacement):
     """``algorithm="direct"`` (see the module)."""
 
     name = "direct"
+    shards = True  # chunk c = the row FSDP's rank c owns
 
     def chunk_count(self, world: int) -> int:
         return world

@@ -47,6 +47,7 @@ class HopPlacement(Placement):
     (:meth:`trees`)."""
 
     per_hop = True
+    shards: ClassVar[bool] = False  # FSDP's reduce-scatter / all-gather run on it (one chunk per rank)
     SITES = (LossSite("worker", "reduce", None), LossSite("post", "broadcast", None))
     # the phase each tree direction belongs to: reduce links run towards the root
     TOWARDS_ROOT: ClassVar[dict[Phase, bool]] = {"reduce": True, "broadcast": False}
@@ -116,6 +117,22 @@ class HopPlacement(Placement):
         b = nbytes / max(packets, 1)
         return {p: PhaseTiming.of(s, chunking, b, network, device) for p, s in self.shapes(world).items()}
 
+    def fsdp_refuses(self, config: LossConfig, collective: str) -> str | None:
+        """FSDP runs its reduce-scatter and all-gather as rings under NCCL: per hop, a ring
+        or a direct exchange (:attr:`shards`); the reduce-scatter is the reduce phase only
+        (it ends at the shard's owner), the all-gather the broadcast phase only."""
+        if not self.shards:
+            return (
+                f"algorithm={self.name!r} has no sharded form (NCCL runs FSDP's reduce-scatter and "
+                "all-gather as rings): use algorithm='ring' or 'direct'"
+            )
+        if collective == "reduce-scatter" and config.drop_point != "worker":
+            return (
+                f"a {self.name} reduce-scatter ends at each shard's owner: it has only the reduce "
+                f"phase, so drop_point must be 'worker', not {config.drop_point!r}"
+            )
+        return None
+
     def lossfree_seconds(
         self, network: NetworkModel, nbytes: float, world: int, packets: int | None = None
     ) -> float:
@@ -131,11 +148,11 @@ class HopPlacement(Placement):
         return dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: Any, group: Any) -> None:
-        raise NotImplementedError(
-            f"algorithm={self.name!r} is not wired into FSDP yet (LossConfig refuses it)"
-        )
+        if not self.shards:
+            raise NotImplementedError(f"algorithm={self.name!r} has no sharded form (fsdp_refuses)")
+        dist.reduce_scatter_single(output=output, input=input, op=op, group=group)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: Any) -> None:
-        raise NotImplementedError(
-            f"algorithm={self.name!r} is not wired into FSDP yet (LossConfig refuses it)"
-        )
+        if not self.shards:
+            raise NotImplementedError(f"algorithm={self.name!r} has no sharded form (fsdp_refuses)")
+        dist.all_gather_single(output, input, group=group)

@@ -30,6 +30,7 @@ class Ring(HopPlacement):
     """``algorithm="ring"`` (see the module); priced per step (the timing module)."""
 
     name = "ring"
+    shards = True  # chunk c = the row FSDP's rank c owns
 
     def chunk_count(self, world: int) -> int:
         return world
