@@ -219,7 +219,9 @@ class SimClock:
       is late or dropped (it is lost on that hop: the placement's propagation rules apply),
       else at its last arrival (early close); ``x`` the deadline as a multiple of ``T_0``
       (``D x``; ``D`` seconds: ``x = D / T_0``; adaptive: :class:`AdaptiveDeadline`);
-    * a phase takes the sum of its steps; the collective both phases.
+    * a phase takes the sum of its steps; the collective both phases. The deadline cuts the
+      phases ``drop_point`` loses in (``deadline_phases``); a phase it does not cut runs the
+      reliable transport in the lossy total too (it waits and resends: nothing is lost there).
 
     The completion ratios an :class:`AdaptiveDeadline` reads: rank ``r``'s ``e_r = sum_t
     c_{t,r} / sum_t tau0_t`` over the steps ``t`` at which ``r`` receives, ``c_{t,r}`` its
@@ -232,9 +234,11 @@ class SimClock:
         network: NetworkModel,
         deadline: Deadline | AdaptiveDeadline | None = None,
         placement: Placement | None = None,
+        deadline_phases: tuple[Phase, ...] = ("reduce", "broadcast"),
     ) -> None:
         self.network = network
         self.deadline = deadline
+        self.deadline_phases = deadline_phases  # per hop: the phases the deadline cuts (drop_point's)
         self.placement = placement if placement is not None else ParameterServer()
         self.generator: torch.Generator | None = None
         self.totals: torch.Tensor | None = None  # float64 sums, _ALL_FIELDS
@@ -422,7 +426,7 @@ class SimClock:
             else:
                 retried = torch.where(tm.valid, a + tries * resend, 0.0).amax(1)
                 reliable = torch.zeros_like(steps).scatter_reduce_(0, tm.level, retried, "amax").sum()
-            if x is not None:
+            if x is not None and phase in self.deadline_phases:
                 cut = x * tm.step_lossfree  # d_t
                 late = a > cut[tm.level][:, None]
                 if dropped is not None:
@@ -432,7 +436,9 @@ class SimClock:
                 any_late.scatter_reduce_(0, tm.level, late.any(1), "amax")
                 lossy = torch.where(any_late, cut, steps).sum()
                 self.hop_lost[phase] = late
-            else:
+            elif x is not None:  # a phase the deadline does not cut is reliable (waits, resends)
+                lossy = reliable
+            else:  # no deadline model: the clock prices what the loss model loses, as for ps
                 lossy = steps.sum()
             if dropped is not None:  # a dropped packet never arrives: not in the completion estimate
                 arrived = torch.where(dropped, 0.0, arrived)

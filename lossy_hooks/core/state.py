@@ -96,7 +96,8 @@ class LossyState:
         self.settings = LossConfig.from_arguments(**arguments)
         loss_model = self.loss_model
         deadline = loss_model.deadline if isinstance(loss_model, DeadlineLoss) else None
-        self.clock = SimClock(network, deadline, self.placement) if network is not None else None
+        phases = PHASES_OF_DROP_POINT[self.drop_point]
+        self.clock = SimClock(network, deadline, self.placement, phases) if network is not None else None
         self.process_group = process_group
         # what the DDP hook does to a bucket, in order (techniques.CHAIN)
         self.techniques: tuple[Technique, ...] = wire_chain(self.settings, self.fill_technique)

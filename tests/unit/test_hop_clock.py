@@ -209,3 +209,19 @@ def test_the_deadline_refusals_name_the_setting():
     # per hop both phases lose late packets; the adaptive deadline rescales what the counts see
     LossyState(loss_model="deadline 1.5x", network=net, algorithm="tree", drop_point="both")
     LossyState(loss_model="deadline adaptive p99", network=net, algorithm="ring", fill="rescale")
+
+
+def test_the_deadline_cuts_only_the_phases_its_drop_point_loses_in():
+    net = NetworkModel(bandwidth_gbps=10, latency_us=5, jitter="lognormal 2 1", drop_rate=0.05)
+    both = SimClock(net, parse_deadline("1.2x"), placement_of("ring"))
+    reduce_only = SimClock(net, parse_deadline("1.2x"), placement_of("ring"), ("reduce",))
+    for c in (both, reduce_only):
+        c.prepare(CPU, 0, 4)
+        for _ in range(20):
+            c.tick(40, 40 * PACKET, PACKET)
+    a, b = both.read(), reduce_only.read()
+    assert a["sim_comm_reduce_s"] == b["sim_comm_reduce_s"] < b["sim_reliable_reduce_s"]
+    assert b["sim_comm_broadcast_s"] == b["sim_reliable_broadcast_s"] > a["sim_comm_broadcast_s"]
+    assert set(reduce_only.hop_lost) == {"reduce"}
+    state = LossyState(loss_model="deadline 1.2x", network=net, algorithm="ring", drop_point="worker")
+    assert state.clock.deadline_phases == ("reduce",)
