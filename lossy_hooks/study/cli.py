@@ -230,7 +230,9 @@ def hook_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 def gather_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     """:func:`lossy_hooks.fsdp.gather_state` arguments (``--strategy fsdp``): its own seed
     (streams independent of the reduce-scatter's); the same algorithm and links."""
-    placement = {k: v for k, v in options_of(cfg).items() if k in ("algorithm", "ranks_per_node", "link_loss")}
+    placement = {
+        k: v for k, v in options_of(cfg).items() if k in ("algorithm", "ranks_per_node", "link_loss")
+    }
     return dict(
         loss_rate=cfg.get("all_gather_loss_rate", 0.0),
         fill=cfg.get("all_gather_fill", "stale"),
