@@ -2,6 +2,7 @@
 
     python -m lossy_hooks.time_study --out runs/time_study --figures docs/results/time   # ~30 min
     python -m lossy_hooks.time_study --part buckets                                      # ~5 min
+    python -m lossy_hooks.time_study --part placement --settings_placement stragglers    # W = 4
 
 Part ``accuracy``: ResNet-18 on the packaged digits (2 Gloo ranks, SGD, batch 32 per rank,
 mtu 1500 B, 25 MiB buckets, ``--epochs`` epochs, ``--rounds`` rounds) on a simulated network
@@ -23,6 +24,14 @@ models: the clock prices their collectives, the model decides their losses); per
 configuration the simulated communication per step (deadline and reliable transports) and
 the packets lost.
 
+Part ``placement`` (``--nproc_placement`` ranks, 4 by default): which collective trains
+fastest under loss. Per setting (:data:`PLACEMENT_SETTINGS`: two heavy-tailed ones around
+the ring's step time and a straggler one) and algorithm (ps, ring, tree, direct): the reliable
+transport and the fixed (1.5x) and adaptive (median rule) deadlines per hop, each with zero and
+rescale fill, priced on the per-hop clock; the same measured compute per step for every
+configuration of a setting. Writes ``placement_time_study.csv`` and
+``placement_time_to_target.png``.
+
 Writes ``time_study.csv``, ``time_to_accuracy.png``, ``time_to_target_vs_deadline.png``,
 ``bucket_study.csv`` and ``bucket_size.png``.
 """
@@ -42,7 +51,14 @@ from lossy_hooks.core.statistics import mean_std
 from lossy_hooks.study.run_io import parse_float
 from lossy_hooks.sweep import run_config
 
-__all__ = ["SETTINGS", "accuracy_configurations", "bucket_configurations", "main"]
+__all__ = [
+    "PLACEMENT_SETTINGS",
+    "SETTINGS",
+    "accuracy_configurations",
+    "bucket_configurations",
+    "main",
+    "placement_configurations",
+]
 
 NETWORK = ["--bandwidth_gbps", "1", "--latency_us", "5", "--net_drop_rate", "0.0001", "--rto_us", "5000"]
 SETTINGS: dict[str, list[str]] = {
@@ -61,6 +77,43 @@ BUCKET_LOSSES = {
     "taildrop 1%": ["--loss_model", "tail 1%", *SETTINGS["heavy-tailed"]],
     "gemodel 1%, bursts of 16": ["--loss_model", "gemodel 0.0631% 6.25%", *SETTINGS["heavy-tailed"]],
 }
+
+
+# part "placement": which collective trains fastest under loss (W = --nproc, 4 by default).
+# Jitter around the ring's loss-free step (25 MiB over 4 ranks at 1 Gbit/s: ~52 ms): lognormal
+# extra delays with a 50 ms median, so that a packet's latency on a ring hop, D + X, has
+# p99/p50 of about 1.5 (sigma 0.30) or 3 (sigma 0.70); and stragglers (3x, 5% per rank and call).
+PLACEMENT_SETTINGS: dict[str, list[str]] = {
+    "tail p99/p50=1.5": ["--jitter", "lognormal 10.82 0.30"],
+    "tail p99/p50=3": ["--jitter", "lognormal 10.82 0.70"],
+    "stragglers": ["--jitter", "lognormal 6.2 0.5", "--straggler_prob", "0.05", "--straggler_factor", "3"],
+}
+PLACEMENT_ALGORITHMS = ("ps", "ring", "tree", "direct")
+PLACEMENT_TRANSPORTS = {
+    "reliable": ["--loss_rate", "0"],
+    "fixed": ["--loss_model", "deadline 1.5x"],
+    "adaptive": ["--loss_model", "deadline adaptive"],
+}
+
+
+def placement_configurations(
+    settings: list[str] | None = None,
+    algorithms: list[str] | None = None,
+    fills: list[str] | None = None,
+) -> list[tuple[str, str, str, str, list[str]]]:
+    """``(setting, algorithm, transport, fill, flags)``: per setting and algorithm the reliable
+    transport (nothing lost: fill ``-``) and the fixed and adaptive deadlines per fill (the
+    deadline loses at the worker drop point: the reduce phase; the broadcast runs reliably)."""
+    out = []
+    for setting in settings or list(PLACEMENT_SETTINGS):
+        for algorithm in algorithms or list(PLACEMENT_ALGORITHMS):
+            base = [*PLACEMENT_SETTINGS[setting], "--algorithm", algorithm]
+            out.append((setting, algorithm, "reliable", "-", [*base, *PLACEMENT_TRANSPORTS["reliable"]]))
+            for transport in ("fixed", "adaptive"):
+                for fill in fills or ["zero", "rescale"]:
+                    flags = [*base, *PLACEMENT_TRANSPORTS[transport], "--fill", fill]
+                    out.append((setting, algorithm, transport, fill, flags))
+    return out
 
 
 def accuracy_configurations(
@@ -157,6 +210,115 @@ def part_accuracy(args: argparse.Namespace, figures: Path) -> None:
         for r in records:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
     plot_accuracy(records, args, figures)
+
+
+def part_placement(args: argparse.Namespace, figures: Path) -> None:
+    """Time to accuracy per algorithm x transport x fill (module docs: part ``placement``)."""
+    base = [
+        "--dataset", "digits", "--model", "resnet18", "--num_epochs", str(args.epochs), "--batch_size", "32",
+        "--accumulation_steps", "1", "--learning_rate", "0.02", "--lab_round", str(args.rounds),
+        "--mtu", "1500", "--use_avg", "--worker_drop", "--workers", "0",
+        "--output_dir", str(args.out / "placement"), "--target_acc", format(args.target, "g"),
+        "--bandwidth_gbps", "1", "--latency_us", "5", "--net_drop_rate", "0.0001", "--rto_us", "5000",
+    ]  # fmt: skip
+    configs = placement_configurations(args.settings_placement, args.algorithms, args.fills_placement)
+    runs = [
+        (setting, algorithm, transport, fill, run_config([*base, *flags], args.nproc_placement))
+        for setting, algorithm, transport, fill, flags in configs
+    ]
+    compute: dict[str, float] = {}  # per setting: the reliable runs' median seconds per step
+    for setting, _, transport, _, run_dir in runs:
+        if transport == "reliable":
+            per_step = [
+                parse_float(x["epoch_seconds"])
+                / (int(x["steps"]) - int(prev["steps"]) if prev else int(x["steps"]))
+                for k in range(args.rounds)
+                for prev, x in zip([None, *_rows(run_dir, k)], _rows(run_dir, k), strict=False)
+            ]
+            compute.setdefault(setting, float(np.median(per_step)))
+    records = []
+    for setting, algorithm, transport, fill, run_dir in runs:
+        clock = "sim_reliable_s" if transport == "reliable" else "sim_comm_s"
+        rounds = [r for r in (_rows(run_dir, k) for k in range(args.rounds)) if r]
+        ttt, finals = [], []
+        for r in rounds:
+            steps = np.diff([0] + [int(x["steps"]) for x in r])
+            times = np.cumsum(compute[setting] * steps + np.array([parse_float(x[clock]) for x in r]))
+            accs = [parse_float(x["val_acc"]) for x in r]
+            ttt.append(next((t for t, a in zip(times, accs, strict=True) if a >= args.target), math.nan))
+            finals.append(accs[-1])
+        total_steps = sum(int(r[-1]["steps"]) for r in rounds) or 1
+        per_step = {c: sum(parse_float(x[c]) for r in rounds for x in r) / total_steps for c in
+                    ("sim_lossfree_s", "sim_comm_s", "sim_reliable_s")}  # fmt: skip
+        sent = sum(parse_float(x["worker_packets_sent"]) for r in rounds for x in r)
+        lost = sum(parse_float(x["worker_packets_lost"]) for r in rounds for x in r)
+        m, sd = mean_std(ttt)
+        acc_m, acc_s = mean_std(finals)
+        records.append(
+            {
+                "setting": setting,
+                "algorithm": algorithm,
+                "transport": transport,
+                "fill": fill,
+                "rounds": len(rounds),
+                "time_to_target_mean": m,
+                "time_to_target_std": sd,
+                "reached": sum(not math.isnan(t) for t in ttt),
+                "final_acc_mean": acc_m,
+                "final_acc_std": acc_s,
+                "lossfree_per_step_s": per_step["sim_lossfree_s"],
+                "comm_per_step_s": per_step[clock],
+                "reliable_per_step_s": per_step["sim_reliable_s"],
+                "compute_per_step_s": compute[setting],
+                "loss_measured": lost / sent if sent else 0.0,
+                "run_dir": run_dir.name,
+            }
+        )
+    with open(figures / "placement_time_study.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, list(records[0]))
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _plot_placement(records, args.target, figures / "placement_time_to_target.png")
+
+
+def _plot_placement(records: list[dict[str, Any]], target: float, path: Path) -> None:
+    """Per setting: simulated seconds to the target (mean ± std over rounds) per algorithm,
+    one bar per transport and fill."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in records))
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in records))
+    kinds = list(dict.fromkeys((r["transport"], r["fill"]) for r in records))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), sharey=True, squeeze=False)
+    width = 0.8 / len(kinds)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        for i, (transport, fill) in enumerate(kinds):
+            pts = [
+                next((r for r in records if (r["setting"], r["algorithm"], r["transport"], r["fill"])
+                      == (setting, a, transport, fill)), None)
+                for a in algorithms
+            ]  # fmt: skip
+            ax.bar(
+                [j + i * width for j in range(len(algorithms))],
+                [p["time_to_target_mean"] if p else math.nan for p in pts],
+                width,
+                yerr=[p["time_to_target_std"] if p else 0 for p in pts],
+                label=transport if fill == "-" else f"{transport}, {fill}",
+                color=f"C{i}",
+                capsize=2,
+            )
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(algorithms))], algorithms)
+        ax.set(title=setting)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel(f"simulated s to {100 * target:.0f}% val acc (unreached: no bar)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_accuracy(records: list[dict[str, Any]], args: argparse.Namespace, figures: Path) -> None:
@@ -306,7 +468,7 @@ def part_buckets(args: argparse.Namespace, figures: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("accuracy", "buckets", "both"), default="both")
+    p.add_argument("--part", choices=("accuracy", "buckets", "both", "placement"), default="both")
     p.add_argument("--out", type=Path, default=Path("runs/time_study"), help="train_ddp.py --output_dir")
     p.add_argument("--figures", type=Path, default=None, help="where the CSVs and plots go (default --out)")
     p.add_argument(
@@ -327,7 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--bucket_losses", nargs="+", choices=list(BUCKET_LOSSES), default=None, help="default: all"
     )
+    p.add_argument("--nproc_placement", type=int, default=4, help="ranks of part placement (>= 2)")
+    p.add_argument("--settings_placement", nargs="+", choices=list(PLACEMENT_SETTINGS), default=None)
+    p.add_argument("--algorithms", nargs="+", choices=list(PLACEMENT_ALGORITHMS), default=None)
+    p.add_argument("--fills_placement", nargs="+", choices=["zero", "rescale"], default=None)
     args = p.parse_args(argv)
+    if args.nproc_placement < 2:
+        p.error(f"--nproc_placement must be >= 2, got {args.nproc_placement}")
     if not all(d > 0 for d in args.deadlines) or args.rounds < 1 or args.epochs < 1 or args.nproc < 2:
         p.error("--deadlines must be > 0, --rounds and --epochs >= 1, --nproc >= 2")
     if not (0 < args.target <= 1):
@@ -338,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         part_accuracy(args, figures)
     if args.part in ("buckets", "both"):
         part_buckets(args, figures)
+    if args.part == "placement":
+        part_placement(args, figures)
     print(f"wrote {figures}", flush=True)
     return 0
 
