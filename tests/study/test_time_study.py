@@ -8,7 +8,16 @@ import csv
 
 import pytest
 
-from lossy_hooks.time_study import BUCKET_LOSSES, FILLS, SETTINGS, accuracy_configurations, main
+from lossy_hooks.sweep import run_dir_for
+from lossy_hooks.time_study import (
+    BUCKET_LOSSES,
+    FILLS,
+    PLACEMENT_SETTINGS,
+    SETTINGS,
+    accuracy_configurations,
+    main,
+    placement_configurations,
+)
 
 
 def test_grid():
@@ -18,6 +27,19 @@ def test_grid():
     assert all(g[3][-2:] == ["--loss_rate", "0"] for g in reliable)
     assert ("stragglers", "hadamard+rescale", 1.3) in {g[:3] for g in grid}
     assert len(BUCKET_LOSSES) == 5
+
+
+def test_placement_grid_resolves_to_one_folder_per_configuration():
+    grid = placement_configurations()
+    assert len(grid) == len(PLACEMENT_SETTINGS) * 4 * 5  # reliable + (fixed, adaptive) x (zero, rescale)
+    base = ["--dataset", "digits", "--model", "resnet18", "--bandwidth_gbps", "1", "--worker_drop"]
+    folders = set()
+    for *_, flags in grid:  # every combination passes train_ddp.py's checks at W = 4
+        run_dir, error = run_dir_for([*base, *flags], 4)
+        assert run_dir is not None, (flags, error)
+        folders.add(run_dir.name)
+    assert len(folders) == len(grid)
+    assert any("_ring_" in f and "deadline-adaptive" in f for f in folders)
 
 
 def rows(path):
