@@ -613,6 +613,9 @@ def no_host_sync() -> dict:
     """Every configuration path of the hook, two steps each under forbid_host_sync (after DDP's
     first iteration and rebuild): the calls that would wait for a GPU that were attempted."""
     from lossy_hooks import MarkovFourState
+    from lossy_hooks.core.netclock import NetworkModel
+
+    jittery = NetworkModel(jitter="lognormal 1 1", straggler_prob=0.2, straggler_factor=2, drop_rate=0.05)
 
     configs = {
         "worker zero": dict(loss_rate=0.2, fill="zero"),
@@ -633,6 +636,17 @@ def no_host_sync() -> dict:
         "fidelity": dict(loss_rate=0.2, measure_fidelity=True),
         "sum": dict(loss_rate=0.2, reduction="sum"),
         "loss 0": dict(loss_rate=0.0),
+        "ring both rescale": dict(loss_rate=0.2, algorithm="ring", drop_point="both"),
+        "dbtree gemodel": dict(loss_model=GilbertElliott(0.05, 0.3), algorithm="dbtree", drop_point="both"),
+        "direct adaptive deadline": dict(
+            loss_model="deadline adaptive p90",
+            network=jittery,
+            algorithm="direct",
+            drop_point="both",
+            fill="zero",
+        ),
+        "tree fixed deadline": dict(loss_model="deadline 1.2x", network=jittery, algorithm="tree"),
+        "ps adaptive deadline": dict(loss_model="deadline adaptive", network=jittery),
     }
     out = {}
     for name, kw in configs.items():

@@ -288,7 +288,7 @@ def test_no_host_sync_on_any_path(runs):
     world, ranks = runs
     for rank in range(world):
         found = ranks[rank]["no_host_sync"]
-        assert len(found) == 18
+        assert len(found) == 23
         assert all(v == [] for v in found.values()), {k: v for k, v in found.items() if v}
 
 
