@@ -50,6 +50,7 @@ OPTIONS = (
 FSDP = ("tests/multiprocess/test_fsdp.py",)  # one 3-rank launch of every FSDP scenario
 LM = ("tests/study/test_train_lm.py",)
 PLACEMENT_UNIT = ("tests/unit/test_placement.py",)
+HOP_CLOCK = ("tests/unit/test_hop_clock.py",)
 PLACEMENTS_W3 = (
     "tests/multiprocess/test_placements.py",
     "-k",
@@ -614,16 +615,16 @@ MUTANTS = [
     M(
         "M67",
         "lossy_hooks/core/netclock.py",
-        "            reliable = (t + tries * resend).max()",
-        "            reliable = (t + (tries > 0) * resend).max()",
+        "        reliable = t.max() if tries is None else (t + tries * resend).max()",
+        "        reliable = t.max() if tries is None else (t + (tries > 0) * resend).max()",
         "a packet dropped K times costs K timeouts and resends",
         (CLOCK,),
     ),
     M(
         "M68",
         "lossy_hooks/core/netclock.py",
-        "            base = torch.where(slow, net.straggler_factor * t0, base)",
-        "            base = torch.where(slow, t0, base)",
+        "        return torch.where(slow, net.straggler_factor, 1.0).double()",
+        "        return torch.where(slow, 1.0, 1.0).double()",
         "a straggler's packets take f times the loss-free time",
         (CLOCK,),
     ),
@@ -722,6 +723,46 @@ MUTANTS = [
         "out.post_lost = mine",
         "out.post_lost = alive[:, 0].reshape(-1)[slot].logical_not_()",
         "a rank's broadcast mask is its own path's, not the root's",
+        (PLACEMENTS_W3,),
+    ),
+    M(
+        "M81",
+        "lossy_hooks/core/placement/timing.py",
+        "share = np.maximum(out[level, src], inn[level, dst])",
+        "share = np.ones_like(src)",
+        "the flows of a step share their ports (incast at a direct exchange's owner)",
+        (HOP_CLOCK,),
+    ),
+    M(
+        "M82",
+        "lossy_hooks/core/netclock.py",
+        "cut = x * tm.step_lossfree  # d_t",
+        "cut = x * tm.step_lossfree.sum() + 0 * tm.step_lossfree  # d_t",
+        "each step's deadline is x times its own loss-free time",
+        (HOP_CLOCK,),
+    ),
+    M(
+        "M83",
+        "lossy_hooks/loss_models/deadline.py",
+        "x = torch.quantile(history[:, :-1].mean(0), 0.5)",
+        "x = history[:, :-1].mean()",
+        "the adaptive deadline is the median over ranks of each rank's mean ratio",
+        (HOP_CLOCK,),
+    ),
+    M(
+        "M84",
+        "lossy_hooks/core/placement/schedule.py",
+        "    if not towards_root:\n        return depth - 1",
+        "    if True:\n        return depth - 1",
+        "towards the root a rank sends at its height (after all its children)",
+        (HOP_CLOCK,),
+    ),
+    M(
+        "M85",
+        "lossy_hooks/fsdp.py",
+        "                if arrived is not None:\n                    pre.mul_(arrival_factor(arrived, world))",
+        "                if arrived is not None:\n                    pre.mul_(arrival_factor(arrived * 0 + world, world))",
+        "FSDP's per-hop reduce-scatter rescales by W / c of the hops' arrivals",
         (PLACEMENTS_W3,),
     ),
     M(

@@ -64,6 +64,19 @@ def test_without_jitter_each_algorithm_takes_its_closed_form_time_exactly(world,
             assert not any(late.any() for late in c.hop_lost.values())
 
 
+def test_a_tree_s_reduce_steps_follow_heights_and_its_broadcast_steps_depths():
+    # W = 6: 0 <- 4 <- {2, 5}, 2 <- {1, 3}. Reduce by height: {1->2, 3->2, 5->4} (2 into 2),
+    # {2->4}, {4->0}: 3 alpha + 4 B / beta; broadcast by depth: {0->4}, {4->2, 4->5} (2 out of
+    # 4), {2->1, 2->3} (2 out of 2): 3 alpha + 5 B / beta
+    packets = 40
+    nbytes = packets * PACKET
+    c = clock("tree", 6)
+    c.tick(packets, nbytes, PACKET)
+    got = c.read()
+    assert got["sim_lossfree_reduce_s"] == pytest.approx(3 * ALPHA + 4 * nbytes / BETA, rel=1e-12)
+    assert got["sim_lossfree_broadcast_s"] == pytest.approx(3 * ALPHA + 5 * nbytes / BETA, rel=1e-12)
+
+
 def test_a_ring_step_is_the_max_of_its_links_delays():
     # one packet per chunk (n = W): a step's time is D + max of W i.i.d. delays, CDF F(x - D)^W
     world, rounds = 4, 600
