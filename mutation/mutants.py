@@ -760,8 +760,8 @@ MUTANTS = [
     M(
         "M85",
         "lossy_hooks/fsdp.py",
-        "                if arrived is not None:\n                    pre.mul_(arrival_factor(arrived, world))",
-        "                if arrived is not None:\n                    pre.mul_(arrival_factor(arrived * 0 + world, world))",
+        "                    pre.mul_(arrival_factor(arrived, world))",
+        "                    pre.mul_(arrival_factor(arrived * 0 + world, world))",
         "FSDP's per-hop reduce-scatter rescales by W / c of the hops' arrivals",
         (PLACEMENTS_W3,),
     ),
