@@ -10,7 +10,9 @@ for each algorithm and world size. The masks depend on ``W`` but not on the proc
 work is the same on every rank, so a world of ``W`` ranks is measured as rank 0 of ``W`` in
 one process (W = 2..8 as here, and simulated W beyond). Against: the parameter server's draw
 of the same bucket (one ``rand`` per phase) and one ``copy_`` of the bucket (the memory
-floor). The median of ``--reps`` calls after one warm-up; JSON to ``--out``.
+floor). And the clock per hop (``SimClock.tick`` with a fixed 1.5x deadline on a jittery,
+straggling, dropping network: every hop's delays, resends, step maxima, late masks), beside
+the ``ps`` clock's tick. The median of ``--reps`` calls after one warm-up; JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from pathlib import Path
 
 import torch
 
+from lossy_hooks.core.netclock import NetworkModel, SimClock
 from lossy_hooks.core.placement import HopLoss, LinkRules, placement_of
 from lossy_hooks.loss_models import Bernoulli
+from lossy_hooks.loss_models.deadline import Deadline
+
+NETWORK = NetworkModel(jitter="lognormal 3.9 0.5", straggler_prob=0.02, straggler_factor=3, drop_rate=1e-4)
 
 ALGORITHMS = ("ring", "tree", "dbtree", "direct")
 
@@ -66,10 +72,21 @@ def main() -> None:
         args.reps,
         device,
     )
+    nbytes = numel * 4.0
+
+    def tick_seconds(algorithm: str, world: int) -> float:
+        clock = SimClock(NETWORK, Deadline(1.5, True), placement_of(algorithm))
+        clock.prepare(device, 0, world)
+        return timed(lambda: clock.tick(packets, nbytes, args.mtu), args.reps, device)
+
     rows = []
     head = f"bucket {args.bucket_mb:g} MiB = {packets} packets; copy_ {floor * 1e3:.3f} ms"
     print(f"{head}; ps draw {ps * 1e3:.3f} ms")
-    print(f"{'algorithm':>9} {'W':>5} {'ms':>9} {'x copy_':>8}")
+    print(f"{'algorithm':>9} {'W':>5} {'ms':>9} {'x copy_':>8} {'clock ms':>9}")
+    for world in args.worlds:
+        clock = tick_seconds("ps", world)
+        rows.append({"algorithm": "ps", "world": world, "clock_ms": clock * 1e3})
+        print(f"{'ps':>9} {world:>5} {'':>9} {'':>8} {clock * 1e3:9.3f}")
     for algorithm in ALGORITHMS:
         for world in args.worlds:
             hops = HopLoss(
@@ -77,10 +94,17 @@ def main() -> None:
             )
             hops.prepare(device, 0, 0, world)
             seconds = timed(lambda h=hops: h.masks(packets, True, True, device), args.reps, device)
+            clock = tick_seconds(algorithm, world)
             rows.append(
-                {"algorithm": algorithm, "world": world, "ms": seconds * 1e3, "x_copy": seconds / floor}
+                {
+                    "algorithm": algorithm,
+                    "world": world,
+                    "ms": seconds * 1e3,
+                    "x_copy": seconds / floor,
+                    "clock_ms": clock * 1e3,
+                }
             )
-            print(f"{algorithm:>9} {world:>5} {seconds * 1e3:9.3f} {seconds / floor:8.2f}")
+            print(f"{algorithm:>9} {world:>5} {seconds * 1e3:9.3f} {seconds / floor:8.2f} {clock * 1e3:9.3f}")
     out = {
         "device": str(device),
         "bucket_mb": args.bucket_mb,
