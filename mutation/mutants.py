@@ -607,9 +607,9 @@ MUTANTS = [
     M(
         "M66",
         "lossy_hooks/core/netclock.py",
-        "torch.where(lost.any(), d, t.max())",
-        "t.max()",
-        "the deadline transport stops at the deadline when anything is lost",
+        "    return torch.where(hold, d.reshape(-1) if d.dim() else d, close)",
+        "    return close",
+        "the deadline transport stops at the deadline when a delivered packet is late",
         (CLOCK,),
     ),
     M(
@@ -764,6 +764,14 @@ MUTANTS = [
         "                    pre.mul_(arrival_factor(arrived * 0 + world, world))",
         "FSDP's per-hop reduce-scatter rescales by W / c of the hops' arrivals",
         (PLACEMENTS_W3,),
+    ),
+    M(
+        "M86",
+        "lossy_hooks/core/netclock.py",
+        "        hold |= dropped.gather(1, last)[:, 0] & valid.any(1)",
+        "        hold |= dropped.any(1) & valid.any(1)",
+        "early close: only a dropped last (flagged) packet holds the step to its deadline",
+        (HOP_CLOCK,),
     ),
     M(
         "M45",

@@ -20,9 +20,12 @@ The model (``W`` ranks; a collective over ``B`` bytes (the bucket's real bytes o
 - dropped packets: i.i.d. with probability ``p_0`` (``drop_rate``); a dropped packet never
   arrives;
 - the deadline transport (the ``deadline`` loss model) loses a packet that is dropped or
-  arrives after ``d`` (``d`` absolute, or ``x T_0``); the collective ends at ``d`` when any
-  packet is lost (the receiver cannot know a packet will not come), else at the last arrival:
-  ``T_lossy = d if any lost else max t``. Without a deadline model ``T_lossy = max t``;
+  arrives after ``d`` (``d`` absolute, or ``x T_0``) and closes early (OptiReduce's rule,
+  :func:`early_close`): each sender flags its last packet, links deliver in order, so the
+  collective ends when every sender's flagged packet is in: ``T_lossy = d`` if a delivered
+  packet is late or a sender's last packet is dropped, else ``max`` of the delivered ``t``
+  (a dropped packet other than the last is lost without holding the collective; until
+  2026-12-04 any drop held it to ``d``). Without a deadline model ``T_lossy = max t``;
 - the reliable transport resends a dropped packet after a timeout ``RTO``: a packet whose
   first ``K`` transmissions are dropped (``P(K >= k) = p_0^k``) arrives at
   ``t + K (RTO + b / beta)``; the collective ends at the last arrival,
@@ -66,6 +69,7 @@ __all__ = [
     "Deadline",
     "NetworkModel",
     "SimClock",
+    "early_close",
     "parse_jitter",
 ]
 
@@ -201,6 +205,31 @@ PHASE_CLOCK_FIELDS = tuple(
 _ALL_FIELDS = CLOCK_FIELDS + PHASE_CLOCK_FIELDS
 
 
+def early_close(
+    arrival: torch.Tensor, deadline: torch.Tensor | float, dropped: torch.Tensor | None, valid: torch.Tensor
+) -> torch.Tensor:
+    r"""When the deadline transport's receiver closes each link (row) of a step: OptiReduce's
+    early close, the link is done when its sender's last (flagged) packet is in. Links deliver
+    in order, so that packet is the last of the link's delivered ones:
+
+    ``close_h = d`` if a delivered packet of link ``h`` is late (``a_{h,i} > d``) or its last
+    packet is dropped (the flag never arrives: the receiver waits out the deadline), else
+    ``close_h = max_{i delivered} a_{h,i}`` (``0`` for a link that carries nothing). A dropped
+    packet other than the last is lost without holding the step. The step (on ``ps`` the
+    collective) ends at ``max_h close_h``: ``d`` if any link holds, else its last delivery.
+
+    ``arrival``, ``valid`` (the slots a link carries, a prefix of each row) and ``dropped``:
+    ``(R, S)``; ``deadline``: a scalar or ``(R, 1)``. Returns ``(R,)``, on their device."""
+    delivered = valid if dropped is None else valid & ~dropped
+    hold = ((arrival > deadline) & delivered).any(1)
+    if dropped is not None:
+        last = (valid.sum(1) - 1).clamp(min=0)[:, None]
+        hold |= dropped.gather(1, last)[:, 0] & valid.any(1)
+    close = torch.where(delivered, arrival, 0.0).amax(1)
+    d = torch.as_tensor(deadline, dtype=close.dtype, device=close.device)
+    return torch.where(hold, d.reshape(-1) if d.dim() else d, close)
+
+
 class SimClock:
     """The clock of one :class:`~lossy_hooks.LossyState`: per collective call, the arrival
     time of every packet (from a stream shared by all ranks, so every rank computes the same
@@ -215,9 +244,10 @@ class SimClock:
       sender that straggles at this call (every link it sends on, both phases), ``X`` the
       jitter i.i.d. per packet and hop; a packet the network drops (``p_0``) never arrives;
     * step ``t`` of the reliable transport ends at ``max_{h,i} (a_{h,i} + K_{h,i} (RTO +
-      b/beta))``; of the deadline transport at ``d_t = x tau0_t`` if any packet of the step
-      is late or dropped (it is lost on that hop: the placement's propagation rules apply),
-      else at its last arrival (early close); ``x`` the deadline as a multiple of ``T_0``
+      b/beta))``; of the deadline transport at ``d_t = x tau0_t`` if a packet of the step is
+      late or a hop's last packet is dropped, else at its last delivery (early close:
+      :func:`early_close`); a late or dropped packet is lost on its hop (the placement's
+      propagation rules apply); ``x`` the deadline as a multiple of ``T_0``
       (``D x``; ``D`` seconds: ``x = D / T_0``; adaptive: :class:`AdaptiveDeadline`);
     * a phase takes the sum of its steps; the collective both phases. The deadline cuts the
       phases ``drop_point`` loses in (``deadline_phases``); a phase it does not cut runs the
@@ -385,7 +415,7 @@ class SimClock:
         if x is not None:
             d = self.deadline.seconds(t0) if isinstance(self.deadline, Deadline) else x * t0  # type: ignore[union-attr]
             lost = t > d if dropped is None else (t > d) | dropped
-            lossy = torch.where(lost.any(), d, t.max())
+            lossy = early_close(t, d, dropped, torch.ones_like(t, dtype=torch.bool)).amax()
             self.lost, self.last_multiple = lost, x
         else:
             lossy = t.max()
@@ -428,13 +458,13 @@ class SimClock:
                 reliable = torch.zeros_like(steps).scatter_reduce_(0, tm.level, retried, "amax").sum()
             if x is not None and phase in self.deadline_phases:
                 cut = x * tm.step_lossfree  # d_t
-                late = a > cut[tm.level][:, None]
+                d = cut[tm.level][:, None]
+                late = a > d
                 if dropped is not None:
                     late |= dropped
                 late &= tm.valid
-                any_late = torch.zeros(tm.levels, dtype=torch.bool, device=dev)
-                any_late.scatter_reduce_(0, tm.level, late.any(1), "amax")
-                lossy = torch.where(any_late, cut, steps).sum()
+                closes = early_close(a, d, dropped, tm.valid)  # per hop
+                lossy = torch.zeros_like(steps).scatter_reduce_(0, tm.level, closes, "amax").sum()
                 self.hop_lost[phase] = late
             elif x is not None:  # a phase the deadline does not cut is reliable (waits, resends)
                 lossy = reliable

@@ -238,3 +238,38 @@ def test_the_deadline_cuts_only_the_phases_its_drop_point_loses_in():
     assert set(reduce_only.hop_lost) == {"reduce"}
     state = LossyState(loss_model="deadline 1.2x", network=net, algorithm="ring", drop_point="worker")
     assert state.clock.deadline_phases == ("reduce",)
+
+
+@pytest.mark.parametrize("algorithm", ["ps", "ring", "tree", "direct"])
+def test_early_close_waits_out_the_deadline_only_for_a_dropped_last_packet(algorithm):
+    # no jitter: every packet a hop delivers arrives at its loss-free time, before the
+    # deadline; a dropped packet is lost, and holds its step (ps: the collective) to d only
+    # where it is its link's last (flagged) one: the step costs x tau0_t then, else tau0_t
+    world, packets, calls, p0, x = 3, 24, 400, 0.02, 1.5
+    net = NetworkModel(bandwidth_gbps=10, latency_us=5, drop_rate=p0)
+    c = clock(algorithm, world, net, f"{x}x")
+    nbytes = packets * PACKET
+    expect, held, steps, dropped_not_last = 0.0, 0, 0, 0
+    for _ in range(calls):
+        c.tick(packets, nbytes, PACKET)
+        if algorithm == "ps":
+            t0 = NET.ring_seconds(nbytes, world)
+            hold = bool(c.lost[:, -1].any())
+            expect += (x if hold else 1.0) * t0
+            held, steps = held + hold, steps + 1
+            dropped_not_last += int(c.lost[:, :-1].sum())
+            continue
+        for phase, tm in c.timing(packets, nbytes).items():
+            lost = c.hop_lost[phase]
+            carried = tm.valid.sum(1)
+            last = lost.gather(1, (carried - 1).clamp(min=0)[:, None])[:, 0] & (carried > 0)
+            dropped_not_last += int(lost.sum() - last.sum())
+            for t in range(tm.levels):
+                hold = bool(last[tm.level == t].any())
+                expect += float((x if hold else 1.0) * tm.step_lossfree[t])
+                held, steps = held + hold, steps + 1
+    assert c.read()["sim_comm_s"] == pytest.approx(expect, rel=1e-12)
+    assert dropped_not_last > 0 and 0 < held < steps  # drops that did not hold, and holds
+    if algorithm in ("ps", "ring"):  # every step: W links each with a last packet
+        lo, hi = binomial_interval(steps, 1 - (1 - p0) ** world)
+        assert lo <= held <= hi
