@@ -29,7 +29,9 @@ fastest under loss. Per setting (:data:`PLACEMENT_SETTINGS`: two heavy-tailed on
 the ring's step time and a straggler one) and algorithm (ps, ring, tree, direct): the reliable
 transport and the fixed (1.5x) and adaptive (median rule) deadlines per hop, each with zero and
 rescale fill, priced on the per-hop clock; the same measured compute per step for every
-configuration of a setting. Writes ``placement_time_study.csv`` and
+configuration of a setting. ``--drop_point_placement both``: a per-hop deadline cuts both
+phases (default ``worker``: the reduce phase; the broadcast runs reliably). Writes
+``placement_time_study.csv`` and
 ``placement_time_to_target.png``.
 
 Writes ``time_study.csv``, ``time_to_accuracy.png``, ``time_to_target_vs_deadline.png``,
@@ -100,19 +102,35 @@ def placement_configurations(
     settings: list[str] | None = None,
     algorithms: list[str] | None = None,
     fills: list[str] | None = None,
+    drop_point: str = "worker",
 ) -> list[tuple[str, str, str, str, list[str]]]:
     """``(setting, algorithm, transport, fill, flags)``: per setting and algorithm the reliable
-    transport (nothing lost: fill ``-``) and the fixed and adaptive deadlines per fill (the
-    deadline loses at the worker drop point: the reduce phase; the broadcast runs reliably)."""
+    transport (nothing lost: fill ``-``) and the fixed and adaptive deadlines per fill.
+    ``drop_point="worker"``: a per-hop deadline cuts the reduce phase and the broadcast runs
+    reliably (waits, resends); ``"both"``: it cuts both phases, as OptiReduce bounds its whole
+    collective (the adaptive deadline with rescale is then left out: rescale after the reduce
+    needs a closed-form keep fraction, which the adaptive rule has not). ``ps`` keeps the worker
+    drop point: its one-traversal price already bounds the whole collective."""
     out = []
     for setting in settings or list(PLACEMENT_SETTINGS):
         for algorithm in algorithms or list(PLACEMENT_ALGORITHMS):
             base = [*PLACEMENT_SETTINGS[setting], "--algorithm", algorithm]
             out.append((setting, algorithm, "reliable", "-", [*base, *PLACEMENT_TRANSPORTS["reliable"]]))
+            both = drop_point == "both" and algorithm != "ps"
             for transport in ("fixed", "adaptive"):
                 for fill in fills or ["zero", "rescale"]:
+                    if both and transport == "adaptive" and fill == "rescale":
+                        continue
                     flags = [*base, *PLACEMENT_TRANSPORTS[transport], "--fill", fill]
-                    out.append((setting, algorithm, transport, fill, flags))
+                    out.append(
+                        (
+                            setting,
+                            algorithm,
+                            transport,
+                            fill,
+                            [*flags, *(["--drop_point", "both"] if both else [])],
+                        )
+                    )
     return out
 
 
@@ -221,7 +239,9 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
         "--output_dir", str(args.out / "placement"), "--target_acc", format(args.target, "g"),
         "--bandwidth_gbps", "1", "--latency_us", "5", "--net_drop_rate", "0.0001", "--rto_us", "5000",
     ]  # fmt: skip
-    configs = placement_configurations(args.settings_placement, args.algorithms, args.fills_placement)
+    configs = placement_configurations(
+        args.settings_placement, args.algorithms, args.fills_placement, args.drop_point_placement
+    )
     runs = [
         (setting, algorithm, transport, fill, run_config([*base, *flags], args.nproc_placement))
         for setting, algorithm, transport, fill, flags in configs
@@ -250,8 +270,11 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
         total_steps = sum(int(r[-1]["steps"]) for r in rounds) or 1
         per_step = {c: sum(parse_float(x[c]) for r in rounds for x in r) / total_steps for c in
                     ("sim_lossfree_s", "sim_comm_s", "sim_reliable_s")}  # fmt: skip
-        sent = sum(parse_float(x["worker_packets_sent"]) for r in rounds for x in r)
-        lost = sum(parse_float(x["worker_packets_lost"]) for r in rounds for x in r)
+        counted = [(f"{p}_packets_sent", f"{p}_packets_lost") for p in ("worker", "post")]
+        sent, lost = (
+            sum(v for r in rounds for x in r for c in counted if not math.isnan(v := parse_float(x[c[j]])))
+            for j in (0, 1)
+        )  # both phases' packets where the deadline cuts both
         m, sd = mean_std(ttt)
         acc_m, acc_s = mean_std(finals)
         records.append(
@@ -260,6 +283,9 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
                 "algorithm": algorithm,
                 "transport": transport,
                 "fill": fill,
+                "drop_point": "worker"
+                if transport == "reliable" or algorithm == "ps"
+                else args.drop_point_placement,
                 "rounds": len(rounds),
                 "time_to_target_mean": m,
                 "time_to_target_std": sd,
@@ -493,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings_placement", nargs="+", choices=list(PLACEMENT_SETTINGS), default=None)
     p.add_argument("--algorithms", nargs="+", choices=list(PLACEMENT_ALGORITHMS), default=None)
     p.add_argument("--fills_placement", nargs="+", choices=["zero", "rescale"], default=None)
+    p.add_argument(
+        "--drop_point_placement",
+        choices=["worker", "both"],
+        default="worker",
+        help="phases a per-hop deadline cuts in part placement: the reduce (worker) or both",
+    )
     args = p.parse_args(argv)
     if args.nproc_placement < 2:
         p.error(f"--nproc_placement must be >= 2, got {args.nproc_placement}")

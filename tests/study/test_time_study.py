@@ -40,6 +40,16 @@ def test_placement_grid_resolves_to_one_folder_per_configuration():
         folders.add(run_dir.name)
     assert len(folders) == len(grid)
     assert any("_ring_" in f and "deadline-adaptive" in f for f in folders)
+    # both phases cut per hop: the same reliable runs, no adaptive rescale, ps at its worker drop
+    both = placement_configurations(["stragglers"], drop_point="both")
+    assert len(both) == 5 + 3 * 4
+    for _, algorithm, transport, fill, flags in both:
+        cut = algorithm != "ps" and transport != "reliable"
+        assert (flags[-2:] == ["--drop_point", "both"]) == cut, flags
+        assert not (cut and transport == "adaptive" and fill == "rescale")
+        run_dir, error = run_dir_for([*base, *flags], 4)
+        assert run_dir is not None, (flags, error)
+        assert (run_dir.name in folders) == (not cut)
 
 
 def rows(path):
