@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from lossy_hooks.core.statistics import mean_std
-from lossy_hooks.study.run_io import parse_float
+from lossy_hooks.study.run_io import parse_float, run_loss_rate
 from lossy_hooks.sweep import run_config
 
 __all__ = [
@@ -246,6 +246,7 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
         (setting, algorithm, transport, fill, run_config([*base, *flags], args.nproc_placement))
         for setting, algorithm, transport, fill, flags in configs
     ]
+    drop_points = ["both" if "--drop_point" in flags else "worker" for *_, flags in configs]
     compute: dict[str, float] = {}  # per setting: the reliable runs' median seconds per step
     for setting, _, transport, _, run_dir in runs:
         if transport == "reliable":
@@ -257,7 +258,7 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
             ]
             compute.setdefault(setting, float(np.median(per_step)))
     records = []
-    for setting, algorithm, transport, fill, run_dir in runs:
+    for (setting, algorithm, transport, fill, run_dir), drop_point in zip(runs, drop_points, strict=True):
         clock = "sim_reliable_s" if transport == "reliable" else "sim_comm_s"
         rounds = [r for r in (_rows(run_dir, k) for k in range(args.rounds)) if r]
         ttt, finals = [], []
@@ -270,11 +271,6 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
         total_steps = sum(int(r[-1]["steps"]) for r in rounds) or 1
         per_step = {c: sum(parse_float(x[c]) for r in rounds for x in r) / total_steps for c in
                     ("sim_lossfree_s", "sim_comm_s", "sim_reliable_s")}  # fmt: skip
-        counted = [(f"{p}_packets_sent", f"{p}_packets_lost") for p in ("worker", "post")]
-        sent, lost = (
-            sum(v for r in rounds for x in r for c in counted if not math.isnan(v := parse_float(x[c[j]])))
-            for j in (0, 1)
-        )  # both phases' packets where the deadline cuts both
         m, sd = mean_std(ttt)
         acc_m, acc_s = mean_std(finals)
         records.append(
@@ -283,9 +279,7 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
                 "algorithm": algorithm,
                 "transport": transport,
                 "fill": fill,
-                "drop_point": "worker"
-                if transport == "reliable" or algorithm == "ps"
-                else args.drop_point_placement,
+                "drop_point": drop_point,
                 "rounds": len(rounds),
                 "time_to_target_mean": m,
                 "time_to_target_std": sd,
@@ -296,7 +290,7 @@ def part_placement(args: argparse.Namespace, figures: Path) -> None:
                 "comm_per_step_s": per_step[clock],
                 "reliable_per_step_s": per_step["sim_reliable_s"],
                 "compute_per_step_s": compute[setting],
-                "loss_measured": lost / sent if sent else 0.0,
+                "loss_measured": run_loss_rate([x for r in rounds for x in r]),  # both drop points
                 "run_dir": run_dir.name,
             }
         )
