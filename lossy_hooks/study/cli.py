@@ -24,9 +24,11 @@ from lossy_hooks.core.options import OPTION_DEFAULTS, LossConfig, unused_setting
 from lossy_hooks.core.state import LossyState
 from lossy_hooks.core.streams import derive_seed
 from lossy_hooks.loss_models import Bernoulli, parse_loss_model, rate_or_none
+from lossy_hooks.study.extras import MissingExtraError
 from lossy_hooks.study.parallel import fsdp_api
 from lossy_hooks.study.run_io import read_json, round_status
 from lossy_hooks.study.run_names import NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
+from lossy_hooks.study.tensorboard_log import check_available
 from lossy_hooks.study.workloads.data import check_data_args, resolve_dataset
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 from lossy_hooks.study.workloads.models import classification_models
@@ -54,6 +56,7 @@ CONTROL_FLAGS = {
     "backend",
     "device",
     "target_acc",
+    "tensorboard",
 }
 
 
@@ -104,6 +107,11 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size, language_model),
         dataset_flag=args.dataset,
     )
+    if args.tensorboard is not None:
+        try:
+            check_available()
+        except MissingExtraError as e:
+            fail(f"--tensorboard: {e}")
     if args.strategy == "fsdp":
         try:
             fsdp = fsdp_api()

@@ -284,6 +284,16 @@ def _add_run_folder_flags(x: argparse._ArgumentGroup) -> None:
     )
     x.add_argument("--overwrite", action="store_true", help="delete this configuration's results first")
     x.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="also write each epoch's metrics, loss rates and per-bucket loss as TensorBoard scalars, "
+        "one run per round: alone, under the configuration folder (<config>/tensorboard/round<k>); "
+        "with DIR, in DIR/<config>/round<k> (needs the tensorboard extra; default off)",
+    )
+    x.add_argument(
         "--measure_fidelity",
         action="store_true",
         help="also compute the lossless aggregate; log cosine and relative L2 error per epoch",

@@ -33,6 +33,7 @@ from lossy_hooks.study.run_io import (
     packet_rows,
     write_json,
 )
+from lossy_hooks.study.tensorboard_log import TensorBoardLog, round_log_dir
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
@@ -284,6 +285,10 @@ class RoundRunner:
         if cfg["resume"]:
             self.resume()
         logs = self.logs() if self.rank == 0 else None
+        board = None
+        if self.rank == 0 and cfg.get("tensorboard") is not None:  # one TensorBoard run per round
+            log_dir = round_log_dir(cfg["tensorboard"], self.dir.parent, self.k)
+            board = TensorBoardLog(log_dir, self.start_epoch + 1, cfg)
         status = "finished"
         epochs_done = self.start_epoch
         for epoch in range(self.start_epoch, cfg["num_epochs"]):
@@ -308,6 +313,8 @@ class RoundRunner:
                 logs["buckets"].append(*bucket_rows)
                 logs["layers"].append(*layer_rows)
                 logs["metrics"].append(row)
+                if board is not None:
+                    board.write_epoch(row, bucket_rows)
                 fault_point("after_metrics", epoch + 1)
             self.report.end_epoch(row)
             epochs_done = epoch + 1
@@ -319,6 +326,8 @@ class RoundRunner:
             if last:
                 break
         self.checkpoint(epochs_done, final=True)
+        if board is not None:
+            board.close()
         if self.rank == 0:
             write_json(
                 self.dir / "status.json", {"status": status, "epochs": epochs_done, "steps": self.steps}

@@ -21,7 +21,9 @@ from lossy_hooks.study.run_io import read_json, write_json
 __all__ = [
     "FAULT_ENV",
     "LOCK_NAME",
+    "RUN_COMMANDS",
     "acquire_lock",
+    "current_job_id",
     "environment_info",
     "fault_point",
     "live_lock_owner",
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 LOCK_NAME = ".lock"
+# command lines of a process that may write a run folder: the study script, or a submitit job's
+# task running it (sweep --executor slurm / submitit-local)
+RUN_COMMANDS = (b"train_ddp", b"lossy_hooks.study.train", b"lossy-train", b"submitit.core._submit")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -46,19 +51,34 @@ def _pid_alive(pid: int) -> bool:
             cmdline = fh.read()
     except OSError:
         return True  # no /proc: trust kill(pid, 0)
-    return any(name in cmdline for name in (b"train_ddp", b"lossy_hooks.study.train", b"lossy-train"))
+    return any(name in cmdline for name in RUN_COMMANDS)
+
+
+def current_job_id() -> str | None:
+    """The scheduler job this process runs in: SLURM's (``<array job>_<task>`` in an array), or
+    submitit-local's; ``None`` outside a job. A requeued SLURM job keeps its id."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or None
 
 
 def live_lock_owner(run_dir: Path) -> dict[str, Any] | None:
     """The owner recorded in ``run_dir/.lock`` if it may still be writing: a live process on
-    this host, or any process on another host (which cannot be checked from here). ``None``
-    when there is no lock or it is stale (its process is gone)."""
+    this host, or any process on another host (which cannot be checked from here) unless it
+    ran in this process's own scheduler job (a requeued job: the scheduler runs one
+    incarnation of a job at a time, so the earlier one is gone). ``None`` when there is no
+    lock or it is stale."""
     path = run_dir / LOCK_NAME
     try:
         owner = read_json(path)
     except (OSError, ValueError):
         return None
-    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+    same_host = owner.get("host") == socket.gethostname()
+    if same_host and not _pid_alive(int(owner.get("pid", -1))):
+        return None
+    job = current_job_id()
+    if not same_host and job is not None and owner.get("job") == job:  # this job's earlier incarnation
         return None
     return owner
 
@@ -67,7 +87,12 @@ def acquire_lock(run_dir: Path) -> None:
     """Record this process as the writer of ``run_dir`` (atomically replaces a stale lock)."""
     write_json(
         run_dir / LOCK_NAME,
-        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+        {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "job": current_job_id(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
     )
 
 
