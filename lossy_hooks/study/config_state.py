@@ -144,7 +144,7 @@ def _job_active(job: dict[str, Any]) -> tuple[bool | None, str]:
         return False, "ENDED"  # a torchrun launch: only its lock says it runs
     from lossy_hooks.study.jobs import submitit_job_active
 
-    return submitit_job_active(job["executor"], job["folder"], job["job_id"])
+    return submitit_job_active(job["executor"], job["job_id"])
 
 
 def _failed_log(job: dict[str, Any]) -> tuple[str | None, tuple[str, ...], str]:

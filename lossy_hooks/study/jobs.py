@@ -217,7 +217,7 @@ def job_log_paths(folder: Path, job_id: str, tasks: int) -> list[str]:
     return [str(submitit.core.utils.JobPaths(Path(folder) / "%j", job_id, k).stdout) for k in range(tasks)]
 
 
-def submitit_job_active(executor: str, folder: str, job_id: str) -> tuple[bool | None, str]:
+def submitit_job_active(executor: str, job_id: str) -> tuple[bool | None, str]:
     """Whether a submitted job may still run, and its state as the scheduler says it: for
     SLURM from ``sacct`` (``None`` when sacct cannot say); for submitit-local whether the
     process supervising its tasks is alive."""
@@ -225,8 +225,8 @@ def submitit_job_active(executor: str, folder: str, job_id: str) -> tuple[bool |
         alive = _supervisor_alive(int(job_id))
         return alive, "RUNNING" if alive else "ENDED"
     submitit = require("cluster")
-    try:
-        state = submitit.SlurmJob(Path(folder) / "%j", job_id).state
+    try:  # forced: a fresh sacct call (the watcher's cache has no entry for a job not yet seen)
+        state = submitit.SlurmJob.watcher.get_state(job_id, mode="force")
     except Exception as e:  # no sacct on this machine, or it failed
         return None, f"UNKNOWN ({type(e).__name__})"
     state = str(state).split()[0].upper()

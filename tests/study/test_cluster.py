@@ -1,0 +1,446 @@
+"""Sweeps as submitit jobs (``--executor submitit-local`` end to end, ``--executor slurm`` against
+stand-in sbatch/srun/sacct commands), ``sweep --status``, and the TensorBoard runs a sweep's
+configurations write (read back with TensorBoard's own event reader).
+
+One module fixture makes every launch: a 2-configuration grid (plus two invalid ones) on 2
+ranks each, a second sweep, then one configuration killed by PID mid-run and resumed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from lossy_hooks import sweep
+from lossy_hooks.study.config_state import config_state
+from lossy_hooks.study.jobs import ClusterResources, TrainJob, parse_slurm_time
+from lossy_hooks.study.run_control import FAULT_ENV
+from lossy_hooks.study.tensorboard_log import epoch_scalars
+
+pytest.importorskip("submitit")
+pytest.importorskip("tensorboard")
+
+# ResNet-18 on the 18-image folder: 3 epochs of 3 steps per round, two rounds
+FIXED = {
+    "dataset": "folder",
+    "model": "resnet18",
+    "num_epochs": 3,
+    "batch_size": 3,
+    "learning_rate": 0.01,
+    "accumulation_steps": 1,
+    "lab_round": 2,
+    "workers": 0,
+    "use_avg": True,
+    "worker_drop": True,
+    "tensorboard": True,
+}
+GRID = {"loss_rate": [0.1, 0.3], "mtu": [1500, 2]}  # mtu 2 < one fp32 element: invalid
+# columns that hold wall-clock time, different between any two runs
+TIMING = {"epoch_seconds", "images_per_s"}
+
+
+def _console() -> Console:
+    return Console(file=io.StringIO(), width=250)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _wait_for(predicate, what: str, timeout: float = 240.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _untimed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def cluster_sweep(tmp_path_factory, image_folder):
+    out = tmp_path_factory.mktemp("cluster")
+    runs = out / "runs"
+    fixed = {**FIXED, "data_path": str(image_folder), "output_dir": str(runs)}
+    resources = ClusterResources(nproc=2)
+
+    def run(**kw):
+        console = _console()
+        records = sweep.run_sweep(2, fixed, GRID, None, console, "submitit-local", resources, **kw)
+        return records, console.file.getvalue()
+
+    first, first_out = run()
+    first_jobs = {r["run_dir"]: json.loads((Path(r["run_dir"]) / "job.json").read_text()) for r in first[::2]}
+    jobs_after_first = sorted(os.listdir(runs / "jobs"))
+    second, _ = run()
+    jobs_after_second = sorted(os.listdir(runs / "jobs"))
+    # the uninterrupted run of the second configuration, kept; then it runs again and is killed
+    victim = Path(first[2]["run_dir"])
+    reference = out / "reference"
+    shutil.copytree(victim, reference)
+    shutil.rmtree(victim)
+    os.environ[FAULT_ENV] = "stop:after_metrics:2"  # rank 0 stops after round 0's epoch 2 row
+    try:
+        third, _ = run(wait=False)
+    finally:
+        del os.environ[FAULT_ENV]
+    job = json.loads((victim / "job.json").read_text())
+    _wait_for(lambda: (victim / ".lock").exists(), "the killed job's lock")
+    rank0 = json.loads((victim / ".lock").read_text())["pid"]
+    _wait_for(lambda: _proc_state(rank0) == "T", "rank 0 to stop at the fault point")
+    tasks = _children(int(job["job_id"]))
+    for pid in tasks:  # each task of the job, by its PID
+        os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: _proc_state(int(job["job_id"])) in ("Z", "gone"), "the job's supervisor to end")
+    killed_state = config_state(victim)
+    status = _console()
+    status_code = sweep.print_status([runs], status)
+    fourth, fourth_out = run()
+    return SimpleNamespace(
+        runs=runs,
+        first=first,
+        first_out=first_out,
+        first_jobs=first_jobs,
+        second=second,
+        jobs_after_first=jobs_after_first,
+        jobs_after_second=jobs_after_second,
+        victim=victim,
+        reference=reference,
+        third=third,
+        killed_tasks=tasks,
+        killed_state=killed_state,
+        killed_status=status.file.getvalue(),
+        status_code=status_code,
+        fourth=fourth,
+        fourth_out=fourth_out,
+    )
+
+
+INVALID = "invalid flags (train_ddp.py: error: --mtu must be >= 4 bytes (one fp32 gradient element), got 2)"
+
+
+def test_submitit_local_runs_the_grid_and_reports_invalid_flags_before_submitting(cluster_sweep):
+    s = cluster_sweep
+    assert [r["outcome"] for r in s.first] == ["finished", INVALID, "finished", INVALID]
+    lines = s.first_out.splitlines()
+    invalid_at = [i for i, ln in enumerate(lines) if "invalid flags" in ln]
+    submitted_at = [i for i, ln in enumerate(lines) if "submitted (job" in ln]
+    assert len(invalid_at) == 2 and len(submitted_at) == 2 and max(invalid_at) < min(submitted_at)
+    for r in (s.first[0], s.first[2]):
+        run_dir = Path(r["run_dir"])
+        assert "_w2_" in run_dir.name  # nodes x tasks per node ranks
+        for k in range(2):
+            status = json.loads((run_dir / f"round{k}" / "status.json").read_text())
+            assert status == {"status": "finished", "epochs": 3, "steps": 9}
+            assert len(_rows(run_dir / f"round{k}" / "metrics.csv")) == 3
+        job = s.first_jobs[r["run_dir"]]
+        assert job["executor"] == "submitit-local" and job["job_id"] in s.jobs_after_first
+        assert len(job["logs"]) == 2 and all(Path(p).exists() for p in job["logs"])
+        assert not (run_dir / ".lock").exists()  # released at the end
+    # one job per valid configuration, none for the invalid ("%j": submitit-local's own empty folder)
+    assert len(set(s.jobs_after_first) - {"%j"}) == 2
+    manifest = json.loads((s.runs / "sweep.json").read_text())["configurations"]
+    assert sorted(manifest) == sorted(Path(r["run_dir"]).name for r in (s.first[0], s.first[2]))
+
+
+def test_a_second_sweep_submits_nothing(cluster_sweep):
+    s = cluster_sweep
+    assert [r["outcome"] for r in s.second] == ["skipped (finished)", INVALID] * 2
+    assert s.jobs_after_second == s.jobs_after_first
+
+
+def test_a_job_killed_by_pid_is_failed_in_status_and_resumed_to_the_uninterrupted_metrics(cluster_sweep):
+    s = cluster_sweep
+    assert [r["outcome"] for r in s.third[:2]] == ["skipped (finished)", INVALID]
+    assert s.third[2]["outcome"].startswith("submitted (job ")
+    assert len(s.killed_tasks) == 2
+    # killed mid-run: no live process, the job ended, round 0 unfinished -> failed, with its log
+    st = s.killed_state
+    assert st.state == "failed" and st.detail.startswith("0/2 rounds ended")
+    assert st.log is not None and Path(st.log).exists() and st.log_tail
+    assert "round 0 epoch 2/3" in st.log_tail[-1], st  # the log's last lines: where it stopped
+    assert s.status_code == 0
+    assert "failed" in s.killed_status and "done" in s.killed_status and st.log in s.killed_status
+    # the next sweep resumes it (from round 0's epoch-1 checkpoint) to the uninterrupted result
+    assert [r["outcome"] for r in s.fourth] == ["skipped (finished)", INVALID, "finished", INVALID]
+    assert (
+        "resumed after epoch 1"
+        in Path(json.loads((s.victim / "job.json").read_text())["logs"][0]).read_text()
+    )
+    for k in range(2):
+        for name in ("metrics.csv", "buckets.csv", "layers.csv"):
+            got = _rows(s.victim / f"round{k}" / name)
+            want = _rows(s.reference / f"round{k}" / name)
+            assert _untimed(got) == _untimed(want), (k, name)
+    status = _console()
+    sweep.print_status([s.runs], status)
+    assert "2 done" in status.file.getvalue()
+
+
+def test_tensorboard_holds_each_epochs_metrics_one_run_per_round(cluster_sweep):
+    s = cluster_sweep
+    for run_dir in (Path(s.first[0]["run_dir"]), s.victim):  # the killed and resumed one too
+        assert sorted(p.name for p in (run_dir / "tensorboard").iterdir()) == ["round0", "round1"]
+        for k in range(2):
+            scalars = _scalars(run_dir / "tensorboard" / f"round{k}")
+            metrics = _rows(run_dir / f"round{k}" / "metrics.csv")
+            buckets = _rows(run_dir / f"round{k}" / "buckets.csv")
+            for tag in ("metrics/train_loss", "metrics/val_acc", "loss_rate/worker", "loss_rate/effective"):
+                assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag  # each epoch once
+            for row in metrics:
+                epoch = int(row["epoch"])
+                want = epoch_scalars(row, [b for b in buckets if int(b["epoch"]) == epoch])
+                assert "bucket_loss/worker/0" in want
+                sent, lost = float(row["worker_packets_sent"]), float(row["worker_packets_lost"])
+                assert want["loss_rate/worker"] == pytest.approx(lost / sent)
+                for tag, value in want.items():
+                    if tag.split("/")[-1] in TIMING:
+                        continue
+                    got = dict(scalars[tag])[epoch]
+                    assert got == pytest.approx(value, rel=1e-5, abs=1e-6), (tag, epoch)
+
+
+# ---------------------------------------------------------------- SLURM, without a cluster
+
+FAKE_SBATCH = """\
+#!/bin/sh
+# stand-in sbatch: keep the submission file, answer as sbatch does
+cp "$1" "$FAKE_SLURM/submission_$(ls "$FAKE_SLURM" | grep -c submission).sh"
+echo "Submitted batch job 4242"
+"""
+FAKE_SACCT = """\
+#!/bin/sh
+# stand-in sacct: the states the test wrote
+cat "$FAKE_SLURM/sacct.txt"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("sacct", FAKE_SACCT), ("srun", "#!/bin/sh\nexit 0\n")):
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    state = tmp_path / "slurm"
+    state.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(state))
+    return state
+
+
+README_GRID = ["--grid", "loss_rate=0,0.01,0.05", "fill=zero,rescale"]
+SLURM_FLAGS = [
+    "--executor",
+    "slurm",
+    "--nodes",
+    "2",
+    "--gpus_per_node",
+    "8",
+    "--partition",
+    "gpu",
+    "--time",
+    "2:00:00",
+    "--account",
+    "lab",
+    "--slurm_arg",
+    "qos=high",
+    "--slurm_arg",
+    "mem=64G",
+    "--slurm_arg",
+    "reservation=loss-study",
+]
+
+
+def test_slurm_parameters_for_a_command_line():
+    resources = ClusterResources(
+        nodes=2, gpus_per_node=8, partition="gpu", time_min=parse_slurm_time("2:00:00"), account="lab"
+    ).with_slurm_args(["qos=high", "mem=64G", "cpus_per_task=12", "reservation=loss-study"])
+    assert resources.world_size == 16 and resources.tasks_per_node == 8
+    assert resources.slurm_parameters() == {
+        "job_name": "lossy_sweep",
+        "nodes": 2,
+        "ntasks_per_node": 8,
+        "gpus_per_node": 8,
+        "partition": "gpu",
+        "time": 120,
+        "account": "lab",
+        "stderr_to_stdout": True,
+        "qos": "high",
+        "mem": "64G",
+        "cpus_per_task": 12,
+        "additional_parameters": {"reservation": "loss-study"},  # not a submitit parameter: sbatch's
+    }
+    cpu = ClusterResources(nodes=3, nproc=4, time_min=30)
+    assert cpu.slurm_parameters()["ntasks_per_node"] == 4 and "gpus_per_node" not in cpu.slurm_parameters()
+    assert [parse_slurm_time(t) for t in ("90", "45:30", "1:30:00", "2-00:00:00", "1-12")] == [
+        90,
+        46,
+        90,
+        2880,
+        2160,
+    ]
+    for bad in ("", "1h", "0", "1:2:3:4"):
+        with pytest.raises(ValueError, match="--time"):
+            parse_slurm_time(bad)
+    # submitit's checkpoint hook requeues the same run, which resumes
+    job = TrainJob(["--loss_rate", "0.1"])
+    again = job.checkpoint()
+    assert again.function.argv == ["--loss_rate", "0.1", "--resume"] and again.args == ()
+
+
+def test_slurm_sweep_submits_one_array_and_status_reads_sacct(fake_slurm, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fixed = ["--dataset", "digits", "--model", "resnet50", "--lab_round", "2", "--output_dir", str(runs)]
+    assert sweep.main([*SLURM_FLAGS, *README_GRID, "--", *fixed]) == 0
+    out = capsys.readouterr().out
+    assert "--status" in out  # returns once submitted (no --wait): how to watch
+    script = (fake_slurm / "submission_0.sh").read_text()
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=120",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --mem=64G",
+        "#SBATCH --reservation=loss-study",
+        "#SBATCH --array=0-5",
+        "#SBATCH --signal=USR2@90",
+        "submitit.core._submit",
+    ):
+        assert line in script, line
+    folders = sorted(p.parent for p in runs.glob("*/job.json"))
+    assert len(folders) == 6 and all("_w16_" in f.name for f in folders)
+    ids = sorted(json.loads((f / "job.json").read_text())["job_id"] for f in folders)
+    assert ids == [f"4242_{i}" for i in range(6)]
+    # sacct: one running, one pending, one failed (its log), the others completed without results
+    logs = json.loads((folders[2] / "job.json").read_text())["logs"]
+    Path(logs[0]).parent.mkdir(parents=True, exist_ok=True)
+    Path(logs[0]).write_text("epoch 1 done\nRuntimeError: CUDA out of memory on rank 0\n")
+    states = {f: "COMPLETED" for f in folders}
+    by_id = {json.loads((f / "job.json").read_text())["job_id"]: f for f in folders}
+    states[by_id["4242_0"]], states[by_id["4242_1"]], states[by_id["4242_2"]] = "RUNNING", "PENDING", "FAILED"
+    (fake_slurm / "sacct.txt").write_text(
+        "JobID|State|NodeList\n"
+        + "".join(
+            f"{json.loads((f / 'job.json').read_text())['job_id']}|{s}|node1\n" for f, s in states.items()
+        )
+    )
+    assert sweep.main(["--status", str(runs)]) == 0
+    status = capsys.readouterr().out
+    assert "1 running, 1 pending, 4 failed" in status
+    assert "RuntimeError: CUDA out of memory on rank 0" in status
+    # a second sweep leaves the running and pending jobs alone and resubmits the failed ones
+    assert sweep.main([*SLURM_FLAGS, *README_GRID, "--", *fixed]) == 0
+    again = capsys.readouterr().out
+    assert "skipped (running, job 4242_0)" in again and "skipped (pending, job 4242_1)" in again
+    assert (fake_slurm / "submission_1.sh").exists()
+    assert "#SBATCH --array=0-3" in (fake_slurm / "submission_1.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--executor", "slurm"], "--executor slurm needs --time"),
+        (["--executor", "slurm", "--time", "1h"], "--time must look like"),
+        (["--nodes", "2"], "--nodes apply to a submitit executor"),
+        (["--executor", "submitit-local", "--nodes", "2"], "--nodes must be 1"),
+        (["--executor", "slurm", "--time", "10", "--slurm_arg", "qos"], "--slurm_arg takes KEY=VALUE"),
+        (["--executor", "slurm", "--time", "10", "--gpus_per_node", "-1"], "--gpus_per_node must be >= 0"),
+    ],
+)
+def test_bad_cluster_flags_are_refused_before_anything_runs(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*flags, "--grid", "loss_rate=0.1", "--", "--output_dir", str(tmp_path / "runs")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_extras_name_the_extra(tmp_path, capsys):
+    """Without submitit (or tensorboard) installed, the error says which extra installs it."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["submitit"] = None  # as if not installed
+        sys.modules["tensorboard"] = None
+        from lossy_hooks import sweep
+        from lossy_hooks.study import train
+        for argv, main in (
+            (["--executor", "submitit-local", "--", "--output_dir", {str(tmp_path)!r}], sweep.main),
+            (["--tensorboard", "--output_dir", {str(tmp_path)!r}], train.main),
+        ):
+            try:
+                main(argv)
+            except SystemExit as e:
+                print("exit", e.code)
+        """
+    )
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["exit", "2", "exit", "2"], res.stderr
+    assert (
+        "needs the 'cluster' extra (submitit is not installed): pip install 'lossy_hooks[cluster]'"
+        in res.stderr
+    )
+    assert "--tensorboard: --tensorboard needs the 'tensorboard' extra" in res.stderr
+
+
+def test_status_of_a_planned_configuration_that_never_ran(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "sweep.json").write_text(
+        json.dumps({"configurations": {"cfg_a": {"settings": {"loss_rate": 0.1}}}})
+    )
+    assert sweep.main(["--status", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "not started" in out and "loss_rate=0.1" in out
+    assert sweep.main(["--status", str(tmp_path / "nowhere")]) == 2
