@@ -562,11 +562,13 @@ def main(argv: list[str] | None = None) -> int:
             Path(r["run_dir"]).name if r["run_dir"] else "-",
         )
     console.print(table)
-    failed = [r for r in records if r["outcome"].startswith(("failed", "invalid"))]
-    diverged = [r for r in records if "diverged" in r["outcome"]]
+    outcomes = [r["outcome"] for r in records]
+    failed = sum(o.startswith(("failed", "invalid")) for o in outcomes)
     console.print(
-        f"{len(records) - len(failed)} ran, were submitted or were skipped, {len(diverged)} diverged, "
-        f"{len(failed)} failed"
+        f"{sum(o in ('finished', 'diverged', 'unfinished') for o in outcomes)} ran, "
+        f"{sum(o.startswith('skipped') for o in outcomes)} skipped, "
+        f"{sum(o.startswith('submitted') for o in outcomes)} submitted, "
+        f"{sum('diverged' in o for o in outcomes)} diverged, {failed} failed"
     )
     return 1 if failed else 0
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -444,3 +445,35 @@ def test_status_of_a_planned_configuration_that_never_ran(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not started" in out and "loss_rate=0.1" in out
     assert sweep.main(["--status", str(tmp_path / "nowhere")]) == 2
+
+
+def _readme_cluster_commands() -> list[list[str]]:
+    """The README's "On a cluster" commands (continued lines joined), as argv."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("## On a cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(ln.split("#", 1)[0]) for ln in lines if ln.startswith("python -m lossy_hooks.sweep")]
+
+
+def test_readme_cluster_example_submits_its_grid_and_status_watches_it(fake_slurm, tmp_path, capsys):
+    submit, status = _readme_cluster_commands()
+    here = {"/shared/data": str(tmp_path / "data"), "runs/cluster": str(tmp_path / "runs" / "cluster")}
+    for split in ("train", "val"):  # the shared data folder: Imagenette's layout
+        (tmp_path / "data" / "imagenette2-320" / split / "n01440764").mkdir(parents=True)
+    assert sweep.main([here.get(a, a) for a in submit[3:]]) == 0
+    script = (fake_slurm / "submission_0.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=480", "--array=0-5"):
+        assert f"#SBATCH {line}" in script, line
+    for line in ("--partition=gpu", "--account=mylab", "--qos=normal", "--cpus-per-task=8"):
+        assert f"#SBATCH {line}" in script, line
+    runs = tmp_path / "runs" / "cluster"
+    planned = json.loads((runs / "sweep.json").read_text())["configurations"]
+    assert sorted((c["settings"]["loss_rate"], c["settings"]["fill"]) for c in planned.values()) == sorted(
+        (r, f) for r in (0, 0.01, 0.05) for f in ("zero", "rescale")
+    )
+    assert all("_w16_" in name for name in planned)
+    ids = [json.loads((runs / name / "job.json").read_text())["job_id"] for name in planned]
+    (fake_slurm / "sacct.txt").write_text("JobID|State|NodeList\n" + "".join(f"{i}|PENDING|\n" for i in ids))
+    capsys.readouterr()
+    assert sweep.main([here.get(a, a) for a in status[3:]]) == 0
+    assert "6 pending" in capsys.readouterr().out

@@ -106,13 +106,13 @@ def test_layout_example_numbers(tmp_path):
 def test_sweep_and_compare_commands(tmp_path):
     """README's sweep command, its grid cut to one configuration and its runs to one step,
     then compare on what it made."""
-    argv = readme_command("python -m lossy_hooks.sweep")
+    argv = readme_command("python -m lossy_hooks.sweep --nproc")
     cut = argv.index("--")
     one = ["--grid", "loss_rate=0.1", "drop_point=worker", "fill=rescale"]  # the last --grid wins
     shrink = [*SHRINK, "--workers", "0", "--output_dir", str(tmp_path / "runs")]
     res = run([sys.executable, *argv[1:cut], *one, *argv[cut:], *shrink], cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 ran or were skipped, 0 diverged, 0 failed" in res.stdout
+    assert "1 ran, 0 skipped, 0 submitted, 0 diverged, 0 failed" in res.stdout
     compare = readme_command("python -m lossy_hooks.compare")
     assert compare[:3] == ["python", "-m", "lossy_hooks.compare"]
     res = run([sys.executable, "-m", "lossy_hooks.compare", str(tmp_path / "runs")], cwd=ROOT)
