@@ -415,6 +415,9 @@ def print_status(runs_dirs: list[Path], console: Console) -> int:
     console.print(table)
     for name, state in failed:
         console.print(f"failed: {name}", markup=False)
+        if state.log is None:
+            console.print("    (no log found)", markup=False)
+            continue
         console.print("\n".join(f"    {ln}" for ln in state.log_tail), markup=False, highlight=False)
         console.print(f"    (the whole output: {state.log})", markup=False, highlight=False)
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES if counts.get(s))

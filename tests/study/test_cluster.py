@@ -133,6 +133,9 @@ def cluster_sweep(tmp_path_factory, image_folder):
     _wait_for(lambda: (victim / ".lock").exists(), "the killed job's lock")
     rank0 = json.loads((victim / ".lock").read_text())["pid"]
     _wait_for(lambda: _proc_state(rank0) == "T", "rank 0 to stop at the fault point")
+    running_state = config_state(victim)
+    during, _ = run()  # while it runs: left alone, nothing submitted
+    jobs_during = sorted(os.listdir(runs / "jobs"))
     tasks = _children(int(job["job_id"]))
     for pid in tasks:  # each task of the job, by its PID
         os.kill(pid, signal.SIGKILL)
@@ -153,6 +156,10 @@ def cluster_sweep(tmp_path_factory, image_folder):
         reference=reference,
         third=third,
         killed_tasks=tasks,
+        killed_job=job,
+        running_state=running_state,
+        during=during,
+        jobs_during=jobs_during,
         killed_state=killed_state,
         killed_status=status.file.getvalue(),
         status_code=status_code,
@@ -199,6 +206,11 @@ def test_a_job_killed_by_pid_is_failed_in_status_and_resumed_to_the_uninterrupte
     assert [r["outcome"] for r in s.third[:2]] == ["skipped (finished)", INVALID]
     assert s.third[2]["outcome"].startswith("submitted (job ")
     assert len(s.killed_tasks) == 2
+    # while it ran: "running" with its job id, and a sweep then submitted nothing for it
+    job_id = s.killed_job["job_id"]
+    assert (s.running_state.state, s.running_state.job_id) == ("running", job_id)
+    assert s.during[2]["outcome"] == f"skipped (running, job {job_id})"
+    assert sorted(set(s.jobs_during) - {"%j"}) == sorted({*s.jobs_after_first, job_id} - {"%j"})
     # killed mid-run: no live process, the job ended, round 0 unfinished -> failed, with its log
     st = s.killed_state
     assert st.state == "failed" and st.detail.startswith("0/2 rounds ended")
@@ -335,7 +347,8 @@ def test_slurm_parameters_for_a_command_line():
     assert again.function.argv == ["--loss_rate", "0.1", "--resume"] and again.args == ()
 
 
-def test_slurm_sweep_submits_one_array_and_status_reads_sacct(fake_slurm, tmp_path, capsys):
+def test_slurm_sweep_submits_one_array_and_status_reads_sacct(fake_slurm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # the status table's rows on one line each
     runs = tmp_path / "runs"
     fixed = ["--dataset", "digits", "--model", "resnet50", "--lab_round", "2", "--output_dir", str(runs)]
     assert sweep.main([*SLURM_FLAGS, *README_GRID, "--", *fixed]) == 0
@@ -374,15 +387,21 @@ def test_slurm_sweep_submits_one_array_and_status_reads_sacct(fake_slurm, tmp_pa
             f"{json.loads((f / 'job.json').read_text())['job_id']}|{s}|node1\n" for f, s in states.items()
         )
     )
+    # locks left on another node: by the running job (live), and by the failed one (stale)
+    for job_id in ("4242_0", "4242_2"):
+        lock = {"pid": 1, "host": "node-elsewhere", "job": job_id, "started": "-"}
+        (by_id[job_id] / ".lock").write_text(json.dumps(lock))
     assert sweep.main(["--status", str(runs)]) == 0
     status = capsys.readouterr().out
     assert "1 running, 1 pending, 4 failed" in status
+    assert "PID 1 on node-elsewhere" in status  # the running one, by its lock
     assert "RuntimeError: CUDA out of memory on rank 0" in status
     # a second sweep leaves the running and pending jobs alone and resubmits the failed ones
     assert sweep.main([*SLURM_FLAGS, *README_GRID, "--", *fixed]) == 0
     again = capsys.readouterr().out
     assert "skipped (running, job 4242_0)" in again and "skipped (pending, job 4242_1)" in again
     assert (fake_slurm / "submission_1.sh").exists()
+    assert not (by_id["4242_2"] / ".lock").exists() and (by_id["4242_0"] / ".lock").exists()
     assert "#SBATCH --array=0-3" in (fake_slurm / "submission_1.sh").read_text()
 
 
@@ -477,3 +496,59 @@ def test_readme_cluster_example_submits_its_grid_and_status_watches_it(fake_slur
     capsys.readouterr()
     assert sweep.main([here.get(a, a) for a in status[3:]]) == 0
     assert "6 pending" in capsys.readouterr().out
+
+
+def test_a_requeued_job_takes_over_the_lock_its_earlier_incarnation_left(tmp_path, monkeypatch):
+    from lossy_hooks.study.run_control import live_lock_owner
+
+    lock = {"pid": 1, "host": "node-elsewhere", "job": "77_3", "started": "-"}
+    (tmp_path / ".lock").write_text(json.dumps(lock))
+    for var in ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert live_lock_owner(tmp_path) is None  # this job, requeued: its earlier incarnation is gone
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    assert live_lock_owner(tmp_path) == lock  # another job on another node: cannot be checked, live
+
+
+def test_epoch_scalars_tag_every_column_once():
+    row = {
+        "epoch": 2,
+        "status": "ok",
+        "train_loss": 1.5,
+        "val_loss": None,
+        "worker_packets_sent": 200,
+        "worker_packets_lost": 50,
+        "post_packets_sent": 100,
+        "post_packets_lost": 0,
+        "gather_packets_sent": 40,
+        "gather_packets_lost": 4,
+        "effective_loss_rate": 0.1667,
+        "delivered_fraction": 0.8,
+        "fidelity_cosine": 0.9,
+        "drift_max": 1e-3,
+    }
+    buckets = [
+        {"drop_point": "worker", "bucket": 0, "loss_rate": 0.25},
+        {"drop_point": "reduce", "bucket": "0->1", "loss_rate": 0.5},
+        {"drop_point": "broadcast", "bucket": "1->2", "loss_rate": ""},
+    ]
+    assert epoch_scalars(row, buckets) == {
+        "loss_rate/worker": 0.25,
+        "loss_rate/post": 0.0,
+        "loss_rate/gather": 0.1,
+        "loss_rate/effective": 0.1667,
+        "loss_rate/delivered_fraction": 0.8,
+        "fidelity/cosine": 0.9,
+        "drift/max": 1e-3,
+        "metrics/train_loss": 1.5,
+        "metrics/worker_packets_sent": 200.0,
+        "metrics/worker_packets_lost": 50.0,
+        "metrics/post_packets_sent": 100.0,
+        "metrics/post_packets_lost": 0.0,
+        "metrics/gather_packets_sent": 40.0,
+        "metrics/gather_packets_lost": 4.0,
+        "bucket_loss/worker/0": 0.25,
+        "link_loss/reduce/0->1": 0.5,
+    }
