@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = init_from_environment(cfg["backend"])
     report = Reporter(enabled=rank == 0)
     owns_lock = False
+    aborted = False  # an exception or an exit (a requeue's SystemExit) is leaving main
     try:
         # one writer per configuration: refuse while another live process writes it
         refusal = [writer_refusal(run_dir) if rank == 0 else None]
@@ -100,14 +101,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"done: {statuses.count('finished')} finished, {statuses.count('diverged')} "
                 f"diverged; results in {run_dir}"
             )
+    except BaseException:
+        aborted = True
+        raise
     finally:
         if owns_lock:
             release_lock(run_dir)
         gc.collect()
         if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.barrier()
-            dist.destroy_process_group()
+            # a barrier only on a clean exit: leaving on an error (or a preempted job's
+            # requeue), the other ranks may sit in another collective, and a barrier would
+            # pair with it and hang until the timeout
+            if not aborted:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
+                dist.destroy_process_group()
+            else:
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
     return 0
 
 

@@ -3,7 +3,9 @@ stand-in sbatch/srun/sacct commands), ``sweep --status``, and the TensorBoard ru
 configurations write (read back with TensorBoard's own event reader).
 
 One module fixture makes every launch: a 2-configuration grid (plus two invalid ones) on 2
-ranks each, a second sweep, then one configuration killed by PID mid-run and resumed."""
+ranks each, a second sweep, then one configuration killed by PID mid-run and resumed by the
+next sweep, and the same configuration preempted (SIGUSR2) mid-run: requeued by submitit's
+checkpoint hook, it resumes within the same job."""
 
 from __future__ import annotations
 
@@ -144,6 +146,41 @@ def cluster_sweep(tmp_path_factory, image_folder):
     status = _console()
     status_code = sweep.print_status([runs], status)
     fourth, fourth_out = run()
+    names = ("metrics.csv", "buckets.csv", "layers.csv")
+    fourth_rows = {(k, n): _rows(victim / f"round{k}" / n) for k in range(2) for n in names}
+    fourth_log = Path(json.loads((victim / "job.json").read_text())["logs"][0]).read_text()
+    # preempted: SIGUSR2 (what SLURM sends before preempting, and submitit-local at the time
+    # limit) -> submitit's checkpoint hook -> the job is requeued and resumes
+    shutil.rmtree(victim)
+    os.environ[FAULT_ENV] = "stop:after_metrics:2"
+    try:
+        run(wait=False)
+    finally:
+        del os.environ[FAULT_ENV]
+    preempted_job = json.loads((victim / "job.json").read_text())
+    _wait_for(lambda: (victim / ".lock").exists(), "the preempted job's lock")
+    first_rank0 = json.loads((victim / ".lock").read_text())["pid"]
+    _wait_for(lambda: _proc_state(first_rank0) == "T", "rank 0 to stop at the fault point")
+    for pid in _children(int(preempted_job["job_id"])):
+        os.kill(pid, signal.SIGUSR2)
+    os.kill(first_rank0, signal.SIGCONT)
+
+    def requeued_rank0_stopped() -> bool:  # the fault fires again in the new incarnation
+        try:
+            pid = json.loads((victim / ".lock").read_text())["pid"]
+        except (OSError, ValueError):
+            return False
+        return pid != first_rank0 and _proc_state(pid) == "T"
+
+    _wait_for(requeued_rank0_stopped, "the requeued job's rank 0")
+
+    def ended_continuing_stops() -> bool:  # the fault stops each round at epoch 2: continue it
+        for pid in _children(int(preempted_job["job_id"])):
+            if _proc_state(pid) == "T":
+                os.kill(pid, signal.SIGCONT)
+        return _proc_state(int(preempted_job["job_id"])) in ("Z", "gone")
+
+    _wait_for(ended_continuing_stops, "the requeued job to end")
     return SimpleNamespace(
         runs=runs,
         first=first,
@@ -165,6 +202,10 @@ def cluster_sweep(tmp_path_factory, image_folder):
         status_code=status_code,
         fourth=fourth,
         fourth_out=fourth_out,
+        fourth_rows=fourth_rows,
+        fourth_log=fourth_log,
+        preempted_job=preempted_job,
+        preempted_state=config_state(victim),
     )
 
 
@@ -220,15 +261,21 @@ def test_a_job_killed_by_pid_is_failed_in_status_and_resumed_to_the_uninterrupte
     assert "failed" in s.killed_status and "done" in s.killed_status and st.log in s.killed_status
     # the next sweep resumes it (from round 0's epoch-1 checkpoint) to the uninterrupted result
     assert [r["outcome"] for r in s.fourth] == ["skipped (finished)", INVALID, "finished", INVALID]
-    assert (
-        "resumed after epoch 1"
-        in Path(json.loads((s.victim / "job.json").read_text())["logs"][0]).read_text()
-    )
+    assert "resumed after epoch 1" in s.fourth_log
+    for (k, name), got in s.fourth_rows.items():
+        assert _untimed(got) == _untimed(_rows(s.reference / f"round{k}" / name)), (k, name)
+
+
+def test_a_preempted_job_is_requeued_by_its_checkpoint_hook_and_resumes(cluster_sweep):
+    s = cluster_sweep
+    assert s.preempted_state.state == "done"
+    log = Path(s.preempted_job["logs"][0]).read_text()
+    assert f"Requeued job {s.preempted_job['job_id']}" in log  # submitit's hook, same job
+    assert "resumed after epoch 1" in log
     for k in range(2):
         for name in ("metrics.csv", "buckets.csv", "layers.csv"):
             got = _rows(s.victim / f"round{k}" / name)
-            want = _rows(s.reference / f"round{k}" / name)
-            assert _untimed(got) == _untimed(want), (k, name)
+            assert _untimed(got) == _untimed(_rows(s.reference / f"round{k}" / name)), (k, name)
     status = _console()
     sweep.print_status([s.runs], status)
     assert "2 done" in status.file.getvalue()
@@ -236,7 +283,7 @@ def test_a_job_killed_by_pid_is_failed_in_status_and_resumed_to_the_uninterrupte
 
 def test_tensorboard_holds_each_epochs_metrics_one_run_per_round(cluster_sweep):
     s = cluster_sweep
-    for run_dir in (Path(s.first[0]["run_dir"]), s.victim):  # the killed and resumed one too
+    for run_dir in (Path(s.first[0]["run_dir"]), s.victim):  # the preempted and requeued one too
         assert sorted(p.name for p in (run_dir / "tensorboard").iterdir()) == ["round0", "round1"]
         for k in range(2):
             scalars = _scalars(run_dir / "tensorboard" / f"round{k}")
