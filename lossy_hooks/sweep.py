@@ -8,7 +8,9 @@ SLURM (``--executor slurm``) or on this machine (``--executor submitit-local``).
         --time 4:00:00 --grid loss_rate=0,0.01,0.05 fill=zero,rescale -- --model resnet50 ...
     python -m lossy_hooks.sweep --status runs/
 
-A config file holds ``nproc``, ``fixed`` (flag -> value) and ``grid`` (flag -> list of values);
+A config file holds ``nproc``, ``fixed`` (flag -> value), ``grid`` (flag -> list of values) and
+optionally ``cluster`` (``executor``, ``nodes``, ``gpus_per_node``, ``partition``, ``time``,
+``account``, ``slurm_arg``: the flags of the same names, which win when given);
 command-line ``--grid`` entries and flags after ``--`` are added to it. Boolean flags take
 true/false. Every configuration is checked before anything runs: one with invalid flags is
 reported and not run; one already finished (every round ended) is skipped without a launch or
@@ -433,6 +435,11 @@ def _load_config(path: str) -> dict[str, Any]:
         return json.load(fh)
 
 
+# the cluster flags a config file's [cluster] table may hold (slurm_arg: a list of KEY=VALUE)
+CLUSTER_KEYS = ("executor", "nodes", "gpus_per_node", "partition", "time", "account", "slurm_arg")
+CLUSTER_DEFAULTS = {"executor": "local", "nodes": 1, "gpus_per_node": 0}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run a grid of train_ddp.py configurations: with torchrun here, or as submitit "
@@ -445,7 +452,11 @@ def _parser() -> argparse.ArgumentParser:
         "listed by 'python train_ddp.py --help'. A configuration whose flags train_ddp.py "
         "rejects is reported with train_ddp.py's message and not launched.",
     )
-    p.add_argument("--config", help="TOML or JSON file with nproc, fixed and grid")
+    p.add_argument(
+        "--config",
+        help="TOML or JSON file with nproc, fixed, grid and a cluster table (executor, nodes, gpus_per_node, "
+        "partition, time, account, slurm_arg); flags on the command line win",
+    )
     p.add_argument(
         "--nproc",
         type=int,
@@ -477,16 +488,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--executor",
         choices=EXECUTORS,
-        default="local",
-        help="local: torchrun here, one configuration after another; slurm: one submitit job per "
-        "configuration (one job array); submitit-local: the same jobs as processes here",
+        default=None,
+        help="local (the default): torchrun here, one configuration after another; slurm: one submitit "
+        "job per configuration (one job array); submitit-local: the same jobs as processes here",
     )
-    c.add_argument("--nodes", type=int, default=1, help="nodes per configuration's job (>= 1)")
+    c.add_argument("--nodes", type=int, default=None, help="nodes per configuration's job (>= 1; default 1)")
     c.add_argument(
         "--gpus_per_node",
         type=int,
-        default=0,
-        help="GPUs per node, one rank each (0: --nproc CPU ranks per node)",
+        default=None,
+        help="GPUs per node, one rank each (default 0: --nproc CPU ranks per node)",
     )
     c.add_argument("--partition", default=None, help="SLURM partition")
     c.add_argument(
@@ -525,16 +536,29 @@ def main(argv: list[str] | None = None) -> int:
         return print_status([Path(d) for d in args.status], console)
     spec = _load_config(args.config) if args.config else {}
     nproc = args.nproc or int(spec.get("nproc", 2))
+    # the config file's [cluster] table: a flag given on the command line wins
+    cluster = dict(spec.get("cluster", {}))
+    unknown = sorted(set(cluster) - set(CLUSTER_KEYS))
+    if unknown:
+        p.error(f"{args.config}: unknown [cluster] keys {unknown}; known: {', '.join(CLUSTER_KEYS)}")
+    for key in CLUSTER_KEYS[:-1]:
+        if getattr(args, key) is None:
+            setattr(args, key, cluster.get(key, CLUSTER_DEFAULTS.get(key)))
+    slurm_args = [*map(str, cluster.get("slurm_arg", [])), *args.slurm_arg]
+    if args.nproc is not None and args.gpus_per_node:
+        p.error("--nproc and --gpus_per_node both set the ranks per node: with GPUs it is one rank per GPU")
     try:
-        time_min = parse_slurm_time(args.time) if args.time is not None else None
+        time_min = parse_slurm_time(str(args.time)) if args.time is not None else None
         resources = ClusterResources(
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
+            nodes=int(args.nodes),
+            gpus_per_node=int(args.gpus_per_node),
             nproc=nproc,
             partition=args.partition,
             time_min=time_min,
             account=args.account,
-        ).with_slurm_args(args.slurm_arg)
+        ).with_slurm_args(slurm_args)
+        if args.executor not in EXECUTORS:
+            raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {args.executor!r}")
         resources.check(args.executor)
         if args.executor in SUBMITIT_EXECUTORS:
             require("cluster")

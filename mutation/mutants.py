@@ -57,6 +57,8 @@ PLACEMENTS_W3 = (
     "3",
 )  # the 3-rank launch: oracle, closed forms
 CLOCK = ("tests/multiprocess/test_netclock.py", "-k", "not script and not summary")  # in-process and W=3 DDP
+CLUSTER = ("tests/study/test_cluster.py",)  # the submitit-local sweeps (kill, preempt), SLURM stand-ins
+CLUSTER_UNIT = ("tests/study/test_cluster.py", "-k", "slurm or requeued or scalars")  # no launch
 
 
 def script(*names: str) -> tuple[str, ...]:
@@ -788,6 +790,63 @@ MUTANTS = [
         '"loss_rate_measured": _f(rows[-1]["effective_loss_rate"]) if rows else math.nan',
         "compare's measured loss rate is the whole round's",
         (RUN_IO,),
+    ),
+    # ---------------------------------------------------------------- sweeps as jobs, TensorBoard
+    M(
+        "M87",
+        "lossy_hooks/study/tensorboard_log.py",
+        "SummaryWriter(str(log_dir), purge_step=first_epoch)",
+        "SummaryWriter(str(log_dir), purge_step=None)",
+        "a resumed round's TensorBoard run drops what the killed process wrote from its first epoch on",
+        (CLUSTER,),
+    ),
+    M(
+        "M88",
+        "lossy_hooks/study/run_control.py",
+        'if not same_host and job is not None and owner.get("job") == job:',
+        'if not same_host and job is not None and owner.get("job") != job:',
+        "a requeued job takes over only the lock its own earlier incarnation left",
+        (CLUSTER_UNIT,),
+    ),
+    M(
+        "M89",
+        "lossy_hooks/sweep.py",
+        '_BUSY_STATES = ("running", "pending", "unknown")',
+        '_BUSY_STATES = ("pending", "unknown")',
+        "a configuration a live job writes is not submitted again",
+        (CLUSTER_UNIT,),
+    ),
+    M(
+        "M90",
+        "lossy_hooks/study/jobs.py",
+        "        return submitit.helpers.DelayedSubmission(TrainJob(self.argv))",
+        "        return None",
+        "submitit's checkpoint hook requeues the same run",
+        (CLUSTER_UNIT,),
+    ),
+    M(
+        "M91",
+        "lossy_hooks/study/jobs.py",
+        'self.argv = list(argv) if "--resume" in argv else [*argv, "--resume"]',
+        "self.argv = list(argv)",
+        "a job always runs with --resume: a resubmitted or requeued run continues",
+        (CLUSTER_UNIT,),
+    ),
+    M(
+        "M92",
+        "lossy_hooks/sweep.py",
+        "                (run_dir / LOCK_NAME).unlink(missing_ok=True)",
+        "                pass",
+        "a lock left on another node by a job the scheduler says has ended is removed before resubmitting",
+        (CLUSTER_UNIT,),
+    ),
+    M(
+        "M93",
+        "lossy_hooks/study/tensorboard_log.py",
+        'out[f"loss_rate/{point}"] = lost / sent',
+        'out[f"loss_rate/{point}"] = lost / (sent + lost)',
+        "TensorBoard's loss rate per drop point: lost over sent in the epoch",
+        (CLUSTER_UNIT,),
     ),
 ]
 

@@ -461,6 +461,7 @@ def test_slurm_sweep_submits_one_array_and_status_reads_sacct(fake_slurm, tmp_pa
         (["--executor", "submitit-local", "--nodes", "2"], "--nodes must be 1"),
         (["--executor", "slurm", "--time", "10", "--slurm_arg", "qos"], "--slurm_arg takes KEY=VALUE"),
         (["--executor", "slurm", "--time", "10", "--gpus_per_node", "-1"], "--gpus_per_node must be >= 0"),
+        (["--executor", "slurm", "--time", "10", "--gpus_per_node", "8", "--nproc", "4"], "one rank per GPU"),
     ],
 )
 def test_bad_cluster_flags_are_refused_before_anything_runs(flags, message, tmp_path, capsys):
@@ -599,3 +600,39 @@ def test_epoch_scalars_tag_every_column_once():
         "bucket_loss/worker/0": 0.25,
         "link_loss/reduce/0->1": 0.5,
     }
+
+
+def test_a_config_files_cluster_table_and_flags_that_win(fake_slurm, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            nproc = 2
+            [fixed]
+            dataset = "digits"
+            model = "resnet18"
+            output_dir = "{runs}"
+            [grid]
+            loss_rate = [0.0, 0.1]
+            [cluster]
+            executor = "slurm"
+            nodes = 2
+            gpus_per_node = 4
+            partition = "short"
+            time = "0:30:00"
+            slurm_arg = ["qos=low", "constraint=a100"]
+            """
+        )
+    )
+    assert sweep.main(["--config", str(cfg), "--partition", "long", "--slurm_arg", "qos=high"]) == 0
+    script = (fake_slurm / "submission_0.sh").read_text()
+    for line in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=30", "--array=0-1"):
+        assert f"#SBATCH {line}" in script, line
+    assert "#SBATCH --partition=long" in script and "#SBATCH --constraint=a100" in script
+    assert "#SBATCH --qos=high" in script  # the command line's --slurm_arg comes last and wins
+    assert all("_w8_" in p.parent.name for p in runs.glob("*/job.json"))
+    cfg.write_text(cfg.read_text() + "gpus = 8\n")
+    with pytest.raises(SystemExit):
+        sweep.main(["--config", str(cfg)])
+    assert "unknown [cluster] keys ['gpus']" in capsys.readouterr().err
