@@ -17,13 +17,13 @@ node, its job id the PID of the process that supervises the tasks).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lossy_hooks.study.extras import require
+from lossy_hooks.study.run_control import pid_alive
 
 __all__ = [
     "EXECUTORS",
@@ -222,7 +222,7 @@ def submitit_job_active(executor: str, job_id: str) -> tuple[bool | None, str]:
     SLURM from ``sacct`` (``None`` when sacct cannot say); for submitit-local whether the
     process supervising its tasks is alive."""
     if executor == "submitit-local":
-        alive = _supervisor_alive(int(job_id))
+        alive = pid_alive(int(job_id), (b"submitit",))  # the process supervising its tasks
         return alive, "RUNNING" if alive else "ENDED"
     submitit = require("cluster")
     try:  # forced: a fresh sacct call (the watcher's cache has no entry for a job not yet seen)
@@ -233,20 +233,6 @@ def submitit_job_active(executor: str, job_id: str) -> tuple[bool | None, str]:
     if state == "UNKNOWN":
         return None, state
     return state in ACTIVE_SLURM_STATES, state
-
-
-def _supervisor_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"submitit" in fh.read()
-    except OSError:
-        return True
 
 
 class TrainJob:

@@ -27,6 +27,7 @@ __all__ = [
     "environment_info",
     "fault_point",
     "live_lock_owner",
+    "pid_alive",
     "release_lock",
     "writer_refusal",
 ]
@@ -37,9 +38,10 @@ LOCK_NAME = ".lock"
 RUN_COMMANDS = (b"train_ddp", b"lossy_hooks.study.train", b"lossy-train", b"submitit.core._submit")
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process on this host that could be a train_ddp.py run
-    (a reused PID running something else counts as dead)."""
+def pid_alive(pid: int, commands: tuple[bytes, ...] = RUN_COMMANDS) -> bool:
+    """Whether ``pid`` is a live process on this host whose command line holds one of
+    ``commands`` (by default: a process that could write a run folder). A reused PID running
+    something else, or a zombie (its command line is empty), counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,7 +53,7 @@ def _pid_alive(pid: int) -> bool:
             cmdline = fh.read()
     except OSError:
         return True  # no /proc: trust kill(pid, 0)
-    return any(name in cmdline for name in RUN_COMMANDS)
+    return any(name in cmdline for name in commands)
 
 
 def current_job_id() -> str | None:
@@ -75,7 +77,7 @@ def live_lock_owner(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     same_host = owner.get("host") == socket.gethostname()
-    if same_host and not _pid_alive(int(owner.get("pid", -1))):
+    if same_host and not pid_alive(int(owner.get("pid", -1))):
         return None
     job = current_job_id()
     if not same_host and job is not None and owner.get("job") == job:  # this job's earlier incarnation

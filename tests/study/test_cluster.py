@@ -31,24 +31,13 @@ from lossy_hooks.study.config_state import config_state
 from lossy_hooks.study.jobs import ClusterResources, TrainJob, parse_slurm_time
 from lossy_hooks.study.run_control import FAULT_ENV
 from lossy_hooks.study.tensorboard_log import epoch_scalars
+from tests.study.test_sweep_compare import FIXED as LOCAL_SWEEP_FIXED
 
 pytest.importorskip("submitit")
 pytest.importorskip("tensorboard")
 
-# ResNet-18 on the 18-image folder: 3 epochs of 3 steps per round, two rounds
-FIXED = {
-    "dataset": "folder",
-    "model": "resnet18",
-    "num_epochs": 3,
-    "batch_size": 3,
-    "learning_rate": 0.01,
-    "accumulation_steps": 1,
-    "lab_round": 2,
-    "workers": 0,
-    "use_avg": True,
-    "worker_drop": True,
-    "tensorboard": True,
-}
+# ResNet-18 on the 18-image folder (as the local sweep's tests): 3 epochs of 3 steps per round
+FIXED = {**LOCAL_SWEEP_FIXED, "num_epochs": 3, "batch_size": 3, "tensorboard": True}
 GRID = {"loss_rate": [0.1, 0.3], "mtu": [1500, 2]}  # mtu 2 < one fp32 element: invalid
 # columns that hold wall-clock time, different between any two runs
 TIMING = {"epoch_seconds", "images_per_s"}
