@@ -63,7 +63,7 @@ def test_wheel_in_a_fresh_venv_runs_the_sweep_and_the_console_script(tmp_path):
     sweep += [*SMALL, "--num_epochs", "1", "--max_steps", "2", "--worker_drop", "--output_dir", "runs"]
     res = subprocess.run(sweep, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    (run_dir,) = (work / "runs").iterdir()
+    (run_dir,) = (p for p in (work / "runs").iterdir() if p.is_dir())  # beside it: the sweep's sweep.json
     assert json.loads((run_dir / "round0" / "status.json").read_text())["status"] == "finished"
     with open(run_dir / "round0" / "metrics.csv") as fh:
         (row,) = csv.DictReader(fh)
