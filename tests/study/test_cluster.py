@@ -4,8 +4,8 @@ configurations write (read back with TensorBoard's own event reader).
 
 One module fixture makes every launch: a 2-configuration grid (plus two invalid ones) on 2
 ranks each, a second sweep, then one configuration killed by PID mid-run and resumed by the
-next sweep, and the same configuration preempted (SIGUSR2) mid-run: requeued by submitit's
-checkpoint hook, it resumes within the same job."""
+next sweep, whose job is preempted (SIGUSR2) mid-run: requeued by submitit's checkpoint hook,
+it resumes again within the same job."""
 
 from __future__ import annotations
 
@@ -134,40 +134,39 @@ def cluster_sweep(tmp_path_factory, image_folder):
     killed_state = config_state(victim)
     status = _console()
     status_code = sweep.print_status([runs], status)
-    fourth, fourth_out = run()
-    names = ("metrics.csv", "buckets.csv", "layers.csv")
-    fourth_rows = {(k, n): _rows(victim / f"round{k}" / n) for k in range(2) for n in names}
-    fourth_log = Path(json.loads((victim / "job.json").read_text())["logs"][0]).read_text()
-    # preempted: SIGUSR2 (what SLURM sends before preempting, and submitit-local at the time
-    # limit) -> submitit's checkpoint hook -> the job is requeued and resumes
-    shutil.rmtree(victim)
-    os.environ[FAULT_ENV] = "stop:after_metrics:2"
+    # the next sweep resumes it; in that job, preempted (SIGUSR2: what SLURM sends before
+    # preempting, and submitit-local at the time limit) at round 1's epoch 2, submitit's
+    # checkpoint hook requeues it within the same job and it resumes again
+    os.environ[FAULT_ENV] = "stop:after_metrics:2"  # again: round 0 (resumed) and round 1 stop
     try:
-        run(wait=False)
+        fourth, _ = run(wait=False)
     finally:
         del os.environ[FAULT_ENV]
-    preempted_job = json.loads((victim / "job.json").read_text())
-    _wait_for(lambda: (victim / ".lock").exists(), "the preempted job's lock")
-    first_rank0 = json.loads((victim / ".lock").read_text())["pid"]
-    _wait_for(lambda: _proc_state(first_rank0) == "T", "rank 0 to stop at the fault point")
-    for pid in _children(int(preempted_job["job_id"])):
-        os.kill(pid, signal.SIGUSR2)
-    os.kill(first_rank0, signal.SIGCONT)
+    resumed_job = json.loads((victim / "job.json").read_text())
+    supervisor = int(resumed_job["job_id"])
 
-    def requeued_rank0_stopped() -> bool:  # the fault fires again in the new incarnation
+    def stopped_rank0(round_rows: int) -> int | None:  # rank 0, stopped once round 1 has this many rows
         try:
             pid = json.loads((victim / ".lock").read_text())["pid"]
         except (OSError, ValueError):
-            return False
-        return pid != first_rank0 and _proc_state(pid) == "T"
+            return None
+        metrics = victim / "round1" / "metrics.csv"
+        rows = len(_rows(metrics)) if metrics.exists() else 0
+        return pid if _proc_state(pid) == "T" and rows == round_rows else None
 
-    _wait_for(requeued_rank0_stopped, "the requeued job's rank 0")
+    _wait_for(lambda: stopped_rank0(0) is not None, "the resumed job's stop in round 0")
+    os.kill(stopped_rank0(0), signal.SIGCONT)
+    _wait_for(lambda: stopped_rank0(2) is not None, "the resumed job's stop in round 1")
+    preempted_rank0 = stopped_rank0(2)
+    for pid in _children(supervisor):
+        os.kill(pid, signal.SIGUSR2)
+    os.kill(preempted_rank0, signal.SIGCONT)
 
-    def ended_continuing_stops() -> bool:  # the fault stops each round at epoch 2: continue it
-        for pid in _children(int(preempted_job["job_id"])):
-            if _proc_state(pid) == "T":
+    def ended_continuing_stops() -> bool:  # the requeued run stops at round 1's epoch 2 again
+        for pid in _children(supervisor):
+            if _proc_state(pid) == "T" and pid != preempted_rank0:
                 os.kill(pid, signal.SIGCONT)
-        return _proc_state(int(preempted_job["job_id"])) in ("Z", "gone")
+        return _proc_state(supervisor) in ("Z", "gone")
 
     _wait_for(ended_continuing_stops, "the requeued job to end")
     return SimpleNamespace(
@@ -190,11 +189,8 @@ def cluster_sweep(tmp_path_factory, image_folder):
         killed_status=status.file.getvalue(),
         status_code=status_code,
         fourth=fourth,
-        fourth_out=fourth_out,
-        fourth_rows=fourth_rows,
-        fourth_log=fourth_log,
-        preempted_job=preempted_job,
-        preempted_state=config_state(victim),
+        resumed_job=resumed_job,
+        final_state=config_state(victim),
     )
 
 
@@ -248,19 +244,20 @@ def test_a_job_killed_by_pid_is_failed_in_status_and_resumed_to_the_uninterrupte
     assert "round 0 epoch 2/3" in st.log_tail[-1], st  # the log's last lines: where it stopped
     assert s.status_code == 0
     assert "failed" in s.killed_status and "done" in s.killed_status and st.log in s.killed_status
-    # the next sweep resumes it (from round 0's epoch-1 checkpoint) to the uninterrupted result
-    assert [r["outcome"] for r in s.fourth] == ["skipped (finished)", INVALID, "finished", INVALID]
-    assert "resumed after epoch 1" in s.fourth_log
-    for (k, name), got in s.fourth_rows.items():
-        assert _untimed(got) == _untimed(_rows(s.reference / f"round{k}" / name)), (k, name)
+    assert s.third[2]["outcome"] != s.fourth[2]["outcome"]  # the next sweep resubmitted it
+    assert s.fourth[2]["outcome"] == f"submitted (job {s.resumed_job['job_id']})"
+    log = Path(s.resumed_job["logs"][0]).read_text()
+    assert "round 0: resumed after epoch 1" in log  # from the killed run's checkpoint
 
 
 def test_a_preempted_job_is_requeued_by_its_checkpoint_hook_and_resumes(cluster_sweep):
+    """Killed, resumed by the next sweep, preempted and requeued: the rows at the end equal
+    the uninterrupted run's."""
     s = cluster_sweep
-    assert s.preempted_state.state == "done"
-    log = Path(s.preempted_job["logs"][0]).read_text()
-    assert f"Requeued job {s.preempted_job['job_id']}" in log  # submitit's hook, same job
-    assert "resumed after epoch 1" in log
+    assert s.final_state.state == "done"
+    log = Path(s.resumed_job["logs"][0]).read_text()
+    assert f"Requeued job {s.resumed_job['job_id']}" in log  # submitit's hook, the same job
+    assert log.index("Requeued job") < log.index("round 1: resumed after epoch 1")
     for k in range(2):
         for name in ("metrics.csv", "buckets.csv", "layers.csv"):
             got = _rows(s.victim / f"round{k}" / name)
@@ -272,7 +269,7 @@ def test_a_preempted_job_is_requeued_by_its_checkpoint_hook_and_resumes(cluster_
 
 def test_tensorboard_holds_each_epochs_metrics_one_run_per_round(cluster_sweep):
     s = cluster_sweep
-    for run_dir in (Path(s.first[0]["run_dir"]), s.victim):  # the preempted and requeued one too
+    for run_dir in (Path(s.first[0]["run_dir"]), s.victim):  # the killed, resumed, requeued one too
         assert sorted(p.name for p in (run_dir / "tensorboard").iterdir()) == ["round0", "round1"]
         for k in range(2):
             scalars = _scalars(run_dir / "tensorboard" / f"round{k}")
