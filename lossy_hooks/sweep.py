@@ -258,20 +258,29 @@ def _plan(
 
 
 def _report_failure(record: dict[str, Any], log: Path | None) -> list[str]:
-    """Put why a run failed into its record (``"why"``, ``"log"``) and return the log's last lines."""
+    """Put why a run failed into its record (``"why"``; ``"log"``, its path or ``None`` when
+    there is none) and return the log's last lines."""
     if log is None or not log.exists():
-        record["why"], record["log"] = "no log found", str(log)
+        record["why"], record["log"] = "no log found", None
         return []
     excerpt, record["why"] = failure_excerpt(log)
     record["log"] = str(log)
     return excerpt
 
 
+def _print_log_tail(lines: list[str] | tuple[str, ...], log: str | None, console: Console) -> None:
+    """A failed run's log: its last ``lines``, indented, then its path."""
+    if log is None:
+        console.print("    (no log found)", markup=False)
+        return
+    console.print("\n".join(f"    {ln}" for ln in lines), markup=False, highlight=False)
+    console.print(f"    (the whole output: {log})", markup=False, highlight=False)
+
+
 def _print_outcome(record: dict[str, Any], total: int, excerpt: list[str], console: Console) -> None:
     console.print(f"[{record['index'] + 1}/{total}] {record['label']}: {record['outcome']}", markup=False)
-    if "log" in record:
-        console.print("\n".join(f"    {ln}" for ln in excerpt), markup=False, highlight=False)
-        console.print(f"    (the whole output: {record['log']})", markup=False, highlight=False)
+    if "why" in record:
+        _print_log_tail(excerpt, record["log"], console)
 
 
 def _run_here(records: list[dict[str, Any]], nproc: int, log_dir: Path | None, console: Console) -> None:
@@ -417,11 +426,7 @@ def print_status(runs_dirs: list[Path], console: Console) -> int:
     console.print(table)
     for name, state in failed:
         console.print(f"failed: {name}", markup=False)
-        if state.log is None:
-            console.print("    (no log found)", markup=False)
-            continue
-        console.print("\n".join(f"    {ln}" for ln in state.log_tail), markup=False, highlight=False)
-        console.print(f"    (the whole output: {state.log})", markup=False, highlight=False)
+        _print_log_tail(state.log_tail, state.log, console)
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES if counts.get(s))
     console.print(summary or "no configurations", markup=False)
     return 0
@@ -581,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col)
     for r in records:
         outcome = r["outcome"]
-        if "log" in r:  # the line that says why, and where the rest is
-            outcome += f": {r['why']}\nlog: {r['log']}"
+        if "why" in r:  # the line that says why, and where the rest is
+            outcome += f": {r['why']}" + (f"\nlog: {r['log']}" if r["log"] else "")
         table.add_row(
             escape(" ".join(f"{k}={v}" for k, v in r["settings"].items())),
             escape(outcome),  # log text is not markup: "[rank0]:" stays, "[/x]" cannot break the table
