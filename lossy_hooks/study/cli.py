@@ -27,7 +27,7 @@ from lossy_hooks.loss_models import Bernoulli, parse_loss_model, rate_or_none
 from lossy_hooks.study.extras import MissingExtraError
 from lossy_hooks.study.parallel import fsdp_api
 from lossy_hooks.study.run_io import read_json, round_status
-from lossy_hooks.study.run_names import NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
+from lossy_hooks.study.run_names import CONTROL_FLAGS, NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
 from lossy_hooks.study.tensorboard_log import check_available
 from lossy_hooks.study.workloads.data import check_data_args, resolve_dataset
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
@@ -44,20 +44,6 @@ __all__ = [
 ]
 
 GATHER_SEED_STREAM = 77  # the all-gather state's seed: derive_seed(round seed, 77)
-
-# Flags that steer a run but do not change what it computes: a resume may change them.
-CONTROL_FLAGS = {
-    "resume",
-    "overwrite",
-    "workers",
-    "output_dir",
-    "download",
-    "data_path",
-    "backend",
-    "device",
-    "target_acc",
-    "tensorboard",
-}
 
 
 NETWORK_FLAGS = tuple(f for f in NETWORK_FIELD_OF_FLAG if f != "bandwidth_gbps")  # need --bandwidth_gbps

@@ -68,7 +68,9 @@ def test_smoke_command_runs(tmp_path):
     res = run([*script_argv(argv), "--max_steps", "3", "--output_dir", str(tmp_path)], cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     (run_dir,) = tmp_path.iterdir()
-    assert run_dir.name == "digits_resnet18_w1_worker_rescale_mean_mtu300_acc1_random-10pct_bucket25mb"
+    assert run_dir.name == (
+        "digits_resnet18_w1_worker_rescale_mean_mtu300_acc1_random-10pct_bucket25mb_ep1_bs32_r1_steps3"
+    )
 
 
 def test_tail_drop_example_lands_where_the_readme_says(tmp_path):
