@@ -57,14 +57,13 @@ import torch
 
 from lossy_hooks.core.placement import HopPlacement, ParameterServer, Phase, Placement
 from lossy_hooks.core.placement.timing import PhaseTiming
-from lossy_hooks.core.streams import derive_seed
+from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.loss_models.deadline import AdaptiveDeadline, Deadline
 
 __all__ = [
     "CLOCK_FIELDS",
     "JITTERS",
     "PHASE_CLOCK_FIELDS",
-    "STREAM_CLOCK",
     "AdaptiveDeadline",
     "Deadline",
     "NetworkModel",
@@ -74,7 +73,6 @@ __all__ = [
 ]
 
 JITTERS = ("none", "lognormal", "pareto")
-STREAM_CLOCK = 5  # the clock's random stream: derive_seed(seed, 5), the same on every rank
 
 
 def parse_jitter(text: str) -> tuple[str, tuple[float, ...]]:
@@ -275,6 +273,7 @@ class SimClock:
         self.lost: torch.Tensor | None = None  # ps: (W, n) packets the deadline transport lost, last call
         self.hop_lost: dict[Phase, torch.Tensor] = {}  # per hop: (R, K) late or dropped, last call
         self.last_steps: dict[Phase, torch.Tensor] = {}  # per hop: (T,) step times, nothing cut
+        self.last_hop_delays: dict[Phase, torch.Tensor] = {}  # per hop: (R, K) arrival times a, last call
         self.history: torch.Tensor | None = None  # (K, W + 1) completion ratios (AdaptiveDeadline)
         self.history_len = 0
         self.last_multiple: torch.Tensor | float | None = None  # x of the last call
@@ -301,7 +300,7 @@ class SimClock:
         self.world = world
         self._timings = {}
         gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(seed, STREAM_CLOCK))
+        gen.manual_seed(derive_seed(seed, Stream.CLOCK))
         totals = torch.zeros(len(_ALL_FIELDS), dtype=torch.float64, device=device)
         width = self.deadline.last if isinstance(self.deadline, AdaptiveDeadline) else 0
         history = torch.zeros((width, world + 1), dtype=torch.float64, device=device)
@@ -440,6 +439,7 @@ class SimClock:
         own = torch.zeros(w, dtype=torch.float64, device=dev)  # the loss-free time of those steps
         whole = torch.zeros((), dtype=torch.float64, device=dev)  # the collective, nothing cut
         self.hop_lost, self.last_steps, self.last_multiple = {}, {}, x
+        self.last_hop_delays = {}
         for phase, tm in timings.items():  # two phases
             rows, slots = tm.valid.shape
             base = tm.duration if sigma is None else sigma[tm.src] * tm.duration
@@ -450,6 +450,7 @@ class SimClock:
             steps = torch.zeros(tm.levels, dtype=torch.float64, device=dev)
             steps.scatter_reduce_(0, tm.level, arrived.amax(1), "amax")
             self.last_steps[phase] = steps
+            self.last_hop_delays[phase] = a
             whole += steps.sum()
             if tries is None:
                 reliable = steps.sum()
@@ -563,7 +564,7 @@ class SimClock:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.generator, self.totals, self.lost, self.history = None, None, None, None
-        self.hop_lost, self.last_steps = {}, {}
+        self.hop_lost, self.last_steps, self.last_hop_delays = {}, {}, {}
         self.calls = int(sd["calls"])
         self.mark = [float(x) for x in sd["mark"]]
         self.mark += [0.0] * (len(_ALL_FIELDS) - len(self.mark))

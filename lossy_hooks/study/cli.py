@@ -22,7 +22,7 @@ import torch
 from lossy_hooks.core.netclock import NetworkModel
 from lossy_hooks.core.options import OPTION_DEFAULTS, LossConfig, unused_settings
 from lossy_hooks.core.state import LossyState
-from lossy_hooks.core.streams import derive_seed
+from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.loss_models import Bernoulli, parse_loss_model, rate_or_none
 from lossy_hooks.study.extras import MissingExtraError
 from lossy_hooks.study.parallel import fsdp_api
@@ -42,8 +42,6 @@ __all__ = [
     "resolve",
     "study_settings",
 ]
-
-GATHER_SEED_STREAM = 77  # the all-gather state's seed: derive_seed(round seed, 77)
 
 
 NETWORK_FLAGS = tuple(f for f in NETWORK_FIELD_OF_FLAG if f != "bandwidth_gbps")  # need --bandwidth_gbps
@@ -231,7 +229,7 @@ def gather_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
         loss_rate=cfg.get("all_gather_loss_rate", 0.0),
         fill=cfg.get("all_gather_fill", "stale"),
         mtu=cfg["mtu"],
-        seed=derive_seed(seed, GATHER_SEED_STREAM),
+        seed=derive_seed(seed, Stream.ALL_GATHER),
         **placement,
     )
 
