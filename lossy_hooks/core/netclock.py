@@ -510,7 +510,20 @@ class SimClock:
     def hop_keep_probability(self, phase: Phase, num_packets: int, nbytes: float) -> np.ndarray:
         """A fixed deadline on a per-hop placement: per hop of ``phase`` the closed-form
         probability that a packet is on time and not dropped,
-        ``(1 - p_0) [(1 - q) F(d_t - D_h) + q F(d_t - f D_h)]``, ``d_t = x tau0_t``."""
+        ``(1 - p_0) [(1 - q) F(d_t - D_h) + q F(d_t - f D_h)]``, ``d_t = x tau0_t``.
+
+        One value per row of the keep table but the roots' (``L S`` rows, the layout of
+        :class:`~lossy_hooks.core.placement.timing.PhaseTiming`), including rows that carry
+        nothing: a row no ``(chunk, rank)`` sends on (a link that carries fewer chunks than
+        the phase's ``S``, e.g. 4 of the 12 rows of each phase of ``dbtree`` at ``W = 5``), and,
+        when the bucket has fewer packets than chunks, the hops of an empty chunk. Such a row
+        has ``D_h = 0`` and step 0's deadline ``d_0``, so its value is ``(1 - p_0) F(d_0)``,
+        which describes no packet. It is never used: the library's one caller,
+        ``HopLoss.path_keep``, multiplies the values along each ``(chunk, rank)``'s path
+        (``PhaseShape.hop``), which never passes through a row of the first kind, and the
+        broadcast rescale reads ``q[c, r]`` only for chunks that hold a packet, so never for a
+        path through a row of the second kind (tests/unit/test_hop_clock.py compares only
+        rows with ``carried > 0`` with the measured losses)."""
         if not isinstance(self.deadline, Deadline):
             raise ValueError("only a fixed deadline has a closed-form keep probability per hop")
         timings = self.timing(num_packets, nbytes)
