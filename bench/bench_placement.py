@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lossy_hooks.core.netclock import NetworkModel, SimClock
+from lossy_hooks.core.netclock import SimClock
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.placement import HopLoss, LinkRules, placement_of
 from lossy_hooks.loss_models import Bernoulli
 from lossy_hooks.loss_models.deadline import Deadline

@@ -600,7 +600,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- simulated time
     M(
         "M65",
-        "lossy_hooks/core/netclock.py",
+        "lossy_hooks/core/network.py",
         "        return 2 * (world - 1) * (self.alpha + nbytes / (world * self.beta))",
         "        return 2 * world * (self.alpha + nbytes / (world * self.beta))",
         "the loss-free ring takes 2(W-1) steps of B/W bytes",
@@ -608,7 +608,7 @@ MUTANTS = [
     ),
     M(
         "M66",
-        "lossy_hooks/core/netclock.py",
+        "lossy_hooks/core/network.py",
         "    return torch.where(hold, d.reshape(-1) if d.dim() else d, close)",
         "    return close",
         "the deadline transport stops at the deadline when a delivered packet is late",
@@ -769,7 +769,7 @@ MUTANTS = [
     ),
     M(
         "M86",
-        "lossy_hooks/core/netclock.py",
+        "lossy_hooks/core/network.py",
         "        hold |= dropped.gather(1, last)[:, 0] & valid.any(1)",
         "        hold |= dropped.any(1) & valid.any(1)",
         "early close: only a dropped last (flagged) packet holds the step to its deadline",
@@ -785,7 +785,7 @@ MUTANTS = [
     ),
     M(
         "M46",
-        "lossy_hooks/compare.py",
+        "lossy_hooks/tools/compare.py",
         '"loss_rate_measured": run_loss_rate(rows)',
         '"loss_rate_measured": _f(rows[-1]["effective_loss_rate"]) if rows else math.nan',
         "compare's measured loss rate is the whole round's",
@@ -810,7 +810,7 @@ MUTANTS = [
     ),
     M(
         "M89",
-        "lossy_hooks/sweep.py",
+        "lossy_hooks/study/sweeping/planning.py",
         '_BUSY_STATES = ("running", "pending", "unknown")',
         '_BUSY_STATES = ("pending", "unknown")',
         "a configuration a live job writes is not submitted again",
@@ -818,7 +818,7 @@ MUTANTS = [
     ),
     M(
         "M90",
-        "lossy_hooks/study/jobs.py",
+        "lossy_hooks/study/sweeping/jobs.py",
         "        return submitit.helpers.DelayedSubmission(TrainJob(self.argv))",
         "        return None",
         "submitit's checkpoint hook requeues the same run",
@@ -826,7 +826,7 @@ MUTANTS = [
     ),
     M(
         "M91",
-        "lossy_hooks/study/jobs.py",
+        "lossy_hooks/study/sweeping/jobs.py",
         'self.argv = list(argv) if "--resume" in argv else [*argv, "--resume"]',
         "self.argv = list(argv)",
         "a job always runs with --resume: a resubmitted or requeued run continues",
@@ -834,7 +834,7 @@ MUTANTS = [
     ),
     M(
         "M92",
-        "lossy_hooks/sweep.py",
+        "lossy_hooks/study/sweeping/planning.py",
         "                (run_dir / LOCK_NAME).unlink(missing_ok=True)",
         "                pass",
         "a lock left on another node by a job the scheduler says has ended is removed before resubmitting",

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lossy_hooks.core.netclock import NetworkModel
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.placement import ALGORITHMS, LinkRules, Placement, parse_link_loss, placement_of
 from lossy_hooks.core.techniques import FILLS as FILL_TECHNIQUES
 from lossy_hooks.core.techniques import Fill, Protection, fill_of, refusals

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from lossy_hooks.core.buckets import BucketRecord, BucketRecords
 from lossy_hooks.core.counters import BucketKey
 from lossy_hooks.core.ledger import PacketLedger
-from lossy_hooks.core.netclock import NetworkModel, SimClock
+from lossy_hooks.core.netclock import SimClock
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.options import (
     NOT_REACHED,
     LossConfig,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lossy_hooks.core.netclock import NetworkModel
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.options import OPTION_DEFAULTS, LossConfig, unused_settings
 from lossy_hooks.core.state import LossyState
 from lossy_hooks.core.streams import Stream, derive_seed

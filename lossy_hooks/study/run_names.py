@@ -24,7 +24,7 @@ import json
 import re
 from typing import Any
 
-from lossy_hooks.core.netclock import NetworkModel
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.options import OPTION_DEFAULTS, unused_settings
 
 __all__ = [

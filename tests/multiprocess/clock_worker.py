@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lossy_hooks import LossyState, lossy_allreduce_hook
-from lossy_hooks.core.netclock import NetworkModel
+from lossy_hooks.core.network import NetworkModel
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from hook_worker import Probe, probe_step

@@ -299,9 +299,9 @@ def layout() -> dict[str, Any]:
     (FSDP's padding rule, no process group) and those the real reduce-scatter counted."""
     import copy
 
-    from lossy_hooks.bucket_layout import fsdp_layout
     from lossy_hooks.study.parallel import parallelize
     from lossy_hooks.study.workloads.gpt import build_gpt
+    from lossy_hooks.tools.bucket_layout import fsdp_layout
 
     torch.manual_seed(0)
     model = build_gpt("gpt-tiny")

@@ -613,7 +613,7 @@ def no_host_sync() -> dict:
     """Every configuration path of the hook, two steps each under forbid_host_sync (after DDP's
     first iteration and rebuild): the calls that would wait for a GPU that were attempted."""
     from lossy_hooks import MarkovFourState
-    from lossy_hooks.core.netclock import NetworkModel
+    from lossy_hooks.core.network import NetworkModel
 
     jittery = NetworkModel(jitter="lognormal 1 1", straggler_prob=0.2, straggler_factor=2, drop_rate=0.05)
 

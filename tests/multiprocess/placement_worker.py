@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lossy_hooks import LossyState, lossy_allreduce_hook
-from lossy_hooks.core.netclock import NetworkModel
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.placement import binary_tree_parents
 from lossy_hooks.core.placement.tree import complementary_tree_parents
 

@@ -1,5 +1,5 @@
 """The simulated network clock and the deadline loss model against their closed forms
-(lossy_hooks/core/netclock.py's docs): the alpha-beta ring time exactly, loss rates from the
+(lossy_hooks/core/network.py's docs): the alpha-beta ring time exactly, loss rates from the
 delay CDFs, the reliable transport's tail from the geometric resends, one clock on every
 rank, and exact resumption."""
 
@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from lossy_hooks import LossyState
-from lossy_hooks.core.netclock import Deadline, NetworkModel, SimClock
+from lossy_hooks.core.netclock import SimClock
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.statistics import binomial_interval
 from lossy_hooks.loss_models import DeadlineLoss, parse_loss_model
+from lossy_hooks.loss_models.deadline import Deadline
 
 W, N, PACKET = 4, 500, 1500  # ranks, packets per collective, bytes per packet
 NBYTES = N * PACKET
@@ -356,7 +358,7 @@ def test_simulated_time_columns_summary_and_exact_resume(tmp_path):
     total = sum(float(r["epoch_seconds"]) + float(r["sim_comm_s"]) for r in reference)
     assert float(summary["sim_time_s"]) == pytest.approx(total, rel=1e-5)
     # compare: the same time to target, and the accuracy-against-simulated-time figure
-    from lossy_hooks.compare import main as compare_main
+    from lossy_hooks.tools.compare import main as compare_main
 
     assert compare_main([str(ref), "--out", str(tmp_path / "cmp"), "--target_acc", "0.05"]) == 0
     (row,) = rows(tmp_path / "cmp" / "compare.csv")

@@ -26,11 +26,12 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from lossy_hooks import sweep
-from lossy_hooks.study.config_state import config_state
-from lossy_hooks.study.jobs import ClusterResources, TrainJob, parse_slurm_time
 from lossy_hooks.study.run_control import FAULT_ENV
+from lossy_hooks.study.sweeping.config_state import config_state
+from lossy_hooks.study.sweeping.jobs import ClusterResources, TrainJob, parse_slurm_time
+from lossy_hooks.study.sweeping.runner import run_sweep
 from lossy_hooks.study.tensorboard_log import epoch_scalars
+from lossy_hooks.tools import sweep
 from tests.study.test_sweep_compare import FIXED as LOCAL_SWEEP_FIXED
 
 pytest.importorskip("submitit")
@@ -102,7 +103,7 @@ def cluster_sweep(tmp_path_factory, image_folder):
 
     def run(**kw):
         console = _console()
-        records = sweep.run_sweep(2, fixed, GRID, None, console, "submitit-local", resources, **kw)
+        records = run_sweep(2, fixed, GRID, None, console, "submitit-local", resources, **kw)
         return records, console.file.getvalue()
 
     first, first_out = run()
@@ -465,7 +466,7 @@ def test_missing_extras_name_the_extra(tmp_path, capsys):
         import sys
         sys.modules["submitit"] = None  # as if not installed
         sys.modules["tensorboard"] = None
-        from lossy_hooks import sweep
+        from lossy_hooks.tools import sweep
         from lossy_hooks.study import train
         for argv, main in (
             (["--executor", "submitit-local", "--", "--output_dir", {str(tmp_path)!r}], sweep.main),
@@ -505,7 +506,8 @@ def _readme_cluster_commands() -> list[list[str]]:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = readme.split("## On a cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = block.replace("\\\n", " ").splitlines()
-    return [shlex.split(ln.split("#", 1)[0]) for ln in lines if ln.startswith("python -m lossy_hooks.sweep")]
+    sweep_lines = [ln for ln in lines if ln.startswith("python -m lossy_hooks.tools.sweep")]
+    return [shlex.split(ln.split("#", 1)[0]) for ln in sweep_lines]
 
 
 def test_readme_cluster_example_submits_its_grid_and_status_watches_it(fake_slurm, tmp_path, capsys):

@@ -61,7 +61,7 @@ def test_wheel_in_a_fresh_venv_runs_the_sweep_and_the_console_script(tmp_path):
     ).stdout.strip()
     assert Path(where).is_relative_to(env_dir), f"the venv imported the package from {where}"
 
-    sweep = [str(python), "-m", "lossy_hooks.sweep", "--nproc", "1", "--grid", "loss_rate=0.2", "--"]
+    sweep = [str(python), "-m", "lossy_hooks.tools.sweep", "--nproc", "1", "--grid", "loss_rate=0.2", "--"]
     sweep += [*SMALL, "--num_epochs", "1", "--max_steps", "2", "--worker_drop", "--output_dir", "runs"]
     res = subprocess.run(sweep, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

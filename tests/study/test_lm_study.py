@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from lossy_hooks.lm_study import MODES, configurations, main, summarize
+from lossy_hooks.experiments.lm_study import MODES, configurations, main, summarize
 
 
 def test_grid_has_every_mode_at_every_rate_and_lossless_per_strategy():

@@ -92,7 +92,7 @@ def test_tail_drop_example_lands_where_the_readme_says(tmp_path):
 
 
 def test_layout_example_numbers(tmp_path):
-    line = readme_command("python -m lossy_hooks.bucket_layout")
+    line = readme_command("python -m lossy_hooks.tools.bucket_layout")
     argv = [a for a in line if not a.startswith("[")]
     argv = argv[: argv.index("--mtu") + 2]
     out = tmp_path / "l.json"
@@ -108,16 +108,16 @@ def test_layout_example_numbers(tmp_path):
 def test_sweep_and_compare_commands(tmp_path):
     """README's sweep command, its grid cut to one configuration and its runs to one step,
     then compare on what it made."""
-    argv = readme_command("python -m lossy_hooks.sweep --nproc")
+    argv = readme_command("python -m lossy_hooks.tools.sweep --nproc")
     cut = argv.index("--")
     one = ["--grid", "loss_rate=0.1", "drop_point=worker", "fill=rescale"]  # the last --grid wins
     shrink = [*SHRINK, "--workers", "0", "--output_dir", str(tmp_path / "runs")]
     res = run([sys.executable, *argv[1:cut], *one, *argv[cut:], *shrink], cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 ran, 0 skipped, 0 submitted, 0 diverged, 0 failed" in res.stdout
-    compare = readme_command("python -m lossy_hooks.compare")
-    assert compare[:3] == ["python", "-m", "lossy_hooks.compare"]
-    res = run([sys.executable, "-m", "lossy_hooks.compare", str(tmp_path / "runs")], cwd=ROOT)
+    compare = readme_command("python -m lossy_hooks.tools.compare")
+    assert compare[:3] == ["python", "-m", "lossy_hooks.tools.compare"]
+    res = run([sys.executable, "-m", "lossy_hooks.tools.compare", str(tmp_path / "runs")], cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "runs" / "compare" / "compare.csv").exists()
 
@@ -307,3 +307,51 @@ def test_the_layout_block_names_every_module_and_document_and_nothing_else():
     covered = named | {f + "__init__.py" for f in folders}
     missing = sorted(r for r in required if r not in covered)
     assert not missing, f"docs/architecture.md's layout does not name {missing}"
+
+
+def _module_commands() -> dict[str, set[str]]:
+    """Every ``-m lossy_hooks...`` module written in README.md, docs/*.md and the package's
+    own docstrings and messages (``python -m``, ``torchrun ... -m``), with the files that
+    name it; a placeholder such as ``lossy_hooks.tools.<tool>`` is a pattern, not a command."""
+    texts = [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "lossy_hooks").rglob("*.py")),
+    ]
+    found: dict[str, set[str]] = {}
+    for path in texts:
+        for name, placeholder in re.findall(r"-m (lossy_hooks(?:\.\w+)*)(\.<)?", path.read_text()):
+            if not placeholder:
+                found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_module_command_in_the_docs_names_a_module_that_runs():
+    """``python -m lossy_hooks.<module>`` in the docs names a module of this checkout (a
+    package would need a ``__main__``), found with importlib.util.find_spec, not run."""
+    import importlib.machinery
+    import importlib.util
+
+    origin = importlib.util.find_spec("lossy_hooks").origin
+    assert Path(origin).is_relative_to(ROOT), f"lossy_hooks comes from {origin}, not this checkout"
+    found = _module_commands()
+    assert {
+        "lossy_hooks.tools.sweep",
+        "lossy_hooks.experiments.time_study",
+        "lossy_hooks.study.train",
+    } <= set(found)
+
+    def spec_of(name: str) -> importlib.machinery.ModuleSpec | None:
+        try:
+            return importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # a parent package is missing
+            return None
+
+    missing = []
+    for name, where in sorted(found.items()):
+        spec = spec_of(name)
+        if spec is not None and spec.submodule_search_locations is not None:
+            spec = spec_of(name + ".__main__")
+        if spec is None:
+            missing.append(f"{name} (in {', '.join(sorted(where))})")
+    assert not missing, "no such module: " + "; ".join(missing)

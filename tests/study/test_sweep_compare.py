@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from lossy_hooks import compare, sweep
-from lossy_hooks.sweep import expand_grid, flags_for
+from lossy_hooks.study.sweeping import runner
+from lossy_hooks.study.sweeping.grid import expand_grid, flags_for, parse_fixed
+from lossy_hooks.study.sweeping.launch import run_dir_for
+from lossy_hooks.study.sweeping.planning import plan
+from lossy_hooks.study.sweeping.runner import run_sweep
+from lossy_hooks.tools import compare, sweep
 
 # The 18-image colour folder: ResNet-18 learns it above chance in 4 epochs of 3 steps, and
 # the two rounds (seeds 0, 1) end at different accuracies, so mean and std are checked on
@@ -54,7 +58,7 @@ def swept(tmp_path_factory, image_folder):
     out = tmp_path_factory.mktemp("sweep")
     fixed = {**FIXED, "data_path": str(image_folder), "output_dir": str(out / "runs")}
     grid = {"loss_rate": [0.0, 0.3], "mtu": [1500, 2]}  # mtu 2 < one fp32 element: invalid
-    first = sweep.run_sweep(1, fixed, grid, out / "logs")
+    first = run_sweep(1, fixed, grid, out / "logs")
     return out, fixed, grid, first
 
 
@@ -66,16 +70,16 @@ def test_sweep_runs_skips_resumes_and_reports_failures(swept):
     )
     assert outcomes == ["finished", invalid, "finished", invalid]
     # a second sweep launches nothing for finished configurations
-    again = sweep.run_sweep(1, fixed, grid)
+    again = run_sweep(1, fixed, grid)
     assert [r["outcome"] for r in again] == ["skipped (finished)", invalid] * 2
     # an interrupted configuration (round 1 not ended) is resumed, not redone
     run_dir = Path(first[2]["run_dir"])
     (run_dir / "round1" / "status.json").unlink()
     rows_before = (run_dir / "round1" / "metrics.csv").read_text()
-    resumed = sweep.run_sweep(1, fixed, {"loss_rate": [0.3], "mtu": [1500]})
+    resumed = run_sweep(1, fixed, {"loss_rate": [0.3], "mtu": [1500]})
     assert resumed[0]["outcome"] == "finished"
     assert (run_dir / "round1" / "metrics.csv").read_text() == rows_before  # no row lost or repeated
-    assert sweep.main(["--nproc", "1", "--grid", "mtu=2", "--", *sweep.flags_for(fixed)]) == 1
+    assert sweep.main(["--nproc", "1", "--grid", "mtu=2", "--", *flags_for(fixed)]) == 1
 
 
 def test_compare_on_swept_runs(swept, capsys):
@@ -134,7 +138,7 @@ def test_flags_with_several_values_and_switches_match_train_ddp_parser():
     import argparse
 
     from lossy_hooks.study.flags import build_parser
-    from lossy_hooks.sweep import BOOLEAN_FLAGS, MULTI_VALUE_FLAGS, flags_for, parse_fixed
+    from lossy_hooks.study.sweeping.grid import BOOLEAN_FLAGS, MULTI_VALUE_FLAGS
 
     fixed = parse_fixed(["--fec", "8", "1", "--use_avg", "--loss_model", "random 10%", "--lr_x", "-1"])
     assert fixed == {"fec": [8, 1], "use_avg": True, "loss_model": "random 10%", "lr_x": -1}
@@ -181,7 +185,7 @@ def test_a_failed_launch_shows_why_and_where_its_log_is(tmp_path, monkeypatch, c
         log.write("[rank1]: RuntimeError: out of memory [/x]\n" + TORCHRUN_REPORT)
         return subprocess.CompletedProcess(argv, 1)
 
-    monkeypatch.setattr(sweep, "launch_train", failing_launch)
+    monkeypatch.setattr(runner, "launch_train", failing_launch)
     monkeypatch.setenv("COLUMNS", "300")  # the end table on one line per row
     fixed = ["--dataset", "digits", "--model", "squeezenet1_1", "--output_dir", str(tmp_path / "runs")]
     assert sweep.main(["--nproc", "1", "--", *fixed]) == 1
@@ -194,7 +198,7 @@ def test_a_failed_launch_shows_why_and_where_its_log_is(tmp_path, monkeypatch, c
     assert "[rank1]: step 10" not in shown and "Root Cause" not in shown  # the rank's last lines
     table = out[out.index("sweep: 1 configurations") :]
     assert "failed (exit 1): [rank1]: RuntimeError: out of memory [/x]" in table and "log:" in table
-    records = sweep.run_sweep(1, sweep.parse_fixed(fixed), {}, tmp_path / "logs")
+    records = run_sweep(1, parse_fixed(fixed), {}, tmp_path / "logs")
     assert records[0]["outcome"] == "failed (exit 1)"
     assert Path(records[0]["log"]) == tmp_path / "logs" / "config000.log"
 
@@ -205,9 +209,9 @@ def test_sweep_reads_toml_with_tomli_on_python_3_10(tmp_path):
     cfg = tmp_path / "sweep.toml"
     cfg.write_text('nproc = 3\n[fixed]\ndataset = "digits"\n[grid]\nmtu = [1500, 9000]\n')
     code = (  # the sweep's own imports first (torch checks the version too), then the sweep
-        "import sys, rich.console, rich.progress, rich.table, lossy_hooks.study.cli\n"
+        "import sys, rich.console, rich.progress, rich.table, lossy_hooks.study.sweeping.runner\n"
         "sys.modules['tomllib'] = None; real = sys.version_info; sys.version_info = (3, 10, 14)\n"
-        "from lossy_hooks import sweep\n"
+        "from lossy_hooks.tools import sweep\n"
         "sys.version_info = real\n"
         f"print(sweep.tomllib.__name__, sweep._load_config({str(cfg)!r}))\n"
     )
@@ -281,7 +285,7 @@ SETTING_CHANGES: dict[str, tuple[list[str], list[str]]] = {
 
 
 def _folder(argv: list[str], world: int = 4) -> Path:
-    run_dir, error = sweep.run_dir_for(argv, world)
+    run_dir, error = run_dir_for(argv, world)
     assert run_dir is not None, f"{argv}: {error}"
     return run_dir
 
@@ -337,13 +341,13 @@ def test_a_long_name_ends_in_the_configuration_hash():
 
 @pytest.mark.parametrize("setting", ["learning_rate", "batch_size", "seed", "num_epochs"])
 def test_a_grid_over_a_setting_once_missing_from_the_name_plans_one_folder_each(tmp_path, setting):
-    """sweep.plan (what every sweep does before it launches) over each setting that was
+    """plan (what every sweep does before it launches) over each setting that was
     missing from the folder name: one folder per configuration, and sweep.json lists both."""
     from rich.console import Console
 
     values = {"learning_rate": [0.01, 0.1], "batch_size": [16, 32], "seed": [0, 1], "num_epochs": [1, 2]}
     fixed = {"dataset": "digits", "model": "squeezenet1_1", "output_dir": str(tmp_path / "runs")}
-    records = sweep.plan(fixed, {setting: values[setting]}, 2, Console(quiet=True))
+    records = plan(fixed, {setting: values[setting]}, 2, Console(quiet=True))
     folders = {r["run_dir"] for r in records}
     assert len(folders) == 2 and all("outcome" not in r for r in records)  # both to run
     planned = json.loads((tmp_path / "runs" / "sweep.json").read_text())["configurations"]

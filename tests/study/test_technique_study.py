@@ -7,8 +7,8 @@ from __future__ import annotations
 import csv
 import math
 
+from lossy_hooks.experiments.technique_study import TECHNIQUES, loss_spec, main
 from lossy_hooks.loss_models import parse_loss_model
-from lossy_hooks.technique_study import TECHNIQUES, loss_spec, main
 
 
 def test_gemodel_spec_has_the_requested_rate_and_burst():

@@ -8,16 +8,15 @@ import csv
 
 import pytest
 
-from lossy_hooks.sweep import run_dir_for
-from lossy_hooks.time_study import (
+from lossy_hooks.experiments.time_placement import PLACEMENT_SETTINGS, placement_configurations
+from lossy_hooks.experiments.time_study import (
     BUCKET_LOSSES,
     FILLS,
-    PLACEMENT_SETTINGS,
     SETTINGS,
     accuracy_configurations,
     main,
-    placement_configurations,
 )
+from lossy_hooks.study.sweeping.launch import run_dir_for
 
 
 def test_grid():

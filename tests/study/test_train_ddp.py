@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lossy_hooks.bucket_layout import bucket_layout
 from lossy_hooks.core.statistics import binomial_interval
 from lossy_hooks.study.cli import resolve
 from lossy_hooks.study.flags import build_parser
 from lossy_hooks.study.run_control import FAULT_ENV
 from lossy_hooks.study.workloads.models import build_model
+from lossy_hooks.tools.bucket_layout import bucket_layout
 
 from ..launch import ROOT, free_port
 

@@ -261,7 +261,7 @@ def _fake_run(root, name: str, cfg: dict, perplexities: list[list[float]]) -> No
 
 
 def test_compare_reports_perplexity_and_keeps_strategies_apart(tmp_path):
-    from lossy_hooks.compare import main as compare_main
+    from lossy_hooks.tools.compare import main as compare_main
 
     runs = tmp_path / "runs"
     _fake_run(runs, "ddp", {}, [[9.0, 7.0], [9.5, 7.2]])

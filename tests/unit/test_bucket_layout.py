@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from lossy_hooks.bucket_layout import bucket_layout, main, straddling_packets
+from lossy_hooks.tools.bucket_layout import bucket_layout, main, straddling_packets
 
 
 class Chain(nn.Module):

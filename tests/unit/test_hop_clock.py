@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lossy_hooks import LossyState
-from lossy_hooks.core.netclock import NetworkModel, SimClock
+from lossy_hooks.core.netclock import SimClock
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.placement import placement_of
 from lossy_hooks.core.statistics import binomial_interval
 from lossy_hooks.core.streams import derive_seed

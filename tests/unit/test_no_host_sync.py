@@ -15,6 +15,7 @@ from lossy_hooks.core import (
     buckets,
     ledger,
     netclock,
+    network,
     packetization,
     placement,
     state,
@@ -22,7 +23,7 @@ from lossy_hooks.core import (
     techniques,
 )
 from lossy_hooks.core.techniques import fec, fills, hadamard, protect, protection, retransmit
-from lossy_hooks.loss_models import markov
+from lossy_hooks.loss_models import deadline, markov
 
 # every technique's per-bucket methods (what a chain runs, and the fill rules FSDP calls)
 TECHNIQUE_METHODS = [
@@ -102,11 +103,11 @@ HOT_PATH = [
     netclock.SimClock._resends,
     netclock.SimClock.deadline_multiple,
     netclock.SimClock.hop_late,
-    netclock.AdaptiveDeadline.multiple,
+    deadline.AdaptiveDeadline.multiple,
     state.LossyState.hop_masks,
     fsdp._Wiring.draw_hops,
     netclock.SimClock.lost_row,
-    netclock.NetworkModel.sample_delays,
+    network.NetworkModel.sample_delays,
     loss_models.DeadlineLoss.sample,
     markov._TransitionMaps.state_indices,
     markov._TransitionMaps._scan,

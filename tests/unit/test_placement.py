@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lossy_hooks import LossyState
-from lossy_hooks.core.netclock import Deadline, NetworkModel, SimClock
+from lossy_hooks.core.netclock import SimClock
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.placement import (
     Chunking,
     HopLoss,
@@ -27,6 +28,7 @@ from lossy_hooks.core.placement import (
 )
 from lossy_hooks.core.statistics import binomial_interval, burst_lengths
 from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, GilbertElliott
+from lossy_hooks.loss_models.deadline import Deadline
 
 W, N, PACKET = 4, 200, 1500
 
@@ -306,7 +308,7 @@ def test_expected_delivered_is_each_algorithms_closed_form(world):
 
 
 def test_the_placement_study_writes_its_rows_and_figure(tmp_path):
-    from lossy_hooks import placement_study
+    from lossy_hooks.experiments import placement_study
 
     argv = ["--out", str(tmp_path), "--worlds", "2", "16", "--loss_rates", "0.05", "--packets", "300"]
     assert placement_study.main([*argv, "--trials", "2"]) == 0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lossy_hooks.compare import collect
 from lossy_hooks.study.run_io import METRIC_FIELDS, MetricsLog, run_loss_rate, write_json, write_summary
+from lossy_hooks.tools.compare import collect
 
 CONFIG = {
     "dataset": "digits",

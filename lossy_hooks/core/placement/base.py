@@ -12,7 +12,7 @@ A placement answers two questions for one collective over ``W`` ranks:
   the whole exchange; the collectives that must arrive whole (arrival counts, the lossless
   reference of ``measure_fidelity``) stay plain ``torch.distributed`` calls;
 * **what it costs**: the loss-free time of the collective on a
-  :class:`~lossy_hooks.core.netclock.NetworkModel`, which the simulated clock
+  :class:`~lossy_hooks.core.network.NetworkModel`, which the simulated clock
   (:class:`~lossy_hooks.core.netclock.SimClock`) and the deadline loss model take as ``T_0``.
 
 :class:`ParameterServer` is today's placement: every rank's contribution crosses one uplink
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.netclock import NetworkModel
+    from lossy_hooks.core.network import NetworkModel
     from lossy_hooks.core.options import LossConfig
 
 Phase = Literal["reduce", "broadcast"]

@@ -35,7 +35,7 @@ from lossy_hooks.core.placement.schedule import Chunking, PhaseShape, path_produ
 from lossy_hooks.core.placement.timing import PhaseTiming
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.netclock import NetworkModel
+    from lossy_hooks.core.network import NetworkModel
     from lossy_hooks.core.options import LossConfig
 
 __all__ = ["HopPlacement"]

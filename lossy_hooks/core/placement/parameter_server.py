@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lossy_hooks.core.placement.base import LossSite, Phase, Placement
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.netclock import NetworkModel
+    from lossy_hooks.core.network import NetworkModel
     from lossy_hooks.core.options import LossConfig
 
 __all__ = ["ParameterServer"]

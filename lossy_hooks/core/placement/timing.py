@@ -2,7 +2,7 @@ r"""What each hop of a per-hop placement costs on the simulated network: the syn
 of a phase, each hop's loss-free duration, each step's loss-free time.
 
 **The rule** (store and forward, bulk synchronous; ``alpha`` the per-message latency,
-``beta`` the link bandwidth, :class:`~lossy_hooks.core.netclock.NetworkModel`):
+``beta`` the link bandwidth, :class:`~lossy_hooks.core.network.NetworkModel`):
 
 * a phase runs in steps ``t = 0 .. T-1``; the hop of ``(chunk c, rank r)`` runs at the step
   of its *level* (:attr:`PhaseShape.hop_level`): towards the root a rank forwards a chunk's
@@ -39,7 +39,7 @@ import torch
 from lossy_hooks.core.placement.schedule import Chunking, PhaseShape
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.netclock import NetworkModel
+    from lossy_hooks.core.network import NetworkModel
 
 __all__ = ["PhaseTiming"]
 

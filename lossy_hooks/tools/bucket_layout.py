@@ -1,6 +1,6 @@
 """Bucket and packet layout of a model under DDP: the bucket-size study.
 
-    python -m lossy_hooks.bucket_layout --model resnet101 --bucket_cap_mb 25 --mtu 1500 [--dtype fp16]
+    python -m lossy_hooks.tools.bucket_layout --model resnet101 --bucket_cap_mb 25 --mtu 1500 [--dtype fp16]
         [--csv layout.csv] [--json layout.json]
 
 The buckets are read from a real DDP instance in a one-process Gloo group, after DDP's

@@ -1,7 +1,7 @@
 """How much perplexity does packet loss cost a language model, under DDP and under FSDP?
 
-    python -m lossy_hooks.lm_study --out runs/lm_study --figures docs/results/lm   # the full grid
-    python -m lossy_hooks.lm_study --rates 0.1 --rounds 1 --corpus_mb 0.1          # a quick look
+    python -m lossy_hooks.experiments.lm_study --out runs/lm_study --figures docs/results/lm   # the full grid
+    python -m lossy_hooks.experiments.lm_study --rates 0.1 --rounds 1 --corpus_mb 0.1          # a quick look
 
 Every configuration is one ``train_ddp.py`` launch (``--nproc`` Gloo ranks) of the same
 workload: ``--model`` (gpt-tiny) on the standard library's sources (``--corpus_mb`` MiB),
@@ -27,7 +27,7 @@ from typing import Any
 
 from lossy_hooks.core.statistics import mean_std
 from lossy_hooks.study.run_io import parse_float, read_json
-from lossy_hooks.sweep import run_config
+from lossy_hooks.study.sweeping.launch import run_config
 
 __all__ = ["MODES", "configurations", "main", "summarize"]
 

@@ -1,6 +1,6 @@
 """Compare the configurations of a study: tables and plots from every run folder.
 
-    python -m lossy_hooks.compare RUNS_DIR [--out DIR] [--target_acc 0.9] [--curves TEXT ...]
+    python -m lossy_hooks.tools.compare RUNS_DIR [--out DIR] [--target_acc 0.9] [--curves TEXT ...]
 
 Reads every configuration folder under RUNS_DIR (those with a config.json) and writes to
 ``--out`` (default RUNS_DIR/compare):

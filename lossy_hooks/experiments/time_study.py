@@ -1,8 +1,8 @@
 """Is a lossy transport faster to a target accuracy? Time-to-accuracy on the simulated clock.
 
-    python -m lossy_hooks.time_study --out runs/time_study --figures docs/results/time   # ~30 min
-    python -m lossy_hooks.time_study --part buckets                                      # ~5 min
-    python -m lossy_hooks.time_study --part placement --settings_placement stragglers    # W = 4
+    python -m lossy_hooks.experiments.time_study --out runs/time_study --figures docs/results/time  # ~30 min
+    python -m lossy_hooks.experiments.time_study --part buckets                                     # ~5 min
+    python -m lossy_hooks.experiments.time_study --part placement --settings_placement stragglers   # W = 4
 
 Part ``accuracy``: ResNet-18 on the packaged digits (2 Gloo ranks, SGD, batch 32 per rank,
 mtu 1500 B, 25 MiB buckets, ``--epochs`` epochs, ``--rounds`` rounds) on a simulated network
@@ -25,14 +25,10 @@ configuration the simulated communication per step (deadline and reliable transp
 the packets lost.
 
 Part ``placement`` (``--nproc_placement`` ranks, 4 by default): which collective trains
-fastest under loss. Per setting (:data:`PLACEMENT_SETTINGS`: two heavy-tailed ones around
-the ring's step time and a straggler one) and algorithm (ps, ring, tree, direct): the reliable
-transport and the fixed (1.5x) and adaptive (median rule) deadlines per hop, each with zero and
-rescale fill, priced on the per-hop clock; the same measured compute per step for every
-configuration of a setting. ``--drop_point_placement both``: a per-hop deadline cuts both
-phases (default ``worker``: the reduce phase; the broadcast runs reliably). Writes
-``placement_time_study.csv`` and
-``placement_time_to_target.png``.
+fastest under loss, per algorithm, transport and fill on the per-hop clock
+(:mod:`lossy_hooks.experiments.time_placement`). ``--drop_point_placement both``: a per-hop
+deadline cuts both phases (default ``worker``: the reduce phase; the broadcast runs reliably).
+Writes ``placement_time_study.csv`` and ``placement_time_to_target.png``.
 
 Writes ``time_study.csv``, ``time_to_accuracy.png``, ``time_to_target_vs_deadline.png``,
 ``bucket_study.csv`` and ``bucket_size.png``.
@@ -41,7 +37,6 @@ Writes ``time_study.csv``, ``time_to_accuracy.png``, ``time_to_target_vs_deadlin
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
@@ -50,22 +45,35 @@ from typing import Any
 import numpy as np
 
 from lossy_hooks.core.statistics import mean_std
-from lossy_hooks.study.run_io import parse_float, run_loss_rate
-from lossy_hooks.sweep import run_config
+from lossy_hooks.experiments.time_placement import (
+    PLACEMENT_ALGORITHMS,
+    PLACEMENT_SETTINGS,
+    part_placement,
+)
+from lossy_hooks.experiments.time_runs import (
+    NETWORK,
+    STRAGGLERS,
+    compute_per_step,
+    round_rows,
+    simulated_times,
+    training_flags,
+    write_table,
+)
+from lossy_hooks.study.run_io import parse_float
+from lossy_hooks.study.sweeping.launch import run_config
 
 __all__ = [
-    "PLACEMENT_SETTINGS",
+    "BUCKET_LOSSES",
+    "FILLS",
     "SETTINGS",
     "accuracy_configurations",
     "bucket_configurations",
     "main",
-    "placement_configurations",
 ]
 
-NETWORK = ["--bandwidth_gbps", "1", "--latency_us", "5", "--net_drop_rate", "0.0001", "--rto_us", "5000"]
 SETTINGS: dict[str, list[str]] = {
     "heavy-tailed": ["--jitter", "lognormal 7.6 1"],
-    "stragglers": ["--jitter", "lognormal 6.2 0.5", "--straggler_prob", "0.05", "--straggler_factor", "3"],
+    "stragglers": [*STRAGGLERS],
 }
 FILLS = {
     "zero": ["--fill", "zero"],
@@ -79,59 +87,6 @@ BUCKET_LOSSES = {
     "taildrop 1%": ["--loss_model", "tail 1%", *SETTINGS["heavy-tailed"]],
     "gemodel 1%, bursts of 16": ["--loss_model", "gemodel 0.0631% 6.25%", *SETTINGS["heavy-tailed"]],
 }
-
-
-# part "placement": which collective trains fastest under loss (W = --nproc, 4 by default).
-# Jitter around the ring's loss-free step (25 MiB over 4 ranks at 1 Gbit/s: ~52 ms): lognormal
-# extra delays with a 50 ms median, so that a packet's latency on a ring hop, D + X, has
-# p99/p50 of about 1.5 (sigma 0.30) or 3 (sigma 0.70); and stragglers (3x, 5% per rank and call).
-PLACEMENT_SETTINGS: dict[str, list[str]] = {
-    "tail p99/p50=1.5": ["--jitter", "lognormal 10.82 0.30"],
-    "tail p99/p50=3": ["--jitter", "lognormal 10.82 0.70"],
-    "stragglers": ["--jitter", "lognormal 6.2 0.5", "--straggler_prob", "0.05", "--straggler_factor", "3"],
-}
-PLACEMENT_ALGORITHMS = ("ps", "ring", "tree", "direct")
-PLACEMENT_TRANSPORTS = {
-    "reliable": ["--loss_rate", "0"],
-    "fixed": ["--loss_model", "deadline 1.5x"],
-    "adaptive": ["--loss_model", "deadline adaptive"],
-}
-
-
-def placement_configurations(
-    settings: list[str] | None = None,
-    algorithms: list[str] | None = None,
-    fills: list[str] | None = None,
-    drop_point: str = "worker",
-) -> list[tuple[str, str, str, str, list[str]]]:
-    """``(setting, algorithm, transport, fill, flags)``: per setting and algorithm the reliable
-    transport (nothing lost: fill ``-``) and the fixed and adaptive deadlines per fill.
-    ``drop_point="worker"``: a per-hop deadline cuts the reduce phase and the broadcast runs
-    reliably (waits, resends); ``"both"``: it cuts both phases, as OptiReduce bounds its whole
-    collective (the adaptive deadline with rescale is then left out: rescale after the reduce
-    needs a closed-form keep fraction, which the adaptive rule has not). ``ps`` keeps the worker
-    drop point: its one-traversal price already bounds the whole collective."""
-    out = []
-    for setting in settings or list(PLACEMENT_SETTINGS):
-        for algorithm in algorithms or list(PLACEMENT_ALGORITHMS):
-            base = [*PLACEMENT_SETTINGS[setting], "--algorithm", algorithm]
-            out.append((setting, algorithm, "reliable", "-", [*base, *PLACEMENT_TRANSPORTS["reliable"]]))
-            both = drop_point == "both" and algorithm != "ps"
-            for transport in ("fixed", "adaptive"):
-                for fill in fills or ["zero", "rescale"]:
-                    if both and transport == "adaptive" and fill == "rescale":
-                        continue
-                    flags = [*base, *PLACEMENT_TRANSPORTS[transport], "--fill", fill]
-                    out.append(
-                        (
-                            setting,
-                            algorithm,
-                            transport,
-                            fill,
-                            [*flags, *(["--drop_point", "both"] if both else [])],
-                        )
-                    )
-    return out
 
 
 def accuracy_configurations(
@@ -159,21 +114,44 @@ def bucket_configurations(
     ]
 
 
-def _rows(run_dir: Path, k: int) -> list[dict[str, str]]:
-    path = run_dir / f"round{k}" / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+def _accuracy_record(
+    setting: str, transport: str, d: float, run_dir: Path, compute: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One configuration's row: time to the target and final accuracy over its rounds (with
+    each round's curve), the communication per step, the loss measured."""
+    clock = "sim_reliable_s" if transport == "reliable" else "sim_comm_s"
+    rounds = [r for r in (round_rows(run_dir, k) for k in range(args.rounds)) if r]
+    curves = []
+    for r in rounds:
+        times = simulated_times(r, compute, clock)
+        curves.append((times.tolist(), [parse_float(x["val_acc"]) for x in r]))
+    ttt = [next((t for t, a in zip(*c, strict=True) if a >= args.target), math.nan) for c in curves]
+    sent = sum(parse_float(x["worker_packets_sent"]) for r in rounds for x in r)
+    lost = sum(parse_float(x["worker_packets_lost"]) for r in rounds for x in r)
+    comm = [sum(parse_float(x[clock]) for x in r) / max(int(r[-1]["steps"]), 1) for r in rounds]
+    m, s = mean_std(ttt)
+    acc_m, acc_s = mean_std([c[1][-1] for c in curves])
+    return {
+        "setting": setting,
+        "transport": transport,
+        "deadline": d,
+        "rounds": len(rounds),
+        "time_to_target_mean": m,
+        "time_to_target_std": s,
+        "reached": sum(not math.isnan(t) for t in ttt),
+        "final_acc_mean": acc_m,
+        "final_acc_std": acc_s,
+        "comm_per_step_s": mean_std(comm)[0],
+        "compute_per_step_s": compute,
+        "loss_measured": lost / sent if sent else 0.0,
+        "curves": curves,
+        "run_dir": run_dir.name,
+    }
 
 
 def part_accuracy(args: argparse.Namespace, figures: Path) -> None:
-    base = [
-        "--dataset", "digits", "--model", "resnet18", "--num_epochs", str(args.epochs), "--batch_size", "32",
-        "--accumulation_steps", "1", "--learning_rate", "0.02", "--lab_round", str(args.rounds),
-        "--mtu", "1500", "--use_avg", "--worker_drop", "--workers", "0", "--output_dir", str(args.out),
-        "--target_acc", format(args.target, "g"), *NETWORK,
-    ]  # fmt: skip
+    """Time to accuracy per setting, transport and fill (the module docs: part ``accuracy``)."""
+    base = training_flags(args, args.out)
     runs = [
         (setting, transport, d, run_config([*base, *flags], args.nproc))
         for setting, transport, d, flags in accuracy_configurations(args.deadlines, args.settings, args.fills)
@@ -181,167 +159,18 @@ def part_accuracy(args: argparse.Namespace, figures: Path) -> None:
     compute: dict[str, float] = {}  # per setting: the reliable run's median seconds per step
     for setting, transport, _, run_dir in runs:
         if transport == "reliable":
-            per_step = [
-                parse_float(x["epoch_seconds"])
-                / (int(x["steps"]) - int(prev["steps"]) if prev else int(x["steps"]))
-                for k in range(args.rounds)
-                for prev, x in zip([None, *_rows(run_dir, k)], _rows(run_dir, k), strict=False)
-            ]
-            compute[setting] = float(np.median(per_step))
-    records = []
-    for setting, transport, d, run_dir in runs:
-        clock = "sim_reliable_s" if transport == "reliable" else "sim_comm_s"
-        rounds = [r for r in (_rows(run_dir, k) for k in range(args.rounds)) if r]
-        curves = []
-        for r in rounds:
-            steps = np.diff([0] + [int(x["steps"]) for x in r])
-            times = np.cumsum(compute[setting] * steps + np.array([parse_float(x[clock]) for x in r]))
-            curves.append((times.tolist(), [parse_float(x["val_acc"]) for x in r]))
-        ttt = [next((t for t, a in zip(*c, strict=True) if a >= args.target), math.nan) for c in curves]
-        sent = sum(parse_float(x["worker_packets_sent"]) for r in rounds for x in r)
-        lost = sum(parse_float(x["worker_packets_lost"]) for r in rounds for x in r)
-        comm = [sum(parse_float(x[clock]) for x in r) / max(int(r[-1]["steps"]), 1) for r in rounds]
-        m, s = mean_std(ttt)
-        acc_m, acc_s = mean_std([c[1][-1] for c in curves])
-        records.append(
-            {
-                "setting": setting,
-                "transport": transport,
-                "deadline": d,
-                "rounds": len(rounds),
-                "time_to_target_mean": m,
-                "time_to_target_std": s,
-                "reached": sum(not math.isnan(t) for t in ttt),
-                "final_acc_mean": acc_m,
-                "final_acc_std": acc_s,
-                "comm_per_step_s": mean_std(comm)[0],
-                "compute_per_step_s": compute[setting],
-                "loss_measured": lost / sent if sent else 0.0,
-                "curves": curves,
-                "run_dir": run_dir.name,
-            }
-        )
-    fields = [k for k in records[0] if k != "curves"]
-    with open(figures / "time_study.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fields, extrasaction="ignore")
-        w.writeheader()
-        for r in records:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+            compute[setting] = compute_per_step(run_dir, args.rounds)
+    records = [
+        _accuracy_record(setting, transport, d, run_dir, compute[setting], args)
+        for setting, transport, d, run_dir in runs
+    ]
+    write_table(figures / "time_study.csv", records, [k for k in records[0] if k != "curves"])
     plot_accuracy(records, args, figures)
 
 
-def part_placement(args: argparse.Namespace, figures: Path) -> None:
-    """Time to accuracy per algorithm x transport x fill (module docs: part ``placement``)."""
-    base = [
-        "--dataset", "digits", "--model", "resnet18", "--num_epochs", str(args.epochs), "--batch_size", "32",
-        "--accumulation_steps", "1", "--learning_rate", "0.02", "--lab_round", str(args.rounds),
-        "--mtu", "1500", "--use_avg", "--worker_drop", "--workers", "0",
-        "--output_dir", str(args.out / "placement"), "--target_acc", format(args.target, "g"),
-        "--bandwidth_gbps", "1", "--latency_us", "5", "--net_drop_rate", "0.0001", "--rto_us", "5000",
-    ]  # fmt: skip
-    configs = placement_configurations(
-        args.settings_placement, args.algorithms, args.fills_placement, args.drop_point_placement
-    )
-    runs = [
-        (setting, algorithm, transport, fill, run_config([*base, *flags], args.nproc_placement))
-        for setting, algorithm, transport, fill, flags in configs
-    ]
-    drop_points = ["both" if "--drop_point" in flags else "worker" for *_, flags in configs]
-    compute: dict[str, float] = {}  # per setting: the reliable runs' median seconds per step
-    for setting, _, transport, _, run_dir in runs:
-        if transport == "reliable":
-            per_step = [
-                parse_float(x["epoch_seconds"])
-                / (int(x["steps"]) - int(prev["steps"]) if prev else int(x["steps"]))
-                for k in range(args.rounds)
-                for prev, x in zip([None, *_rows(run_dir, k)], _rows(run_dir, k), strict=False)
-            ]
-            compute.setdefault(setting, float(np.median(per_step)))
-    records = []
-    for (setting, algorithm, transport, fill, run_dir), drop_point in zip(runs, drop_points, strict=True):
-        clock = "sim_reliable_s" if transport == "reliable" else "sim_comm_s"
-        rounds = [r for r in (_rows(run_dir, k) for k in range(args.rounds)) if r]
-        ttt, finals = [], []
-        for r in rounds:
-            steps = np.diff([0] + [int(x["steps"]) for x in r])
-            times = np.cumsum(compute[setting] * steps + np.array([parse_float(x[clock]) for x in r]))
-            accs = [parse_float(x["val_acc"]) for x in r]
-            ttt.append(next((t for t, a in zip(times, accs, strict=True) if a >= args.target), math.nan))
-            finals.append(accs[-1])
-        total_steps = sum(int(r[-1]["steps"]) for r in rounds) or 1
-        per_step = {c: sum(parse_float(x[c]) for r in rounds for x in r) / total_steps for c in
-                    ("sim_lossfree_s", "sim_comm_s", "sim_reliable_s")}  # fmt: skip
-        m, sd = mean_std(ttt)
-        acc_m, acc_s = mean_std(finals)
-        records.append(
-            {
-                "setting": setting,
-                "algorithm": algorithm,
-                "transport": transport,
-                "fill": fill,
-                "drop_point": drop_point,
-                "rounds": len(rounds),
-                "time_to_target_mean": m,
-                "time_to_target_std": sd,
-                "reached": sum(not math.isnan(t) for t in ttt),
-                "final_acc_mean": acc_m,
-                "final_acc_std": acc_s,
-                "lossfree_per_step_s": per_step["sim_lossfree_s"],
-                "comm_per_step_s": per_step[clock],
-                "reliable_per_step_s": per_step["sim_reliable_s"],
-                "compute_per_step_s": compute[setting],
-                "loss_measured": run_loss_rate([x for r in rounds for x in r]),  # both drop points
-                "run_dir": run_dir.name,
-            }
-        )
-    with open(figures / "placement_time_study.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, list(records[0]))
-        w.writeheader()
-        for r in records:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    _plot_placement(records, args.target, figures / "placement_time_to_target.png")
-
-
-def _plot_placement(records: list[dict[str, Any]], target: float, path: Path) -> None:
-    """Per setting: simulated seconds to the target (mean ± std over rounds) per algorithm,
-    one bar per transport and fill."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(r["setting"] for r in records))
-    algorithms = list(dict.fromkeys(r["algorithm"] for r in records))
-    kinds = list(dict.fromkeys((r["transport"], r["fill"]) for r in records))
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), sharey=True, squeeze=False)
-    width = 0.8 / len(kinds)
-    for ax, setting in zip(axes[0], settings, strict=True):
-        for i, (transport, fill) in enumerate(kinds):
-            pts = [
-                next((r for r in records if (r["setting"], r["algorithm"], r["transport"], r["fill"])
-                      == (setting, a, transport, fill)), None)
-                for a in algorithms
-            ]  # fmt: skip
-            ax.bar(
-                [j + i * width for j in range(len(algorithms))],
-                [p["time_to_target_mean"] if p else math.nan for p in pts],
-                width,
-                yerr=[p["time_to_target_std"] if p else 0 for p in pts],
-                label=transport if fill == "-" else f"{transport}, {fill}",
-                color=f"C{i}",
-                capsize=2,
-            )
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(algorithms))], algorithms)
-        ax.set(title=setting)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel(f"simulated s to {100 * target:.0f}% val acc (unreached: no bar)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_accuracy(records: list[dict[str, Any]], args: argparse.Namespace, figures: Path) -> None:
+    """``time_to_accuracy.png`` (accuracy against simulated time, reliable and deadline with
+    rescale) and ``time_to_target_vs_deadline.png`` (seconds to the target per deadline and fill)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,6 +281,8 @@ def _plot_buckets(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def part_buckets(args: argparse.Namespace, figures: Path) -> None:
+    """Simulated communication per step and packets lost per bucket cap and loss process
+    (the module docs: part ``buckets``)."""
     base = [
         "--dataset", "digits", "--model", "resnet18", "--num_epochs", "1",
         "--max_steps", str(args.bucket_steps), "--batch_size", "32", "--accumulation_steps", "1",
@@ -461,7 +292,7 @@ def part_buckets(args: argparse.Namespace, figures: Path) -> None:
     records = []
     for loss, mb, flags in bucket_configurations(args.bucket_sizes, args.bucket_losses):
         run_dir = run_config([*base, *flags], args.nproc)
-        (row,) = _rows(run_dir, 0)
+        (row,) = round_rows(run_dir, 0)
         steps = int(row["steps"])
         sent, lost = parse_float(row["worker_packets_sent"]), parse_float(row["worker_packets_lost"])
         records.append(
@@ -478,11 +309,7 @@ def part_buckets(args: argparse.Namespace, figures: Path) -> None:
                 "run_dir": run_dir.name,
             }
         )
-    with open(figures / "bucket_study.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, list(records[0]))
-        w.writeheader()
-        for r in records:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_table(figures / "bucket_study.csv", records, list(records[0]))
     _plot_buckets(records, figures / "bucket_size.png")
 
 

@@ -35,7 +35,7 @@ warm-up collectives): seconds per collective (and per phase), the loss-free ``T_
 share of hop transmissions cut (late or dropped) and the delivered fraction of
 contributions those cuts leave (the deadline's losses through the placement's propagation).
 
-Usage: ``python -m lossy_hooks.placement_study --out runs/placement_study`` writes
+Usage: ``python -m lossy_hooks.experiments.placement_study --out runs/placement_study`` writes
 ``placement_study.csv`` and ``placement_study.png`` there; with ``--clock``
 ``placement_time.csv`` and ``placement_time.png``.
 """
@@ -51,7 +51,8 @@ from typing import Any
 
 import torch
 
-from lossy_hooks.core.netclock import NetworkModel, SimClock
+from lossy_hooks.core.netclock import SimClock
+from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.placement import ALGORITHMS, HopLoss, HopPlacement, LinkRules, Placement, placement_of
 from lossy_hooks.loss_models import Bernoulli, DeadlineLoss
 from lossy_hooks.loss_models.deadline import AdaptiveDeadline, parse_deadline
@@ -335,7 +336,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The study's flags: the grid, the gradients, and the clock's network (``--clock``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/placement_study"))
     p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
@@ -364,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--adaptive", default="adaptive", help="the adaptive transport ('adaptive p99 last=8 cap=3x')"
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     for name, low in (("packets", 1), ("trials", 1)):
         if getattr(args, name) < low:
@@ -404,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(str(e))
         return _time_study(args)
+    return _loss_study(args, mu)
+
+
+def _loss_study(args: argparse.Namespace, mu: torch.Tensor) -> int:
+    """Every algorithm, world size and loss rate: :func:`measure` (one CSV row each, written
+    as it comes) and the figure."""
     path = args.out / "placement_study.csv"
     rows = []
     with open(path, "w", newline="", encoding="utf-8") as fh:  # one row at a time: a kill keeps them

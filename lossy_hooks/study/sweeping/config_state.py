@@ -142,7 +142,7 @@ def _job_active(job: dict[str, Any]) -> tuple[bool | None, str]:
     """Whether a recorded job may still run (``None``: the scheduler cannot say)."""
     if job.get("executor") == "local" or not job.get("job_id"):
         return False, "ENDED"  # a torchrun launch: only its lock says it runs
-    from lossy_hooks.study.jobs import submitit_job_active
+    from lossy_hooks.study.sweeping.jobs import submitit_job_active
 
     return submitit_job_active(job["executor"], job["job_id"])
 

@@ -1,7 +1,7 @@
 """Which technique against packet loss buys the most gradient fidelity per extra byte?
 
-    python -m lossy_hooks.technique_study --out docs/results/techniques          # ~10 min, 2 CPU ranks
-    python -m lossy_hooks.technique_study --rates 0.1 --models bernoulli --rounds 1  # a quick look
+    python -m lossy_hooks.experiments.technique_study --out docs/results/techniques  # ~10 min, 2 CPU ranks
+    python -m lossy_hooks.experiments.technique_study --rates 0.1 --models bernoulli --rounds 1  # quick
 
 A fixed model and fixed data per rank (the packaged digits, ``--model`` from torchvision,
 untrained, seed 0): every configuration runs ``--steps`` backward passes of the same batch
