@@ -27,6 +27,7 @@ from lossy_hooks.core.placement import (
 )
 from lossy_hooks.core.statistics import binomial_interval, burst_lengths
 from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, GilbertElliott
+from tests.nccl_trees import nccl_get_dtree, nccl_tree_children, nccl_tree_parents
 
 W, N, PACKET = 4, 200, 1500
 
@@ -160,6 +161,48 @@ def test_ncclS_binary_tree_shape():
     second = placement_of("dbtree").trees(8)["reduce"][0][1]
     interior = {int(p) for r, p in enumerate(second) if p != r}
     assert interior and all(x % 2 == 1 for x in interior)  # W even: the first tree's leaves
+
+
+# NCCL's double tree (ncclGetDtree of NCCL 2.5.6-2.7.8, tests/nccl_trees.py) worked out by
+# hand: parents (the root its own) and children of both trees. The second tree is the first
+# mirrored (rank W-1-q at position q) at odd W, shifted by one (rank q+1) at even W.
+DTREES = {
+    3: (
+        [0, 2, 0],  # 0 -> 2 -> 1
+        [2, 0, 2],  # mirrored: 2 -> 0 -> 1 (the shifted tree's root would be 1)
+        [{2}, set(), {1}],
+        [{1}, set(), {0}],
+    ),
+    5: (
+        [0, 2, 4, 2, 0],  # 0 -> 4 -> 2 -> {1, 3}
+        [4, 2, 0, 2, 4],  # mirrored: 4 -> 0 -> 2 -> {1, 3}
+        [{4}, set(), {1, 3}, set(), {2}],
+        [{2}, set(), {1, 3}, set(), {0}],
+    ),
+    6: (
+        [0, 2, 4, 2, 0, 4],  # 0 -> 4 -> {2, 5}, 2 -> {1, 3}
+        [5, 1, 3, 5, 3, 1],  # shifted: 1 -> 5 -> {0, 3}, 3 -> {2, 4}
+        [{4}, set(), {1, 3}, set(), {2, 5}, set()],
+        [set(), {5}, set(), {2, 4}, set(), {0, 3}],
+    ),
+}
+
+
+@pytest.mark.parametrize("world", sorted(DTREES))
+def test_ncclS_double_tree_at_odd_and_even_world_sizes(world):
+    """The double tree's two trees at W = 3, 5, 6 against NCCL's ncclGetDtree: by hand
+    (DTREES), its literal transcription, and the placement's reduce and broadcast trees."""
+    first, second, kids_first, kids_second = DTREES[world]
+    assert nccl_tree_parents(world) == [first, second]
+    assert nccl_tree_children(world) == [kids_first, kids_second]
+    assert [nccl_get_dtree(world, r)[1][0] for r in range(world)].count(-1) == 1  # one root
+    trees = placement_of("dbtree").trees(world)
+    for phase in ("reduce", "broadcast"):
+        parent = trees[phase][0]
+        assert parent.tolist() == [first, second], (world, phase)
+    assert placement_of("tree").trees(world)["reduce"][0].tolist() == [first]
+    for w in range(1, 33):  # and the transcription at every W up to 32
+        assert placement_of("dbtree").trees(w)["reduce"][0].tolist() == nccl_tree_parents(w), w
 
 
 def test_path_products_are_the_product_along_each_path():
