@@ -73,11 +73,13 @@ from lossy_hooks.study.run_io import round_status
 from lossy_hooks.study.run_names import config_name
 
 __all__ = [
+    "FolderCollisionError",
     "expand_grid",
     "flags_for",
     "launch_train",
     "main",
     "parse_fixed",
+    "plan",
     "run_config",
     "run_dir_for",
     "run_sweep",
@@ -211,25 +213,55 @@ _FOLDER_FILES = ("*/config.json", f"*/{JOB_RECORD}")
 _BUSY_STATES = ("running", "pending", "unknown")
 
 
-def _plan(
+class FolderCollisionError(ValueError):
+    """Two configurations of a sweep would write one run folder."""
+
+
+def _check_folders(records: list[dict[str, Any]]) -> None:
+    """Refuse (``FolderCollisionError``, before anything runs) a plan in which two
+    configurations name one run folder: the second would find the first's results."""
+    by_dir: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["run_dir"]:
+            by_dir.setdefault(r["run_dir"], []).append(r)
+    shared = {d: rs for d, rs in by_dir.items() if len(rs) > 1}
+    if shared:
+        lines = [f"{d}: " + "; ".join(r["label"] for r in rs) for d, rs in sorted(shared.items())]
+        raise FolderCollisionError(
+            f"{sum(len(rs) for rs in shared.values())} configurations would share "
+            f"{len(shared)} run folder(s), so one would take the other's results; the grid "
+            "differs there only in flags that do not change a run (CONTROL_FLAGS) or lists a "
+            "value twice:\n  " + "\n  ".join(lines)
+        )
+
+
+def plan(
     fixed: dict[str, Any], grid: dict[str, list[Any]], world: int, console: Console
 ) -> list[dict[str, Any]]:
     """One record per configuration of the grid, each checked before anything runs:
-    ``"outcome"`` already set for an invalid, finished or busy one, absent for one to run."""
+    ``"outcome"`` already set for an invalid, finished or busy one, absent for one to run.
+    Two configurations that name one folder: ``FolderCollisionError``, nothing done."""
     records = []
     combos = expand_grid(grid) or [{}]
     for i, combo in enumerate(combos):
         settings = {**fixed, **combo}
         argv = flags_for(settings)
         run_dir, error = run_dir_for(argv, world)
-        record: dict[str, Any] = {
-            "index": i,
-            "settings": combo,
-            "label": " ".join(f"{k}={v}" for k, v in combo.items()) or "(fixed flags)",
-            "argv": argv,
-            "rounds": int(settings.get("lab_round", 5)),
-            "run_dir": str(run_dir) if run_dir else None,
-        }
+        records.append(
+            {
+                "index": i,
+                "settings": combo,
+                "label": " ".join(f"{k}={v}" for k, v in combo.items()) or "(fixed flags)",
+                "argv": argv,
+                "rounds": int(settings.get("lab_round", 5)),
+                "run_dir": str(run_dir) if run_dir else None,
+                "error": error,
+            }
+        )
+    _check_folders(records)
+    for record in records:
+        error = record.pop("error")
+        run_dir = Path(record["run_dir"]) if record["run_dir"] else None
         if run_dir is None:
             record["outcome"] = f"invalid flags ({error})"
         elif (done := _outcome(run_dir, record["rounds"])) in ("finished", "diverged"):
@@ -243,7 +275,6 @@ def _plan(
                 (run_dir / LOCK_NAME).unlink(missing_ok=True)
         if "outcome" in record:
             _print_outcome(record, len(combos), [], console)
-        records.append(record)
     by_folder: dict[Path, dict[str, dict[str, Any]]] = {}
     for r in records:
         if r["run_dir"]:
@@ -381,7 +412,7 @@ def run_sweep(
     resources = resources or ClusterResources(nproc=nproc)
     resources.check(executor)
     world = resources.world_size if executor in SUBMITIT_EXECUTORS else nproc
-    records = _plan(fixed, grid, world, console)
+    records = plan(fixed, grid, world, console)
     if executor == "local":
         _run_here(records, nproc, log_dir, console)
     else:
@@ -580,7 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     fixed = dict(spec.get("fixed", {})) | parse_fixed(extra)
     wait = args.wait if args.wait is not None else args.executor != "slurm"
     log_dir = Path(args.log_dir) if args.log_dir else None
-    records = run_sweep(nproc, fixed, grid, log_dir, console, args.executor, resources, wait)
+    try:
+        records = run_sweep(nproc, fixed, grid, log_dir, console, args.executor, resources, wait)
+    except FolderCollisionError as e:
+        p.error(str(e))
     table = Table(title=f"sweep: {len(records)} configurations")
     for col in ("settings", "outcome", "folder"):
         table.add_column(col)

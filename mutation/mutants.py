@@ -214,7 +214,7 @@ MUTANTS = [
         "M17",
         "lossy_hooks/core/streams.py",
         "            self.model.start_stream("
-        "derive_seed(seed, self.stream + STREAM_START_OFFSET, stream_rank))\n",
+        "derive_seed(seed, self.stream + START_OFFSET, stream_rank))\n",
         "            pass\n",
         "a trace starts at an offset of each stream's own",
         (HOOK,),

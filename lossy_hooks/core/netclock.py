@@ -57,14 +57,13 @@ import torch
 
 from lossy_hooks.core.placement import HopPlacement, ParameterServer, Phase, Placement
 from lossy_hooks.core.placement.timing import PhaseTiming
-from lossy_hooks.core.streams import derive_seed
+from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.loss_models.deadline import AdaptiveDeadline, Deadline
 
 __all__ = [
     "CLOCK_FIELDS",
     "JITTERS",
     "PHASE_CLOCK_FIELDS",
-    "STREAM_CLOCK",
     "AdaptiveDeadline",
     "Deadline",
     "NetworkModel",
@@ -74,7 +73,6 @@ __all__ = [
 ]
 
 JITTERS = ("none", "lognormal", "pareto")
-STREAM_CLOCK = 5  # the clock's random stream: derive_seed(seed, 5), the same on every rank
 
 
 def parse_jitter(text: str) -> tuple[str, tuple[float, ...]]:
@@ -275,6 +273,7 @@ class SimClock:
         self.lost: torch.Tensor | None = None  # ps: (W, n) packets the deadline transport lost, last call
         self.hop_lost: dict[Phase, torch.Tensor] = {}  # per hop: (R, K) late or dropped, last call
         self.last_steps: dict[Phase, torch.Tensor] = {}  # per hop: (T,) step times, nothing cut
+        self.last_hop_delays: dict[Phase, torch.Tensor] = {}  # per hop: (R, K) arrival times a, last call
         self.history: torch.Tensor | None = None  # (K, W + 1) completion ratios (AdaptiveDeadline)
         self.history_len = 0
         self.last_multiple: torch.Tensor | float | None = None  # x of the last call
@@ -301,7 +300,7 @@ class SimClock:
         self.world = world
         self._timings = {}
         gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(seed, STREAM_CLOCK))
+        gen.manual_seed(derive_seed(seed, Stream.CLOCK))
         totals = torch.zeros(len(_ALL_FIELDS), dtype=torch.float64, device=device)
         width = self.deadline.last if isinstance(self.deadline, AdaptiveDeadline) else 0
         history = torch.zeros((width, world + 1), dtype=torch.float64, device=device)
@@ -440,6 +439,7 @@ class SimClock:
         own = torch.zeros(w, dtype=torch.float64, device=dev)  # the loss-free time of those steps
         whole = torch.zeros((), dtype=torch.float64, device=dev)  # the collective, nothing cut
         self.hop_lost, self.last_steps, self.last_multiple = {}, {}, x
+        self.last_hop_delays = {}
         for phase, tm in timings.items():  # two phases
             rows, slots = tm.valid.shape
             base = tm.duration if sigma is None else sigma[tm.src] * tm.duration
@@ -450,6 +450,7 @@ class SimClock:
             steps = torch.zeros(tm.levels, dtype=torch.float64, device=dev)
             steps.scatter_reduce_(0, tm.level, arrived.amax(1), "amax")
             self.last_steps[phase] = steps
+            self.last_hop_delays[phase] = a
             whole += steps.sum()
             if tries is None:
                 reliable = steps.sum()
@@ -509,7 +510,20 @@ class SimClock:
     def hop_keep_probability(self, phase: Phase, num_packets: int, nbytes: float) -> np.ndarray:
         """A fixed deadline on a per-hop placement: per hop of ``phase`` the closed-form
         probability that a packet is on time and not dropped,
-        ``(1 - p_0) [(1 - q) F(d_t - D_h) + q F(d_t - f D_h)]``, ``d_t = x tau0_t``."""
+        ``(1 - p_0) [(1 - q) F(d_t - D_h) + q F(d_t - f D_h)]``, ``d_t = x tau0_t``.
+
+        One value per row of the keep table but the roots' (``L S`` rows, the layout of
+        :class:`~lossy_hooks.core.placement.timing.PhaseTiming`), including rows that carry
+        nothing: a row no ``(chunk, rank)`` sends on (a link that carries fewer chunks than
+        the phase's ``S``, e.g. 4 of the 12 rows of each phase of ``dbtree`` at ``W = 5``), and,
+        when the bucket has fewer packets than chunks, the hops of an empty chunk. Such a row
+        has ``D_h = 0`` and step 0's deadline ``d_0``, so its value is ``(1 - p_0) F(d_0)``,
+        which describes no packet. It is never used: the library's one caller,
+        ``HopLoss.path_keep``, multiplies the values along each ``(chunk, rank)``'s path
+        (``PhaseShape.hop``), which never passes through a row of the first kind, and the
+        broadcast rescale reads ``q[c, r]`` only for chunks that hold a packet, so never for a
+        path through a row of the second kind (tests/unit/test_hop_clock.py compares only
+        rows with ``carried > 0`` with the measured losses)."""
         if not isinstance(self.deadline, Deadline):
             raise ValueError("only a fixed deadline has a closed-form keep probability per hop")
         timings = self.timing(num_packets, nbytes)
@@ -563,7 +577,7 @@ class SimClock:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.generator, self.totals, self.lost, self.history = None, None, None, None
-        self.hop_lost, self.last_steps = {}, {}
+        self.hop_lost, self.last_steps, self.last_hop_delays = {}, {}, {}
         self.calls = int(sd["calls"])
         self.mark = [float(x) for x in sd["mark"]]
         self.mark += [0.0] * (len(_ALL_FIELDS) - len(self.mark))

@@ -1,9 +1,17 @@
-"""Random streams of loss masks: one generator per ``(seed, stream, rank)``, so every rank
-draws its own worker masks, shared post masks are the same on every rank, and a resumed run
-continues each sequence where its checkpoint left it."""
+"""Random streams: one generator per ``(seed, stream, rank)``, so every rank draws its own
+worker masks, shared post masks are the same on every rank, and a resumed run continues each
+sequence where its checkpoint left it.
+
+:class:`Stream` is the one registry of stream ids: every random stream of the package and
+the study seeds its generator with ``derive_seed(seed, Stream.X, rank)`` (SeedSequence's
+hash of the three numbers), and no two streams share an id (``enum.unique``, and a test that
+the start-offset ids ``id + START_OFFSET`` meet no other id), so no two streams draw the
+same numbers. Changing an id changes every result drawn from that stream: the ids are
+stable."""
 
 from __future__ import annotations
 
+import enum
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -15,16 +23,39 @@ from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, LossModel
 if TYPE_CHECKING:
     from lossy_hooks.core.netclock import SimClock
 
-__all__ = ["DropSite", "DropSites", "derive_seed"]
+__all__ = ["OFFSET_STREAMS", "START_OFFSET", "DropSite", "DropSites", "Stream", "derive_seed", "hop_stream"]
 
-# Random streams: one seed per (run seed, stream, rank).
-STREAM_WORKER, STREAM_POST_SHARED, STREAM_POST_INDEPENDENT = 1, 2, 3
-# The random signs of encoding="hadamard": one stream, the same on every rank.
-STREAM_ROTATION = 4
-# The hops of a per-hop placement, one stream per phase, the same on every rank.
-STREAM_HOPS = {"reduce": 5, "broadcast": 6}
-# Seeds of the start offsets of deterministic models: (seed, stream + this, rank).
-STREAM_START_OFFSET = 100
+
+@enum.unique
+class Stream(enum.IntEnum):
+    """Every random stream's id (the middle number of ``derive_seed(seed, stream, rank)``)."""
+
+    DATA = 0  # the study's per-rank data order and augmentation (rank = the rank)
+    WORKER = 1  # worker-side loss masks, one per rank
+    POST_SHARED = 2  # post-allreduce masks, the same on every rank
+    POST_INDEPENDENT = 3  # post-allreduce masks, one per rank
+    ROTATION = 4  # the random signs of encoding="hadamard", the same on every rank
+    CLOCK = 5  # the simulated clock's delays and drops (netclock), the same on every rank
+    HOPS_BROADCAST = 6  # a per-hop placement's broadcast-phase hop losses, the same on every rank
+    HOPS_REDUCE = 7  # its reduce-phase hop losses (was 5 until issue 41: the clock's id)
+    ALL_GATHER = 77  # the study's FSDP all-gather state: its seed is derive_seed(round seed, 77)
+
+
+# Seeds of the start offsets of deterministic models (traces): (seed, stream + this, rank).
+START_OFFSET = 100
+# streams whose models draw a start offset (DropSite, HopLoss): their id + START_OFFSET
+OFFSET_STREAMS = (
+    Stream.WORKER,
+    Stream.POST_SHARED,
+    Stream.POST_INDEPENDENT,
+    Stream.HOPS_REDUCE,
+    Stream.HOPS_BROADCAST,
+)
+
+
+def hop_stream(phase: str) -> Stream:
+    """The stream of a per-hop placement's ``phase`` (``"reduce"`` or ``"broadcast"``)."""
+    return {"reduce": Stream.HOPS_REDUCE, "broadcast": Stream.HOPS_BROADCAST}[phase]
 
 
 def derive_seed(seed: int, stream: int, rank: int = 0) -> int:
@@ -56,7 +87,7 @@ class DropSite:
         saved = self._saved_generator
         if self.generator is None and saved is None:  # a fresh stream (not a resume)
             # deterministic models (traces) start at an offset of their own per stream
-            self.model.start_stream(derive_seed(seed, self.stream + STREAM_START_OFFSET, stream_rank))
+            self.model.start_stream(derive_seed(seed, self.stream + START_OFFSET, stream_rank))
         if saved is not None:
             if saved[0] == device.type:
                 gen.set_state(saved[1])
@@ -100,11 +131,11 @@ class DropSites:
 
     def __init__(self, loss_model: LossModel, post_sync: str) -> None:
         self.loss_model = loss_model
-        self.worker = DropSite("worker", loss_model.clone(), STREAM_WORKER, per_rank=True)
+        self.worker = DropSite("worker", loss_model.clone(), Stream.WORKER, per_rank=True)
         shared = post_sync == "shared"
-        stream = STREAM_POST_SHARED if shared else STREAM_POST_INDEPENDENT
+        stream = Stream.POST_SHARED if shared else Stream.POST_INDEPENDENT
         self.post = DropSite("post", loss_model.clone(), stream, per_rank=not shared)
-        self.rotation = DropSite("rotation", Bernoulli(0.0), STREAM_ROTATION, per_rank=False)
+        self.rotation = DropSite("rotation", Bernoulli(0.0), Stream.ROTATION, per_rank=False)
         self.peers: dict[int, DropSite] = {}
         self.saved_peers: dict[int, dict[str, Any]] = {}  # restored at the peer's first use
 
@@ -121,7 +152,7 @@ class DropSites:
             site = self.peers.get(peer_rank)
             if site is None:
                 name = f"worker of rank {peer_rank}"
-                site = DropSite(name, self.loss_model.clone(), STREAM_WORKER, per_rank=True)
+                site = DropSite(name, self.loss_model.clone(), Stream.WORKER, per_rank=True)
                 if peer_rank in self.saved_peers:
                     site.load_state_dict(self.saved_peers.pop(peer_rank))
                 self.peers[peer_rank] = site

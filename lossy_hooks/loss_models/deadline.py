@@ -70,9 +70,20 @@ class AdaptiveDeadline:
     r"""A deadline set per collective from the completion times of the ones before it, in
     units of each collective's loss-free time ``T_0`` (so buckets of every size share one
     history). The clock keeps, for the last ``K`` collectives ``k``, every rank's completion
-    ratio ``e_{k,r}`` (the time rank ``r`` had everything it receives, as if nothing were
-    cut, over ``T_0``) and the collective's ``e_k = max_r e_{k,r}``. The next deadline is
-    ``x T_0`` with
+    ratio ``e_{k,r}`` and the collective's ratio ``e_k``, both as if nothing were cut
+    (``SimClock.tick`` in :mod:`lossy_hooks.core.netclock`):
+
+    * ``algorithm="ps"``: ``e_{k,r}`` is the arrival of rank ``r``'s last packet over
+      ``T_0`` (dropped packets excluded), and ``e_k = max_r e_{k,r}``;
+    * a per-hop algorithm (ring, tree, dbtree, direct): ``e_{k,r}`` is the sum, over the
+      steps at which ``r`` receives, of its last arrival at that step (dropped packets
+      excluded), over the sum of those steps' loss-free times ``tau0_t``; ``e_k`` is the
+      collective's uncut time over ``T_0``: the sum, over all steps of both phases, of the
+      step's last drawn arrival on any of its hops (a dropped packet's drawn arrival
+      included). This is not ``max_r e_{k,r}``: each step's slowest hop may end at a
+      different rank, and a rank's ratio is over its own steps only.
+
+    The next deadline is ``x T_0`` with
 
     * ``median`` (OptiReduce's rule): ``x = min(cap, median_r mean_k e_{k,r})``: each rank's
       estimate is the mean of its last ``K`` ratios; the ranks agree on the median of the

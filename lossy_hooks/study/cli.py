@@ -22,12 +22,12 @@ import torch
 from lossy_hooks.core.netclock import NetworkModel
 from lossy_hooks.core.options import OPTION_DEFAULTS, LossConfig, unused_settings
 from lossy_hooks.core.state import LossyState
-from lossy_hooks.core.streams import derive_seed
+from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.loss_models import Bernoulli, parse_loss_model, rate_or_none
 from lossy_hooks.study.extras import MissingExtraError
 from lossy_hooks.study.parallel import fsdp_api
 from lossy_hooks.study.run_io import read_json, round_status
-from lossy_hooks.study.run_names import NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
+from lossy_hooks.study.run_names import CONTROL_FLAGS, NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
 from lossy_hooks.study.tensorboard_log import check_available
 from lossy_hooks.study.workloads.data import check_data_args, resolve_dataset
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
@@ -42,22 +42,6 @@ __all__ = [
     "resolve",
     "study_settings",
 ]
-
-GATHER_SEED_STREAM = 77  # the all-gather state's seed: derive_seed(round seed, 77)
-
-# Flags that steer a run but do not change what it computes: a resume may change them.
-CONTROL_FLAGS = {
-    "resume",
-    "overwrite",
-    "workers",
-    "output_dir",
-    "download",
-    "data_path",
-    "backend",
-    "device",
-    "target_acc",
-    "tensorboard",
-}
 
 
 NETWORK_FLAGS = tuple(f for f in NETWORK_FIELD_OF_FLAG if f != "bandwidth_gbps")  # need --bandwidth_gbps
@@ -245,7 +229,7 @@ def gather_kwargs(cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
         loss_rate=cfg.get("all_gather_loss_rate", 0.0),
         fill=cfg.get("all_gather_fill", "stale"),
         mtu=cfg["mtu"],
-        seed=derive_seed(seed, GATHER_SEED_STREAM),
+        seed=derive_seed(seed, Stream.ALL_GATHER),
         **placement,
     )
 

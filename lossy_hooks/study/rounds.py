@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lossy_hooks import LossyState
-from lossy_hooks.core.streams import derive_seed
+from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.study.checkpoints import load_checkpoint, save_checkpoint
 from lossy_hooks.study.cli import gather_kwargs, hook_kwargs
 from lossy_hooks.study.parallel import fsdp_api, no_grad_sync, parallelize
@@ -142,7 +142,7 @@ class RoundRunner:
         self.ddp = parallelize(model, cfg["strategy"], self.state, self.gather, device, cfg["bucket_cap_mb"])
         self.opt = build_optimizer(cfg["optimizer"], self.ddp, cfg["learning_rate"])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
-        torch.manual_seed(derive_seed(self.seed, 0, rank))  # per-rank data randomness
+        torch.manual_seed(derive_seed(self.seed, Stream.DATA, rank))  # per-rank data randomness
         if not self.fsdp:  # FSDP does not rebuild buckets
             self.warm_up()
         workers = 0 if isinstance(data.train, torch.utils.data.TensorDataset) else cfg["workers"]

@@ -1,17 +1,50 @@
-"""The name of a run folder: one part per setting that differs between runs of a study
-(``config_name``), none for a setting at its default, so a configuration saved before a
-setting existed keeps its name; and the study's network flags with the model's defaults."""
+"""The name of a run folder (``config_name``): every setting that changes what a run
+computes and differs from its default is in it, so two configurations never share a folder.
+
+- Readable parts first (dataset, model, W, drop point, fill, ..., the encodings, the
+  network), then one part per other setting off its default (``ep6``, ``bs32``,
+  ``lr0p02``, ``seed1``, ``r2`` for the rounds, ``steps20``, ``eval-every2``, ...), the tag
+  last. A setting at its default adds nothing, so a configuration saved before a setting
+  existed keeps its name.
+- A name longer than ``MAX_NAME_CHARS`` keeps its first parts and ends in
+  ``cfg<HASH>``: the first ``HASH_CHARS`` hex digits of the SHA-256 of the configuration's
+  identity (:func:`config_identity`: every setting off its default, as sorted JSON), which
+  config.json holds in full.
+
+Settings that only steer a run (``CONTROL_FLAGS``: output folder, resume, workers,
+...) are not part of a configuration. Also here: the study's network flags with the model's
+defaults."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import re
 from typing import Any
 
 from lossy_hooks.core.netclock import NetworkModel
-from lossy_hooks.core.options import OPTION_DEFAULTS
+from lossy_hooks.core.options import OPTION_DEFAULTS, unused_settings
 
-__all__ = ["NETWORK_DEFAULTS", "NETWORK_FIELD_OF_FLAG", "config_name", "option_parts", "workload_parts"]
+__all__ = [
+    "ALIAS_FLAGS",
+    "CONTROL_FLAGS",
+    "HASH_CHARS",
+    "MAX_NAME_CHARS",
+    "NAMED_SETTINGS",
+    "NETWORK_DEFAULTS",
+    "NETWORK_FIELD_OF_FLAG",
+    "config_identity",
+    "config_name",
+    "option_parts",
+    "setting_parts",
+    "workload_parts",
+]
+
+# a folder name is at most this long (file systems allow 255 bytes); past it, a hash
+MAX_NAME_CHARS = 200
+HASH_CHARS = 12
 
 # the study's network flags -> NetworkModel's fields (their defaults are the model's)
 NETWORK_FIELD_OF_FLAG = {
@@ -34,8 +67,113 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9p]+", "-", text).strip("-")
 
 
+# flags that steer a run but do not change what it computes: a resume may change them.
+CONTROL_FLAGS = {
+    "resume",
+    "overwrite",
+    "workers",
+    "output_dir",
+    "download",
+    "data_path",
+    "backend",
+    "device",
+    "target_acc",
+    "tensorboard",
+}
+# flags the configuration holds through the settings they resolve to (``loss_rate`` ->
+# ``loss_model``, ``worker_drop`` -> ``drop_point``, ``use_avg`` -> ``reduction``, ...)
+ALIAS_FLAGS = frozenset(
+    {"loss_rate", "worker_drop", "use_zero", "use_avg", "long_run_loss_rate", "dataset_flag"}
+)
+# settings with a readable part of their own (config_name's first parts, option_parts,
+# workload_parts); a setting such a part leaves out is one without effect there (post_sync
+# at drop_point="worker", mtu with whole-tensor packets, the network without a clock, ...)
+NAMED_SETTINGS = frozenset(
+    {
+        "dataset",
+        "model",
+        "world_size",
+        "drop_point",
+        "post_sync",
+        "fill",
+        "reduction",
+        "packetization",
+        "mtu",
+        "accumulation_steps",
+        "loss_model",
+        "bucket_cap_mb",
+        "tag",
+        "strategy",
+        "all_gather_loss_rate",
+        "all_gather_fill",
+        "optimizer",
+        "corpus_mb",
+        *NETWORK_FIELD_OF_FLAG,
+        *OPTION_DEFAULTS,
+    }
+)
+# short labels of the other settings' parts (any other: the flag's name, '-' for '_')
+_SHORT_LABEL = {
+    "num_epochs": "ep",
+    "batch_size": "bs",
+    "learning_rate": "lr",
+    "seed": "seed",
+    "lab_round": "r",
+    "max_steps": "steps",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _flag_defaults() -> dict[str, Any]:
+    """Each study flag's default, from the study's one parser (imported here, not at the
+    top: the parser's module reads this one's network defaults)."""
+    from lossy_hooks.study.flags import build_parser
+
+    return vars(build_parser(prog="train_ddp.py").parse_args([]))
+
+
+def _off_default(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings of ``cfg`` that make its configuration: those off their flag's default
+    (a setting without a flag, e.g. ``world_size``, always), aliases and settings without
+    effect (``options.unused_settings``) left out, and no control flag."""
+    defaults = _flag_defaults()
+    skip = ALIAS_FLAGS | CONTROL_FLAGS | unused_settings(cfg) | {"environment"}
+    return {k: v for k, v in cfg.items() if k not in skip and (k not in defaults or v != defaults[k])}
+
+
+def config_identity(cfg: dict[str, Any]) -> str:
+    """The configuration as one canonical text (sorted JSON of :func:`_off_default`): equal
+    for two configurations exactly when they compute the same thing, and unchanged when a
+    flag is added with its default."""
+    return json.dumps(_off_default(cfg), sort_keys=True, default=str, separators=(",", ":"))
+
+
+def setting_parts(cfg: dict[str, Any]) -> list[str]:
+    """One part per setting off its default that has no readable part of its own: first
+    ``ep6``, ``bs32``, ``lr0p02``, ``seed1``, ``r2`` (rounds), ``steps20`` in this order, then
+    the others by name: ``amp``, ``no-<flag>`` for a flag whose default is on,
+    ``<flag>-<value>`` for the rest."""
+    order = list(_SHORT_LABEL)
+    parts = []
+    settings = _off_default(cfg)
+    for key in sorted(settings, key=lambda k: (order.index(k) if k in order else len(order), k)):
+        value = settings[key]
+        if key in NAMED_SETTINGS or value is None:
+            continue
+        label = _SHORT_LABEL.get(key, key.replace("_", "-"))
+        if isinstance(value, bool):
+            parts.append(label if value else f"no-{label}")
+        elif key in _SHORT_LABEL:
+            parts.append(label + _slug(format(value, "g") if isinstance(value, float) else str(value)))
+        else:
+            text = format(value, "g") if isinstance(value, float) else str(value)
+            parts.append(f"{label}-{_slug(text)}")
+    return parts
+
+
 def config_name(cfg: dict[str, Any]) -> str:
-    """A folder name from the settings that differ between runs of a study."""
+    """The folder name of configuration ``cfg`` (see the module): readable parts, at most
+    ``MAX_NAME_CHARS`` characters, else its first parts and ``cfg<hash of the identity>``."""
     parts = [
         cfg["dataset"],
         cfg["model"],
@@ -50,9 +188,19 @@ def config_name(cfg: dict[str, Any]) -> str:
     ]
     parts += option_parts(cfg)
     parts += workload_parts(cfg)
+    parts += setting_parts(cfg)
     if cfg.get("tag"):
         parts.append(_slug(cfg["tag"]))
-    return "_".join(parts)
+    name = "_".join(parts)
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    digest = "cfg" + hashlib.sha256(config_identity(cfg).encode()).hexdigest()[:HASH_CHARS]
+    head: list[str] = []
+    for part in parts:
+        if len("_".join([*head, part, digest])) > MAX_NAME_CHARS:
+            break
+        head.append(part)
+    return "_".join([*head, digest])
 
 
 def workload_parts(cfg: dict[str, Any]) -> list[str]:

@@ -328,7 +328,9 @@ def test_simulated_time_columns_summary_and_exact_resume(tmp_path):
     res = sim_run(ref)
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(ref)
-    assert run_dir.name.endswith("_deadline-1p2x_bucket25mb_net10g-5us-lognormal-4-1-strag0p1x2-drop0p001")
+    assert run_dir.name.endswith(
+        "_deadline-1p2x_bucket25mb_net10g-5us-lognormal-4-1-strag0p1x2-drop0p001_ep3_bs32_r1_steps60"
+    )
     drop = {"epoch_seconds", "images_per_s"}
     resumed, reference = (
         rows(only_dir(cut) / "round0" / "metrics.csv"),

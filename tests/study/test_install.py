@@ -1,5 +1,7 @@
 """A non-editable install runs every tool: build the package's wheel, install it into a fresh
-virtual environment (its torch and the rest from this interpreter's site-packages), and, from
+virtual environment (its torch and the rest from the running interpreter's own import path,
+which works the same whether the suite runs in the system Python, a venv or a conda env:
+a venv's ``system_site_packages`` would see only the BASE interpreter's packages), and, from
 a folder outside the checkout, run a one-configuration sweep (which launches the installed
 ``lossy_hooks.study.train`` module through torchrun) and the ``lossy-train`` console script
 (its flag checks: exit 2 naming the flag).
@@ -12,6 +14,7 @@ import csv
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -40,8 +43,7 @@ def test_wheel_in_a_fresh_venv_runs_the_sweep_and_the_console_script(tmp_path):
     (wheel,) = wheels.glob("lossy_hooks-*.whl")
 
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    python, bindir = env_dir / "bin" / "python", env_dir / "bin"
+    python, bindir = _venv_seeing_this_interpreters_packages(env_dir)
     pip = [sys.executable, "-m", "pip", "--python", str(python)]
     pip = pip if _pip_has_python_option() else [str(python), "-m", "pip"]
     subprocess.run([*pip, "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
@@ -76,6 +78,27 @@ def test_wheel_in_a_fresh_venv_runs_the_sweep_and_the_console_script(tmp_path):
     bad = subprocess.run([*script, "--mtu", "2"], cwd=work, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--mtu must be >= 4 bytes" in bad.stderr
     assert sorted(p.name for p in work.iterdir()) == ["runs"]  # refused before any work
+
+
+def _venv_seeing_this_interpreters_packages(env_dir: Path) -> tuple[Path, Path]:
+    """A fresh venv whose Python imports what the running interpreter imports (torch, numpy,
+    ...) after its own site-packages: a ``.pth`` file listing this interpreter's site
+    directories. ``system_site_packages=True`` is not that inside a venv (it adds the base
+    interpreter's site-packages, without this venv's torch). The lines of a ``.pth`` file
+    are added to the path without running the ``.pth`` files there, so an editable install of
+    this checkout does not follow into the new venv."""
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
+    python, bindir = env_dir / "bin" / "python", env_dir / "bin"
+    theirs = subprocess.run(
+        [str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    ours = [p for p in dict.fromkeys(ours) if Path(p).is_dir()]
+    (Path(theirs) / "outer_site_packages.pth").write_text("\n".join(ours) + "\n")
+    return python, bindir
 
 
 def _pip_has_python_option() -> bool:

@@ -68,7 +68,9 @@ def test_smoke_command_runs(tmp_path):
     res = run([*script_argv(argv), "--max_steps", "3", "--output_dir", str(tmp_path)], cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     (run_dir,) = tmp_path.iterdir()
-    assert run_dir.name == "digits_resnet18_w1_worker_rescale_mean_mtu300_acc1_random-10pct_bucket25mb"
+    assert run_dir.name == (
+        "digits_resnet18_w1_worker_rescale_mean_mtu300_acc1_random-10pct_bucket25mb_ep1_bs32_r1_steps3"
+    )
 
 
 def test_tail_drop_example_lands_where_the_readme_says(tmp_path):
@@ -209,14 +211,19 @@ def test_deadline_command_prices_time_and_loses_late_packets(tmp_path):
 
 def _readme_pattern() -> re.Pattern[str]:
     """README's folder-name pattern as a regex: ``<x>`` a part without ``_`` (``<model>``:
-    any text; torchvision names have underscores), ``[...]`` optional, ``(a|b)`` one of."""
+    any text; torchvision names have underscores), ``[...]`` optional, ``[...]...`` any
+    number of times, ``(a|b)`` one of."""
     text = DOCS.split("**Outputs.**", 1)[1].split("<output_dir>/", 1)[1].split("/\n", 1)[0]
     out = []
-    for token in re.findall(r"<[^<>]+>|\[|\]|\(|\)|\||[^<>\[\]()|]+", text):
+    for token in re.findall(r"<[^<>]+>|\[|\]\.\.\.|\]|\(|\)|\||[^<>\[\]()|]+", text):
         if token.startswith("<"):
             out.append(".+?" if token == "<model>" else "[^_]+")
         else:
-            out.append({"[": "(?:", "]": ")?", "(": "(?:", ")": ")", "|": "|"}.get(token, re.escape(token)))
+            out.append(
+                {"[": "(?:", "]": ")?", "]...": ")*", "(": "(?:", ")": ")", "|": "|"}.get(
+                    token, re.escape(token)
+                )
+            )
     return re.compile("".join(out))
 
 
@@ -240,6 +247,15 @@ NAMED = [  # flags -> parts their folder name must have (every optional part at 
         ["_deadline-1p2x_", "_net10g-5us-lognormal-3-1-strag0p1x2-drop0p01-rto500"],
     ),
     ("--dataset digits --model resnet18 --packetization tensor", ["_pkt-tensor_"]),
+    (
+        "--dataset digits --model resnet18 --worker_drop --algorithm dbtree --ranks_per_node 2 "
+        "--link_loss '3->4=5%; 0->1=gemodel 1% 20%' --num_epochs 6 --batch_size 32 --lr 0.02 --seed 1 "
+        "--lab_round 2 --max_steps 20 --amp --eval_every 2 --tag try3",
+        [
+            "_dbtree_node2_links-3to4-5pct-0to1-gemodel-1pct-20pct_",
+            "_ep6_bs32_lr0p02_seed1_r2_steps20_amp_eval-every-2_try3",
+        ],
+    ),
 ]
 
 

@@ -214,3 +214,156 @@ def test_sweep_reads_toml_with_tomli_on_python_3_10(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     expected = {"nproc": 3, "fixed": {"dataset": "digits"}, "grid": {"mtu": [1500, 9000]}}
     assert res.stdout.strip() == f"tomli {expected}"
+
+
+# -------------------------------------------------------------- one folder per configuration
+# Per study setting: flags that make it take effect (context) and a non-default value. Every
+# flag of train_ddp.py that is not a control flag must be here (checked below), so a new
+# setting cannot be left out of the folder name.
+NAME_BASE = ["--dataset", "digits", "--model", "squeezenet1_1"]
+LOSS = ["--loss_rate", "0.1"]
+RING = ["--algorithm", "ring", "--worker_drop"]
+GPT_FSDP = ["--dataset", "text", "--model", "gpt-tiny", "--strategy", "fsdp", "--worker_drop"]
+NET = ["--bandwidth_gbps", "10"]
+SETTING_CHANGES: dict[str, tuple[list[str], list[str]]] = {
+    "num_epochs": ([], ["--num_epochs", "3"]),
+    "batch_size": ([], ["--batch_size", "32"]),
+    "learning_rate": ([], ["--learning_rate", "0.1"]),
+    "accumulation_steps": ([], ["--accumulation_steps", "2"]),
+    "loss_rate": ([], LOSS),
+    "mtu": ([], ["--mtu", "1500"]),
+    "use_zero": ([], ["--use_zero"]),
+    "use_avg": ([], ["--use_avg"]),
+    "lab_round": ([], ["--lab_round", "2"]),
+    "worker_drop": ([], ["--worker_drop"]),
+    "loss_model": ([], ["--loss_model", "gemodel 1% 20%"]),
+    "drop_point": ([], ["--drop_point", "both"]),
+    "post_sync": ([], ["--post_sync", "independent"]),
+    "fill": ([], ["--fill", "zero"]),
+    "packetization": ([], ["--packetization", "tensor"]),
+    "bucket_cap_mb": ([], ["--bucket_cap_mb", "1"]),
+    "model": ([], ["--model", "resnet18"]),
+    "dataset": ([], ["--dataset", "fake"]),
+    "corpus_mb": (["--dataset", "text", "--model", "gpt-tiny"], ["--corpus_mb", "0.5"]),
+    "strategy": (["--dataset", "text", "--model", "gpt-tiny", "--worker_drop"], ["--strategy", "fsdp"]),
+    "optimizer": ([], ["--optimizer", "adamw"]),
+    "all_gather_loss_rate": (GPT_FSDP, ["--all_gather_loss_rate", "0.01"]),
+    "all_gather_fill": ([*GPT_FSDP, "--all_gather_loss_rate", "0.01"], ["--all_gather_fill", "zero"]),
+    "imagenette_size": ([], ["--imagenette_size", "160px"]),
+    "seed": ([], ["--seed", "1"]),
+    "max_steps": ([], ["--max_steps", "5"]),
+    "eval_every": ([], ["--eval_every", "2"]),
+    "amp": ([], ["--amp"]),
+    "amp_init_scale": (["--amp"], ["--amp_init_scale", "1024"]),
+    "tag": ([], ["--tag", "probe"]),
+    "measure_fidelity": ([], ["--measure_fidelity"]),
+    "measure_drift": ([], ["--measure_drift", "2"]),
+    "resync": ([], ["--resync", "2"]),
+    "counts_transport": ([], ["--counts_transport", "separate"]),
+    "algorithm": (["--worker_drop"], ["--algorithm", "ring"]),
+    "ranks_per_node": (RING, ["--ranks_per_node", "2"]),
+    "link_loss": (RING, ["--link_loss", "0->1=5%"]),
+    "encoding": ([], ["--encoding", "hadamard"]),
+    "hadamard_block": (["--encoding", "hadamard"], ["--hadamard_block", "1024"]),
+    "wire_dtype": ([], ["--wire_dtype", "bf16"]),
+    "error_feedback": (["--worker_drop", "--use_zero"], ["--error_feedback"]),
+    "protect": ([], ["--protect", "bias"]),
+    "retransmit": ([], ["--retransmit", "1"]),
+    "fec": ([], ["--fec", "8", "1"]),
+    "bandwidth_gbps": ([], NET),
+    "latency_us": (NET, ["--latency_us", "20"]),
+    "jitter": (NET, ["--jitter", "lognormal 4 1"]),
+    "straggler_prob": (NET, ["--straggler_prob", "0.1"]),
+    "straggler_factor": ([*NET, "--straggler_prob", "0.1"], ["--straggler_factor", "3"]),
+    "net_drop_rate": (NET, ["--net_drop_rate", "0.001"]),
+    "rto_us": (NET, ["--rto_us", "500"]),
+}
+
+
+def _folder(argv: list[str], world: int = 4) -> Path:
+    run_dir, error = sweep.run_dir_for(argv, world)
+    assert run_dir is not None, f"{argv}: {error}"
+    return run_dir
+
+
+def test_every_setting_that_changes_a_run_changes_its_folder():
+    """Each study setting off its default (in a context where it takes effect) names another
+    folder; control flags (output folder, workers, ...) do not. Issue 41: learning rate,
+    batch size, seed and epochs used to be missing, so a grid over them shared one folder."""
+    from lossy_hooks.study.flags import build_parser
+    from lossy_hooks.study.run_names import CONTROL_FLAGS
+
+    settings = set(vars(build_parser(prog="train_ddp.py").parse_args([]))) - CONTROL_FLAGS
+    assert settings == set(SETTING_CHANGES), "every study flag needs an entry in SETTING_CHANGES"
+    for name, (context, change) in SETTING_CHANGES.items():
+        before, after = _folder([*NAME_BASE, *context]), _folder([*NAME_BASE, *context, *change])
+        assert before != after, f"--{name}: {change} leaves the folder {before.name}"
+    base = _folder(NAME_BASE)
+    assert _folder([*NAME_BASE, "--workers", "3", "--resume"]) == base  # control flags
+    assert _folder([*NAME_BASE, "--hadamard_block", "1024"]) == base  # no effect without Hadamard
+    # the readable parts of the settings that were missing
+    name = _folder(
+        [*NAME_BASE, "--num_epochs", "6", "--batch_size", "32", "--lr", "0.02", "--seed", "2"]
+    ).name
+    assert name.endswith("_ep6_bs32_lr0p02_seed2"), name
+
+
+def test_a_long_name_ends_in_the_configuration_hash():
+    """Past MAX_NAME_CHARS the name keeps its first parts and a hash of every setting off
+    its default: two configurations that differ only past the cut still differ, the same
+    configuration gets the same name, and config_identity holds the whole configuration."""
+    import hashlib
+    import os
+
+    from lossy_hooks.study.cli import resolve
+    from lossy_hooks.study.flags import build_parser
+    from lossy_hooks.study.run_names import HASH_CHARS, MAX_NAME_CHARS, config_identity, config_name
+
+    long = [*NAME_BASE, "--tag", "t" * 150, "--jitter", "lognormal 4 1", *NET]
+    a, b = _folder([*long, "--seed", "1"]), _folder([*long, "--seed", "2"])
+    assert a != b and len(a.name) <= MAX_NAME_CHARS and len(b.name) <= MAX_NAME_CHARS
+    assert a == _folder([*long, "--seed", "1"])
+    os.environ.update(RANK="0", WORLD_SIZE="4")
+    try:
+        parser = build_parser(prog="train_ddp.py")
+        cfg = resolve(parser.parse_args([*long, "--seed", "1"]), parser)
+    finally:
+        del os.environ["RANK"], os.environ["WORLD_SIZE"]
+    identity = json.loads(config_identity(cfg))
+    assert identity["seed"] == 1 and identity["tag"] == "t" * 150 and "output_dir" not in identity
+    digest = hashlib.sha256(config_identity(cfg).encode()).hexdigest()[:HASH_CHARS]
+    assert config_name(cfg) == a.name and a.name.endswith(f"_cfg{digest}")
+
+
+@pytest.mark.parametrize("setting", ["learning_rate", "batch_size", "seed", "num_epochs"])
+def test_a_grid_over_a_setting_once_missing_from_the_name_plans_one_folder_each(tmp_path, setting):
+    """sweep.plan (what every sweep does before it launches) over each setting that was
+    missing from the folder name: one folder per configuration, and sweep.json lists both."""
+    from rich.console import Console
+
+    values = {"learning_rate": [0.01, 0.1], "batch_size": [16, 32], "seed": [0, 1], "num_epochs": [1, 2]}
+    fixed = {"dataset": "digits", "model": "squeezenet1_1", "output_dir": str(tmp_path / "runs")}
+    records = sweep.plan(fixed, {setting: values[setting]}, 2, Console(quiet=True))
+    folders = {r["run_dir"] for r in records}
+    assert len(folders) == 2 and all("outcome" not in r for r in records)  # both to run
+    planned = json.loads((tmp_path / "runs" / "sweep.json").read_text())["configurations"]
+    assert sorted(planned) == sorted(Path(f).name for f in folders)
+    assert sorted(p["settings"][setting] for p in planned.values()) == values[setting]
+
+
+def test_a_sweep_that_would_share_a_folder_refuses_before_anything(tmp_path, capsys):
+    """Two configurations that name one folder (a grid over a control flag, or a value
+    twice): exit 2 naming the folder and both configurations, nothing written or launched."""
+    out = tmp_path / "runs"
+    argv = ["--nproc", "1", "--grid", "workers=0,2", "--", "--dataset", "digits", "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as e:
+        sweep.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "2 configurations would share 1 run folder" in err and "workers=0; workers=2" in err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as e:
+        sweep.main(
+            ["--nproc", "1", "--grid", "seed=1,1", "--", "--dataset", "digits", "--output_dir", str(out)]
+        )
+    assert e.value.code == 2 and not out.exists()

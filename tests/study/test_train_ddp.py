@@ -248,7 +248,9 @@ def test_torchrun_folder_run_outputs(tmp_path, image_folder):
     res = run(torchrun(args))
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(out)
-    assert run_dir.name == "folder_squeezenet1_1_w2_worker_rescale_mean_mtu300_acc2_random-20pct_bucket25mb"
+    assert run_dir.name == (
+        "folder_squeezenet1_1_w2_worker_rescale_mean_mtu300_acc2_random-20pct_bucket25mb_ep2_bs2_r2"
+    )
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["drop_point"] == "worker" and cfg["reduction"] == "mean"
     assert cfg["loss_rate"] == 0.2 and cfg["environment"]["torch"]
@@ -565,8 +567,8 @@ def test_original_defaults_and_flags_reach_the_hook(tmp_path, image_folder):
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(out)
     assert (
-        run_dir.name
-        == "folder_squeezenet1_1_w1_both-shared_zero_sum_pkt-tensor_acc1_random-10pct_bucket25mb_probe"
+        run_dir.name == "folder_squeezenet1_1_w1_both-shared_zero_sum_pkt-tensor_acc1_random-10pct_bucket25mb"
+        "_ep3_bs6_r1_counts-transport-separate_eval-every-2_probe"
     )
     cfg = json.loads((run_dir / "config.json").read_text())
     assert (cfg["fill"], cfg["reduction"], cfg["drop_point"]) == ("zero", "sum", "both")

@@ -24,7 +24,7 @@ from lossy_hooks.core.placement.base import Phase
 from lossy_hooks.core.placement.hops import HopPlacement
 from lossy_hooks.core.placement.links import LinkRules, link_name
 from lossy_hooks.core.placement.schedule import Chunking, PhaseShape, path_products
-from lossy_hooks.core.streams import STREAM_HOPS, STREAM_START_OFFSET, derive_seed
+from lossy_hooks.core.streams import START_OFFSET, derive_seed, hop_stream
 from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, LossModel
 
 if TYPE_CHECKING:
@@ -104,12 +104,12 @@ class HopLoss:
                 models = [self.rules.model_for(link, self.loss_model) for link in shape.links]
                 for i, m in enumerate(models):  # deterministic models (traces) start per link
                     if type(m).start_stream is not LossModel.start_stream:
-                        m.start_stream(derive_seed(seed, STREAM_HOPS[phase] + STREAM_START_OFFSET, i))
+                        m.start_stream(derive_seed(seed, hop_stream(phase) + START_OFFSET, i))
                 self.streams[phase] = _PhaseStreams(shape, models)
         self._chunkings = {}
         for phase, streams in self.streams.items():
             gen = torch.Generator(device=device)
-            gen.manual_seed(derive_seed(seed, STREAM_HOPS[phase], 0))
+            gen.manual_seed(derive_seed(seed, hop_stream(phase), 0))
             saved = (self._saved or {}).get(phase)
             if saved is not None:
                 for m, sd in zip(streams.models, saved["models"], strict=True):
