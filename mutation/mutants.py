@@ -59,6 +59,8 @@ PLACEMENTS_W3 = (
 CLOCK = ("tests/multiprocess/test_netclock.py", "-k", "not script and not summary")  # in-process and W=3 DDP
 CLUSTER = ("tests/study/test_cluster.py",)  # the submitit-local sweeps (kill, preempt), SLURM stand-ins
 CLUSTER_UNIT = ("tests/study/test_cluster.py", "-k", "slurm or requeued or scalars")  # no launch
+STATUS_UNIT = ("tests/study/test_cluster.py", "-k", "status_of")  # --status of folders written by hand
+LEDGER = ("tests/unit/test_ledger.py",)
 
 
 def script(*names: str) -> tuple[str, ...]:
@@ -847,6 +849,47 @@ MUTANTS = [
         'out[f"loss_rate/{point}"] = lost / (sent + lost)',
         "TensorBoard's loss rate per drop point: lost over sent in the epoch",
         (CLUSTER_UNIT,),
+    ),
+    # ---------------------------------------------------------------- issue 41: rules no test pinned
+    M(
+        "M94",
+        "lossy_hooks/core/ledger.py",
+        "calls = self.sent[p].get(k, 0) // max(entry.packets, 1) * world",
+        "calls = self.sent[p].get(k, 0) // max(entry.packets, 1)",
+        "a parameter's packets sent are summed over the ranks (all_ranks) as its lost ones are",
+        (LEDGER,),
+    ),
+    M(
+        "M95",
+        "lossy_hooks/core/placement/tree.py",
+        "rank_at = (np.arange(world) + 1) % world if world % 2 == 0 else world - 1 - np.arange(world)",
+        "rank_at = (np.arange(world) + 1) % world",
+        "the double tree's second tree is the first mirrored at odd W (NCCL 2.5.6-2.7.8's ncclGetDtree)",
+        (PLACEMENT_UNIT, PLACEMENTS_W3),
+    ),
+    M(
+        "M96",
+        "lossy_hooks/core/placement/hop_loss.py",
+        "gen.manual_seed(derive_seed(seed, hop_stream(phase), 0))",
+        'gen.manual_seed(derive_seed(seed, hop_stream("reduce"), 0))',
+        "drop_point='both': the reduce and broadcast hops lose independently (own streams)",
+        (PLACEMENT_UNIT,),
+    ),
+    M(
+        "M97",
+        "lossy_hooks/core/placement/hop_loss.py",
+        "per_hop = np.repeat([m.keep_fraction(steps * slots) for m in streams.models], steps)",
+        "per_hop = np.tile([m.keep_fraction(steps * slots) for m in streams.models], steps)",
+        "a path's keep fraction q (the broadcast rescale's 1/q) is its own links' keep fractions' product",
+        (PLACEMENT_UNIT,),
+    ),
+    M(
+        "M98",
+        "lossy_hooks/study/sweeping/config_state.py",
+        "    if all(ended):\n",
+        "    if any(ended):\n",
+        "a configuration is done only when every round ended",
+        (STATUS_UNIT,),
     ),
 ]
 

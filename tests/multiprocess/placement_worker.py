@@ -14,13 +14,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lossy_hooks import LossyState, lossy_allreduce_hook
 from lossy_hooks.core.network import NetworkModel
-from lossy_hooks.core.placement import binary_tree_parents
-from lossy_hooks.core.placement.tree import complementary_tree_parents
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from launch import worker_main
+    from nccl_trees import nccl_tree_parents
 except ImportError:
     from tests.launch import worker_main
+    from tests.nccl_trees import nccl_tree_parents
 
 ALGORITHMS = ("ring", "tree", "dbtree", "direct")
 CASES = [("worker", "zero"), ("worker", "rescale"), ("post", "zero"), ("post", "rescale"), ("post", "stale")]
@@ -186,9 +186,8 @@ class Literal:
         return part, counts, have, hops
 
     def tree(self, g: torch.Tensor):
-        trees = [binary_tree_parents(self.world)]
-        if self.algorithm == "dbtree":
-            trees.append(complementary_tree_parents(self.world))
+        # NCCL's trees built here (tests/nccl_trees.py), not by the package's helpers
+        trees = [np.array(t) for t in nccl_tree_parents(self.world)][: 2 if self.algorithm == "dbtree" else 1]
         W, r = self.world, self.rank
         part, counts = g.clone(), torch.ones(self.n, dtype=torch.int32)
         have = torch.ones(self.n, dtype=torch.bool)

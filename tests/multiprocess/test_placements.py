@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lossy_hooks.core.placement import binary_tree_parents
-from lossy_hooks.core.placement.tree import complementary_tree_parents
 from lossy_hooks.core.statistics import binomial_interval
 from tests.launch import launch
+from tests.nccl_trees import nccl_tree_parents
 
 WORKER = Path(__file__).with_name("placement_worker.py")
 SCENARIOS = {
@@ -53,8 +52,7 @@ def hops_to_root(algorithm: str, world: int, chunk: int, rank: int, phase: str) 
         return (chunk - rank) % world if phase == "reduce" else (rank - chunk) % world
     if algorithm == "direct":
         return 0 if rank == chunk else 1
-    trees = [binary_tree_parents(world), complementary_tree_parents(world)]
-    return _depths(trees[chunk])[rank]
+    return _depths(np.array(nccl_tree_parents(world)[chunk]))[rank]
 
 
 def test_the_fast_path_delivers_what_the_literal_algorithms_deliver(run):
@@ -129,7 +127,7 @@ def test_survival_and_receipt_by_distance_against_the_closed_forms(run):
             "direct": 1 - p * (world - 1) / world,
         }.get(algorithm)
         if expected is None:  # trees: the mean over the ranks of (1-p)^depth, per half
-            halves = [binary_tree_parents(world), complementary_tree_parents(world)][:chunks]
+            halves = [np.array(t) for t in nccl_tree_parents(world)][:chunks]
             expected = float(np.mean([np.mean([(1 - p) ** d for d in _depths(t)]) for t in halves]))
         half_width = Z999 * math.sqrt(reduce["var"] / reduce["samples"]) / world + 1e-12
         assert abs(reduce["mean"] / world - expected) <= half_width, (

@@ -16,7 +16,9 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import stat
+import subprocess
 import sys
 import textwrap
 import time
@@ -27,7 +29,7 @@ import pytest
 from rich.console import Console
 
 from lossy_hooks.study.run_control import FAULT_ENV
-from lossy_hooks.study.sweeping.config_state import config_state
+from lossy_hooks.study.sweeping.config_state import config_state, record_job
 from lossy_hooks.study.sweeping.jobs import ClusterResources, TrainJob, parse_slurm_time
 from lossy_hooks.study.sweeping.runner import run_sweep
 from lossy_hooks.study.tensorboard_log import epoch_scalars
@@ -499,6 +501,36 @@ def test_status_of_a_planned_configuration_that_never_ran(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not started" in out and "loss_rate=0.1" in out
     assert sweep.main(["--status", str(tmp_path / "nowhere")]) == 2
+
+
+def test_status_of_a_configuration_killed_in_its_second_round_is_failed_not_done(tmp_path, capsys):
+    """Two rounds: round 0 finished, round 1 killed (no status.json, the lock of a dead
+    process, the launch's record and log): failed with 1/2 rounds ended, not done; beside it
+    a configuration whose two rounds ended is done. Folder files written by hand, no launch."""
+    runs = tmp_path / "runs"
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()  # its PID: a writer that is gone
+    for name, statuses in (("cfg_killed", ["finished"]), ("cfg_done", ["finished", "diverged"])):
+        run = runs / name
+        for k in range(2):
+            (run / f"round{k}").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"lab_round": 2, "loss_rate": 0.1}))
+        for k, status in enumerate(statuses):
+            (run / f"round{k}" / "status.json").write_text(json.dumps({"status": status}))
+        log = tmp_path / f"{name}.log"
+        log.write_text("round 1, epoch 1\n")
+        record_job(run, "local", None, [str(log)], None)
+    lock = {"pid": killed.pid, "host": socket.gethostname(), "job": None, "started": "-"}
+    (runs / "cfg_killed" / ".lock").write_text(json.dumps(lock))
+    state = config_state(runs / "cfg_killed")
+    assert (state.state, state.detail) == ("failed", "1/2 rounds ended; round 1, epoch 1")
+    assert (config_state(runs / "cfg_done").state, config_state(runs / "cfg_done").detail) == (
+        "done",
+        "1 finished, 1 diverged",
+    )
+    assert sweep.main(["--status", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == "1 done, 1 failed"
 
 
 def _readme_cluster_commands() -> list[list[str]]:

@@ -4,9 +4,13 @@ mark, and its checkpoint, against numbers worked out by hand."""
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import torch
 
+from lossy_hooks.core import ledger as ledger_module
 from lossy_hooks.core.counters import BucketEntry
 from lossy_hooks.core.ledger import PacketLedger
 
@@ -53,6 +57,69 @@ def test_counts_per_point_bucket_and_parameter():
     # b: packets 1-3 over 2 calls = 6 sent; lost: packet 1 once, packet 3 once = 2
     assert (rows["worker", "b"]["packets_sent"], rows["worker", "b"]["packets_lost"]) == (6, 2)
     assert rows["post", "b"]["packets_sent"] == 3 and rows["post", "b"]["packets_lost"] == 0
+
+
+class ThreeRanks:
+    """A stand-in for ``torch.distributed`` as the ledger uses it, for W ledgers run in W
+    threads: ``all_reduce`` sums the W ranks' tensors (each thread is one rank)."""
+
+    def __init__(self, world: int) -> None:
+        self.world, self.local = world, threading.local()
+        self.barrier = threading.Barrier(world)
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.group = SimpleNamespace(WORLD=None)
+
+    def all_reduce(self, vec: torch.Tensor, group=None) -> None:
+        self.slots[self.local.rank] = vec.clone()
+        self.barrier.wait()
+        total = torch.stack(self.slots).sum(0)  # type: ignore[arg-type]
+        self.barrier.wait()
+        vec.copy_(total)
+
+    def get_world_size(self, group=None) -> int:
+        return self.world
+
+    def run(self, fn, args: list) -> list:
+        def one(rank: int):
+            self.local.rank = rank
+            return fn(args[rank])
+
+        with ThreadPoolExecutor(self.world) as pool:
+            return list(pool.map(one, range(self.world)))
+
+
+def test_per_parameter_sent_lost_and_rate_are_summed_over_ranks(monkeypatch):
+    """loss_by_parameter(all_ranks=True) at W = 3 (three ledgers, a summing all_reduce): a
+    parameter's packets sent are summed over the ranks as its lost ones are, so its loss rate
+    is the group's (layers.csv's rate; sent taken from one rank would make it W times too high)."""
+    group = ThreeRanks(3)
+    monkeypatch.setattr(ledger_module, "dist", group)
+    worker_masks = [  # per rank: two calls
+        (mask(1, 0, 0, 1), mask(1, 1, 0, 0)),
+        (mask(0, 0, 0, 0), mask(0, 0, 1, 0)),
+        (mask(1, 1, 1, 1), mask(0, 0, 0, 1)),
+    ]
+    ledgers = []
+    for masks in worker_masks:
+        led = ledger()
+        led.to(torch.device("cpu"))
+        for m in masks:
+            led.count("worker", KEY, 4, m)
+        led.count("post", KEY, 4, None)
+        ledgers.append(led)
+    by_rank = group.run(lambda led: led.loss_by_parameter(NAMES, all_ranks=True), ledgers)
+    for rows in by_rank:  # every rank reads the group's figures
+        got = {(r["drop_point"], r["parameter"]): r for r in rows}
+        # a (packets 0-1): 2 packets x 2 calls x 3 ranks sent; lost 3 + 0 + 2
+        assert (got["worker", "a"]["packets_sent"], got["worker", "a"]["packets_lost"]) == (12, 5)
+        # b (packets 1-3): 3 x 2 x 3 sent; lost 2 + 1 + 4
+        assert (got["worker", "b"]["packets_sent"], got["worker", "b"]["packets_lost"]) == (18, 7)
+        assert got["worker", "a"]["loss_rate"] == 5 / 12 and got["worker", "b"]["loss_rate"] == 7 / 18
+        assert (got["post", "a"]["packets_sent"], got["post", "b"]["packets_sent"]) == (6, 9)
+        assert got["post", "b"]["packets_lost"] == 0 and got["post", "b"]["loss_rate"] == 0.0
+    # the group's per-point figures: 4 packets x 2 calls x 3 ranks sent, 4 + 1 + 5 lost
+    stats = group.run(lambda led: led.stats(all_ranks=True), ledgers)
+    assert all((s["worker"]["packets_sent"], s["worker"]["packets_lost"]) == (24, 10) for s in stats)
 
 
 def test_since_mark_gives_deltas_and_the_mark_survives_a_checkpoint():

@@ -29,6 +29,7 @@ from lossy_hooks.core.placement import (
 from lossy_hooks.core.statistics import binomial_interval, burst_lengths
 from lossy_hooks.loss_models import Bernoulli, DeadlineLoss, GilbertElliott
 from lossy_hooks.loss_models.deadline import Deadline
+from tests.nccl_trees import nccl_get_dtree, nccl_tree_children, nccl_tree_parents
 
 W, N, PACKET = 4, 200, 1500
 
@@ -164,6 +165,48 @@ def test_ncclS_binary_tree_shape():
     assert interior and all(x % 2 == 1 for x in interior)  # W even: the first tree's leaves
 
 
+# NCCL's double tree (ncclGetDtree of NCCL 2.5.6-2.7.8, tests/nccl_trees.py) worked out by
+# hand: parents (the root its own) and children of both trees. The second tree is the first
+# mirrored (rank W-1-q at position q) at odd W, shifted by one (rank q+1) at even W.
+DTREES = {
+    3: (
+        [0, 2, 0],  # 0 -> 2 -> 1
+        [2, 0, 2],  # mirrored: 2 -> 0 -> 1 (the shifted tree's root would be 1)
+        [{2}, set(), {1}],
+        [{1}, set(), {0}],
+    ),
+    5: (
+        [0, 2, 4, 2, 0],  # 0 -> 4 -> 2 -> {1, 3}
+        [4, 2, 0, 2, 4],  # mirrored: 4 -> 0 -> 2 -> {1, 3}
+        [{4}, set(), {1, 3}, set(), {2}],
+        [{2}, set(), {1, 3}, set(), {0}],
+    ),
+    6: (
+        [0, 2, 4, 2, 0, 4],  # 0 -> 4 -> {2, 5}, 2 -> {1, 3}
+        [5, 1, 3, 5, 3, 1],  # shifted: 1 -> 5 -> {0, 3}, 3 -> {2, 4}
+        [{4}, set(), {1, 3}, set(), {2, 5}, set()],
+        [set(), {5}, set(), {2, 4}, set(), {0, 3}],
+    ),
+}
+
+
+@pytest.mark.parametrize("world", sorted(DTREES))
+def test_ncclS_double_tree_at_odd_and_even_world_sizes(world):
+    """The double tree's two trees at W = 3, 5, 6 against NCCL's ncclGetDtree: by hand
+    (DTREES), its literal transcription, and the placement's reduce and broadcast trees."""
+    first, second, kids_first, kids_second = DTREES[world]
+    assert nccl_tree_parents(world) == [first, second]
+    assert nccl_tree_children(world) == [kids_first, kids_second]
+    assert [nccl_get_dtree(world, r)[1][0] for r in range(world)].count(-1) == 1  # one root
+    trees = placement_of("dbtree").trees(world)
+    for phase in ("reduce", "broadcast"):
+        parent = trees[phase][0]
+        assert parent.tolist() == [first, second], (world, phase)
+    assert placement_of("tree").trees(world)["reduce"][0].tolist() == [first]
+    for w in range(1, 33):  # and the transcription at every W up to 32
+        assert placement_of("dbtree").trees(w)["reduce"][0].tolist() == nccl_tree_parents(w), w
+
+
 def test_path_products_are_the_product_along_each_path():
     """Pointer doubling against a walk up the tree, on a random forest of depth up to 9."""
     g = torch.Generator().manual_seed(0)
@@ -234,6 +277,67 @@ def test_ranks_per_node_and_link_overrides_pick_each_links_model():
         hop_loss(
             "tree", 5, Bernoulli(0.1), ("reduce",), rules=LinkRules(None, parse_link_loss({(2, 1): 0.5}))
         )
+
+
+def test_the_two_phases_of_drop_point_both_lose_independently():
+    """drop_point="both" on a ring (W = 4, p = 30%): the reduce and broadcast phases have the
+    same links, steps and slots, and each loses at p; the same (link, step, slot) is lost in
+    both with p^2 (independent streams), in 99.9% binomial intervals (a shared stream: p)."""
+    p, world = 0.3, 4
+    state = LossyState(loss_rate=p, algorithm="ring", drop_point="both", seed=3)
+    hops = state.hops
+    assert hops is not None and hops.phases == ("reduce", "broadcast")
+    hops.prepare(CPU, 3, 0, world)
+    assert hops.links["reduce"] == hops.links["broadcast"]
+    lost = {"reduce": [], "broadcast": []}
+    for _ in range(100):  # 100 collectives of 40 packets: 4 links x 3 steps x 10 slots each
+        for phase in lost:
+            lost[phase].append(~hops.draw(phase, 40, CPU)[:-1])
+    reduce, broadcast = torch.stack(lost["reduce"]), torch.stack(lost["broadcast"])
+    cells = reduce.numel()
+    assert cells == 100 * 4 * 3 * 10
+    for phase, got, rate in (
+        ("reduce", reduce, p),
+        ("broadcast", broadcast, p),
+        ("both", reduce & broadcast, p * p),
+    ):
+        lo, hi = binomial_interval(cells, rate)
+        assert lo <= int(got.sum()) <= hi, (phase, int(got.sum()) / cells, rate)
+
+
+def test_path_keep_is_the_product_of_each_paths_link_keep_fractions():
+    """An uneven ring (W = 4, each link its own rate): q[c, r] is the product of the keep
+    fractions 1 - p of the links on r's path, from r to chunk c's owner c (reduce) and from c
+    to r (broadcast); the broadcast rescale factor of each of r's packets is 1 / q[c, r]."""
+    world = 4
+    rates = {(0, 1): 0.1, (1, 2): 0.2, (2, 3): 0.3, (3, 0): 0.4}
+    rules = LinkRules(None, parse_link_loss(rates))
+    packets = 10  # chunks of 3, 3, 2, 2 packets
+
+    def along(src: int, dst: int) -> float:  # downstream src -> src+1 -> ... -> dst
+        q, x = 1.0, src
+        while x != dst:
+            q, x = q * (1 - rates[x, (x + 1) % world]), (x + 1) % world
+        return q
+
+    want = {
+        "reduce": [[along(r, c) for r in range(world)] for c in range(world)],
+        "broadcast": [[along(c, r) for r in range(world)] for c in range(world)],
+    }
+    assert want["broadcast"][0][3] == pytest.approx(0.9 * 0.8 * 0.7)
+    chunk_of = torch.cat(
+        [torch.full((len(a),), c) for c, a in enumerate(torch.arange(packets).tensor_split(world))]
+    )
+    for rank in range(world):
+        hops = hop_loss("ring", world, Bernoulli(0.05), rules=rules)
+        hops.prepare(CPU, 0, rank, world)
+        for phase in ("reduce", "broadcast"):
+            q = hops.path_keep(phase, packets, CPU)
+            assert torch.allclose(q, torch.tensor(want[phase]), rtol=1e-6, atol=0), (phase, q.tolist())
+        factor = hops.masks(packets, counts=False, post_rescale=True, device=CPU).post_factor
+        assert factor is not None
+        expected = [1 / want["broadcast"][int(c)][rank] for c in chunk_of]
+        assert factor.tolist() == pytest.approx(expected, rel=1e-6), rank
 
 
 def test_a_resumed_hop_loss_continues_every_links_stream():

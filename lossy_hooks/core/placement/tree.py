@@ -13,7 +13,9 @@ received at depth ``d`` with ``(1 - p)^d``. The whole bucket crosses every edge.
 on the binary tree, the second half on a complementary tree, the binary tree with every
 position ``q`` taken by rank ``(q + 1) mod W`` (``W`` even: a shift by one, so the odd ranks,
 the first tree's leaves, are the second's interior) or ``W - 1 - q`` (``W`` odd: mirrored).
-A directed link of both trees carries both halves, the first one first.
+A directed link of both trees carries both halves, the first one first. This is the rule of
+NCCL 2.5.6 to 2.7.8; NCCL 2.8.3 swapped it (mirrored at even ``W``, shifted at odd ``W``), so
+from 2.8.3 on the second tree differs at every ``W > 2``.
 """
 
 from __future__ import annotations
