@@ -314,6 +314,7 @@ def part_buckets(args: argparse.Namespace, figures: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The flags checked, then the parts asked for (``--part``); returns 0."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("accuracy", "buckets", "both", "placement"), default="both")
     p.add_argument("--out", type=Path, default=Path("runs/time_study"), help="train_ddp.py --output_dir")

@@ -106,6 +106,7 @@ def print_status(runs_dirs: list[Path], console: Console) -> int:
 
 
 def _load_config(path: str) -> dict[str, Any]:
+    """A sweep's config file: TOML (``.toml``) or JSON."""
     if path.endswith(".toml"):
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -119,6 +120,7 @@ CLUSTER_DEFAULTS = {"executor": "local", "nodes": 1, "gpus_per_node": 0}
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The sweep's flags (the study script's own come after a lone ``--``)."""
     p = argparse.ArgumentParser(
         description="Run a grid of train_ddp.py configurations: with torchrun here, or as submitit "
         "jobs on SLURM (or submitit's local executor).",
@@ -235,6 +237,9 @@ def print_results(records: list[dict[str, Any]], console: Console) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``--status``, or a sweep: the config file and the flags merged (a flag wins), the
+    cluster settings checked, then :func:`~lossy_hooks.study.sweeping.runner.run_sweep` and
+    its table. Returns 1 if a configuration failed or was invalid."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
