@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from lossy_hooks.study.sweeping.launch import run_dir_for
+
 from ..launch import ROOT, free_port
 
 # README first: a command is looked up in the order a reader meets it
@@ -54,10 +56,13 @@ def script_argv(argv: list[str]) -> list[str]:
 def test_quick_study_command_makes_the_folder_it_names(tmp_path):
     line = readme_command("pip install -e . && torchrun")
     argv = line[line.index("torchrun") :]
+    named = re.search(r"`runs/(\S+?)/`", DOCS).group(1)
+    flags = argv[argv.index("train_ddp.py") + 1 :]
+    assert run_dir_for(flags, 2)[0] == Path("runs") / named  # the folder the whole command names
     res = run([*script_argv(argv), *SHRINK, "--workers", "0"], cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    named = re.search(r"`runs/(\S+?)/`", DOCS).group(1)
-    run_dir = tmp_path / "runs" / named
+    shrunk, _ = run_dir_for([*flags, *SHRINK], 2)  # the cut run: its own folder (epochs, steps)
+    run_dir = tmp_path / shrunk
     for name in ("config.json", "round0/metrics.csv", "round0/checkpoint.pt", "round0/final.pt"):
         assert (run_dir / name).exists(), name
     assert (run_dir / "summary.csv").exists() and (run_dir / "summary.png").exists()
@@ -200,7 +205,7 @@ def test_deadline_command_prices_time_and_loses_late_packets(tmp_path):
     res = run([*script_argv(argv), *SHRINK, "--max_steps", "4", "--output_dir", str(tmp_path)], cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     (run_dir,) = tmp_path.iterdir()
-    assert "_deadline-1p2x_" in run_dir.name and run_dir.name.endswith("_net1g-5us-lognormal-7p6-1")
+    assert "_deadline-1p2x_" in run_dir.name and "_net1g-5us-lognormal-7p6-1_ep1_" in run_dir.name
     with open(run_dir / "round0" / "metrics.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     lossfree, lossy = float(row["sim_lossfree_s"]), float(row["sim_comm_s"])

@@ -358,15 +358,20 @@ def test_kill_then_resume_gives_each_epoch_once_and_same_numbers(tmp_path, capsy
     assert [r["epoch"] for r in rows(metrics)] == ["1", "2", "3"]
     assert torch.load(metrics.with_name("checkpoint.pt"), weights_only=True)["epoch"] == 2
 
-    # a re-run without --resume is refused; with other flags --resume lists the difference
+    # a re-run without --resume is refused; another learning rate is another folder; a folder
+    # whose config.json differs from the flags (one named before a setting was in the name)
+    # is refused by --resume, listing the difference
+    from lossy_hooks.study.sweeping.launch import run_dir_for
+
+    assert run_dir_for([*common, "--learning_rate", "0.01"], 2)[0].name != metrics.parent.parent.name
+    saved = metrics.parent.parent / "config.json"
+    text = saved.read_text()
+    saved.write_text(text.replace('"learning_rate": 0.005', '"learning_rate": 0.01'))
     os.environ.update(WORLD_SIZE="2", RANK="0")  # name the 2-rank folder; errors come before any group
     try:
         for flags, msg in (
             ([*common_mtu, "--output_dir", str(cut_dir)], "pass --resume to continue"),
-            (
-                [*common, "--learning_rate", "0.01", "--output_dir", str(cut_dir), "--resume"],
-                "learning_rate: saved 0.005, now 0.01",
-            ),
+            ([*common_mtu, "--output_dir", str(cut_dir), "--resume"], "learning_rate: saved 0.01, now 0.005"),
         ):
             with pytest.raises(SystemExit) as exc:
                 train_ddp.main(flags)
@@ -374,6 +379,7 @@ def test_kill_then_resume_gives_each_epoch_once_and_same_numbers(tmp_path, capsy
             assert msg in capsys.readouterr().err
     finally:
         del os.environ["WORLD_SIZE"], os.environ["RANK"]
+        saved.write_text(text)
 
     res = run(torchrun([*common_mtu, "--output_dir", str(cut_dir), "--resume"]))
     assert res.returncode == 0, res.stdout + res.stderr
@@ -652,7 +658,7 @@ def test_encoding_and_protection_flags_reach_the_hook_and_the_csv(tmp_path, imag
     res = folder_run(image_folder, out, flags)
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(out)
-    assert run_dir.name.endswith("_hadamard1024_wire-fp16_protect-bias_fec8-1_retx1")
+    assert "_hadamard1024_wire-fp16_protect-bias_fec8-1_retx1_" in run_dir.name
     hook = hook_config(run_dir / "round0")
     assert (hook["encoding"], hook["wire_dtype"], hook["fec"], hook["retransmit"]) == (
         "hadamard",

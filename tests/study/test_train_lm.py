@@ -184,7 +184,7 @@ def test_fsdp_language_model_run_resumes_exactly(tmp_path, text_folder):
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = only_dir(ref)
     assert run_dir.name.startswith("text_gpt-tiny_w2_worker_rescale_mean_mtu1500_acc2_random-10pct")
-    assert run_dir.name.endswith("_fsdp_ag0p05-stale_adamw")
+    assert "_fsdp_ag0p05-stale_adamw_" in run_dir.name
     resumed = rows(only_dir(cut) / "round0" / "metrics.csv")
     reference = rows(run_dir / "round0" / "metrics.csv")
     drop = {"epoch_seconds", "images_per_s"}
