@@ -28,7 +28,10 @@ from lossy_hooks.loss_models import deadline, markov
 # every technique's per-bucket methods (what a chain runs, and the fill rules FSDP calls)
 TECHNIQUE_METHODS = [
     getattr(cls, name)
-    for cls in {*techniques.CHAIN, *techniques.TECHNIQUES, *techniques.FILLS.values()}
+    # sorted: pytest-xdist's workers must collect the same tests in the same order
+    for cls in sorted(
+        {*techniques.CHAIN, *techniques.TECHNIQUES, *techniques.FILLS.values()}, key=lambda c: c.__qualname__
+    )
     for name in (
         "before_wire",
         "after_collective",
