@@ -87,7 +87,6 @@ class SimClock:
         self.lost: torch.Tensor | None = None  # ps: (W, n) packets the deadline transport lost, last call
         self.hop_lost: dict[Phase, torch.Tensor] = {}  # per hop: (R, K) late or dropped, last call
         self.last_steps: dict[Phase, torch.Tensor] = {}  # per hop: (T,) step times, nothing cut
-        self.last_hop_delays: dict[Phase, torch.Tensor] = {}  # per hop: (R, K) arrival times a, last call
         self.history: torch.Tensor | None = None  # (K, W + 1) completion ratios (AdaptiveDeadline)
         self.history_len = 0
         self.last_multiple: torch.Tensor | float | None = None  # x of the last call
@@ -253,7 +252,6 @@ class SimClock:
         own = torch.zeros(w, dtype=torch.float64, device=dev)  # the loss-free time of those steps
         whole = torch.zeros((), dtype=torch.float64, device=dev)  # the collective, nothing cut
         self.hop_lost, self.last_steps, self.last_multiple = {}, {}, x
-        self.last_hop_delays = {}
         for phase, tm in timings.items():  # two phases
             rows, slots = tm.valid.shape
             base = tm.duration if sigma is None else sigma[tm.src] * tm.duration
@@ -264,7 +262,6 @@ class SimClock:
             steps = torch.zeros(tm.levels, dtype=torch.float64, device=dev)
             steps.scatter_reduce_(0, tm.level, arrived.amax(1), "amax")
             self.last_steps[phase] = steps
-            self.last_hop_delays[phase] = a
             whole += steps.sum()
             if tries is None:
                 reliable = steps.sum()
@@ -391,7 +388,7 @@ class SimClock:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.generator, self.totals, self.lost, self.history = None, None, None, None
-        self.hop_lost, self.last_steps, self.last_hop_delays = {}, {}, {}
+        self.hop_lost, self.last_steps = {}, {}
         self.calls = int(sd["calls"])
         self.mark = [float(x) for x in sd["mark"]]
         self.mark += [0.0] * (len(_ALL_FIELDS) - len(self.mark))
