@@ -163,11 +163,9 @@ def setting_parts(cfg: dict[str, Any]) -> list[str]:
         label = _SHORT_LABEL.get(key, key.replace("_", "-"))
         if isinstance(value, bool):
             parts.append(label if value else f"no-{label}")
-        elif key in _SHORT_LABEL:
-            parts.append(label + _slug(format(value, "g") if isinstance(value, float) else str(value)))
-        else:
-            text = format(value, "g") if isinstance(value, float) else str(value)
-            parts.append(f"{label}-{_slug(text)}")
+            continue
+        text = _slug(format(value, "g") if isinstance(value, float) else str(value))
+        parts.append(label + text if key in _SHORT_LABEL else f"{label}-{text}")
     return parts
 
 
