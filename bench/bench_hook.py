@@ -227,16 +227,16 @@ class HostTime:
 
     On a CPU this is the hook's own work, most of what it adds to a step, and far less noisy
     than step time on a shared machine; on CUDA it is the time to enqueue. Callbacks are
-    timed by wrapping ``lossy_hooks.hook._join``; they finish within the step that issued
+    timed by wrapping ``lossy_hooks.core.pipeline.allreduce.join``; they finish within the step that issued
     them (DDP waits for every bucket's future), so ``current`` attributes them correctly.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.current = ""
-        import lossy_hooks.hook as hook_module
+        import lossy_hooks.core.pipeline.allreduce as pipeline_module
 
-        join = hook_module._join
+        join = pipeline_module.join
 
         def timed_join(futures, on_cuda, fn, *rest):
             def timed_fn(results):
@@ -247,7 +247,7 @@ class HostTime:
 
             return join(futures, on_cuda, timed_fn, *rest)
 
-        hook_module._join = timed_join
+        pipeline_module.join = timed_join
 
     def add(self, seconds: float) -> None:
         self.seconds[self.current] = self.seconds.get(self.current, 0.0) + seconds

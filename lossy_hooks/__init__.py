@@ -1,12 +1,18 @@
-"""lossy_hooks: simulate packet loss in DDP gradient communication with a comm hook.
+"""lossy_hooks: simulate packet loss in the communication of distributed training.
 
 Two lines in existing DDP code::
 
     state = LossyState(loss_rate=0.05, mtu=1500, drop_point="worker", fill="rescale")
     ddp_model.register_comm_hook(state, lossy_allreduce_hook)
+
+or, for any parallelism, a process group whose data collectives lose packets::
+
+    pg = lossy_group(LossyState(loss_rate=0.01, fill="zero"), kinds=("p2p", "all_to_all"))
 """
 
 from lossy_hooks.core.packetization import PacketLayout
+from lossy_hooks.core.process_group import reliable
+from lossy_hooks.group import lossy_group
 from lossy_hooks.hook import LossyState, lossy_allreduce_hook
 from lossy_hooks.loss_models import (
     Bernoulli,
@@ -33,5 +39,7 @@ __all__ = [
     "Trace",
     "__version__",
     "lossy_allreduce_hook",
+    "lossy_group",
     "parse_loss_model",
+    "reliable",
 ]

@@ -77,27 +77,19 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatt
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
 from lossy_hooks.core.buckets import BucketRecord
+from lossy_hooks.core.pipeline.sharded import ShardedCollectives, sharded_refusal
 from lossy_hooks.core.state import LossyState
-from lossy_hooks.core.techniques.fills import arrival_factor, insert_own_row, regenerated_counts
 
 __all__ = ["LossyAllGather", "LossyReduceScatter", "check_state", "fully_shard", "gather_state", "register"]
 
 
 def check_state(state: LossyState, collective: str = "reduce-scatter") -> None:
     """Raise ``ValueError`` naming the setting if ``state`` asks for something the FSDP
-    collectives do not do (``collective``: ``"reduce-scatter"`` or ``"all-gather"``)."""
-    refused = state.settings.fsdp_refusal()
-    if refused is not None:
-        name, value, why = refused
-        raise ValueError(f"FSDP {collective}: {name}={value!r} is not supported under FSDP ({why})")
-    why = state.placement.fsdp_refuses(state.settings, collective)
+    collectives do not do (``collective``: ``"reduce-scatter"`` or ``"all-gather"``;
+    :func:`~lossy_hooks.core.pipeline.sharded.sharded_refusal`)."""
+    why = sharded_refusal(state, collective)
     if why is not None:
-        raise ValueError(f"FSDP {collective}: {why}")
-    if state.counts_transport == "append":
-        raise ValueError(
-            f"FSDP {collective}: counts_transport='append' is not supported (the reduce-scatter output "
-            "is FSDP's own buffer); use 'separate', 'regenerate' or 'auto'"
-        )
+        raise ValueError(f"FSDP {why}")
     if collective == "all-gather":
         if state.drop_point != "post" or not state.fill_technique.for_parameters:
             raise ValueError(
@@ -122,66 +114,16 @@ def gather_state(
     return state
 
 
-class _Wiring:
-    """What the collectives of one :func:`register` call share: the state, the number of
-    FSDP parameter groups (a training step = one reduce-scatter per group) and the count."""
-
-    def __init__(self, state: LossyState, groups: int) -> None:
-        self.state = state
-        self.groups = groups
-        self.calls = 0
-
-    def draw_network(self, site: Any, record: BucketRecord, world: int, rank: int) -> torch.Tensor | None:
-        """``(W, n)`` loss mask of the rows crossing the network at ``site`` (own row kept),
-        counted in the ledger as ``(W-1) n`` packets; ``None`` when nothing can be lost."""
-        n = record.layout.num_packets
-        shared = not site.per_rank
-        drawn = site.draw(world * n if shared else (world - 1) * n)
-        if drawn is None:
-            lost = None
-        elif shared:  # one mask for every receiver: a sender's packet lost for all of them
-            lost = drawn.view(world, n).clone()
-            lost[rank] = False
-        else:
-            lost = insert_own_row(drawn.view(world - 1, n), rank)
-        net = None if lost is None else torch.cat((lost[:rank], lost[rank + 1 :]))
-        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)
-        return lost
-
-    def draw_hops(
-        self, site: Any, record: BucketRecord, world: int, rank: int, counts: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A per-hop placement (ring, direct): the ``(W, n)`` loss mask of the shard rows at
-        ``site`` (chunk ``c`` of the collective is row ``c``, owned by rank ``c``: the own
-        row is never lost) and, with ``counts``, the ``(W, n)`` arrival counts; the rows
-        that cross the network counted in the ledger as ``(W-1) n`` packets, and every link."""
-        state, n = self.state, record.layout.num_packets
-        if world != state.world_size:
-            raise ValueError(
-                f"algorithm={state.algorithm!r}: one LossyState serves one group; this collective runs "
-                f"on {world} ranks, the state's hops on {state.world_size}"
-            )
-        masks = state.hop_masks(world * n, world * record.wire_bytes, counts, False)
-        lost = masks.lost if site.name == "worker" else masks.post_lost
-        rows = None if lost is None else lost.view(world, n)
-        net = None if rows is None else torch.cat((rows[:rank], rows[rank + 1 :]))
-        state.ledger.count(site.name, record.key, (world - 1) * n, net)
-        arrivals = None if masks.arrivals is None else masks.arrivals.view(world, n)
-        return rows, arrivals
-
-    def step_done(self) -> None:
-        """One more reduce-scatter: a training step every ``groups`` of them (all-gathers,
-        whose number per step depends on resharding, count no steps: ``groups=0``)."""
-        self.calls += 1
-        if self.groups and self.calls % self.groups == 0:
-            self.state.steps += 1
-
-
 class _LossyComm(DefaultAllocMixin):
-    """What both lossy collectives hold: the shared wiring, the unit's index and name."""
+    """What both lossy collectives hold: the state's sharded pipeline
+    (:class:`~lossy_hooks.core.pipeline.sharded.ShardedCollectives`, shared by every unit of
+    one :func:`register` call), the unit's index and name."""
 
-    def __init__(self, wiring: _Wiring, index: int, label: str) -> None:
-        self.wiring, self.index, self.label = wiring, index, label
+    def __init__(self, pipeline: ShardedCollectives, index: int, label: str) -> None:
+        self.pipeline, self.index, self.label = pipeline, index, label
+
+    def _record(self, rows: torch.Tensor, post_rows: int) -> BucketRecord:
+        return self.pipeline.state.buckets.shard_record(self.index, self.label, rows, post_rows)
 
 
 class LossyReduceScatter(_LossyComm, ReduceScatter):
@@ -195,80 +137,8 @@ class LossyReduceScatter(_LossyComm, ReduceScatter):
         op: Any,
         async_op: bool = False,
     ) -> dist.Work | None:
-        state = self.wiring.state
-        state.prepare(input_tensor, group)
-        state.bucket_calls += 1
-        if state.reduction == "sum":
-            if op != dist.ReduceOp.AVG:
-                raise ValueError(
-                    f"reduction='sum' replaces FSDP's average, but FSDP asked for {op} (a gradient "
-                    "divide factor or a low-precision reduce dtype): use reduction='mean'"
-                )
-            op = dist.ReduceOp.SUM
-        if state.passing_through:
-            dist.reduce_scatter_single(output=output_tensor, input=input_tensor, op=op, group=group)
-            return None
-        world, rank = state.world_size, state.rank
-        assert world is not None and rank is not None
-        if group.size() != world:
-            raise ValueError(
-                f"one LossyState serves one process group: this reduce-scatter runs on {group.size()} "
-                f"ranks, the state's first on {world}"
-            )
-        rows = input_tensor.view(world, -1)
-        record = state.buckets.shard_record(
-            self.index, self.label, rows, world if not state.post.per_rank else 1
-        )
-        layout, n, fill = record.layout, record.layout.num_packets, state.fill_technique
-        pre: torch.Tensor | None = None
-        counts: torch.Tensor | None = None
-        if state.drops_before and state.hops is not None:  # per hop of a ring / direct exchange
-            lost, arrived = self.wiring.draw_hops(state.worker, record, world, rank, fill.needs_counts)
-            if lost is not None:
-                pre = fill.worker_keep(lost)
-                if arrived is not None:
-                    pre.mul_(arrival_factor(arrived, world))
-        elif state.drops_before:
-            lost = self.wiring.draw_network(state.worker, record, world, rank)
-            if lost is not None:
-                pre = fill.worker_keep(lost)
-                if fill.needs_counts:
-                    if state.counts_resolved == "regenerate":
-                        replayed = regenerated_counts(lost, state.peer_draws(record), shard_rows=True)
-                        pre.mul_(arrival_factor(replayed, world))
-                    else:
-                        counts = (~lost).to(torch.int32)
-        post_lost = self._draw_post(record, world, rank) if state.drops_after else None
-        if pre is not None:
-            layout.scale_(rows, pre)
-        state.placement.reduce_scatter(output_tensor, input_tensor, op, group)
-        factor: torch.Tensor | None = None
-        if counts is not None:
-            arrived = torch.empty(n, dtype=torch.int32, device=counts.device)
-            dist.reduce_scatter_single(
-                output=arrived, input=counts.view(-1), op=dist.ReduceOp.SUM, group=group
-            )
-            factor = arrival_factor(arrived, world)
-        keep = fill.post_keep(post_lost, record.post_factor)
-        if keep is not None:
-            factor = keep if factor is None else factor.mul_(keep)
-        if factor is not None:
-            layout.scale_(output_tensor, factor)
-        if fill.keeps_stale and record.stale is None:
-            record.stale = torch.zeros_like(output_tensor)
-        fill.fill_result_(layout, output_tensor, post_lost, record.stale)
-        self.wiring.step_done()
+        self.pipeline.reduce_scatter(output_tensor, input_tensor, group, op, self._record)
         return None
-
-    def _draw_post(self, record: BucketRecord, world: int, rank: int) -> torch.Tensor | None:
-        """This rank's post mask of its shard: its row of one whole-result mask (shared), or
-        its own draw (independent)."""
-        state, n = self.wiring.state, record.layout.num_packets
-        site = state.post
-        drawn = site.draw(world * n if not site.per_rank else n)
-        lost = None if drawn is None else (drawn.view(world, n)[rank] if not site.per_rank else drawn)
-        state.ledger.count(site.name, record.key, n, lost)
-        return lost
 
 
 class LossyAllGather(_LossyComm, AllGather):
@@ -281,27 +151,7 @@ class LossyAllGather(_LossyComm, AllGather):
         group: dist.ProcessGroup,
         async_op: bool = False,
     ) -> dist.Work | None:
-        state = self.wiring.state
-        state.prepare(output_tensor, group)
-        state.bucket_calls += 1
-        if state.passing_through:
-            dist.all_gather_single(output_tensor, input_tensor, group=group)
-            return None
-        state.placement.all_gather(output_tensor, input_tensor, group)
-        # this call's group (a backward all-gather may run on a smaller group than the
-        # forward one, fully_shard(reshard_after_forward=<int>))
-        world, rank = group.size(), group.rank()
-        rows = output_tensor.view(world, -1)
-        record = state.buckets.shard_record(self.index, self.label, rows, 1)
-        fill = state.fill_technique
-        if fill.keeps_stale and record.stale is None:
-            record.stale = rows.clone()  # every rank built the whole model before sharding it
-        if state.hops is not None:  # per hop: rank c's shard travels the algorithm's broadcast phase
-            lost, _ = self.wiring.draw_hops(state.post, record, world, rank, False)
-        else:
-            lost = self.wiring.draw_network(state.post, record, world, rank)
-        fill.fill_received_(record.layout, rows, lost, record.stale)
-        self.wiring.step_done()
+        self.pipeline.all_gather(output_tensor, input_tensor, group, self._record)
         return None
 
 
@@ -345,8 +195,8 @@ def register(model: nn.Module, state: LossyState | None, all_gather: LossyState 
             RuntimeWarning,
             stacklevel=2,
         )
-    scatter = _Wiring(state, len(groups)) if state is not None else None
-    gather = _Wiring(all_gather, 0) if all_gather is not None else None
+    scatter = ShardedCollectives(state, len(groups)) if state is not None else None
+    gather = ShardedCollectives(all_gather, 0) if all_gather is not None else None
     for index, (name, module) in enumerate(groups):
         if scatter is not None:
             module.set_custom_reduce_scatter(LossyReduceScatter(scatter, index, name))

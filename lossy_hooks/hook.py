@@ -36,16 +36,12 @@ for ``"sum"``):
 - ``drop_point="both"``: worker drop, the collective, then post drop; rescale factors multiply.
 """
 
-import functools
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
-from lossy_hooks.core.process_group import collective_device
+from lossy_hooks.core.pipeline import all_reduce
+from lossy_hooks.core.process_group import collective_device, lossy_kinds
 from lossy_hooks.core.state import LossyState, derive_seed, resolve_counts_transport
-from lossy_hooks.core.techniques import BucketCall
 
 __all__ = [
     "LossyState",
@@ -56,67 +52,12 @@ __all__ = [
 ]
 
 
-def _join(
-    futures: list[torch.futures.Future],
-    on_cuda: bool,
-    fn: Callable[[list[torch.Tensor]], torch.Tensor],
-    read_in_callback: tuple[torch.Tensor | None, ...] = (),
-) -> torch.futures.Future[torch.Tensor]:
-    """One future for all collectives the hook launched, then ``fn`` on their results.
-
-    All collectives are launched in the hook body (never from a callback). On CUDA/NCCL the
-    work futures complete at enqueue and ``wait()`` only orders streams, so chaining on the
-    first (CUDA-aware) future keeps DDP's stream synchronisation; on CPU/Gloo they complete
-    on worker threads and ``collect_all`` waits for all of them.
-
-    The stream rule (CUDA): a callback runs on a stream of its own. The futures' values are
-    recorded on it by the future itself; every *other* tensor the callback reads that was
-    made on the hook's stream (``read_in_callback``: masks, factors, counts, stale buffers,
-    counters) is ``record_stream``-ed on the callback's stream before it is read, so the
-    caching allocator cannot hand its memory to a new tensor until the callback's kernels
-    have run, even after the hook's last reference to it is gone.
-    """
-    kept = tuple(t for t in read_in_callback if t is not None)
-
-    def protect() -> None:
-        stream = torch.cuda.current_stream()
-        for t in kept:
-            t.record_stream(stream)
-
-    main, rest = futures[0], futures[1:]
-    if on_cuda:
-
-        def on_device(f: torch.futures.Future) -> torch.Tensor:
-            protect()
-            return fn([f.value()[0]] + [x.wait()[0] for x in rest])
-
-        return main.then(on_device)
-    if not rest:
-        return main.then(lambda f: fn([f.value()[0]]))
-    return torch.futures.collect_all(futures).then(lambda f: fn([x.value()[0] for x in f.value()]))
-
-
-def _finish(call: BucketCall, results: list[torch.Tensor]) -> torch.Tensor:
-    """The callback: the bucket's result (counts appended to it split off), then every
-    technique's :meth:`~lossy_hooks.core.techniques.Technique.after_collective` in reverse
-    chain order. Compute only."""
-    out = results[0]
-    if call.appended is not None:
-        numel = call.record.layout.numel
-        out, call.appended_result = out[:numel], out[numel:]
-    call.results = results
-    for technique in reversed(call.state.techniques):
-        out = technique.after_collective(call, out)
-    return out
-
-
-def _allreduce(tensor: torch.Tensor, group: Any) -> torch.futures.Future:
-    return dist.all_reduce(tensor, group=group, async_op=True).get_future()
-
-
 def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     r"""DDP communication hook: packetized, lossy allreduce of ``bucket`` (see module docs).
 
+    A thin adapter onto the packet pipeline (:func:`lossy_hooks.core.pipeline.all_reduce`):
+    the bucket's record is keyed on its parameters (:meth:`BucketRecords.lookup`), a step
+    ends with DDP's last bucket, and a mean's ``1/W`` is this rank's factor before the sum.
     Packet masks are drawn on the bucket's device from per-rank generators. Everything known
     before the collective and identical across ranks (the ``1/W`` of a mean, the worker keep
     mask ``a_{r,j}``, ``W/c_j`` under ``counts_transport="regenerate"``, a shared post mask
@@ -126,29 +67,15 @@ def lossy_allreduce_hook(state: LossyState, bucket: dist.GradBucket) -> torch.fu
     asynchronously here; the returned future's callbacks only compute.
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
+    if "all_reduce" in lossy_kinds(group):
+        raise ValueError(
+            "lossy_allreduce_hook: the state's process group is a lossy_group that loses all_reduce "
+            "packets already (the loss would apply twice): register the hook on a plain group, or "
+            "give DDP the lossy group without the hook"
+        )
     buf = bucket.buffer()
-    state.prepare(buf, group)
-    state.bucket_calls += 1
-    assert state.world_size is not None
-    # ``1/W`` as DDP's reducer applies it: a multiply by the scalar (bitwise DDP at any W)
-    scale = 1.0 / state.world_size if state.reduction == "mean" else 1.0
-    if state.passing_through:
-        if scale != 1.0:
-            buf.mul_(scale)
-        return _join([_allreduce(buf, group)], buf.is_cuda, lambda r: r[0])
-    record = state.buckets.lookup(bucket, buf)
-    step = state.steps
-    if bucket.is_last():
-        state.steps += 1
-    if state.clock is not None:  # the simulated network: this collective's arrivals and times
-        n = record.layout.num_packets
-        state.clock.tick(n, record.wire_bytes, record.wire_bytes / n)
-    call = BucketCall(state, record, buf, state.world_size, scale, step)
-    state.draw_masks(call)  # where the placement loses: this rank's masks, counted
-    wire = buf
-    for technique in state.techniques:  # fidelity, error feedback, encoding, the fill, wire dtype
-        wire = technique.before_wire(call, wire)
-    main = wire if call.appended is None else torch.cat((wire, call.appended))
-    # the bucket through the placement's collective; counts and the reference arrive whole
-    futures = [state.placement.all_reduce(main, group), *(_allreduce(t, group) for t in call.extra)]
-    return _join(futures, buf.is_cuda, functools.partial(_finish, call), tuple(call.kept))
+    scale = 1.0 / dist.get_world_size(group) if state.reduction == "mean" else 1.0
+    future, _ = all_reduce(
+        state, buf, group, lambda: state.buckets.lookup(bucket, buf), scale, bucket.is_last()
+    )
+    return future

@@ -223,8 +223,8 @@ MUTANTS = [
     ),
     M(
         "M18",
-        "lossy_hooks/hook.py",
-        "    if bucket.is_last():\n        state.steps += 1",
+        "lossy_hooks/core/pipeline/allreduce.py",
+        "    if ends_step:\n        state.steps += 1",
         "    if True:\n        state.steps += 1",
         "steps count optimizer steps, not buckets",
         (HOOK,),
@@ -536,15 +536,15 @@ MUTANTS = [
     ),
     M(
         "M57",
-        "lossy_hooks/fsdp.py",
-        "                        pre.mul_(arrival_factor(replayed, world))",
-        "                        pre.mul_(world / (world - lost.float().sum(0)))",
+        "lossy_hooks/core/pipeline/sharded.py",
+        "            return lost, pre.mul_(arrival_factor(replayed, world)), None",
+        "            return lost, pre.mul_(world / (world - lost.float().sum(0))), None",
         "worker rescale divides by the arrivals of each shard row, not of a column",
         (FSDP,),
     ),
     M(
         "M58",
-        "lossy_hooks/fsdp.py",
+        "lossy_hooks/core/pipeline/sharded.py",
         "            record.stale = rows.clone()  # every rank built the whole model before sharding it",
         "            record.stale = torch.zeros_like(rows)",
         "the all-gather's stale copy starts as the first gather's values",
@@ -552,7 +552,7 @@ MUTANTS = [
     ),
     M(
         "M59",
-        "lossy_hooks/fsdp.py",
+        "lossy_hooks/core/pipeline/sharded.py",
         "            op = dist.ReduceOp.SUM\n",
         "",
         "reduction='sum' turns FSDP's average into a sum",
@@ -560,7 +560,7 @@ MUTANTS = [
     ),
     M(
         "M60",
-        "lossy_hooks/fsdp.py",
+        "lossy_hooks/core/pipeline/sharded.py",
         "        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)",
         "        self.state.ledger.count(site.name, record.key, world * n, net)",
         "packets counted as sent are the (W-1) n that cross the network",
@@ -592,7 +592,7 @@ MUTANTS = [
     ),
     M(
         "M64",
-        "lossy_hooks/fsdp.py",
+        "lossy_hooks/core/pipeline/sharded.py",
         "        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)",
         "        self.state.ledger.count(site.name, record.key, (world - 1) * n, net)\n"
         "        _ = None if lost is None else lost.any().item()",
@@ -667,7 +667,7 @@ MUTANTS = [
     ),
     M(
         "M73",
-        "lossy_hooks/fsdp.py",
+        "lossy_hooks/core/pipeline/sharded.py",
         "drawn.view(world, n)[rank] if not site.per_rank",
         "drawn.view(world, n)[0] if not site.per_rank",
         "FSDP shared post mask: rank r keeps row r of the one draw",
@@ -763,9 +763,9 @@ MUTANTS = [
     ),
     M(
         "M85",
-        "lossy_hooks/fsdp.py",
-        "                    pre.mul_(arrival_factor(arrived, world))",
-        "                    pre.mul_(arrival_factor(arrived * 0 + world, world))",
+        "lossy_hooks/core/pipeline/sharded.py",
+        "                pre.mul_(arrival_factor(arrived, world))",
+        "                pre.mul_(arrival_factor(arrived * 0 + world, world))",
         "FSDP's per-hop reduce-scatter rescales by W / c of the hops' arrivals",
         (PLACEMENTS_W3,),
     ),

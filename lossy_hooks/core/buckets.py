@@ -163,6 +163,28 @@ class BucketRecords:
             state.ledger.register(key, entry)
         return record
 
+    def flat_record(self, index: int, label: str, buf: torch.Tensor) -> BucketRecord:
+        """The record of a flat buffer of a lossy process group's all-reduce (``label``: its
+        kind, size and dtype; ``index``: the group's number for that label), packetized by
+        the MTU like a DDP bucket of one tensor, registered in the ledger on first sight,
+        keyed ``(index, numel, 0)``."""
+        key = (index, buf.numel(), 0)
+        record = self.records.get(key)
+        if record is None:
+            record = self._new_record(key, (buf.numel(),), buf, [])
+            self.records[key] = record
+            layout = record.layout
+            entry = BucketEntry(
+                layout.num_packets,
+                (buf.numel(),),
+                packet_numel=layout.packet_numel,
+                wire_bytes=record.wire_bytes,
+                blocks=self._edges(buf.numel()),
+                label=label,
+            )
+            self.state.ledger.register(key, entry)
+        return record
+
     def _edges(self, numel: int) -> tuple[int, ...]:
         """The edges of the blocks over which the encoding spreads a packet's loss (``()``
         without one: a packet's loss stays in its own elements)."""

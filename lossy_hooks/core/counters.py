@@ -76,13 +76,18 @@ class PacketCounters:
         self.links: dict[str, tuple[str, ...]] = {}
         self.link_carried: dict[str, np.ndarray] = {}
         self.link_lost: dict[str, torch.Tensor] = {}
+        # the lossy process group's collectives, per kind: calls, packets, bytes (host) and
+        # packets lost (an int64 scalar on the device)
+        self.collectives: dict[str, list[int]] = {}
+        self.collective_lost: dict[str, torch.Tensor] = {}
 
     # -- called by the hook (device work only) --------------------------------------------
 
     def to(self, device: torch.device) -> None:
         """Keep the counters on ``device`` (the buckets')."""
         self.device = device
-        for d in (*self.lost.values(), *self.protection.values(), self.unrecovered, self.link_lost):
+        stores = (*self.lost.values(), *self.protection.values(), self.unrecovered, self.link_lost)
+        for d in (*stores, self.collective_lost):
             for k, v in d.items():
                 d[k] = v.to(device)
 
@@ -116,6 +121,20 @@ class PacketCounters:
         self.link_carried[phase] += carried
         self.link_lost[phase].add_(lost)
 
+    def count_collective(self, kind: str, packets: int, nbytes: int, lost: torch.Tensor | None) -> None:
+        """One call of the lossy process group's ``kind``: ``packets`` packets of ``nbytes``
+        bytes put at risk for this rank, ``lost`` their loss mask(s) (``None``: none lost)."""
+        row = self.collectives.setdefault(kind, [0, 0, 0])
+        row[0] += 1
+        row[1] += packets
+        row[2] += nbytes
+        if lost is None:
+            return
+        total = self.collective_lost.get(kind)
+        if total is None:
+            total = self.collective_lost[kind] = torch.zeros((), dtype=torch.int64, device=lost.device)
+        total.add_(lost.sum())
+
     def count_protection(self, point: str, key: BucketKey, counters: torch.Tensor) -> None:
         """Add one call's :data:`~lossy_hooks.core.techniques.protection.COUNTERS` (int64, on the device)."""
         total = self.protection[point].get(key)
@@ -140,32 +159,53 @@ class PacketCounters:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters (CPU tensors), bucket registry, mark; ``torch.load(weights_only=True)`` safe."""
-        return {
-            "buckets": {
-                key_str(k): {"packets": e.packets, "sizes": list(e.sizes), "wire_bytes": e.wire_bytes}
-                | ({"label": e.label} if e.label else {})
-                for k, e in self.buckets.items()
-            },
-            "sent": {p: {key_str(k): n for k, n in d.items()} for p, d in self.sent.items()},
-            "lost": {p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.lost.items()},
-            "unrecovered": {key_str(k): v.detach().cpu() for k, v in self.unrecovered.items()},
-            "protection": {
-                p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.protection.items()
-            },
-            "mark": {k: list(v) for k, v in self.mark.items()},
-        } | (
+        return (
             {
-                "links": {
-                    phase: {
-                        "names": list(names),
-                        "carried": torch.from_numpy(self.link_carried[phase].copy()),
-                        "lost": self.link_lost[phase].detach().cpu(),
-                    }
-                    for phase, names in self.links.items()
-                }
+                "buckets": {
+                    key_str(k): {"packets": e.packets, "sizes": list(e.sizes), "wire_bytes": e.wire_bytes}
+                    | ({"label": e.label} if e.label else {})
+                    for k, e in self.buckets.items()
+                },
+                "sent": {p: {key_str(k): n for k, n in d.items()} for p, d in self.sent.items()},
+                "lost": {
+                    p: {key_str(k): v.detach().cpu() for k, v in d.items()} for p, d in self.lost.items()
+                },
+                "unrecovered": {key_str(k): v.detach().cpu() for k, v in self.unrecovered.items()},
+                "protection": {
+                    p: {key_str(k): v.detach().cpu() for k, v in d.items()}
+                    for p, d in self.protection.items()
+                },
+                "mark": {k: list(v) for k, v in self.mark.items()},
             }
-            if self.links
-            else {}
+            | (
+                {
+                    "collectives": {
+                        kind: {"calls": row[0], "packets": row[1], "bytes": row[2]}
+                        | (
+                            {"lost": self.collective_lost[kind].detach().cpu()}
+                            if kind in self.collective_lost
+                            else {}
+                        )
+                        for kind, row in self.collectives.items()
+                    }
+                }
+                if self.collectives
+                else {}
+            )
+            | (
+                {
+                    "links": {
+                        phase: {
+                            "names": list(names),
+                            "carried": torch.from_numpy(self.link_carried[phase].copy()),
+                            "lost": self.link_lost[phase].detach().cpu(),
+                        }
+                        for phase, names in self.links.items()
+                    }
+                }
+                if self.links
+                else {}
+            )
         )
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -194,6 +234,11 @@ class PacketCounters:
         self.links = {phase: tuple(v["names"]) for phase, v in links.items()}
         self.link_carried = {phase: v["carried"].numpy().astype(np.int64) for phase, v in links.items()}
         self.link_lost = {phase: v["lost"].clone() for phase, v in links.items()}
+        kinds = sd.get("collectives", {})
+        self.collectives = {
+            k: [int(v["calls"]), int(v["packets"]), int(v["bytes"])] for k, v in kinds.items()
+        }
+        self.collective_lost = {k: v["lost"].clone() for k, v in kinds.items() if "lost" in v}
         self.pending_fidelity = {}
         self.device = None
 

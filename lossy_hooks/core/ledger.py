@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lossy_hooks.core.counters import BucketEntry, BucketKey, PacketCounters, key_str
-from lossy_hooks.core.process_group import collective_device
+from lossy_hooks.core.process_group import collective_device, reliable
 from lossy_hooks.core.techniques.hadamard import carrying_packets
 from lossy_hooks.core.techniques.protection import COUNTERS
 
@@ -47,7 +47,8 @@ class PacketLedger(PacketCounters):
 
     def _sum_over_ranks(self, vec: torch.Tensor) -> None:
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        dist.all_reduce(vec, group=group)
+        with reliable():  # the counts are control traffic: never lost on a lossy group
+            dist.all_reduce(vec, group=group)
 
     def stats(self, all_ranks: bool = False) -> dict[str, Any]:
         """Per drop point: ``packets_sent``, ``packets_lost`` (lost after every recovery
@@ -109,11 +110,44 @@ class PacketLedger(PacketCounters):
                 entry_out |= dict(zip(COUNTERS, total[3:], strict=True)) | {"extra_bytes": extra_bytes}
             out[p] = entry_out
         out["buckets"] = list(buckets.values())
+        if self.collectives:
+            out["collectives"] = self.collective_rows(all_ranks)
         if self.links:
             out["links"] = self.link_rows()
             for p in self.points:  # contributions (worker) / result packets (post) delivered
                 sent = out[p]["packets_sent"]
                 out[p]["delivered_fraction"] = 1.0 - out[p]["packets_lost"] / sent if sent else 1.0
+        return out
+
+    def collective_rows(self, all_ranks: bool = False) -> dict[str, dict[str, Any]]:
+        """The lossy process group's collectives, per kind: ``calls``, ``packets_sent`` (put at
+        risk for this rank: what it sent into a reduction, or what was sent to it),
+        ``packets_lost``, ``loss_rate`` and ``bytes_sent``; summed over the group with
+        ``all_ranks=True`` (a collective). One host read."""
+        kinds = sorted(self.collectives)
+        device = self._collective_device()
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        rows = [
+            torch.stack(
+                (
+                    *(torch.tensor(x, dtype=torch.int64, device=device) for x in self.collectives[k]),
+                    self.collective_lost.get(k, zero).to(device),
+                )
+            )
+            for k in kinds
+        ]
+        vec = torch.stack(rows).double()
+        if all_ranks:
+            self._sum_over_ranks(vec)
+        out = {}
+        for kind, (calls, packets, nbytes, lost) in zip(kinds, vec.tolist(), strict=True):
+            out[kind] = {
+                "calls": round(calls),
+                "packets_sent": round(packets),
+                "packets_lost": round(lost),
+                "loss_rate": lost / packets if packets else 0.0,
+                "bytes_sent": round(nbytes),
+            }
         return out
 
     def link_rows(self) -> list[dict[str, Any]]:

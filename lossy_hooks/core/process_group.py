@@ -12,10 +12,14 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "LOSSY_GROUPS",
     "collective_device",
     "free_port",
     "init_from_environment",
     "init_single_process_group",
+    "lossy_kinds",
+    "reliable",
+    "reliable_now",
     "single_process_group",
 ]
 
@@ -27,6 +31,36 @@ def collective_device(group: object = None) -> torch.device:
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# The lossy process groups of this process: group name -> the kinds of collective that lose
+# (lossy_hooks.group.lossy_group registers them); read by the DDP hook, which refuses to
+# lose packets a second time on a group that already loses its all-reduces.
+LOSSY_GROUPS: dict[str, frozenset[str]] = {}
+_RELIABLE = [0]  # depth of reliable() regions, process-wide
+
+
+def lossy_kinds(group: object) -> frozenset[str]:
+    """The kinds of collective ``group`` loses packets of (empty for a plain group)."""
+    name = getattr(group, "group_name", None)
+    return LOSSY_GROUPS.get(name, frozenset()) if isinstance(name, str) else frozenset()
+
+
+@contextlib.contextmanager
+def reliable() -> Iterator[None]:
+    """Inside (in every thread of this process), a lossy process group carries every
+    collective without loss: control traffic (setting a model up, this package's own count
+    and statistics exchanges, anything a user marks)."""
+    _RELIABLE[0] += 1
+    try:
+        yield
+    finally:
+        _RELIABLE[0] -= 1
+
+
+def reliable_now() -> bool:
+    """Whether a :func:`reliable` region is open."""
+    return _RELIABLE[0] > 0
 
 
 def free_port() -> int:

@@ -27,6 +27,7 @@ from lossy_hooks.core.options import (
     check_append_counts,
     resolve_counts_transport,
 )
+from lossy_hooks.core.pipeline.delivery import Delivery
 from lossy_hooks.core.placement import PHASES_OF_DROP_POINT, HopLoss, HopMasks, HopPlacement
 from lossy_hooks.core.process_group import collective_device
 from lossy_hooks.core.streams import DropSite, DropSites, derive_seed
@@ -117,6 +118,7 @@ class LossyState:
         self.world_size: int | None = None
         self.device: torch.device | None = None
         self.buckets = BucketRecords(self)
+        self.delivery = Delivery(self)  # the lossy process group's deliveries (all-to-all, ...)
         self.passing_through = False
         self.bucket_calls = 0  # hook calls, passthrough ones included
         self._warned_unreached = False
@@ -307,6 +309,7 @@ class LossyState:
                 "ledger": self.ledger.state_dict(),
             }
             | ({"clock": self.clock.state_dict()} if self.clock is not None else {})
+            | ({"delivery": self.delivery.state_dict()} if self.delivery.used else {})
         )
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -331,6 +334,8 @@ class LossyState:
         self.ledger.load_state_dict(ledger)
         if self.clock is not None:
             self.clock.load_state_dict(sd["clock"])
+        if "delivery" in sd:
+            self.delivery.load_state_dict(sd["delivery"])
         self.device = None  # re-prepare on the next bucket: generators restored there
 
     def __getstate__(self) -> dict[str, Any]:

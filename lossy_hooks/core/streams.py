@@ -38,6 +38,11 @@ class Stream(enum.IntEnum):
     CLOCK = 5  # the simulated clock's delays and drops (netclock), the same on every rank
     HOPS_BROADCAST = 6  # a per-hop placement's broadcast-phase hop losses, the same on every rank
     HOPS_REDUCE = 7  # its reduce-phase hop losses (was 5 until issue 41: the clock's id)
+    # the lossy process group's deliveries, one stream per kind, one per receiving rank
+    DELIVERY_ALL_GATHER = 8
+    DELIVERY_ALL_TO_ALL = 9
+    DELIVERY_BROADCAST = 10
+    DELIVERY_P2P = 11
     ALL_GATHER = 77  # the study's FSDP all-gather state: its seed is derive_seed(round seed, 77)
 
 
@@ -50,6 +55,10 @@ OFFSET_STREAMS = (
     Stream.POST_INDEPENDENT,
     Stream.HOPS_REDUCE,
     Stream.HOPS_BROADCAST,
+    Stream.DELIVERY_ALL_GATHER,
+    Stream.DELIVERY_ALL_TO_ALL,
+    Stream.DELIVERY_BROADCAST,
+    Stream.DELIVERY_P2P,
 )
 
 

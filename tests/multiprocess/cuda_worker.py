@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lossy_hooks import GilbertElliott, LossyState, lossy_allreduce_hook
+from lossy_hooks.core.pipeline.sharded import ShardedCollectives
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from launch import run_scenarios
@@ -162,11 +163,13 @@ def fsdp_no_device_sync() -> dict:
         shard = torch.empty(4096, device=device())
         comm: Any
         if kw is None:
-            comm = fsdp.LossyAllGather(fsdp._Wiring(fsdp.gather_state(loss_rate=0.2, mtu=512), 0), 0, "x")
+            comm = fsdp.LossyAllGather(
+                ShardedCollectives(fsdp.gather_state(loss_rate=0.2, mtu=512), 0), 0, "x"
+            )
             args: tuple = (rows, shard.fill_(1.0), dist.group.WORLD)
         else:
             kw = kw if "loss_model" in kw else dict(kw, loss_rate=0.2)
-            comm = fsdp.LossyReduceScatter(fsdp._Wiring(LossyState(mtu=512, **kw), 1), 0, "x")
+            comm = fsdp.LossyReduceScatter(ShardedCollectives(LossyState(mtu=512, **kw), 1), 0, "x")
             args = (shard, rows, dist.group.WORLD, dist.ReduceOp.AVG)  # rows rescaled in place: finite
         comm(*args)
         torch.cuda.synchronize()

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from lossy_hooks import LossyState, fsdp
+from lossy_hooks.core.pipeline.sharded import ShardedCollectives
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from launch import worker_main
@@ -25,11 +26,11 @@ CALLS = 200
 
 
 def scatter_comm(state: LossyState) -> fsdp.LossyReduceScatter:
-    return fsdp.LossyReduceScatter(fsdp._Wiring(state, 1), 0, "probe")
+    return fsdp.LossyReduceScatter(ShardedCollectives(state, 1), 0, "probe")
 
 
 def gather_comm(state: LossyState) -> fsdp.LossyAllGather:
-    return fsdp.LossyAllGather(fsdp._Wiring(state, 0), 0, "probe")
+    return fsdp.LossyAllGather(ShardedCollectives(state, 0), 0, "probe")
 
 
 def scatter(comm: fsdp.LossyReduceScatter, rows: torch.Tensor, op: Any = dist.ReduceOp.AVG) -> torch.Tensor:
@@ -83,7 +84,7 @@ def scatter_post() -> dict[str, Any]:
             kw = dict(loss_rate=0.25, mtu=MTU, drop_point="post", post_sync=sync, reduction="sum", seed=3)
             comm = scatter_comm(LossyState(fill=fill, **kw))
             values = [per_packet(scatter(comm, marked_rows(world, rank, t))) for t in range(CALLS)]
-            st = comm.wiring.state.stats()["post"]
+            st = comm.pipeline.state.stats()["post"]
             out[f"{fill}-{sync}"] = {"values": values, "sent": st["packets_sent"], "lost": st["packets_lost"]}
     # the shared post mask, drawn from the post stream (seed alone) of a state like the one
     # above: one (W, n) mask per call, of which rank r must keep row r

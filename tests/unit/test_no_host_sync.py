@@ -22,6 +22,8 @@ from lossy_hooks.core import (
     streams,
     techniques,
 )
+from lossy_hooks.core.pipeline import allreduce as allreduce_pipeline
+from lossy_hooks.core.pipeline import sharded
 from lossy_hooks.core.techniques import fec, fills, hadamard, protect, protection, retransmit
 from lossy_hooks.loss_models import deadline, markov
 
@@ -47,9 +49,10 @@ TECHNIQUE_METHODS = [
 
 HOT_PATH = [
     hook.lossy_allreduce_hook,
-    hook._join,
-    hook._finish,
-    hook._allreduce,
+    allreduce_pipeline.all_reduce,
+    allreduce_pipeline.join,
+    allreduce_pipeline._finish,
+    allreduce_pipeline._sum,
     streams.DropSite.draw,
     ledger.PacketLedger.count,
     ledger.PacketLedger.unrecovered_counter,
@@ -94,10 +97,13 @@ HOT_PATH = [
     fills.arrival_factor,
     fills._exact_factor,
     fsdp.LossyReduceScatter.__call__,
-    fsdp.LossyReduceScatter._draw_post,
     fsdp.LossyAllGather.__call__,
-    fsdp._Wiring.draw_network,
-    fsdp._Wiring.step_done,
+    sharded.ShardedCollectives.reduce_scatter,
+    sharded.ShardedCollectives._worker_factor,
+    sharded.ShardedCollectives._draw_post,
+    sharded.ShardedCollectives.all_gather,
+    sharded.ShardedCollectives.draw_network,
+    sharded.ShardedCollectives.step_done,
     fills.insert_own_row,
     netclock.SimClock.tick,
     netclock.SimClock._tick_ring,
@@ -108,7 +114,7 @@ HOT_PATH = [
     netclock.SimClock.hop_late,
     deadline.AdaptiveDeadline.multiple,
     state.LossyState.hop_masks,
-    fsdp._Wiring.draw_hops,
+    sharded.ShardedCollectives.draw_hops,
     netclock.SimClock.lost_row,
     network.NetworkModel.sample_delays,
     loss_models.DeadlineLoss.sample,

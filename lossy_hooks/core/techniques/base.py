@@ -77,7 +77,7 @@ class BucketCall:
 
     def keep_alive(self, *tensors: torch.Tensor | None) -> None:
         """Tensors made before the collective that :meth:`Technique.after_collective` reads:
-        on CUDA the callback's stream records them (see ``hook._join``)."""
+        on CUDA the callback's stream records them (see ``core.pipeline.join``)."""
         self.kept.extend(t for t in tensors if t is not None)
 
 

@@ -1,0 +1,160 @@
+r"""The packet pipeline of what travels from one rank to another and is not reduced: the
+lossy process group's all-to-all, broadcast, point-to-point messages and all-gather.
+
+A received buffer is a sequence of *chunks*, each from one sender (an all-to-all: one chunk
+per sender, of its split's size; an all-gather: one row per rank; a broadcast or a message:
+one chunk from the root or the peer). Each chunk is split into MTU packets of its own (a
+packet never crosses a chunk: ``n_c = ceil(m_c / k)`` packets of ``k = mtu // itemsize``
+elements, the last one shorter). The real collective carries the values; then, at the
+receiver ``r``, every packet of a chunk from another rank is lost with the state's loss
+model, drawn from the receiver's own stream of that kind (``Stream.DELIVERY_*``, seeded
+``(seed, stream, r)``: receivers lose independently, and one kind's traffic never shifts
+another's losses). A rank's own chunk never crosses the network and is never lost. With
+``ranks_per_node = G`` a chunk from a rank of the same node (``s // G == r // G``) is never
+lost either.
+
+What a lost packet becomes (the state's fill, :meth:`Fill.fill_received_`'s rules):
+
+- ``"zero"``: its elements are 0 (for a dispatched token: its expert output is missing and
+  the residual passes);
+- ``"stale"``: the last value received at the same place of a buffer of the same kind,
+  senders and chunk sizes (a message: from that peer, with that tag and shape), 0 before the
+  first; the stale copy takes every received finite element.
+
+``rescale`` has no meaning here (nothing is summed: no copy to average) and is refused by the
+group before any collective runs. Counted per kind: packets that crossed the network to this
+rank, and those lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lossy_hooks.core.packetization import elements_per_packet
+from lossy_hooks.core.streams import DropSite, Stream
+
+if TYPE_CHECKING:
+    from lossy_hooks.core.state import LossyState
+
+__all__ = ["DELIVERY_KINDS", "Chunk", "Delivery"]
+
+# the kinds delivered (not reduced), and the stream each one draws its losses from
+DELIVERY_KINDS: dict[str, Stream] = {
+    "all_gather": Stream.DELIVERY_ALL_GATHER,
+    "all_to_all": Stream.DELIVERY_ALL_TO_ALL,
+    "broadcast": Stream.DELIVERY_BROADCAST,
+    "p2p": Stream.DELIVERY_P2P,
+}
+
+Chunk = tuple[int, int]  # (sender rank in the group, elements), in buffer order
+
+
+class _ChunkPackets:
+    """The packets of one chunk signature on one device: per-packet element counts and
+    which packets cross the network (built once per signature, with tensor ops: no Python
+    loop over packets)."""
+
+    def __init__(
+        self, chunks: Sequence[Chunk], packet_numel: int, receiver: int, node: int | None, device: Any
+    ):
+        numels = torch.tensor([m for _, m in chunks], dtype=torch.int64)
+        counts = (numels + packet_numel - 1) // packet_numel
+        owner = torch.repeat_interleave(torch.arange(len(chunks)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        position = torch.arange(int(counts.sum())) - first[owner]
+        sizes = torch.clamp(numels[owner] - position * packet_numel, max=packet_numel)
+        senders = torch.tensor([s for s, _ in chunks], dtype=torch.int64)
+        remote = senders != receiver
+        if node is not None:
+            remote &= senders // node != receiver // node
+        crossing = remote[owner]
+        self.network_numel = int(sizes[crossing].sum())  # elements that cross (host tensors here)
+        self.numel = int(numels.sum())
+        self.num_packets = int(counts.sum())
+        self.network_packets = int(crossing.sum())
+        self.sizes = sizes.to(device)
+        self.crossing = crossing.to(device)
+
+    def expand(self, per_packet: torch.Tensor) -> torch.Tensor:
+        """Per-element copy of a per-packet vector."""
+        return per_packet.repeat_interleave(self.sizes, output_size=self.numel)
+
+
+class Delivery:
+    """The delivery kinds of one :class:`~lossy_hooks.LossyState`: their streams (one
+    :class:`~lossy_hooks.core.streams.DropSite` per kind, per receiving rank), the packets of
+    each chunk signature, the stale copies, and their checkpoint state."""
+
+    def __init__(self, state: LossyState) -> None:
+        self.state = state
+        model = state.loss_model
+        self.sites = {
+            kind: DropSite(kind, model.clone(), stream, per_rank=True)
+            for kind, stream in DELIVERY_KINDS.items()
+        }
+        self.packets: dict[tuple[Any, ...], _ChunkPackets] = {}
+        self.stale: dict[str, torch.Tensor] = {}
+        self.restored = False
+
+    def receive_(self, kind: str, out: torch.Tensor, chunks: Sequence[Chunk], key: str) -> None:
+        """``out`` (contiguous, flat or not) as received, its chunks from ``chunks``: each
+        packet from another rank lost at this receiver, filled, counted (see the module).
+        ``key`` names the buffer's place for the stale fill (kind, senders, sizes, tag)."""
+        state = self.state
+        assert state.device is not None and state.rank is not None
+        site = self.sites[kind]
+        site.prepare(state.device, state.seed, state.rank)
+        flat = out.view(-1)
+        signature = (tuple(chunks), out.element_size(), out.device)
+        packets = self.packets.get(signature)
+        if packets is None:
+            k = elements_per_packet(state.mtu, out.element_size())
+            packets = self.packets[signature] = _ChunkPackets(
+                chunks, k, state.rank, state.ranks_per_node, out.device
+            )
+        drawn = site.draw(packets.network_packets)
+        nbytes = packets.network_numel * out.element_size()
+        lost = None
+        if drawn is not None:
+            lost = torch.zeros(packets.num_packets, dtype=torch.bool, device=out.device)
+            lost.masked_scatter_(packets.crossing, drawn)
+        state.ledger.count_collective(kind, packets.network_packets, nbytes, drawn)
+        stale = self._stale(key, flat) if state.fill_technique.keeps_stale else None
+        if lost is not None:
+            lost_elements = packets.expand(lost)
+            if stale is None:
+                flat.mul_((~lost_elements).to(flat.dtype))
+            else:
+                torch.where(lost_elements, stale, flat, out=flat)
+        if stale is not None:
+            torch.where(torch.isfinite(flat), flat, stale, out=stale)
+
+    def _stale(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        stale = self.stale.get(key)
+        if stale is None or stale.shape != like.shape or stale.dtype != like.dtype:
+            stale = self.stale[key] = torch.zeros_like(like)
+        elif stale.device != like.device:  # restored from a checkpoint (CPU)
+            stale = self.stale[key] = stale.to(like.device)
+        return stale
+
+    @property
+    def used(self) -> bool:
+        """Whether any delivery was received (or restored from a checkpoint)."""
+        return bool(self.stale) or any(s.generator is not None for s in self.sites.values()) or self.restored
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each kind's stream and the stale copies (CPU tensors)."""
+        return {
+            "sites": {kind: site.state_dict() for kind, site in self.sites.items()},
+            "stale": {k: v.detach().cpu() for k, v in self.stale.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for kind, site_sd in sd.get("sites", {}).items():
+            self.sites[kind].load_state_dict(site_sd)
+        self.stale = {k: v.clone() for k, v in sd.get("stale", {}).items()}
+        self.packets = {}
+        self.restored = True
