@@ -240,8 +240,8 @@ MUTANTS = [
     M(
         "M20",
         "lossy_hooks/core/ledger.py",
-        "            self._sum_over_ranks(vec)\n",
-        "            pass\n",
+        "        if all_ranks:\n            self._sum_over_ranks(vec)\n        values",
+        "        if all_ranks:\n            pass\n        values",
         "stats(all_ranks=True) sums over the group",
         (HOOK,),
     ),
