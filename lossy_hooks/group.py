@@ -62,7 +62,6 @@ from lossy_hooks.loss_models import DeadlineLoss
 __all__ = ["KINDS", "LossyBackend", "check_group_state", "lossy_group"]
 
 KINDS = ("all_reduce", "reduce_scatter", *DELIVERY_KINDS)
-_LOSSY_OPS = (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
 _PENDING: list[tuple[LossyState, dist.ProcessGroup, frozenset[str]]] = []
 _REGISTERED: set[str] = set()
 
@@ -168,6 +167,12 @@ class _FinishOnWait(Work):
         return future
 
 
+def _summing(op: Any) -> bool:
+    """SUM or AVG: the reductions that lose (a ``ReduceOp`` equals its type, but is not ``in``
+    a tuple of them)."""
+    return bool(op == dist.ReduceOp.SUM or op == dist.ReduceOp.AVG)
+
+
 def _lossy_tensor(t: torch.Tensor) -> bool:
     """Data traffic: a floating-point (or complex) tensor; integers and bools are control."""
     return t.is_floating_point() or t.is_complex()
@@ -219,7 +224,7 @@ class LossyBackend(C10dBackend):
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> Work:
         tensor = tensors[0]
-        if not (self._loses("all_reduce", tensor) and opts.reduceOp in _LOSSY_OPS):
+        if not (self._loses("all_reduce", tensor) and _summing(opts.reduceOp)):
             return self._backend(tensor.device).allreduce(tensors, opts)
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         scale = 1.0 / self.size() if opts.reduceOp == dist.ReduceOp.AVG else 1.0
@@ -262,7 +267,7 @@ class LossyBackend(C10dBackend):
         return _done(tensors)
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:
-        if not (self._loses("reduce_scatter", input) and opts.reduceOp in _LOSSY_OPS):
+        if not (self._loses("reduce_scatter", input) and _summing(opts.reduceOp)):
             return self._backend(input.device).reduce_scatter_single(output, input, opts)
         label = f"reduce_scatter {input.numel()} {str(input.dtype).removeprefix('torch.')}"
         index = self._index(label)
@@ -281,7 +286,7 @@ class LossyBackend(C10dBackend):
         self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any
     ) -> Work:
         output, rows = outputs[0], inputs[0]
-        if not (self._loses("reduce_scatter", output) and opts.reduceOp in _LOSSY_OPS):
+        if not (self._loses("reduce_scatter", output) and _summing(opts.reduceOp)):
             return self._backend(output.device).reduce_scatter(outputs, inputs, opts)
         flat = torch.cat([r.reshape(-1) for r in rows])
         single = output if output.is_contiguous() else output.contiguous()

@@ -1,0 +1,328 @@
+"""One rank of a Gloo launch (see launch.py) exercising ``lossy_group``: at loss 0 the same
+numbers as the plain group under DDP, FSDP2, DTensor tensor parallelism, pipelining and
+all-to-all; with loss, every kind's received values (which say who sent them) decoded
+into loss masks; control traffic; the stale fill; a resume. Usage: group_worker.py OUT.json SCENARIO [...]"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lossy_hooks import LossyState, lossy_allreduce_hook, lossy_group, reliable
+
+try:  # run as a script (tests/ on sys.path) or imported from the tests package
+    from launch import worker_main
+except ImportError:
+    from tests.launch import worker_main
+
+MTU = 400  # 100 fp32 elements per packet
+PACKET = 100
+CALLS = 60
+P = 0.2
+
+
+def rank_world() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 8))
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def ddp_steps(group: Any) -> list[torch.Tensor]:
+    rank, _ = rank_world()
+    model = DDP(mlp(), process_group=group)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        torch.manual_seed(100 + 10 * step + rank)
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def fsdp_steps(group: Any) -> list[torch.Tensor]:
+    from torch.distributed.fsdp import fully_shard
+
+    rank, _ = rank_world()
+    model = mlp()
+    mesh = DeviceMesh.from_group(group, "cpu")
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        torch.manual_seed(200 + 10 * step + rank)
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def tp_step(group: Any) -> list[torch.Tensor]:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = mlp()
+    mesh = DeviceMesh.from_group(group, "cpu")
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    torch.manual_seed(300)
+    out = model(torch.randn(4, 8))
+    out.square().mean().backward()
+    return [out.detach().clone(), *(p.grad.full_tensor().clone() for p in model.parameters())]
+
+
+def pp_step(group: Any) -> list[torch.Tensor]:
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    rank, world = rank_world()
+    torch.manual_seed(0)
+    stages = [nn.Linear(8, 8) for _ in range(world)]
+    stage = PipelineStage(stages[rank], rank, world, torch.device("cpu"), group=group)
+    schedule = ScheduleGPipe(
+        stage, n_microbatches=4, loss_fn=lambda out, target: (out - target).square().mean()
+    )
+    torch.manual_seed(400)
+    x, target = torch.randn(8, 8), torch.randn(8, 8)
+    losses: list[torch.Tensor] = []
+    if rank == 0:
+        schedule.step(x)
+    elif rank == world - 1:
+        schedule.step(target=target, losses=losses)
+    else:
+        schedule.step()
+    return [*(t.detach().clone() for t in losses), *(p.grad.clone() for p in stages[rank].parameters())]
+
+
+def a2a_uneven(group: Any) -> list[torch.Tensor]:
+    rank, world = rank_world()
+    in_splits = [(rank + j) % world + 1 for j in range(world)]  # what rank sends to j
+    out_splits = [(j + rank) % world + 1 for j in range(world)]  # what j sends here
+    data = torch.arange(sum(in_splits), dtype=torch.float32) + 100 * rank
+    out = torch.empty(sum(out_splits))
+    dist.all_to_all_single(out, data, out_splits, in_splits, group=group)
+    return [out]
+
+
+def lossless() -> dict[str, Any]:
+    """Loss 0 through the lossy group: bitwise the plain group's numbers."""
+    plain = dist.new_group(backend="gloo")
+    state = LossyState(loss_rate=0.0, fill="zero", mtu=MTU)
+    lossy = lossy_group(state)
+    out = {}
+    for name, run in (
+        ("ddp", ddp_steps),
+        ("fsdp", fsdp_steps),
+        ("tp", tp_step),
+        ("pp", pp_step),
+        ("a2a", a2a_uneven),
+    ):
+        out[name] = same(run(plain), run(lossy))
+    out["collectives"] = state.stats()["collectives"]
+    return out
+
+
+def fill_value(t: torch.Tensor, base: float) -> torch.Tensor:
+    """Values that say who sent them and where: ``base + 1 + index`` (never 0)."""
+    return t.copy_(base + 1 + torch.arange(t.numel(), dtype=t.dtype).view_as(t))
+
+
+def delivered(kind_calls: Any, state: LossyState) -> dict[str, Any]:
+    """Per call, per packet received from another rank: 1 arrived, 0 lost (decoded from the
+    received values: a lost packet is all zeros, an arrived one exact)."""
+    arrived: list[list[int]] = []
+    for received, expected, remote in kind_calls():
+        for got, want, crosses in zip(received, expected, remote, strict=True):
+            if not crosses:
+                assert torch.equal(got, want)
+                continue
+            for start in range(0, got.numel(), PACKET):
+                g, w = got[start : start + PACKET], want[start : start + PACKET]
+                if torch.equal(g, w):
+                    arrived.append([1])
+                else:
+                    assert torch.all(g == 0), "a lost packet is zero, the rest exact"
+                    arrived.append([0])
+    return {"arrived": sum(a[0] for a in arrived), "packets": len(arrived)}
+
+
+def rates() -> dict[str, Any]:
+    """Every kind at P = 0.2, zero fill: what arrived, decoded, and what the state counted."""
+    rank, world = rank_world()
+    state = LossyState(loss_rate=P, fill="zero", mtu=MTU, seed=7)
+    group = lossy_group(state)
+    out: dict[str, Any] = {}
+
+    def gather_calls():
+        for t in range(CALLS):
+            mine = fill_value(torch.empty(250), 1000 * rank + t)
+            got = torch.empty(world * 250)
+            dist.all_gather_into_tensor(got, mine, group=group)
+            want = [fill_value(torch.empty(250), 1000 * j + t) for j in range(world)]
+            yield list(got.view(world, 250)), want, [j != rank for j in range(world)]
+
+    def a2a_calls():
+        for t in range(CALLS):
+            in_splits = [130 * ((rank + j) % world + 1) for j in range(world)]
+            out_splits = [130 * ((j + rank) % world + 1) for j in range(world)]
+            data = torch.cat(
+                [fill_value(torch.empty(n), 1000 * rank + 10 * j + t) for j, n in enumerate(in_splits)]
+            )
+            got = torch.empty(sum(out_splits))
+            dist.all_to_all_single(got, data, out_splits, in_splits, group=group)
+            want = [fill_value(torch.empty(n), 1000 * j + 10 * rank + t) for j, n in enumerate(out_splits)]
+            yield list(got.split(out_splits)), want, [j != rank for j in range(world)]
+
+    def broadcast_calls():
+        for t in range(CALLS):
+            root = t % world
+            x = fill_value(torch.empty(330), 1000 * root + t) if rank == root else torch.zeros(330)
+            dist.broadcast(x, src=root, group=group)
+            yield [x], [fill_value(torch.empty(330), 1000 * root + t)], [rank != root]
+
+    def p2p_calls():
+        for t in range(CALLS):
+            nxt, prv = (rank + 1) % world, (rank - 1) % world
+            x = fill_value(torch.empty(270), 1000 * rank + t)
+            got = torch.zeros(270)
+            ops = [dist.P2POp(dist.irecv, got, prv, group), dist.P2POp(dist.isend, x, nxt, group)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            yield [got], [fill_value(torch.empty(270), 1000 * prv + t)], [True]
+
+    for kind, calls in (
+        ("all_gather", gather_calls),
+        ("all_to_all", a2a_calls),
+        ("broadcast", broadcast_calls),
+        ("p2p", p2p_calls),
+    ):
+        out[kind] = delivered(calls, state)
+    # reductions: rank r sends 2**r, so a zero-fill sum names the contributions that arrived
+    sums = []
+    for _ in range(CALLS):
+        x = torch.full((1000,), float(2**rank))
+        dist.all_reduce(x, group=group)
+        sums.append(x.view(-1, PACKET)[:, 0].tolist())
+    out["all_reduce"] = sums
+    shards = []
+    for _ in range(CALLS):
+        rows = torch.full((world * 500,), float(2**rank))
+        got = torch.empty(500)
+        dist.reduce_scatter_tensor(got, rows, group=group)
+        shards.append(got.view(-1, PACKET)[:, 0].tolist())
+    out["reduce_scatter"] = shards
+    out["collectives"] = state.stats()["collectives"]
+    out["collectives_all"] = state.stats(all_ranks=True)["collectives"]
+    return out
+
+
+def control() -> dict[str, Any]:
+    """Loss 0.5 on every kind: control traffic arrives whole."""
+    rank, world = rank_world()
+    state = LossyState(loss_rate=0.5, fill="zero", mtu=MTU, seed=3)
+    group = lossy_group(state)
+    objects: list[Any] = [None] * world
+    dist.all_gather_object(objects, {"rank": rank, "payload": list(range(500))}, group=group)
+    ints = torch.arange(5000) + rank
+    dist.all_reduce(ints, group=group)
+    peak = torch.full((5000,), float(rank))
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    with reliable():
+        marked = torch.ones(5000)
+        dist.all_reduce(marked, group=group)
+        functional = funcol.all_reduce(torch.ones(5000), "sum", group).wait()
+    dist.barrier(group=group)
+    lossy = torch.ones(5000)
+    dist.all_reduce(lossy, group=group)
+    return {
+        "objects": objects == [{"rank": j, "payload": list(range(500))} for j in range(world)],
+        "ints": torch.equal(ints, torch.arange(5000) * world + sum(range(world))),
+        "max": torch.equal(peak, torch.full((5000,), float(world - 1))),
+        "marked": torch.equal(marked, torch.full((5000,), float(world))),
+        "functional": torch.equal(functional, torch.full((5000,), float(world))),
+        "lossy_differs": not torch.equal(lossy, torch.full((5000,), float(world))),
+        "kinds": sorted(state.stats()["collectives"]),
+    }
+
+
+def stale() -> dict[str, Any]:
+    """Stale fill on messages: a lost packet keeps the last value received from that peer,
+    with that tag and shape."""
+    rank, world = rank_world()
+    state = LossyState(loss_rate=0.3, fill="stale", drop_point="post", mtu=MTU, seed=5)
+    group = lossy_group(state, kinds=("p2p",))
+    ok, lost, last = True, 0, torch.zeros(400)
+    for t in range(40):
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        got = torch.zeros(400)
+        ops = [
+            dist.P2POp(dist.irecv, got, prv, group),
+            dist.P2POp(dist.isend, fill_value(torch.empty(400), t), nxt, group),
+        ]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        want = fill_value(torch.empty(400), t)
+        for s in range(0, 400, PACKET):
+            if torch.equal(got[s : s + PACKET], want[s : s + PACKET]):
+                continue
+            lost += 1
+            ok &= torch.equal(got[s : s + PACKET], last[s : s + PACKET])
+        last = got.clone()
+    return {"ok": bool(ok), "lost": lost, "counted": state.stats()["collectives"]["p2p"]["packets_lost"]}
+
+
+def resume() -> dict[str, Any]:
+    """state_dict after 5 calls of each kind, then 5 more: a state loaded from it loses the same packets."""
+    rank, world = rank_world()
+
+    def calls(state: LossyState, group: Any) -> list[torch.Tensor]:
+        outs = []
+        for t in range(5):
+            got = torch.empty(world * 300)
+            dist.all_gather_into_tensor(got, fill_value(torch.empty(300), t), group=group)
+            x = torch.full((700,), float(2**rank))
+            dist.all_reduce(x, group=group)
+            outs += [got, x]
+        return outs
+
+    state = LossyState(loss_rate=0.3, fill="zero", mtu=MTU, seed=11)
+    group = lossy_group(state)
+    calls(state, group)
+    saved = copy.deepcopy(state.state_dict())
+    first = calls(state, group)
+    again = LossyState(loss_rate=0.3, fill="zero", mtu=MTU, seed=11)
+    again.load_state_dict(saved)
+    second = calls(again, lossy_group(again))
+    return {"same": same(first, second), "lost_any": any(bool((t == 0).any()) for t in first)}
+
+
+def refusals() -> dict[str, Any]:
+    """A DDP hook on a group that already loses all-reduces is refused when it runs."""
+    state = LossyState(loss_rate=0.1, fill="zero")
+    group = lossy_group(state, kinds=("all_reduce",))
+    hooked = DDP(mlp(), process_group=group)
+    hooked.register_comm_hook(LossyState(loss_rate=0.1, process_group=group), lossy_allreduce_hook)
+    try:
+        with reliable():  # the refusal, not a loss, must stop it
+            hooked(torch.randn(2, 8)).sum().backward()
+    except Exception as error:  # DDP re-raises the hook's error
+        return {"refused": "apply twice" in str(error)}
+    return {"refused": False}
+
+
+if __name__ == "__main__":
+    worker_main(
+        {"lossless": lossless, "rates": rates, "control": control, "stale": stale}
+        | {"resume": resume, "refusals": refusals}
+    )

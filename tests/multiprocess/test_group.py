@@ -1,0 +1,148 @@
+"""The lossy process group (Gloo, W = 3, one launch): group_worker.py runs DDP, FSDP2,
+DTensor tensor parallelism, pipelining and all-to-all over it at loss 0 (bitwise the plain
+group), every kind of collective at 20% loss on values that say who sent them (decoded here
+into loss masks and checked against the closed forms), control traffic at 50%, the stale
+fill, a resume and the refusal of a second loss on the same traffic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+from lossy_hooks import LossyState, lossy_group
+from lossy_hooks.core.network import NetworkModel
+from lossy_hooks.core.statistics import binomial_interval
+from lossy_hooks.group import KINDS, check_group_state
+
+from ..launch import launch
+
+WORKER = Path(__file__).with_name("group_worker.py")
+SCENARIOS = ["lossless", "rates", "control", "stale", "resume", "refusals"]
+WORLD = 3
+P = 0.2
+CALLS = 60
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return launch(WORKER, WORLD, SCENARIOS, tmp_path_factory.mktemp("group") / "results.json")
+
+
+def inside(count: int, n: int, p: float) -> bool:
+    lo, hi = binomial_interval(n, p, 0.999)
+    return lo <= count <= hi
+
+
+def test_loss_zero_is_bitwise_the_plain_group_under_every_parallelism(ranks):
+    for r in ranks:
+        assert {k: r["lossless"][k] for k in ("ddp", "fsdp", "tp", "pp", "a2a")} == dict.fromkeys(
+            ("ddp", "fsdp", "tp", "pp", "a2a"), True
+        )
+        assert all(c["packets_lost"] == 0 for c in r["lossless"]["collectives"].values())
+    # every kind went through the group (the broadcasts reach the ranks that are not the root)
+    seen = set().union(*(r["lossless"]["collectives"] for r in ranks))
+    assert seen == set(KINDS)
+
+
+def test_delivered_kinds_lose_each_packet_from_another_rank_at_p_and_zero_it(ranks):
+    """all-gather, all-to-all (uneven), broadcast, messages: what arrived is exact, what was
+    lost is zero (the worker asserts both), an own chunk never lost; the decoded losses are
+    binomial(p) and are exactly what the state counted."""
+    total = {r_kind: 0 for r_kind in ("all_gather", "all_to_all", "broadcast", "p2p")}
+    for kind in total:
+        packets = sum(r["rates"][kind]["packets"] for r in ranks)
+        lost = packets - sum(r["rates"][kind]["arrived"] for r in ranks)
+        counted = ranks[0]["rates"]["collectives_all"][kind]
+        assert (counted["packets_sent"], counted["packets_lost"]) == (packets, lost), kind
+        assert inside(lost, packets, P), (kind, lost, packets)
+        total[kind] = packets
+    # packets per call: all-gather 2 rows of 3 packets; broadcast 4 packets at 2 receivers
+    assert total["all_gather"] == WORLD * CALLS * 2 * 3
+    assert total["broadcast"] == CALLS * 2 * 4
+    assert total["p2p"] == WORLD * CALLS * 3
+
+
+def contributions(ranks, name: str) -> np.ndarray:
+    """``a[rank, call, packet, q]``: rank q's contribution arrived (rank q sends 2^q)."""
+    v = np.array([r["rates"][name] for r in ranks]).astype(int)
+    return (v[..., None] >> np.arange(WORLD)) & 1
+
+
+def test_all_reduce_is_the_hooks_worker_drop_with_zero_fill(ranks):
+    a = contributions(ranks, "all_reduce")
+    assert (a == a[0]).all()  # one sum, the same on every rank
+    lost = 1 - a[0]  # (call, packet, q)
+    counted = ranks[0]["rates"]["collectives_all"]["all_reduce"]
+    assert counted["packets_sent"] == lost.size  # every rank's 10 packets per call
+    assert counted["packets_lost"] == lost.sum()
+    assert inside(int(lost.sum()), lost.size, P)
+    both = lost[..., 0] * lost[..., 1]  # independent ranks: a packet lost by both at p^2
+    assert inside(int(both.sum()), both.size, P * P)
+
+
+def test_reduce_scatter_is_fsdps_with_the_own_row_never_lost(ranks):
+    a = contributions(ranks, "reduce_scatter")  # (owner, call, packet, q)
+    for owner in range(WORLD):
+        assert a[owner, ..., owner].all()
+    remote = np.concatenate([np.delete(a[j], j, axis=-1).reshape(-1) for j in range(WORLD)])
+    counted = ranks[0]["rates"]["collectives_all"]["reduce_scatter"]
+    assert (counted["packets_sent"], counted["packets_lost"]) == (remote.size, int((1 - remote).sum()))
+    assert inside(int((1 - remote).sum()), remote.size, P)
+
+
+def test_control_traffic_is_never_lost(ranks):
+    for r in ranks:
+        c = r["control"]
+        assert c["objects"] and c["ints"] and c["max"] and c["marked"] and c["functional"]
+        assert c["lossy_differs"]  # the same group does lose a plain float all-reduce
+        assert c["kinds"] == ["all_reduce"]  # and counts only that one
+
+
+def test_stale_fill_keeps_the_last_message_from_that_peer(ranks):
+    for r in ranks:
+        assert r["stale"]["ok"]
+        assert r["stale"]["lost"] == r["stale"]["counted"] > 0
+
+
+def test_resume_continues_the_loss_sequence_and_a_second_loss_is_refused(ranks):
+    for r in ranks:
+        assert r["resume"] == {"same": True, "lost_any": True}
+        assert r["refusals"]["refused"]
+
+
+@pytest.mark.parametrize(
+    "settings, kinds, message",
+    [
+        ({"fill": "zero"}, ("all_reduce", "gossip"), "kinds must be among"),
+        ({}, None, "fill='rescale' has no meaning for all_gather, all_to_all, broadcast, p2p"),
+        ({}, ("p2p",), "fill='rescale' has no meaning for p2p"),
+        (
+            {"fill": "zero", "loss_model": "deadline 1.5x", "network": NetworkModel()},
+            ("all_to_all",),
+            "deadline",
+        ),
+        ({"fill": "zero", "reduction": "sum"}, ("all_reduce",), "reduction='sum'"),
+        ({"packetization": "tensor"}, ("reduce_scatter",), "packetization='tensor' is not supported"),
+        ({"fill": "zero", "algorithm": "ring", "link_loss": "0->1=5%"}, ("p2p",), "link_loss applies"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_collective(settings, kinds, message):
+    state = LossyState(**({"loss_rate": 0.1} if "loss_model" not in settings else {}), **settings)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_group_state(state, kinds)
+
+
+def test_rescale_is_accepted_where_it_has_a_meaning():
+    assert check_group_state(LossyState(loss_rate=0.1), ("all_reduce", "reduce_scatter")) == {
+        "all_reduce",
+        "reduce_scatter",
+    }
+
+
+def test_a_group_needs_an_initialized_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group first"):
+        lossy_group(LossyState(loss_rate=0.1, fill="zero"))
