@@ -19,7 +19,13 @@ What a lost packet becomes (the state's fill, :meth:`Fill.fill_received_`'s rule
   the residual passes);
 - ``"stale"``: the last value received at the same place of a buffer of the same kind,
   senders and chunk sizes (a message: from that peer, with that tag and shape), 0 before the
-  first; the stale copy takes every received finite element.
+  first; the stale copy takes every received packet whose elements are all finite (the
+  fills' own rule, :func:`~lossy_hooks.core.techniques.fills.stale_fill_`).
+
+Equal chunks (an all-gather, an even all-to-all, one message) are rows of one
+:class:`~lossy_hooks.core.packetization.PacketLayout`, filled in one pass; uneven chunks (a
+mixture of experts' dispatch) one pass per chunk from another rank (a loop over senders,
+not packets).
 
 ``rescale`` has no meaning here (nothing is summed: no copy to average) and is refused by the
 group before any collective runs. Counted per kind: packets that crossed the network to this
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lossy_hooks.core.packetization import elements_per_packet
+from lossy_hooks.core.packetization import PacketLayout, elements_per_packet
 from lossy_hooks.core.streams import DropSite, Stream
 
 if TYPE_CHECKING:
@@ -52,37 +58,6 @@ DELIVERY_KINDS: dict[str, Stream] = {
 Chunk = tuple[int, int]  # (sender rank in the group, elements), in buffer order
 
 
-class _ChunkPackets:
-    """The packets of one chunk signature on one device: per-packet element counts and
-    which packets cross the network (built once per signature, with tensor ops: no Python
-    loop over packets)."""
-
-    def __init__(
-        self, chunks: Sequence[Chunk], packet_numel: int, receiver: int, node: int | None, device: Any
-    ):
-        numels = torch.tensor([m for _, m in chunks], dtype=torch.int64)
-        counts = (numels + packet_numel - 1) // packet_numel
-        owner = torch.repeat_interleave(torch.arange(len(chunks)), counts)
-        first = torch.cumsum(counts, 0) - counts
-        position = torch.arange(int(counts.sum())) - first[owner]
-        sizes = torch.clamp(numels[owner] - position * packet_numel, max=packet_numel)
-        senders = torch.tensor([s for s, _ in chunks], dtype=torch.int64)
-        remote = senders != receiver
-        if node is not None:
-            remote &= senders // node != receiver // node
-        crossing = remote[owner]
-        self.network_numel = int(sizes[crossing].sum())  # elements that cross (host tensors here)
-        self.numel = int(numels.sum())
-        self.num_packets = int(counts.sum())
-        self.network_packets = int(crossing.sum())
-        self.sizes = sizes.to(device)
-        self.crossing = crossing.to(device)
-
-    def expand(self, per_packet: torch.Tensor) -> torch.Tensor:
-        """Per-element copy of a per-packet vector."""
-        return per_packet.repeat_interleave(self.sizes, output_size=self.numel)
-
-
 class Delivery:
     """The delivery kinds of one :class:`~lossy_hooks.LossyState`: their streams (one
     :class:`~lossy_hooks.core.streams.DropSite` per kind, per receiving rank), the packets of
@@ -95,42 +70,52 @@ class Delivery:
             kind: DropSite(kind, model.clone(), stream, per_rank=True)
             for kind, stream in DELIVERY_KINDS.items()
         }
-        self.packets: dict[tuple[Any, ...], _ChunkPackets] = {}
         self.stale: dict[str, torch.Tensor] = {}
         self.restored = False
 
     def receive_(self, kind: str, out: torch.Tensor, chunks: Sequence[Chunk], key: str) -> None:
-        """``out`` (contiguous, flat or not) as received, its chunks from ``chunks``: each
-        packet from another rank lost at this receiver, filled, counted (see the module).
-        ``key`` names the buffer's place for the stale fill (kind, senders, sizes, tag)."""
+        """``out`` (contiguous) as received, its chunks from ``chunks`` in order: each packet
+        from another rank lost at this receiver, filled by the state's fill
+        (:meth:`~lossy_hooks.core.techniques.fills.Fill.fill_received_`), counted (see the
+        module). ``key`` names the buffer's place for the stale fill."""
         state = self.state
         assert state.device is not None and state.rank is not None
         site = self.sites[kind]
         site.prepare(state.device, state.seed, state.rank)
-        flat = out.view(-1)
-        signature = (tuple(chunks), out.element_size(), out.device)
-        packets = self.packets.get(signature)
-        if packets is None:
-            k = elements_per_packet(state.mtu, out.element_size())
-            packets = self.packets[signature] = _ChunkPackets(
-                chunks, k, state.rank, state.ranks_per_node, out.device
+        flat, itemsize = out.view(-1), out.element_size()
+        k = elements_per_packet(state.mtu, itemsize)
+        sizes = [m for _, m in chunks]
+        counts = [-(-m // k) for m in sizes]
+        node = state.ranks_per_node
+        remote = [
+            i
+            for i, (sender, m) in enumerate(chunks)
+            if m and sender != state.rank and (node is None or sender // node != state.rank // node)
+        ]
+        network = sum(counts[i] for i in remote)
+        drawn = site.draw(network)  # one draw for every packet that crosses the network
+        state.ledger.count_collective(kind, network, sum(sizes[i] for i in remote) * itemsize, drawn)
+        if drawn is None or not remote:
+            return
+        fill = state.fill_technique
+        stale = self._stale(key, flat) if fill.keeps_stale else None
+        if len(set(sizes)) == 1:  # equal chunks: rows of one layout, one pass
+            rows, n = len(chunks), counts[0]
+            lost = torch.zeros(rows, n, dtype=torch.bool, device=out.device)
+            lost[remote] = drawn.view(len(remote), n)
+            layout = PacketLayout.by_mtu(sizes[0], state.mtu, itemsize)
+            fill.fill_received_(
+                layout, flat.view(rows, -1), lost, None if stale is None else stale.view(rows, -1)
             )
-        drawn = site.draw(packets.network_packets)
-        nbytes = packets.network_numel * out.element_size()
-        lost = None
-        if drawn is not None:
-            lost = torch.zeros(packets.num_packets, dtype=torch.bool, device=out.device)
-            lost.masked_scatter_(packets.crossing, drawn)
-        state.ledger.count_collective(kind, packets.network_packets, nbytes, drawn)
-        stale = self._stale(key, flat) if state.fill_technique.keeps_stale else None
-        if lost is not None:
-            lost_elements = packets.expand(lost)
-            if stale is None:
-                flat.mul_((~lost_elements).to(flat.dtype))
-            else:
-                torch.where(lost_elements, stale, flat, out=flat)
-        if stale is not None:
-            torch.where(torch.isfinite(flat), flat, stale, out=stale)
+            return
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        first = 0
+        for i in remote:  # uneven chunks: one pass per chunk from another rank
+            part = slice(starts[i], starts[i] + sizes[i])
+            layout = PacketLayout.by_mtu(sizes[i], state.mtu, itemsize)
+            lost_i = drawn[first : first + counts[i]]
+            fill.fill_received_(layout, flat[part], lost_i, None if stale is None else stale[part])
+            first += counts[i]
 
     def _stale(self, key: str, like: torch.Tensor) -> torch.Tensor:
         stale = self.stale.get(key)
@@ -156,5 +141,4 @@ class Delivery:
         for kind, site_sd in sd.get("sites", {}).items():
             self.sites[kind].load_state_dict(site_sd)
         self.stale = {k: v.clone() for k, v in sd.get("stale", {}).items()}
-        self.packets = {}
         self.restored = True
