@@ -307,6 +307,44 @@ def resume() -> dict[str, Any]:
     return {"same": same(first, second), "lost_any": any(bool((t == 0).any()) for t in first)}
 
 
+def nodes_and_streams() -> dict[str, Any]:
+    """ranks_per_node = 2 at W = 3: chunks between ranks 0 and 1 never lost; an AVG all-reduce
+    (which Gloo lacks) is the mean; and all-reduce traffic does not shift the all-to-all's
+    losses (each kind draws from its own stream)."""
+    rank, world = rank_world()
+    state = LossyState(loss_rate=0.5, fill="zero", mtu=MTU, seed=9, algorithm="direct", ranks_per_node=2)
+    group = lossy_group(state, kinds=("all_to_all",))
+    intact = [True] * world
+    for _ in range(20):
+        got = torch.empty(world * 300)
+        dist.all_to_all_single(got, fill_value(torch.empty(world * 300), 0.0), group=group)
+        for j, chunk in enumerate(got.view(world, 300)):
+            intact[j] &= bool(
+                torch.equal(chunk, fill_value(torch.empty(world * 300), 0.0).view(world, 300)[rank])
+            )
+    mean = torch.full((1000,), float(rank))
+    averaging = lossy_group(LossyState(loss_rate=0.0), kinds="all_reduce")
+    dist.all_reduce(mean, op=dist.ReduceOp.AVG, group=averaging)
+
+    def a2a_losses(interleave: bool) -> list[torch.Tensor]:
+        state = LossyState(loss_rate=0.3, fill="zero", mtu=MTU, seed=13)
+        group = lossy_group(state)
+        outs = []
+        for t in range(5):
+            if interleave:
+                dist.all_reduce(torch.ones(900), group=group)
+            got = torch.empty(world * 200)
+            dist.all_to_all_single(got, fill_value(torch.empty(world * 200), t), group=group)
+            outs.append(got)
+        return outs
+
+    return {
+        "intact": intact,
+        "avg": torch.allclose(mean, torch.full((1000,), (world - 1) / 2)),
+        "streams_apart": same(a2a_losses(False), a2a_losses(True)),
+    }
+
+
 def refusals() -> dict[str, Any]:
     """A DDP hook on a group that already loses all-reduces is refused when it runs."""
     state = LossyState(loss_rate=0.1, fill="zero")
@@ -324,5 +362,5 @@ def refusals() -> dict[str, Any]:
 if __name__ == "__main__":
     worker_main(
         {"lossless": lossless, "rates": rates, "control": control, "stale": stale}
-        | {"resume": resume, "refusals": refusals}
+        | {"resume": resume, "nodes_and_streams": nodes_and_streams, "refusals": refusals}
     )

@@ -20,7 +20,7 @@ from lossy_hooks.group import KINDS, check_group_state
 from ..launch import launch
 
 WORKER = Path(__file__).with_name("group_worker.py")
-SCENARIOS = ["lossless", "rates", "control", "stale", "resume", "refusals"]
+SCENARIOS = ["lossless", "rates", "control", "stale", "resume", "nodes_and_streams", "refusals"]
 WORLD = 3
 P = 0.2
 CALLS = 60
@@ -111,6 +111,17 @@ def test_resume_continues_the_loss_sequence_and_a_second_loss_is_refused(ranks):
     for r in ranks:
         assert r["resume"] == {"same": True, "lost_any": True}
         assert r["refusals"]["refused"]
+
+
+def test_nodes_avg_and_one_stream_per_kind(ranks):
+    """ranks_per_node = 2 at W = 3, loss 50%: what ranks 0 and 1 send each other (and
+    themselves) always arrives, what crosses to or from rank 2 does not; AVG is the mean;
+    all-reduces between all-to-alls leave the all-to-all's losses as they were."""
+    for rank, r in enumerate(ranks):
+        node = rank // 2
+        assert r["nodes_and_streams"]["intact"] == [j // 2 == node for j in range(WORLD)]
+        assert r["nodes_and_streams"]["avg"]
+        assert r["nodes_and_streams"]["streams_apart"]
 
 
 @pytest.mark.parametrize(
