@@ -57,7 +57,8 @@ PLACEMENTS_W3 = (
     "3",
 )  # the 3-rank launch: oracle, closed forms
 CLOCK = ("tests/multiprocess/test_netclock.py", "-k", "not script and not summary")  # in-process and W=3 DDP
-CLUSTER = ("tests/study/test_cluster.py",)  # the submitit-local sweeps (kill, preempt), SLURM stand-ins
+CLUSTER = ("tests/study/test_cluster.py",)
+GROUP = ("tests/multiprocess/test_group.py",)  # one 3-rank launch of every lossy-group scenario  # the submitit-local sweeps (kill, preempt), SLURM stand-ins
 CLUSTER_UNIT = ("tests/study/test_cluster.py", "-k", "slurm or requeued or scalars")  # no launch
 STATUS_UNIT = ("tests/study/test_cluster.py", "-k", "status_of")  # --status of folders written by hand
 LEDGER = ("tests/unit/test_ledger.py",)
@@ -890,6 +891,79 @@ MUTANTS = [
         "    if any(ended):\n",
         "a configuration is done only when every round ended",
         (STATUS_UNIT,),
+    ),
+    # ---------------------------------------------------------------- the lossy process group
+    M(
+        "M99",
+        "lossy_hooks/core/pipeline/delivery.py",
+        "if m and sender != state.rank and (node is None",
+        "if m and (node is None",
+        "a rank's own chunk never crosses the network, so it is never lost",
+        (GROUP,),
+    ),
+    M(
+        "M100",
+        "lossy_hooks/core/pipeline/delivery.py",
+        "(node is None or sender // node != state.rank // node)",
+        "(True)",
+        "with ranks_per_node, a chunk from a rank of the same node is never lost",
+        (GROUP,),
+    ),
+    M(
+        "M101",
+        "lossy_hooks/group.py",
+        "    return bool(op == dist.ReduceOp.SUM or op == dist.ReduceOp.AVG)",
+        "    return True",
+        "only SUM and AVG reductions lose: a MAX is control traffic",
+        (GROUP,),
+    ),
+    M(
+        "M102",
+        "lossy_hooks/group.py",
+        "    return t.is_floating_point() or t.is_complex()",
+        "    return True",
+        "integer tensors (object collectives, sizes, indices) never lose",
+        (GROUP,),
+    ),
+    M(
+        "M103",
+        "lossy_hooks/group.py",
+        "            and not reliable_now()\n",
+        "",
+        "inside reliable() a lossy group loses nothing",
+        (GROUP,),
+    ),
+    M(
+        "M104",
+        "lossy_hooks/core/counters.py",
+        "        total.add_(lost.sum())",
+        "        total.add_(0)",
+        "stats()['collectives'] counts the packets each kind lost",
+        (GROUP,),
+    ),
+    M(
+        "M105",
+        "lossy_hooks/core/pipeline/delivery.py",
+        "        site = self.sites[kind]",
+        "        site = state.worker",
+        "each delivered kind draws from a stream of its own: other traffic never shifts its losses",
+        (GROUP,),
+    ),
+    M(
+        "M106",
+        "lossy_hooks/group.py",
+        "        scale = 1.0 / self.size() if opts.reduceOp == dist.ReduceOp.AVG else 1.0",
+        "        scale = 1.0",
+        "an AVG all-reduce through the group is the mean",
+        (GROUP,),
+    ),
+    M(
+        "M107",
+        "lossy_hooks/hook.py",
+        '    if "all_reduce" in lossy_kinds(group):',
+        "    if False:",
+        "the DDP hook refuses a group that already loses all-reduces (the loss would apply twice)",
+        (GROUP,),
     ),
 ]
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import operator
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +28,7 @@ from lossy_hooks.core.options import (
 from lossy_hooks.core.pipeline.delivery import Delivery
 from lossy_hooks.core.placement import PHASES_OF_DROP_POINT, HopLoss, HopMasks, HopPlacement
 from lossy_hooks.core.process_group import collective_device
+from lossy_hooks.core.settings_view import SettingsView
 from lossy_hooks.core.streams import DropSite, DropSites, derive_seed
 from lossy_hooks.core.techniques import BucketCall, Technique, wire_chain
 from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK
@@ -52,7 +51,7 @@ __all__ = [
 STATE_VERSION = 4
 
 
-class LossyState:
+class LossyState(SettingsView):
     r"""State of :func:`~lossy_hooks.lossy_allreduce_hook` and of the FSDP collectives: its
     settings (``state.settings``, a :class:`~lossy_hooks.core.options.LossConfig`, where every
     argument is checked: a bad one raises ``ValueError`` naming it and the allowed values),
@@ -125,6 +124,26 @@ class LossyState:
         self.counts_resolved: str | None = None if self.counts_transport == "auto" else self.counts_transport
 
     # -- configuration ----------------------------------------------------------------
+
+    @property
+    def worker(self) -> DropSite:
+        """The worker drop site's stream (``sites.worker``)."""
+        return self.sites.worker
+
+    @property
+    def post(self) -> DropSite:
+        """The post drop site's stream (``sites.post``)."""
+        return self.sites.post
+
+    @property
+    def rotation(self) -> DropSite:
+        """The Hadamard signs' stream (``sites.rotation``)."""
+        return self.sites.rotation
+
+    @property
+    def peers(self) -> dict[int, DropSite]:
+        """Every other rank's replayed worker stream (``sites.peers``)."""
+        return self.sites.peers
 
     @property
     def hook_reached(self) -> bool:
@@ -351,17 +370,3 @@ class LossyState:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"LossyState({cfg})"
-
-
-# The drop sites read as attributes of the state (``state.worker``, ``state.post``): views
-# of ``state.sites``.
-for _name in ("worker", "post", "rotation", "peers"):
-    setattr(LossyState, _name, property(operator.attrgetter(f"sites.{_name}"), doc=f"``sites.{_name}``"))
-
-# The settings read as attributes of the state (``state.fill``, ``state.drops_before``):
-# read-only views of ``state.settings``, the one copy.
-for _name in (*(f.name for f in dataclasses.fields(LossConfig)), "drops_before", "drops_after"):
-    setattr(
-        LossyState, _name, property(operator.attrgetter(f"settings.{_name}"), doc=f"``settings.{_name}``")
-    )
-del _name

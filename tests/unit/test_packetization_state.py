@@ -225,3 +225,21 @@ def test_the_fill_rules_against_their_closed_forms():
         ]
         want += ~torch.stack(full)
     assert torch.equal(got, want)
+
+
+def test_the_states_typed_settings_are_exactly_lossconfigs_fields():
+    """LossyState reads each setting through a typed property of SettingsView (no attributes
+    made at run time): one per field of LossConfig, plus drops_before / drops_after, each
+    returning the one copy in state.settings and read-only."""
+    import dataclasses
+
+    from lossy_hooks.core.options import LossConfig
+    from lossy_hooks.core.settings_view import SettingsView
+
+    views = {n for n, v in vars(SettingsView).items() if isinstance(v, property)}
+    assert views == {f.name for f in dataclasses.fields(LossConfig)} | {"drops_before", "drops_after"}
+    state = LossyState(loss_rate=0.1, mtu=600, fill="zero", drop_point="both")
+    for name in views:
+        assert getattr(state, name) is getattr(state.settings, name)
+    with pytest.raises(AttributeError):
+        state.mtu = 1500
