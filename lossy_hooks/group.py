@@ -43,6 +43,7 @@ a lossy group that already loses ``all_reduce`` (the loss would apply twice).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -351,7 +352,7 @@ class LossyBackend(C10dBackend):
             return work
         work.wait()
         world = self.size()
-        row = output[0].numel() if output.dim() > 1 else 1
+        row = math.prod(output.shape[1:])  # elements per first-dimension index (a token)
         if out_splits:
             sizes = [s * row for s in out_splits]
         else:
