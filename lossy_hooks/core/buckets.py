@@ -150,11 +150,12 @@ class BucketRecords:
             layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
             wire_bytes = rows.shape[1] * rows.element_size()
             drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
-            factor = (
-                post_rescale_factor(state.post.model, drawn, post_rows * wire_bytes)
-                if state.drops_after and not state.placement.per_hop
-                else 1.0
-            )
+            factor: float = 1.0
+            if state.drops_after and not state.placement.per_hop:
+                if state.protection.active and isinstance(state.loss_model, Bernoulli):  # retransmit
+                    factor = 1.0 / (1.0 - state.protection.bernoulli_loss(state.loss_model.p))
+                else:
+                    factor = post_rescale_factor(state.post.model, drawn, post_rows * wire_bytes)
             record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None))
             self.records[key] = record
             entry = BucketEntry(

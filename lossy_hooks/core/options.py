@@ -136,7 +136,7 @@ class LossConfig:
         default=None,
         metadata=_meta("option", "protection matches parameters in a DDP bucket; FSDP rows are flat shards"),
     )
-    retransmit: int = field(default=0, metadata=_meta("option", "not wired into the sharded collectives yet"))
+    retransmit: int = field(default=0, metadata=_meta("option"))
     fec: tuple[int, int] | None = field(
         default=None, metadata=_meta("option", "an FEC group would span packets bound for different ranks")
     )

@@ -75,6 +75,24 @@ def scatter_worker() -> dict[str, Any]:
     return out
 
 
+def retransmit() -> dict[str, Any]:
+    """Retransmission under FSDP at 30%, one resend: worker drop, zero fill (the sums name
+    the contributions that arrived) with its counters; post drop, rescale by 1/(1-p^2), on a
+    shared and an independent mask (the same mask on every rank when shared)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    state = LossyState(loss_rate=0.3, mtu=MTU, fill="zero", reduction="sum", retransmit=1, seed=21)
+    comm = scatter_comm(state)
+    values = [per_packet(scatter(comm, marked_rows(world, rank))) for _ in range(CALLS)]
+    out: dict[str, Any] = {"worker": {"values": values, "stats": state.stats()["worker"]}}
+    for sync in ("shared", "independent"):
+        kw = dict(loss_rate=0.3, mtu=MTU, drop_point="post", post_sync=sync, reduction="sum", seed=22)
+        post = LossyState(retransmit=1, **kw)
+        comm = scatter_comm(post)
+        got = [per_packet(scatter(comm, marked_rows(world, rank))) for _ in range(CALLS)]
+        out[sync] = {"values": got, "stats": post.stats()["post"]}
+    return out
+
+
 def scatter_post() -> dict[str, Any]:
     """Post drop at 25%, the shard of step t being (t+1) (2^W - 1) everywhere (sum)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -322,5 +340,6 @@ def layout() -> dict[str, Any]:
 if __name__ == "__main__":
     worker_main(
         {"scatter_worker": scatter_worker, "scatter_post": scatter_post, "gather": gather, "resume": resume}
+        | {"retransmit": retransmit}
         | {"training": training, "layout": layout, "no_host_sync": no_host_sync, "bf16_factors": bf16_factors}
     )

@@ -17,6 +17,7 @@ from ..launch import launch
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 SCENARIOS = [
+    "retransmit",
     "scatter_worker",
     "scatter_post",
     "gather",
@@ -191,13 +192,40 @@ def test_fsdp_layout_predicts_the_real_shards(ranks):
         assert len(lay["seen"]) == 3
 
 
+def test_retransmission_under_fsdp_leaves_p_squared_lost_and_counts_the_resends(ranks):
+    """retransmit=1 at p = 0.3: a contribution stays lost with p^2 (decoded from the zero-fill
+    sums: rank q sends 2^q; the owner's own row never lost); every first loss is resent once
+    (extra_packets) and the resends that arrive are counted as recovered; a post drop
+    rescales by 1 / (1 - p^2), with a shared mask and with independent ones."""
+    v = np.stack([np.array(r["retransmit"]["worker"]["values"]).astype(int) for r in ranks])
+    a = (v[..., None] >> np.arange(WORLD)) & 1
+    for j in range(WORLD):
+        assert a[j, ..., j].all()
+    lost = sum((1 - a[j, ..., q]).sum() for j in range(WORLD) for q in range(WORLD) if q != j)
+    sent = WORLD * (WORLD - 1) * CALLS * PACKETS
+    stats = [r["retransmit"]["worker"]["stats"] for r in ranks]
+    assert sum(s["packets_sent"] for s in stats) == sent
+    assert sum(s["packets_lost"] for s in stats) == lost
+    assert inside(int(lost), sent, 0.09)
+    resent = sum(s["extra_packets"] for s in stats)
+    assert inside(resent, sent, 0.3)  # first losses, each resent once
+    assert resent - sum(s["recovered_retransmit"] for s in stats) == lost
+    full = 2**WORLD - 1
+    for sync in ("shared", "independent"):
+        got = np.array([r["retransmit"][sync]["values"] for r in ranks])  # (rank, call, packet)
+        kept = got != 0
+        assert np.allclose(got[kept], full / (1 - 0.09))
+        n_lost = sum(r["retransmit"][sync]["stats"]["packets_lost"] for r in ranks)
+        assert n_lost == (~kept).sum()
+        assert inside(int(n_lost), got.size, 0.09)
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
         (dict(encoding="hadamard"), "encoding"),
         (dict(wire_dtype="bf16"), "MixedPrecisionPolicy"),
         (dict(fec=(8, 1)), "fec"),
-        (dict(retransmit=1), "retransmit"),
         (dict(packetization="tensor"), "packetization"),
         (dict(measure_fidelity=True), "measure_fidelity"),
         (dict(counts_transport="append"), "append"),
