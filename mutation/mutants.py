@@ -965,6 +965,14 @@ MUTANTS = [
         "the DDP hook refuses a group that already loses all-reduces (the loss would apply twice)",
         (GROUP,),
     ),
+    M(
+        "M108",
+        "lossy_hooks/core/pipeline/sharded.py",
+        "        if site.lossless or not state.protecting:\n            return site.draw(rows * n)",
+        "        if True:\n            return site.draw(rows * n)",
+        "under FSDP a lost packet is resent (retransmit): it stays lost with p^(k+1)",
+        (FSDP,),
+    ),
 ]
 
 
