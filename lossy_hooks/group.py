@@ -56,11 +56,11 @@ from torch._C._distributed_c10d import Work, _create_work_from_future
 from lossy_hooks.core.pipeline import all_reduce as pipeline_all_reduce
 from lossy_hooks.core.pipeline.delivery import DELIVERY_KINDS, Chunk
 from lossy_hooks.core.pipeline.sharded import Counted, ShardedCollectives, sharded_refusal
-from lossy_hooks.core.process_group import LOSSY_GROUPS, reliable_now
+from lossy_hooks.core.process_group import LOSSY_GROUPS, lossy_kinds, reliable_now
 from lossy_hooks.core.state import LossyState
 from lossy_hooks.loss_models import DeadlineLoss
 
-__all__ = ["KINDS", "LossyBackend", "check_group_state", "lossy_group"]
+__all__ = ["KINDS", "LossyBackend", "check_backend", "check_group_state", "lossy_group"]
 
 KINDS = ("all_reduce", "reduce_scatter", *DELIVERY_KINDS)
 _PENDING: list[tuple[LossyState, dist.ProcessGroup, frozenset[str]]] = []
@@ -102,6 +102,16 @@ def check_group_state(state: LossyState, kinds: Iterable[str] | None) -> frozens
     return chosen
 
 
+def check_backend(backend: str) -> str:
+    """The wrapped group's backend, lower-case, if it can be wrapped (Gloo or NCCL: the two
+    whose every collective the pipeline was tested on, Gloo here and NCCL by design); else
+    ``ValueError`` naming it."""
+    name = backend.lower()
+    if name not in ("gloo", "nccl"):
+        raise ValueError(f"lossy_group wraps a Gloo or an NCCL group; this group's backend is {backend!r}")
+    return name
+
+
 def lossy_group(
     state: LossyState, group: dist.ProcessGroup | None = None, kinds: Iterable[str] | None = None
 ) -> dist.ProcessGroup:
@@ -114,7 +124,12 @@ def lossy_group(
         raise RuntimeError("lossy_group: call torch.distributed.init_process_group first")
     inner = group if group is not None else dist.group.WORLD
     chosen = check_group_state(state, kinds)
-    backend = str(dist.get_backend(inner)).lower()
+    if lossy_kinds(inner):
+        raise ValueError(
+            "lossy_group: the group is a lossy_group already (its losses would apply twice): wrap the "
+            "plain group it was made from, with every kind that should lose"
+        )
+    backend = check_backend(str(dist.get_backend(inner)))
     name = f"lossy_{backend}"
     if name not in _REGISTERED:
         devices = ["cuda"] if backend == "nccl" else ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

@@ -57,8 +57,8 @@ PLACEMENTS_W3 = (
     "3",
 )  # the 3-rank launch: oracle, closed forms
 CLOCK = ("tests/multiprocess/test_netclock.py", "-k", "not script and not summary")  # in-process and W=3 DDP
-CLUSTER = ("tests/study/test_cluster.py",)
-GROUP = ("tests/multiprocess/test_group.py",)  # one 3-rank launch of every lossy-group scenario  # the submitit-local sweeps (kill, preempt), SLURM stand-ins
+CLUSTER = ("tests/study/test_cluster.py",)  # the submitit-local sweeps (kill, preempt), SLURM stand-ins
+GROUP = ("tests/multiprocess/test_group.py",)  # one 3-rank launch of every lossy-group scenario
 CLUSTER_UNIT = ("tests/study/test_cluster.py", "-k", "slurm or requeued or scalars")  # no launch
 STATUS_UNIT = ("tests/study/test_cluster.py", "-k", "status_of")  # --status of folders written by hand
 LEDGER = ("tests/unit/test_ledger.py",)

@@ -349,14 +349,19 @@ def refusals() -> dict[str, Any]:
     """A DDP hook on a group that already loses all-reduces is refused when it runs."""
     state = LossyState(loss_rate=0.1, fill="zero")
     group = lossy_group(state, kinds=("all_reduce",))
+    try:
+        lossy_group(LossyState(loss_rate=0.1, fill="zero"), group)
+        twice = False
+    except ValueError as error:
+        twice = "lossy_group already" in str(error)
     hooked = DDP(mlp(), process_group=group)
     hooked.register_comm_hook(LossyState(loss_rate=0.1, process_group=group), lossy_allreduce_hook)
     try:
         with reliable():  # the refusal, not a loss, must stop it
             hooked(torch.randn(2, 8)).sum().backward()
     except Exception as error:  # DDP re-raises the hook's error
-        return {"refused": "apply twice" in str(error)}
-    return {"refused": False}
+        return {"refused": "apply twice" in str(error), "wrapped_twice_refused": twice}
+    return {"refused": False, "wrapped_twice_refused": twice}
 
 
 if __name__ == "__main__":

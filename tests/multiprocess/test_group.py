@@ -15,7 +15,7 @@ import torch.distributed as dist
 from lossy_hooks import LossyState, lossy_group
 from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.statistics import binomial_interval
-from lossy_hooks.group import KINDS, check_group_state
+from lossy_hooks.group import KINDS, check_backend, check_group_state
 
 from ..launch import launch
 
@@ -110,7 +110,7 @@ def test_stale_fill_keeps_the_last_message_from_that_peer(ranks):
 def test_resume_continues_the_loss_sequence_and_a_second_loss_is_refused(ranks):
     for r in ranks:
         assert r["resume"] == {"same": True, "lost_any": True}
-        assert r["refusals"]["refused"]
+        assert r["refusals"] == {"refused": True, "wrapped_twice_refused": True}
 
 
 def test_nodes_avg_and_one_stream_per_kind(ranks):
@@ -151,6 +151,12 @@ def test_rescale_is_accepted_where_it_has_a_meaning():
         "all_reduce",
         "reduce_scatter",
     }
+
+
+def test_only_gloo_and_nccl_groups_are_wrapped():
+    assert check_backend("Gloo") == "gloo" and check_backend("nccl") == "nccl"
+    with pytest.raises(ValueError, match="backend is 'mpi'"):
+        check_backend("mpi")
 
 
 def test_a_group_needs_an_initialized_process_group():
