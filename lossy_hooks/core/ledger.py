@@ -254,12 +254,15 @@ class PacketLedger(PacketCounters):
     def since_mark(self, names: dict[int, str], all_ranks: bool = True) -> dict[str, Any]:
         """What was counted since the previous call (or since the start), then a new mark.
 
-        Returns ``{"points": {point: {figure: change}}, "buckets": [...], "parameters": [...]}``:
+        Returns ``{"points": {point: {figure: change}}, "buckets": [...], "parameters": [...],
+        "links": [...], "collectives": {kind: {figure: change}}}``:
         per drop point, every whole-number figure of :meth:`stats` (``packets_sent``,
         ``packets_lost``, ``bytes_sent``, ...); per bucket and point with packets sent in the interval (the
         :meth:`stats` bucket fields with ``packets_sent``, ``packets_lost``, ``loss_rate``
         and the bucket's parameter names ``params``); per parameter and point (the
-        :meth:`loss_by_parameter` fields). Use one scope (``all_ranks``) for every call:
+        :meth:`loss_by_parameter` fields); per link of a per-hop placement; per kind of a
+        lossy process group's collectives (:meth:`collective_rows`' whole-number figures and
+        the interval's ``loss_rate``). Use one scope (``all_ranks``) for every call:
         the mark stores what was read. A collective when ``all_ranks``."""
         stats = self.stats(all_ranks)
         by_param = self.loss_by_parameter(names, all_ranks)
@@ -272,6 +275,8 @@ class PacketLedger(PacketCounters):
             now[f"param:{r['drop_point']}:{r['parameter']}"] = [r["packets_sent"], r["packets_lost"]]
         for r in stats.get("links", []):
             now[f"link:{r['phase']}:{r['link']}"] = [r["packets_carried"], r["packets_lost"]]
+        for kind, figures in stats.get("collectives", {}).items():
+            now |= {f"kind:{kind}:{f}": [v] for f, v in figures.items() if isinstance(v, int)}
         prev, self.mark = self.mark, now
 
         def delta(name: str) -> tuple[int, int]:
@@ -312,4 +317,17 @@ class PacketLedger(PacketCounters):
                     "loss_rate": lost / carried if carried else 0.0,
                 }
             )
-        return {"points": points, "buckets": buckets, "parameters": parameters, "links": links}
+        collectives = {}
+        for kind, figures in stats.get("collectives", {}).items():
+            change = {
+                f: v - prev.get(f"kind:{kind}:{f}", [0])[0] for f, v in figures.items() if isinstance(v, int)
+            }
+            sent = change["packets_sent"]
+            collectives[kind] = change | {"loss_rate": change["packets_lost"] / sent if sent else 0.0}
+        return {
+            "points": points,
+            "buckets": buckets,
+            "parameters": parameters,
+            "links": links,
+            "collectives": collectives,
+        }

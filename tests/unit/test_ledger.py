@@ -184,3 +184,38 @@ def test_version_2_checkpoint_counters_are_read():
     led = PacketLedger(("worker",), track_unrecovered=True)
     led.load_state_dict(PacketLedger.from_version_2(v2))
     assert led.stats()["worker"]["packets_lost"] == 4 and led.buckets[KEY].sizes == (4, 6)
+
+
+def test_collectives_per_kind_counts_deltas_and_checkpoint():
+    """A lossy group's kinds: calls, packets, bytes and losses per kind in stats(), their
+    changes since the last mark, and the counters through a checkpoint."""
+    led = PacketLedger(("worker",), False)
+    led.count_collective("p2p", 10, 4000, torch.tensor([True, False, True, False]))
+    led.count_collective("p2p", 6, 2400, None)
+    led.count_collective("all_to_all", 8, 3200, torch.tensor([[True, True], [False, True]]))
+    assert led.collective_rows() == {
+        "all_to_all": {
+            "calls": 1,
+            "packets_sent": 8,
+            "packets_lost": 3,
+            "loss_rate": 3 / 8,
+            "bytes_sent": 3200,
+        },
+        "p2p": {"calls": 2, "packets_sent": 16, "packets_lost": 2, "loss_rate": 2 / 16, "bytes_sent": 6400},
+    }
+    first = led.since_mark({}, all_ranks=False)["collectives"]
+    assert first["p2p"]["packets_sent"] == 16 and first["p2p"]["loss_rate"] == 2 / 16
+    led.count_collective("p2p", 4, 1600, torch.tensor([True, True, False, False]))
+    buf = io.BytesIO()
+    torch.save(led.state_dict(), buf)
+    again = PacketLedger(("worker",), False)
+    again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    second = again.since_mark({}, all_ranks=False)["collectives"]
+    assert second["p2p"] == {
+        "calls": 1,
+        "packets_sent": 4,
+        "packets_lost": 2,
+        "bytes_sent": 1600,
+        "loss_rate": 0.5,
+    }
+    assert second["all_to_all"]["packets_sent"] == 0 and second["all_to_all"]["loss_rate"] == 0.0
