@@ -419,7 +419,9 @@ class LossyBackend(C10dBackend):
     # -- control traffic, carried as it is ----------------------------------------------------
 
     def barrier(self, opts: Any) -> Work:
-        return self._backend(torch.device("cpu")).barrier(opts)
+        # the wrapped group's barrier device: the GPU of an NCCL group, the CPU of a Gloo one
+        nccl = "nccl" in str(dist.get_backend(self.inner)).lower()
+        return self._backend(torch.device("cuda" if nccl else "cpu")).barrier(opts)
 
     def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any) -> Work:
         return self._backend(outputs[0].device).scatter(outputs, inputs, opts)
