@@ -4,8 +4,9 @@
     python bench/bench_group.py --world 2 --mib 25 --reps 20 --out bench_group.json
 
 Per world size, one launch of W ranks (Gloo, one thread per rank on CPU; NCCL on CUDA) and,
-in it, the plain group and lossy groups (``lossy_group``) at loss 0 and 10% (zero fill): a
-25 MiB fp32 ``all_reduce`` and an ``all_to_all_single`` of the same size (even splits).
+in it, the plain group (the world) and lossy groups wrapping it (``lossy_group``) at loss 0
+and 10% (zero fill): a 25 MiB fp32 ``all_reduce`` and an ``all_to_all_single`` of the same
+size (even splits).
 Repetitions run the groups in a shuffled order each time; per configuration: the median
 seconds per call, its ratio to the plain group, and the median and quartiles of the ratio
 paired within each repetition (robust to the machine's drifts). Printed as a table and saved
@@ -52,7 +53,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, path: str
     else:
         torch.set_num_threads(1)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    groups = {"plain": dist.new_group(backend="nccl" if cuda else "gloo")}
+    groups: dict[str, Any] = {"plain": dist.group.WORLD}  # the group the lossy ones wrap
     for label, p in LOSSES.items():
         groups[label] = lossy_group(LossyState(loss_rate=p, fill="zero", mtu=args.mtu, seed=1))
     numel = args.mib * 2**20 // 4 // world * world

@@ -23,7 +23,8 @@ What a lost packet becomes (the state's fill, :meth:`Fill.fill_received_`'s rule
   fills' own rule, :func:`~lossy_hooks.core.techniques.fills.stale_fill_`).
 
 Equal chunks (an all-gather, an even all-to-all, one message) are rows of one
-:class:`~lossy_hooks.core.packetization.PacketLayout`, filled in one pass; uneven chunks (a
+:class:`~lossy_hooks.core.packetization.PacketLayout`, each run of rows from other ranks
+filled in one pass (the own row is never touched); uneven chunks (a
 mixture of experts' dispatch) one pass per chunk from another rank (a loop over senders,
 not packets).
 
@@ -56,6 +57,18 @@ DELIVERY_KINDS: dict[str, Stream] = {
 }
 
 Chunk = tuple[int, int]  # (sender rank in the group, elements), in buffer order
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges of consecutive values of a sorted list (the rows from other ranks:
+    at most two without ``ranks_per_node``, those before and after the own row)."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 class Delivery:
@@ -99,14 +112,17 @@ class Delivery:
             return
         fill = state.fill_technique
         stale = self._stale(key, flat) if fill.keeps_stale else None
-        if len(set(sizes)) == 1:  # equal chunks: rows of one layout, one pass
-            rows, n = len(chunks), counts[0]
-            lost = torch.zeros(rows, n, dtype=torch.bool, device=out.device)
-            lost[remote] = drawn.view(len(remote), n)
+        if len(set(sizes)) == 1:  # equal chunks: each run of rows from other ranks in one pass
+            n = counts[0]
+            rows, lost = flat.view(len(chunks), -1), drawn.view(len(remote), n)
+            stale_rows = None if stale is None else stale.view(len(chunks), -1)
             layout = PacketLayout.by_mtu(sizes[0], state.mtu, itemsize)
-            fill.fill_received_(
-                layout, flat.view(rows, -1), lost, None if stale is None else stale.view(rows, -1)
-            )
+            done = 0
+            for a, b in _runs(remote):  # the own row (and the node's) left untouched
+                part = slice(a, b)
+                kept = None if stale_rows is None else stale_rows[part]
+                fill.fill_received_(layout, rows[part], lost[done : done + b - a], kept)
+                done += b - a
             return
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         first = 0
