@@ -973,6 +973,22 @@ MUTANTS = [
         "under FSDP a lost packet is resent (retransmit): it stays lost with p^(k+1)",
         (FSDP,),
     ),
+    M(
+        "M109",
+        "lossy_hooks/core/pipeline/sharded.py",
+        "            feed_back_(record, rows, lost)",
+        "            pass",
+        "under FSDP error feedback resends what each rank's rows lost: every gradient arrives, late",
+        (FSDP,),
+    ),
+    M(
+        "M110",
+        "lossy_hooks/core/buckets.py",
+        "            record.residual = self.saved_residual.pop(key, None)  # error feedback, after a resume",
+        "            record.residual = None",
+        "an FSDP unit's error-feedback residuals survive a resume",
+        (FSDP,),
+    ),
 ]
 
 

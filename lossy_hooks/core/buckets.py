@@ -141,7 +141,8 @@ class BucketRecords:
     def shard_record(self, index: int, label: str, rows: torch.Tensor, post_rows: int) -> BucketRecord:
         """The record of FSDP unit ``index`` (named ``label``) for a ``(W, numel)`` shard set:
         the packet layout of one row (a packet never crosses a row), the post-rescale factor
-        of a draw of ``post_rows`` rows' packets, and the stale buffer saved in a checkpoint;
+        of a draw of ``post_rows`` rows' packets, and the stale buffer and error-feedback
+        residuals saved in a checkpoint;
         registered in the ledger on first sight, keyed ``(index, rows.numel(), 0)``."""
         key = (index, rows.numel(), 0)
         record = self.records.get(key)
@@ -157,6 +158,7 @@ class BucketRecords:
                 else:
                     factor = post_rescale_factor(state.post.model, drawn, post_rows * wire_bytes)
             record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None))
+            record.residual = self.saved_residual.pop(key, None)  # error feedback, after a resume
             self.records[key] = record
             entry = BucketEntry(
                 layout.num_packets, (), packet_numel=layout.packet_numel, wire_bytes=wire_bytes, label=label

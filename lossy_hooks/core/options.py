@@ -131,7 +131,7 @@ class LossConfig:
         default="fp32",
         metadata=_meta("option", "use FSDP's own MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)"),
     )
-    error_feedback: bool = field(default=False, metadata=_meta("option", "residuals are kept per DDP bucket"))
+    error_feedback: bool = field(default=False, metadata=_meta("option"))
     protect: str | ProtectRule | None = field(
         default=None,
         metadata=_meta("option", "protection matches parameters in a DDP bucket; FSDP rows are flat shards"),

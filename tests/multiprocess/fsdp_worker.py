@@ -93,6 +93,28 @@ def retransmit() -> dict[str, Any]:
     return out
 
 
+def error_feedback() -> dict[str, Any]:
+    """Error feedback under FSDP at 30% worker loss, zero fill, sum: the outputs of every call
+    per packet, what each rank still owes each shard (its residual rows) at the end, and one
+    more call from the state and from a state loaded from its state_dict (the same)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    def make() -> LossyState:
+        return LossyState(loss_rate=0.3, mtu=MTU, fill="zero", reduction="sum", error_feedback=True, seed=31)
+
+    state = make()
+    comm = scatter_comm(state)
+    outs = [per_packet(scatter(comm, marked_rows(world, rank))) for _ in range(CALLS)]
+    (record,) = [r for r in state.buckets.records.values()]
+    owed = [per_packet(row) for row in record.residual.view(world, S)]
+    saved = state.state_dict()
+    again = make()
+    again.load_state_dict(saved)
+    after = scatter(comm, marked_rows(world, rank)).tolist()
+    resumed = scatter(scatter_comm(again), marked_rows(world, rank)).tolist()
+    return {"outs": outs, "owed": owed, "resumed_same": after == resumed, "lost": state.stats()["worker"]}
+
+
 def scatter_post() -> dict[str, Any]:
     """Post drop at 25%, the shard of step t being (t+1) (2^W - 1) everywhere (sum)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -340,6 +362,6 @@ def layout() -> dict[str, Any]:
 if __name__ == "__main__":
     worker_main(
         {"scatter_worker": scatter_worker, "scatter_post": scatter_post, "gather": gather, "resume": resume}
-        | {"retransmit": retransmit}
+        | {"retransmit": retransmit, "error_feedback": error_feedback}
         | {"training": training, "layout": layout, "no_host_sync": no_host_sync, "bf16_factors": bf16_factors}
     )

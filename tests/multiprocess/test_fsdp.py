@@ -18,6 +18,7 @@ from ..launch import launch
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 SCENARIOS = [
     "retransmit",
+    "error_feedback",
     "scatter_worker",
     "scatter_post",
     "gather",
@@ -218,6 +219,21 @@ def test_retransmission_under_fsdp_leaves_p_squared_lost_and_counts_the_resends(
         n_lost = sum(r["retransmit"][sync]["stats"]["packets_lost"] for r in ranks)
         assert n_lost == (~kept).sum()
         assert inside(int(n_lost), got.size, 0.09)
+
+
+def test_error_feedback_under_fsdp_delivers_every_gradient_late_not_never(ranks):
+    """Error feedback at 30%: for shard j's packet i, what arrived over the calls plus what
+    the ranks still owe it equals every contribution sent, exactly (rank q sends 2^q each
+    call); packets were lost all the same; a state loaded from a state_dict continues with
+    the same residuals and losses."""
+    full = 2**WORLD - 1
+    for j, r in enumerate(ranks):
+        arrived = np.array(r["error_feedback"]["outs"]).sum(0)  # per packet of shard j
+        owed = sum(np.array(other["error_feedback"]["owed"][j]) for other in ranks)
+        assert np.array_equal(arrived + owed, np.full(PACKETS, CALLS * full))
+        assert r["error_feedback"]["lost"]["packets_lost"] > 0
+        assert r["error_feedback"]["resumed_same"]
+        assert np.array(r["error_feedback"]["owed"][j]).sum() == 0  # the own row is never lost
 
 
 @pytest.mark.parametrize(

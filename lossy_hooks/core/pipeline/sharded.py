@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from lossy_hooks.core.techniques.error_feedback import feed_back_
 from lossy_hooks.core.techniques.fills import arrival_factor, insert_own_row, regenerated_counts
 
 if TYPE_CHECKING:
@@ -190,6 +191,8 @@ class ShardedCollectives:
         layout, n, fill = record.layout, record.layout.num_packets, state.fill_technique
         lost, pre, counts = self._worker_factor(record, world, rank)
         post_lost = self._draw_post(record, world, rank) if state.drops_after else None
+        if state.error_feedback and lost is not None:  # c = g + e; e <- c on the lost packets
+            feed_back_(record, rows, lost)
         if pre is not None:
             layout.scale_(rows, pre)
         state.placement.reduce_scatter(output, input, op, group)
