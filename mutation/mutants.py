@@ -693,8 +693,8 @@ MUTANTS = [
     M(
         "M76",
         "lossy_hooks/core/buckets.py",
-        "factor = post_rescale_factor(self.state.post.model, n, wire_bytes)",
-        "factor = post_rescale_factor(self.state.post.model, n, n * self.state.mtu)",
+        "factor = post_rescale_factor(self.post.model, n, wire_bytes)",
+        "factor = post_rescale_factor(self.post.model, n, n * self.settings.mtu)",
         "the deadline post rescale prices the bucket's real bytes (a short last packet)",
         (CLOCK,),
     ),

@@ -18,10 +18,13 @@ from lossy_hooks.core.techniques.fills import post_rescale_factor
 from lossy_hooks.core.techniques.hadamard import block_edges, padded_numel
 from lossy_hooks.core.techniques.protect import protected_packets
 from lossy_hooks.core.techniques.protection import COUNTERS
+from lossy_hooks.core.techniques.wire_dtype import wire_dtype_of
 from lossy_hooks.loss_models import Bernoulli
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.state import LossyState
+    from lossy_hooks.core.ledger import PacketLedger
+    from lossy_hooks.core.options import LossConfig
+    from lossy_hooks.core.streams import DropSite
 
 __all__ = ["BucketRecord", "BucketRecords"]
 
@@ -43,10 +46,17 @@ class BucketRecord:
 
 class BucketRecords:
     """The :class:`BucketRecord` of every bucket key of one :class:`~lossy_hooks.LossyState`,
-    and the buffers saved for keys not seen again yet (after a resume)."""
+    and the buffers saved for keys not seen again yet (after a resume). It reads what it
+    needs and nothing else: the settings, the ledger it registers buckets in, the post drop
+    site's model (the post-rescale factor) and the parameters' names (``protect=``)."""
 
-    def __init__(self, state: LossyState) -> None:
-        self.state = state
+    def __init__(
+        self, settings: LossConfig, ledger: PacketLedger, post: DropSite, parameter_names: dict[int, str]
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.post = post
+        self.parameter_names = parameter_names  # the state's dict, filled by name_parameters
         self.records: dict[BucketKey, BucketRecord] = {}
         self.key_of: dict[tuple[int, tuple[int, ...]], BucketKey] = {}  # (index, param ids) -> key
         self.saved_stale: dict[BucketKey, torch.Tensor] = {}
@@ -78,18 +88,18 @@ class BucketRecords:
         if key is not None:
             return self.records[key]
         sizes = tuple(p.numel() for p in params)
-        if self.state.packetization == "tensor" and sum(sizes) != buf.numel():
+        if self.settings.packetization == "tensor" and sum(sizes) != buf.numel():
             raise RuntimeError(
                 f"bucket {bucket.index()}: parameters hold {sum(sizes)} elements, buffer {buf.numel()}"
             )
         index, numel = bucket.index(), buf.numel()
-        known = self.state.ledger.buckets
+        known = self.ledger.buckets
         claimed = set(self.key_of.values())
         same = [k for k in known if k[:2] == (index, numel)]
         saved = [k for k in same if k not in claimed and known[k].sizes == sizes]
         key = max(saved) if saved else (index, numel, max((k[2] + 1 for k in same), default=0))
         record = self._new_record(key, sizes, buf, params)
-        if self.state.error_feedback and record.residual is None:
+        if self.settings.error_feedback and record.residual is None:
             record.residual = self._adopt_residuals(tuple(ids[1:]), sizes, buf)
         self.key_of[(index, ids)] = key
         self.records[key] = record
@@ -98,7 +108,7 @@ class BucketRecords:
         entry = BucketEntry(
             layout.num_packets, sizes, tuple(ids[1:]), packet_numel, record.wire_bytes, self._edges(numel)
         )
-        self.state.ledger.register(key, entry)
+        self.ledger.register(key, entry)
         return record
 
     def _new_record(
@@ -107,23 +117,25 @@ class BucketRecords:
         """Packets of what travels: the bucket in the wire dtype, padded to its blocks when
         encoded; protected packets; post-rescale factors; saved stale and residual buffers."""
         numel = buf.numel()
-        if self.state.packetization == "tensor":
+        if self.settings.packetization == "tensor":
             layout = PacketLayout.by_tensor(sizes)
         else:
-            encoded = self.state.encoding == "hadamard"
-            wire_numel = padded_numel(numel, self.state.hadamard_block) if encoded else numel
-            layout = PacketLayout.by_mtu(wire_numel, self.state.mtu, self.state.wire_dtype_for(buf).itemsize)
+            encoded = self.settings.encoding == "hadamard"
+            wire_numel = padded_numel(numel, self.settings.hadamard_block) if encoded else numel
+            layout = PacketLayout.by_mtu(
+                wire_numel, self.settings.mtu, wire_dtype_of(self.settings.wire_dtype, buf.dtype).itemsize
+            )
         n = layout.num_packets
-        wire_bytes = layout.numel * self.state.wire_dtype_for(buf).itemsize
+        wire_bytes = layout.numel * wire_dtype_of(self.settings.wire_dtype, buf.dtype).itemsize
         protected = self._protected_packets(layout, params, numel)  # on the CPU
         factor: float | torch.Tensor
-        if self.state.protection.active and isinstance(self.state.loss_model, Bernoulli):
-            keep = self.state.protection.bernoulli_keep(self.state.loss_model.p, n)
+        if self.settings.protection.active and isinstance(self.settings.loss_model, Bernoulli):
+            keep = self.settings.protection.bernoulli_keep(self.settings.loss_model.p, n)
             factor = (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
-        elif self.state.placement.per_hop or not self.state.drops_after:
+        elif self.settings.placement.per_hop or not self.settings.drops_after:
             factor = 1.0  # unused: per hop the masks bring their own (HopMasks.post_factor)
         else:
-            factor = post_rescale_factor(self.state.post.model, n, wire_bytes)
+            factor = post_rescale_factor(self.post.model, n, wire_bytes)
         if protected is not None:
             factor = torch.where(protected, 1.0, torch.as_tensor(factor, dtype=torch.float64))
         if isinstance(factor, torch.Tensor):
@@ -131,9 +143,9 @@ class BucketRecords:
         on_device = None if protected is None else protected.to(buf.device)
         record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None), on_device)
         record.residual = self.saved_residual.pop(key, None)
-        if self.state.protecting:
+        if self.settings.protecting:
             base = torch.zeros(len(COUNTERS), dtype=torch.int64)
-            base[0] = self.state.protection.parity_packets(n)
+            base[0] = self.settings.protection.parity_packets(n)
             base[4] = 0 if protected is None else int(protected.sum())
             record.lossless_counters = base.to(buf.device)
         return record
@@ -147,7 +159,7 @@ class BucketRecords:
         key = (index, rows.numel(), 0)
         record = self.records.get(key)
         if record is None:
-            state = self.state
+            state = self.settings
             layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
             wire_bytes = rows.shape[1] * rows.element_size()
             drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
@@ -156,14 +168,14 @@ class BucketRecords:
                 if state.protection.active and isinstance(state.loss_model, Bernoulli):  # retransmit
                     factor = 1.0 / (1.0 - state.protection.bernoulli_loss(state.loss_model.p))
                 else:
-                    factor = post_rescale_factor(state.post.model, drawn, post_rows * wire_bytes)
+                    factor = post_rescale_factor(self.post.model, drawn, post_rows * wire_bytes)
             record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None))
             record.residual = self.saved_residual.pop(key, None)  # error feedback, after a resume
             self.records[key] = record
             entry = BucketEntry(
                 layout.num_packets, (), packet_numel=layout.packet_numel, wire_bytes=wire_bytes, label=label
             )
-            state.ledger.register(key, entry)
+            self.ledger.register(key, entry)
         return record
 
     def flat_record(self, index: int, label: str, buf: torch.Tensor) -> BucketRecord:
@@ -185,27 +197,29 @@ class BucketRecords:
                 blocks=self._edges(buf.numel()),
                 label=label,
             )
-            self.state.ledger.register(key, entry)
+            self.ledger.register(key, entry)
         return record
 
     def _edges(self, numel: int) -> tuple[int, ...]:
         """The edges of the blocks over which the encoding spreads a packet's loss (``()``
         without one: a packet's loss stays in its own elements)."""
-        return block_edges(numel, self.state.hadamard_block) if self.state.encoding == "hadamard" else ()
+        return (
+            block_edges(numel, self.settings.hadamard_block) if self.settings.encoding == "hadamard" else ()
+        )
 
     def _protected_packets(
         self, layout: PacketLayout, params: list[torch.Tensor], numel: int
     ) -> torch.Tensor | None:
         """The packets ``protect`` selects (:func:`~lossy_hooks.core.techniques.protect.protected_packets`,
         built once per key, on the CPU); ``None`` without ``protect``."""
-        rule = self.state.protect_rule
+        rule = self.settings.protect_rule
         if rule is None:
             return None
-        if not self.state.parameter_names:
+        if not self.parameter_names:
             raise ValueError(
                 "protect=... matches parameter names: call state.name_parameters(model) before training"
             )
-        return protected_packets(rule, self.state.parameter_names, layout, params, self._edges(numel))
+        return protected_packets(rule, self.parameter_names, layout, params, self._edges(numel))
 
     def _adopt_residuals(
         self, ids: tuple[int, ...], sizes: tuple[int, ...], buf: torch.Tensor
@@ -216,7 +230,7 @@ class BucketRecords:
         offsets = dict(zip(ids, itertools.accumulate(sizes, initial=0), strict=False))
         residual = None
         for other in self.records.values():
-            entry = self.state.ledger.buckets.get(other.key)
+            entry = self.ledger.buckets.get(other.key)
             if other.residual is None or entry is None or entry.param_ids is None:
                 continue
             start = 0

@@ -317,17 +317,25 @@ class PacketLedger(PacketCounters):
                     "loss_rate": lost / carried if carried else 0.0,
                 }
             )
-        collectives = {}
-        for kind, figures in stats.get("collectives", {}).items():
-            change = {
-                f: v - prev.get(f"kind:{kind}:{f}", [0])[0] for f, v in figures.items() if isinstance(v, int)
-            }
-            sent = change["packets_sent"]
-            collectives[kind] = change | {"loss_rate": change["packets_lost"] / sent if sent else 0.0}
         return {
             "points": points,
             "buckets": buckets,
             "parameters": parameters,
             "links": links,
-            "collectives": collectives,
+            "collectives": _collective_changes(stats.get("collectives", {}), prev),
         }
+
+
+def _collective_changes(
+    now: dict[str, dict[str, Any]], prev: dict[str, list[int]]
+) -> dict[str, dict[str, Any]]:
+    """Per kind of a lossy group's collectives: each whole-number figure's change since the
+    mark ``prev`` (keys ``kind:<kind>:<figure>``), and the interval's loss rate."""
+    out = {}
+    for kind, figures in now.items():
+        change = {
+            f: v - prev.get(f"kind:{kind}:{f}", [0])[0] for f, v in figures.items() if isinstance(v, int)
+        }
+        sent = change["packets_sent"]
+        out[kind] = change | {"loss_rate": change["packets_lost"] / sent if sent else 0.0}
+    return out

@@ -116,7 +116,7 @@ class LossyState(SettingsView):
         self.rank: int | None = None
         self.world_size: int | None = None
         self.device: torch.device | None = None
-        self.buckets = BucketRecords(self)
+        self.buckets = BucketRecords(self.settings, self.ledger, self.sites.post, self.parameter_names)
         self.delivery = Delivery(self)  # the lossy process group's deliveries (all-to-all, ...)
         self.passing_through = False
         self.bucket_calls = 0  # hook calls, passthrough ones included
@@ -167,7 +167,8 @@ class LossyState(SettingsView):
 
     def name_parameters(self, module: torch.nn.Module) -> None:
         """Tell the state the names of ``module``'s parameters (``protect=`` matches them)."""
-        self.parameter_names = {id(p): n for n, p in module.named_parameters()}
+        self.parameter_names.clear()  # in place: the bucket records read this dict
+        self.parameter_names.update({id(p): n for n, p in module.named_parameters()})
 
     # -- used by the hook -----------------------------------------------------------------
 

@@ -21,17 +21,39 @@ before/after maps and ``C`` the collective.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.buckets import BucketRecord
+    from lossy_hooks.core.buckets import BucketRecord, BucketRecords
+    from lossy_hooks.core.ledger import PacketLedger
     from lossy_hooks.core.options import LossConfig
-    from lossy_hooks.core.state import LossyState
+    from lossy_hooks.core.streams import DropSite
 
-__all__ = ["BucketCall", "Technique"]
+__all__ = ["BucketCall", "Technique", "TechniqueContext"]
+
+
+class TechniqueContext(Protocol):
+    """What a technique may read of the state that runs it, and nothing more (a
+    :class:`~lossy_hooks.LossyState` is one): the ledger (fidelity slots, unrecovered
+    counters), the bucket records (stale buffers), the chain itself (the callback runs it in
+    reverse), the Hadamard signs' stream, the counts transport in effect, the replayed
+    peers' draws and the wire dtype."""
+
+    ledger: PacketLedger
+    buckets: BucketRecords
+    techniques: tuple[Technique, ...]
+    counts_resolved: str | None
+
+    @property
+    def rotation(self) -> DropSite: ...
+
+    def peer_draws(self, record: BucketRecord) -> list[tuple[int, Callable[[int], torch.Tensor | None]]]: ...
+
+    def wire_dtype_for(self, buf: torch.Tensor) -> torch.dtype: ...
 
 
 @dataclass(eq=False)
@@ -45,7 +67,7 @@ class BucketCall:
     the ``1/W`` of a mean not yet applied to the bucket; ``memo``: each technique's own
     per-call values, by its name."""
 
-    state: LossyState
+    state: TechniqueContext  # what a technique may read of its state
     record: BucketRecord
     bucket: torch.Tensor  # DDP's buffer: what the hook returns into
     world: int
