@@ -232,7 +232,7 @@ class LossyBackend(C10dBackend):
         if index is None:
             saved = [k[0] for k, e in self.state.ledger.buckets.items() if e.label == label]
             used = {k[0] for k in self.state.ledger.buckets} | set(self.labels.values())
-            index = saved[0] if saved else min([-1, *used]) - (1 if used and min(used) < 0 else 0)
+            index = saved[0] if saved else min([0, *used]) - 1
             self.labels[label] = index
         return index
 
