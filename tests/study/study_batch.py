@@ -25,9 +25,11 @@ import contextlib
 import io
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -39,45 +41,59 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve()
 
 
+def _run_job(train: Callable[[list[str]], int], job: dict[str, Any]) -> dict[str, Any]:
+    """One run of train.main in this process, as a launch of its own would make it."""
+    if job.get("port") is not None:  # each run's group on its own port
+        os.environ["MASTER_PORT"] = str(job["port"])
+    os.chdir(job.get("cwd") or ROOT)
+    out, err = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = train(job["argv"])
+        except SystemExit as e:  # argparse's errors: exit 2, the message on stderr
+            code = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            # an exception on one rank would leave the others waiting in a collective:
+            # report it and end every rank (the launcher ends the others)
+            sys.__stderr__.write(f"run {job['argv']} raised:\n{traceback.format_exc()}")
+            sys.__stderr__.flush()
+            os._exit(1)
+    if job.get("snapshot") and int(os.environ.get("RANK", "0")) == 0:
+        out_dir = Path(job["argv"][job["argv"].index("--output_dir") + 1])
+        shutil.copytree(out_dir, job["snapshot"])
+    return {
+        "code": code,
+        "stdout": out.getvalue(),
+        "stderr": err.getvalue(),
+        "seconds": time.monotonic() - start,
+    }
+
+
 def _worker(jobs_path: str, results_path: str) -> int:
     from lossy_hooks.study.train import main as train
 
-    jobs = json.loads(Path(jobs_path).read_text())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))  # as torchrun sets it: threads per rank
-    results = []
-    for job in jobs:
-        if job.get("port") is not None:  # each run's group on its own port
-            os.environ["MASTER_PORT"] = str(job["port"])
-        out, err = io.StringIO(), io.StringIO()
-        start = time.monotonic()
-        os.chdir(job.get("cwd") or ROOT)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = train(job["argv"])
-            except SystemExit as e:  # argparse's errors: exit 2, the message on stderr
-                code = e.code if isinstance(e.code, int) else 1
-                if not isinstance(e.code, int) and e.code is not None:
-                    print(e.code, file=sys.stderr)
-            except BaseException:
-                # an exception on one rank would leave the others waiting in a collective:
-                # report it and end every rank (the launcher ends the others)
-                sys.__stderr__.write(f"run {job['argv']} raised:\n{traceback.format_exc()}")
-                sys.__stderr__.flush()
-                os._exit(1)
-        if job.get("snapshot") and int(os.environ.get("RANK", "0")) == 0:
-            out_dir = Path(job["argv"][job["argv"].index("--output_dir") + 1])
-            shutil.copytree(out_dir, job["snapshot"])
-        results.append(
-            {
-                "code": code,
-                "stdout": out.getvalue(),
-                "stderr": err.getvalue(),
-                "seconds": time.monotonic() - start,
-            }
-        )
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))  # as torchrun: threads
+    results = [_run_job(train, job) for job in json.loads(Path(jobs_path).read_text())]
     if int(os.environ.get("RANK", "0")) == 0:
         Path(results_path).write_text(json.dumps(results))
+    return 0
+
+
+RESULT = "@@study-batch-result@@ "
+
+
+def _serve() -> int:
+    """Jobs as JSON lines on stdin, each result as a line starting with RESULT on stdout."""
+    from lossy_hooks.study.train import main as train
+
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
+    for line in sys.stdin:
+        result = _run_job(train, json.loads(line))
+        sys.__stdout__.write(RESULT + json.dumps(result) + "\n")
+        sys.__stdout__.flush()
     return 0
 
 
@@ -101,6 +117,20 @@ def base_env() -> dict[str, str]:
     return e
 
 
+def rank_env(rank: int, world: int) -> dict[str, str]:
+    """The environment of rank ``rank`` of ``world`` (as torchrun sets it; none at world size 1)."""
+    env = base_env()
+    if world > 1:
+        env |= {
+            "MASTER_ADDR": "127.0.0.1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+        }
+    return env
+
+
 def run_batch(
     argvs: list[list[str]],
     world: int,
@@ -120,15 +150,7 @@ def run_batch(
     jobs_path.write_text(json.dumps(jobs))
     procs = []
     for rank in range(world):
-        env = base_env()
-        if world > 1:
-            env |= {
-                "MASTER_ADDR": "127.0.0.1",
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "LOCAL_WORLD_SIZE": str(world),
-            }
+        env = rank_env(rank, world)
         log = open(work / f"rank{rank}.log", "w")  # closed below
         procs.append(
             (
@@ -160,6 +182,89 @@ def run_batch(
         logs = "\n----\n".join((work / f"rank{r}.log").read_text()[-6000:] for r in range(world))
         raise RuntimeError(f"batch of {len(argvs)} runs at W={world}: ranks exited {codes}:\n{logs}")
     return json.loads(results_path.read_text())
+
+
+class WarmLauncher:
+    """A stand-in for ``lossy_hooks.study.sweeping.launch.launch_train`` (what the
+    experiments' ``run_config`` launches each configuration with): the first launch at
+    ``nproc`` ranks starts ``nproc`` worker processes that stay up, and each launch sends them
+    its command line (train.main runs in each, its group on a fresh port). Same flags, same
+    main; only the process start is paid once. ``close()`` ends the workers."""
+
+    def __init__(self, work: Path, timeout: float = 600) -> None:
+        self.work, self.timeout = work, timeout
+        self.groups: dict[int, list[tuple[subprocess.Popen, queue.Queue, Any]]] = {}
+        self.launches: list[list[str]] = []
+
+    def _start(self, nproc: int) -> list[tuple[subprocess.Popen, queue.Queue, Any]]:
+        self.work.mkdir(parents=True, exist_ok=True)
+        group = []
+        for rank in range(nproc):
+            log = open(self.work / f"w{nproc}-rank{rank}.log", "w")  # closed in close()
+            proc = subprocess.Popen(
+                [sys.executable, str(WORKER), "--serve"],
+                env=rank_env(rank, nproc) if nproc > 1 else base_env(),
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+            lines: queue.Queue = queue.Queue()
+
+            def read(stream=proc.stdout, lines=lines, log=log) -> None:
+                for line in stream:
+                    if line.startswith(RESULT):
+                        lines.put(json.loads(line[len(RESULT) :]))
+                    else:  # output a library wrote outside Python's sys.stdout
+                        log.write(line)
+                lines.put(None)  # the worker ended
+
+            threading.Thread(target=read, daemon=True).start()
+            group.append((proc, lines, log))
+        self.groups[nproc] = group
+        return group
+
+    def __call__(self, argv: list[str], nproc: int, log: Any = None) -> subprocess.CompletedProcess:
+        self.launches.append(list(argv))
+        group = self.groups.get(nproc) or self._start(nproc)
+        job = {"argv": argv, "port": _free_ports(1)[0] if nproc > 1 else None, "cwd": os.getcwd()}
+        for proc, _, _ in group:
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+        results = []
+        for _, lines, _ in group:
+            try:
+                result = lines.get(timeout=self.timeout)
+            except queue.Empty:
+                result = None
+            if result is None:
+                self.close()
+                logs = "\n----\n".join(
+                    (self.work / f"w{nproc}-rank{r}.log").read_text()[-6000:] for r in range(nproc)
+                )
+                raise RuntimeError(f"a warm worker of {nproc} ranks ended or hung on {argv}:\n{logs}")
+            results.append(result)
+        code = next((r["code"] for r in results if r["code"]), 0)
+        out, err = results[0]["stdout"], results[0]["stderr"]
+        if log is not None:
+            log.write(out + err)
+            return subprocess.CompletedProcess(argv, code)
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            for proc, _, _ in group:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+            for proc, _, log in group:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+        self.groups = {}
 
 
 def uses(*names: str) -> Callable:
@@ -261,4 +366,4 @@ def wanted_runs(request: Any) -> set[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1], sys.argv[2]))
+    sys.exit(_serve() if sys.argv[1:] == ["--serve"] else _worker(sys.argv[1], sys.argv[2]))
