@@ -12,7 +12,11 @@ use, every run that the selected tests of the module need, in one launch per wor
 ``-k one_test`` makes only that test's runs). Runs that must be processes of their own (killed
 or stopped at a fault point) stay separate ("before" steps).
 
-Run as a script it is the worker: ``python study_batch.py JOBS.json RESULTS.json``, JOBS a list
+:class:`WarmLauncher` stands in for ``launch_train`` where a tool launches configurations one
+after another (the experiments, the local sweep): its workers stay up between launches.
+
+Run as a script it is the worker: ``python study_batch.py --serve`` (a WarmLauncher's: jobs as
+JSON lines on stdin), or ``python study_batch.py JOBS.json RESULTS.json``, JOBS a list
 of ``{"argv": [...], "port": int | None, "snapshot": path | None, "cwd": path | None}``;
 ``snapshot`` copies the run's ``--output_dir`` there after the run (what a later run of the
 batch overwrites); ``cwd`` is the working folder of that run (the default ``--output_dir``,
@@ -145,7 +149,11 @@ def run_batch(
     work.mkdir(parents=True, exist_ok=True)
     ports = _free_ports(len(argvs)) if world > 1 else [None] * len(argvs)
     snapshots = snapshots or [None] * len(argvs)
-    jobs = [{"argv": a, "port": p, "snapshot": s} for a, p, s in zip(argvs, ports, snapshots, strict=True)]
+    cwds = cwds or [None] * len(argvs)
+    jobs = [
+        {"argv": a, "port": p, "snapshot": s, "cwd": c}
+        for a, p, s, c in zip(argvs, ports, snapshots, cwds, strict=True)
+    ]
     jobs_path, results_path = work / "jobs.json", work / "results.json"
     jobs_path.write_text(json.dumps(jobs))
     procs = []
