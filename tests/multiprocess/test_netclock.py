@@ -307,28 +307,26 @@ SIM = (
 )
 
 
-def sim_run(out: Path, extra: list[str] | None = None, env_extra: dict[str, str] | None = None):
-    import subprocess
-
-    from ..study.test_train_ddp import env, torchrun
-
+def sim_argv(out: Path, extra: list[str] | None = None) -> list[str]:
     argv = [a.replace("_", " ") if a.startswith(("deadline", "lognormal")) else a for a in SIM.split()]
-    cmd = torchrun([*argv, *(extra or []), "--output_dir", str(out)])
-    return subprocess.run(cmd, env=env() | (env_extra or {}), capture_output=True, text=True, timeout=600)
+    return [*argv, *(extra or []), "--output_dir", str(out)]
 
 
 def test_simulated_time_columns_summary_and_exact_resume(tmp_path):
+    import subprocess
+
     from lossy_hooks.study.run_control import FAULT_ENV
 
-    from ..study.test_train_ddp import only_dir, rows
+    from ..study.study_batch import run_batch
+    from ..study.test_train_ddp import env, only_dir, rows, torchrun
 
     cut, ref = tmp_path / "cut", tmp_path / "ref"
-    res = sim_run(cut, env_extra={FAULT_ENV: "kill:after_metrics:2"})
+    env_cut = env() | {FAULT_ENV: "kill:after_metrics:2"}
+    res = subprocess.run(torchrun(sim_argv(cut)), env=env_cut, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "Signal 9 (SIGKILL)" in res.stdout + res.stderr
-    res = sim_run(cut, ["--resume"])
-    assert res.returncode == 0, res.stdout + res.stderr
-    res = sim_run(ref)
-    assert res.returncode == 0, res.stdout + res.stderr
+    # the resume and the uninterrupted run: one group of 2 ranks for both (tests/study/study_batch.py)
+    for res in run_batch([sim_argv(cut, ["--resume"]), sim_argv(ref)], 2, tmp_path / "batch"):
+        assert res["code"] == 0, res["stdout"] + res["stderr"]
     run_dir = only_dir(ref)
     assert run_dir.name.endswith(
         "_deadline-1p2x_bucket25mb_net10g-5us-lognormal-4-1-strag0p1x2-drop0p001_ep3_bs32_r1_steps60"

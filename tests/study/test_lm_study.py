@@ -1,5 +1,6 @@
 """The language-model study tool: its grid, its arithmetic (perplexity change paired by
-seed), and a tiny real run (3 launches: lossless DDP and FSDP, one lossy FSDP mode)."""
+seed), and a tiny real run (3 configurations: lossless DDP and FSDP, one lossy FSDP mode; run
+by warm workers, not a launch each)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ def test_relative_change_pairs_each_round_with_the_lossless_round_of_its_seed():
     assert rows["ddp lossless"]["relative_change_mean"] == 0.0
 
 
-def test_tiny_study_writes_its_table_and_figures(tmp_path):
+def test_tiny_study_writes_its_table_and_figures(tmp_path, warm_launches):
     out = tmp_path / "runs"
     flags = ["--out", str(out), "--rates", "0.3", "--rounds", "1", "--epochs", "1", "--corpus_mb", "0.03"]
     assert main([*flags, "--batch_size", "8", "--only", "fsdp worker zero"]) == 0
+    assert len(warm_launches.launches) == 3  # lossless DDP and FSDP, the lossy mode
     with open(out / "lm_study.csv", newline="") as fh:
         rows = {r["mode"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {"ddp lossless", "fsdp lossless", "fsdp worker zero"}

@@ -17,6 +17,7 @@ import pytest
 from lossy_hooks.study.sweeping.launch import run_dir_for
 
 from ..launch import ROOT, free_port
+from .study_batch import Run, SharedRuns, uses, wanted_runs
 
 # README first: a command is looked up in the order a reader meets it
 PAGES = ("README.md", "docs/reference.md", "docs/tools.md")
@@ -44,45 +45,83 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def script_argv(argv: list[str]) -> list[str]:
-    """Replace ``torchrun``/``python`` and the script's path by this interpreter and ROOT."""
+def script_run(prefix: str, extra: list[str], in_folder: bool = False) -> Run:
+    """README's train_ddp.py command starting with ``prefix`` as a run of a shared launch
+    (tests/study/study_batch.py): ``torchrun --nproc_per_node=W`` runs as a group of W ranks,
+    ``python`` as one process; the script's flags as written, then ``extra``."""
+    argv = readme_command(prefix)
+    argv = argv[argv.index("torchrun") :] if "torchrun" in argv else argv[argv.index("python") :]
     i = next(i for i, a in enumerate(argv) if a.endswith("train_ddp.py"))
     if argv[0] == "torchrun":
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--master_port={free_port()}"]
-        return [*launcher, *argv[1:i], str(ROOT / "train_ddp.py"), *argv[i + 1 :]]
-    return [sys.executable, str(ROOT / "train_ddp.py"), *argv[i + 1 :]]
+        (launcher,) = argv[1:i]  # the only launcher flag a README command may have here
+        assert launcher.startswith("--nproc_per_node="), argv
+        world = int(launcher.split("=", 1)[1])
+    else:
+        assert argv[:i] == ["python"], argv
+        world = 1
+    return Run(world, lambda ctx: [*argv[i + 1 :], *extra], in_folder=in_folder)
 
 
-def test_quick_study_command_makes_the_folder_it_names(tmp_path):
+def readme_runs() -> dict[str, Run]:
+    """The README commands that run train_ddp.py, shortened (the last flag wins)."""
+    return {
+        # no --output_dir: the run writes runs/<name> under its working folder
+        "quick": script_run("pip install -e . && torchrun", [*SHRINK, "--workers", "0"], in_folder=True),
+        "smoke": script_run("python train_ddp.py --dataset digits --model resnet18", ["--max_steps", "3"]),
+        "tail": script_run("python train_ddp.py --dataset digits --model squeezenet1_1", []),
+        "language_model": script_run(
+            "torchrun --nproc_per_node=2 train_ddp.py --model gpt-tiny --strategy fsdp", ["--max_steps", "6"]
+        ),
+        "deadline": script_run(
+            "torchrun --nproc_per_node=2 train_ddp.py --dataset digits --model resnet18 --num_epochs 4",
+            [*SHRINK, "--max_steps", "4"],
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def study(request, tmp_path_factory) -> SharedRuns:
+    """README's study-script commands: one process for those of world size 1, one group of
+    2 ranks for the torchrun ones, made on first use (those the selected tests need)."""
+    return SharedRuns(tmp_path_factory.mktemp("readme"), {}, readme_runs(), {}, wanted_runs(request))
+
+
+def finished(study: SharedRuns, name: str) -> Path:
+    """The folder run ``name`` wrote, once it ended with exit 0 (its one configuration)."""
+    res = study.result(name)
+    assert res["code"] == 0, res["stdout"] + res["stderr"]
+    (run_dir,) = study.out(name).iterdir()
+    return run_dir
+
+
+@uses("quick")
+def test_quick_study_command_makes_the_folder_it_names(study):
     line = readme_command("pip install -e . && torchrun")
     argv = line[line.index("torchrun") :]
     named = re.search(r"`runs/(\S+?)/`", DOCS).group(1)
     flags = argv[argv.index("train_ddp.py") + 1 :]
     assert run_dir_for(flags, 2)[0] == Path("runs") / named  # the folder the whole command names
-    res = run([*script_argv(argv), *SHRINK, "--workers", "0"], cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert study.runs["quick"].world == 2
+    res = study.result("quick")
+    assert res["code"] == 0, res["stdout"] + res["stderr"]
     shrunk, _ = run_dir_for([*flags, *SHRINK], 2)  # the cut run: its own folder (epochs, steps)
-    run_dir = tmp_path / shrunk
+    run_dir = study.out("quick") / shrunk
     for name in ("config.json", "round0/metrics.csv", "round0/checkpoint.pt", "round0/final.pt"):
         assert (run_dir / name).exists(), name
     assert (run_dir / "summary.csv").exists() and (run_dir / "summary.png").exists()
 
 
-def test_smoke_command_runs(tmp_path):
-    argv = readme_command("python train_ddp.py --dataset digits --model resnet18")
-    res = run([*script_argv(argv), "--max_steps", "3", "--output_dir", str(tmp_path)], cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (run_dir,) = tmp_path.iterdir()
+@uses("smoke")
+def test_smoke_command_runs(study):
+    run_dir = finished(study, "smoke")
     assert run_dir.name == (
         "digits_resnet18_w1_worker_rescale_mean_mtu300_acc1_random-10pct_bucket25mb_ep1_bs32_r1_steps3"
     )
 
 
-def test_tail_drop_example_lands_where_the_readme_says(tmp_path):
-    argv = readme_command("python train_ddp.py --dataset digits --model squeezenet1_1")
-    res = run([*script_argv(argv), "--output_dir", str(tmp_path)], cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (run_dir,) = tmp_path.iterdir()
+@uses("tail")
+def test_tail_drop_example_lands_where_the_readme_says(study):
+    run_dir = finished(study, "tail")
     with open(run_dir / "round0" / "layers.csv", newline="") as fh:
         rate = {r["parameter"]: float(r["loss_rate"]) for r in csv.DictReader(fh)}
     with open(run_dir / "round0" / "buckets.csv", newline="") as fh:
@@ -187,24 +226,18 @@ def test_fsdp_snippet_runs_in_a_two_rank_fsdp_program(tmp_path):
     assert ag_sent > 0 and ag_lost < ag_sent // 20 + 30
 
 
-def test_language_model_command_reports_perplexity(tmp_path):
-    argv = readme_command("torchrun --nproc_per_node=2 train_ddp.py --model gpt-tiny --strategy fsdp")
-    res = run([*script_argv(argv), "--max_steps", "6", "--output_dir", str(tmp_path)], cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (run_dir,) = tmp_path.iterdir()
+@uses("language_model")
+def test_language_model_command_reports_perplexity(study):
+    run_dir = finished(study, "language_model")
     with open(run_dir / "round0" / "metrics.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["steps"] == "6" and float(row["val_perplexity"]) > 1.0
     assert int(row["worker_packets_sent"]) > 0 and int(row["gather_packets_sent"]) > 0
 
 
-def test_deadline_command_prices_time_and_loses_late_packets(tmp_path):
-    argv = readme_command(
-        "torchrun --nproc_per_node=2 train_ddp.py --dataset digits --model resnet18 --num_epochs 4"
-    )
-    res = run([*script_argv(argv), *SHRINK, "--max_steps", "4", "--output_dir", str(tmp_path)], cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (run_dir,) = tmp_path.iterdir()
+@uses("deadline")
+def test_deadline_command_prices_time_and_loses_late_packets(study):
+    run_dir = finished(study, "deadline")
     assert "_deadline-1p2x_" in run_dir.name and "_net1g-5us-lognormal-7p6-1_ep1_" in run_dir.name
     with open(run_dir / "round0" / "metrics.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))

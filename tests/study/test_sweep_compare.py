@@ -19,6 +19,8 @@ from lossy_hooks.study.sweeping.planning import plan
 from lossy_hooks.study.sweeping.runner import run_sweep
 from lossy_hooks.tools import compare, sweep
 
+from .study_batch import WarmLauncher
+
 # The 18-image colour folder: ResNet-18 learns it above chance in 4 epochs of 3 steps, and
 # the two rounds (seeds 0, 1) end at different accuracies, so mean and std are checked on
 # real spread, not on 0 against 0.
@@ -54,7 +56,20 @@ def test_grid_and_flags():
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, image_folder):
+def warm_sweep(tmp_path_factory):
+    """The sweeps below launch train_ddp.py through warm workers (one process that stays up,
+    tests/study/study_batch.py) instead of a torchrun launch per configuration: the sweep's
+    own logic (skip, resume, failures) is what they check; README's sweep command, the
+    installed package's sweep and the cluster sweeps launch with torchrun."""
+    warm = WarmLauncher(tmp_path_factory.mktemp("warm"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "launch_train", warm)
+        yield warm
+    warm.close()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, image_folder, warm_sweep):
     out = tmp_path_factory.mktemp("sweep")
     fixed = {**FIXED, "data_path": str(image_folder), "output_dir": str(out / "runs")}
     grid = {"loss_rate": [0.0, 0.3], "mtu": [1500, 2]}  # mtu 2 < one fp32 element: invalid
@@ -62,7 +77,7 @@ def swept(tmp_path_factory, image_folder):
     return out, fixed, grid, first
 
 
-def test_sweep_runs_skips_resumes_and_reports_failures(swept):
+def test_sweep_runs_skips_resumes_and_reports_failures(swept, warm_sweep):
     _, fixed, grid, first = swept
     outcomes = [r["outcome"] for r in first]
     invalid = (
@@ -80,6 +95,7 @@ def test_sweep_runs_skips_resumes_and_reports_failures(swept):
     assert resumed[0]["outcome"] == "finished"
     assert (run_dir / "round1" / "metrics.csv").read_text() == rows_before  # no row lost or repeated
     assert sweep.main(["--nproc", "1", "--grid", "mtu=2", "--", *flags_for(fixed)]) == 1
+    assert len(warm_sweep.launches) == 3  # the two valid configurations, then the resumed one
 
 
 def test_compare_on_swept_runs(swept, capsys):

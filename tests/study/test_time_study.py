@@ -1,6 +1,6 @@
-"""The time-to-accuracy study tool on a tiny setting (3 launches: the reliable and one
-deadline transport for one epoch, one bucket-size configuration): its files, and the
-figures that have closed forms."""
+"""The time-to-accuracy study tool on a tiny setting (3 configurations: the reliable and one
+deadline transport for one epoch, one bucket-size configuration; run by warm workers, not a
+launch each): its files, and the figures that have closed forms."""
 
 from __future__ import annotations
 
@@ -56,12 +56,13 @@ def rows(path):
         return list(csv.DictReader(fh))
 
 
-def test_tiny_study_writes_its_tables_and_figures(tmp_path):
+def test_tiny_study_writes_its_tables_and_figures(tmp_path, warm_launches):
     out = tmp_path / "study"
     flags = ["--out", str(out), "--settings", "stragglers", "--fills", "rescale", "--deadlines", "1.1"]
     flags += ["--rounds", "1", "--epochs", "1", "--target", "0.1", "--bucket_sizes", "25"]
     flags += ["--bucket_losses", "deadline, stragglers", "--bucket_steps", "3"]
     assert main(flags) == 0
+    assert len(warm_launches.launches) == 3  # reliable, the deadline, the bucket configuration
     acc = {r["transport"]: r for r in rows(out / "time_study.csv")}
     assert set(acc) == {"reliable", "rescale"}
     assert float(acc["reliable"]["loss_measured"]) == 0.0 and float(acc["rescale"]["loss_measured"]) > 0.0

@@ -8,6 +8,8 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ from lossy_hooks.study.workloads.gpt import GPT_CONFIGS, build_gpt
 from lossy_hooks.study.workloads.text_data import TokenWindows, corpus_files, load_corpus
 
 from ..launch import ROOT
-from .test_train_ddp import env, only_dir, rows, run, torchrun
+from .study_batch import Run, SharedRuns, uses, wanted_runs
+from .test_train_ddp import env, only_dir, rows, torchrun
 
 WORDS = "the quick brown fox jumps over a lazy dog while packets go missing on the wire".split()
 
@@ -161,31 +164,56 @@ LM = (
 )
 
 
-def lm_run(text_folder, out, flags: str, env_extra: dict[str, str] | None = None):
-    cmd = torchrun([*LM.split(), "--data_path", str(text_folder), *flags.split(), "--output_dir", str(out)])
-    if env_extra is None:
-        return run(cmd)
-    import subprocess
-
-    return subprocess.run(cmd, env=env() | env_extra, capture_output=True, text=True, timeout=600)
+def lm_flags(flags: str) -> Callable[[dict], list[str]]:
+    return lambda ctx: [*LM.split(), "--data_path", str(ctx["text"]), *flags.split()]
 
 
-def test_fsdp_language_model_run_resumes_exactly(tmp_path, text_folder):
+FSDP_LOSSY = "--strategy fsdp --num_epochs 3 --loss_rate 0.1 --worker_drop --all_gather_loss_rate 0.05"
+LOSSLESS = "--num_epochs 1 --max_steps 12"
+
+# The 2-rank runs share one group of 2 processes (tests/study/study_batch.py); the run killed
+# at a fault point is a torchrun launch of its own, made first.
+RUNS = {
+    "fsdp_resume": Run(2, lm_flags(FSDP_LOSSY + " --resume"), out="fsdp_cut", after="fsdp_cut"),
+    "fsdp_ref": Run(2, lm_flags(FSDP_LOSSY)),
+    "lossless_ddp": Run(2, lm_flags(LOSSLESS)),
+    "lossless_fsdp": Run(2, lm_flags(LOSSLESS + " --strategy fsdp")),
+}
+
+
+def _fsdp_cut(study: SharedRuns) -> dict:
+    """gpt-tiny under FSDP2, rank 0 killed (SIGKILL) after writing epoch 2's row."""
+    out = study.out("fsdp_cut")
+    cmd = torchrun([*lm_flags(FSDP_LOSSY)(study.context), "--output_dir", str(out)])
+    env_cut = env() | {FAULT_ENV: "kill:after_metrics:2"}
+    res = subprocess.run(cmd, env=env_cut, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return {"code": res.returncode, "output": res.stdout + res.stderr}
+
+
+@pytest.fixture(scope="module")
+def study(request, tmp_path_factory, text_folder) -> SharedRuns:
+    root = tmp_path_factory.mktemp("lm")
+    return SharedRuns(root, {"text": text_folder}, RUNS, {"fsdp_cut": _fsdp_cut}, wanted_runs(request))
+
+
+def finished(study: SharedRuns, name: str) -> Path:
+    res = study.result(name)
+    assert res["code"] == 0, res["stdout"] + res["stderr"]
+    return only_dir(study.out(name))
+
+
+@uses("fsdp_cut", "fsdp_resume", "fsdp_ref")
+def test_fsdp_language_model_run_resumes_exactly(study):
     """gpt-tiny under FSDP2 with 10% worker loss (rescale) and 5% all-gather loss (stale):
     killed after epoch 2's row, resumed: every figure equals the uninterrupted run's."""
-    flags = "--strategy fsdp --num_epochs 3 --loss_rate 0.1 --worker_drop --all_gather_loss_rate 0.05"
-    cut, ref = tmp_path / "cut", tmp_path / "ref"
-    res = lm_run(text_folder, cut, flags, {FAULT_ENV: "kill:after_metrics:2"})
+    cut = study.fact("fsdp_cut")
     # rank 0 killed (SIGKILL) after writing epoch 2's row; torchrun stops the other rank
-    assert res.returncode != 0 and "Signal 9 (SIGKILL)" in res.stdout + res.stderr
-    res = lm_run(text_folder, cut, flags + " --resume")
-    assert res.returncode == 0, res.stdout + res.stderr
-    res = lm_run(text_folder, ref, flags)
-    assert res.returncode == 0, res.stdout + res.stderr
-    run_dir = only_dir(ref)
+    assert cut["code"] != 0 and "Signal 9 (SIGKILL)" in cut["output"]
+    resumed_dir = finished(study, "fsdp_resume")
+    run_dir = finished(study, "fsdp_ref")
     assert run_dir.name.startswith("text_gpt-tiny_w2_worker_rescale_mean_mtu1500_acc2_random-10pct")
     assert "_fsdp_ag0p05-stale_adamw_" in run_dir.name
-    resumed = rows(only_dir(cut) / "round0" / "metrics.csv")
+    resumed = rows(resumed_dir / "round0" / "metrics.csv")
     reference = rows(run_dir / "round0" / "metrics.csv")
     drop = {"epoch_seconds", "images_per_s"}
     assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
@@ -212,16 +240,12 @@ def test_fsdp_language_model_run_resumes_exactly(tmp_path, text_folder):
     assert float(summary[0]["final_val_perplexity"]) == pytest.approx(float(reference[-1]["val_perplexity"]))
 
 
-def test_lossless_fsdp_and_ddp_train_the_same_model(tmp_path, text_folder):
+@uses("lossless_ddp", "lossless_fsdp")
+def test_lossless_fsdp_and_ddp_train_the_same_model(study):
     """Loss 0: FSDP2 (sharded AdamW) and DDP compute the same steps, up to the order of the
     floating-point sums."""
-    flags = "--num_epochs 1 --max_steps 12"
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    for out, extra in ((ddp, ""), (fsdp, " --strategy fsdp")):
-        res = lm_run(text_folder, out, flags + extra)
-        assert res.returncode == 0, res.stdout + res.stderr
-    a = rows(only_dir(ddp) / "round0" / "metrics.csv")[0]
-    b = rows(only_dir(fsdp) / "round0" / "metrics.csv")[0]
+    a = rows(finished(study, "lossless_ddp") / "round0" / "metrics.csv")[0]
+    b = rows(finished(study, "lossless_fsdp") / "round0" / "metrics.csv")[0]
     assert a["steps"] == b["steps"] == "12"
     for key in ("train_loss", "val_loss"):
         assert float(a[key]) == pytest.approx(float(b[key]), rel=2e-4), key
