@@ -216,8 +216,7 @@ MUTANTS = [
     M(
         "M17",
         "lossy_hooks/core/streams.py",
-        "            self.model.start_stream("
-        "derive_seed(seed, self.stream + START_OFFSET, stream_rank))\n",
+        "            self.model.start_stream(derive_seed(seed, self.stream + START_OFFSET, stream_rank))\n",
         "            pass\n",
         "a trace starts at an offset of each stream's own",
         (HOOK,),
