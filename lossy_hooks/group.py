@@ -225,16 +225,18 @@ class LossyBackend(C10dBackend):
             and all(_lossy_tensor(t) for t in tensors)
         )
 
-    def _index(self, label: str) -> int:
-        """The record index of a buffer of the group (``-1, -2, ...``: apart from DDP's
-        buckets and FSDP's units), stable across a resume through the ledger's labels."""
+    def _label(self, kind: str, buf: torch.Tensor) -> tuple[str, int]:
+        """A reduced buffer's label (its kind, size and dtype: one record, one stale buffer per
+        label) and its record index (``-1, -2, ...``: apart from DDP's buckets and FSDP's
+        units), stable across a resume through the ledger's labels."""
+        label = f"{kind} {buf.numel()} {str(buf.dtype).removeprefix('torch.')}"
         index = self.labels.get(label)
         if index is None:
             saved = [k[0] for k, e in self.state.ledger.buckets.items() if e.label == label]
             used = {k[0] for k in self.state.ledger.buckets} | set(self.labels.values())
             index = saved[0] if saved else min([0, *used]) - 1
             self.labels[label] = index
-        return index
+        return label, index
 
     # -- reductions -------------------------------------------------------------------------
 
@@ -244,8 +246,7 @@ class LossyBackend(C10dBackend):
             return self._backend(tensor.device).allreduce(tensors, opts)
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         scale = 1.0 / self.size() if opts.reduceOp == dist.ReduceOp.AVG else 1.0
-        label = f"all_reduce {flat.numel()} {str(flat.dtype).removeprefix('torch.')}"
-        index = self._index(label)
+        label, index = self._label("all_reduce", flat)
         records = self.state.buckets
 
         def lookup() -> Any:
@@ -285,8 +286,7 @@ class LossyBackend(C10dBackend):
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:
         if not (self._loses("reduce_scatter", input) and _summing(opts.reduceOp)):
             return self._backend(input.device).reduce_scatter_single(output, input, opts)
-        label = f"reduce_scatter {input.numel()} {str(input.dtype).removeprefix('torch.')}"
-        index = self._index(label)
+        label, index = self._label("reduce_scatter", input)
         records = self.state.buckets
         counted = self.sharded.reduce_scatter(
             output,

@@ -102,12 +102,25 @@ class BucketRecords:
         if self.settings.error_feedback and record.residual is None:
             record.residual = self._adopt_residuals(tuple(ids[1:]), sizes, buf)
         self.key_of[(index, ids)] = key
+        return self._keep(key, record, numel, sizes, tuple(ids[1:]))
+
+    def _keep(
+        self,
+        key: BucketKey,
+        record: BucketRecord,
+        numel: int,
+        sizes: tuple[int, ...],
+        param_ids: tuple[int, ...] | None = None,
+        label: str | None = None,
+    ) -> BucketRecord:
+        """Keep a new record under ``key`` and register its key in the ledger: packets,
+        parameter sizes and ids, bytes on the wire, the encoding's blocks over ``numel``
+        elements, and a ``label`` where it holds no list of parameters."""
         self.records[key] = record
         layout = record.layout
         packet_numel = None if layout.per_tensor else layout.packet_numel
-        entry = BucketEntry(
-            layout.num_packets, sizes, tuple(ids[1:]), packet_numel, record.wire_bytes, self._edges(numel)
-        )
+        wire_bytes, blocks = record.wire_bytes, self._edges(numel)
+        entry = BucketEntry(layout.num_packets, sizes, param_ids, packet_numel, wire_bytes, blocks, label)
         self.ledger.register(key, entry)
         return record
 
@@ -171,11 +184,7 @@ class BucketRecords:
                     factor = post_rescale_factor(self.post.model, drawn, post_rows * wire_bytes)
             record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None))
             record.residual = self.saved_residual.pop(key, None)  # error feedback, after a resume
-            self.records[key] = record
-            entry = BucketEntry(
-                layout.num_packets, (), packet_numel=layout.packet_numel, wire_bytes=wire_bytes, label=label
-            )
-            self.ledger.register(key, entry)
+            self._keep(key, record, rows.numel(), (), label=label)
         return record
 
     def flat_record(self, index: int, label: str, buf: torch.Tensor) -> BucketRecord:
@@ -187,17 +196,7 @@ class BucketRecords:
         record = self.records.get(key)
         if record is None:
             record = self._new_record(key, (buf.numel(),), buf, [])
-            self.records[key] = record
-            layout = record.layout
-            entry = BucketEntry(
-                layout.num_packets,
-                (buf.numel(),),
-                packet_numel=layout.packet_numel,
-                wire_bytes=record.wire_bytes,
-                blocks=self._edges(buf.numel()),
-                label=label,
-            )
-            self.ledger.register(key, entry)
+            self._keep(key, record, buf.numel(), (buf.numel(),), label=label)
         return record
 
     def _edges(self, numel: int) -> tuple[int, ...]:

@@ -22,11 +22,9 @@ What a lost packet becomes (the state's fill, :meth:`Fill.fill_received_`'s rule
   first; the stale copy takes every received packet whose elements are all finite (the
   fills' own rule, :func:`~lossy_hooks.core.techniques.fills.stale_fill_`).
 
-Equal chunks (an all-gather, an even all-to-all, one message) are rows of one
-:class:`~lossy_hooks.core.packetization.PacketLayout`, each run of rows from other ranks
-filled in one pass (the own row is never touched); uneven chunks (a
-mixture of experts' dispatch) one pass per chunk from another rank (a loop over senders,
-not packets).
+Each chunk from another rank is filled in one pass over views of its own
+:class:`~lossy_hooks.core.packetization.PacketLayout` (a loop over senders, not packets; the
+own chunk is never touched), even or uneven (a mixture of experts' dispatch) alike.
 
 ``rescale`` has no meaning here (nothing is summed: no copy to average) and is refused by the
 group before any collective runs. Counted per kind: packets that crossed the network to this
@@ -35,6 +33,7 @@ rank, and those lost.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -59,22 +58,10 @@ DELIVERY_KINDS: dict[str, Stream] = {
 Chunk = tuple[int, int]  # (sender rank in the group, elements), in buffer order
 
 
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    """``[a, b)`` ranges of consecutive values of a sorted list (the rows from other ranks:
-    at most two without ``ranks_per_node``, those before and after the own row)."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
 class Delivery:
     """The delivery kinds of one :class:`~lossy_hooks.LossyState`: their streams (one
-    :class:`~lossy_hooks.core.streams.DropSite` per kind, per receiving rank), the packets of
-    each chunk signature, the stale copies, and their checkpoint state."""
+    :class:`~lossy_hooks.core.streams.DropSite` per kind, per receiving rank), the stale
+    copies, and their checkpoint state."""
 
     def __init__(self, state: LossyState) -> None:
         self.state = state
@@ -112,25 +99,13 @@ class Delivery:
             return
         fill = state.fill_technique
         stale = self._stale(key, flat) if fill.keeps_stale else None
-        if len(set(sizes)) == 1:  # equal chunks: each run of rows from other ranks in one pass
-            n = counts[0]
-            rows, lost = flat.view(len(chunks), -1), drawn.view(len(remote), n)
-            stale_rows = None if stale is None else stale.view(len(chunks), -1)
-            layout = PacketLayout.by_mtu(sizes[0], state.mtu, itemsize)
-            done = 0
-            for a, b in _runs(remote):  # the own row (and the node's) left untouched
-                part = slice(a, b)
-                kept = None if stale_rows is None else stale_rows[part]
-                fill.fill_received_(layout, rows[part], lost[done : done + b - a], kept)
-                done += b - a
-            return
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        starts = [0, *itertools.accumulate(sizes)]
         first = 0
-        for i in remote:  # uneven chunks: one pass per chunk from another rank
-            part = slice(starts[i], starts[i] + sizes[i])
+        for i in remote:  # one pass per chunk from another rank (the own chunk never touched)
+            part = slice(starts[i], starts[i + 1])
             layout = PacketLayout.by_mtu(sizes[i], state.mtu, itemsize)
-            lost_i = drawn[first : first + counts[i]]
-            fill.fill_received_(layout, flat[part], lost_i, None if stale is None else stale[part])
+            lost = drawn[first : first + counts[i]]
+            fill.fill_received_(layout, flat[part], lost, None if stale is None else stale[part])
             first += counts[i]
 
     def _stale(self, key: str, like: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ class ShardedCollectives:
         counted in the ledger as ``(W-1) n`` packets; ``None`` when nothing can be lost."""
         n = record.layout.num_packets
         shared = not site.per_rank
-        drawn = self._draw_rows(site, record, world if shared else world - 1, rank if shared else None)
+        drawn = self._draw_rows(site, record, world if shared else world - 1, rank)
         if drawn is None:
             lost = None
         elif shared:  # one mask for every receiver: a sender's packet lost for all of them
@@ -104,23 +104,25 @@ class ShardedCollectives:
         arrivals = None if masks.arrivals is None else masks.arrivals.view(world, n)
         return rows, arrivals
 
-    def _draw_rows(
-        self, site: DropSite, record: BucketRecord, rows: int, own: int | None
-    ) -> torch.Tensor | None:
+    def _draw_rows(self, site: DropSite, record: BucketRecord, rows: int, rank: int) -> torch.Tensor | None:
         """The loss mask of ``rows`` rows of the record's packets at ``site`` (flat), after
         retransmission when the state has it (``Protection.resolve``: each lost packet sent
-        again, up to ``retransmit`` times), its counters added to the ledger. A shared mask
-        (``own``: this rank's row) is resolved row by row, every rank alike, and counts only
-        this rank's row; a rank's own draw counts all of it."""
+        again, up to ``retransmit`` times), its counters added to the ledger. A rank's own
+        draw is resolved at once and counted whole; a shared mask (every rank draws every
+        row alike) row by row, this rank counting only its own row ``rank``."""
         state = self.state
         n = record.layout.num_packets
         if site.lossless or not state.protecting:
             return site.draw(rows * n)
         assert state.device is not None
+        if site.per_rank:
+            lost, counters = state.protection.resolve(rows * n, site.draw, None, state.device)
+            state.ledger.count_protection(site.name, record.key, counters)
+            return lost
         masks = []
-        for row in range(rows):  # a loop over rows (ranks), each one vectorized over packets
+        for row in range(rows):  # a loop over ranks, each one vectorized over packets
             lost, counters = state.protection.resolve(n, site.draw, None, state.device)
-            if own is None or row == own:
+            if row == rank:
                 state.ledger.count_protection(site.name, record.key, counters)
             masks.append(lost)
         return torch.cat(masks)
@@ -224,9 +226,7 @@ class ShardedCollectives:
         its own draw (independent)."""
         state, n = self.state, record.layout.num_packets
         site = state.post
-        drawn = self._draw_rows(
-            site, record, world if not site.per_rank else 1, rank if not site.per_rank else None
-        )
+        drawn = self._draw_rows(site, record, world if not site.per_rank else 1, rank)
         lost = None if drawn is None else (drawn.view(world, n)[rank] if not site.per_rank else drawn)
         state.ledger.count(site.name, record.key, n, lost)
         return lost
