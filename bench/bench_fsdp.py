@@ -31,6 +31,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.paired import paired_ratios
 from lossy_hooks import LossyState, fsdp
 from lossy_hooks.core.process_group import free_port
 from lossy_hooks.study.parallel import shard_units
@@ -116,18 +117,7 @@ def summarize(per_rank: list[dict[str, list[float]]]) -> list[dict[str, Any]]:
     base = slowest["plain FSDP2"]
     rows = []
     for label, ts in slowest.items():
-        paired = sorted(t / b for t, b in zip(ts, base, strict=True))
-        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-        rows.append(
-            {
-                "config": label,
-                "median_ms": 1e3 * statistics.median(ts),
-                "ratio_of_medians": statistics.median(ts) / statistics.median(base),
-                "paired_ratio_median": statistics.median(paired),
-                "paired_ratio_q1": q[0],
-                "paired_ratio_q3": q[2],
-            }
-        )
+        rows.append({"config": label, "median_ms": 1e3 * statistics.median(ts)} | paired_ratios(ts, base))
     return rows
 
 

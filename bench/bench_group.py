@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.paired import paired_ratios
 from lossy_hooks import LossyState, lossy_group
 from lossy_hooks.core.process_group import free_port
 
@@ -84,21 +85,9 @@ def summarize(times: dict[str, list[float]], world: int) -> list[dict[str, Any]]
     rows = []
     for key, seconds in times.items():
         kind, label = key.split(" | ")
-        base = times[f"{kind} | plain"]
-        ratios = sorted(s / b for s, b in zip(seconds, base, strict=True))
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        rows.append(
-            {
-                "world": world,
-                "collective": kind,
-                "group": label,
-                "median_seconds": statistics.median(seconds),
-                "ratio_of_medians": statistics.median(seconds) / statistics.median(base),
-                "paired_ratio_median": statistics.median(ratios),
-                "paired_ratio_q1": q[0],
-                "paired_ratio_q3": q[2],
-            }
-        )
+        row = {"world": world, "collective": kind, "group": label}
+        row["median_seconds"] = statistics.median(seconds)
+        rows.append(row | paired_ratios(seconds, times[f"{kind} | plain"]))
     return rows
 
 
