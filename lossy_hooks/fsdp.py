@@ -59,9 +59,12 @@ sharded form and are refused.
 
 Both collectives run synchronously on the stream FSDP calls them on (FSDP's reduce-scatter
 and all-gather streams on CUDA: the host does not wait) and return ``None``; the masks are
-drawn on the tensors' device, with no host synchronisation. Settings that need a bucket of
-parameters (``protect``, ``packetization="tensor"``, per-parameter counts), the encodings,
-the protections and ``measure_fidelity`` are refused by :func:`check_state` with the reason.
+drawn on the tensors' device, with no host synchronisation. The reduce-scatter runs the DDP
+hook's technique chain on its rows (:mod:`lossy_hooks.core.pipeline.chain`: error feedback,
+Hadamard per row, the wire dtype, ``measure_fidelity``; retransmission on the masks).
+Settings that need a bucket of parameters (``protect``, ``packetization="tensor"``), FEC
+and the simulated clock, and on the all-gather every technique of the chain, are refused by
+:func:`check_state` with the reason (docs/semantics.md).
 """
 
 from __future__ import annotations

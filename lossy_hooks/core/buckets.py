@@ -125,30 +125,35 @@ class BucketRecords:
         return record
 
     def _new_record(
-        self, key: BucketKey, sizes: tuple[int, ...], buf: torch.Tensor, params: list[torch.Tensor]
+        self,
+        key: BucketKey,
+        sizes: tuple[int, ...],
+        buf: torch.Tensor,
+        params: list[torch.Tensor],
+        post_rows: int = 1,
     ) -> BucketRecord:
-        """Packets of what travels: the bucket in the wire dtype, padded to its blocks when
-        encoded; protected packets; post-rescale factors; saved stale and residual buffers."""
-        numel = buf.numel()
-        if self.settings.packetization == "tensor":
+        """Packets of what travels (``buf``: a bucket, or one row of a shard set): the buffer
+        in the wire dtype, padded to its blocks when encoded; protected packets; the
+        post-rescale factors of a post draw over ``post_rows`` such rows; saved stale and
+        residual buffers."""
+        numel, settings = buf.numel(), self.settings
+        wire_itemsize = wire_dtype_of(settings.wire_dtype, buf.dtype).itemsize
+        if settings.packetization == "tensor":
             layout = PacketLayout.by_tensor(sizes)
         else:
-            encoded = self.settings.encoding == "hadamard"
-            wire_numel = padded_numel(numel, self.settings.hadamard_block) if encoded else numel
-            layout = PacketLayout.by_mtu(
-                wire_numel, self.settings.mtu, wire_dtype_of(self.settings.wire_dtype, buf.dtype).itemsize
-            )
+            encoded = settings.encoding == "hadamard"
+            wire_numel = padded_numel(numel, settings.hadamard_block) if encoded else numel
+            layout = PacketLayout.by_mtu(wire_numel, settings.mtu, wire_itemsize)
         n = layout.num_packets
-        wire_bytes = layout.numel * wire_dtype_of(self.settings.wire_dtype, buf.dtype).itemsize
+        wire_bytes = layout.numel * wire_itemsize
         protected = self._protected_packets(layout, params, numel)  # on the CPU
         factor: float | torch.Tensor
-        if self.settings.protection.active and isinstance(self.settings.loss_model, Bernoulli):
-            keep = self.settings.protection.bernoulli_keep(self.settings.loss_model.p, n)
-            factor = (1.0 / keep if keep > 0 else 0.0) if isinstance(keep, float) else 1.0 / keep
-        elif self.settings.placement.per_hop or not self.settings.drops_after:
+        if settings.protection.active and isinstance(settings.loss_model, Bernoulli):
+            factor = 1.0 / settings.protection.bernoulli_keep(settings.loss_model.p, n)
+        elif settings.placement.per_hop or not settings.drops_after:
             factor = 1.0  # unused: per hop the masks bring their own (HopMasks.post_factor)
         else:
-            factor = post_rescale_factor(self.post.model, n, wire_bytes)
+            factor = post_rescale_factor(self.post.model, post_rows * n, post_rows * wire_bytes)
         if protected is not None:
             factor = torch.where(protected, 1.0, torch.as_tensor(factor, dtype=torch.float64))
         if isinstance(factor, torch.Tensor):
@@ -156,35 +161,25 @@ class BucketRecords:
         on_device = None if protected is None else protected.to(buf.device)
         record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None), on_device)
         record.residual = self.saved_residual.pop(key, None)
-        if self.settings.protecting:
+        if settings.protecting:
             base = torch.zeros(len(COUNTERS), dtype=torch.int64)
-            base[0] = self.settings.protection.parity_packets(n)
+            base[0] = settings.protection.parity_packets(n)
             base[4] = 0 if protected is None else int(protected.sum())
             record.lossless_counters = base.to(buf.device)
         return record
 
     def shard_record(self, index: int, label: str, rows: torch.Tensor, post_rows: int) -> BucketRecord:
         """The record of FSDP unit ``index`` (named ``label``) for a ``(W, numel)`` shard set:
-        the packet layout of one row (a packet never crosses a row), the post-rescale factor
-        of a draw of ``post_rows`` rows' packets, and the stale buffer and error-feedback
-        residuals saved in a checkpoint;
-        registered in the ledger on first sight, keyed ``(index, rows.numel(), 0)``."""
+        the packet layout of one row as it travels (a packet never crosses a row; in the
+        wire dtype, padded to its blocks when encoded), the post-rescale factor of a draw of
+        ``post_rows`` rows' packets, and the stale buffer and error-feedback residuals saved
+        in a checkpoint; registered in the ledger on first sight, keyed
+        ``(index, rows.numel(), 0)``."""
         key = (index, rows.numel(), 0)
         record = self.records.get(key)
         if record is None:
-            state = self.settings
-            layout = PacketLayout.by_mtu(rows.shape[1], state.mtu, rows.element_size())
-            wire_bytes = rows.shape[1] * rows.element_size()
-            drawn = post_rows * layout.num_packets  # the packets of one post draw, and their bytes
-            factor: float = 1.0
-            if state.drops_after and not state.placement.per_hop:
-                if state.protection.active and isinstance(state.loss_model, Bernoulli):  # retransmit
-                    factor = 1.0 / (1.0 - state.protection.bernoulli_loss(state.loss_model.p))
-                else:
-                    factor = post_rescale_factor(self.post.model, drawn, post_rows * wire_bytes)
-            record = BucketRecord(key, layout, wire_bytes, factor, self.saved_stale.pop(key, None))
-            record.residual = self.saved_residual.pop(key, None)  # error feedback, after a resume
-            self._keep(key, record, rows.numel(), (), label=label)
+            record = self._new_record(key, (), rows[0], [], post_rows)
+            self._keep(key, record, rows.shape[1], (), label=label)
         return record
 
     def flat_record(self, index: int, label: str, buf: torch.Tensor) -> BucketRecord:

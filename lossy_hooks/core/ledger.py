@@ -236,16 +236,26 @@ class PacketLedger(PacketCounters):
             row["loss_rate"] = row["packets_lost"] / row["packets_sent"] if row["packets_sent"] else 0.0
         return out
 
-    def fidelity(self, steps_done: int) -> list[dict[str, float]]:
+    def fidelity(self, steps_done: int, all_ranks: bool = False) -> list[dict[str, float]]:
         """Per finished step (``< steps_done``) since the last call: cosine similarity and
         relative L2 error of the lossy aggregate against the lossless one.
 
         Over all buckets of a step, with ``x`` lossy and ``y`` lossless:
         ``cos = <x, y> / (|x| |y|)`` (1 when both are 0), ``rel_l2 = |x - y| / |y|`` (0 when equal).
+        With ``all_ranks`` the four sums are added over the group first (a collective: every
+        rank calls it, with the same steps finished): the vectors are then every rank's
+        results side by side (a reduce-scatter's shards: the whole reduced gradient).
         """
+        steps = sorted(s for s in self.pending_fidelity if s < steps_done)
+        if not steps:
+            return []
+        sums = torch.stack([torch.stack(self.pending_fidelity.pop(s)).sum(0) for s in steps])
+        if all_ranks:
+            sums = sums.to(self._collective_device())
+            self._sum_over_ranks(sums)
         out = []
-        for step in sorted(s for s in self.pending_fidelity if s < steps_done):
-            dot, xx, yy, dd = torch.stack(self.pending_fidelity.pop(step)).sum(0).tolist()
+        for step, row in zip(steps, sums.tolist(), strict=True):
+            dot, xx, yy, dd = row
             cos = 1.0 if xx == 0 and yy == 0 else dot / math.sqrt(xx * yy) if xx * yy > 0 else 0.0
             rel = 0.0 if dd == 0 else (math.sqrt(dd / yy) if yy > 0 else math.inf)
             out.append({"step": step, "cosine": cos, "rel_l2": rel})

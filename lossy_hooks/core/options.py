@@ -93,13 +93,14 @@ def check_combinations(config: LossConfig) -> None:
 AUTO_REGENERATE_MAX_WORLD = 4
 
 
-def _meta(group: str = "core", fsdp: str | None = None) -> dict[str, Any]:
+def _meta(group: str = "core", fsdp: str | None = None, all_gather: str | None = None) -> dict[str, Any]:
     """A :class:`LossConfig` field's metadata: ``group`` ``"core"`` (always in
     :meth:`LossConfig.as_dict`), ``"option"`` (there only when not at its default:
     configurations saved before the option existed name the same run), ``"network"``,
     ``"runtime"`` or ``"derived"`` (computed from the others); ``fsdp``: why the FSDP
-    collectives refuse any value but the default (``None``: they honour it)."""
-    return {"group": group, "fsdp": fsdp}
+    collectives (reduce-scatter and all-gather) refuse any value but the default,
+    ``all_gather``: why the all-gather alone does (``None``: they honour it)."""
+    return {"group": group, "fsdp": fsdp, "all_gather": all_gather}
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,16 +121,21 @@ class LossConfig:
     seed: int = field(default=0, metadata=_meta())
     counts_transport: str = field(default="auto", metadata=_meta())
     measure_fidelity: bool = field(
-        default=False, metadata=_meta("core", "there is no lossless reference of a shard")
+        default=False,
+        metadata=_meta("core", all_gather="an all-gather delivers shards: there is no sum to compare"),
     )
     encoding: str = field(
         default="none",
-        metadata=_meta("option", "the Hadamard rotation spans a bucket, FSDP's rows go to different ranks"),
+        metadata=_meta(
+            "option", all_gather="the technique chain runs on reductions, not on delivered shards"
+        ),
     )
     hadamard_block: int = field(default=DEFAULT_HADAMARD_BLOCK, metadata=_meta("option"))
     wire_dtype: str = field(
         default="fp32",
-        metadata=_meta("option", "use FSDP's own MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)"),
+        metadata=_meta(
+            "option", all_gather="use FSDP's own MixedPrecisionPolicy(param_dtype=torch.bfloat16)"
+        ),
     )
     error_feedback: bool = field(default=False, metadata=_meta("option"))
     protect: str | ProtectRule | None = field(
@@ -138,10 +144,13 @@ class LossConfig:
     )
     retransmit: int = field(default=0, metadata=_meta("option"))
     fec: tuple[int, int] | None = field(
-        default=None, metadata=_meta("option", "an FEC group would span packets bound for different ranks")
+        default=None, metadata=_meta("option", "FEC groups are laid over a bucket's packets, not per row")
     )
     network: NetworkModel | None = field(
-        default=None, metadata=_meta("network", "simulated time is not wired into FSDP yet")
+        default=None,
+        metadata=_meta(
+            "network", "the simulated clock prices an all-reduce's phases, not FSDP's collectives"
+        ),
     )
     # where packets are lost: the collective's algorithm (core/placement), which links lose
     algorithm: str = field(default="ps", metadata=_meta("option"))  # FSDP: Placement.fsdp_refuses
@@ -219,13 +228,15 @@ class LossConfig:
         """The settings of ``group`` (``"core"``, ``"option"``, ``"network"``), in order."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["group"] == group)
 
-    def fsdp_refusal(self) -> tuple[str, Any, str] | None:
+    def fsdp_refusal(self, collective: str = "reduce-scatter") -> tuple[str, Any, str] | None:
         """``(setting, value, reason)`` of the first setting away from its default that the
-        FSDP collectives do not do (the reasons are the fields' ``fsdp`` metadata), or ``None``."""
+        FSDP ``collective`` (``"reduce-scatter"`` or ``"all-gather"``) does not do (the
+        reasons are the fields' ``fsdp`` and ``all_gather`` metadata), or ``None``."""
         plain = self.options()
         for f in dataclasses.fields(self):
-            if f.metadata["fsdp"] and getattr(self, f.name) != f.default:
-                return f.name, plain.get(f.name, getattr(self, f.name)), f.metadata["fsdp"]
+            why = f.metadata["fsdp"] or (f.metadata["all_gather"] if collective == "all-gather" else None)
+            if why and getattr(self, f.name) != f.default:
+                return f.name, plain.get(f.name, getattr(self, f.name)), why
         return None
 
     @property

@@ -305,11 +305,12 @@ class LossyState(SettingsView):
         """``id()`` of the parameters in each bucket seen in this process, in buffer order."""
         return {k: list(e.param_ids) for k, e in self.ledger.buckets.items() if e.param_ids is not None}
 
-    def fidelity(self) -> list[dict[str, float]]:
+    def fidelity(self, all_ranks: bool = False) -> list[dict[str, float]]:
         """Per finished step since the last call: cosine similarity and relative L2 error of
         the lossy aggregate against the lossless one (``measure_fidelity=True``; see
-        :meth:`PacketLedger.fidelity`)."""
-        return self.ledger.fidelity(self.steps)
+        :meth:`PacketLedger.fidelity`); with ``all_ranks`` over every rank's result (a
+        collective; under FSDP each rank holds its own shard of the reduced gradient)."""
+        return self.ledger.fidelity(self.steps, all_ranks)
 
     # -- checkpointing ------------------------------------------------------------------
 

@@ -191,7 +191,6 @@ def _check_combinations(
             "--amp": args.amp,
             "--resync": args.resync,
             "--measure_drift": args.measure_drift,
-            "--measure_fidelity": args.measure_fidelity,
             "--bucket_cap_mb": args.bucket_cap_mb != parser.get_default("bucket_cap_mb"),
         }
         given = [flag for flag, on in ddp_only.items() if on]

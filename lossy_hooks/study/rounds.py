@@ -102,7 +102,9 @@ class _EpochTally:
             row["drift_max"] = max(d[0] for d in drift)
             row["drift_mean"] = sum(d[1] for d in drift) / len(drift)
         if cfg["measure_fidelity"]:
-            fid = [f for f in state.fidelity() if f["step"] not in skipped_hook_steps]
+            # FSDP: each rank reduces one shard; the whole gradient is every rank's shard
+            shards = cfg.get("strategy", "ddp") == "fsdp"
+            fid = [f for f in state.fidelity(all_ranks=shards) if f["step"] not in skipped_hook_steps]
             sums = [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)]
             vals = torch.tensor(sums, dtype=torch.float64, device=dev)
             dist.all_reduce(vals)

@@ -135,6 +135,45 @@ def scatter_post() -> dict[str, Any]:
     return out
 
 
+def chain() -> dict[str, Any]:
+    """The technique chain under the reduce-scatter (sum), each against a lossless
+    reduce-scatter this rank runs itself on the same random rows: Hadamard at loss 0 (the
+    decode with this rank's row's signs) and, at 30% worker loss with rescale, over CALLS
+    calls (a new rotation each); a bf16 wire; the fidelity of a 30% zero-fill call."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = torch.randn(world, S, generator=torch.Generator().manual_seed(100 + rank))
+
+    def lossless(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(S, dtype=x.dtype)
+        dist.reduce_scatter_tensor(out, x.reshape(-1).clone(), op=dist.ReduceOp.SUM)
+        return out
+
+    exact = lossless(rows)
+    sums = dict(mtu=MTU, reduction="sum", encoding="hadamard", hadamard_block=256)
+    h0 = scatter(scatter_comm(LossyState(loss_rate=0.0, fill="zero", seed=5, **sums)), rows)
+    lossy = scatter_comm(LossyState(loss_rate=0.3, seed=6, **sums))
+    calls = torch.stack([scatter(lossy, rows) for _ in range(CALLS)])
+    bf16 = scatter(scatter_comm(LossyState(loss_rate=0.0, mtu=MTU, reduction="sum", wire_dtype="bf16")), rows)
+    state = LossyState(loss_rate=0.3, mtu=MTU, fill="zero", reduction="sum", measure_fidelity=True, seed=7)
+    zero = scatter(scatter_comm(state), rows)
+    mine = state.fidelity()
+    again = LossyState(loss_rate=0.3, mtu=MTU, fill="zero", reduction="sum", measure_fidelity=True, seed=7)
+    scatter(scatter_comm(again), rows)
+    return {
+        "hadamard_rel_err": float((h0 - exact).norm() / exact.norm()),
+        "hadamard_mean": calls.mean(0).tolist(),
+        "hadamard_stderr": (calls.std(0) / CALLS**0.5).tolist(),
+        "hadamard_lost": lossy.pipeline.state.stats()["worker"]["packets_lost"],
+        "bf16_equal": bool(torch.equal(bf16, lossless(rows.bfloat16()).float())),
+        "fp32_equal": bool(torch.equal(bf16, exact)),
+        "fidelity": mine,
+        "fidelity_all": again.fidelity(all_ranks=True),
+        "zero_sums": [
+            float(a.double() @ b.double()) for a, b in ((zero, exact), (zero, zero), (exact, exact))
+        ],
+    }
+
+
 def bf16_factors() -> dict[str, Any]:
     """Post rescale of a bf16 shard (FSDP's reduce_dtype=bf16): the factor 1/(1-p) is applied
     in fp32 and the product rounded once, not rounded to bf16 first."""
@@ -362,6 +401,6 @@ def layout() -> dict[str, Any]:
 if __name__ == "__main__":
     worker_main(
         {"scatter_worker": scatter_worker, "scatter_post": scatter_post, "gather": gather, "resume": resume}
-        | {"retransmit": retransmit, "error_feedback": error_feedback}
+        | {"retransmit": retransmit, "error_feedback": error_feedback, "chain": chain}
         | {"training": training, "layout": layout, "no_host_sync": no_host_sync, "bf16_factors": bf16_factors}
     )

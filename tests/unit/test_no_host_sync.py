@@ -23,7 +23,7 @@ from lossy_hooks.core import (
     techniques,
 )
 from lossy_hooks.core.pipeline import allreduce as allreduce_pipeline
-from lossy_hooks.core.pipeline import sharded
+from lossy_hooks.core.pipeline import chain, sharded
 from lossy_hooks.core.techniques import fec, fills, hadamard, protect, protection, retransmit
 from lossy_hooks.loss_models import deadline, markov
 
@@ -51,7 +51,8 @@ HOT_PATH = [
     hook.lossy_allreduce_hook,
     allreduce_pipeline.all_reduce,
     allreduce_pipeline.join,
-    allreduce_pipeline._finish,
+    chain.before_collective,
+    chain.after_collective,
     allreduce_pipeline._sum,
     streams.DropSite.draw,
     ledger.PacketLedger.count,
@@ -99,7 +100,7 @@ HOT_PATH = [
     fsdp.LossyReduceScatter.__call__,
     fsdp.LossyAllGather.__call__,
     sharded.ShardedCollectives.reduce_scatter,
-    sharded.ShardedCollectives._worker_factor,
+    sharded.ShardedCollectives._worker_masks,
     sharded.ShardedCollectives._draw_post,
     sharded.ShardedCollectives.all_gather,
     sharded.ShardedCollectives.draw_network,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from lossy_hooks.core.pipeline.chain import after_collective, before_collective
 from lossy_hooks.core.techniques import BucketCall
 
 if TYPE_CHECKING:
@@ -75,20 +76,6 @@ def join(
     return torch.futures.collect_all(futures).then(lambda f: fn([x.value()[0] for x in f.value()]))
 
 
-def _finish(call: BucketCall, results: list[torch.Tensor]) -> torch.Tensor:
-    """The callback: the result (counts appended to it split off), then every technique's
-    :meth:`~lossy_hooks.core.techniques.Technique.after_collective` in reverse chain order.
-    Compute only."""
-    out = results[0]
-    if call.appended is not None:
-        numel = call.record.layout.numel
-        out, call.appended_result = out[:numel], out[numel:]
-    call.results = results
-    for technique in reversed(call.state.techniques):
-        out = technique.after_collective(call, out)
-    return out
-
-
 def _sum(tensor: torch.Tensor, group: Any) -> torch.futures.Future:
     return dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
@@ -127,10 +114,7 @@ def all_reduce(
     assert state.world_size is not None
     call = BucketCall(state, record, buf, state.world_size, scale, step)
     state.draw_masks(call)  # where the placement loses: this rank's masks, counted
-    wire = buf
-    for technique in state.techniques:  # fidelity, error feedback, encoding, the fill, wire dtype
-        wire = technique.before_wire(call, wire)
-    main = wire if call.appended is None else torch.cat((wire, call.appended))
+    main = before_collective(call)  # fidelity, error feedback, encoding, the fill, wire dtype
     # the buffer through the placement's collective; counts and the reference arrive whole
-    futures = [state.placement.all_reduce(main, group), *(_sum(t, group) for t in call.extra)]
-    return join(futures, buf.is_cuda, functools.partial(_finish, call), tuple(call.kept)), call
+    futures = [state.placement.all_reduce(main, group), *(_sum(t, group) for t, _ in call.extra)]
+    return join(futures, buf.is_cuda, functools.partial(after_collective, call), tuple(call.kept)), call

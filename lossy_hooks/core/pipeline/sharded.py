@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from lossy_hooks.core.techniques.error_feedback import feed_back_
-from lossy_hooks.core.techniques.fills import arrival_factor, insert_own_row, regenerated_counts
+from lossy_hooks.core.pipeline.chain import after_collective, before_collective
+from lossy_hooks.core.techniques import BucketCall
+from lossy_hooks.core.techniques.fills import insert_own_row
 
 if TYPE_CHECKING:
     from lossy_hooks.core.buckets import BucketRecord
@@ -40,7 +41,7 @@ def sharded_refusal(state: LossyState, collective: str) -> str | None:
     settings that need a bucket of parameters (``LossConfig.fsdp_refusal``), the placement's
     refusals (a tree has no sharded form) and appended counts (the output is the caller's
     buffer)."""
-    refused = state.settings.fsdp_refusal()
+    refused = state.settings.fsdp_refusal(collective)
     if refused is not None:
         name, value, why = refused
         return f"{collective}: {name}={value!r} is not supported under FSDP ({why})"
@@ -134,40 +135,26 @@ class ShardedCollectives:
         if self.groups and self.calls % self.groups == 0:
             self.state.steps += 1
 
-    def _worker_factor(
-        self, record: BucketRecord, world: int, rank: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """The ``(W, n)`` loss mask of this rank's rows, the factor they take before the
-        collective (keep mask, and ``W/c`` where the counts are known before it) and, for
-        ``counts_transport="separate"``, the ``(W, n)`` int32 arrivals to reduce-scatter
-        after it."""
-        state, fill = self.state, self.state.fill_technique
+    def _worker_masks(self, call: BucketCall, world: int, rank: int) -> None:
+        """``call.lost``: the ``(W, n)`` loss mask of this rank's rows (own row kept) and, on
+        a per-hop placement, ``call.arrivals`` (the ``(W, n)`` counts every rank replays)."""
+        state = self.state
         if not state.drops_before:
-            return None, None, None
+            return
         if state.hops is not None:  # per hop of a ring / direct exchange
-            lost, arrived = self.draw_hops(state.worker, record, world, rank, fill.needs_counts)
-            if lost is None:
-                return None, None, None
-            pre = fill.worker_keep(lost)
-            if arrived is not None:
-                pre.mul_(arrival_factor(arrived, world))
-            return lost, pre, None
-        lost = self.draw_network(state.worker, record, world, rank)
-        if lost is None:
-            return None, None, None
-        pre = fill.worker_keep(lost)
-        if not fill.needs_counts:
-            return lost, pre, None
-        if state.counts_resolved == "regenerate":
-            replayed = regenerated_counts(lost, state.peer_draws(record), shard_rows=True)
-            return lost, pre.mul_(arrival_factor(replayed, world)), None
-        return lost, pre, (~lost).to(torch.int32)
+            needs = state.fill_technique.needs_counts
+            call.lost, call.arrivals = self.draw_hops(state.worker, call.record, world, rank, needs)
+        else:
+            call.lost = self.draw_network(state.worker, call.record, world, rank)
 
     def reduce_scatter(
         self, output: torch.Tensor, input: torch.Tensor, group: Any, op: Any, record_of: RecordOf
     ) -> Counted:
-        """``output`` <- row ``rank`` of the lossy reduce over the ranks' ``input`` rows.
-        Returns what it counted: ``(packets, bytes, lost mask)`` per drop point."""
+        """``output`` <- row ``rank`` of the lossy reduce over the ranks' ``input`` rows: the
+        masks of this call, then the technique chain around the collective
+        (:mod:`~lossy_hooks.core.pipeline.chain`; the collective's ``op``, FSDP's average,
+        is the mean: ``scale = 1``). Returns what it counted: ``(packets, bytes, lost mask)``
+        per drop point."""
         state = self.state
         state.prepare(input, group)
         state.bucket_calls += 1
@@ -190,35 +177,33 @@ class ShardedCollectives:
             )
         rows = input.view(world, -1)
         record = record_of(rows, world if not state.post.per_rank else 1)
-        layout, n, fill = record.layout, record.layout.num_packets, state.fill_technique
-        lost, pre, counts = self._worker_factor(record, world, rank)
-        post_lost = self._draw_post(record, world, rank) if state.drops_after else None
-        if state.error_feedback and lost is not None:  # c = g + e; e <- c on the lost packets
-            feed_back_(record, rows, lost)
-        if pre is not None:
-            layout.scale_(rows, pre)
-        state.placement.reduce_scatter(output, input, op, group)
-        factor: torch.Tensor | None = None
-        if counts is not None:
-            arrived = torch.empty(n, dtype=torch.int32, device=counts.device)
-            dist.reduce_scatter_single(
-                output=arrived, input=counts.view(-1), op=dist.ReduceOp.SUM, group=group
-            )
-            factor = arrival_factor(arrived, world)
-        keep = fill.post_keep(post_lost, record.post_factor)
-        if keep is not None:
-            factor = keep if factor is None else factor.mul_(keep)
-        if factor is not None:
-            layout.scale_(output, factor)
-        if fill.keeps_stale and record.stale is None:
-            record.stale = torch.zeros_like(output)
-        fill.fill_result_(layout, output, post_lost, record.stale)
+        call = BucketCall(state, record, rows, world, 1.0, state.steps, output, world, rank)
+        self._worker_masks(call, world, rank)
+        if state.drops_after:
+            call.post_lost = self._draw_post(record, world, rank)
+            call.post_factor = record.post_factor
+        main = before_collective(call)
+
+        def scatter(tensor: torch.Tensor, reduce_op: Any) -> torch.Tensor:
+            into = output if tensor is rows else tensor.new_empty(tensor.numel() // world)
+            if reduce_op is None:  # the payload: through the placement's collective
+                state.placement.reduce_scatter(into, tensor.reshape(-1), op, group)
+            else:
+                dist.reduce_scatter_single(output=into, input=tensor.reshape(-1), op=reduce_op, group=group)
+            return into
+
+        results = [scatter(main, None)]
+        results += [scatter(t, op if like else dist.ReduceOp.SUM) for t, like in call.extra]
+        out = after_collective(call, results)
+        if out.data_ptr() != output.data_ptr():
+            output.copy_(out.view_as(output))
         self.step_done()
+        n, lost = record.layout.num_packets, call.lost
         counted: Counted = []
         if state.drops_before:
             counted.append(((world - 1) * n, (world - 1) * record.wire_bytes, lost))
         if state.drops_after:
-            counted.append((n, record.wire_bytes, post_lost))
+            counted.append((n, record.wire_bytes, call.post_lost))
         return counted
 
     def _draw_post(self, record: BucketRecord, world: int, rank: int) -> torch.Tensor | None:

@@ -58,36 +58,53 @@ class TechniqueContext(Protocol):
 
 @dataclass(eq=False)
 class BucketCall:
-    """One call of the DDP hook on one bucket: what the techniques of the chain read and
-    leave for their :meth:`~Technique.after_collective` (everything on the bucket's device).
+    """One call of the packet pipeline on one buffer (a DDP bucket, a lossy group's
+    all-reduce, a reduce-scatter's rows): what the techniques of the chain read and leave
+    for their :meth:`~Technique.after_collective` (everything on the buffer's device).
 
-    ``lost`` / ``post_lost``: this call's loss masks before and after the collective (``True``
-    = lost; ``None`` where nothing can be lost), drawn by ``LossyState.draw_masks`` with
-    ``post_factor`` and, on a per-hop placement, the arrival counts ``arrivals``; ``scale``:
-    the ``1/W`` of a mean not yet applied to the bucket; ``memo``: each technique's own
-    per-call values, by its name."""
+    ``bucket``: what this rank contributes: a flat buffer (an all-reduce, ``rows = 1``) or
+    the ``(W, L)`` rows of a reduce-scatter (``rows = W``, row ``j`` bound for rank ``j``);
+    ``result``: where the result lands (the bucket itself for an all-reduce; the
+    reduce-scatter's output, row ``row`` of the reduction, ``L`` elements); ``lost``: this
+    rank's loss mask before the collective (``(n,)``, or ``(W, n)`` over the rows, own row
+    never lost), ``post_lost``: the result's (``(n,)``), ``True`` = lost, ``None`` where
+    nothing can be lost; ``post_factor`` and, on a per-hop placement, the arrival counts
+    ``arrivals`` (shaped like ``lost``); ``scale``: the ``1/W`` of a mean not yet applied
+    (``1`` when the collective averages); ``memo``: each technique's own per-call values, by
+    its name."""
 
     state: TechniqueContext  # what a technique may read of its state
     record: BucketRecord
-    bucket: torch.Tensor  # DDP's buffer: what the hook returns into
+    bucket: torch.Tensor  # what this rank contributes (DDP's buffer: what the hook returns into)
     world: int
     scale: float
     step: int
+    result: torch.Tensor | None = None  # where the result lands (None: the bucket)
+    rows: int = 1  # rows of the bucket, one per destination rank (a reduce-scatter: W)
+    row: int = 0  # the result's row: this rank's (a reduce-scatter), 0 for an all-reduce
     lost: torch.Tensor | None = None
     post_lost: torch.Tensor | None = None
     post_factor: float | torch.Tensor = 1.0  # post rescale 1/q (per packet on a per-hop placement)
     arrivals: torch.Tensor | None = None  # c_j where known before the collective (per-hop placements)
     appended: torch.Tensor | None = None  # travels in the bucket's own collective, after it
     appended_result: torch.Tensor | None = None  # its summed value, after the collective
-    extra: list[torch.Tensor] = field(default_factory=list)  # reduced by collectives of their own
+    # reduced by collectives of their own: (tensor, like_payload) where like_payload means
+    # "with the bucket's own reduction" (a reference), else summed (counts)
+    extra: list[tuple[torch.Tensor, bool]] = field(default_factory=list)
     results: list[torch.Tensor] = field(default_factory=list)  # [main, *extra] once reduced
     kept: list[torch.Tensor] = field(default_factory=list)  # read by the callback (CUDA streams)
     memo: dict[str, Any] = field(default_factory=dict)
 
-    def reduce_also(self, tensor: torch.Tensor) -> int:
-        """Sum ``tensor`` over the ranks in a collective of its own, launched with the
-        bucket's; its result is ``results[index]`` after the collective."""
-        self.extra.append(tensor)
+    def __post_init__(self) -> None:
+        if self.result is None:
+            self.result = self.bucket
+
+    def reduce_also(self, tensor: torch.Tensor, like_payload: bool = False) -> int:
+        """Reduce ``tensor`` (shaped like the bucket) over the ranks in a collective of its
+        own, launched with the bucket's, of the same kind (all-reduce, reduce-scatter): a
+        sum, or with ``like_payload`` the bucket's own reduction (a lossless reference). Its
+        result is ``results[index]`` after the collective."""
+        self.extra.append((tensor, like_payload))
         return len(self.extra)
 
     def append_to_bucket(self, tensor: torch.Tensor) -> None:

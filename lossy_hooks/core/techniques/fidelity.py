@@ -62,7 +62,7 @@ class MeasureFidelity(Technique):
             call.scale = 1.0
         clean = x.clone()
         slot = call.state.ledger.fidelity_slot(call.step, x.device)
-        call.memo[self.name] = (call.reduce_also(clean), slot)
+        call.memo[self.name] = (call.reduce_also(clean, like_payload=True), slot)
         call.keep_alive(slot, clean)
         return x
 

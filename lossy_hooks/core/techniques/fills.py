@@ -180,7 +180,7 @@ class Fill(Technique):
         pre = None if call.lost is None else self._worker_factor(call, x, self.worker_keep(call.lost))
         keep = self.post_keep(call.post_lost, call.post_factor)
         if keep is not None:
-            if self.config.shares_post_mask:  # b_j (R_j) = R_j computed from b_j-scaled copies
+            if self.config.shares_post_mask and call.rows == 1:  # b_j (R_j) = R_j of b_j-scaled copies
                 pre = keep if pre is None else pre.mul_(keep)
             else:
                 call.memo["post"] = keep
@@ -242,7 +242,7 @@ class RescaleFill(Fill):
             return pre.mul_(arrival_factor(call.arrivals, call.world, unrecovered))
         transport = state.counts_resolved
         if transport == "regenerate":  # c_j known here: fold W / c_j into pre
-            counts = regenerated_counts(lost, state.peer_draws(call.record))
+            counts = regenerated_counts(lost, state.peer_draws(call.record), shard_rows=call.rows > 1)
             return pre.mul_(arrival_factor(counts, call.world, unrecovered))
         sent = (~lost).to(torch.int32 if transport == "separate" else state.wire_dtype_for(call.bucket))
         index = None
@@ -296,6 +296,7 @@ class StaleFill(Fill):
 
     def before_wire(self, call: BucketCall, x: torch.Tensor) -> torch.Tensor:
         # the stale buffer is in the bucket's dtype (no stale fill with an encoding)
-        stale = call.memo["stale"] = call.state.buckets.stale_buffer(call.record, call.bucket)
+        assert call.result is not None
+        stale = call.memo["stale"] = call.state.buckets.stale_buffer(call.record, call.result)
         call.keep_alive(stale, call.post_lost)
         return super().before_wire(call, x)

@@ -178,18 +178,28 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 def _transform(x: torch.Tensor, scratch: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
-    """:func:`fwht_` of every block of ``x`` (:func:`block_groups`, one call per group): the
-    buffer, ``x`` or ``scratch``, that holds the whole result (the first group's; a later
-    group whose stage count has the other parity is copied into it)."""
+    """:func:`fwht_` of every block of every row of ``x`` (``(m, N_p)``, the blocks of
+    :func:`block_groups` in each row; one call per group): the buffer, ``x`` or ``scratch``,
+    that holds the whole result (the first group's; a later group whose stage count has the
+    other parity is copied into it). A group that is not contiguous across rows (``m > 1``
+    rows of several groups) is transformed in a copy and written back into ``x``."""
+    rows = x.shape[0]
     home = None
     start = 0
     for size, count in groups:
         end = start + size * count
-        done = fwht_(x[start:end].view(count, size), scratch[start:end].view(count, size))
-        if home is None:
-            home = x if done.data_ptr() == x.data_ptr() else scratch
-        elif done.data_ptr() != home[start:end].data_ptr():  # the other stage parity: one copy
-            home[start:end].copy_(done.view(-1))
+        seg, spare = x[:, start:end], scratch[:, start:end]
+        if seg.is_contiguous():
+            done = fwht_(seg.view(rows * count, size), spare.view(rows * count, size))
+            if home is None:
+                home = x if done.data_ptr() == x.data_ptr() else scratch
+            elif done.data_ptr() != home[:, start:end].data_ptr():  # the other stage parity: one copy
+                home[:, start:end].copy_(done.view(rows, -1))
+        else:
+            blocks = seg.contiguous().view(rows * count, size)  # a copy: the rows' blocks side by side
+            done = fwht_(blocks, torch.empty_like(blocks))
+            home = x if home is None else home
+            home[:, start:end].copy_(done.view(rows, -1))
         start = end
     assert home is not None
     return home
@@ -206,27 +216,30 @@ def _sign_bits(x: torch.Tensor) -> torch.Tensor:
     return words.view(-1, 2)[:, 1]
 
 
-def _sign_words(numel: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``ceil(numel / 32)`` random int32 words: bit ``i`` of word ``w`` is the sign of element
-    ``32 w + i`` (1: negative)."""
-    words = torch.empty(-(-numel // 32), dtype=torch.int32, device=device)
+def _sign_words(numel: int, generator: torch.Generator, device: torch.device, rows: int = 1) -> torch.Tensor:
+    """``(rows, ceil(numel / 32))`` random int32 words, drawn in one call: bit ``i`` of word
+    ``w`` of a row is the sign of element ``32 w + i`` of that row (1: negative)."""
+    words = torch.empty(rows, -(-numel // 32), dtype=torch.int32, device=device)
     return words.random_(-(2**31), 2**31, generator=generator)
 
 
 def _flip_signs_(x: torch.Tensor, words: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-    """``x <- D x`` in place: XOR each element's sign bit with its bit of ``words``; the
-    expanded masks are built in ``scratch`` (as int32) when it is given and fits."""
+    """``x <- D x`` in place, ``x`` of shape ``(m, N)`` and ``words`` ``(m, ceil(N / 32))``:
+    XOR each element's sign bit with its bit of its row's words; the expanded masks are built
+    in ``scratch`` (as int32) when it is given and fits."""
     shifts = _SHIFTS.get(x.device)
     if shifts is None:
         shifts = _SHIFTS[x.device] = 31 - torch.arange(32, dtype=torch.int32, device=x.device)
-    n = x.numel()
-    target = _sign_bits(x)
-    room = None if scratch is None else scratch.view(torch.int32)
-    if room is not None and n % 32 == 0 and room.numel() >= n:
-        masks = torch.bitwise_left_shift(words.unsqueeze(1), shifts, out=room[:n].view(-1, 32))
+    rows, n = x.shape
+    k = words.shape[-1]
+    target = _sign_bits(x.view(-1)).view(rows, n)
+    room = None if scratch is None else scratch.view(torch.int32).view(-1)
+    if room is not None and n % 32 == 0 and room.numel() >= rows * n:
+        into = room[: rows * n].view(rows, k, 32)
+        masks = torch.bitwise_left_shift(words.view(rows, k, 1), shifts, out=into)
     else:
-        masks = words.unsqueeze(1) << shifts
-    target.bitwise_xor_(masks.bitwise_and_(_SIGN_BIT).view(-1)[:n])
+        masks = words.view(rows, k, 1) << shifts
+    target.bitwise_xor_(masks.bitwise_and_(_SIGN_BIT).view(rows, k * 32)[:, :n])
 
 
 def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,36 +247,44 @@ def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def encode(flat: torch.Tensor, block: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    flat: torch.Tensor, block: int, generator: torch.Generator, rows: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, words)``: the rotated, zero-padded copy of ``flat`` (``N_p`` elements, fp32; fp64
-    for an fp64 bucket) and the sign words used (keep them for :func:`decode_`)."""
-    n = flat.numel()
+    for an fp64 bucket) and the sign words used (keep them for :func:`decode_`). With
+    ``rows > 1`` (a reduce-scatter's rows, each bound for another rank) each row of
+    ``N = flat.numel() / rows`` elements is rotated on its own: ``y`` is ``(rows, N_p)`` and
+    ``words`` ``(rows, ceil(N_p / 32))``, row ``j``'s signs in row ``j`` (one draw for all)."""
+    n = flat.numel() // rows
     groups = block_groups(n, block)
     padded = _total(groups)
-    words = _sign_words(padded, generator, flat.device)
-    x = torch.empty(padded, dtype=rotation_dtype(flat.dtype), device=flat.device)
-    x[:n].copy_(flat)
-    x[n:].zero_()
+    words = _sign_words(padded, generator, flat.device, rows)
+    x = torch.empty(rows, padded, dtype=rotation_dtype(flat.dtype), device=flat.device)
+    x[:, :n].copy_(flat.view(rows, n))
+    x[:, n:].zero_()
     scratch = torch.empty_like(x)
     _flip_signs_(x, words, scratch)  # D x
-    return _transform(x, scratch, groups), words
+    y = _transform(x, scratch, groups)
+    return (y[0], words[0]) if rows == 1 else (y, words)
 
 
 def decode_(out: torch.Tensor, y: torch.Tensor, words: torch.Tensor, block: int) -> torch.Tensor:
     """``out <- (D Q y)[:N]`` (``out`` has the bucket's ``N`` elements and dtype; ``y`` the
-    ``N_p`` received coefficients, overwritten)."""
+    ``N_p`` received coefficients, overwritten; ``words`` the signs of this row)."""
     n = out.numel()
     y = y if y.dtype == rotation_dtype(out.dtype) else y.to(rotation_dtype(out.dtype))
+    y = y.view(1, -1)
     scratch = torch.empty_like(y)
     x = _transform(y, scratch, block_groups(n, block))
-    _flip_signs_(x, words, scratch if x is y else y)  # D (Q y)
-    return out.copy_(x[:n])
+    _flip_signs_(x, words.view(1, -1), scratch if x is y else y)  # D (Q y)
+    return out.copy_(x.view(-1)[:n])
 
 
 class HadamardEncoding(Technique):
     """Rotate this rank's copy before the wire (``y = Q D g``, the bucket zero-padded to its
-    blocks), decode the summed result into DDP's buffer (``D Q y``). The packets are those of
-    the padded rotation (``BucketRecords`` lays them out)."""
+    blocks; a reduce-scatter's rows each on its own), decode the summed result where it lands
+    (``D Q y``: DDP's buffer, a reduce-scatter's output with its row's signs). The packets are
+    those of the padded rotation (``BucketRecords`` lays them out)."""
 
     name = "hadamard"
 
@@ -285,10 +306,11 @@ class HadamardEncoding(Technique):
     def before_wire(self, call: BucketCall, x: torch.Tensor) -> torch.Tensor:
         generator = call.state.rotation.generator
         assert generator is not None
-        y, signs = encode(x, self.config.hadamard_block, generator)
-        call.memo[self.name] = signs
-        call.keep_alive(signs, call.bucket)
+        y, signs = encode(x, self.config.hadamard_block, generator, call.rows)
+        call.memo[self.name] = signs if call.rows == 1 else signs[call.row]
+        call.keep_alive(signs, call.result)
         return y
 
     def after_collective(self, call: BucketCall, out: torch.Tensor) -> torch.Tensor:
-        return decode_(call.bucket, out, call.memo[self.name], self.config.hadamard_block)
+        assert call.result is not None
+        return decode_(call.result, out, call.memo[self.name], self.config.hadamard_block)

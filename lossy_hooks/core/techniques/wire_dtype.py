@@ -1,8 +1,9 @@
 """The dtype packets carry (as PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook``).
 
 ``wire_dtype="fp32"`` sends the bucket in its own dtype (no conversion); ``"fp16"`` and
-``"bf16"`` send a copy in that dtype and widen the result back into DDP's buffer (a rotated
-bucket: back to the rotation's dtype, before it is decoded). The per-packet factors of the
+``"bf16"`` send a copy in that dtype and widen the result back into where it lands (DDP's
+buffer, a reduce-scatter's output; a rotated bucket: back to the rotation's dtype, before it
+is decoded). The per-packet factors of the
 fills are applied before the cast (:class:`~lossy_hooks.core.techniques.fills.Fill` comes
 earlier in the chain), so ``1/(1-p)`` and ``W/c_j`` are not rounded to the wire dtype (in
 bf16 a bias of up to 0.2%).
@@ -43,14 +44,15 @@ class WireDtype(Technique):
         dtype = call.state.wire_dtype_for(call.bucket)
         if x.dtype == dtype:
             return x
-        into_bucket = x is call.bucket
-        call.memo[self.name] = (x.dtype, into_bucket)
-        if into_bucket:
-            call.keep_alive(call.bucket)
+        into_result = x is call.bucket  # nothing else changed it: the result lands in call.result
+        call.memo[self.name] = (x.dtype, into_result)
+        if into_result:
+            call.keep_alive(call.result)
         return x.to(dtype)
 
     def after_collective(self, call: BucketCall, out: torch.Tensor) -> torch.Tensor:
         if self.name not in call.memo:
             return out
-        dtype, into_bucket = call.memo[self.name]
-        return call.bucket.copy_(out) if into_bucket else out.to(dtype)
+        dtype, into_result = call.memo[self.name]
+        assert call.result is not None
+        return call.result.copy_(out) if into_result else out.to(dtype)
