@@ -204,9 +204,9 @@ class LossConfig:
     )
     retransmit: int = setting(
         default=0,
-        doc="resend a lost packet up to this many times, each try subject to the loss model (0 = off)",
-        unit="resends",
-        allowed="a whole number >= 0",
+        doc="resend a lost packet up to K times (K = retransmit), each try subject to the loss model",
+        unit="tries",
+        allowed="a whole number K >= 0; 0 = off",
         collectives=WITH_GATHER,
         group="option",
     )
