@@ -58,7 +58,6 @@ from lossy_hooks.core.pipeline.delivery import DELIVERY_KINDS, Chunk
 from lossy_hooks.core.pipeline.sharded import Counted, ShardedCollectives, sharded_refusal
 from lossy_hooks.core.process_group import LOSSY_GROUPS, lossy_kinds, reliable_now
 from lossy_hooks.core.state import LossyState
-from lossy_hooks.loss_models import DeadlineLoss
 
 __all__ = ["KINDS", "LossyBackend", "check_backend", "check_group_state", "lossy_group"]
 
@@ -74,27 +73,9 @@ def check_group_state(state: LossyState, kinds: Iterable[str] | None) -> frozens
     unknown = sorted(chosen - set(KINDS))
     if unknown or not chosen:
         raise ValueError(f"lossy_group: kinds must be among {', '.join(KINDS)}; got {sorted(chosen)}")
-    delivered = sorted(chosen & set(DELIVERY_KINDS))
-    if delivered and state.fill == "rescale":
-        raise ValueError(
-            f"lossy_group: fill='rescale' has no meaning for {', '.join(delivered)} (nothing is summed: "
-            "a lost packet has no copy to average); use fill='zero' or 'stale', or leave these kinds out"
-        )
-    if delivered and isinstance(state.loss_model, DeadlineLoss):
-        raise ValueError(
-            f"lossy_group: a deadline loss model prices all-reduces on the simulated clock; it has no "
-            f"arrivals for {', '.join(delivered)}: use another loss model or leave these kinds out"
-        )
-    if delivered and state.link_loss is not None:
-        raise ValueError(
-            f"lossy_group: link_loss applies to the hops of all_reduce and reduce_scatter; "
-            f"{', '.join(delivered)} honour ranks_per_node only: leave link_loss out or these kinds"
-        )
-    if state.reduction != "mean":
-        raise ValueError(
-            "lossy_group: reduction='sum' is the DDP hook's setting; on a group each call's op "
-            "(SUM or AVG) says how it reduces: leave reduction at 'mean'"
-        )
+    why = state.settings.group_refusal(chosen)  # the settings' declared refusals (LossConfig)
+    if why is not None:
+        raise ValueError(f"lossy_group: {why}")
     if "reduce_scatter" in chosen:
         why = sharded_refusal(state, "reduce-scatter")
         if why is not None:

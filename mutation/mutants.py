@@ -764,8 +764,8 @@ MUTANTS = [
     M(
         "M85",
         "lossy_hooks/core/techniques/fills.py",
-        "            return pre.mul_(arrival_factor(call.arrivals, call.world, unrecovered))",
-        "            return pre.mul_(arrival_factor(call.arrivals * 0 + call.world, call.world, unrecovered))",
+        "pre.mul_(arrival_factor(call.arrivals, call.world, unrecovered))",
+        "pre.mul_(arrival_factor(call.arrivals * 0 + call.world, call.world, unrecovered))",
         "a per-hop reduce (DDP's, FSDP's reduce-scatter) rescales by W / c of the hops' arrivals",
         (PLACEMENTS_W3,),
     ),

@@ -1,18 +1,33 @@
-"""The settings of :class:`~lossy_hooks.LossyState` in one frozen dataclass,
-:class:`LossConfig`: every setting, its default, its allowed values, every check of how
-settings combine (each bad value or combination raises ``ValueError`` naming the setting and
-what is allowed, before any bucket is touched), and what the FSDP collectives refuse. The
-hook's state, the study CLI, run-folder names, pickling and checkpoints read it."""
+"""The settings of :class:`~lossy_hooks.LossyState` in one frozen dataclass, :class:`LossConfig`:
+each setting declared once (default, meaning, unit, allowed values, collectives, refusals:
+:mod:`lossy_hooks.core.declaration`), every check of how settings combine (a bad value or
+combination raises ``ValueError`` naming the setting and what is allowed, before any bucket is
+touched). The state, the study's flags and CLI, run names and checkpoints read it."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
+from lossy_hooks.core.declaration import (
+    DEADLINE_ON_DELIVERED,
+    HOOK_ONLY,
+    LINKS_ON_DELIVERED,
+    REDUCED,
+    RESCALE_ON_DELIVERED,
+    SUM_ON_A_GROUP,
+    WITH_GATHER,
+    Setting,
+    choice,
+    derived,
+    power_of_two,
+    setting,
+    settings_dataclass,
+    whole,
+)
 from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.placement import ALGORITHMS, LinkRules, Placement, parse_link_loss, placement_of
 from lossy_hooks.core.techniques import FILLS as FILL_TECHNIQUES
@@ -35,7 +50,6 @@ __all__ = [
     "DROP_POINTS",
     "ENCODINGS",
     "FILLS",
-    "NOT_REACHED",
     "OPTION_DEFAULTS",
     "PACKETIZATIONS",
     "POST_SYNCS",
@@ -60,25 +74,6 @@ PACKETIZATIONS = ("mtu", "tensor")
 COUNTS_TRANSPORTS = ("auto", "separate", "append", "regenerate")
 
 
-def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def whole(name: str, value: Any, minimum: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
-
-
-def power_of_two(name: str, value: Any) -> int:
-    n = whole(name, value, 2, "a power of two >= 2")
-    if n & (n - 1):
-        raise ValueError(f"{name} must be a power of two >= 2, got {value!r}")
-    return n
-
-
 def check_combinations(config: LossConfig) -> None:
     """Combinations of settings that have no meaning, refused with the reason: what the
     techniques ``config`` uses refuse (:func:`~lossy_hooks.core.techniques.refusals`), then
@@ -93,91 +88,192 @@ def check_combinations(config: LossConfig) -> None:
 AUTO_REGENERATE_MAX_WORLD = 4
 
 
-def _meta(group: str = "core", fsdp: str | None = None, all_gather: str | None = None) -> dict[str, Any]:
-    """A :class:`LossConfig` field's metadata: ``group`` ``"core"`` (always in
-    :meth:`LossConfig.as_dict`), ``"option"`` (there only when not at its default:
-    configurations saved before the option existed name the same run), ``"network"``,
-    ``"runtime"`` or ``"derived"`` (computed from the others); ``fsdp``: why the FSDP
-    collectives (reduce-scatter and all-gather) refuse any value but the default,
-    ``all_gather``: why the all-gather alone does (``None``: they honour it)."""
-    return {"group": group, "fsdp": fsdp, "all_gather": all_gather}
-
-
-@dataclass(frozen=True, eq=False)
+@settings_dataclass
 class LossConfig:
-    """Every setting of a lossy collective, checked at construction (see
-    :class:`~lossy_hooks.LossyState` for what each one means); ``loss_model`` also takes
-    netem-style text. :meth:`from_arguments` adds ``LossyState``'s ``loss_rate`` shorthand."""
+    """Every setting of a lossy collective, each declared once here: its field's default and
+    :class:`~lossy_hooks.core.declaration.Setting` (meaning, unit, allowed values, the
+    collectives it applies to, what refuses it), checked at construction; ``loss_model`` also
+    takes netem-style text. :meth:`from_arguments` adds ``LossyState``'s ``loss_rate``."""
 
-    loss_model: LossModel = field(default=None, metadata=_meta())  # type: ignore[assignment]
-    mtu: int = field(default=1500, metadata=_meta())
-    drop_point: str = field(default="worker", metadata=_meta())
-    fill: str = field(default="rescale", metadata=_meta())
-    reduction: str = field(default="mean", metadata=_meta())
-    post_sync: str = field(default="shared", metadata=_meta())
-    packetization: str = field(
-        default="mtu", metadata=_meta("core", "shards are flat rows of elements: packetization must be 'mtu'")
+    loss_model: LossModel = setting(  # type: ignore[assignment]
+        default=None,
+        doc="which packets are lost: a LossModel (Bernoulli, ExactCount, GilbertElliott, MarkovFourState, "
+        "TailDrop, Trace) or netem-style text ('gemodel 1% 20%', 'exact 5%', 'deadline 1.5x' with a "
+        "network); None: loss_rate's Bernoulli model",
+        allowed="a LossModel, netem-style text or None",
+        refusals=(DEADLINE_ON_DELIVERED,),
     )
-    seed: int = field(default=0, metadata=_meta())
-    counts_transport: str = field(default="auto", metadata=_meta())
-    measure_fidelity: bool = field(
+    mtu: int = setting(
+        default=1500,
+        doc="payload per packet: mtu // element size elements",
+        unit="bytes",
+        allowed="a positive whole number of bytes",
+    )
+    drop_point: str = setting(
+        default="worker",
+        doc="where packets are lost: worker (each rank's copy, before the collective), post (the result, "
+        "after it) or both",
+        allowed=DROP_POINTS,
+        collectives=WITH_GATHER,
+    )
+    fill: str = setting(
+        default="rescale",
+        doc="what replaces a lost packet: zero; rescale (unbiased: the mean of the copies that arrived, or "
+        "a received packet over the expected kept fraction); stale (its last received value, post only)",
+        allowed=FILLS,
+        refusals=(RESCALE_ON_DELIVERED,),
+    )
+    reduction: str = setting(
+        default="mean",
+        doc="DDP's mean of the ranks' contributions, or their sum",
+        allowed=REDUCTIONS,
+        collectives=REDUCED,
+        refusals=(SUM_ON_A_GROUP,),
+    )
+    post_sync: str = setting(
+        default="shared",
+        doc="post drops: the same packets on every rank, or drawn per rank (replicas drift)",
+        allowed=POST_SYNCS,
+        collectives=WITH_GATHER,
+    )
+    packetization: str = setting(
+        default="mtu",
+        doc="mtu-sized packets, or one packet per parameter tensor (the original's granularity)",
+        allowed=PACKETIZATIONS,
+        collectives=HOOK_ONLY,
+        fsdp="shards are flat rows of elements: packetization must be 'mtu'",
+    )
+    seed: int = setting(
+        default=0,
+        doc="worker masks from (seed, rank), shared post masks from seed",
+        allowed="a non-negative integer",
+    )
+    counts_transport: str = setting(
+        default="auto",
+        doc="worker rescale: arrival counts by an extra small allreduce, appended to the bucket, or "
+        "regenerated locally from every rank's seed (no communication); auto: regenerate on CPU "
+        f"with <= {AUTO_REGENERATE_MAX_WORLD} ranks, else separate",
+        allowed=COUNTS_TRANSPORTS,
+        collectives=REDUCED,
+    )
+    measure_fidelity: bool = setting(
         default=False,
-        metadata=_meta("core", all_gather="an all-gather delivers shards: there is no sum to compare"),
+        doc="also compute the lossless aggregate; state.fidelity(): cosine and relative L2 per step",
+        allowed="a bool",
+        collectives=REDUCED,
+        all_gather="an all-gather delivers shards: there is no sum to compare",
     )
-    encoding: str = field(
+    encoding: str = setting(
         default="none",
-        metadata=_meta(
-            "option", all_gather="the technique chain runs on reductions, not on delivered shards"
-        ),
+        doc="hadamard: send each bucket (each reduce-scatter row) rotated in blocks by a random-sign "
+        "Hadamard transform",
+        allowed=ENCODINGS,
+        collectives=REDUCED,
+        group="option",
+        all_gather="the technique chain runs on reductions, not on delivered shards",
     )
-    hadamard_block: int = field(default=DEFAULT_HADAMARD_BLOCK, metadata=_meta("option"))
-    wire_dtype: str = field(
+    hadamard_block: int = setting(
+        default=DEFAULT_HADAMARD_BLOCK,
+        doc="Hadamard block (with encoding='hadamard')",
+        unit="elements",
+        allowed="a power of two >= 2",
+        collectives=REDUCED,
+        group="option",
+    )
+    wire_dtype: str = setting(
         default="fp32",
-        metadata=_meta(
-            "option", all_gather="use FSDP's own MixedPrecisionPolicy(param_dtype=torch.bfloat16)"
-        ),
+        doc="dtype of the packets: fp32 = the bucket's own; fp16/bf16 halve the bytes (mtu // 2 elements)",
+        allowed=tuple(WIRE_DTYPES),
+        collectives=REDUCED,
+        group="option",
+        all_gather="use FSDP's own MixedPrecisionPolicy(param_dtype=torch.bfloat16)",
     )
-    error_feedback: bool = field(default=False, metadata=_meta("option"))
-    protect: str | ProtectRule | None = field(
+    error_feedback: bool = setting(
+        default=False,
+        doc="worker drop, zero fill: each rank resends what its uplink lost in its next step",
+        allowed="a bool",
+        collectives=REDUCED,
+        group="option",
+    )
+    protect: str | ProtectRule | None = setting(
         default=None,
-        metadata=_meta("option", "protection matches parameters in a DDP bucket; FSDP rows are flat shards"),
+        doc="parameters whose packets are never lost, by name (call state.name_parameters(model))",
+        allowed="a regex, a (name, param) -> bool predicate, or None",
+        collectives=HOOK_ONLY,
+        group="option",
+        fsdp="protection matches parameters in a DDP bucket; FSDP rows are flat shards",
     )
-    retransmit: int = field(default=0, metadata=_meta("option"))
-    fec: tuple[int, int] | None = field(
-        default=None, metadata=_meta("option", "FEC groups are laid over a bucket's packets, not per row")
+    retransmit: int = setting(
+        default=0,
+        doc="resend a lost packet up to K times (K = retransmit), each try subject to the loss model",
+        unit="tries",
+        allowed="a whole number K >= 0; 0 = off",
+        collectives=WITH_GATHER,
+        group="option",
     )
-    network: NetworkModel | None = field(
+    fec: tuple[int, int] | None = setting(
         default=None,
-        metadata=_meta(
-            "network", "the simulated clock prices an all-reduce's phases, not FSDP's collectives"
-        ),
+        doc="(g, r): r parity packets per g data packets (any g of g+r rebuild the group)",
+        unit="packets",
+        allowed="a pair of whole numbers >= 1, or None",
+        collectives=HOOK_ONLY,
+        group="option",
+        fsdp="FEC groups are laid over a bucket's packets, not per row",
     )
-    # where packets are lost: the collective's algorithm (core/placement), which links lose
-    algorithm: str = field(default="ps", metadata=_meta("option"))  # FSDP: Placement.fsdp_refuses
-    ranks_per_node: int | None = field(default=None, metadata=_meta("option"))
-    link_loss: Any = field(default=None, metadata=_meta("option"))
-    # the placement object (default: the one ``algorithm`` names; a test may give its own)
-    placement: Placement = field(default=None, metadata=_meta("runtime"))  # type: ignore[assignment]
-    # derived from the settings above at construction
-    post_keep_rate: float = field(init=False, repr=False, metadata=_meta("derived"))  # 1 - long-run loss
-    protect_rule: ProtectRule | None = field(init=False, repr=False, metadata=_meta("derived"))
-    protection: Protection = field(init=False, repr=False, metadata=_meta("derived"))  # FEC, retransmit
-    fill_technique: Fill = field(init=False, repr=False, metadata=_meta("derived"))  # FILLS[fill]
-    link_rules: LinkRules = field(init=False, repr=False, metadata=_meta("derived"))  # per-link loss
+    network: NetworkModel | None = setting(
+        default=None,
+        doc="price every collective on a simulated clock (state.clock); the network a deadline "
+        "loss model loses packets on",
+        allowed="a NetworkModel or None",
+        collectives=HOOK_ONLY,
+        group="network",
+        fsdp="the simulated clock prices an all-reduce's phases, not FSDP's collectives",
+    )
+    algorithm: str = setting(  # FSDP: Placement.fsdp_refuses
+        default="ps",
+        doc="ps: one uplink before and one downlink after an opaque allreduce; ring / tree / dbtree "
+        "/ direct: loss per link transmission of NCCL's ring, its (double) binary tree, or a transpose "
+        "exchange (worker = the reduce phase's hops, post = the broadcast phase's)",
+        allowed=ALGORITHMS,
+        collectives=WITH_GATHER,
+        group="option",
+    )
+    ranks_per_node: int | None = setting(
+        default=None,
+        doc="ranks r, s share a node when r // G == s // G: hops between them never lose",
+        unit="ranks",
+        allowed="a whole number of ranks >= 1, or None",
+        group="option",
+    )
+    link_loss: Any = setting(
+        default=None,
+        doc="per-hop algorithms: a loss model of its own per directed link (a rate or netem text; "
+        "wins over ranks_per_node), e.g. '3->4=5%; 0->1=gemodel 1% 20%' or {(3, 4): 0.05}",
+        allowed="a mapping or text of links and loss models, or None",
+        collectives=WITH_GATHER,
+        group="option",
+        refusals=(LINKS_ON_DELIVERED,),
+    )
+    placement: Placement = setting(  # type: ignore[assignment]
+        default=None,
+        doc="the placement object (default: the one algorithm names; a test may give its own)",
+        allowed="a Placement or None",
+        group="runtime",
+    )
+    post_keep_rate: float = derived(doc="1 - the loss model's long-run loss rate")
+    protect_rule: ProtectRule | None = derived(doc="protect as a rule on parameter names")
+    protection: Protection = derived(doc="FEC and retransmission, in order on a mask")
+    fill_technique: Fill = derived(doc="the fill's technique (FILLS[fill])")
+    link_rules: LinkRules = derived(doc="ranks_per_node and link_loss: the loss model of each link")
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        for name, allowed in (
-            ("drop_point", DROP_POINTS),
-            ("fill", FILLS),
-            ("reduction", REDUCTIONS),
-            ("post_sync", POST_SYNCS),
-            ("packetization", PACKETIZATIONS),
-            ("counts_transport", COUNTS_TRANSPORTS),
-        ):
-            choice(name, getattr(self, name), allowed)
+        for f in dataclasses.fields(self):  # the settings whose declaration lists choices
+            declared = f.metadata["setting"]
+            if declared.choices is not None:
+                choice(f.name, getattr(self, f.name), declared.choices)
         put("mtu", whole("mtu", self.mtu, 1, "a positive whole number of bytes"))
         put("seed", whole("seed", self.seed, 0, "a non-negative integer"))
         model = self.loss_model
@@ -188,9 +284,7 @@ class LossConfig:
             raise ValueError(f"loss_model must be a LossModel or netem-style text, got {model!r}")
         put("loss_model", model)
         put("post_keep_rate", 1.0 - model.long_run_loss_rate())
-        choice("encoding", self.encoding, ENCODINGS)
         put("hadamard_block", power_of_two("hadamard_block", self.hadamard_block))
-        choice("wire_dtype", self.wire_dtype, tuple(WIRE_DTYPES))
         put("error_feedback", bool(self.error_feedback))
         put("measure_fidelity", bool(self.measure_fidelity))
         put("protect_rule", protect_rule(self.protect))
@@ -200,14 +294,11 @@ class LossConfig:
         if self.network is not None and not isinstance(self.network, NetworkModel):
             raise ValueError(f"network must be a NetworkModel, got {self.network!r}")
         put("fill_technique", fill_of(self))
-        choice("algorithm", self.algorithm, ALGORITHMS)
         if self.placement is None:
             put("placement", placement_of(self.algorithm))
         if self.ranks_per_node is not None:
-            put(
-                "ranks_per_node",
-                whole("ranks_per_node", self.ranks_per_node, 1, "a whole number of ranks >= 1"),
-            )
+            nodes = whole("ranks_per_node", self.ranks_per_node, 1, "a whole number of ranks >= 1")
+            put("ranks_per_node", nodes)
         put("link_loss", parse_link_loss(self.link_loss) or None)
         put("link_rules", LinkRules(self.ranks_per_node, self.link_loss or ()))
         check_combinations(self)
@@ -224,19 +315,40 @@ class LossConfig:
         return cls(loss_model=loss_model, **settings)
 
     @classmethod
+    def declared(cls) -> dict[str, tuple[Any, Setting]]:
+        """``{name: (default, declaration)}`` of every setting a user gives, in order (the
+        ``core``, ``option`` and ``network`` groups: ``LossyState``'s arguments)."""
+        fields = dataclasses.fields(cls)
+        return {
+            f.name: (f.default, f.metadata["setting"]) for f in fields if f.metadata["setting"].user_facing
+        }
+
+    @classmethod
     def names(cls, group: str) -> tuple[str, ...]:
         """The settings of ``group`` (``"core"``, ``"option"``, ``"network"``), in order."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["group"] == group)
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["setting"].group == group)
 
     def fsdp_refusal(self, collective: str = "reduce-scatter") -> tuple[str, Any, str] | None:
         """``(setting, value, reason)`` of the first setting away from its default that the
         FSDP ``collective`` (``"reduce-scatter"`` or ``"all-gather"``) does not do (the
-        reasons are the fields' ``fsdp`` and ``all_gather`` metadata), or ``None``."""
+        reasons are the declarations' ``fsdp``, and ``all_gather`` for the all-gather), or
+        ``None``."""
         plain = self.options()
-        for f in dataclasses.fields(self):
-            why = f.metadata["fsdp"] or (f.metadata["all_gather"] if collective == "all-gather" else None)
-            if why and getattr(self, f.name) != f.default:
-                return f.name, plain.get(f.name, getattr(self, f.name)), why
+        for name, (default, declared) in self.declared().items():
+            why = declared.fsdp or (declared.all_gather if collective == "all-gather" else None)
+            if why and getattr(self, name) != default:
+                return name, plain.get(name, getattr(self, name)), why
+        return None
+
+    def group_refusal(self, kinds: Iterable[str]) -> str | None:
+        """Why a lossy process group of collective ``kinds`` refuses these settings (the
+        first of the declarations' ``refusals`` that applies, naming the kinds that refuse
+        it), or ``None``."""
+        for name, (default, declared) in self.declared().items():
+            for refusal in declared.refusals:
+                refusing = sorted(set(kinds) & set(refusal.kinds))
+                if refusing and refusal.refuses(getattr(self, name), default):
+                    return refusal.message.format(kinds=", ".join(refusing))
         return None
 
     @property
@@ -284,7 +396,7 @@ class LossConfig:
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.metadata["group"] != "derived"
+            if f.metadata["setting"].group != "derived"
         }
 
     def differences(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -297,14 +409,8 @@ class LossConfig:
 
 
 OPTION_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in dataclasses.fields(LossConfig) if f.metadata["group"] == "option"
+    name: default for name, (default, declared) in LossConfig.declared().items() if declared.group == "option"
 }
-NOT_REACHED = (
-    "no gradient bucket has reached this LossyState yet: if training steps have run, the lossy "
-    "hook is not registered on the DDP module that trains (registered on another module, or a "
-    "framework that skipped it, e.g. Lightning's DDPStrategy on CPU), and nothing was lost; "
-    "see README 'Where you already train'"
-)
 
 
 def unused_settings(cfg: dict[str, Any]) -> set[str]:

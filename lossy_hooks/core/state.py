@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,11 +16,11 @@ import torch.distributed as dist
 
 from lossy_hooks.core.buckets import BucketRecord, BucketRecords
 from lossy_hooks.core.counters import BucketKey
+from lossy_hooks.core.declaration import Setting, arguments_doc
 from lossy_hooks.core.ledger import PacketLedger
 from lossy_hooks.core.netclock import SimClock
 from lossy_hooks.core.network import NetworkModel
 from lossy_hooks.core.options import (
-    NOT_REACHED,
     LossConfig,
     ProtectRule,
     check_append_counts,
@@ -31,7 +32,6 @@ from lossy_hooks.core.process_group import collective_device
 from lossy_hooks.core.settings_view import SettingsView
 from lossy_hooks.core.streams import DropSite, DropSites, derive_seed
 from lossy_hooks.core.techniques import BucketCall, Technique, wire_chain
-from lossy_hooks.core.techniques.hadamard import DEFAULT_HADAMARD_BLOCK
 from lossy_hooks.core.techniques.wire_dtype import wire_dtype_of
 from lossy_hooks.loss_models import (
     DeadlineLoss,
@@ -49,6 +49,21 @@ __all__ = [
 ]
 
 STATE_VERSION = 4
+NOT_REACHED = (
+    "no gradient bucket has reached this LossyState yet: if training steps have run, the lossy "
+    "hook is not registered on the DDP module that trains (registered on another module, or a "
+    "framework that skipped it, e.g. Lightning's DDPStrategy on CPU), and nothing was lost; "
+    "see README 'Where you already train'"
+)
+# LossyState's two arguments that are not settings (LossConfig declares the others)
+LOSS_RATE = Setting(
+    "a Bernoulli model's shorthand: give it or loss_model (None with no loss_model: no loss)",
+    allowed="a probability in [0, 1], or None",
+)
+PROCESS_GROUP = Setting(
+    "the group to reduce over (default: the world); not part of the settings, not saved",
+    allowed="a ProcessGroup or None",
+)
 
 
 class LossyState(SettingsView):
@@ -61,36 +76,36 @@ class LossyState(SettingsView):
     from inside the backward pass): that ``mtu`` holds one element of the bucket's dtype, and
     that ``counts_transport="append"`` counts the group's ranks exactly in the wire dtype.
 
-    The arguments are ``LossConfig``'s settings, plus ``loss_rate`` (a Bernoulli model's
-    shorthand: give it or ``loss_model``) and ``process_group`` (the group to reduce over;
-    default the world); docs/reference.md lists each with its values and meaning.
+    The arguments are ``LossConfig``'s settings (each default in the signature is the one
+    declared there), plus ``loss_rate`` and ``process_group``; the "Arguments" below are made
+    from those declarations at import (docs/reference.md lists them too, checked by a test).
     """
 
     def __init__(
         self,
         loss_rate: float | None = None,
-        mtu: int = 1500,
-        drop_point: str = "worker",
-        fill: str = "rescale",
-        reduction: str = "mean",
-        post_sync: str = "shared",
-        packetization: str = "mtu",
-        loss_model: LossModel | str | None = None,
-        seed: int = 0,
+        mtu: int = LossConfig.mtu,
+        drop_point: str = LossConfig.drop_point,
+        fill: str = LossConfig.fill,
+        reduction: str = LossConfig.reduction,
+        post_sync: str = LossConfig.post_sync,
+        packetization: str = LossConfig.packetization,
+        loss_model: LossModel | str | None = LossConfig.loss_model,
+        seed: int = LossConfig.seed,
         process_group: dist.ProcessGroup | None = None,
-        counts_transport: str = "auto",
-        measure_fidelity: bool = False,
-        encoding: str = "none",
-        hadamard_block: int = DEFAULT_HADAMARD_BLOCK,
-        wire_dtype: str = "fp32",
-        error_feedback: bool = False,
-        protect: str | ProtectRule | None = None,
-        retransmit: int = 0,
-        fec: tuple[int, int] | None = None,
-        network: NetworkModel | None = None,
-        algorithm: str = "ps",
-        ranks_per_node: int | None = None,
-        link_loss: Any = None,
+        counts_transport: str = LossConfig.counts_transport,
+        measure_fidelity: bool = LossConfig.measure_fidelity,
+        encoding: str = LossConfig.encoding,
+        hadamard_block: int = LossConfig.hadamard_block,
+        wire_dtype: str = LossConfig.wire_dtype,
+        error_feedback: bool = LossConfig.error_feedback,
+        protect: str | ProtectRule | None = LossConfig.protect,
+        retransmit: int = LossConfig.retransmit,
+        fec: tuple[int, int] | None = LossConfig.fec,
+        network: NetworkModel | None = LossConfig.network,
+        algorithm: str = LossConfig.algorithm,
+        ranks_per_node: int | None = LossConfig.ranks_per_node,
+        link_loss: Any = LossConfig.link_loss,
     ) -> None:
         arguments = dict(locals())  # exactly the parameters above: LossConfig takes them all
         del arguments["self"], arguments["process_group"]
@@ -372,3 +387,17 @@ class LossyState(SettingsView):
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"LossyState({cfg})"
+
+
+def _arguments() -> list[tuple[str, str, Any, Setting]]:
+    """``(name, type, default, declaration)`` of every argument of :class:`LossyState`."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(LossConfig)}
+    settings = [(name, types[name], *declared) for name, declared in LossConfig.declared().items()]
+    return [
+        ("loss_rate", "float | None", None, LOSS_RATE),
+        *settings,
+        ("process_group", "dist.ProcessGroup | None", None, PROCESS_GROUP),
+    ]
+
+
+LossyState.__doc__ = (LossyState.__doc__ or "") + arguments_doc(_arguments())

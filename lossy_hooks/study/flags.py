@@ -6,26 +6,16 @@ are in :mod:`lossy_hooks.study.cli`.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from lossy_hooks.core.options import (
-    ALGORITHMS,
-    AUTO_REGENERATE_MAX_WORLD,
-    COUNTS_TRANSPORTS,
-    DROP_POINTS,
-    FILLS,
-    OPTION_DEFAULTS,
-    PACKETIZATIONS,
-    POST_SYNCS,
-)
-from lossy_hooks.core.techniques.hadamard import ENCODINGS
-from lossy_hooks.core.techniques.wire_dtype import WIRE_DTYPES
+from lossy_hooks.core.options import LossConfig
 from lossy_hooks.loss_models import LOSS_MODEL_SYNTAX
 from lossy_hooks.study.parallel import STRATEGIES
 from lossy_hooks.study.run_names import NETWORK_DEFAULTS
 from lossy_hooks.study.workloads.data import DATASETS, IMAGENETTE_SIZES
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 
-__all__ = ["OPTIMIZERS", "build_parser"]
+__all__ = ["OPTIMIZERS", "add_setting_flag", "build_parser"]
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -38,6 +28,28 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+def add_setting_flag(
+    group: argparse._ActionsContainer, name: str, *aliases: str, note: str = "", **kwargs: Any
+) -> argparse.Action:
+    """The flag ``--name`` (and ``aliases``) of the :class:`~lossy_hooks.core.options.LossConfig`
+    setting ``name``: its default, choices and help (meaning, unit, allowed values) from the
+    setting's one declaration; a bool setting is a switch. ``note`` adds what the flag means
+    in the study; ``kwargs`` (``type``, ``metavar``, ``nargs``, a study default) go to argparse."""
+    default, declared = LossConfig.declared()[name]
+    kwargs.setdefault("default", default)
+    if declared.choices is not None:
+        kwargs.setdefault("choices", declared.choices)
+    if isinstance(default, bool):
+        kwargs.setdefault("action", "store_false" if default else "store_true")
+    text = declared.help_text(note, allowed=not isinstance(default, bool)).replace("%", "%%")
+    return group.add_argument(f"--{name}", *aliases, help=text, **kwargs)
+
+
+def _choices(name: str) -> tuple[str, ...] | None:
+    """The declared choices of setting ``name`` (a flag of its own semantics, same values)."""
+    return LossConfig.declared()[name][1].choices
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -60,27 +72,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def _add_placement_flags(p: argparse.ArgumentParser) -> None:
     """Where a collective loses packets: the algorithm, per hop (core/placement)."""
     h = p.add_argument_group("where packets are lost: per hop of the collective (docs/semantics.md)")
-    h.add_argument(
-        "--algorithm",
-        choices=ALGORITHMS,
-        default=OPTION_DEFAULTS["algorithm"],
-        help="ps: one uplink before and one downlink after an opaque allreduce; ring / tree / dbtree / "
-        "direct: --loss_rate per link transmission of NCCL's ring, its (double) binary tree, or a "
-        "transpose exchange (worker = the reduce phase's hops, post = the broadcast phase's)",
-    )
-    h.add_argument(
-        "--ranks_per_node",
-        type=int,
-        default=None,
-        metavar="G",
-        help="ranks r, s share a node when r // G == s // G: hops between them never lose",
-    )
-    h.add_argument(
-        "--link_loss",
-        default=None,
-        metavar="SPEC",
-        help="per-link loss models, e.g. '3->4=5%%; 0->1=gemodel 1%% 20%%' (a rate or netem text)",
-    )
+    add_setting_flag(h, "algorithm", note="--loss_rate per link transmission")
+    add_setting_flag(h, "ranks_per_node", type=int, metavar="G")
+    add_setting_flag(h, "link_loss", metavar="SPEC")
 
 
 def _add_original_flags(p: argparse.ArgumentParser) -> None:
@@ -117,9 +111,8 @@ def _add_original_flags(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="packet loss probability in [0, 1] (Bernoulli; see --loss_model)",
     )
-    g.add_argument(
-        "--mtu", type=int, default=300, help="gradient payload bytes per packet (>= 4 for fp32 gradients)"
-    )
+    # the original study's MTU, not LossConfig's
+    add_setting_flag(g, "mtu", type=int, default=300, note=">= 4 for fp32 gradients")
     g.add_argument(
         "--use_zero",
         "--use-zero",
@@ -161,31 +154,21 @@ def _add_loss_and_model_flags(x: argparse._ArgumentGroup) -> None:
     )
     x.add_argument(
         "--drop_point",
-        choices=DROP_POINTS,
+        choices=_choices("drop_point"),
         default=None,
         help="where packets are lost: worker (each rank's copy, before the allreduce), post (the "
         "result, after it) or both; default: worker if --worker_drop else post (--worker_drop with "
         "--drop_point post is refused as a contradiction)",
     )
-    x.add_argument(
-        "--post_sync",
-        choices=POST_SYNCS,
-        default="shared",
-        help="post drops: same packets on every rank, or drawn per rank (replicas drift)",
-    )
+    add_setting_flag(x, "post_sync")
     x.add_argument(
         "--fill",
-        choices=FILLS,
+        choices=_choices("fill"),
         default=None,
         help="what replaces a lost packet (stale: post drop only); default: zero if --use_zero else "
         "rescale (--use_zero with --fill rescale or stale is refused as a contradiction)",
     )
-    x.add_argument(
-        "--packetization",
-        choices=PACKETIZATIONS,
-        default="mtu",
-        help="mtu-sized packets, or one packet per parameter tensor (the original's granularity)",
-    )
+    add_setting_flag(x, "packetization")
     x.add_argument("--bucket_cap_mb", type=float, default=25.0, help="DDP bucket size in MiB (> 0)")
     x.add_argument(
         "--model",
@@ -293,11 +276,7 @@ def _add_run_folder_flags(x: argparse._ArgumentGroup) -> None:
         "one run per round: alone, under the configuration folder (<config>/tensorboard/round<k>); "
         "with DIR, in DIR/<config>/round<k> (needs the tensorboard extra; default off)",
     )
-    x.add_argument(
-        "--measure_fidelity",
-        action="store_true",
-        help="also compute the lossless aggregate; log cosine and relative L2 error per epoch",
-    )
+    add_setting_flag(x, "measure_fidelity", note="logged per epoch")
     x.add_argument(
         "--measure_drift",
         type=int,
@@ -312,63 +291,19 @@ def _add_run_folder_flags(x: argparse._ArgumentGroup) -> None:
         metavar="N",
         help="every N optimizer steps broadcast rank 0's parameters (0 = off)",
     )
-    x.add_argument(
-        "--counts_transport",
-        choices=COUNTS_TRANSPORTS,
-        default="auto",
-        help="worker rescale: arrival counts by an extra small allreduce, appended to the bucket, "
-        "or regenerated locally from every rank's seed (no communication); auto: regenerate "
-        f"on CPU with <= {AUTO_REGENERATE_MAX_WORLD} ranks, else separate",
-    )
+    add_setting_flag(x, "counts_transport")
 
 
 def _add_technique_flags(p: argparse.ArgumentParser) -> None:
     """Encodings and protection."""
     e = p.add_argument_group("encodings and protection (docs/semantics.md)")
-    e.add_argument(
-        "--encoding",
-        choices=ENCODINGS,
-        default=OPTION_DEFAULTS["encoding"],
-        help="hadamard: send each bucket rotated in blocks by a random-sign Hadamard transform",
-    )
-    e.add_argument(
-        "--hadamard_block",
-        type=int,
-        default=OPTION_DEFAULTS["hadamard_block"],
-        help="Hadamard block in elements (a power of two >= 2)",
-    )
-    e.add_argument(
-        "--wire_dtype",
-        choices=tuple(WIRE_DTYPES),
-        default=OPTION_DEFAULTS["wire_dtype"],
-        help="dtype of the packets: fp32 = the bucket's own; fp16/bf16 halve the bytes (mtu // 2 elements)",
-    )
-    e.add_argument(
-        "--error_feedback",
-        action="store_true",
-        help="worker drop with --use_zero: each rank resends what its uplink lost in its next step",
-    )
-    e.add_argument(
-        "--protect",
-        default=None,
-        metavar="REGEX",
-        help="parameters whose packets are never lost, by name (e.g. 'bias|bn|downsample.1')",
-    )
-    e.add_argument(
-        "--retransmit",
-        type=int,
-        default=0,
-        metavar="K",
-        help="resend a lost packet up to K times (whole K >= 0; 0 = off)",
-    )
-    e.add_argument(
-        "--fec",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("G", "R"),
-        help="R parity packets per G data packets (any G of G+R rebuild the group)",
-    )
+    add_setting_flag(e, "encoding")
+    add_setting_flag(e, "hadamard_block", type=int)
+    add_setting_flag(e, "wire_dtype")
+    add_setting_flag(e, "error_feedback", note="--worker_drop with --use_zero")
+    add_setting_flag(e, "protect", metavar="REGEX", note="e.g. 'bias|bn|downsample.1'")
+    add_setting_flag(e, "retransmit", type=int, metavar="K")
+    add_setting_flag(e, "fec", type=int, nargs=2, metavar=("G", "R"))
 
 
 def _add_network_flags(p: argparse.ArgumentParser) -> None:
