@@ -12,7 +12,7 @@ or, for any parallelism, a process group whose data collectives lose packets::
 
 from lossy_hooks.core.packetization import PacketLayout
 from lossy_hooks.core.process_group import reliable
-from lossy_hooks.group import lossy_group
+from lossy_hooks.group import lossy_group, lossy_subgroups
 from lossy_hooks.hook import LossyState, lossy_allreduce_hook
 from lossy_hooks.loss_models import (
     Bernoulli,
@@ -40,6 +40,7 @@ __all__ = [
     "__version__",
     "lossy_allreduce_hook",
     "lossy_group",
+    "lossy_subgroups",
     "parse_loss_model",
     "reliable",
 ]

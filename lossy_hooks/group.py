@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -59,7 +59,7 @@ from lossy_hooks.core.pipeline.sharded import Counted, ShardedCollectives, shard
 from lossy_hooks.core.process_group import LOSSY_GROUPS, lossy_kinds, reliable_now
 from lossy_hooks.core.state import LossyState
 
-__all__ = ["KINDS", "LossyBackend", "check_backend", "check_group_state", "lossy_group"]
+__all__ = ["KINDS", "LossyBackend", "check_backend", "check_group_state", "lossy_group", "lossy_subgroups"]
 
 KINDS = ("all_reduce", "reduce_scatter", *DELIVERY_KINDS)
 _PENDING: list[tuple[LossyState, dist.ProcessGroup, frozenset[str]]] = []
@@ -111,6 +111,38 @@ def lossy_group(
             "plain group it was made from, with every kind that should lose"
         )
     backend = check_backend(str(dist.get_backend(inner)))
+    return _wrap(state, inner, dist.get_process_group_ranks(inner), chosen, backend)
+
+
+def lossy_subgroups(
+    state: LossyState, rank_lists: Sequence[Sequence[int]], kinds: Iterable[str] | None = None
+) -> dist.ProcessGroup:
+    """This rank's lossy group among the disjoint groups of ``rank_lists`` (global ranks: one
+    dimension of a ``DeviceMesh``, e.g. every tensor-parallel pair; build the mesh with
+    ``DeviceMesh.from_group``), each wrapping a plain group of the world's backend made here.
+    Every rank calls it with the same lists (as ``dist.new_group``); ``state`` serves this
+    rank's group, and its ``stats(all_ranks=True)`` sums over the world (every group's
+    state: the whole traffic of that dimension) unless ``state.process_group`` says else."""
+    chosen, rank = check_group_state(state, kinds), dist.get_rank()
+    flat = sorted(r for ranks in rank_lists for r in ranks)
+    if (
+        len(set(flat)) != len(flat)
+        or not 0 <= flat[0] <= flat[-1] < dist.get_world_size()
+        or rank not in flat
+    ):
+        raise ValueError(f"lossy_subgroups: disjoint lists of ranks holding rank {rank}, got {rank_lists}")
+    backend = check_backend(str(dist.get_backend()))
+    groups = [
+        _wrap(state, dist.new_group(list(r), backend=backend), list(r), chosen, backend) for r in rank_lists
+    ]
+    return next(g for g, ranks in zip(groups, rank_lists, strict=True) if rank in ranks)
+
+
+def _wrap(
+    state: LossyState, inner: Any, ranks: list[int], chosen: frozenset[str], backend: str
+) -> dist.ProcessGroup:
+    """The lossy group over ``ranks`` wrapping ``inner`` (called by every rank of the world;
+    the backend is created, with ``inner``, on the members only)."""
     name = f"lossy_{backend}"
     if name not in _REGISTERED:
         devices = ["cuda"] if backend == "nccl" else ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -118,7 +150,7 @@ def lossy_group(
         _REGISTERED.add(name)
     _PENDING.append((state, inner, chosen))
     try:
-        lossy = dist.new_group(ranks=dist.get_process_group_ranks(inner), backend=name)
+        lossy = dist.new_group(ranks=ranks, backend=name)
     finally:
         _PENDING.clear()
     if lossy is not None and lossy != dist.GroupMember.NON_GROUP_MEMBER:

@@ -169,6 +169,7 @@ def lm_flags(flags: str) -> Callable[[dict], list[str]]:
 
 
 FSDP_LOSSY = "--strategy fsdp --num_epochs 3 --loss_rate 0.1 --worker_drop --all_gather_loss_rate 0.05"
+FSDP_LOSSY += " --measure_fidelity"
 LOSSLESS = "--num_epochs 1 --max_steps 12"
 
 # The 2-rank runs share one group of 2 processes (tests/study/study_batch.py); the run killed
@@ -177,7 +178,7 @@ RUNS = {
     "fsdp_resume": Run(2, lm_flags(FSDP_LOSSY + " --resume"), out="fsdp_cut", after="fsdp_cut"),
     "fsdp_ref": Run(2, lm_flags(FSDP_LOSSY)),
     "lossless_ddp": Run(2, lm_flags(LOSSLESS)),
-    "lossless_fsdp": Run(2, lm_flags(LOSSLESS + " --strategy fsdp")),
+    "lossless_fsdp": Run(2, lm_flags(LOSSLESS + " --strategy fsdp --measure_fidelity")),
 }
 
 
@@ -222,6 +223,8 @@ def test_fsdp_language_model_run_resumes_exactly(study):
     ]
     for r in reference:
         assert float(r["val_perplexity"]) == pytest.approx(math.exp(float(r["val_loss"])), rel=1e-5)
+        # the whole reduced gradient (every rank's shard) against the lossless reduce-scatter's
+        assert 0.5 < float(r["fidelity_cosine"]) < 1.0 and float(r["fidelity_rel_l2"]) > 0.0
     assert float(reference[-1]["val_loss"]) < float(reference[0]["train_loss"])  # it learns
     # one reduce-scatter round per optimizer step (accumulation runs without gradient sync):
     # gpt-tiny's 3 units at W=2 are 67 + 67 + 50 packets per rank (bucket_layout --strategy fsdp)
@@ -251,6 +254,8 @@ def test_lossless_fsdp_and_ddp_train_the_same_model(study):
         assert float(a[key]) == pytest.approx(float(b[key]), rel=2e-4), key
     assert a["worker_packets_sent"] == "" and int(a["post_packets_sent"]) > 0  # the post point
     assert int(b["post_packets_sent"]) > 0 and b["gather_packets_sent"] == ""
+    # loss 0: the lossy reduce-scatter is the lossless one, bit for bit
+    assert float(b["fidelity_cosine"]) == 1.0 and float(b["fidelity_rel_l2"]) == 0.0
 
 
 # ------------------------------------------------------------------ plots and compare

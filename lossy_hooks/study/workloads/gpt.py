@@ -15,9 +15,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 from torch.nn import functional as F
 
-__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "build_gpt"]
+__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "build_gpt", "tensor_parallel"]
 
 
 @dataclass(frozen=True)
@@ -37,18 +44,23 @@ GPT_CONFIGS = {
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention of ``n_head`` heads of ``n_embd / n_head`` channels. The forward
+    reads the widths from the tensors, so the same module runs tensor-parallel: with ``qkv``
+    column-sharded as ``[q_r; k_r; v_r]`` per rank (``tensor_parallel_plan``) and ``proj``
+    row-sharded, a rank computes its ``n_head / tp`` heads."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=2)  # this rank's heads (all of them without tp)
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):
@@ -103,3 +115,29 @@ def build_gpt(name: str) -> GPT:
     if name not in GPT_CONFIGS:
         raise ValueError(f"--model {name!r}: the language models are {', '.join(GPT_CONFIGS)}")
     return GPT(GPT_CONFIGS[name])
+
+
+def tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
+    """Megatron-style tensor parallelism of ``model``'s blocks over ``tp_mesh`` (DTensor's
+    ``parallelize_module``), in place: in each block ``attn.qkv`` and ``fc`` column-sharded,
+    ``attn.proj`` and ``proj`` row-sharded, so that each block's forward ends its attention
+    and its MLP with one all-reduce of the activations over the tp group and its backward
+    starts them with one all-reduce of their gradients; embeddings, norms and the head stay
+    replicated. ``qkv``'s rows are first reordered from ``[q; k; v]`` to ``[q_0; k_0; v_0;
+    q_1; ...]`` (``q_r`` the heads of rank ``r``), so that a column shard holds whole heads of
+    all three: the model computes the same function (its parameters permuted). Refuses a tp
+    size that does not divide the heads."""
+    tp, cfg = tp_mesh.size(), model.cfg
+    if cfg.n_head % tp:
+        raise ValueError(f"--tp {tp} must divide the model's {cfg.n_head} attention heads")
+    plan: dict[str, ParallelStyle] = {}
+    for i, block in enumerate(model.blocks):
+        qkv = block.attn.qkv
+        with torch.no_grad():
+            qkv.weight.copy_(qkv.weight.view(3, tp, -1, cfg.n_embd).transpose(0, 1).reshape(-1, cfg.n_embd))
+            qkv.bias.copy_(qkv.bias.view(3, tp, -1).transpose(0, 1).reshape(-1))
+        for name, style in (("attn.qkv", ColwiseParallel), ("attn.proj", RowwiseParallel)):
+            plan[f"blocks.{i}.{name}"] = style()
+        plan[f"blocks.{i}.fc"], plan[f"blocks.{i}.proj"] = ColwiseParallel(), RowwiseParallel()
+    parallelize_module(model, tp_mesh, plan)
+    return model
