@@ -118,11 +118,11 @@ def lossy_subgroups(
     state: LossyState, rank_lists: Sequence[Sequence[int]], kinds: Iterable[str] | None = None
 ) -> dist.ProcessGroup:
     """This rank's lossy group among the disjoint groups of ``rank_lists`` (global ranks: one
-    dimension of a ``DeviceMesh``, e.g. every tensor-parallel pair; build the mesh with
-    ``DeviceMesh.from_group``), each wrapping a plain group of the world's backend made here.
-    Every rank calls it with the same lists (as ``dist.new_group``); ``state`` serves this
-    rank's group, and its ``stats(all_ranks=True)`` sums over the world (every group's
-    state: the whole traffic of that dimension) unless ``state.process_group`` says else."""
+    dimension of a ``DeviceMesh``; ``DeviceMesh.from_group`` builds it, with other
+    ``mesh_dim_names`` than an earlier mesh over the same ranks, which DTensor would take for
+    it, measured on torch 2.14), each wrapping a plain group of the world's backend made here.
+    Every rank calls it with the same lists; ``state`` serves this rank's group, and its
+    ``stats(all_ranks=True)`` sums over the world (the whole traffic of that dimension)."""
     chosen, rank = check_group_state(state, kinds), dist.get_rank()
     flat = sorted(r for ranks in rank_lists for r in ranks)
     if (

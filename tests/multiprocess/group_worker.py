@@ -345,6 +345,44 @@ def nodes_and_streams() -> dict[str, Any]:
     }
 
 
+def subgroups() -> dict[str, Any]:
+    """``lossy_subgroups`` over the groups [0, 1] and [2] (each rank its own state), and
+    gpt-tiny made tensor-parallel on this rank's group: at loss 0 the loss and the gradient
+    of the (replicated) token embedding against the unsharded model, the all-reduces
+    counted; at 20% worker loss (zero fill) the packets lost and the loss moved. Then
+    overlapping lists are refused."""
+    from lossy_hooks import lossy_subgroups
+    from lossy_hooks.study.workloads.gpt import build_gpt, tensor_parallel
+
+    lists = [[0, 1], [2]]
+    out: dict[str, Any] = {}
+    for p in (0.0, P):
+        state = LossyState(loss_rate=p, fill="zero", mtu=1500, seed=9)
+        group = lossy_subgroups(state, lists, kinds=("all_reduce",))
+        torch.manual_seed(0)
+        model = build_gpt("gpt-tiny")
+        ref = copy.deepcopy(model)
+        with reliable():
+            # a mesh over the same ranks as an earlier one must be named apart: DTensor would
+            # otherwise take the earlier mesh (and its group) for it
+            tensor_parallel(model, DeviceMesh.from_group(group, "cpu", mesh_dim_names=(f"tp{p}",)))
+        x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5))
+        losses = []
+        for m in (model, ref):
+            loss = nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten())
+            loss.backward()
+            losses.append(float(loss.detach()))
+        grads = (model.tok.weight.grad - ref.tok.weight.grad).abs().max() / ref.tok.weight.grad.abs().max()
+        counted = state.stats().get("collectives", {}).get("all_reduce", {})  # none on a group of one
+        out[str(p)] = {"losses": losses, "grad_err": float(grads), **counted}
+    try:
+        lossy_subgroups(LossyState(loss_rate=0.1, fill="zero"), [[0, 1], [1, 2]])
+        out["overlap_refused"] = False
+    except ValueError as error:
+        out["overlap_refused"] = "disjoint" in str(error)
+    return out
+
+
 def refusals() -> dict[str, Any]:
     """A DDP hook on a group that already loses all-reduces is refused when it runs."""
     state = LossyState(loss_rate=0.1, fill="zero")
@@ -368,4 +406,5 @@ if __name__ == "__main__":
     worker_main(
         {"lossless": lossless, "rates": rates, "control": control, "stale": stale}
         | {"resume": resume, "nodes_and_streams": nodes_and_streams, "refusals": refusals}
+        | {"subgroups": subgroups}
     )
