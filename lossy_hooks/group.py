@@ -335,7 +335,7 @@ class LossyBackend(C10dBackend):
 
     def _receive(self, kind: str, out: torch.Tensor, chunks: list[Chunk], key: str) -> None:
         self.state.prepare(out, self.inner)
-        self.state.delivery.receive_(kind, out, chunks, key)
+        self.state.delivery.receive_(kind, out, chunks, key, self.rank())
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> Work:
         work = self._backend(output.device).all_gather_single(output, input, opts)

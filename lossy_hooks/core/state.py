@@ -132,7 +132,7 @@ class LossyState(SettingsView):
         self.world_size: int | None = None
         self.device: torch.device | None = None
         self.buckets = BucketRecords(self.settings, self.ledger, self.sites.post, self.parameter_names)
-        self.delivery = Delivery(self)  # the lossy process group's deliveries (all-to-all, ...)
+        self.delivery = Delivery(self.settings, self.ledger)  # the lossy group's all-to-all, ...
         self.passing_through = False
         self.bucket_calls = 0  # hook calls, passthrough ones included
         self._warned_unreached = False

@@ -43,7 +43,8 @@ from lossy_hooks.core.packetization import PacketLayout, elements_per_packet
 from lossy_hooks.core.streams import DropSite, Stream
 
 if TYPE_CHECKING:
-    from lossy_hooks.core.state import LossyState
+    from lossy_hooks.core.ledger import PacketLedger
+    from lossy_hooks.core.options import LossConfig
 
 __all__ = ["DELIVERY_KINDS", "Chunk", "Delivery"]
 
@@ -61,11 +62,12 @@ Chunk = tuple[int, int]  # (sender rank in the group, elements), in buffer order
 class Delivery:
     """The delivery kinds of one :class:`~lossy_hooks.LossyState`: their streams (one
     :class:`~lossy_hooks.core.streams.DropSite` per kind, per receiving rank), the stale
-    copies, and their checkpoint state."""
+    copies, and their checkpoint state. It reads the state's settings (loss model, seed,
+    MTU, nodes, fill) and counts in its ledger, nothing else."""
 
-    def __init__(self, state: LossyState) -> None:
-        self.state = state
-        model = state.loss_model
+    def __init__(self, settings: LossConfig, ledger: PacketLedger) -> None:
+        self.settings, self.ledger = settings, ledger
+        model = settings.loss_model
         self.sites = {
             kind: DropSite(kind, model.clone(), stream, per_rank=True)
             for kind, stream in DELIVERY_KINDS.items()
@@ -73,37 +75,36 @@ class Delivery:
         self.stale: dict[str, torch.Tensor] = {}
         self.restored = False
 
-    def receive_(self, kind: str, out: torch.Tensor, chunks: Sequence[Chunk], key: str) -> None:
-        """``out`` (contiguous) as received, its chunks from ``chunks`` in order: each packet
-        from another rank lost at this receiver, filled by the state's fill
+    def receive_(self, kind: str, out: torch.Tensor, chunks: Sequence[Chunk], key: str, rank: int) -> None:
+        """``out`` (contiguous) as received at ``rank``, its chunks from ``chunks`` in order:
+        each packet from another rank lost at this receiver, filled by the state's fill
         (:meth:`~lossy_hooks.core.techniques.fills.Fill.fill_received_`), counted (see the
         module). ``key`` names the buffer's place for the stale fill."""
-        state = self.state
-        assert state.device is not None and state.rank is not None
+        settings = self.settings
         site = self.sites[kind]
-        site.prepare(state.device, state.seed, state.rank)
+        site.prepare(out.device, settings.seed, rank)
         flat, itemsize = out.view(-1), out.element_size()
-        k = elements_per_packet(state.mtu, itemsize)
+        k = elements_per_packet(settings.mtu, itemsize)
         sizes = [m for _, m in chunks]
         counts = [-(-m // k) for m in sizes]
-        node = state.ranks_per_node
+        node = settings.ranks_per_node
         remote = [
             i
             for i, (sender, m) in enumerate(chunks)
-            if m and sender != state.rank and (node is None or sender // node != state.rank // node)
+            if m and sender != rank and (node is None or sender // node != rank // node)
         ]
         network = sum(counts[i] for i in remote)
         drawn = site.draw(network)  # one draw for every packet that crosses the network
-        state.ledger.count_collective(kind, network, sum(sizes[i] for i in remote) * itemsize, drawn)
+        self.ledger.count_collective(kind, network, sum(sizes[i] for i in remote) * itemsize, drawn)
         if drawn is None or not remote:
             return
-        fill = state.fill_technique
+        fill = settings.fill_technique
         stale = self._stale(key, flat) if fill.keeps_stale else None
         starts = [0, *itertools.accumulate(sizes)]
         first = 0
         for i in remote:  # one pass per chunk from another rank (the own chunk never touched)
             part = slice(starts[i], starts[i + 1])
-            layout = PacketLayout.by_mtu(sizes[i], state.mtu, itemsize)
+            layout = PacketLayout.by_mtu(sizes[i], settings.mtu, itemsize)
             lost = drawn[first : first + counts[i]]
             fill.fill_received_(layout, flat[part], lost, None if stale is None else stale[part])
             first += counts[i]
