@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn import functional as F
 
-__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "build_gpt", "tensor_parallel"]
+__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "GPTStage", "build_gpt", "tensor_parallel"]
 
 
 @dataclass(frozen=True)
@@ -141,3 +141,34 @@ def tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
         plan[f"blocks.{i}.fc"], plan[f"blocks.{i}.proj"] = ColwiseParallel(), RowwiseParallel()
     parallelize_module(model, tp_mesh, plan)
     return model
+
+
+class GPTStage(nn.Module):
+    """Stage ``stage`` of ``stages`` of a :class:`GPT` for pipeline parallelism: blocks
+    ``[stage * L / stages, (stage + 1) * L / stages)`` (the first ``L mod stages`` stages one
+    more), the first stage also the embeddings (token ids in), the last also the final norm
+    and the head (logits out); between stages the ``(B, T, n_embd)`` hidden states travel
+    (``torch.distributed.pipelining`` sends them, and their gradients back). The stages in
+    order compute the model's forward exactly (the same modules, the same ops)."""
+
+    def __init__(self, model: GPT, stage: int, stages: int) -> None:
+        super().__init__()
+        n = model.cfg.n_layer
+        if not 1 <= stages <= n:
+            raise ValueError(f"--pp {stages} must be between 1 and the model's {n} layers")
+        bounds = [k * (n // stages) + min(k, n % stages) for k in range(stages + 1)]
+        self.first, self.last = stage == 0, stage == stages - 1
+        self.tok = model.tok if self.first else None
+        self.pos = model.pos if self.first else None
+        self.blocks = nn.ModuleList(model.blocks[bounds[stage] : bounds[stage + 1]])
+        self.ln_f = model.ln_f if self.last else None
+        self.head = model.head if self.last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tok is not None and self.pos is not None:
+            x = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        for block in self.blocks:
+            x = block(x)
+        if self.head is not None and self.ln_f is not None:
+            x = self.head(self.ln_f(x))
+        return x
