@@ -383,6 +383,57 @@ def subgroups() -> dict[str, Any]:
     return out
 
 
+def pipeline() -> dict[str, Any]:
+    """gpt-small in 3 pipeline stages (GPTStage: 2, 1, 1 blocks) over the lossy group (p2p),
+    GPipe with 2 micro-batches: at loss 0 the last stage's micro-batch losses are the whole
+    model's and so are every stage's gradients (GPipe scales them by 1/2), to round-off; at
+    20% (zero fill) the p2p
+    packets counted and lost, the losses moved."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    from lossy_hooks.study.workloads.gpt import GPTStage, build_gpt
+
+    rank, world = rank_world()
+    x = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(6))
+
+    def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+    out: dict[str, Any] = {}
+    for p in (0.0, P):
+        state = LossyState(loss_rate=p, fill="zero", mtu=1500, seed=11)
+        group = lossy_group(state, kinds=("p2p",))
+        torch.manual_seed(0)
+        model = build_gpt("gpt-small")
+        ref = copy.deepcopy(model)
+        part = GPTStage(model, rank, world)
+        stage = PipelineStage(part, rank, world, torch.device("cpu"), group=group)
+        schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=ce)
+        losses: list[torch.Tensor] = []
+        if rank == 0:
+            schedule.step(x)
+        elif rank == world - 1:
+            schedule.step(target=x, losses=losses)
+        else:
+            schedule.step()
+        expected = [ce(ref(m), m) for m in x.chunk(2)]
+        sum(expected).backward()
+        grads = [
+            (a.grad, b.grad)
+            for a, b in zip(part.parameters(), GPTStage(ref, rank, world).parameters(), strict=True)
+        ]
+        counted = state.stats().get("collectives", {}).get("p2p", {})
+        out[str(p)] = {
+            "losses": [float(t.detach()) for t in losses],
+            "expected": [float(t.detach()) for t in expected],
+            "grad_err": max(
+                float((a - b / 2).abs().max() / (b / 2).abs().max().clamp_min(1e-30)) for a, b in grads
+            ),
+            **counted,
+        }
+    return out
+
+
 def refusals() -> dict[str, Any]:
     """A DDP hook on a group that already loses all-reduces is refused when it runs."""
     state = LossyState(loss_rate=0.1, fill="zero")
@@ -406,5 +457,5 @@ if __name__ == "__main__":
     worker_main(
         {"lossless": lossless, "rates": rates, "control": control, "stale": stale}
         | {"resume": resume, "nodes_and_streams": nodes_and_streams, "refusals": refusals}
-        | {"subgroups": subgroups}
+        | {"subgroups": subgroups, "pipeline": pipeline}
     )
