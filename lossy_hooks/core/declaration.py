@@ -12,12 +12,17 @@ settings (``lossy_hooks.group``)."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from typing_extensions import dataclass_transform
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # a dependency of torch's
+    from typing_extensions import dataclass_transform
 
 from lossy_hooks.loss_models import DeadlineLoss
 
