@@ -100,7 +100,7 @@ def test_gpt_shapes_and_causality():
         (["--strategy", "fsdp", "--resync", "4"], "--resync: DDP only"),
         (["--all_gather_loss_rate", "0.1"], "--all_gather_loss_rate needs --strategy fsdp"),
         (["--strategy", "fsdp", "--all_gather_loss_rate", "1"], "--all_gather_loss_rate must be in [0, 1)"),
-        (["--strategy", "fsdp", "--encoding", "hadamard"], "encoding='hadamard' is not supported under FSDP"),
+        (["--strategy", "fsdp", "--protect", "head"], "protect='head' is not supported under FSDP"),
         (["--strategy", "fsdp", "--fec", "8", "1"], "fec=[8, 1] is not supported under FSDP"),
         (["--model", "gpt-tiny", "--dataset", "digits"], "is a language model: --dataset text"),
         (["--model", "squeezenet1_1", "--dataset", "text"], "--dataset text needs a language model"),
