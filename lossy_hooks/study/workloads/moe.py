@@ -57,7 +57,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.nn import functional as F
 
@@ -205,7 +204,10 @@ class MoELayer(nn.Module):
     def _all_to_all(self, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         """The autograd all-to-all of ``rows`` (split by ``in_splits``) over ``ep_group``:
         its backward is the all-to-all of the gradients with the splits swapped, through the
-        same group's backend (what a lossy group sees)."""
+        same group's backend (what a lossy group sees). Imported here: a model without expert
+        parallelism needs no functional collectives."""
+        import torch.distributed._functional_collectives as funcol
+
         moved = funcol.all_to_all_single_autograd(rows, out_splits, in_splits, self.ep_group)
         return funcol.wait_tensor(moved)
 
