@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds per configuration (>= 1)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per round (>= 1)")
     p.add_argument("--corpus_mb", type=float, default=0.5, help="MiB of the standard library's text")
-    p.add_argument("--model", default="gpt-tiny", help="gpt-tiny, gpt-small or gpt-medium")
+    p.add_argument("--model", default="gpt-tiny", help="a language model: gpt-* or moe-*")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per rank per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--nproc", type=int, default=2, help="ranks per launch (>= 2)")

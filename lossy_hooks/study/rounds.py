@@ -34,6 +34,7 @@ from lossy_hooks.study.run_io import (
     write_json,
 )
 from lossy_hooks.study.tensorboard_log import TensorBoardLog, round_log_dir
+from lossy_hooks.study.workloads.gpt import auxiliary_loss
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
@@ -241,7 +242,9 @@ class RoundRunner:
             with no_grad_sync(self.ddp, not sync):
                 with torch.autocast(dev.type, dtype=torch.float16, enabled=cfg["amp"]):
                     loss, hits, count = _task_loss(logits(self.ddp(x)), y)
-                self.scaler.scale(loss / group_size).backward()
+                    aux = auxiliary_loss(self.module)  # an MoE GPT's load balancing, else None
+                objective = loss if aux is None else loss + aux
+                self.scaler.scale(objective / group_size).backward()
             tally.add_micro_batch(loss, hits, count, len(y))
             if sync:
                 scale_before = self.scaler.get_scale() if cfg["amp"] else 0.0

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from lossy_hooks.study.workloads.models import build_model, classification_models
 
     p = argparse.ArgumentParser(description="DDP bucket or FSDP2 shard layout of a model, in packets")
-    p.add_argument("--model", default="resnet101", help="torchvision classification model, or gpt-*")
+    p.add_argument("--model", default="resnet101", help="torchvision classification model, or gpt-* or moe-*")
     p.add_argument(
         "--strategy",
         choices=("ddp", "fsdp"),

@@ -7,7 +7,7 @@
   with the original study's transforms.
 - ``folder``: any ImageFolder tree with ``train/`` and ``val/`` (what the original read).
 - ``fake``: torchvision FakeData, for throughput runs only.
-- ``text``: byte-level text for the language models (``--model gpt-*``): the Python standard
+- ``text``: byte-level text for the language models (``--model gpt-*``, ``moe-*``): the Python standard
   library's own sources by default, or ``--data_path`` (a text file or folder); see
   :mod:`lossy_hooks.study.workloads.text_data`.
 - ``auto``: text for a language model; else Imagenette when it is found under
@@ -156,7 +156,7 @@ def build_datasets(
     name = resolve_dataset(name, data_path, imagenette_size, language_model=block_size > 0)
     if name == "text":
         if block_size <= 0:
-            raise ValueError("--dataset text is for the language models (--model gpt-*)")
+            raise ValueError("--dataset text is for the language models (--model gpt-* or moe-*)")
         train_bytes, val_bytes, corpus = load_corpus(data_path, int(corpus_mb * 2**20))
         try:
             train, val = TokenWindows(train_bytes, block_size), TokenWindows(val_bytes, block_size)

@@ -1,11 +1,20 @@
 """A small decoder-only transformer (GPT-style) over bytes, for the language-model workload
-of train_ddp.py (``--model gpt-tiny|gpt-small|gpt-medium``).
+of train_ddp.py (``--model gpt-tiny|gpt-small|gpt-medium``, and the mixture-of-experts
+variants ``moe-tiny|moe-small``). :data:`GPT_CONFIGS` is the one registry of the language
+models: a name is a language model iff it is a key there.
 
 Pre-norm blocks of causal self-attention (``scaled_dot_product_attention``) and a 4x GELU
 MLP, learned positions, untied input and output embeddings (so that FSDP can shard the
 blocks, the embeddings and the head as separate units without a shared parameter). Weights
 ``N(0, 0.02)``, output projections of each block ``N(0, 0.02 / sqrt(2 L))`` (GPT-2's
 scaling for a residual stream of ``2 L`` additions). The vocabulary is the 256 byte values.
+
+A configuration with ``moe`` (a :class:`~lossy_hooks.study.workloads.moe.MoEConfig`) puts an
+MoE layer (:mod:`lossy_hooks.study.workloads.moe`) in every block in place of the MLP; its
+forward leaves ``model.aux_loss`` = ``aux_coef`` times the sum over the layers of their
+load-balancing losses (the training objective adds it: :func:`auxiliary_loss`), and
+:meth:`GPT.moe_slot_counts` sums the layers' dropped and routed token-slots. A dense model's
+``aux_loss`` is ``None``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import (
@@ -24,7 +34,9 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn import functional as F
 
-__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "GPTStage", "build_gpt", "tensor_parallel"]
+from lossy_hooks.study.workloads.moe import MoEConfig, MoELayer
+
+__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "GPTStage", "auxiliary_loss", "build_gpt", "tensor_parallel"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +46,16 @@ class GPTConfig:
     n_embd: int
     block_size: int  # context length in tokens (bytes)
     vocab_size: int = 256
+    moe: MoEConfig | None = None  # an MoE layer in place of each block's MLP
 
 
 GPT_CONFIGS = {
     "gpt-tiny": GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64),
     "gpt-small": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "gpt-medium": GPTConfig(n_layer=6, n_head=8, n_embd=256, block_size=256),
+    # gpt-tiny and gpt-small with E experts, top-2, capacity factor 1.25 in every block
+    "moe-tiny": GPTConfig(2, 4, 64, 64, moe=MoEConfig(n_expert=4, top_k=2, capacity_factor=1.25)),
+    "moe-small": GPTConfig(4, 4, 128, 128, moe=MoEConfig(n_expert=8, top_k=2, capacity_factor=1.25)),
 }
 
 
@@ -64,28 +80,38 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    """``x + attn(ln1 x)``, then ``+ mlp(ln2 x)``: the dense MLP (``fc``, ``proj``) or, with
+    ``cfg.moe``, the MoE layer ``moe`` (its experts sharded over ``ep_group`` if given)."""
+
+    def __init__(self, cfg: GPTConfig, ep_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        if cfg.moe is None:
+            self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+            self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.n_layer)
+            self.moe = MoELayer(cfg.n_embd, cfg.moe, proj_std=std, ep_group=ep_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
+        if hasattr(self, "moe"):
+            return x + self.moe(self.ln2(x))
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
 class GPT(nn.Module):
     """``forward(idx)``: token ids ``(B, T)``, ``T <= block_size`` -> logits ``(B, T, vocab)``."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, ep_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.aux_loss: torch.Tensor | None = None
         self.tok = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, ep_group) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init)
@@ -107,14 +133,46 @@ class GPT(nn.Module):
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)
+        if self.cfg.moe is not None:
+            layers = [block.moe.aux_loss for block in self.blocks]
+            self.aux_loss = self.cfg.moe.aux_coef * torch.stack(layers).sum()
         return self.head(self.ln_f(x))
 
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, one per block (none in a dense GPT)."""
+        return [block.moe for block in self.blocks if hasattr(block, "moe")]
 
-def build_gpt(name: str) -> GPT:
-    """A randomly initialised GPT of one of :data:`GPT_CONFIGS` (seed it before calling)."""
+    def moe_slot_counts(self) -> torch.Tensor | None:
+        """``(dropped, routed)`` token-slots of the training forwards since
+        :meth:`reset_moe_counts`, summed over the MoE layers (an int64 device tensor; ``None``
+        before the first forward or for a dense GPT). Read it at epoch end: a host sync."""
+        counts = [m.slot_counts for m in self.moe_layers() if m.slot_counts is not None]
+        return torch.stack(counts).sum(0) if counts else None
+
+    def reset_moe_counts(self) -> None:
+        """Start every MoE layer's slot counters over."""
+        for m in self.moe_layers():
+            m.reset_counts()
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """The auxiliary loss the last forward of ``model`` (a GPT, or whatever else trains) left
+    to be added to the training objective: an MoE GPT's weighted load-balancing loss, else
+    ``None``."""
+    aux = getattr(model, "aux_loss", None)
+    return aux if isinstance(aux, torch.Tensor) else None
+
+
+def build_gpt(name: str, ep_group: dist.ProcessGroup | None = None) -> GPT:
+    """A randomly initialised GPT of one of :data:`GPT_CONFIGS` (seed it before calling; the
+    same seed on every rank). ``ep_group``: an MoE model's experts are sharded over its ranks
+    (its size must divide the number of experts); refused for a dense model."""
     if name not in GPT_CONFIGS:
         raise ValueError(f"--model {name!r}: the language models are {', '.join(GPT_CONFIGS)}")
-    return GPT(GPT_CONFIGS[name])
+    cfg = GPT_CONFIGS[name]
+    if ep_group is not None and cfg.moe is None:
+        raise ValueError(f"--model {name!r} has no experts: expert parallelism needs an MoE model (moe-*)")
+    return GPT(cfg, ep_group)
 
 
 def tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
@@ -138,7 +196,8 @@ def tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
             qkv.bias.copy_(qkv.bias.view(3, tp, -1).transpose(0, 1).reshape(-1))
         for name, style in (("attn.qkv", ColwiseParallel), ("attn.proj", RowwiseParallel)):
             plan[f"blocks.{i}.{name}"] = style()
-        plan[f"blocks.{i}.fc"], plan[f"blocks.{i}.proj"] = ColwiseParallel(), RowwiseParallel()
+        if hasattr(block, "fc"):  # a dense MLP (an MoE block's experts stay whole on each rank)
+            plan[f"blocks.{i}.fc"], plan[f"blocks.{i}.proj"] = ColwiseParallel(), RowwiseParallel()
     parallelize_module(model, tp_mesh, plan)
     return model
 
