@@ -407,8 +407,8 @@ MUTANTS = [
     M(
         "M39",
         "lossy_hooks/study/rounds.py",
-        "self.scaler.scale(loss / group_size).backward()",
-        "self.scaler.scale(loss / acc_steps).backward()",
+        "self.scaler.scale(objective / group_size).backward()",
+        "self.scaler.scale(objective / acc_steps).backward()",
         "a short group steps with its mean",
         (script("partial_accumulation"),),
     ),
@@ -895,7 +895,7 @@ MUTANTS = [
     M(
         "M99",
         "lossy_hooks/core/pipeline/delivery.py",
-        "if m and sender != state.rank and (node is None",
+        "if m and sender != rank and (node is None",
         "if m and (node is None",
         "a rank's own chunk never crosses the network, so it is never lost",
         (GROUP,),
@@ -903,7 +903,7 @@ MUTANTS = [
     M(
         "M100",
         "lossy_hooks/core/pipeline/delivery.py",
-        "(node is None or sender // node != state.rank // node)",
+        "(node is None or sender // node != rank // node)",
         "(True)",
         "with ranks_per_node, a chunk from a rank of the same node is never lost",
         (GROUP,),
