@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from lossy_hooks.core.process_group import reliable
 from lossy_hooks.study.parallel import full_state, load_full_state, load_local_state, local_state
 from lossy_hooks.study.run_io import atomic_save, to_cpu
 
@@ -24,7 +25,14 @@ if TYPE_CHECKING:
 
 
 def save_checkpoint(runner: RoundRunner, path: Path, epoch: int) -> None:
-    """Every rank's part gathered to rank 0, which writes ``path`` (a collective)."""
+    """Every rank's part gathered to rank 0, which writes ``path`` (a collective). Reliable:
+    the gathers of a tensor-parallel model's shards cross its lossy tp group, and must neither
+    lose nor count there."""
+    with reliable():
+        _save(runner, path, epoch)
+
+
+def _save(runner: RoundRunner, path: Path, epoch: int) -> None:
     independent = runner.cfg["post_sync"] == "independent" and runner.cfg["drop_point"] != "worker"
     mine = {
         "hook": runner.state.state_dict(),
@@ -61,8 +69,13 @@ def save_checkpoint(runner: RoundRunner, path: Path, epoch: int) -> None:
 
 
 def load_checkpoint(runner: RoundRunner, path: Path) -> tuple[int, int]:
-    """Restore ``runner``'s model, optimizer, scaler, hook, all-gather and RNG states from
-    ``path``; return the epochs and steps it had finished."""
+    """Restore ``runner``'s model, optimizer, scaler, hook, all-gather, traffic and RNG states
+    from ``path``; return the epochs and steps it had finished (reliable, as the save)."""
+    with reliable():
+        return _load(runner, path)
+
+
+def _load(runner: RoundRunner, path: Path) -> tuple[int, int]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     mine = ckpt["ranks"][runner.rank]
     if runner.fsdp:
