@@ -168,3 +168,23 @@ def test_traffic_loss_syntax():
     assert parse_traffic_loss(" tp = 5% ")["tp"].spec == "random 5%"
     assert parse_traffic_loss("tp=gemodel 1% 20%")["tp"].spec.startswith("gemodel 1% 20%")
     assert set(parse_traffic_loss("tp=1%,pp=0,ep=1")) == {"tp", "pp", "ep"}
+
+
+def test_tp_folder_names_fit_the_documented_pattern(monkeypatch):
+    """``_tp2`` and ``_tl-...`` parts where docs/reference.md's pattern puts them (W=4 read
+    from the launcher's variables)."""
+    import shlex
+
+    from lossy_hooks.study.cli import resolve
+    from lossy_hooks.study.flags import build_parser
+    from lossy_hooks.study.run_names import config_name
+
+    from .test_readme import _readme_pattern
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    parser = build_parser()
+    argv = "--model gpt-tiny --tp 2 --traffic_loss 'tp=gemodel 1% 20%' --traffic_fill stale --optimizer adamw"
+    name = config_name(resolve(parser.parse_args(shlex.split(argv)), parser))
+    assert _readme_pattern().fullmatch(name), name
+    assert "_w4_" in name and "_tp2_tl-tp-gemodel-1pct-20pct-100pct-0pct-stale_adamw" in name
