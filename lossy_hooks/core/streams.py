@@ -44,6 +44,8 @@ class Stream(enum.IntEnum):
     DELIVERY_BROADCAST = 10
     DELIVERY_P2P = 11
     ALL_GATHER = 77  # the study's FSDP all-gather state: its seed is derive_seed(round seed, 77)
+    # the study's tensor-parallel traffic state (--tp): its seed is derive_seed(round seed, 78, dp rank)
+    TRAFFIC_TP = 78
 
 
 # Seeds of the start offsets of deterministic models (traces): (seed, stream + this, rank).

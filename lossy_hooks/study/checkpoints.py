@@ -2,8 +2,9 @@
 
 One file per round, written atomically by rank 0: the model and optimizer (gathered whole
 under FSDP), the AMP scaler, and every rank's own part (``ranks[r]``): its hook state (loss
-streams, ledger, clock), its all-gather state, its RNG states, and, where the replicas differ
-(``--post_sync independent``), its own model and optimizer. Restoring it gives the same
+streams, ledger, clock), its all-gather state, its traffic states (``--tp``'s), its RNG
+states, and, where the replicas differ (``--post_sync independent``) or the rank holds shards
+of its own (``--tp`` under DDP), its own model and optimizer. Restoring it gives the same
 results as a run that was never stopped.
 """
 
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from lossy_hooks.study.parallel import full_state, load_full_state
+from lossy_hooks.core.process_group import reliable
+from lossy_hooks.study.parallel import full_state, load_full_state, load_local_state, local_state
 from lossy_hooks.study.run_io import atomic_save, to_cpu
 
 if TYPE_CHECKING:
@@ -23,7 +25,14 @@ if TYPE_CHECKING:
 
 
 def save_checkpoint(runner: RoundRunner, path: Path, epoch: int) -> None:
-    """Every rank's part gathered to rank 0, which writes ``path`` (a collective)."""
+    """Every rank's part gathered to rank 0, which writes ``path`` (a collective). Reliable:
+    the gathers of a tensor-parallel model's shards cross its lossy tp group, and must neither
+    lose nor count there."""
+    with reliable():
+        _save(runner, path, epoch)
+
+
+def _save(runner: RoundRunner, path: Path, epoch: int) -> None:
     independent = runner.cfg["post_sync"] == "independent" and runner.cfg["drop_point"] != "worker"
     mine = {
         "hook": runner.state.state_dict(),
@@ -32,11 +41,16 @@ def save_checkpoint(runner: RoundRunner, path: Path, epoch: int) -> None:
     }
     if runner.gather is not None:
         mine["gather"] = runner.gather.state_dict()
-    if runner.fsdp:  # the whole model and optimizer, gathered on rank 0 (a collective)
+    if runner.traffic:  # the traffic states (tp, ...): their streams continue on resume
+        mine["traffic"] = {kind: state.state_dict() for kind, state in runner.traffic.items()}
+    if runner.local_params:  # tensor-parallel under DDP: each rank its own shards
+        model_sd, opt_sd = local_state(runner.local_params), to_cpu(runner.opt.state_dict())
+        mine["model"], mine["optimizer"] = model_sd, opt_sd
+    elif runner.fsdp:  # the whole model and optimizer, gathered on rank 0 (a collective)
         model_sd, opt_sd = full_state(runner.module, runner.opt)
     else:
         model_sd, opt_sd = runner.module.state_dict(), runner.opt.state_dict()
-    if independent and not runner.fsdp:
+    if independent and not runner.fsdp and not runner.local_params:
         # replicas differ: keep each one (CPU copies: NCCL cannot gather objects on GPU)
         mine["model"] = to_cpu(runner.module.state_dict())
         mine["optimizer"] = to_cpu(runner.opt.state_dict())
@@ -55,19 +69,29 @@ def save_checkpoint(runner: RoundRunner, path: Path, epoch: int) -> None:
 
 
 def load_checkpoint(runner: RoundRunner, path: Path) -> tuple[int, int]:
-    """Restore ``runner``'s model, optimizer, scaler, hook, all-gather and RNG states from
-    ``path``; return the epochs and steps it had finished."""
+    """Restore ``runner``'s model, optimizer, scaler, hook, all-gather, traffic and RNG states
+    from ``path``; return the epochs and steps it had finished (reliable, as the save)."""
+    with reliable():
+        return _load(runner, path)
+
+
+def _load(runner: RoundRunner, path: Path) -> tuple[int, int]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     mine = ckpt["ranks"][runner.rank]
     if runner.fsdp:
         load_full_state(runner.module, runner.opt, ckpt["model"], ckpt["optimizer"])
         if runner.gather is not None:
             runner.gather.load_state_dict(mine["gather"])
+    elif runner.local_params:
+        load_local_state(runner.local_params, mine["model"])
+        runner.opt.load_state_dict(mine["optimizer"])
     else:
         runner.module.load_state_dict(mine.get("model", ckpt["model"]))
         runner.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
     runner.scaler.load_state_dict(ckpt["scaler"])
     runner.state.load_state_dict(mine["hook"])
+    for kind, state in runner.traffic.items():
+        state.load_state_dict(mine["traffic"][kind])
     torch.set_rng_state(mine["torch_rng"].cpu())
     if runner.device.type == "cuda" and mine.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(mine["cuda_rng"].cpu())

@@ -29,6 +29,7 @@ from lossy_hooks.study.parallel import fsdp_api
 from lossy_hooks.study.run_io import read_json, round_status
 from lossy_hooks.study.run_names import CONTROL_FLAGS, NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
 from lossy_hooks.study.tensorboard_log import check_available
+from lossy_hooks.study.traffic import canonical, parse_traffic_loss, traffic_problem
 from lossy_hooks.study.workloads.data import check_data_args, resolve_dataset
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 from lossy_hooks.study.workloads.models import classification_models
@@ -80,6 +81,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         fail(f"--use_zero contradicts --fill {args.fill}")
     reduction = "mean" if args.use_avg else "sum"
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    traffic_loss = _check_traffic(args, fail, language_model, world)
     cfg = {k: v for k, v in vars(args).items()}
     cfg.update(
         drop_point=drop_point,
@@ -90,6 +92,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
         world_size=world,
         dataset=resolve_dataset(args.dataset, args.data_path, args.imagenette_size, language_model),
         dataset_flag=args.dataset,
+        traffic_loss=traffic_loss,
     )
     if args.tensorboard is not None:
         try:
@@ -104,7 +107,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     try:
         state = LossyState(**hook_kwargs(cfg))
         if state.hops is not None and world > 1:  # the links named exist at this world size
-            state.hops.check_links(world)
+            state.hops.check_links(world // args.tp)  # the data-parallel group's ranks
         if args.strategy == "fsdp":
             fsdp.check_state(state)
             if args.all_gather_loss_rate > 0:
@@ -112,6 +115,36 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     except ValueError as e:
         fail(f"invalid loss settings: {e}")
     return cfg
+
+
+def _check_traffic(
+    args: argparse.Namespace, fail: Callable[[str], None], language_model: bool, world: int
+) -> str | None:
+    """``--tp`` (a language model's, dividing the world size and the heads; not with the
+    replica flags, which compare whole replicas), ``--traffic_loss`` and ``--traffic_fill``
+    (:func:`lossy_hooks.study.traffic.traffic_problem`). Returns ``--traffic_loss`` as the
+    configuration holds it (``tp=random 10%``), or ``None``."""
+    tp = args.tp
+    if tp < 1:
+        fail(f"--tp must be >= 1, got {tp}")
+    if tp > 1:
+        if not language_model:
+            fail(f"--tp {tp} needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}")
+        heads = GPT_CONFIGS[args.model].n_head
+        if heads % tp:
+            fail(f"--tp {tp} must divide the {heads} attention heads of {args.model}")
+        if world % tp:
+            fail(f"--tp {tp} must divide the world size {world} (W = dp x tp)")
+        replica_flags = [f"--{f}" for f in ("measure_drift", "resync") if getattr(args, f)]
+        if replica_flags:
+            fail(
+                f"{', '.join(replica_flags)} with --tp {tp}: they compare or copy whole replicas over the "
+                "world, and tp ranks hold different shards"
+            )
+    problem = traffic_problem(vars(args))
+    if problem:
+        fail(problem)
+    return canonical(parse_traffic_loss(args.traffic_loss)) if args.traffic_loss else None
 
 
 def _check_ranges(args: argparse.Namespace, fail: Callable[[str], None]) -> None:

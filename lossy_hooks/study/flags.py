@@ -12,6 +12,7 @@ from lossy_hooks.core.options import LossConfig
 from lossy_hooks.loss_models import LOSS_MODEL_SYNTAX
 from lossy_hooks.study.parallel import STRATEGIES
 from lossy_hooks.study.run_names import NETWORK_DEFAULTS
+from lossy_hooks.study.traffic import TRAFFIC_FILLS
 from lossy_hooks.study.workloads.data import DATASETS, IMAGENETTE_SIZES
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS
 
@@ -66,7 +67,35 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _add_placement_flags(p)
     _add_technique_flags(p)
     _add_network_flags(p)
+    _add_traffic_flags(p)
     return p
+
+
+def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
+    """Model parallelism and the loss of its traffic (lossy_hooks.study.traffic)."""
+    t = p.add_argument_group("traffic beyond data parallelism (docs/semantics.md)")
+    t.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size (>= 1; > 1 for a language model only): W = dp x tp, ranks d*tp .. "
+        "d*tp+tp-1 one tp group; it must divide the world size and the model's attention heads",
+    )
+    t.add_argument(
+        "--traffic_loss",
+        default=None,
+        metavar="TYPE=RATE[,TYPE=RATE...]",
+        help="loss of model-parallel traffic: TYPE tp (pp, ep: with their flags), RATE a fraction "
+        "(0.05), a percentage (5%%) or netem loss model text (as --loss_model); default: none lost",
+    )
+    t.add_argument(
+        "--traffic_fill",
+        choices=TRAFFIC_FILLS,
+        default="zero",
+        help="what replaces a lost packet of every --traffic_loss type: zero (lost at the sender), "
+        "stale (the last value received: lost at the receivers), rescale (sums only: refused for tp, "
+        "whose group loses all-gathers too)",
+    )
 
 
 def _add_placement_flags(p: argparse.ArgumentParser) -> None:

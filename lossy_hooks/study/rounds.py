@@ -19,7 +19,7 @@ from lossy_hooks import LossyState
 from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.study.checkpoints import load_checkpoint, save_checkpoint
 from lossy_hooks.study.cli import gather_kwargs, hook_kwargs
-from lossy_hooks.study.parallel import fsdp_api, no_grad_sync, parallelize
+from lossy_hooks.study.parallel import fsdp_api, no_grad_sync, parallelize, tp_layout
 from lossy_hooks.study.plotting import plot_round
 from lossy_hooks.study.progress import Reporter
 from lossy_hooks.study.replicas import replica_drift, resync_replicas
@@ -34,6 +34,7 @@ from lossy_hooks.study.run_io import (
     write_json,
 )
 from lossy_hooks.study.tensorboard_log import TensorBoardLog, round_log_dir
+from lossy_hooks.study.traffic import TRAFFIC_KINDS, traffic_columns, traffic_states
 from lossy_hooks.study.workloads.gpt import auxiliary_loss
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
 
@@ -83,8 +84,13 @@ class _EpochTally:
         self.group_correct.zero_()
         self.group_seen = 0
 
-    def row(self, cfg: dict[str, Any], state: LossyState, world: int, t0: float) -> dict[str, Any]:
-        """The epoch's metrics.csv training columns, summed over the ranks (collectives)."""
+    def row(
+        self, cfg: dict[str, Any], state: LossyState, world: int, t0: float, tp: int = 1
+    ) -> dict[str, Any]:
+        """The epoch's metrics.csv training columns, summed over the ranks (collectives). With
+        ``--tp`` the ``tp`` ranks of a replica see the same batches and compute the same loss:
+        loss and accuracy are ratios of sums in which every replica weighs ``tp`` times (the
+        ratio of the replicas' own sums), and the examples processed are divided by ``tp``."""
         dev, drift, skipped_hook_steps = self.device, self.drift, self.skipped_hook_steps
         counts = torch.tensor([self.seen, self.skipped, self.processed], dtype=torch.float64, device=dev)
         totals = torch.cat([torch.stack([self.loss_sum, self.correct.double()]), counts])
@@ -95,7 +101,7 @@ class _EpochTally:
             "train_loss": float(totals[0] / totals[2]) if totals[2] > 0 else None,
             "train_acc": float(totals[1] / totals[2]) if totals[2] > 0 else None,
             "epoch_seconds": seconds,
-            "images_per_s": float(totals[4]) / seconds,
+            "images_per_s": float(totals[4]) / tp / seconds,
         }
         if cfg["amp"]:
             row["skipped_steps"] = round(float(totals[3]) / world)  # the same on every rank
@@ -137,19 +143,35 @@ class RoundRunner:
         model = build_model(cfg["model"], data.num_classes).to(device)
         self.module = model
         self.fsdp = cfg.get("strategy", "ddp") == "fsdp"
-        self.state = LossyState(**hook_kwargs(cfg, self.seed))
+        self.tp = int(cfg.get("tp") or 1)
+        self.dp, self.dp_rank = world // self.tp, rank // self.tp  # data-parallel replicas, this one
+        # traffic beyond data parallelism: one state per type (loss 0 where it does not lose)
+        self.traffic = traffic_states(cfg, self.seed, self.dp_rank)
+        layout = None
+        if self.tp > 1:
+            layout = tp_layout(self.tp, self.traffic["tp"], TRAFFIC_KINDS["tp"], device.type)
+        dp_group = layout.dp_group if layout is not None else None
+        self.state = LossyState(**hook_kwargs(cfg, self.seed), process_group=dp_group)
         self.state.name_parameters(model)  # for --protect
         gathering = self.fsdp and cfg.get("all_gather_loss_rate", 0.0) > 0
         self.gather = fsdp_api().gather_state(**gather_kwargs(cfg, self.seed)) if gathering else None
         # DDP wraps the model; fully_shard turns it into its own FSDP module (self.ddp is self.module)
-        self.ddp = parallelize(model, cfg["strategy"], self.state, self.gather, device, cfg["bucket_cap_mb"])
+        self.ddp = parallelize(
+            model, cfg["strategy"], self.state, self.gather, device, cfg["bucket_cap_mb"], layout
+        )
+        # a tensor-parallel model under DDP: its parameters (this rank's shards) as made here;
+        # after a forward its DTensor ones are module attributes, out of named_parameters()
+        self.local_params = list(model.named_parameters()) if layout is not None and not self.fsdp else []
+        if layout is not None:
+            self.state.name_parameters(model)
         self.opt = build_optimizer(cfg["optimizer"], self.ddp, cfg["learning_rate"])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
-        torch.manual_seed(derive_seed(self.seed, Stream.DATA, rank))  # per-rank data randomness
+        # per-replica data randomness: the tp ranks of a replica draw the same
+        torch.manual_seed(derive_seed(self.seed, Stream.DATA, self.dp_rank))
         if not self.fsdp:  # FSDP does not rebuild buckets
             self.warm_up()
         workers = 0 if isinstance(data.train, torch.utils.data.TensorDataset) else cfg["workers"]
-        self.sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=self.seed)
+        self.sampler = DistributedSampler(data.train, self.dp, self.dp_rank, shuffle=True, seed=self.seed)
         self.loader = DataLoader(
             data.train,
             batch_size=cfg["batch_size"],
@@ -158,21 +180,29 @@ class RoundRunner:
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
         )
-        # every sample exactly once; under FSDP every rank must run as many forward passes
-        # (they all-gather), so the set is cut to a multiple of the world size (< W samples)
-        val_end = len(data.val) // world * world if self.fsdp else len(data.val)
-        val_shard = Subset(data.val, range(rank, val_end, world))
+        # every sample exactly once per replica (its tp ranks run the same forward); under FSDP
+        # every rank must run as many forward passes (they all-gather), so the set is cut to a
+        # multiple of the dp size (< dp samples)
+        val_end = len(data.val) // self.dp * self.dp if self.fsdp else len(data.val)
+        val_shard = Subset(data.val, range(self.dp_rank, val_end, self.dp))
         self.val_loader = DataLoader(val_shard, batch_size=cfg["batch_size"], num_workers=workers)
         self.start_epoch, self.steps = 0, 0
 
     def warm_up(self) -> None:
         """One lossless, uncounted iteration so DDP rebuilds its buckets before the first
         real step: fresh and resumed runs then draw identical loss sequences."""
-        with self.state.passthrough():
+        with self.state.passthrough(), self.traffic_passthrough():
             self.ddp.eval()
             logits(self.ddp(self.data.example_batch(2, self.device))).float().sum().backward()
             self.ddp.train()
         self.opt.zero_grad(set_to_none=True)
+
+    def traffic_passthrough(self) -> contextlib.ExitStack:
+        """Every traffic state lossless and uncounted (the warm-up, validation)."""
+        stack = contextlib.ExitStack()
+        for state in self.traffic.values():
+            stack.enter_context(state.passthrough())
+        return stack
 
     def resume(self) -> None:
         ckpt_path = self.dir / "checkpoint.pt"
@@ -200,8 +230,9 @@ class RoundRunner:
     def epoch_counts(self, epoch: int) -> tuple[dict[str, Any], list[dict], list[dict]]:
         """Packets since the previous call (the ledger's mark, kept in the hook's checkpoint)
         as metrics.csv columns and buckets.csv / layers.csv rows (a collective)."""
-        names = {id(p): n for n, p in self.module.named_parameters()}
+        names = {id(p): n for n, p in [*self.local_params, *self.module.named_parameters()]}
         columns, buckets, layers = packet_rows(self.state.ledger.since_mark(names, all_ranks=True), epoch)
+        columns |= traffic_columns(self.traffic)  # tp_packets_sent, ...: every rank
         if self.gather is not None:  # the all-gather's receivers: columns gather_*, rows "gather"
             counts = self.gather.ledger.since_mark({}, all_ranks=True)
             post = counts["points"]["post"]
@@ -260,19 +291,21 @@ class RoundRunner:
                     tally.drift.append(replica_drift(self.module))
                 if self.report.enabled and (i % 10 == 0 or i == n_batches - 1):
                     st = self.state.stats()
-                    self.report.update(i + 1, tally.processed * self.world, float(loss.detach()), _rate(st))
+                    self.report.update(i + 1, tally.processed * self.dp, float(loss.detach()), _rate(st))
                 if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
                     break
-        return tally.row(cfg, self.state, self.world, t0)
+        return tally.row(cfg, self.state, self.world, t0, self.tp)
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
         """Validation loss and accuracy (per token for a language model). Under FSDP the
-        parameters are gathered without loss here: it measures the model training made."""
+        parameters are gathered without loss here, and tensor-parallel traffic is lossless:
+        it measures the model training made. With ``--tp`` each replica's sums count ``tp``
+        times in numerator and denominator alike (its tp ranks compute the same)."""
         self.module.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         lossless = self.gather.passthrough() if self.gather is not None else contextlib.nullcontext()
-        with lossless:
+        with lossless, self.traffic_passthrough():
             for x, y in self.val_loader:
                 x, y = x.to(self.device), y.to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg["amp"]):

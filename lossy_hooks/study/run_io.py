@@ -24,6 +24,7 @@ import torch
 
 from lossy_hooks.core.netclock import PHASE_CLOCK_FIELDS
 from lossy_hooks.core.statistics import mean_std
+from lossy_hooks.study.traffic import TRAFFIC_KINDS
 
 __all__ = [
     "BUCKET_FIELDS",
@@ -69,6 +70,7 @@ METRIC_FIELDS = [
     "delivered_fraction",
     "gather_packets_sent",
     "gather_packets_lost",
+    *(f"{t}_{f}" for t in TRAFFIC_KINDS for f in ("packets_sent", "packets_lost", "loss_rate")),
     "sim_lossfree_s",
     "sim_comm_s",
     "sim_reliable_s",

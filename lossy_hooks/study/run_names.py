@@ -108,6 +108,9 @@ NAMED_SETTINGS = frozenset(
         "all_gather_fill",
         "optimizer",
         "corpus_mb",
+        "tp",
+        "traffic_loss",
+        "traffic_fill",
         *NETWORK_FIELD_OF_FLAG,
         *OPTION_DEFAULTS,
     }
@@ -202,8 +205,9 @@ def config_name(cfg: dict[str, Any]) -> str:
 
 
 def workload_parts(cfg: dict[str, Any]) -> list[str]:
-    """Name parts of the strategy, the all-gather loss, the optimizer and the text budget
-    (none at their defaults: the names of before)."""
+    """Name parts of the strategy, the all-gather loss, the tensor-parallel size (``tp2``), the
+    traffic loss (``tl-tp-random-10pct``, ``-stale`` for a fill other than zero), the optimizer
+    and the text budget (none at their defaults: the names of before)."""
     parts = []
     if cfg.get("strategy", "ddp") != "ddp":
         parts.append(cfg["strategy"])
@@ -211,6 +215,11 @@ def workload_parts(cfg: dict[str, Any]) -> list[str]:
         parts.append(
             f"ag{_slug(format(cfg['all_gather_loss_rate'], 'g'))}-{cfg.get('all_gather_fill', 'stale')}"
         )
+    if int(cfg.get("tp") or 1) > 1:
+        parts.append(f"tp{cfg['tp']}")
+    if cfg.get("traffic_loss"):  # e.g. "tp=random 10%" -> tl-tp-random-10pct (+ the fill unless zero)
+        fill = cfg.get("traffic_fill", "zero")
+        parts.append(_slug(f"tl-{cfg['traffic_loss']}" + (f"-{fill}" if fill != "zero" else "")))
     if cfg.get("optimizer", "sgd") != "sgd":
         parts.append(cfg["optimizer"])
     if cfg.get("dataset") == "text" and cfg.get("corpus_mb", 1.0) != 1.0:

@@ -10,7 +10,8 @@ Where a round's run is::
 Tags (step = the epoch, 1-based as in metrics.csv), one rule in :func:`epoch_scalars`:
 
     loss_rate/<point>            packets lost / packets sent in the epoch at drop point
-                                 ``worker``, ``post`` (or ``gather``, FSDP's all-gather)
+                                 ``worker``, ``post`` (or ``gather``, FSDP's all-gather), or
+                                 of a traffic type (``tp``: tensor parallelism's collectives)
     loss_rate/effective          all drop points together (metrics.csv effective_loss_rate)
     loss_rate/delivered_fraction on a per-hop placement: contributions that reached their root
     bucket_loss/<point>/<b>      bucket b's loss rate in the epoch (buckets.csv)
@@ -32,6 +33,7 @@ from typing import Any
 
 from lossy_hooks.core.placement import Phase
 from lossy_hooks.study.extras import require
+from lossy_hooks.study.traffic import TRAFFIC_KINDS
 
 __all__ = ["TensorBoardLog", "check_available", "epoch_scalars", "round_log_dir"]
 
@@ -39,6 +41,7 @@ _PHASES = typing.get_args(Phase)
 # metrics.csv columns shown under their own group: column -> tag
 _GROUPED = {
     "effective_loss_rate": "loss_rate/effective",
+    **{f"{t}_loss_rate": f"loss_rate/{t}" for t in TRAFFIC_KINDS},  # as its packet columns give it
     "delivered_fraction": "loss_rate/delivered_fraction",
     "fidelity_cosine": "fidelity/cosine",
     "fidelity_rel_l2": "fidelity/rel_l2",

@@ -1,0 +1,190 @@
+"""Tensor parallelism in the study script (``--tp``, issue 43): loss 0 trains the model of a
+run without tp, ``--traffic_loss tp=10%`` moves only the tp counters, a kill and ``--resume``
+continue the exact loss sequences, and the refusals of ``--tp``, ``--traffic_loss`` and
+``--traffic_fill`` (before any work).
+
+The runs: one at W=1 (the reference without tp) and one group of 2 processes (dp=1 x tp=2)
+holding the others (tests/study/study_batch.py); the run killed at a fault point is a
+torchrun launch of its own, made first."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import train_ddp
+from lossy_hooks.core.statistics import binomial_interval
+from lossy_hooks.study.run_control import FAULT_ENV
+from lossy_hooks.study.traffic import parse_traffic_loss
+
+from ..launch import ROOT
+from .study_batch import Run, SharedRuns, uses, wanted_runs
+from .test_train_ddp import env, only_dir, rows, torchrun
+
+LM = (
+    "--model gpt-tiny --optimizer adamw --learning_rate 0.003 --batch_size 8 --accumulation_steps 2 "
+    "--use_avg --mtu 1500 --lab_round 1 --workers 0 --corpus_mb 0.01 --num_epochs 3"
+)
+DP_LOSS = "--tp 2 --loss_rate 0.1 --worker_drop"
+TP_LOSS = DP_LOSS + " --traffic_loss tp=10%"
+
+
+def flags(text: str) -> Callable[[dict], list[str]]:
+    return lambda ctx: [*LM.split(), *text.split()]
+
+
+RUNS = {
+    "base": Run(1, flags("--num_epochs 2")),
+    "tp0": Run(2, flags("--tp 2 --num_epochs 2")),
+    "tp0_fsdp": Run(2, flags("--tp 2 --num_epochs 2 --strategy fsdp")),
+    "dp_loss": Run(2, flags(DP_LOSS)),
+    "tp_loss": Run(2, flags(TP_LOSS)),
+    "tp_resume": Run(2, flags(TP_LOSS + " --resume"), out="tp_cut", after="tp_cut"),
+}
+
+
+def _tp_cut(study: SharedRuns) -> dict:
+    """The tp_loss run, rank 0 killed (SIGKILL) after writing epoch 2's row (the checkpoint
+    holds epoch 1)."""
+    cmd = torchrun([*flags(TP_LOSS)(study.context), "--output_dir", str(study.out("tp_cut"))])
+    cut_env = env() | {FAULT_ENV: "kill:after_metrics:2"}
+    res = subprocess.run(cmd, env=cut_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return {"code": res.returncode, "output": res.stdout + res.stderr}
+
+
+@pytest.fixture(scope="module")
+def study(request, tmp_path_factory) -> SharedRuns:
+    return SharedRuns(tmp_path_factory.mktemp("tp"), {}, RUNS, {"tp_cut": _tp_cut}, wanted_runs(request))
+
+
+def metrics(study: SharedRuns, name: str) -> tuple[Path, list[dict[str, str]]]:
+    res = study.result(name)
+    assert res["code"] == 0, res["stdout"] + res["stderr"]
+    run_dir = only_dir(study.out(name))
+    return run_dir, rows(run_dir / "round0" / "metrics.csv")
+
+
+@uses("base", "tp0", "tp0_fsdp")
+def test_lossless_tp_trains_the_model_of_a_run_without_tp(study):
+    """Loss 0, dp=1: tp=2 (DDP or FSDP2 over the dp mesh) equals the one-rank run up to the
+    order of the tp sums (rel 1e-4 on the losses and perplexity: measured equal to the 6
+    digits metrics.csv keeps; accuracies within 2e-3); tp packets counted, none lost."""
+    base_dir, base = metrics(study, "base")
+    assert "_tp" not in base_dir.name and "tl-" not in base_dir.name  # the names of before
+    for name in ("tp0", "tp0_fsdp"):
+        run_dir, tp = metrics(study, name)
+        assert "_tp2_" in run_dir.name and "tl-" not in run_dir.name
+        assert [r["steps"] for r in tp] == [r["steps"] for r in base]
+        for a, b in zip(base, tp, strict=True):
+            for key in ("train_loss", "val_loss", "val_perplexity"):
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4), (name, key)
+            for key in ("train_acc", "val_acc"):
+                assert float(b[key]) == pytest.approx(float(a[key]), abs=2e-3), (name, key)
+            assert int(b["tp_packets_sent"]) > 0 and b["tp_packets_lost"] == "0"
+            assert a["tp_packets_sent"] == ""  # no tp: no column
+        assert float(tp[-1]["val_loss"]) < float(tp[0]["train_loss"])  # it learns
+
+
+@uses("dp_loss", "tp_loss")
+def test_traffic_loss_moves_only_the_tp_counters(study):
+    """Same seed, 10% dp worker loss in both; tp=10% in one: the dp columns are equal, the tp
+    packets sent too, and the tp packets lost are in the 99.9% binomial interval of 10%."""
+    dp_dir, dp_rows = metrics(study, "dp_loss")
+    tp_dir, tp_rows = metrics(study, "tp_loss")
+    assert tp_dir.name == dp_dir.name.replace("_tp2_", "_tp2_tl-tp-random-10pct_")
+    dp_columns = ("worker_packets_sent", "worker_packets_lost", "effective_loss_rate", "tp_packets_sent")
+    for a, b in zip(dp_rows, tp_rows, strict=True):
+        assert {k: a[k] for k in dp_columns} == {k: b[k] for k in dp_columns}
+        assert a["tp_packets_lost"] == "0" and int(a["worker_packets_lost"]) > 0
+    sent = sum(int(r["tp_packets_sent"]) for r in tp_rows)
+    lost = sum(int(r["tp_packets_lost"]) for r in tp_rows)
+    lo, hi = binomial_interval(sent, 0.1, 0.999)
+    assert lo <= lost <= hi, (sent, lost)
+    assert float(tp_rows[-1]["tp_loss_rate"]) == pytest.approx(
+        int(tp_rows[-1]["tp_packets_lost"]) / int(tp_rows[-1]["tp_packets_sent"]), rel=1e-5
+    )
+    assert tp_rows[-1]["train_loss"] != dp_rows[-1]["train_loss"]  # the lost activations count
+
+
+@uses("tp_cut", "tp_resume", "tp_loss")
+def test_killed_tp_run_resumes_exactly(study):
+    """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's and the tp
+    group's states, each rank's shards and optimizer): every row equals the uninterrupted run's."""
+    cut = study.fact("tp_cut")
+    assert cut["code"] != 0 and "Signal 9 (SIGKILL)" in cut["output"]
+    _, resumed = metrics(study, "tp_resume")
+    assert "resumed after epoch 1" in study.result("tp_resume")["stdout"]
+    _, reference = metrics(study, "tp_loss")
+    drop = {"epoch_seconds", "images_per_s"}
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in reference
+    ]
+
+
+# ------------------------------------------------------------------ refusals (no launch)
+
+
+@pytest.mark.parametrize(
+    "flags, world, message",
+    [
+        (["--tp", "0"], 1, "--tp must be >= 1"),
+        (["--model", "resnet18", "--tp", "2"], 2, "--tp 2 needs a language model"),
+        (["--tp", "3"], 3, "--tp 3 must divide the 4 attention heads of gpt-tiny"),
+        (["--tp", "4"], 6, "--tp 4 must divide the world size 6"),
+        (["--tp", "2", "--measure_drift", "5"], 2, "--measure_drift with --tp 2"),
+        (["--traffic_loss", "tp=10%"], 2, "--traffic_loss tp: this run has no tensor-parallel traffic"),
+        (["--tp", "2", "--traffic_loss", "pp=1%"], 2, "pp: this run has no pipeline-parallel"),
+        (["--tp", "2", "--traffic_loss", "ep=1%"], 2, "(it needs --ep > 1)"),
+        (["--tp", "2", "--traffic_loss", "xx=1%"], 2, "--traffic_loss: unknown traffic type 'xx'"),
+        (["--tp", "2", "--traffic_loss", "tp=1.5"], 2, "--traffic_loss: tp=1.5: a rate must be in [0, 1]"),
+        (["--tp", "2", "--traffic_loss", "tp=150%"], 2, "a rate must be in [0, 1]"),
+        (["--tp", "2", "--traffic_loss", "tp=oops 5"], 2, "--traffic_loss: tp=oops 5:"),
+        (["--tp", "2", "--traffic_loss", "tp"], 2, "expected TYPE=RATE"),
+        (["--tp", "2", "--traffic_loss", "tp=1%,tp=2%"], 2, "given twice"),
+        (["--tp", "2", "--traffic_loss", "tp=1%", "--traffic_fill", "rescale"], 2, "loses all_gather too"),
+        (["--tp", "2", "--traffic_loss", "tp=deadline 1.5x"], 2, "tp: the deadline loss model needs"),
+        (["--tp", "2", "--traffic_fill", "stale"], 2, "--traffic_fill stale needs --traffic_loss"),
+    ],
+)
+def test_tp_and_traffic_refusals_exit_2_naming_the_flag(flags, world, message, capsys, tmp_path, monkeypatch):
+    """Every refusal exits 2 with its message before any process group or file exists (the
+    world size read from the launcher's variables, as under torchrun)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit) as exc:
+        train_ddp.main(["--model", "gpt-tiny", *flags, "--output_dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_traffic_loss_syntax():
+    """A fraction, a percentage or netem text per type."""
+    assert parse_traffic_loss("tp=0.05")["tp"].spec == "random 5%"
+    assert parse_traffic_loss(" tp = 5% ")["tp"].spec == "random 5%"
+    assert parse_traffic_loss("tp=gemodel 1% 20%")["tp"].spec.startswith("gemodel 1% 20%")
+    assert set(parse_traffic_loss("tp=1%,pp=0,ep=1")) == {"tp", "pp", "ep"}
+
+
+def test_tp_folder_names_fit_the_documented_pattern(monkeypatch):
+    """``_tp2`` and ``_tl-...`` parts where docs/reference.md's pattern puts them (W=4 read
+    from the launcher's variables)."""
+    import shlex
+
+    from lossy_hooks.study.cli import resolve
+    from lossy_hooks.study.flags import build_parser
+    from lossy_hooks.study.run_names import config_name
+
+    from .test_readme import _readme_pattern
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    parser = build_parser()
+    argv = "--model gpt-tiny --tp 2 --traffic_loss 'tp=gemodel 1% 20%' --traffic_fill stale --optimizer adamw"
+    name = config_name(resolve(parser.parse_args(shlex.split(argv)), parser))
+    assert _readme_pattern().fullmatch(name), name
+    assert "_w4_" in name and "_tp2_tl-tp-gemodel-1pct-20pct-100pct-0pct-stale_adamw" in name
