@@ -1004,6 +1004,38 @@ MUTANTS = [
         "fidelity over all ranks sums the four sums over the group (the whole reduced vector)",
         (FSDP,),
     ),
+    M(
+        "M113",
+        "lossy_hooks/study/workloads/gpt.py",
+        "view(3, tp, -1, cfg.n_embd).transpose(0, 1).reshape(-1, cfg.n_embd)",
+        "view(3, tp, -1, cfg.n_embd).reshape(-1, cfg.n_embd)",
+        "tensor parallelism reorders qkv's rows so that a column shard holds whole q, k and v heads",
+        (GROUP,),
+    ),
+    M(
+        "M114",
+        "lossy_hooks/study/rounds.py",
+        "DistributedSampler(data.train, self.dp, self.dp_rank, shuffle=True, seed=self.seed)",
+        "DistributedSampler(data.train, self.world, self.rank, shuffle=True, seed=self.seed)",
+        "the tensor-parallel ranks of one data-parallel replica train on the same batches",
+        (("tests/study/test_train_tp.py", "-k", "lossless"),),
+    ),
+    M(
+        "M115",
+        "lossy_hooks/study/workloads/moe.py",
+        "    return math.ceil(factor * top_k * tokens / n_expert)",
+        "    return math.floor(factor * top_k * tokens / n_expert)",
+        "an expert takes ceil(C k N / E) token-slots per forward",
+        (("tests/unit/test_moe.py",),),
+    ),
+    M(
+        "M116",
+        "lossy_hooks/study/workloads/gpt.py",
+        "        bounds = [k * (n // stages) + min(k, n % stages) for k in range(stages + 1)]",
+        "        bounds = [k * (n // stages) for k in range(stages)] + [n]",
+        "pipeline stages split the blocks evenly, the first L mod stages one more",
+        (("tests/unit/test_gpt_parallel.py",),),
+    ),
 ]
 
 
