@@ -245,6 +245,7 @@ LOSS = ["--loss_rate", "0.1"]
 RING = ["--algorithm", "ring", "--worker_drop"]
 GPT_FSDP = ["--dataset", "text", "--model", "gpt-tiny", "--strategy", "fsdp", "--worker_drop"]
 NET = ["--bandwidth_gbps", "10"]
+GPT_TEXT = ["--dataset", "text", "--model", "gpt-tiny"]
 SETTING_CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "num_epochs": ([], ["--num_epochs", "3"]),
     "batch_size": ([], ["--batch_size", "32"]),
@@ -297,6 +298,9 @@ SETTING_CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "straggler_factor": ([*NET, "--straggler_prob", "0.1"], ["--straggler_factor", "3"]),
     "net_drop_rate": (NET, ["--net_drop_rate", "0.001"]),
     "rto_us": (NET, ["--rto_us", "500"]),
+    "tp": (GPT_TEXT, ["--tp", "2"]),
+    "traffic_loss": ([*GPT_TEXT, "--tp", "2"], ["--traffic_loss", "tp=1%"]),
+    "traffic_fill": ([*GPT_TEXT, "--tp", "2", "--traffic_loss", "tp=1%"], ["--traffic_fill", "stale"]),
 }
 
 
