@@ -19,8 +19,12 @@ from lossy_hooks import LossyState, lossy_allreduce_hook, lossy_group, reliable
 
 try:  # run as a script (tests/ on sys.path) or imported from the tests package
     from launch import worker_main
+    from moe_worker import against_reference as moe_reference
+    from moe_worker import lossy as moe_lossy
 except ImportError:
     from tests.launch import worker_main
+    from tests.multiprocess.moe_worker import against_reference as moe_reference
+    from tests.multiprocess.moe_worker import lossy as moe_lossy
 
 MTU = 400  # 100 fp32 elements per packet
 PACKET = 100
@@ -457,5 +461,10 @@ if __name__ == "__main__":
     worker_main(
         {"lossless": lossless, "rates": rates, "control": control, "stale": stale}
         | {"resume": resume, "nodes_and_streams": nodes_and_streams, "refusals": refusals}
-        | {"subgroups": subgroups, "pipeline": pipeline}
+        | {
+            "subgroups": subgroups,
+            "pipeline": pipeline,
+            "moe_reference": moe_reference,
+            "moe_lossy": moe_lossy,
+        }
     )

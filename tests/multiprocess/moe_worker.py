@@ -1,7 +1,7 @@
-"""One rank of a Gloo launch (see launch.py) running the expert-parallel MoE layer
-(E = 4 experts over the W ranks): against the all-local layer with the same weights on the
-same tokens, over a plain group, a lossy group at loss 0 and at loss 0.3 (zero fill).
-Usage: moe_worker.py OUT.json SCENARIO [...]"""
+"""Scenarios of the expert-parallel MoE layer (E = 6 experts over the W ranks, W dividing 6),
+run in the lossy group's launch (group_worker.py, W = 3): against the all-local layer with
+the same weights on the same tokens, over a plain group, a lossy group at loss 0 and at
+loss 0.3 (zero fill). Usage: moe_worker.py OUT.json SCENARIO [...]"""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ except ImportError:
     from tests.launch import worker_main
 
 D = 16
-CFG = MoEConfig(n_expert=4, top_k=2, capacity_factor=1.0)
+CFG = MoEConfig(n_expert=6, top_k=2, capacity_factor=1.0)
 
 
 def layer(group: Any = None) -> MoELayer:

@@ -21,7 +21,7 @@ from ..launch import launch
 
 WORKER = Path(__file__).with_name("group_worker.py")
 SCENARIOS = ["lossless", "rates", "control", "stale", "resume", "nodes_and_streams", "refusals"]
-SCENARIOS += ["subgroups", "pipeline"]
+SCENARIOS += ["subgroups", "pipeline", "moe_reference", "moe_lossy"]  # moe_*: moe_worker.py
 WORLD = 3
 P = 0.2
 CALLS = 60
@@ -202,3 +202,33 @@ def test_a_pipelined_gpt_over_the_lossy_group(ranks):
     assert sent == sum(r["pipeline"]["0.0"]["packets_sent"] for r in ranks) > 0
     lo, hi = binomial_interval(sent, P, 0.999)
     assert lo <= lost <= hi
+
+
+# The expert-parallel MoE layer (tests/multiprocess/moe_worker.py, E = 6 over the 3 ranks)
+
+
+def test_expert_parallel_layer_is_the_all_local_layer_to_round_off(ranks):
+    for r in ranks:
+        ref = r["moe_reference"]
+        assert ref["same_init"]  # one seed: every rank's experts are the all-local layer's slice
+        assert (ref["output"], ref["input_grad"], ref["router_grad"]) == (True, True, True)
+        assert ref["expert_grads"] == [True] * 4  # w_fc, b_fc, w_proj, b_proj of the owned experts
+        assert ref["max_error"] < 1e-12  # float64
+        assert ref["dropped"] > 0  # the capacity dropped slots, the same ones as the reference's
+    splits = [r["moe_reference"]["splits"] for r in ranks]
+    assert any(len(set(s)) > 1 for s in splits)  # uneven: the splits the all-to-all really took
+    assert splits[0][1] != splits[1][0]  # and the two directions carry different numbers of tokens
+
+
+def test_lossy_group_sees_dispatch_and_combine_forward_and_backward(ranks):
+    for r in ranks:
+        lossy = r["moe_lossy"]
+        assert lossy["bitwise"]  # loss 0: outputs and every gradient bitwise the plain group's
+        # one MoE layer, one step: dispatch + combine forward, their two backward all-to-alls;
+        # the int64 count exchange is control traffic, not counted
+        assert lossy["calls"] == 4
+        sent, lost = lossy["lossless_counts"]
+        assert sent > 0 and lost == 0
+        calls, sent, lost = lossy["lossy_counts"]
+        assert calls == 4 and 0 < lost < sent
+        assert lossy["lossy_output_differs"] and lossy["lossy_grads_differ"]

@@ -2,7 +2,7 @@
 gates against a per-token reference, the capacity rule on hand cases (first choices before
 second choices, then by position), the load-balancing loss against its formula, the layer's
 output and gradients against a per-token loop over the experts, and the moe-* models.
-The expert-parallel layer: tests/multiprocess/test_moe_ep.py."""
+The expert-parallel layer: tests/multiprocess/test_group.py (moe_worker.py's scenarios)."""
 
 from __future__ import annotations
 
