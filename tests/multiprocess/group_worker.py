@@ -87,6 +87,20 @@ def tp_step(group: Any) -> list[torch.Tensor]:
     return [out.detach().clone(), *(p.grad.full_tensor().clone() for p in model.parameters())]
 
 
+def pipeline_step(schedule: Any, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    """One step of a pipeline schedule from this rank's side: the first stage feeds ``x``, the
+    last the ``target`` and gets the micro-batch losses (returned; empty elsewhere)."""
+    rank, world = rank_world()
+    losses: list[torch.Tensor] = []
+    if rank == 0:
+        schedule.step(x)
+    elif rank == world - 1:
+        schedule.step(target=target, losses=losses)
+    else:
+        schedule.step()
+    return losses
+
+
 def pp_step(group: Any) -> list[torch.Tensor]:
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
@@ -99,13 +113,7 @@ def pp_step(group: Any) -> list[torch.Tensor]:
     )
     torch.manual_seed(400)
     x, target = torch.randn(8, 8), torch.randn(8, 8)
-    losses: list[torch.Tensor] = []
-    if rank == 0:
-        schedule.step(x)
-    elif rank == world - 1:
-        schedule.step(target=target, losses=losses)
-    else:
-        schedule.step()
+    losses = pipeline_step(schedule, x, target)
     return [*(t.detach().clone() for t in losses), *(p.grad.clone() for p in stages[rank].parameters())]
 
 
@@ -413,13 +421,7 @@ def pipeline() -> dict[str, Any]:
         part = GPTStage(model, rank, world)
         stage = PipelineStage(part, rank, world, torch.device("cpu"), group=group)
         schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=ce)
-        losses: list[torch.Tensor] = []
-        if rank == 0:
-            schedule.step(x)
-        elif rank == world - 1:
-            schedule.step(target=x, losses=losses)
-        else:
-            schedule.step()
+        losses = pipeline_step(schedule, x, x)
         expected = [ce(ref(m), m) for m in x.chunk(2)]
         sum(expected).backward()
         grads = [
