@@ -31,7 +31,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.paired import paired_ratios
+from bench.common import paired_ratios, start_worker
 from lossy_hooks import LossyState, fsdp
 from lossy_hooks.core.process_group import free_port
 from lossy_hooks.study.parallel import shard_units
@@ -51,14 +51,8 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = torch.cuda.is_available() and not args.cpu
-    if not cuda:
-        torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = start_worker(rank, world, port, args.cpu)
+    cuda = device.type == "cuda"
     models = {}
     for label, (scatter, gather) in CONFIGS.items():
         torch.manual_seed(0)

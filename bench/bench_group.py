@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.paired import paired_ratios
+from bench.common import paired_ratios, start_worker
 from lossy_hooks import LossyState, lossy_group
 from lossy_hooks.core.process_group import free_port
 
@@ -46,14 +46,8 @@ def call(kind: str, group: Any, tensor: torch.Tensor, out: torch.Tensor) -> None
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(1)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = start_worker(rank, world, port, args.cpu)
+    cuda = device.type == "cuda"
     groups: dict[str, Any] = {"plain": dist.group.WORLD}  # the group the lossy ones wrap
     for label, p in LOSSES.items():
         groups[label] = lossy_group(LossyState(loss_rate=p, fill="zero", mtu=args.mtu, seed=1))

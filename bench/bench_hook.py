@@ -41,6 +41,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import start_worker
 from lossy_hooks import LossyState, lossy_allreduce_hook, parse_loss_model
 from lossy_hooks.core.packetization import PacketLayout
 from lossy_hooks.core.process_group import free_port
@@ -267,14 +268,8 @@ def step_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = start_worker(rank, world, port, args.cpu)
+    cuda = device.type == "cuda"
     run = timer(device)
     host = HostTime()
     results = []
