@@ -46,6 +46,9 @@ class Stream(enum.IntEnum):
     ALL_GATHER = 77  # the study's FSDP all-gather state: its seed is derive_seed(round seed, 77)
     # the study's tensor-parallel traffic state (--tp): its seed is derive_seed(round seed, 78, dp rank)
     TRAFFIC_TP = 78
+    # the pipeline (--pp) and expert (--ep) traffic states: derive_seed(round seed, 79 | 80, group)
+    TRAFFIC_PP = 79
+    TRAFFIC_EP = 80
 
 
 # Seeds of the start offsets of deterministic models (traces): (seed, stream + this, rank).

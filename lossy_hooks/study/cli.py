@@ -107,7 +107,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     try:
         state = LossyState(**hook_kwargs(cfg))
         if state.hops is not None and world > 1:  # the links named exist at this world size
-            state.hops.check_links(world // args.tp)  # the data-parallel group's ranks
+            state.hops.check_links(world // (args.tp * args.pp))  # the data-parallel group's ranks
         if args.strategy == "fsdp":
             fsdp.check_state(state)
             if args.all_gather_loss_rate > 0:
@@ -120,31 +120,66 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
 def _check_traffic(
     args: argparse.Namespace, fail: Callable[[str], None], language_model: bool, world: int
 ) -> str | None:
-    """``--tp`` (a language model's, dividing the world size and the heads; not with the
-    replica flags, which compare whole replicas), ``--traffic_loss`` and ``--traffic_fill``
-    (:func:`lossy_hooks.study.traffic.traffic_problem`). Returns ``--traffic_loss`` as the
-    configuration holds it (``tp=random 10%``), or ``None``."""
-    tp = args.tp
-    if tp < 1:
-        fail(f"--tp must be >= 1, got {tp}")
-    if tp > 1:
-        if not language_model:
-            fail(f"--tp {tp} needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}")
-        heads = GPT_CONFIGS[args.model].n_head
-        if heads % tp:
-            fail(f"--tp {tp} must divide the {heads} attention heads of {args.model}")
-        if world % tp:
-            fail(f"--tp {tp} must divide the world size {world} (W = dp x tp)")
-        replica_flags = [f"--{f}" for f in ("measure_drift", "resync") if getattr(args, f)]
-        if replica_flags:
-            fail(
-                f"{', '.join(replica_flags)} with --tp {tp}: they compare or copy whole replicas over the "
-                "world, and tp ranks hold different shards"
-            )
+    """``--tp``, ``--pp``, ``--ep`` (:func:`_check_model_parallel`), ``--traffic_loss`` and
+    ``--traffic_fill`` (:func:`lossy_hooks.study.traffic.traffic_problem`). Returns
+    ``--traffic_loss`` as the configuration holds it (``tp=random 10%``), or ``None``."""
+    for flag in ("tp", "pp", "ep"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    sizes = {flag: getattr(args, flag) for flag in ("tp", "pp", "ep") if getattr(args, flag) > 1}
+    if len(sizes) > 1:
+        both = " with ".join(f"--{k} {v}" for k, v in sizes.items())
+        fail(f"{both}: this version runs one kind of model parallelism at a time (with data parallelism)")
+    if sizes:
+        ((flag, size),) = sizes.items()
+        problem = _model_parallel_problem(args, flag, size, language_model, world)
+        if problem:
+            fail(problem)
     problem = traffic_problem(vars(args))
     if problem:
         fail(problem)
     return canonical(parse_traffic_loss(args.traffic_loss)) if args.traffic_loss else None
+
+
+def _model_parallel_problem(
+    args: argparse.Namespace, flag: str, size: int, language_model: bool, world: int
+) -> str | None:
+    """Why ``--<flag> <size>`` (> 1) cannot run with the other flags, or ``None``: ``tp``
+    divides the heads (a language model's); ``pp`` stages a dense GPT (the MoE load-balancing
+    loss of each stage does not travel through the schedule) in at most its layers, under DDP
+    without AMP (the schedule runs the backward: no GradScaler); ``ep`` divides an MoE model's
+    experts, under DDP; each divides the world size, and none goes with the replica flags
+    (they compare or copy whole replicas over the world)."""
+    what = {"tp": "W = dp x tp", "pp": "W = dp x pp", "ep": "ep groups within the data-parallel ranks"}
+    if not language_model:
+        return f"--{flag} {size} needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}"
+    cfg = GPT_CONFIGS[args.model]
+    if flag == "tp" and cfg.n_head % size:
+        return f"--tp {size} must divide the {cfg.n_head} attention heads of {args.model}"
+    if flag == "pp":
+        if cfg.moe is not None:
+            return f"--pp {size} with --model {args.model}: pipeline stages of an MoE model are not supported"
+        if size > cfg.n_layer:
+            return f"--pp {size}: more stages than the {cfg.n_layer} layers of {args.model}"
+        if args.amp:
+            return f"--pp {size} with --amp: the pipeline schedule runs the backward, without a GradScaler"
+    if flag == "ep":
+        if cfg.moe is None:
+            moe = "|".join(name for name, c in GPT_CONFIGS.items() if c.moe is not None)
+            return f"--ep {size} needs an MoE model (--model {moe}), got {args.model}"
+        if cfg.moe.n_expert % size:
+            return f"--ep {size} must divide the {cfg.moe.n_expert} experts of {args.model}"
+    if flag in ("pp", "ep") and args.strategy != "ddp":
+        return f"--{flag} {size} with --strategy {args.strategy}: this version runs --{flag} under DDP"
+    if world % size:
+        return f"--{flag} {size} must divide the world size {world} ({what[flag]})"
+    replica_flags = [f"--{f}" for f in ("measure_drift", "resync") if getattr(args, f)]
+    if replica_flags:
+        return (
+            f"{', '.join(replica_flags)} with --{flag} {size}: they compare or copy whole replicas over "
+            f"the world, and {flag} ranks hold different parameters"
+        )
+    return None
 
 
 def _check_ranges(args: argparse.Namespace, fail: Callable[[str], None]) -> None:

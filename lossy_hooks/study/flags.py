@@ -82,19 +82,34 @@ def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
         "d*tp+tp-1 one tp group; it must divide the world size and the model's attention heads",
     )
     t.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        help="pipeline-parallel stages (>= 1; > 1 for a dense language model, at most its layers): "
+        "W = dp x pp, ranks d*pp .. d*pp+pp-1 one pipeline (GPipe), --accumulation_steps its micro-batches",
+    )
+    t.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel size (>= 1; > 1 for an MoE model, moe-*): ranks g*ep .. g*ep+ep-1 share "
+        "their tokens' experts (all-to-all dispatch and combine); it must divide the world size and "
+        "the experts",
+    )
+    t.add_argument(
         "--traffic_loss",
         default=None,
         metavar="TYPE=RATE[,TYPE=RATE...]",
-        help="loss of model-parallel traffic: TYPE tp (pp, ep: with their flags), RATE a fraction "
-        "(0.05), a percentage (5%%) or netem loss model text (as --loss_model); default: none lost",
+        help="loss of model-parallel traffic: TYPE tp, pp or ep (the run's --tp/--pp/--ep > 1), RATE a "
+        "fraction (0.05), a percentage (5%%) or netem loss model text (as --loss_model); default: none lost",
     )
     t.add_argument(
         "--traffic_fill",
         choices=TRAFFIC_FILLS,
         default="zero",
         help="what replaces a lost packet of every --traffic_loss type: zero (lost at the sender), "
-        "stale (the last value received: lost at the receivers), rescale (sums only: refused for tp, "
-        "whose group loses all-gathers too)",
+        "stale (the last value received: lost at the receivers), rescale (sums only: refused for tp, pp "
+        "and ep, whose groups deliver all-gathers, point-to-point messages and all-to-alls)",
     )
 
 

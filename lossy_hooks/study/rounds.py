@@ -6,7 +6,6 @@ round's status.json and figures."""
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,19 @@ from lossy_hooks import LossyState
 from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.study.checkpoints import load_checkpoint, save_checkpoint
 from lossy_hooks.study.cli import gather_kwargs, hook_kwargs
-from lossy_hooks.study.parallel import fsdp_api, no_grad_sync, parallelize, tp_layout
+from lossy_hooks.study.epoch_tally import EpochTally
+from lossy_hooks.study.parallel import (
+    EPLayout,
+    PPLayout,
+    TPLayout,
+    expert_parameters,
+    fsdp_api,
+    model_parallel_layout,
+    no_grad_sync,
+    parallelize,
+    reduce_expert_gradients,
+)
+from lossy_hooks.study.pipelining import StagePipeline
 from lossy_hooks.study.plotting import plot_round
 from lossy_hooks.study.progress import Reporter
 from lossy_hooks.study.replicas import replica_drift, resync_replicas
@@ -35,90 +46,10 @@ from lossy_hooks.study.run_io import (
 )
 from lossy_hooks.study.tensorboard_log import TensorBoardLog, round_log_dir
 from lossy_hooks.study.traffic import TRAFFIC_KINDS, traffic_columns, traffic_states
-from lossy_hooks.study.workloads.gpt import auxiliary_loss
+from lossy_hooks.study.workloads.gpt import GPT, GPTStage, auxiliary_loss
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
-
-
-@dataclass
-class _EpochTally:
-    """What one epoch of training adds up on this rank, on the device (no host sync per
-    step): the micro-batches of the open accumulation group, and the groups whose step the
-    GradScaler did not skip."""
-
-    device: torch.device
-    loss_sum: torch.Tensor = field(init=False)
-    correct: torch.Tensor = field(init=False)
-    group_loss: torch.Tensor = field(init=False)
-    group_correct: torch.Tensor = field(init=False)
-    seen: int = 0
-    group_seen: int = 0
-    skipped: int = 0
-    processed: int = 0
-    drift: list[tuple[float, float]] = field(default_factory=list)
-    skipped_hook_steps: set[int] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
-        self.group_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.group_correct = torch.zeros((), dtype=torch.long, device=self.device)
-
-    def add_micro_batch(self, loss: torch.Tensor, hits: torch.Tensor, count: int, batch: int) -> None:
-        self.group_loss += loss.detach().double() * count
-        self.group_correct += hits
-        self.group_seen += count
-        self.processed += batch
-
-    def close_group(self, skipped_hook_step: int | None) -> None:
-        """The group's optimizer step ran (``None``) or was skipped at hook step ``skipped_hook_step``."""
-        if skipped_hook_step is not None:
-            self.skipped += 1
-            self.skipped_hook_steps.add(skipped_hook_step)
-        else:
-            self.loss_sum += self.group_loss
-            self.correct += self.group_correct
-            self.seen += self.group_seen
-        self.group_loss.zero_()
-        self.group_correct.zero_()
-        self.group_seen = 0
-
-    def row(
-        self, cfg: dict[str, Any], state: LossyState, world: int, t0: float, tp: int = 1
-    ) -> dict[str, Any]:
-        """The epoch's metrics.csv training columns, summed over the ranks (collectives). With
-        ``--tp`` the ``tp`` ranks of a replica see the same batches and compute the same loss:
-        loss and accuracy are ratios of sums in which every replica weighs ``tp`` times (the
-        ratio of the replicas' own sums), and the examples processed are divided by ``tp``."""
-        dev, drift, skipped_hook_steps = self.device, self.drift, self.skipped_hook_steps
-        counts = torch.tensor([self.seen, self.skipped, self.processed], dtype=torch.float64, device=dev)
-        totals = torch.cat([torch.stack([self.loss_sum, self.correct.double()]), counts])
-        dist.all_reduce(totals)
-        seconds = time.perf_counter() - t0
-        row = {
-            # None (an empty cell) when the scaler skipped every step of the epoch
-            "train_loss": float(totals[0] / totals[2]) if totals[2] > 0 else None,
-            "train_acc": float(totals[1] / totals[2]) if totals[2] > 0 else None,
-            "epoch_seconds": seconds,
-            "images_per_s": float(totals[4]) / tp / seconds,
-        }
-        if cfg["amp"]:
-            row["skipped_steps"] = round(float(totals[3]) / world)  # the same on every rank
-        if drift:
-            row["drift_max"] = max(d[0] for d in drift)
-            row["drift_mean"] = sum(d[1] for d in drift) / len(drift)
-        if cfg["measure_fidelity"]:
-            # FSDP: each rank reduces one shard; the whole gradient is every rank's shard
-            shards = cfg.get("strategy", "ddp") == "fsdp"
-            fid = [f for f in state.fidelity(all_ranks=shards) if f["step"] not in skipped_hook_steps]
-            sums = [sum(f["cosine"] for f in fid), sum(f["rel_l2"] for f in fid), len(fid)]
-            vals = torch.tensor(sums, dtype=torch.float64, device=dev)
-            dist.all_reduce(vals)
-            if vals[2] > 0:
-                row["fidelity_cosine"] = float(vals[0] / vals[2])
-                row["fidelity_rel_l2"] = float(vals[1] / vals[2])
-        return row
 
 
 class RoundRunner:
@@ -139,18 +70,22 @@ class RoundRunner:
         self.report = report
         self.dir = run_dir / f"round{k}"
         self.seed = cfg["seed"] + k
-        torch.manual_seed(self.seed)  # same initial model on every rank
-        model = build_model(cfg["model"], data.num_classes).to(device)
-        self.module = model
         self.fsdp = cfg.get("strategy", "ddp") == "fsdp"
-        self.tp = int(cfg.get("tp") or 1)
-        self.dp, self.dp_rank = world // self.tp, rank // self.tp  # data-parallel replicas, this one
+        sizes = {kind: int(cfg.get(kind) or 1) for kind in ("tp", "pp", "ep")}
+        self.tp, self.pp, self.ep = sizes["tp"], sizes["pp"], sizes["ep"]
+        # a data-parallel replica: tp ranks or pp stages (expert parallelism is within dp)
+        replica = self.tp * self.pp
+        self.dp, self.dp_rank = world // replica, rank // replica
         # traffic beyond data parallelism: one state per type (loss 0 where it does not lose)
-        self.traffic = traffic_states(cfg, self.seed, self.dp_rank)
-        layout = None
-        if self.tp > 1:
-            layout = tp_layout(self.tp, self.traffic["tp"], TRAFFIC_KINDS["tp"], device.type)
-        dp_group = layout.dp_group if layout is not None else None
+        self.traffic = traffic_states(cfg, self.seed, rank)
+        layout = model_parallel_layout(sizes, self.traffic, TRAFFIC_KINDS, device.type)
+        torch.manual_seed(self.seed)  # same initial model on every rank
+        ep_group = layout.ep_group if isinstance(layout, EPLayout) else None
+        model = build_model(cfg["model"], data.num_classes, ep_group).to(device)
+        if isinstance(layout, PPLayout):  # this rank's stage of the model
+            model = GPTStage(model, layout.stage, layout.pp)  # type: ignore[arg-type]
+        self.module = model
+        dp_group = layout.dp_group if isinstance(layout, (TPLayout, PPLayout)) else None
         self.state = LossyState(**hook_kwargs(cfg, self.seed), process_group=dp_group)
         self.state.name_parameters(model)  # for --protect
         gathering = self.fsdp and cfg.get("all_gather_loss_rate", 0.0) > 0
@@ -159,14 +94,22 @@ class RoundRunner:
         self.ddp = parallelize(
             model, cfg["strategy"], self.state, self.gather, device, cfg["bucket_cap_mb"], layout
         )
-        # a tensor-parallel model under DDP: its parameters (this rank's shards) as made here;
-        # after a forward its DTensor ones are module attributes, out of named_parameters()
+        # a model-parallel model under DDP: its parameters (this rank's shards, stage or
+        # experts) as made here; after a forward a tp model's DTensor ones are module
+        # attributes, out of named_parameters()
         self.local_params = list(model.named_parameters()) if layout is not None and not self.fsdp else []
         if layout is not None:
             self.state.name_parameters(model)
+        # --ep: the experts' gradients, reduced outside DDP (1/W: the mean DDP takes)
+        self.experts = [p for _, p in expert_parameters(model)] if isinstance(layout, EPLayout) else []
+        self.expert_replicas = layout.replica_group if isinstance(layout, EPLayout) else None
+        self.expert_scale = 1.0 / world if cfg["reduction"] == "mean" else 1.0
+        self.pipeline = None
+        if isinstance(layout, PPLayout):
+            self.pipeline = StagePipeline(model, self.ddp, layout, device, cfg["accumulation_steps"])
         self.opt = build_optimizer(cfg["optimizer"], self.ddp, cfg["learning_rate"])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
-        # per-replica data randomness: the tp ranks of a replica draw the same
+        # per-replica data randomness: the tp ranks (pp stages) of a replica draw the same
         torch.manual_seed(derive_seed(self.seed, Stream.DATA, self.dp_rank))
         if not self.fsdp:  # FSDP does not rebuild buckets
             self.warm_up()
@@ -179,11 +122,13 @@ class RoundRunner:
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
+            drop_last=self.pipeline is not None,  # the schedule's shapes are fixed
         )
         # every sample exactly once per replica (its tp ranks run the same forward); under FSDP
-        # every rank must run as many forward passes (they all-gather), so the set is cut to a
-        # multiple of the dp size (< dp samples)
-        val_end = len(data.val) // self.dp * self.dp if self.fsdp else len(data.val)
+        # or --ep every rank must run as many forward passes (they all-gather, or exchange
+        # tokens), so the set is cut to a multiple of the dp size (< dp samples)
+        even = self.fsdp or self.ep > 1
+        val_end = len(data.val) // self.dp * self.dp if even else len(data.val)
         val_shard = Subset(data.val, range(self.dp_rank, val_end, self.dp))
         self.val_loader = DataLoader(val_shard, batch_size=cfg["batch_size"], num_workers=workers)
         self.start_epoch, self.steps = 0, 0
@@ -192,9 +137,12 @@ class RoundRunner:
         """One lossless, uncounted iteration so DDP rebuilds its buckets before the first
         real step: fresh and resumed runs then draw identical loss sequences."""
         with self.state.passthrough(), self.traffic_passthrough():
-            self.ddp.eval()
-            logits(self.ddp(self.data.example_batch(2, self.device))).float().sum().backward()
-            self.ddp.train()
+            if self.pipeline is not None:  # of the training shapes (the schedule's first step)
+                self.pipeline.warm_up(self.data.example_batch(self.cfg["batch_size"], self.device))
+            else:
+                self.ddp.eval()
+                logits(self.ddp(self.data.example_batch(2, self.device))).float().sum().backward()
+                self.ddp.train()
         self.opt.zero_grad(set_to_none=True)
 
     def traffic_passthrough(self) -> contextlib.ExitStack:
@@ -243,6 +191,8 @@ class RoundRunner:
             for b in counts["buckets"]:
                 b["drop_point"] = "gather"
             buckets += packet_rows({"points": {}, "buckets": counts["buckets"], "parameters": []}, epoch)[1]
+        if isinstance(self.module, GPT) and self.module.moe_layers():  # capacity drops (every rank)
+            columns |= moe_columns(self.module, self.tp)
         if self.state.clock is not None:  # the same on every rank (one shared random stream)
             columns |= self.state.clock.since_mark()
         return columns, buckets, layers
@@ -260,8 +210,12 @@ class RoundRunner:
         cfg, dev = self.cfg, self.device
         self.ddp.train()
         self.sampler.set_epoch(epoch)
+        if isinstance(self.module, GPT):
+            self.module.reset_moe_counts()
+        if self.pipeline is not None:
+            return self.pipeline_epoch(epoch)
         acc_steps = cfg["accumulation_steps"]
-        tally = _EpochTally(dev)
+        tally = EpochTally(dev)
         n_batches = len(self.loader)
         self.report.start_epoch(f"round {self.k} epoch {epoch + 1}/{cfg['num_epochs']}", n_batches)
         t0 = time.perf_counter()
@@ -278,38 +232,82 @@ class RoundRunner:
                 self.scaler.scale(objective / group_size).backward()
             tally.add_micro_batch(loss, hits, count, len(y))
             if sync:
-                scale_before = self.scaler.get_scale() if cfg["amp"] else 0.0
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                self.opt.zero_grad(set_to_none=True)
-                self.steps += 1
-                overflow = cfg["amp"] and self.scaler.get_scale() < scale_before  # inf/nan: skipped
-                tally.close_group(self.state.steps - 1 if overflow else None)
-                if cfg["resync"] and self.steps % cfg["resync"] == 0:
-                    resync_replicas(self.module, self.opt)
-                if cfg["measure_drift"] and self.steps % cfg["measure_drift"] == 0:
-                    tally.drift.append(replica_drift(self.module))
-                if self.report.enabled and (i % 10 == 0 or i == n_batches - 1):
-                    st = self.state.stats()
-                    self.report.update(i + 1, tally.processed * self.dp, float(loss.detach()), _rate(st))
+                self.close_step(tally, i, n_batches, loss)
                 if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
                     break
         return tally.row(cfg, self.state, self.world, t0, self.tp)
+
+    def pipeline_epoch(self, epoch: int) -> dict[str, Any]:
+        """:meth:`train_epoch` under ``--pp``: every ``--accumulation_steps`` batches one step
+        of the schedule (:class:`~lossy_hooks.study.pipelining.StagePipeline`); a short last
+        group is left out (the schedule's micro-batches are fixed). The last stage tallies."""
+        cfg, dev, pipeline = self.cfg, self.device, self.pipeline
+        assert pipeline is not None
+        tally, group = EpochTally(dev), pipeline.microbatches
+        n_batches = len(self.loader) // group * group
+        self.report.start_epoch(f"round {self.k} epoch {epoch + 1}/{cfg['num_epochs']}", n_batches)
+        t0 = time.perf_counter()
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        for i, (x, y) in enumerate(self.loader):
+            if i >= n_batches:
+                break
+            xs.append(x.to(dev, non_blocking=True))
+            ys.append(y.to(dev, non_blocking=True))
+            if len(xs) < group:
+                continue
+            done = pipeline.step(xs, ys)
+            if done is not None:
+                tally.add_micro_batch(done[0], done[1], done[2], sum(len(b) for b in ys))
+            xs, ys = [], []
+            self.close_step(tally, i, n_batches, done[0] if done is not None else None)
+            if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
+                break
+        return tally.row(cfg, self.state, self.world, t0)
+
+    def close_step(self, tally: EpochTally, i: int, n_batches: int, loss: torch.Tensor | None) -> None:
+        """After the backward of an optimizer step's last micro-batch (batch ``i``): the
+        experts' gradients (``--ep``), the optimizer step, the step's tallies and replica
+        checks, the progress line."""
+        cfg = self.cfg
+        if self.experts:
+            reduce_expert_gradients(self.experts, self.expert_replicas, self.expert_scale)
+        scale_before = self.scaler.get_scale() if cfg["amp"] else 0.0
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        overflow = cfg["amp"] and self.scaler.get_scale() < scale_before  # inf/nan: skipped
+        tally.close_group(self.state.steps - 1 if overflow else None)
+        if cfg["resync"] and self.steps % cfg["resync"] == 0:
+            resync_replicas(self.module, self.opt)
+        if cfg["measure_drift"] and self.steps % cfg["measure_drift"] == 0:
+            tally.drift.append(replica_drift(self.module))
+        if self.report.enabled and (i % 10 == 0 or i == n_batches - 1):
+            shown = float(loss.detach()) if loss is not None else math.nan  # not a last stage
+            self.report.update(i + 1, tally.processed * self.dp, shown, _rate(self.state.stats()))
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
         """Validation loss and accuracy (per token for a language model). Under FSDP the
         parameters are gathered without loss here, and tensor-parallel traffic is lossless:
         it measures the model training made. With ``--tp`` each replica's sums count ``tp``
-        times in numerator and denominator alike (its tp ranks compute the same)."""
+        times in numerator and denominator alike (its tp ranks compute the same); with
+        ``--pp`` the last stages sum."""
         self.module.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         lossless = self.gather.passthrough() if self.gather is not None else contextlib.nullcontext()
         with lossless, self.traffic_passthrough():
             for x, y in self.val_loader:
                 x, y = x.to(self.device), y.to(self.device)
-                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg["amp"]):
-                    out = logits(self.module(x))
+                if self.pipeline is not None:  # the logits on the last stage only
+                    staged = self.pipeline.forward(x, self.module.width)
+                    if staged is None:
+                        continue
+                    out = staged
+                else:
+                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cfg["amp"]):
+                        out = logits(self.module(x))
                 loss, hits, count = _task_loss(out.float(), y)
                 totals += torch.stack([loss.double() * count, hits.double(), torch.tensor(float(count))])
         dist.all_reduce(totals)
@@ -388,3 +386,16 @@ def _rate(stats: dict[str, Any]) -> float:
     sent = sum(stats[p]["packets_sent"] for p in ("worker", "post") if p in stats)
     lost = sum(stats[p]["packets_lost"] for p in ("worker", "post") if p in stats)
     return lost / sent if sent else 0.0
+
+
+def moe_columns(model: GPT, copies: int) -> dict[str, Any]:
+    """metrics.csv's ``moe_dropped_slots``, ``moe_routed_slots`` and ``moe_drop_rate``: the
+    token-slots the MoE layers' capacity dropped in the epoch's training forwards, summed over
+    the ranks (a collective; each of ``copies`` tp ranks of a replica routes the same tokens)."""
+    counts = model.moe_slot_counts()
+    device = next(model.parameters()).device
+    totals = counts.double() if counts is not None else torch.zeros(2, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    dropped, routed = (round(float(v) / copies) for v in totals)
+    rate = dropped / max(routed, 1)
+    return {"moe_dropped_slots": dropped, "moe_routed_slots": routed, "moe_drop_rate": rate}

@@ -109,6 +109,8 @@ NAMED_SETTINGS = frozenset(
         "optimizer",
         "corpus_mb",
         "tp",
+        "pp",
+        "ep",
         "traffic_loss",
         "traffic_fill",
         *NETWORK_FIELD_OF_FLAG,
@@ -205,7 +207,8 @@ def config_name(cfg: dict[str, Any]) -> str:
 
 
 def workload_parts(cfg: dict[str, Any]) -> list[str]:
-    """Name parts of the strategy, the all-gather loss, the tensor-parallel size (``tp2``), the
+    """Name parts of the strategy, the all-gather loss, the model-parallel size (``tp2``, ``pp2``,
+    ``moe-ep4``), the
     traffic loss (``tl-tp-random-10pct``, ``-stale`` for a fill other than zero), the optimizer
     and the text budget (none at their defaults: the names of before)."""
     parts = []
@@ -215,8 +218,10 @@ def workload_parts(cfg: dict[str, Any]) -> list[str]:
         parts.append(
             f"ag{_slug(format(cfg['all_gather_loss_rate'], 'g'))}-{cfg.get('all_gather_fill', 'stale')}"
         )
-    if int(cfg.get("tp") or 1) > 1:
-        parts.append(f"tp{cfg['tp']}")
+    # the model-parallel size: tp2, pp2, moe-ep4 (a plain "ep4" would read as --num_epochs 4)
+    for flag, label in (("tp", "tp"), ("pp", "pp"), ("ep", "moe-ep")):
+        if int(cfg.get(flag) or 1) > 1:
+            parts.append(f"{label}{cfg[flag]}")
     if cfg.get("traffic_loss"):  # e.g. "tp=random 10%" -> tl-tp-random-10pct (+ the fill unless zero)
         fill = cfg.get("traffic_fill", "zero")
         parts.append(_slug(f"tl-{cfg['traffic_loss']}" + (f"-{fill}" if fill != "zero" else "")))

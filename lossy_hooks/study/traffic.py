@@ -1,8 +1,10 @@
 """Traffic beyond data parallelism (issue 43): which training traffic tolerates loss.
 
 A run with model parallelism has traffic of its own besides the data-parallel gradients:
-tensor parallelism's activation and activation-gradient all-reduces (``--tp``); pipeline
-(``pp``) and expert (``ep``) traffic are named here for the flags to come. Each type of a run
+tensor parallelism's activation and activation-gradient all-reduces (``--tp``), pipeline
+parallelism's activations and their gradients between stages (``--pp``: point-to-point) and
+expert parallelism's dispatch and combine all-to-alls, forward and backward (``--ep``). Each
+type of a run
 travels on a :func:`~lossy_hooks.lossy_subgroups` group with a
 :class:`~lossy_hooks.LossyState` of its own, made whether or not it loses (a loss-0 state
 counts its packets: metrics.csv's ``<type>_packets_sent`` is there for every run with that
@@ -16,10 +18,12 @@ type):
   ``zero`` and ``rescale`` lose at the senders (drop point ``worker``), ``stale`` at the
   receivers (drop point ``post``, one mask for the group: every rank of it keeps the same
   value). ``rescale`` needs every collective of the type to be a sum: tensor parallelism's
-  group loses all-gathers too (:data:`TRAFFIC_KINDS`), so it is refused for ``tp``.
-- Seeds: a type's state has the seed ``derive_seed(round seed, <its Stream>, dp rank)``: its
-  own streams (:class:`~lossy_hooks.core.streams.Stream`), and each data-parallel replica's
-  group losses of its own. The states are checkpointed with the round.
+  group loses all-gathers too, pipeline and expert traffic is delivered, not summed
+  (:data:`TRAFFIC_KINDS`), so it is refused for all three types.
+- Seeds: a type's state has the seed ``derive_seed(round seed, <its Stream>, group)``,
+  ``group`` the index of this rank's group of that type (``rank // size``: every rank of a
+  group draws the same sequence, each group its own): its own streams
+  (:class:`~lossy_hooks.core.streams.Stream`). The states are checkpointed with the round.
 """
 
 from __future__ import annotations
@@ -50,9 +54,13 @@ TRAFFIC_TYPES = {
     "pp": ("--pp", "pipeline-parallel"),
     "ep": ("--ep", "expert-parallel"),
 }
-# the collectives each type's lossy group loses (types with a flag in this version)
-TRAFFIC_KINDS = {"tp": ("all_reduce", "all_gather", "reduce_scatter")}
-TRAFFIC_STREAMS = {"tp": Stream.TRAFFIC_TP}
+# the collectives each type's lossy group loses
+TRAFFIC_KINDS = {
+    "tp": ("all_reduce", "all_gather", "reduce_scatter"),
+    "pp": ("p2p",),
+    "ep": ("all_to_all",),
+}
+TRAFFIC_STREAMS = {"tp": Stream.TRAFFIC_TP, "pp": Stream.TRAFFIC_PP, "ep": Stream.TRAFFIC_EP}
 TRAFFIC_FILLS = ("zero", "stale", "rescale")
 _REDUCTIONS = frozenset({"all_reduce", "reduce_scatter"})
 
@@ -96,8 +104,8 @@ def canonical(models: dict[str, LossModel]) -> str:
 
 
 def run_traffic_types(cfg: dict[str, Any]) -> list[str]:
-    """The traffic types a configuration has (``tp`` with ``--tp`` > 1; ``pp``, ``ep`` with
-    their flags > 1 once they exist)."""
+    """The traffic types a configuration has (each with its flag ``--tp``, ``--pp``, ``--ep``
+    > 1)."""
     return [t for t in TRAFFIC_TYPES if int(cfg.get(t) or 1) > 1]
 
 
@@ -139,10 +147,10 @@ def traffic_problem(cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def traffic_states(cfg: dict[str, Any], seed: int, replica: int) -> dict[str, LossyState]:
+def traffic_states(cfg: dict[str, Any], seed: int, rank: int) -> dict[str, LossyState]:
     """One :class:`LossyState` per traffic type of the run (loss 0 where ``--traffic_loss``
-    leaves it out), seeded ``derive_seed(seed, <type's stream>, replica)`` (``replica``: the
-    data-parallel rank)."""
+    leaves it out), seeded ``derive_seed(seed, <type's stream>, rank // size)``: the index of
+    ``rank``'s group of that type (its ranks are consecutive)."""
     text = cfg.get("traffic_loss")
     models = parse_traffic_loss(text) if text else {}
     fill = cfg.get("traffic_fill", "zero") if text else "zero"
@@ -150,7 +158,7 @@ def traffic_states(cfg: dict[str, Any], seed: int, replica: int) -> dict[str, Lo
     for kind in run_traffic_types(cfg):
         model = models.get(kind, Bernoulli(0.0))
         kind_fill = fill if kind in models else "zero"
-        stream_seed = derive_seed(seed, TRAFFIC_STREAMS[kind], replica)
+        stream_seed = derive_seed(seed, TRAFFIC_STREAMS[kind], rank // int(cfg[kind]))
         states[kind] = LossyState(**_state_kwargs(kind, model, kind_fill, cfg["mtu"], stream_seed))
     return states
 

@@ -217,6 +217,7 @@ class GPTStage(nn.Module):
             raise ValueError(f"--pp {stages} must be between 1 and the model's {n} layers")
         bounds = [k * (n // stages) + min(k, n % stages) for k in range(stages + 1)]
         self.first, self.last = stage == 0, stage == stages - 1
+        self.width = model.cfg.n_embd  # of the hidden states between stages
         self.tok = model.tok if self.first else None
         self.pos = model.pos if self.first else None
         self.blocks = nn.ModuleList(model.blocks[bounds[stage] : bounds[stage + 1]])

@@ -128,6 +128,9 @@ class MoELayer(nn.Module):
     stream and keeps its own: with one seed, the expert-parallel layer is the all-local one,
     sharded."""
 
+    # the parameters of the experts (sharded over ``ep_group``; the router is replicated)
+    EXPERT_PARAMETERS = ("w_fc", "b_fc", "w_proj", "b_proj")
+
     def __init__(
         self, n_embd: int, cfg: MoEConfig, proj_std: float = 0.02, ep_group: dist.ProcessGroup | None = None
     ) -> None:
