@@ -1018,7 +1018,7 @@ MUTANTS = [
         "DistributedSampler(data.train, self.dp, self.dp_rank, shuffle=True, seed=self.seed)",
         "DistributedSampler(data.train, self.world, self.rank, shuffle=True, seed=self.seed)",
         "the tensor-parallel ranks of one data-parallel replica train on the same batches",
-        (("tests/study/test_train_tp.py", "-k", "lossless"),),
+        (("tests/study/test_train_parallel.py", "-k", "lossless"),),
     ),
     M(
         "M115",

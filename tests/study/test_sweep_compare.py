@@ -299,6 +299,8 @@ SETTING_CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "net_drop_rate": (NET, ["--net_drop_rate", "0.001"]),
     "rto_us": (NET, ["--rto_us", "500"]),
     "tp": (GPT_TEXT, ["--tp", "2"]),
+    "pp": (GPT_TEXT, ["--pp", "2"]),
+    "ep": ([*GPT_TEXT, "--model", "moe-tiny"], ["--ep", "2"]),
     "traffic_loss": ([*GPT_TEXT, "--tp", "2"], ["--traffic_loss", "tp=1%"]),
     "traffic_fill": ([*GPT_TEXT, "--tp", "2", "--traffic_loss", "tp=1%"], ["--traffic_fill", "stale"]),
 }

@@ -1,11 +1,11 @@
-"""Tensor parallelism in the study script (``--tp``, issue 43): loss 0 trains the model of a
-run without tp, ``--traffic_loss tp=10%`` moves only the tp counters, a kill and ``--resume``
-continue the exact loss sequences, and the refusals of ``--tp``, ``--traffic_loss`` and
-``--traffic_fill`` (before any work).
+"""Model parallelism in the study script (issue 43): ``--tp``, ``--pp`` and ``--ep``. Loss 0
+trains the model of a run without them, ``--traffic_loss TYPE=10%`` moves only that type's
+counters, a kill and ``--resume`` continue the exact loss sequences, and the refusals of
+``--tp``, ``--pp``, ``--ep``, ``--traffic_loss`` and ``--traffic_fill`` (before any work).
 
-The runs: one at W=1 (the reference without tp) and one group of 2 processes (dp=1 x tp=2)
-holding the others (tests/study/study_batch.py); the run killed at a fault point is a
-torchrun launch of its own, made first."""
+The runs: a group at W=1 (the references without model parallelism) and one of 2 processes
+(dp=1 x tp=2, pp=2 or ep=2) holding the others (tests/study/study_batch.py); each run
+killed at a fault point is a torchrun launch of its own, made first."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ LM = (
 )
 DP_LOSS = "--tp 2 --loss_rate 0.1 --worker_drop"
 TP_LOSS = DP_LOSS + " --traffic_loss tp=10%"
+PP_LOSS = "--pp 2 --traffic_loss pp=10%"  # zero fill
+EP_LOSS = "--model moe-tiny --ep 2 --traffic_loss ep=10% --traffic_fill stale"
+CUTS = {"tp_cut": TP_LOSS, "pp_cut": PP_LOSS, "ep_cut": EP_LOSS}
 
 
 def flags(text: str) -> Callable[[dict], list[str]]:
@@ -38,26 +41,40 @@ def flags(text: str) -> Callable[[dict], list[str]]:
 
 RUNS = {
     "base": Run(1, flags("--num_epochs 2")),
+    # the pipeline leaves the epoch's short last group out: 8 of 9 steps, one epoch
+    "base_steps8": Run(1, flags("--num_epochs 1 --max_steps 8")),
     "tp0": Run(2, flags("--tp 2 --num_epochs 2")),
     "tp0_fsdp": Run(2, flags("--tp 2 --num_epochs 2 --strategy fsdp")),
     "dp_loss": Run(2, flags(DP_LOSS)),
     "tp_loss": Run(2, flags(TP_LOSS)),
     "tp_resume": Run(2, flags(TP_LOSS + " --resume"), out="tp_cut", after="tp_cut"),
+    "pp0": Run(2, flags("--pp 2 --num_epochs 1")),
+    "pp_loss": Run(2, flags(PP_LOSS)),
+    "pp_resume": Run(2, flags(PP_LOSS + " --resume"), out="pp_cut", after="pp_cut"),
+    "moe": Run(2, flags("--model moe-tiny --num_epochs 2")),
+    "ep0": Run(2, flags("--model moe-tiny --ep 2 --num_epochs 2")),
+    "ep_loss": Run(2, flags(EP_LOSS)),
+    "ep_resume": Run(2, flags(EP_LOSS + " --resume"), out="ep_cut", after="ep_cut"),
 }
 
 
-def _tp_cut(study: SharedRuns) -> dict:
-    """The tp_loss run, rank 0 killed (SIGKILL) after writing epoch 2's row (the checkpoint
-    holds epoch 1)."""
-    cmd = torchrun([*flags(TP_LOSS)(study.context), "--output_dir", str(study.out("tp_cut"))])
-    cut_env = env() | {FAULT_ENV: "kill:after_metrics:2"}
-    res = subprocess.run(cmd, env=cut_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    return {"code": res.returncode, "output": res.stdout + res.stderr}
+def _cut(name: str) -> Callable[[SharedRuns], dict]:
+    """The lossy run of ``name``'s type, rank 0 killed (SIGKILL) after writing epoch 2's row
+    (the checkpoint holds epoch 1)."""
+
+    def run(study: SharedRuns) -> dict:
+        cmd = torchrun([*flags(CUTS[name])(study.context), "--output_dir", str(study.out(name))])
+        cut_env = env() | {FAULT_ENV: "kill:after_metrics:2"}
+        res = subprocess.run(cmd, env=cut_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        return {"code": res.returncode, "output": res.stdout + res.stderr}
+
+    return run
 
 
 @pytest.fixture(scope="module")
 def study(request, tmp_path_factory) -> SharedRuns:
-    return SharedRuns(tmp_path_factory.mktemp("tp"), {}, RUNS, {"tp_cut": _tp_cut}, wanted_runs(request))
+    cuts = {name: _cut(name) for name in CUTS}
+    return SharedRuns(tmp_path_factory.mktemp("parallel"), {}, RUNS, cuts, wanted_runs(request))
 
 
 def metrics(study: SharedRuns, name: str) -> tuple[Path, list[dict[str, str]]]:
@@ -109,20 +126,64 @@ def test_traffic_loss_moves_only_the_tp_counters(study):
     assert tp_rows[-1]["train_loss"] != dp_rows[-1]["train_loss"]  # the lost activations count
 
 
-@uses("tp_cut", "tp_resume", "tp_loss")
-def test_killed_tp_run_resumes_exactly(study):
-    """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's and the tp
-    group's states, each rank's shards and optimizer): every row equals the uninterrupted run's."""
-    cut = study.fact("tp_cut")
+@uses(*CUTS, "tp_resume", "pp_resume", "ep_resume", "tp_loss", "pp_loss", "ep_loss")
+@pytest.mark.parametrize("kind", ["tp", "pp", "ep"])
+def test_killed_model_parallel_run_resumes_exactly(study, kind):
+    """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's and the
+    type's group states, each rank's shards, stage or experts and optimizer): every row
+    equals the uninterrupted run's."""
+    cut = study.fact(f"{kind}_cut")
     assert cut["code"] != 0 and "Signal 9 (SIGKILL)" in cut["output"]
-    _, resumed = metrics(study, "tp_resume")
-    assert "resumed after epoch 1" in study.result("tp_resume")["stdout"]
-    _, reference = metrics(study, "tp_loss")
+    _, resumed = metrics(study, f"{kind}_resume")
+    assert "resumed after epoch 1" in study.result(f"{kind}_resume")["stdout"]
+    _, reference = metrics(study, f"{kind}_loss")
     drop = {"epoch_seconds", "images_per_s"}
     assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
         {k: v for k, v in r.items() if k not in drop} for r in reference
     ]
+    assert int(reference[-1][f"{kind}_packets_lost"]) > 0
+
+
+@uses("base_steps8", "pp0", "moe", "ep0")
+def test_lossless_pp_and_ep_train_the_model_of_a_run_without_them(study):
+    """Loss 0: two GPipe stages (2 micro-batches per step) train the one-rank model of the
+    same 8 steps, and the experts sharded over 2 ranks the MoE model of 2 DDP ranks holding
+    every expert (the same capacity drops): equal to the 6 digits metrics.csv keeps (torch
+    sums the experts' rows in another order: measured equal); the type's packets counted,
+    none lost."""
+    for ref_name, name, kind in (("base_steps8", "pp0", "pp"), ("moe", "ep0", "ep")):
+        _, ref = metrics(study, ref_name)
+        run_dir, run = metrics(study, name)
+        assert f"_{'pp2' if kind == 'pp' else 'moe-ep2'}_" in run_dir.name
+        assert [r["steps"] for r in run] == [r["steps"] for r in ref]
+        for a, b in zip(ref, run, strict=True):
+            for key in ("train_loss", "val_loss", "val_perplexity", "train_acc", "val_acc"):
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=2e-5), (name, key)
+            assert int(b[f"{kind}_packets_sent"]) > 0 and b[f"{kind}_packets_lost"] == "0"
+            assert a[f"{kind}_packets_sent"] == ""
+        if kind == "ep":  # the capacity's own drops, the same with and without ep
+            assert [r["moe_dropped_slots"] for r in run] == [r["moe_dropped_slots"] for r in ref]
+            assert all(0 < int(r["moe_dropped_slots"]) < int(r["moe_routed_slots"]) for r in run)
+
+
+@uses("pp_loss", "pp0", "ep_loss", "ep0")
+@pytest.mark.parametrize("kind", ["pp", "ep"])
+def test_traffic_loss_moves_only_its_types_counters(study, kind):
+    """10% on the type alone (pp: zero fill; ep: stale): the data-parallel packets all
+    arrive, the type's lost packets are in the 99.9% binomial interval of 10% of its sent
+    ones, and the lost activations change the training."""
+    ref_name = "pp0" if kind == "pp" else "ep0"
+    _, lossy = metrics(study, f"{kind}_loss")
+    _, lossless = metrics(study, ref_name)
+    sent = sum(int(r[f"{kind}_packets_sent"]) for r in lossy)
+    lost = sum(int(r[f"{kind}_packets_lost"]) for r in lossy)
+    lo, hi = binomial_interval(sent, 0.1, 0.999)
+    assert lo <= lost <= hi, (sent, lost)
+    assert all(r["post_packets_lost"] == "0" and int(r["post_packets_sent"]) > 0 for r in lossy)
+    if kind == "pp":  # the same shapes every step: as many packets as without loss
+        assert lossy[0]["pp_packets_sent"] == lossless[0]["pp_packets_sent"]
+    assert lossy[0]["train_loss"] != lossless[0]["train_loss"]
 
 
 # ------------------------------------------------------------------ refusals (no launch)
@@ -148,9 +209,29 @@ def test_killed_tp_run_resumes_exactly(study):
         (["--tp", "2", "--traffic_loss", "tp=1%", "--traffic_fill", "rescale"], 2, "loses all_gather too"),
         (["--tp", "2", "--traffic_loss", "tp=deadline 1.5x"], 2, "tp: the deadline loss model needs"),
         (["--tp", "2", "--traffic_fill", "stale"], 2, "--traffic_fill stale needs --traffic_loss"),
+        (["--pp", "0"], 1, "--pp must be >= 1"),
+        (["--pp", "3"], 3, "--pp 3: more stages than the 2 layers of gpt-tiny"),
+        (["--model", "moe-tiny", "--pp", "2"], 2, "pipeline stages of an MoE model are not supported"),
+        (["--pp", "2"], 3, "--pp 2 must divide the world size 3"),
+        (["--pp", "2", "--strategy", "fsdp"], 2, "this version runs --pp under DDP"),
+        (["--pp", "2", "--amp"], 2, "--pp 2 with --amp"),
+        (["--pp", "2", "--tp", "2"], 4, "one kind of model parallelism at a time"),
+        (["--pp", "2", "--traffic_loss", "pp=1%", "--traffic_fill", "rescale"], 2, "loses p2p too"),
+        (["--ep", "2"], 2, "--ep 2 needs an MoE model (--model moe-tiny|moe-small)"),
+        (["--model", "moe-tiny", "--ep", "3"], 3, "--ep 3 must divide the 4 experts of moe-tiny"),
+        (["--model", "moe-tiny", "--ep", "2"], 3, "--ep 2 must divide the world size 3"),
+        (["--model", "moe-tiny", "--ep", "2", "--resync", "5"], 2, "--resync with --ep 2"),
+        (["--model", "moe-tiny", "--ep", "2", "--traffic_loss", "pp=1%"], 2, "(it needs --pp > 1)"),
+        (
+            ["--model", "moe-tiny", "--ep", "2", "--traffic_loss", "ep=1%", "--traffic_fill", "rescale"],
+            2,
+            "loses all_to_all too",
+        ),
     ],
 )
-def test_tp_and_traffic_refusals_exit_2_naming_the_flag(flags, world, message, capsys, tmp_path, monkeypatch):
+def test_model_parallel_and_traffic_refusals_exit_2_naming_the_flag(
+    flags, world, message, capsys, tmp_path, monkeypatch
+):
     """Every refusal exits 2 with its message before any process group or file exists (the
     world size read from the launcher's variables, as under torchrun)."""
     monkeypatch.setenv("RANK", "0")
