@@ -75,11 +75,14 @@ class Delivery:
         self.stale: dict[str, torch.Tensor] = {}
         self.restored = False
 
+    @torch.no_grad()
     def receive_(self, kind: str, out: torch.Tensor, chunks: Sequence[Chunk], key: str, rank: int) -> None:
         """``out`` (contiguous) as received at ``rank``, its chunks from ``chunks`` in order:
         each packet from another rank lost at this receiver, filled by the state's fill
         (:meth:`~lossy_hooks.core.techniques.fills.Fill.fill_received_`), counted (see the
-        module). ``key`` names the buffer's place for the stale fill."""
+        module). ``key`` names the buffer's place for the stale fill. Outside autograd: a
+        receive buffer may be a leaf that requires grad (torch.distributed.pipelining's
+        activations), which the network writes, not the model."""
         settings = self.settings
         site = self.sites[kind]
         site.prepare(out.device, settings.seed, rank)
