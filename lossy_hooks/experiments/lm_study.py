@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from lossy_hooks.core.statistics import mean_std
-from lossy_hooks.study.run_io import parse_float, read_json
+from lossy_hooks.experiments.lm_runs import final_perplexities, paired_change
+from lossy_hooks.study.run_io import read_json
 from lossy_hooks.study.sweeping.launch import run_config
 
 __all__ = ["MODES", "configurations", "main", "summarize"]
@@ -70,9 +70,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in records:
         base = lossless.get(r["mode"].split()[0], [])
-        ratios = [p / b - 1.0 for p, b in zip(r["rounds"], base, strict=False) if b > 0]
         m, s = mean_std(r["rounds"])
-        rm, rs = mean_std(ratios)
+        rm, rs = paired_change(r["rounds"], base)
         out.append(
             {
                 "mode": r["mode"],
@@ -87,31 +86,6 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def _collect(run_dir: Path, rounds: int) -> tuple[list[float], float]:
-    """Final validation perplexity of each round, and the measured loss over the run (the
-    gradient collective's, or the all-gather's when only that loses)."""
-    ppl, sent, lost = [], 0, 0
-    for k in range(rounds):
-        path = run_dir / f"round{k}" / "metrics.csv"
-        if not path.exists():
-            continue
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        values = [parse_float(r.get("val_perplexity")) for r in rows]
-        values = [v for v in values if not math.isnan(v)]
-        if values:
-            ppl.append(values[-1])
-        for r in rows:
-            for point in ("worker", "post", "gather"):
-                s, lo = (
-                    parse_float(r.get(f"{point}_packets_sent")),
-                    parse_float(r.get(f"{point}_packets_lost")),
-                )
-                if not math.isnan(s) and not math.isnan(lo):
-                    sent, lost = sent + int(s), lost + int(lo)
-    return ppl, lost / sent if sent else math.nan
 
 
 def plot(rows: list[dict[str, Any]], out: Path, title: str) -> None:
@@ -209,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         argv_run = [*workload, *flags]
         run_dir = run_config(argv_run, args.nproc, f"{mode} at {100 * rate:g}%")
-        ppl, measured = _collect(run_dir, args.rounds)
+        ppl, measured = final_perplexities(run_dir, args.rounds)
         records.append({"mode": mode, "rate": rate, "rounds": ppl, "loss_measured": measured})
         records[-1]["run_dir"] = run_dir.name
     rows = summarize(records)
