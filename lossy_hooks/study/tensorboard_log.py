@@ -11,7 +11,8 @@ Tags (step = the epoch, 1-based as in metrics.csv), one rule in :func:`epoch_sca
 
     loss_rate/<point>            packets lost / packets sent in the epoch at drop point
                                  ``worker``, ``post`` (or ``gather``, FSDP's all-gather), or
-                                 of a traffic type (``tp``: tensor parallelism's collectives)
+                                 of a traffic type (``tp``, ``pp``, ``ep``: model parallelism's
+                                 collectives), or ``moe_capacity`` (an MoE's capacity drops)
     loss_rate/effective          all drop points together (metrics.csv effective_loss_rate)
     loss_rate/delivered_fraction on a per-hop placement: contributions that reached their root
     bucket_loss/<point>/<b>      bucket b's loss rate in the epoch (buckets.csv)
@@ -42,6 +43,7 @@ _PHASES = typing.get_args(Phase)
 _GROUPED = {
     "effective_loss_rate": "loss_rate/effective",
     **{f"{t}_loss_rate": f"loss_rate/{t}" for t in TRAFFIC_KINDS},  # as its packet columns give it
+    "moe_drop_rate": "loss_rate/moe_capacity",  # token-slots, beside the ep packets
     "delivered_fraction": "loss_rate/delivered_fraction",
     "fidelity_cosine": "fidelity/cosine",
     "fidelity_rel_l2": "fidelity/rel_l2",
