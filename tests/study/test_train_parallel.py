@@ -55,6 +55,9 @@ RUNS = {
     "ep0": Run(2, flags("--model moe-tiny --ep 2 --num_epochs 2")),
     "ep_loss": Run(2, flags(EP_LOSS)),
     "ep_resume": Run(2, flags(EP_LOSS + " --resume"), out="ep_cut", after="ep_cut"),
+    # W = 4, ep = 2: two ranks hold each expert (their gradients summed outside DDP)
+    "moe_w4": Run(4, flags("--model moe-tiny --num_epochs 1")),
+    "ep_w4": Run(4, flags("--model moe-tiny --ep 2 --num_epochs 1")),
 }
 
 
@@ -165,6 +168,19 @@ def test_lossless_pp_and_ep_train_the_model_of_a_run_without_them(study):
         if kind == "ep":  # the capacity's own drops, the same with and without ep
             assert [r["moe_dropped_slots"] for r in run] == [r["moe_dropped_slots"] for r in ref]
             assert all(0 < int(r["moe_dropped_slots"]) < int(r["moe_routed_slots"]) for r in run)
+
+
+@uses("moe_w4", "ep_w4")
+def test_expert_replicas_train_the_model_of_a_run_without_ep(study):
+    """W = 4, ep = 2: each expert on two ranks, its gradient summed over them and divided by W
+    (reduce_expert_gradients): the training rows equal the 4-rank DDP run holding every
+    expert (validation differs: under --ep the set is cut to a multiple of W, 20 of 22)."""
+    _, ref = metrics(study, "moe_w4")
+    _, run = metrics(study, "ep_w4")
+    for a, b in zip(ref, run, strict=True):
+        for key in ("train_loss", "train_acc", "moe_dropped_slots", "moe_routed_slots"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=2e-5), key
+        assert int(b["ep_packets_sent"]) > 0 and b["ep_packets_lost"] == "0"
 
 
 @uses("pp_loss", "pp0", "ep_loss", "ep0")
