@@ -1036,6 +1036,22 @@ MUTANTS = [
         "pipeline stages split the blocks evenly, the first L mod stages one more",
         (("tests/unit/test_gpt_parallel.py",),),
     ),
+    M(
+        "M117",
+        "lossy_hooks/study/parallel.py",
+        "    torch._foreach_mul_(grads, scale)",
+        "    pass",
+        "the experts' gradients under --ep are DDP's mean: summed over their replicas, times 1/W",
+        (("tests/study/test_train_parallel.py", "-k", "lossless_pp_and_ep"),),
+    ),
+    M(
+        "M118",
+        "lossy_hooks/study/parallel.py",
+        "        dist.all_reduce(flat, group=replica_group)",
+        "        pass",
+        "the experts' gradients are summed over the ranks holding the same experts",
+        (("tests/study/test_train_parallel.py", "-k", "expert_replicas"),),
+    ),
 ]
 
 
