@@ -3,6 +3,7 @@
     python -m lossy_hooks.experiments.traffic_study --out runs/traffic_study --figures docs/results/traffic
     python -m lossy_hooks.experiments.traffic_study --dry_run         # the plan, its count, its cost
     python -m lossy_hooks.experiments.traffic_study --models gpt-tiny --types dp,tp --rates 0.1 --rounds 1
+    python -m lossy_hooks.experiments.traffic_study --collect_only ...  # the table of what finished
 
 Loss on one traffic type at a time, every other one lossless. Every configuration is one
 ``train_ddp.py`` launch (``--nproc`` Gloo ranks, 4 by default) of the same workload: a
@@ -274,6 +275,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=4, help="Gloo ranks per launch (>= 2)")
     p.add_argument("--dry_run", action="store_true", help="print the plan, its count and cost; run nothing")
     p.add_argument(
+        "--collect_only", action="store_true",
+        help="launch nothing: the table and figures of the configurations that finished (a partial grid)",
+    )  # fmt: skip
+    p.add_argument(
         "--launch_seconds", type=float, default=LAUNCH_SECONDS,
         help="the dry run's seconds per launch (> 0; default: one gpt-tiny launch of the default workload)",
     )  # fmt: skip
@@ -326,13 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(planned, args.launch_seconds)
         return 0
     refused = [f"{x['config'].label}: {x['error']}" for x in planned if x["run_dir"] is None]
-    if refused:
+    if refused and not args.collect_only:
         args.parser.error(
             f"{len(refused)} configurations refused by the study script (nothing run; choose others with "
             "--models / --types / --fills):\n  " + "\n  ".join(refused)
         )
     if not planned:
         args.parser.error("no configuration: no type of --types has a fill of --fills for --models")
+    if args.collect_only:  # what finished (every round), lossless runs of the layouts included
+        planned = [x for x in planned if x["done"]]
     records = []
     for x in planned:
         c, start, run_dir = x["config"], time.monotonic(), x["run_dir"]

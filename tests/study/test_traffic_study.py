@@ -84,7 +84,7 @@ def test_the_default_grid_s_folders_are_distinct(tmp_path):
     assert len(set(folders)) == len(folders)
 
 
-BASE = {"ddp": 10.0, "fsdp": 11.0, "tp2": 12.0}  # lossless perplexity of round 0
+BASE = {"ddp": 10.0, "fsdp": 11.0, "tp2": 12.0, "pp2": 13.0}  # lossless perplexity of round 0
 SLOPE = {"zero": 0.5, "stale": 4.0, "rescale": 0.1}  # perplexity change per unit of loss
 
 
@@ -252,3 +252,35 @@ def test_dry_run_prints_the_plan_its_count_and_its_cost(tmp_path, monkeypatch, c
     last = capsys.readouterr().out.splitlines()[-1]
     assert re.match(r"72 configurations \(\d+ refused by the study script, 0 done before\); 72 launch", last)
     assert last.endswith(f"x 165 s = {72 * 165 / 3600:.1f} h (--launch_seconds)")
+
+
+def test_collect_only_tables_what_finished_and_launches_nothing(tmp_path, monkeypatch):
+    """``--collect_only``: the finished configurations' rows (a partial grid: dp at 0 and 10%,
+    pp's lossless run), nothing launched, the unfinished ones left out."""
+    out = tmp_path / "runs"
+    argv = [
+        "--out",
+        str(out),
+        "--models",
+        "gpt-tiny",
+        "--types",
+        "dp,pp",
+        "--rates",
+        "0,0.1",
+        "--rounds",
+        "1",
+    ]
+    planned = ts.plan(ts.parse_args(argv))
+    finished = [x for x in planned if x["config"].traffic == "dp" or not x["config"].fill]
+    for x in finished:
+        write_run(x["run_dir"], x["config"], 1)
+    monkeypatch.setattr(ts, "run_config", lambda *a: pytest.fail("--collect_only launched a run"))
+    assert ts.main([*argv, "--collect_only"]) == 0
+    with open(out / "traffic_study.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    got = sorted((r["type"], r["fill"], r["loss_rate"]) for r in rows)
+    # dp: its lossless run on both lines, each fill at 10%; pp: its lossless run on its two lines
+    assert got == sorted(
+        [("dp", f, rate) for f in ("zero", "rescale") for rate in ("0", "0.1")]
+        + [("pp", f, "0") for f in ("zero", "stale")]
+    )
