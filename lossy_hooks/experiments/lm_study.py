@@ -19,13 +19,13 @@ over rounds, relative change against the lossless run of the same strategy, meas
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Any
 
 from lossy_hooks.core.statistics import mean_std
 from lossy_hooks.experiments.lm_runs import final_perplexities, paired_change
+from lossy_hooks.experiments.time_runs import write_table
 from lossy_hooks.study.run_io import read_json
 from lossy_hooks.study.sweeping.launch import run_config
 
@@ -187,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append({"mode": mode, "rate": rate, "rounds": ppl, "loss_measured": measured})
         records[-1]["run_dir"] = run_dir.name
     rows = summarize(records)
-    with open(figures / "lm_study.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_table(figures / "lm_study.csv", rows, FIELDS)
     cfg = read_json(args.out / rows[0]["run_dir"] / "config.json") if rows else {}
     title = (
         f"{args.model} on {cfg.get('dataset', 'text')} ({args.corpus_mb:g} MiB), {args.nproc} ranks, "

@@ -120,7 +120,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
 def _check_traffic(
     args: argparse.Namespace, fail: Callable[[str], None], language_model: bool, world: int
 ) -> str | None:
-    """``--tp``, ``--pp``, ``--ep`` (:func:`_check_model_parallel`), ``--traffic_loss`` and
+    """``--tp``, ``--pp``, ``--ep`` (:func:`_model_parallel_problem`), ``--traffic_loss`` and
     ``--traffic_fill`` (:func:`lossy_hooks.study.traffic.traffic_problem`). Returns
     ``--traffic_loss`` as the configuration holds it (``tp=random 10%``), or ``None``."""
     for flag in ("tp", "pp", "ep"):

@@ -56,8 +56,8 @@ class StagePipeline:
         torch 2.14: rebuilding after the schedule's micro-batches fails an internal assert,
         their backward passes recording each parameter once per micro-batch); then a step of
         the schedule on ``microbatches`` copies of ``x``, which fixes the messages' shapes."""
-        width = self.stage.width
-        h = x if self.first else torch.zeros(*x.shape, width, device=self.device, requires_grad=True)
+        shape = (*x.shape, self.stage.width)
+        h = x if self.first else torch.zeros(shape, device=self.device, requires_grad=True)
         self.wrapped(h).float().sum().backward()
         self.step([x] * self.microbatches, [x] * self.microbatches)
 
@@ -84,7 +84,7 @@ class StagePipeline:
         return torch.stack(losses).mean().detach(), hits, y.numel()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, width: int) -> torch.Tensor | None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The logits of token ids ``x`` ``(B, T)`` on the last stage (``None`` elsewhere): each
         stage receives the hidden states ``(B, T, width)`` from the one before, runs its
         blocks and sends them on (every stage of the pipeline calls it with the same batch)."""
@@ -92,7 +92,7 @@ class StagePipeline:
         if self.first:
             h = x
         else:
-            h = torch.empty(*x.shape, width, device=self.device)
+            h = torch.empty(*x.shape, self.stage.width, device=self.device)
             dist.recv(h, group=group, group_src=stage - 1)
         out = self.stage(h)
         if self.last:

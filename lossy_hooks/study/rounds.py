@@ -301,7 +301,7 @@ class RoundRunner:
             for x, y in self.val_loader:
                 x, y = x.to(self.device), y.to(self.device)
                 if self.pipeline is not None:  # the logits on the last stage only
-                    staged = self.pipeline.forward(x, self.module.width)
+                    staged = self.pipeline.forward(x)
                     if staged is None:
                         continue
                     out = staged
