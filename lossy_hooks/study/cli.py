@@ -25,6 +25,7 @@ from lossy_hooks.core.state import LossyState
 from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.loss_models import Bernoulli, parse_loss_model, rate_or_none
 from lossy_hooks.study.extras import MissingExtraError
+from lossy_hooks.study.mesh import MeshShape
 from lossy_hooks.study.parallel import fsdp_api
 from lossy_hooks.study.run_io import read_json, round_status
 from lossy_hooks.study.run_names import CONTROL_FLAGS, NETWORK_DEFAULTS, NETWORK_FIELD_OF_FLAG, config_name
@@ -127,12 +128,8 @@ def _check_traffic(
         if getattr(args, flag) < 1:
             fail(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     sizes = {flag: getattr(args, flag) for flag in ("tp", "pp", "ep") if getattr(args, flag) > 1}
-    if len(sizes) > 1:
-        both = " with ".join(f"--{k} {v}" for k, v in sizes.items())
-        fail(f"{both}: this version runs one kind of model parallelism at a time (with data parallelism)")
     if sizes:
-        ((flag, size),) = sizes.items()
-        problem = _model_parallel_problem(args, flag, size, language_model, world)
+        problem = _model_parallel_problem(args, sizes, language_model, world)
         if problem:
             fail(problem)
     problem = traffic_problem(vars(args))
@@ -142,42 +139,52 @@ def _check_traffic(
 
 
 def _model_parallel_problem(
-    args: argparse.Namespace, flag: str, size: int, language_model: bool, world: int
+    args: argparse.Namespace, sizes: dict[str, int], language_model: bool, world: int
 ) -> str | None:
-    """Why ``--<flag> <size>`` (> 1) cannot run with the other flags, or ``None``: ``tp``
-    divides the heads (a language model's); ``pp`` stages a dense GPT (the MoE load-balancing
-    loss of each stage does not travel through the schedule) in at most its layers, under DDP
-    without AMP (the schedule runs the backward: no GradScaler); ``ep`` divides an MoE model's
-    experts, under DDP; each divides the world size, and none goes with the replica flags
-    (they compare or copy whole replicas over the world)."""
-    what = {"tp": "W = dp x tp", "pp": "W = dp x pp", "ep": "ep groups within the data-parallel ranks"}
+    """Why ``sizes`` (``--tp``, ``--pp``, ``--ep`` given > 1, composable) cannot run with the
+    other flags, or ``None``: ``tp`` divides the heads (a language model's); ``pp`` stages a
+    dense GPT (the MoE load-balancing loss of each stage does not travel through the
+    schedule, so ``--pp`` and ``--ep`` exclude each other) in at most its layers, without AMP
+    (the schedule runs the backward: no GradScaler); ``ep`` divides an MoE model's experts;
+    ``pp`` and ``ep`` under DDP; the world is ``dp x pp x tp`` with ``ep`` dividing dp
+    (:class:`~lossy_hooks.study.mesh.MeshShape`); none goes with the replica flags (they
+    compare or copy whole replicas over the world)."""
+    given = " with ".join(f"--{k} {v}" for k, v in sizes.items())
     if not language_model:
-        return f"--{flag} {size} needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}"
+        return f"{given} needs a language model (--model {'|'.join(GPT_CONFIGS)}), got {args.model}"
     cfg = GPT_CONFIGS[args.model]
-    if flag == "tp" and cfg.n_head % size:
-        return f"--tp {size} must divide the {cfg.n_head} attention heads of {args.model}"
-    if flag == "pp":
+    tp, pp, ep = (sizes.get(k, 1) for k in ("tp", "pp", "ep"))
+    if cfg.n_head % tp:
+        return f"--tp {tp} must divide the {cfg.n_head} attention heads of {args.model}"
+    if pp > 1:
         if cfg.moe is not None:
-            return f"--pp {size} with --model {args.model}: pipeline stages of an MoE model are not supported"
-        if size > cfg.n_layer:
-            return f"--pp {size}: more stages than the {cfg.n_layer} layers of {args.model}"
+            return (
+                f"--pp {pp} with --model {args.model}: pipeline stages of an MoE model are not supported "
+                "(each stage's load-balancing loss would need a backward of its own outside the schedule)"
+            )
+        if pp > cfg.n_layer:
+            return f"--pp {pp}: more stages than the {cfg.n_layer} layers of {args.model}"
         if args.amp:
-            return f"--pp {size} with --amp: the pipeline schedule runs the backward, without a GradScaler"
-    if flag == "ep":
+            return f"--pp {pp} with --amp: the pipeline schedule runs the backward, without a GradScaler"
+    if ep > 1:
         if cfg.moe is None:
             moe = "|".join(name for name, c in GPT_CONFIGS.items() if c.moe is not None)
-            return f"--ep {size} needs an MoE model (--model {moe}), got {args.model}"
-        if cfg.moe.n_expert % size:
-            return f"--ep {size} must divide the {cfg.moe.n_expert} experts of {args.model}"
-    if flag in ("pp", "ep") and args.strategy != "ddp":
-        return f"--{flag} {size} with --strategy {args.strategy}: this version runs --{flag} under DDP"
-    if world % size:
-        return f"--{flag} {size} must divide the world size {world} ({what[flag]})"
+            return f"--ep {ep} needs an MoE model (--model {moe}), got {args.model}"
+        if cfg.moe.n_expert % ep:
+            return f"--ep {ep} must divide the {cfg.moe.n_expert} experts of {args.model}"
+    for flag in ("pp", "ep"):
+        if flag in sizes and args.strategy != "ddp":
+            what = f"--{flag} {sizes[flag]} with --strategy {args.strategy}"
+            return f"{what}: this version runs --{flag} under DDP"
+    try:
+        MeshShape(world, tp, pp, ep)
+    except ValueError as e:
+        return str(e)
     replica_flags = [f"--{f}" for f in ("measure_drift", "resync") if getattr(args, f)]
     if replica_flags:
         return (
-            f"{', '.join(replica_flags)} with --{flag} {size}: they compare or copy whole replicas over "
-            f"the world, and {flag} ranks hold different parameters"
+            f"{', '.join(replica_flags)} with {given}: they compare or copy whole replicas over "
+            "the world, and model-parallel ranks hold different parameters"
         )
     return None
 

@@ -6,14 +6,13 @@ communication into it; local gradient accumulation; whole-model checkpoints.
   with parameters of another model), then on the model (the embeddings, final norm and
   head), and :func:`lossy_hooks.fsdp.register` for the lossy reduce-scatter and, with a
   gather state, the lossy all-gather.
-- ``--tp N``: a 2-D layout (:func:`tp_layout`): the GPT tensor-parallel over a lossy tp
-  group, then DDP or FSDP2 over the dp group only.
-- ``--pp N``: (:func:`pp_layout`) this rank's stage of the GPT (``GPTStage``) under DDP over
-  its stage's dp group; the schedule over the lossy pp group is
-  :class:`lossy_hooks.study.pipelining.StagePipeline`'s.
-- ``--ep N``: (:func:`ep_layout`) the MoE GPT's experts sharded over a lossy ep group, DDP
-  over the world for the rest; the experts' gradients are reduced by
-  :func:`reduce_expert_gradients`, not by DDP.
+- ``--tp N``, ``--pp N``, ``--ep N``, composable: one layout (:class:`MeshLayout`, the
+  ranks of :class:`~lossy_hooks.study.mesh.MeshShape`, ``W = dp x pp x tp``, ``ep`` within
+  dp): with ``--pp`` the model is this rank's stage (``GPTStage``; the schedule over the
+  lossy pp group is :class:`lossy_hooks.study.pipelining.StagePipeline`'s); with ``--tp`` it
+  (the GPT or the stage) is made tensor-parallel over the lossy tp group; then DDP or FSDP2
+  over the dp group only. With ``--ep`` the MoE GPT's experts are sharded over a lossy ep
+  group; DDP leaves them out and :func:`reduce_expert_gradients` reduces them.
 
 FSDP2's custom collectives need torch >= 2.10: the FSDP modules are imported only for
 ``fsdp`` (:func:`fsdp_api`), so ``ddp`` runs on older torch.
@@ -46,17 +45,14 @@ from lossy_hooks.core.process_group import reliable
 from lossy_hooks.core.state import LossyState
 from lossy_hooks.group import lossy_subgroups
 from lossy_hooks.hook import lossy_allreduce_hook
+from lossy_hooks.study.mesh import MeshShape
 from lossy_hooks.study.workloads.gpt import tensor_parallel
 from lossy_hooks.study.workloads.moe import MoELayer
 
 __all__ = [
     "FSDP_MIN_TORCH",
     "STRATEGIES",
-    "EPLayout",
-    "Layout",
-    "PPLayout",
-    "TPLayout",
-    "ep_layout",
+    "MeshLayout",
     "expert_parameters",
     "fsdp_api",
     "full_state",
@@ -66,10 +62,8 @@ __all__ = [
     "model_parallel_layout",
     "no_grad_sync",
     "parallelize",
-    "pp_layout",
     "reduce_expert_gradients",
     "shard_units",
-    "tp_layout",
 ]
 
 STRATEGIES = ("ddp", "fsdp")
@@ -99,111 +93,79 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 @dataclass
-class TPLayout:
-    """The 2-D layout of ``--tp`` (W = dp x tp, rank = d*tp + t): this rank's lossy tp group
-    (:func:`~lossy_hooks.lossy_subgroups` over ``[d*tp .. d*tp+tp-1]``), its plain dp group
-    (``[t, tp+t, ...]``), its replica (``dp_rank`` = d) and the mesh's two dimensions."""
+class MeshLayout:
+    """The groups of a run's composed parallelisms (:class:`~lossy_hooks.study.mesh.MeshShape`:
+    ``W = dp x pp x tp``, ``ep`` within dp), as this rank sees them: its lossy ``tp``, ``pp``
+    and ``ep`` groups (:func:`~lossy_hooks.lossy_subgroups`; ``None`` for a size of 1), its
+    plain dp group (``None`` when ``dp`` = W: the world) and expert-replica group (``None``
+    without replicas), and the one ``DeviceMesh`` over ``dp x pp x tp`` (its dimensions of
+    size > 1 and dp; their names carry a lossy group's unique name: a mesh over the same ranks
+    with the same names, an earlier run in this process, would be taken for this one by
+    DTensor). Expert parallelism is not a mesh dimension: its groups split dp's."""
 
-    tp: int
-    dp: int
-    dp_rank: int
-    tp_group: dist.ProcessGroup
-    dp_group: dist.ProcessGroup
+    shape: MeshShape
+    rank: int
+    tp_group: dist.ProcessGroup | None
+    pp_group: dist.ProcessGroup | None
+    ep_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    replica_group: dist.ProcessGroup | None
     mesh: DeviceMesh
-    dp_name: str
-    tp_name: str
+    dim_names: dict[str, str]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.shape.coords(self.rank)[0]
+
+    @property
+    def stage(self) -> int:
+        return self.shape.coords(self.rank)[1]
 
     @property
     def tp_mesh(self) -> DeviceMesh:
-        return self.mesh[self.tp_name]
+        return self.mesh[self.dim_names["tp"]]
 
     @property
     def dp_mesh(self) -> DeviceMesh:
-        return self.mesh[self.dp_name]
-
-
-def tp_layout(tp: int, tp_state: LossyState, kinds: tuple[str, ...], device_type: str) -> TPLayout:
-    """Every rank calls it, in the same order: the lossy tp groups (``tp_state`` serves this
-    rank's), the dp groups (every rank calls ``new_group`` for every list), and the mesh. Its
-    dimension names carry the tp group's unique name: a mesh over the same ranks with the
-    same names (an earlier run in this process) would be taken for this one by DTensor."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dp = world // tp
-    tp_group = lossy_subgroups(tp_state, [list(range(d * tp, d * tp + tp)) for d in range(dp)], kinds)
-    dp_groups = [dist.new_group([d * tp + t for d in range(dp)]) for t in range(tp)]
-    dp_group = dp_groups[rank % tp]
-    names = (f"dp-{tp_group.group_name}", f"tp-{tp_group.group_name}")
-    mesh = DeviceMesh.from_group(
-        [dp_group, tp_group], device_type, mesh=torch.arange(world).view(dp, tp), mesh_dim_names=names
-    )
-    return TPLayout(tp, dp, rank // tp, tp_group, dp_group, mesh, *names)
-
-
-@dataclass
-class PPLayout:
-    """The layout of ``--pp`` (W = dp x pp, rank = d*pp + s): this rank's lossy pipeline group
-    (:func:`~lossy_hooks.lossy_subgroups` over ``[d*pp .. d*pp+pp-1]``), its stage ``s`` and
-    the plain dp group of that stage (``[s, pp+s, ...]``)."""
-
-    pp: int
-    dp: int
-    dp_rank: int
-    stage: int
-    pp_group: dist.ProcessGroup
-    dp_group: dist.ProcessGroup
-
-
-def pp_layout(pp: int, pp_state: LossyState, kinds: tuple[str, ...]) -> PPLayout:
-    """Every rank calls it, in the same order: the lossy pipeline groups (``pp_state`` serves
-    this rank's) and every stage's dp group."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dp = world // pp
-    pp_group = lossy_subgroups(pp_state, [list(range(d * pp, d * pp + pp)) for d in range(dp)], kinds)
-    dp_groups = [dist.new_group([d * pp + s for d in range(dp)]) for s in range(pp)]
-    return PPLayout(pp, dp, rank // pp, rank % pp, pp_group, dp_groups[rank % pp])
-
-
-@dataclass
-class EPLayout:
-    """The layout of ``--ep`` (within data parallelism: every rank is a replica of its own):
-    ranks ``[g*ep .. g*ep+ep-1]`` one lossy ep group, whose rank ``i`` holds experts
-    ``[i E/ep, (i+1) E/ep)``; the ranks ``i, ep+i, 2ep+i, ...`` hold the same experts, replicas
-    whose gradients ``replica_group`` sums (``None`` when ``ep`` = W: no replicas)."""
-
-    ep: int
-    ep_group: dist.ProcessGroup
-    replica_group: dist.ProcessGroup | None
-
-
-def ep_layout(ep: int, ep_state: LossyState, kinds: tuple[str, ...]) -> EPLayout:
-    """Every rank calls it, in the same order: the lossy ep groups and the expert replicas'
-    plain groups."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    groups = world // ep
-    ep_group = lossy_subgroups(ep_state, [list(range(g * ep, g * ep + ep)) for g in range(groups)], kinds)
-    replica_group = None
-    if groups > 1:
-        replicas = [dist.new_group([g * ep + i for g in range(groups)]) for i in range(ep)]
-        replica_group = replicas[rank % ep]
-    return EPLayout(ep, ep_group, replica_group)
-
-
-Layout = TPLayout | PPLayout | EPLayout
+        return self.mesh[self.dim_names["dp"]]
 
 
 def model_parallel_layout(
-    sizes: dict[str, int], states: dict[str, LossyState], kinds: dict[str, tuple[str, ...]], device_type: str
-) -> Layout | None:
-    """The layout of the run's model parallelism (``sizes``: ``tp``, ``pp``, ``ep``; at most
-    one > 1), its group lossy with ``states[type]`` on collectives ``kinds[type]``; ``None``
-    for data parallelism alone."""
-    if sizes["tp"] > 1:
-        return tp_layout(sizes["tp"], states["tp"], kinds["tp"], device_type)
-    if sizes["pp"] > 1:
-        return pp_layout(sizes["pp"], states["pp"], kinds["pp"])
-    if sizes["ep"] > 1:
-        return ep_layout(sizes["ep"], states["ep"], kinds["ep"])
-    return None
+    shape: MeshShape, states: dict[str, LossyState], kinds: dict[str, tuple[str, ...]], device_type: str
+) -> MeshLayout | None:
+    """Every rank calls it, in the same order: the lossy groups of each model-parallel type of
+    size > 1 (``tp``, ``pp``, ``ep``; ``states[type]`` serves this rank's, losing collectives
+    ``kinds[type]``), the plain dp and expert-replica groups (every rank calls ``new_group``
+    for every list), and the mesh. ``None`` for data parallelism alone."""
+    sizes = {"tp": shape.tp, "pp": shape.pp, "ep": shape.ep}
+    if all(size == 1 for size in sizes.values()):
+        return None
+    rank = dist.get_rank()
+    lossy = {
+        kind: lossy_subgroups(states[kind], shape.groups(kind), kinds[kind]) if size > 1 else None
+        for kind, size in sizes.items()
+    }
+
+    def plain(kind: str) -> dist.ProcessGroup:
+        groups = [dist.new_group(ranks) for ranks in shape.groups(kind)]
+        return groups[shape.group_index(kind, rank)]
+
+    dp_group = plain("dp") if shape.dp < shape.world else None
+    replica_group = plain("expert_replica") if 1 < shape.ep < shape.dp else None
+    unique = next(g for g in lossy.values() if g is not None).group_name
+    dims = [(kind, size) for kind, size in (("dp", shape.dp), ("pp", shape.pp), ("tp", shape.tp))]
+    dims = [(kind, size) for kind, size in dims if kind == "dp" or size > 1]
+    dim_names = {kind: f"{kind}-{unique}" for kind, _ in dims}
+    groups = {"dp": dp_group or dist.group.WORLD, "pp": lossy["pp"], "tp": lossy["tp"]}
+    mesh = DeviceMesh.from_group(
+        [groups[kind] for kind, _ in dims],
+        device_type,
+        mesh=torch.arange(shape.world).view(*[size for _, size in dims]),
+        mesh_dim_names=tuple(dim_names.values()),
+    )
+    return MeshLayout(
+        shape, rank, lossy["tp"], lossy["pp"], lossy["ep"], dp_group, replica_group, mesh, dim_names
+    )
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -224,12 +186,14 @@ def reduce_expert_gradients(
     r"""The data-parallel reduction of the experts' gradients under ``--ep`` (after the
     backward of an optimizer step's last micro-batch). Rank :math:`r`'s loss :math:`L_r`
     reaches expert :math:`e` through the all-to-alls, so the autograd gradient at the expert's
-    rank is already :math:`\sum_{r \in G} \partial L_r / \partial 	heta_e` over its ep group
+    rank is already :math:`\sum_{r \in G} \partial L_r / \partial \theta_e` over its ep group
     :math:`G`; summed over the replica groups (``replica_group``: the other ep groups' ranks
-    holding the same experts) and times ``scale`` (``1/W`` for ``--use_avg``, else 1) it is
-    the gradient DDP gives the replicated parameters, :math:`rac1W \sum_r \partial L_r /
-    \partial 	heta`. The replicas' sum is one plain (lossless) all-reduce: data-parallel loss
-    reaches the replicated parameters only."""
+    holding the same experts) and times ``scale`` (``1/dp`` for ``--use_avg``, else 1) it is
+    the gradient DDP gives the replicated parameters over the ``dp`` replicas,
+    :math:`\frac1{dp} \sum_d \partial L_d / \partial \theta` (with ``--tp`` each tp rank
+    exchanges its own replica's tokens: the sums run over replicas, not ranks). The replicas'
+    sum is one plain (lossless) all-reduce: data-parallel loss reaches the replicated
+    parameters only."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
@@ -248,38 +212,38 @@ def parallelize(
     gather: LossyState | None,
     device: torch.device,
     bucket_cap_mb: float,
-    layout: Layout | None = None,
+    layout: MeshLayout | None = None,
 ) -> nn.Module:
-    """The model to train, with the lossy collectives wired in. With a :class:`TPLayout`
-    (``--tp``) the GPT is first made tensor-parallel over its tp mesh (under ``reliable()``:
-    set-up traffic), then: ``ddp``, its DTensor parameters turned into local ones
-    (``_pre_dp_module_transform``: DDP refuses DTensors, measured on torch 2.14) and DDP over
-    the dp group (``state.process_group`` must be that group); ``fsdp``, ``fully_shard`` over
-    the dp mesh (the 2-D recipe). With a :class:`PPLayout` ``model`` is this rank's stage,
-    DDP'd over its stage's dp group; with an :class:`EPLayout`, DDP leaves the experts out
-    (:func:`reduce_expert_gradients` reduces them)."""
-    if isinstance(layout, TPLayout):
+    """The model to train (a GPT, or with ``--pp`` this rank's ``GPTStage``), with the lossy
+    collectives wired in. With a tp group the model is first made tensor-parallel over the
+    layout's tp mesh (under ``reliable()``: set-up traffic), then: ``ddp``, its DTensor
+    parameters turned into local ones (``_pre_dp_module_transform``: DDP refuses DTensors,
+    measured on torch 2.14) and DDP over the dp group (``state.process_group`` must be that
+    group; ``None``, the world, without tp and pp), leaving an ep model's experts out
+    (:func:`reduce_expert_gradients` reduces them); ``fsdp`` (tensor parallelism only),
+    ``fully_shard`` over the dp mesh (the 2-D recipe)."""
+    tensor_parallel_model = layout is not None and layout.tp_group is not None
+    if tensor_parallel_model:
         with reliable():
-            tensor_parallel(model, layout.tp_mesh)  # type: ignore[arg-type]
+            tensor_parallel(model, layout.tp_mesh)  # type: ignore[arg-type, union-attr]
     if strategy == "ddp":
-        if isinstance(layout, TPLayout):
+        if tensor_parallel_model:
             _pre_dp_module_transform(model)
-        if isinstance(layout, EPLayout):
+        if layout is not None and layout.ep_group is not None:
             names = [name for name, _ in expert_parameters(model)]
             DDP._set_params_and_buffers_to_ignore_for_model(model, names)
-        dp_group = layout.dp_group if isinstance(layout, (TPLayout, PPLayout)) else None
         with reliable() if layout is not None else contextlib.nullcontext():
             ddp = DDP(
                 model,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=bucket_cap_mb,
-                process_group=dp_group,
+                process_group=layout.dp_group if layout is not None else None,
             )
         ddp.register_comm_hook(state, lossy_allreduce_hook)
         return ddp
     if strategy != "fsdp":
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if layout is not None and not isinstance(layout, TPLayout):
+    if layout is not None and (layout.pp_group is not None or layout.ep_group is not None):
         raise ValueError("--pp and --ep run under --strategy ddp")
     fsdp = fsdp_api()
     mesh = {"mesh": layout.dp_mesh} if layout is not None else {}

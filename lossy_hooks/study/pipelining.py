@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from lossy_hooks.study.parallel import PPLayout
+from lossy_hooks.study.parallel import MeshLayout
 
 __all__ = ["StagePipeline"]
 
@@ -36,17 +36,25 @@ def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 class StagePipeline:
     """This rank's stage (``stage``: a ``GPTStage``; ``wrapped``: it under DDP) in a GPipe
-    schedule of ``microbatches`` micro-batches over ``layout.pp_group``."""
+    schedule of ``microbatches`` micro-batches over ``layout.pp_group`` (its stage
+    ``layout.stage``; with ``--tp`` too, the tp ranks of a stage each run the schedule with
+    their own pp group, ranks ``t`` of every stage)."""
 
     def __init__(
-        self, stage: nn.Module, wrapped: nn.Module, layout: PPLayout, device: torch.device, microbatches: int
+        self,
+        stage: nn.Module,
+        wrapped: nn.Module,
+        layout: MeshLayout,
+        device: torch.device,
+        microbatches: int,
     ) -> None:
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
         self.stage, self.wrapped, self.layout, self.device = stage, wrapped, layout, device
-        self.first, self.last = layout.stage == 0, layout.stage == layout.pp - 1
+        stages = layout.shape.pp
+        self.first, self.last = layout.stage == 0, layout.stage == stages - 1
         self.microbatches = microbatches
-        pipe_stage = PipelineStage(wrapped, layout.stage, layout.pp, device, group=layout.pp_group)
+        pipe_stage = PipelineStage(wrapped, layout.stage, stages, device, group=layout.pp_group)
         self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=microbatches, loss_fn=_mean_cross_entropy)
 
     def warm_up(self, x: torch.Tensor) -> None:

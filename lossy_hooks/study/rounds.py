@@ -19,10 +19,8 @@ from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.study.checkpoints import load_checkpoint, save_checkpoint
 from lossy_hooks.study.cli import gather_kwargs, hook_kwargs
 from lossy_hooks.study.epoch_tally import EpochTally
+from lossy_hooks.study.mesh import MeshShape
 from lossy_hooks.study.parallel import (
-    EPLayout,
-    PPLayout,
-    TPLayout,
     expert_parameters,
     fsdp_api,
     model_parallel_layout,
@@ -71,21 +69,20 @@ class RoundRunner:
         self.dir = run_dir / f"round{k}"
         self.seed = cfg["seed"] + k
         self.fsdp = cfg.get("strategy", "ddp") == "fsdp"
-        sizes = {kind: int(cfg.get(kind) or 1) for kind in ("tp", "pp", "ep")}
-        self.tp, self.pp, self.ep = sizes["tp"], sizes["pp"], sizes["ep"]
-        # a data-parallel replica: tp ranks or pp stages (expert parallelism is within dp)
-        replica = self.tp * self.pp
-        self.dp, self.dp_rank = world // replica, rank // replica
+        shape = MeshShape(world, *(int(cfg.get(kind) or 1) for kind in ("tp", "pp", "ep")))
+        self.tp, self.pp, self.ep = shape.tp, shape.pp, shape.ep
+        # a data-parallel replica: tp ranks x pp stages (expert parallelism is within dp)
+        self.dp, self.dp_rank = shape.dp, shape.coords(rank)[0]
         # traffic beyond data parallelism: one state per type (loss 0 where it does not lose)
-        self.traffic = traffic_states(cfg, self.seed, rank)
-        layout = model_parallel_layout(sizes, self.traffic, TRAFFIC_KINDS, device.type)
+        self.traffic = traffic_states(cfg, self.seed, shape, rank)
+        layout = model_parallel_layout(shape, self.traffic, TRAFFIC_KINDS, device.type)
         torch.manual_seed(self.seed)  # same initial model on every rank
-        ep_group = layout.ep_group if isinstance(layout, EPLayout) else None
+        ep_group = layout.ep_group if layout is not None else None
         model = build_model(cfg["model"], data.num_classes, ep_group).to(device)
-        if isinstance(layout, PPLayout):  # this rank's stage of the model
-            model = GPTStage(model, layout.stage, layout.pp)  # type: ignore[arg-type]
+        if layout is not None and layout.pp_group is not None:  # this rank's stage of the model
+            model = GPTStage(model, layout.stage, shape.pp)  # type: ignore[arg-type]
         self.module = model
-        dp_group = layout.dp_group if isinstance(layout, (TPLayout, PPLayout)) else None
+        dp_group = layout.dp_group if layout is not None else None
         self.state = LossyState(**hook_kwargs(cfg, self.seed), process_group=dp_group)
         self.state.name_parameters(model)  # for --protect
         gathering = self.fsdp and cfg.get("all_gather_loss_rate", 0.0) > 0
@@ -100,12 +97,13 @@ class RoundRunner:
         self.local_params = list(model.named_parameters()) if layout is not None and not self.fsdp else []
         if layout is not None:
             self.state.name_parameters(model)
-        # --ep: the experts' gradients, reduced outside DDP (1/W: the mean DDP takes)
-        self.experts = [p for _, p in expert_parameters(model)] if isinstance(layout, EPLayout) else []
-        self.expert_replicas = layout.replica_group if isinstance(layout, EPLayout) else None
-        self.expert_scale = 1.0 / world if cfg["reduction"] == "mean" else 1.0
+        # --ep: the experts' gradients, reduced outside DDP (1/dp: the mean DDP takes)
+        with_ep = layout is not None and layout.ep_group is not None
+        self.experts = [p for _, p in expert_parameters(model)] if with_ep else []
+        self.expert_replicas = layout.replica_group if layout is not None else None
+        self.expert_scale = 1.0 / self.dp if cfg["reduction"] == "mean" else 1.0
         self.pipeline = None
-        if isinstance(layout, PPLayout):
+        if layout is not None and layout.pp_group is not None:
             self.pipeline = StagePipeline(model, self.ddp, layout, device, cfg["accumulation_steps"])
         self.opt = build_optimizer(cfg["optimizer"], self.ddp, cfg["learning_rate"])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
@@ -263,7 +261,7 @@ class RoundRunner:
             self.close_step(tally, i, n_batches, done[0] if done is not None else None)
             if cfg["max_steps"] and self.steps >= cfg["max_steps"]:
                 break
-        return tally.row(cfg, self.state, self.world, t0)
+        return tally.row(cfg, self.state, self.world, t0, self.tp)
 
     def close_step(self, tally: EpochTally, i: int, n_batches: int, loss: torch.Tensor | None) -> None:
         """After the backward of an optimizer step's last micro-batch (batch ``i``): the

@@ -21,8 +21,9 @@ type):
   group loses all-gathers too, pipeline and expert traffic is delivered, not summed
   (:data:`TRAFFIC_KINDS`), so it is refused for all three types.
 - Seeds: a type's state has the seed ``derive_seed(round seed, <its Stream>, group)``,
-  ``group`` the index of this rank's group of that type (``rank // size``: every rank of a
-  group draws the same sequence, each group its own): its own streams
+  ``group`` the index of this rank's group of that type
+  (:meth:`~lossy_hooks.study.mesh.MeshShape.group_index`: every rank of a group draws the
+  same sequence, each group its own): its own streams
   (:class:`~lossy_hooks.core.streams.Stream`). The states are checkpointed with the round.
 """
 
@@ -35,6 +36,7 @@ from lossy_hooks.core.state import LossyState
 from lossy_hooks.core.streams import Stream, derive_seed
 from lossy_hooks.group import check_group_state
 from lossy_hooks.loss_models import Bernoulli, LossModel, parse_loss_model
+from lossy_hooks.study.mesh import MeshShape
 
 __all__ = [
     "TRAFFIC_FILLS",
@@ -147,10 +149,11 @@ def traffic_problem(cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def traffic_states(cfg: dict[str, Any], seed: int, rank: int) -> dict[str, LossyState]:
+def traffic_states(cfg: dict[str, Any], seed: int, shape: MeshShape, rank: int) -> dict[str, LossyState]:
     """One :class:`LossyState` per traffic type of the run (loss 0 where ``--traffic_loss``
-    leaves it out), seeded ``derive_seed(seed, <type's stream>, rank // size)``: the index of
-    ``rank``'s group of that type (its ranks are consecutive)."""
+    leaves it out), seeded ``derive_seed(seed, <type's stream>, index)``, ``index`` that of
+    ``rank``'s group of that type in ``shape`` (:meth:`MeshShape.group_index`: with one
+    parallelism ``rank // size``)."""
     text = cfg.get("traffic_loss")
     models = parse_traffic_loss(text) if text else {}
     fill = cfg.get("traffic_fill", "zero") if text else "zero"
@@ -158,7 +161,7 @@ def traffic_states(cfg: dict[str, Any], seed: int, rank: int) -> dict[str, Lossy
     for kind in run_traffic_types(cfg):
         model = models.get(kind, Bernoulli(0.0))
         kind_fill = fill if kind in models else "zero"
-        stream_seed = derive_seed(seed, TRAFFIC_STREAMS[kind], rank // int(cfg[kind]))
+        stream_seed = derive_seed(seed, TRAFFIC_STREAMS[kind], shape.group_index(kind, rank))
         states[kind] = LossyState(**_state_kwargs(kind, model, kind_fill, cfg["mtu"], stream_seed))
     return states
 

@@ -58,6 +58,10 @@ RUNS = {
     # W = 4, ep = 2: two ranks hold each expert (their gradients summed outside DDP)
     "moe_w4": Run(4, flags("--model moe-tiny --num_epochs 1")),
     "ep_w4": Run(4, flags("--model moe-tiny --ep 2 --num_epochs 1")),
+    # composed on one mesh, W = 4: dp=1 x pp=2 x tp=2; dp=2 (ep=2 within it) x tp=2
+    "tp_pp": Run(4, flags("--tp 2 --pp 2 --num_epochs 1")),
+    "tp_pp_loss": Run(4, flags("--tp 2 --pp 2 --num_epochs 1 --traffic_loss pp=10%")),
+    "tp_ep": Run(4, flags("--model moe-tiny --tp 2 --ep 2 --num_epochs 2")),
 }
 
 
@@ -183,6 +187,39 @@ def test_expert_replicas_train_the_model_of_a_run_without_ep(study):
         assert int(b["ep_packets_sent"]) > 0 and b["ep_packets_lost"] == "0"
 
 
+@uses("base_steps8", "tp_pp", "tp_pp_loss", "moe", "tp_ep")
+def test_composed_parallelisms_train_the_model_of_a_run_without_them(study):
+    """Loss 0 at W = 4: 2 stages of 2 tensor-parallel ranks each train the one-rank model of
+    the same 8 steps, and 2 replicas of 2 tp ranks with the experts over the replicas (ep=2
+    within dp=2) the MoE model of 2 DDP ranks (the same capacity drops), up to the order of
+    the tp sums (rel 1e-4). With pp=10% on top only the pp counters move: the tp packets are
+    the same and all arrive, the pp losses in the 99.9% binomial interval."""
+    for ref_name, name, kinds in (("base_steps8", "tp_pp", ("tp", "pp")), ("moe", "tp_ep", ("tp", "ep"))):
+        _, ref = metrics(study, ref_name)
+        run_dir, run = metrics(study, name)
+        assert "_tp2_pp2_" in run_dir.name if "pp" in kinds else "_tp2_moe-ep2_" in run_dir.name
+        assert [r["steps"] for r in run] == [r["steps"] for r in ref]
+        for a, b in zip(ref, run, strict=True):
+            for key in ("train_loss", "val_loss", "val_perplexity"):
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4), (name, key)
+            for key in ("train_acc", "val_acc"):
+                assert float(b[key]) == pytest.approx(float(a[key]), abs=2e-3), (name, key)
+            for kind in kinds:
+                assert int(b[f"{kind}_packets_sent"]) > 0 and b[f"{kind}_packets_lost"] == "0", (name, kind)
+        if "ep" in kinds:
+            assert [r["moe_dropped_slots"] for r in run] == [r["moe_dropped_slots"] for r in ref]
+    _, lossless = metrics(study, "tp_pp")
+    _, lossy = metrics(study, "tp_pp_loss")
+    for a, b in zip(lossless, lossy, strict=True):
+        assert (a["tp_packets_sent"], a["pp_packets_sent"]) == (b["tp_packets_sent"], b["pp_packets_sent"])
+        assert b["tp_packets_lost"] == "0"
+    sent = sum(int(r["pp_packets_sent"]) for r in lossy)
+    lost = sum(int(r["pp_packets_lost"]) for r in lossy)
+    lo, hi = binomial_interval(sent, 0.1, 0.999)
+    assert lo <= lost <= hi, (sent, lost)
+    assert lossy[0]["train_loss"] != lossless[0]["train_loss"]
+
+
 @uses("pp_loss", "pp0", "ep_loss", "ep0")
 @pytest.mark.parametrize("kind", ["pp", "ep"])
 def test_traffic_loss_moves_only_its_types_counters(study, kind):
@@ -231,7 +268,14 @@ def test_traffic_loss_moves_only_its_types_counters(study, kind):
         (["--pp", "2"], 3, "--pp 2 must divide the world size 3"),
         (["--pp", "2", "--strategy", "fsdp"], 2, "this version runs --pp under DDP"),
         (["--pp", "2", "--amp"], 2, "--pp 2 with --amp"),
-        (["--pp", "2", "--tp", "2"], 4, "one kind of model parallelism at a time"),
+        (
+            ["--pp", "2", "--tp", "2"],
+            6,
+            "--tp 2 x --pp 2 = 4 must divide the world size 6 (W = dp x pp x tp)",
+        ),
+        (["--pp", "2", "--tp", "2", "--strategy", "fsdp"], 4, "this version runs --pp under DDP"),
+        (["--model", "moe-tiny", "--pp", "2", "--ep", "2"], 4, "pipeline stages of an MoE model"),
+        (["--model", "moe-tiny", "--tp", "2", "--ep", "2"], 2, "--ep 2 must divide the data-parallel size 1"),
         (["--pp", "2", "--traffic_loss", "pp=1%", "--traffic_fill", "rescale"], 2, "loses p2p too"),
         (["--ep", "2"], 2, "--ep 2 needs an MoE model (--model moe-tiny|moe-small)"),
         (["--model", "moe-tiny", "--ep", "3"], 3, "--ep 3 must divide the 4 experts of moe-tiny"),

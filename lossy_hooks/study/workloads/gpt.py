@@ -175,8 +175,9 @@ def build_gpt(name: str, ep_group: dist.ProcessGroup | None = None) -> GPT:
     return GPT(cfg, ep_group)
 
 
-def tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> GPT:
-    """Megatron-style tensor parallelism of ``model``'s blocks over ``tp_mesh`` (DTensor's
+def tensor_parallel(model: GPT | GPTStage, tp_mesh: DeviceMesh) -> GPT | GPTStage:
+    """Megatron-style tensor parallelism of ``model``'s blocks (a GPT's, or a pipeline stage's:
+    ``--tp`` with ``--pp``) over ``tp_mesh`` (DTensor's
     ``parallelize_module``), in place: in each block ``attn.qkv`` and ``fc`` column-sharded,
     ``attn.proj`` and ``proj`` row-sharded, so that each block's forward ends its attention
     and its MLP with one all-reduce of the activations over the tp group and its backward
@@ -217,6 +218,7 @@ class GPTStage(nn.Module):
             raise ValueError(f"--pp {stages} must be between 1 and the model's {n} layers")
         bounds = [k * (n // stages) + min(k, n % stages) for k in range(stages + 1)]
         self.first, self.last = stage == 0, stage == stages - 1
+        self.cfg = model.cfg  # its widths (tensor_parallel reads them)
         self.width = model.cfg.n_embd  # of the hidden states between stages
         self.tok = model.tok if self.first else None
         self.pos = model.pos if self.first else None
