@@ -128,6 +128,8 @@ def _check_traffic(
         if getattr(args, flag) < 1:
             fail(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     sizes = {flag: getattr(args, flag) for flag in ("tp", "pp", "ep") if getattr(args, flag) > 1}
+    if args.pp_schedule != "gpipe" and "pp" not in sizes:
+        fail(f"--pp_schedule {args.pp_schedule} needs --pp > 1 (a pipeline)")
     if sizes:
         problem = _model_parallel_problem(args, sizes, language_model, world)
         if problem:
@@ -166,6 +168,11 @@ def _model_parallel_problem(
             return f"--pp {pp}: more stages than the {cfg.n_layer} layers of {args.model}"
         if args.amp:
             return f"--pp {pp} with --amp: the pipeline schedule runs the backward, without a GradScaler"
+        if args.pp_schedule == "1f1b" and args.accumulation_steps < pp:
+            return (
+                f"--pp_schedule 1f1b needs --accumulation_steps >= --pp {pp} (its micro-batches fill the "
+                f"pipeline), got {args.accumulation_steps}"
+            )
     if ep > 1:
         if cfg.moe is None:
             moe = "|".join(name for name, c in GPT_CONFIGS.items() if c.moe is not None)

@@ -11,6 +11,7 @@ from typing import Any
 from lossy_hooks.core.options import LossConfig
 from lossy_hooks.loss_models import LOSS_MODEL_SYNTAX
 from lossy_hooks.study.parallel import STRATEGIES
+from lossy_hooks.study.pipelining import PP_SCHEDULES
 from lossy_hooks.study.run_names import NETWORK_DEFAULTS
 from lossy_hooks.study.traffic import TRAFFIC_FILLS
 from lossy_hooks.study.workloads.data import DATASETS, IMAGENETTE_SIZES
@@ -78,23 +79,32 @@ def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
         "--tp",
         type=int,
         default=1,
-        help="tensor-parallel size (>= 1; > 1 for a language model only): W = dp x tp, ranks d*tp .. "
-        "d*tp+tp-1 one tp group; it must divide the world size and the model's attention heads",
+        help="tensor-parallel size (>= 1; > 1 for a language model only): W = dp x pp x tp, ranks "
+        "r*tp .. r*tp+tp-1 one tp group; it must divide the model's attention heads; composes with "
+        "--pp (dense) and --ep (MoE)",
     )
     t.add_argument(
         "--pp",
         type=int,
         default=1,
         help="pipeline-parallel stages (>= 1; > 1 for a dense language model, at most its layers): "
-        "W = dp x pp, ranks d*pp .. d*pp+pp-1 one pipeline (GPipe), --accumulation_steps its micro-batches",
+        "W = dp x pp x tp, the ranks (d*pp+s)*tp+t of s = 0..pp-1 one pipeline, --accumulation_steps its "
+        "micro-batches",
+    )
+    t.add_argument(
+        "--pp_schedule",
+        choices=PP_SCHEDULES,
+        default="gpipe",
+        help="the pipeline's schedule (with --pp > 1): gpipe (every forward, then every backward) or "
+        "1f1b (one forward, one backward; --accumulation_steps >= --pp)",
     )
     t.add_argument(
         "--ep",
         type=int,
         default=1,
-        help="expert-parallel size (>= 1; > 1 for an MoE model, moe-*): ranks g*ep .. g*ep+ep-1 share "
-        "their tokens' experts (all-to-all dispatch and combine); it must divide the world size and "
-        "the experts",
+        help="expert-parallel size (>= 1; > 1 for an MoE model, moe-*), within data parallelism: ep "
+        "consecutive replicas share their tokens' experts (all-to-all dispatch and combine); it must "
+        "divide the data-parallel size W / (tp x pp) and the experts",
     )
     t.add_argument(
         "--traffic_loss",

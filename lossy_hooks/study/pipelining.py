@@ -1,6 +1,14 @@
-r"""Pipeline parallelism in the study (``--pp N``): one rank's stage of the GPT, its GPipe
-schedule over the lossy pipeline group, a training step over an optimizer step's
-micro-batches, and the validation forward.
+r"""Pipeline parallelism in the study (``--pp N``): one rank's stage of the GPT, its
+schedule (``--pp_schedule``: GPipe or 1F1B) over the lossy pipeline group, a training step
+over an optimizer step's micro-batches, and the validation forward.
+
+The schedules (:data:`PP_SCHEDULES`) run the same micro-batches through the same stages and
+send the same messages; they differ in order only. GPipe runs every forward, then every
+backward (a stage keeps the activations of all ``A`` micro-batches); 1F1B, after ``pp - s``
+warm-up forwards on stage ``s``, alternates one forward and one backward (at most ``pp - s``
+micro-batches in flight, ``A >= pp`` needed). A step's gradients are the same sums in
+another order; a lost packet hits the same tensor in both (the group's packet draws follow
+the order of its sends and receives, which differs: the same rate, not the same packets).
 
 A step takes the ``A = --accumulation_steps`` micro-batches of one optimizer step (each
 ``--batch_size`` sequences) as the pipeline's ``A`` micro-batches: the first stage feeds the
@@ -26,7 +34,9 @@ from torch.nn import functional as F
 
 from lossy_hooks.study.parallel import MeshLayout
 
-__all__ = ["StagePipeline"]
+__all__ = ["PP_SCHEDULES", "StagePipeline"]
+
+PP_SCHEDULES = ("gpipe", "1f1b")  # torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B
 
 
 def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -35,8 +45,9 @@ def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 class StagePipeline:
-    """This rank's stage (``stage``: a ``GPTStage``; ``wrapped``: it under DDP) in a GPipe
-    schedule of ``microbatches`` micro-batches over ``layout.pp_group`` (its stage
+    """This rank's stage (``stage``: a ``GPTStage``; ``wrapped``: it under DDP) in a
+    ``schedule`` (one of :data:`PP_SCHEDULES`) of ``microbatches`` micro-batches over
+    ``layout.pp_group`` (its stage
     ``layout.stage``; with ``--tp`` too, the tp ranks of a stage each run the schedule with
     their own pp group, ranks ``t`` of every stage)."""
 
@@ -47,15 +58,19 @@ class StagePipeline:
         layout: MeshLayout,
         device: torch.device,
         microbatches: int,
+        schedule: str = "gpipe",
     ) -> None:
-        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+        if schedule not in PP_SCHEDULES:
+            raise ValueError(f"--pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {schedule!r}")
         self.stage, self.wrapped, self.layout, self.device = stage, wrapped, layout, device
         stages = layout.shape.pp
         self.first, self.last = layout.stage == 0, layout.stage == stages - 1
         self.microbatches = microbatches
         pipe_stage = PipelineStage(wrapped, layout.stage, stages, device, group=layout.pp_group)
-        self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=microbatches, loss_fn=_mean_cross_entropy)
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        self.schedule = kind(pipe_stage, n_microbatches=microbatches, loss_fn=_mean_cross_entropy)
 
     def warm_up(self, x: torch.Tensor) -> None:
         """The round's warm-up (every traffic state lossless and uncounted, the caller's):

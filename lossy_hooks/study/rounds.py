@@ -104,7 +104,8 @@ class RoundRunner:
         self.expert_scale = 1.0 / self.dp if cfg["reduction"] == "mean" else 1.0
         self.pipeline = None
         if layout is not None and layout.pp_group is not None:
-            self.pipeline = StagePipeline(model, self.ddp, layout, device, cfg["accumulation_steps"])
+            microbatches, schedule = cfg["accumulation_steps"], cfg.get("pp_schedule", "gpipe")
+            self.pipeline = StagePipeline(model, self.ddp, layout, device, microbatches, schedule)
         self.opt = build_optimizer(cfg["optimizer"], self.ddp, cfg["learning_rate"])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
         # per-replica data randomness: the tp ranks (pp stages) of a replica draw the same

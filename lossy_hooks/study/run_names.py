@@ -110,6 +110,7 @@ NAMED_SETTINGS = frozenset(
         "corpus_mb",
         "tp",
         "pp",
+        "pp_schedule",
         "ep",
         "traffic_loss",
         "traffic_fill",
@@ -207,8 +208,8 @@ def config_name(cfg: dict[str, Any]) -> str:
 
 
 def workload_parts(cfg: dict[str, Any]) -> list[str]:
-    """Name parts of the strategy, the all-gather loss, the model-parallel size (``tp2``, ``pp2``,
-    ``moe-ep4``), the
+    """Name parts of the strategy, the all-gather loss, the model-parallel sizes (``tp2``, ``pp2``,
+    ``pp2-1f1b``, ``moe-ep4``), the
     traffic loss (``tl-tp-random-10pct``, ``-stale`` for a fill other than zero), the optimizer
     and the text budget (none at their defaults: the names of before)."""
     parts = []
@@ -222,6 +223,8 @@ def workload_parts(cfg: dict[str, Any]) -> list[str]:
     for flag, label in (("tp", "tp"), ("pp", "pp"), ("ep", "moe-ep")):
         if int(cfg.get(flag) or 1) > 1:
             parts.append(f"{label}{cfg[flag]}")
+            if flag == "pp" and cfg.get("pp_schedule", "gpipe") != "gpipe":
+                parts[-1] += f"-{cfg['pp_schedule']}"  # pp2-1f1b
     if cfg.get("traffic_loss"):  # e.g. "tp=random 10%" -> tl-tp-random-10pct (+ the fill unless zero)
         fill = cfg.get("traffic_fill", "zero")
         parts.append(_slug(f"tl-{cfg['traffic_loss']}" + (f"-{fill}" if fill != "zero" else "")))

@@ -300,6 +300,7 @@ SETTING_CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "rto_us": (NET, ["--rto_us", "500"]),
     "tp": (GPT_TEXT, ["--tp", "2"]),
     "pp": (GPT_TEXT, ["--pp", "2"]),
+    "pp_schedule": ([*GPT_TEXT, "--pp", "2", "--accumulation_steps", "2"], ["--pp_schedule", "1f1b"]),
     "ep": ([*GPT_TEXT, "--model", "moe-tiny"], ["--ep", "2"]),
     "traffic_loss": ([*GPT_TEXT, "--tp", "2"], ["--traffic_loss", "tp=1%"]),
     "traffic_fill": ([*GPT_TEXT, "--tp", "2", "--traffic_loss", "tp=1%"], ["--traffic_fill", "stale"]),

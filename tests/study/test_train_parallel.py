@@ -49,6 +49,7 @@ RUNS = {
     "tp_loss": Run(2, flags(TP_LOSS)),
     "tp_resume": Run(2, flags(TP_LOSS + " --resume"), out="tp_cut", after="tp_cut"),
     "pp0": Run(2, flags("--pp 2 --num_epochs 1")),
+    "pp0_1f1b": Run(2, flags("--pp 2 --num_epochs 1 --pp_schedule 1f1b")),
     "pp_loss": Run(2, flags(PP_LOSS)),
     "pp_resume": Run(2, flags(PP_LOSS + " --resume"), out="pp_cut", after="pp_cut"),
     "moe": Run(2, flags("--model moe-tiny --num_epochs 2")),
@@ -60,7 +61,7 @@ RUNS = {
     "ep_w4": Run(4, flags("--model moe-tiny --ep 2 --num_epochs 1")),
     # composed on one mesh, W = 4: dp=1 x pp=2 x tp=2; dp=2 (ep=2 within it) x tp=2
     "tp_pp": Run(4, flags("--tp 2 --pp 2 --num_epochs 1")),
-    "tp_pp_loss": Run(4, flags("--tp 2 --pp 2 --num_epochs 1 --traffic_loss pp=10%")),
+    "tp_pp_loss": Run(4, flags("--tp 2 --pp 2 --num_epochs 1 --traffic_loss pp=10% --pp_schedule 1f1b")),
     "tp_ep": Run(4, flags("--model moe-tiny --tp 2 --ep 2 --num_epochs 2")),
 }
 
@@ -174,6 +175,20 @@ def test_lossless_pp_and_ep_train_the_model_of_a_run_without_them(study):
             assert all(0 < int(r["moe_dropped_slots"]) < int(r["moe_routed_slots"]) for r in run)
 
 
+@uses("pp0", "pp0_1f1b")
+def test_1f1b_schedule_trains_the_model_of_gpipe(study):
+    """Loss 0: 1F1B runs the micro-batches' forward and backward passes in another order
+    than GPipe, the same sums: the rows equal GPipe's (the 6 digits metrics.csv keeps), as
+    many pp packets, and the folder says the schedule."""
+    _, gpipe = metrics(study, "pp0")
+    run_dir, one = metrics(study, "pp0_1f1b")
+    assert "_pp2-1f1b_" in run_dir.name
+    drop = {"epoch_seconds", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in one] == [
+        {k: v for k, v in r.items() if k not in drop} for r in gpipe
+    ]
+
+
 @uses("moe_w4", "ep_w4")
 def test_expert_replicas_train_the_model_of_a_run_without_ep(study):
     """W = 4, ep = 2: each expert on two ranks, its gradient summed over them and divided by W
@@ -194,8 +209,9 @@ def test_composed_parallelisms_train_the_model_of_a_run_without_them(study):
     within dp=2) the MoE model of 2 DDP ranks (the same capacity drops), up to the order of
     the tp sums (rel 1e-4; 5e-4 for the MoE model, whose top-2 routing turns round-off into
     other experts: measured 1.8e-4 on the validation perplexity, 1 capacity drop in 5,746).
-    With pp=10% on top only the pp counters move: the tp packets are the same and all
-    arrive, the pp losses in the 99.9% binomial interval."""
+    With pp=10% on top (and the 1F1B schedule: the same messages in another order) only the
+    pp counters move: the tp packets are the same and all arrive, the pp losses in the 99.9%
+    binomial interval."""
     cases = (("base_steps8", "tp_pp", ("tp", "pp"), 1e-4), ("moe", "tp_ep", ("tp", "ep"), 5e-4))
     for ref_name, name, kinds, rel in cases:
         _, ref = metrics(study, ref_name)
@@ -273,6 +289,12 @@ def test_traffic_loss_moves_only_its_types_counters(study, kind):
         (["--pp", "2"], 3, "--pp 2 must divide the world size 3"),
         (["--pp", "2", "--strategy", "fsdp"], 2, "this version runs --pp under DDP"),
         (["--pp", "2", "--amp"], 2, "--pp 2 with --amp"),
+        (
+            ["--pp", "2", "--pp_schedule", "1f1b", "--accumulation_steps", "1"],
+            2,
+            "--pp_schedule 1f1b needs --accumulation_steps >= --pp 2",
+        ),
+        (["--pp_schedule", "1f1b"], 1, "--pp_schedule 1f1b needs --pp > 1"),
         (
             ["--pp", "2", "--tp", "2"],
             6,
