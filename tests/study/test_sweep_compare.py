@@ -27,7 +27,7 @@ from .study_batch import WarmLauncher
 FIXED = {
     "dataset": "folder",
     "model": "resnet18",
-    "num_epochs": 4,
+    "num_epochs": 2,
     "batch_size": 6,
     "learning_rate": 0.01,
     "accumulation_steps": 1,
