@@ -43,7 +43,7 @@ from lossy_hooks.study.run_io import (
     write_json,
 )
 from lossy_hooks.study.tensorboard_log import TensorBoardLog, round_log_dir
-from lossy_hooks.study.traffic import TRAFFIC_KINDS, traffic_columns, traffic_states
+from lossy_hooks.study.traffic import TRAFFIC_KINDS, traffic_counts, traffic_states
 from lossy_hooks.study.workloads.gpt import GPT, GPTStage, auxiliary_loss
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
 
@@ -179,7 +179,9 @@ class RoundRunner:
         as metrics.csv columns and buckets.csv / layers.csv rows (a collective)."""
         names = {id(p): n for n, p in [*self.local_params, *self.module.named_parameters()]}
         columns, buckets, layers = packet_rows(self.state.ledger.since_mark(names, all_ranks=True), epoch)
-        columns |= traffic_columns(self.traffic)  # tp_packets_sent, ...: every rank
+        traffic_columns, traffic_rows = traffic_counts(self.traffic, epoch)  # every rank
+        columns |= traffic_columns  # tp_packets_sent, ...
+        buckets += traffic_rows  # drop_point tp / pp / ep, bucket the collective kind
         if self.gather is not None:  # the all-gather's receivers: columns gather_*, rows "gather"
             counts = self.gather.ledger.since_mark({}, all_ranks=True)
             post = counts["points"]["post"]

@@ -17,6 +17,8 @@ Tags (step = the epoch, 1-based as in metrics.csv), one rule in :func:`epoch_sca
     loss_rate/delivered_fraction on a per-hop placement: contributions that reached their root
     bucket_loss/<point>/<b>      bucket b's loss rate in the epoch (buckets.csv)
     link_loss/<phase>/<s->d>     a per-hop placement's link s->d in phase reduce / broadcast
+    traffic_loss/<type>/<kind>   a traffic type's loss rate per collective kind (``tp/all_reduce``,
+                                 ``pp/p2p``, ``ep/all_to_all``; buckets.csv's traffic rows)
     fidelity/cosine, fidelity/rel_l2, drift/max, drift/mean   where measured
     metrics/<column>             every other numeric metrics.csv column (train_loss, val_acc, ...)
 
@@ -96,7 +98,8 @@ def epoch_scalars(row: dict[str, Any], bucket_rows: list[dict[str, Any]]) -> dic
         rate = _number(b.get("loss_rate"))
         if rate is None:
             continue
-        group = "link_loss" if b["drop_point"] in _PHASES else "bucket_loss"
+        traffic = b["drop_point"] in TRAFFIC_KINDS
+        group = "link_loss" if b["drop_point"] in _PHASES else "traffic_loss" if traffic else "bucket_loss"
         out[f"{group}/{b['drop_point']}/{b['bucket']}"] = rate
     return out
 

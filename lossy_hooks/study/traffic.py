@@ -45,7 +45,7 @@ __all__ = [
     "canonical",
     "parse_traffic_loss",
     "run_traffic_types",
-    "traffic_columns",
+    "traffic_counts",
     "traffic_problem",
     "traffic_states",
 ]
@@ -166,11 +166,15 @@ def traffic_states(cfg: dict[str, Any], seed: int, shape: MeshShape, rank: int) 
     return states
 
 
-def traffic_columns(states: dict[str, LossyState]) -> dict[str, Any]:
-    """metrics.csv's ``<type>_packets_sent``, ``<type>_packets_lost`` and ``<type>_loss_rate``
-    since the previous call, over every rank and every collective kind of the type (a
-    collective: every rank calls it, in the same order)."""
+def traffic_counts(states: dict[str, LossyState], epoch: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Packets of each traffic type since the previous call, over every rank and every
+    collective kind of the type (a collective: every rank calls it, in the same order):
+    metrics.csv's ``<type>_packets_sent``, ``<type>_packets_lost`` and ``<type>_loss_rate``,
+    and buckets.csv rows that say which traffic lost what, one per type and collective kind
+    (``drop_point`` the type, ``bucket`` the kind: ``all_reduce``, ``all_gather``,
+    ``reduce_scatter``, ``p2p``, ``all_to_all``; a kind the epoch did not use has none)."""
     columns: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     for kind, state in states.items():
         counts = state.ledger.since_mark({}, all_ranks=True).get("collectives", {})
         sent = sum(int(c["packets_sent"]) for c in counts.values())
@@ -180,4 +184,14 @@ def traffic_columns(states: dict[str, LossyState]) -> dict[str, Any]:
             f"{kind}_packets_lost": lost,
             f"{kind}_loss_rate": lost / sent if sent else 0.0,
         }
-    return columns
+        for collective in sorted(counts):
+            c_sent, c_lost = int(counts[collective]["packets_sent"]), int(counts[collective]["packets_lost"])
+            rows.append(
+                {"epoch": epoch, "drop_point": kind, "bucket": collective}
+                | {
+                    "packets_sent": c_sent,
+                    "packets_lost": c_lost,
+                    "loss_rate": c_lost / c_sent if c_sent else 0.0,
+                }
+            )
+    return columns, rows

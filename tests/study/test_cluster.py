@@ -611,6 +611,7 @@ def test_epoch_scalars_tag_every_column_once():
         {"drop_point": "worker", "bucket": 0, "loss_rate": 0.25},
         {"drop_point": "reduce", "bucket": "0->1", "loss_rate": 0.5},
         {"drop_point": "broadcast", "bucket": "1->2", "loss_rate": ""},
+        {"drop_point": "pp", "bucket": "p2p", "loss_rate": 0.1},
     ]
     assert epoch_scalars(row, buckets) == {
         "loss_rate/worker": 0.25,
@@ -629,6 +630,7 @@ def test_epoch_scalars_tag_every_column_once():
         "metrics/gather_packets_lost": 4.0,
         "bucket_loss/worker/0": 0.25,
         "link_loss/reduce/0->1": 0.5,
+        "traffic_loss/pp/p2p": 0.1,
     }
 
 

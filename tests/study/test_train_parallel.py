@@ -132,6 +132,13 @@ def test_traffic_loss_moves_only_the_tp_counters(study):
         int(tp_rows[-1]["tp_packets_lost"]) / int(tp_rows[-1]["tp_packets_sent"]), rel=1e-5
     )
     assert tp_rows[-1]["train_loss"] != dp_rows[-1]["train_loss"]  # the lost activations count
+    # buckets.csv says which traffic lost what: a row per tp collective kind, summing to the columns
+    traffic = [r for r in rows(tp_dir / "round0" / "buckets.csv") if r["drop_point"] == "tp"]
+    assert {r["bucket"] for r in traffic} == {"all_reduce"}  # Megatron TP: all-reduces only
+    for row in tp_rows:
+        mine = [r for r in traffic if r["epoch"] == row["epoch"]]
+        assert sum(int(r["packets_sent"]) for r in mine) == int(row["tp_packets_sent"])
+        assert sum(int(r["packets_lost"]) for r in mine) == int(row["tp_packets_lost"])
 
 
 @uses(*CUTS, "tp_resume", "pp_resume", "ep_resume", "tp_loss", "pp_loss", "ep_loss")
