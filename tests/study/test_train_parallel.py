@@ -3,9 +3,10 @@ trains the model of a run without them, ``--traffic_loss TYPE=10%`` moves only t
 counters, a kill and ``--resume`` continue the exact loss sequences, and the refusals of
 ``--tp``, ``--pp``, ``--ep``, ``--traffic_loss`` and ``--traffic_fill`` (before any work).
 
-The runs: a group at W=1 (the references without model parallelism) and one of 2 processes
-(dp=1 x tp=2, pp=2 or ep=2) holding the others (tests/study/study_batch.py); each run
-killed at a fault point is a torchrun launch of its own, made first."""
+The runs: a group at W=1 (the references without model parallelism), one of 2 processes
+(dp=1 x tp=2, pp=2 or ep=2) and one of 4 (the composed layouts tp x pp and tp x ep, the
+expert replicas) holding the others (tests/study/study_batch.py); each run killed at a fault
+point (tp x pp at W = 4, ep at W = 2) is a torchrun launch of its own, made first."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ LM = (
 )
 DP_LOSS = "--tp 2 --loss_rate 0.1 --worker_drop"
 TP_LOSS = DP_LOSS + " --traffic_loss tp=10%"
-PP_LOSS = "--pp 2 --traffic_loss pp=10%"  # zero fill
+# W = 4, composed: tp and pp traffic lossy (zero fill) under 1F1B, killed and resumed
+PP_LOSS = "--tp 2 --pp 2 --traffic_loss tp=5%,pp=10% --pp_schedule 1f1b"
 EP_LOSS = "--model moe-tiny --ep 2 --traffic_loss ep=10% --traffic_fill stale"
-CUTS = {"tp_cut": TP_LOSS, "pp_cut": PP_LOSS, "ep_cut": EP_LOSS}
+CUTS = {"pp_cut": (4, PP_LOSS), "ep_cut": (2, EP_LOSS)}  # name: (world, flags)
 
 
 def flags(text: str) -> Callable[[dict], list[str]]:
@@ -47,11 +49,8 @@ RUNS = {
     "tp0_fsdp": Run(2, flags("--tp 2 --num_epochs 2 --strategy fsdp")),
     "dp_loss": Run(2, flags(DP_LOSS)),
     "tp_loss": Run(2, flags(TP_LOSS)),
-    "tp_resume": Run(2, flags(TP_LOSS + " --resume"), out="tp_cut", after="tp_cut"),
     "pp0": Run(2, flags("--pp 2 --num_epochs 1")),
     "pp0_1f1b": Run(2, flags("--pp 2 --num_epochs 1 --pp_schedule 1f1b")),
-    "pp_loss": Run(2, flags(PP_LOSS)),
-    "pp_resume": Run(2, flags(PP_LOSS + " --resume"), out="pp_cut", after="pp_cut"),
     "moe": Run(2, flags("--model moe-tiny --num_epochs 2")),
     "ep0": Run(2, flags("--model moe-tiny --ep 2 --num_epochs 2")),
     "ep_loss": Run(2, flags(EP_LOSS)),
@@ -63,6 +62,8 @@ RUNS = {
     "tp_pp": Run(4, flags("--tp 2 --pp 2 --num_epochs 1")),
     "tp_pp_loss": Run(4, flags("--tp 2 --pp 2 --num_epochs 1 --traffic_loss pp=10% --pp_schedule 1f1b")),
     "tp_ep": Run(4, flags("--model moe-tiny --tp 2 --ep 2 --num_epochs 2")),
+    "pp_loss": Run(4, flags(PP_LOSS)),
+    "pp_resume": Run(4, flags(PP_LOSS + " --resume"), out="pp_cut", after="pp_cut"),
 }
 
 
@@ -71,7 +72,8 @@ def _cut(name: str) -> Callable[[SharedRuns], dict]:
     (the checkpoint holds epoch 1)."""
 
     def run(study: SharedRuns) -> dict:
-        cmd = torchrun([*flags(CUTS[name])(study.context), "--output_dir", str(study.out(name))])
+        world, text = CUTS[name]
+        cmd = torchrun([*flags(text)(study.context), "--output_dir", str(study.out(name))], nproc=world)
         cut_env = env() | {FAULT_ENV: "kill:after_metrics:2"}
         res = subprocess.run(cmd, env=cut_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         return {"code": res.returncode, "output": res.stdout + res.stderr}
@@ -141,12 +143,13 @@ def test_traffic_loss_moves_only_the_tp_counters(study):
         assert sum(int(r["packets_lost"]) for r in mine) == int(row["tp_packets_lost"])
 
 
-@uses(*CUTS, "tp_resume", "pp_resume", "ep_resume", "tp_loss", "pp_loss", "ep_loss")
-@pytest.mark.parametrize("kind", ["tp", "pp", "ep"])
-def test_killed_model_parallel_run_resumes_exactly(study, kind):
-    """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's and the
+@uses(*CUTS, "pp_resume", "ep_resume", "pp_loss", "ep_loss")
+@pytest.mark.parametrize("kind, lossy", [("pp", ("tp", "pp")), ("ep", ("ep",))], ids=["tp-pp", "ep"])
+def test_killed_model_parallel_run_resumes_exactly(study, kind, lossy):
+    """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's and every
     type's group states, each rank's shards, stage or experts and optimizer): every row
-    equals the uninterrupted run's."""
+    equals the uninterrupted run's. tp x pp at W = 4 (tp 5% and pp 10% lost, 1F1B), ep at
+    W = 2 (stale)."""
     cut = study.fact(f"{kind}_cut")
     assert cut["code"] != 0 and "Signal 9 (SIGKILL)" in cut["output"]
     _, resumed = metrics(study, f"{kind}_resume")
@@ -157,7 +160,8 @@ def test_killed_model_parallel_run_resumes_exactly(study, kind):
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
         {k: v for k, v in r.items() if k not in drop} for r in reference
     ]
-    assert int(reference[-1][f"{kind}_packets_lost"]) > 0
+    for traffic in lossy:
+        assert int(reference[-1][f"{traffic}_packets_lost"]) > 0, traffic
 
 
 @uses("base_steps8", "pp0", "moe", "ep0")
@@ -248,22 +252,19 @@ def test_composed_parallelisms_train_the_model_of_a_run_without_them(study):
     assert lossy[0]["train_loss"] != lossless[0]["train_loss"]
 
 
-@uses("pp_loss", "pp0", "ep_loss", "ep0")
-@pytest.mark.parametrize("kind", ["pp", "ep"])
-def test_traffic_loss_moves_only_its_types_counters(study, kind):
-    """10% on the type alone (pp: zero fill; ep: stale): the data-parallel packets all
-    arrive, the type's lost packets are in the 99.9% binomial interval of 10% of its sent
-    ones, and the lost activations change the training."""
-    ref_name = "pp0" if kind == "pp" else "ep0"
-    _, lossy = metrics(study, f"{kind}_loss")
-    _, lossless = metrics(study, ref_name)
+@uses("ep_loss", "ep0")
+def test_ep_traffic_loss_moves_only_its_counters(study):
+    """10% on ep alone (stale): the data-parallel packets all arrive, the ep lost packets are
+    in the 99.9% binomial interval of 10% of its sent ones, and the lost tokens change the
+    training (pp alone: test_composed_parallelisms_train_the_model_of_a_run_without_them)."""
+    kind = "ep"
+    _, lossy = metrics(study, "ep_loss")
+    _, lossless = metrics(study, "ep0")
     sent = sum(int(r[f"{kind}_packets_sent"]) for r in lossy)
     lost = sum(int(r[f"{kind}_packets_lost"]) for r in lossy)
     lo, hi = binomial_interval(sent, 0.1, 0.999)
     assert lo <= lost <= hi, (sent, lost)
     assert all(r["post_packets_lost"] == "0" and int(r["post_packets_sent"]) > 0 for r in lossy)
-    if kind == "pp":  # the same shapes every step: as many packets as without loss
-        assert lossy[0]["pp_packets_sent"] == lossless[0]["pp_packets_sent"]
     assert lossy[0]["train_loss"] != lossless[0]["train_loss"]
 
 
