@@ -23,22 +23,22 @@ follows. A pre-norm block's first operation on :math:`h_t` is LayerNorm,
 Jacobian at :math:`x = 0` (:math:`\sigma = 0`) is :math:`\mathrm{diag}(\gamma) (I -
 \mathbf{1}\mathbf{1}^\top / C) / \sqrt{\epsilon}` (:math:`1/\sqrt{10^{-5}} \approx 316`):
 the gradient sent back for a zeroed token is multiplied by that, where a real token's is
-divided by its own :math:`\sigma`. Per fill over ``--trials`` batches: the loss, the norm of stage 1's and of
-stage 0's parameter gradients, and the largest and the median per-token norm of :math:`g`
-(medians over trials; ``max_*`` the largest trial). Writes one CSV row per fill (``--out``)
-and prints the table.
+divided by its own :math:`\sigma`. Per fill over ``--trials`` batches: the loss, the norm of
+stage 1's and of stage 0's parameter gradients, and the largest and the median per-token
+norm of :math:`g` (medians over trials; ``max_*`` the largest trial). Writes one CSV row per
+fill (``--out``, 6 significant digits) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from lossy_hooks.experiments.time_runs import write_table
 from lossy_hooks.study.workloads.gpt import GPT_CONFIGS, GPTStage, build_gpt
 from lossy_hooks.study.workloads.text_data import load_corpus
 
@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_table(args.out, rows, list(FIELDS))
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0

@@ -153,8 +153,7 @@ def model_parallel_layout(
     dp_group = plain("dp") if shape.dp < shape.world else None
     replica_group = plain("expert_replica") if 1 < shape.ep < shape.dp else None
     unique = next(g for g in lossy.values() if g is not None).group_name
-    dims = [(kind, size) for kind, size in (("dp", shape.dp), ("pp", shape.pp), ("tp", shape.tp))]
-    dims = [(kind, size) for kind, size in dims if kind == "dp" or size > 1]
+    dims = [(k, n) for k, n in (("dp", shape.dp), ("pp", shape.pp), ("tp", shape.tp)) if k == "dp" or n > 1]
     dim_names = {kind: f"{kind}-{unique}" for kind, _ in dims}
     groups = {"dp": dp_group or dist.group.WORLD, "pp": lossy["pp"], "tp": lossy["tp"]}
     mesh = DeviceMesh.from_group(

@@ -7,8 +7,8 @@ send the same messages; they differ in order only. GPipe runs every forward, the
 backward (a stage keeps the activations of all ``A`` micro-batches); 1F1B, after ``pp - s``
 warm-up forwards on stage ``s``, alternates one forward and one backward (at most ``pp - s``
 micro-batches in flight, ``A >= pp`` needed). A step's gradients are the same sums in
-another order; a lost packet hits the same tensor in both (the group's packet draws follow
-the order of its sends and receives, which differs: the same rate, not the same packets).
+another order; under loss the group draws its packets in the order of its sends and
+receives, which differs: the same rate on the same messages, not the same packets.
 
 A step takes the ``A = --accumulation_steps`` micro-batches of one optimizer step (each
 ``--batch_size`` sequences) as the pipeline's ``A`` micro-batches: the first stage feeds the
@@ -47,9 +47,8 @@ def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 class StagePipeline:
     """This rank's stage (``stage``: a ``GPTStage``; ``wrapped``: it under DDP) in a
     ``schedule`` (one of :data:`PP_SCHEDULES`) of ``microbatches`` micro-batches over
-    ``layout.pp_group`` (its stage
-    ``layout.stage``; with ``--tp`` too, the tp ranks of a stage each run the schedule with
-    their own pp group, ranks ``t`` of every stage)."""
+    ``layout.pp_group`` (its stage ``layout.stage``; with ``--tp`` too, the tp ranks of a
+    stage each run the schedule with their own pp group, ranks ``t`` of every stage)."""
 
     def __init__(
         self,
