@@ -130,6 +130,8 @@ def _check_traffic(
     sizes = {flag: getattr(args, flag) for flag in ("tp", "pp", "ep") if getattr(args, flag) > 1}
     if args.pp_schedule != "gpipe" and "pp" not in sizes:
         fail(f"--pp_schedule {args.pp_schedule} needs --pp > 1 (a pipeline)")
+    if args.sequence_parallel and "tp" not in sizes:
+        fail("--sequence_parallel needs --tp > 1 (it splits the tensor-parallel group's sequence)")
     if sizes:
         problem = _model_parallel_problem(args, sizes, language_model, world)
         if problem:

@@ -84,6 +84,13 @@ def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
         "--pp (dense) and --ep (MoE)",
     )
     t.add_argument(
+        "--sequence_parallel",
+        action="store_true",
+        help="with --tp > 1: Megatron's sequence parallelism, the residual stream and the blocks' norms "
+        "split along the sequence over the tp group (each all-reduce of the tp traffic becomes a "
+        "reduce-scatter and an all-gather)",
+    )
+    t.add_argument(
         "--pp",
         type=int,
         default=1,

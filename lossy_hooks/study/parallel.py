@@ -212,10 +212,12 @@ def parallelize(
     device: torch.device,
     bucket_cap_mb: float,
     layout: MeshLayout | None = None,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """The model to train (a GPT, or with ``--pp`` this rank's ``GPTStage``), with the lossy
     collectives wired in. With a tp group the model is first made tensor-parallel over the
-    layout's tp mesh (under ``reliable()``: set-up traffic), then: ``ddp``, its DTensor
+    layout's tp mesh (under ``reliable()``: set-up traffic; ``sequence_parallel``: its
+    residual stream split along the sequence, ``--sequence_parallel``), then: ``ddp``, its DTensor
     parameters turned into local ones (``_pre_dp_module_transform``: DDP refuses DTensors,
     measured on torch 2.14) and DDP over the dp group (``state.process_group`` must be that
     group; ``None``, the world, without tp and pp), leaving an ep model's experts out
@@ -224,7 +226,7 @@ def parallelize(
     tensor_parallel_model = layout is not None and layout.tp_group is not None
     if tensor_parallel_model:
         with reliable():
-            tensor_parallel(model, layout.tp_mesh)  # type: ignore[arg-type, union-attr]
+            tensor_parallel(model, layout.tp_mesh, sequence_parallel)  # type: ignore[arg-type, union-attr]
     if strategy == "ddp":
         if tensor_parallel_model:
             _pre_dp_module_transform(model)

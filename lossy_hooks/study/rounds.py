@@ -89,7 +89,14 @@ class RoundRunner:
         self.gather = fsdp_api().gather_state(**gather_kwargs(cfg, self.seed)) if gathering else None
         # DDP wraps the model; fully_shard turns it into its own FSDP module (self.ddp is self.module)
         self.ddp = parallelize(
-            model, cfg["strategy"], self.state, self.gather, device, cfg["bucket_cap_mb"], layout
+            model,
+            cfg["strategy"],
+            self.state,
+            self.gather,
+            device,
+            cfg["bucket_cap_mb"],
+            layout,
+            bool(cfg.get("sequence_parallel")),
         )
         # a model-parallel model under DDP: its parameters (this rank's shards, stage or
         # experts) as made here; after a forward a tp model's DTensor ones are module

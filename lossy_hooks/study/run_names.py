@@ -109,6 +109,7 @@ NAMED_SETTINGS = frozenset(
         "optimizer",
         "corpus_mb",
         "tp",
+        "sequence_parallel",
         "pp",
         "pp_schedule",
         "ep",
@@ -208,8 +209,8 @@ def config_name(cfg: dict[str, Any]) -> str:
 
 
 def workload_parts(cfg: dict[str, Any]) -> list[str]:
-    """Name parts of the strategy, the all-gather loss, the model-parallel sizes (``tp2``, ``pp2``,
-    ``pp2-1f1b``, ``moe-ep4``), the
+    """Name parts of the strategy, the all-gather loss, the model-parallel sizes (``tp2``,
+    ``tp2-sp``, ``pp2``, ``pp2-1f1b``, ``moe-ep4``), the
     traffic loss (``tl-tp-random-10pct``, ``-stale`` for a fill other than zero), the optimizer
     and the text budget (none at their defaults: the names of before)."""
     parts = []
@@ -223,6 +224,8 @@ def workload_parts(cfg: dict[str, Any]) -> list[str]:
     for flag, label in (("tp", "tp"), ("pp", "pp"), ("ep", "moe-ep")):
         if int(cfg.get(flag) or 1) > 1:
             parts.append(f"{label}{cfg[flag]}")
+            if flag == "tp" and cfg.get("sequence_parallel"):
+                parts[-1] += "-sp"  # tp2-sp
             if flag == "pp" and cfg.get("pp_schedule", "gpipe") != "gpipe":
                 parts[-1] += f"-{cfg['pp_schedule']}"  # pp2-1f1b
     if cfg.get("traffic_loss"):  # e.g. "tp=random 10%" -> tl-tp-random-10pct (+ the fill unless zero)

@@ -361,8 +361,9 @@ def subgroups() -> dict[str, Any]:
     """``lossy_subgroups`` over the groups [0, 1] and [2] (each rank its own state), and
     gpt-tiny made tensor-parallel on this rank's group: at loss 0 the loss and the gradient
     of the (replicated) token embedding against the unsharded model, the all-reduces
-    counted; at 20% worker loss (zero fill) the packets lost and the loss moved. Then
-    overlapping lists are refused."""
+    counted; at 20% worker loss (zero fill) the packets lost and the loss moved; the same at
+    loss 0 with sequence parallelism (:func:`sequence_parallel_step`). Then overlapping lists
+    are refused."""
     from lossy_hooks import lossy_subgroups
     from lossy_hooks.study.workloads.gpt import build_gpt, tensor_parallel
 
@@ -387,11 +388,48 @@ def subgroups() -> dict[str, Any]:
         grads = (model.tok.weight.grad - ref.tok.weight.grad).abs().max() / ref.tok.weight.grad.abs().max()
         counted = state.stats().get("collectives", {}).get("all_reduce", {})  # none on a group of one
         out[str(p)] = {"losses": losses, "grad_err": float(grads), **counted}
+    out["sequence_parallel"] = sequence_parallel_step(lists)
     try:
         lossy_subgroups(LossyState(loss_rate=0.1, fill="zero"), [[0, 1], [1, 2]])
         out["overlap_refused"] = False
     except ValueError as error:
         out["overlap_refused"] = "disjoint" in str(error)
+    return out
+
+
+def sequence_parallel_step(lists: list[list[int]]) -> dict[str, Any]:
+    """gpt-tiny tensor- and sequence-parallel on this rank's group of ``lists`` at loss 0, and
+    a one-block stage of it (GPTStage: the stream split and gathered in the same block): the
+    loss, the embedding's and the first norm's gradients (partial sums all-reduced) against
+    the unsharded model; the calls and packets of every kind."""
+    from lossy_hooks import lossy_subgroups
+    from lossy_hooks.study.workloads.gpt import GPTStage, build_gpt, tensor_parallel
+
+    state = LossyState(loss_rate=0.0, fill="zero", mtu=1500, seed=9)
+    group = lossy_subgroups(state, lists, kinds=("all_reduce", "all_gather", "reduce_scatter"))
+    mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("tp-sp",))
+    x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5))
+    out: dict[str, Any] = {}
+    for stages in (1, 2):
+        torch.manual_seed(0)
+        whole = build_gpt("gpt-tiny")
+        model, ref = (GPTStage(m, 0, stages) for m in (whole, copy.deepcopy(whole)))
+        with reliable():
+            tensor_parallel(model, mesh, sequence_parallel=True)
+        norm = model.blocks[0].ln1.weight  # a parameter (DTensor); after the forward an attribute
+        before = state.stats().get("collectives", {})
+        losses = []
+        for m in (model, ref):
+            loss = m(x).float().square().mean()  # a stage's output: hidden states or logits
+            loss.backward()
+            losses.append(float(loss.detach()))
+        pairs = {"tok": (model.tok.weight.grad, ref.tok.weight.grad)}
+        pairs["ln1"] = (norm.grad.full_tensor(), ref.blocks[0].ln1.weight.grad)
+        err = {k: (a - b).abs().max() / b.abs().max() for k, (a, b) in pairs.items()}
+        after = state.stats().get("collectives", {})
+        keys = ("calls", "packets_sent", "packets_lost")
+        counts = {kind: {k: after[kind][k] - before.get(kind, {}).get(k, 0) for k in keys} for kind in after}
+        out[str(stages)] = {"losses": losses, **{k: float(v) for k, v in err.items()}, "counts": counts}
     return out
 
 

@@ -299,6 +299,7 @@ SETTING_CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "net_drop_rate": (NET, ["--net_drop_rate", "0.001"]),
     "rto_us": (NET, ["--rto_us", "500"]),
     "tp": (GPT_TEXT, ["--tp", "2"]),
+    "sequence_parallel": ([*GPT_TEXT, "--tp", "2"], ["--sequence_parallel"]),
     "pp": (GPT_TEXT, ["--pp", "2"]),
     "pp_schedule": ([*GPT_TEXT, "--pp", "2", "--accumulation_steps", "2"], ["--pp_schedule", "1f1b"]),
     "ep": ([*GPT_TEXT, "--model", "moe-tiny"], ["--ep", "2"]),

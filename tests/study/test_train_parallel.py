@@ -31,10 +31,12 @@ LM = (
 )
 DP_LOSS = "--tp 2 --loss_rate 0.1 --worker_drop"
 TP_LOSS = DP_LOSS + " --traffic_loss tp=10%"
-# W = 4, composed: tp and pp traffic lossy (zero fill) under 1F1B, killed and resumed
-PP_LOSS = "--tp 2 --pp 2 --traffic_loss tp=5%,pp=10% --pp_schedule 1f1b"
+# W = 4, composed: tp (sequence-parallel) and pp traffic lossy (zero fill) under 1F1B, killed
+# and resumed
+PP_LOSS = "--tp 2 --pp 2 --sequence_parallel --traffic_loss tp=5%,pp=10% --pp_schedule 1f1b"
 EP_LOSS = "--model moe-tiny --ep 2 --traffic_loss ep=10% --traffic_fill stale"
 CUTS = {"pp_cut": (4, PP_LOSS), "ep_cut": (2, EP_LOSS)}  # name: (world, flags)
+KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
 
 def flags(text: str) -> Callable[[dict], list[str]]:
@@ -47,6 +49,7 @@ RUNS = {
     "base_steps8": Run(1, flags("--num_epochs 1 --max_steps 8")),
     "tp0": Run(2, flags("--tp 2 --num_epochs 2")),
     "tp0_fsdp": Run(2, flags("--tp 2 --num_epochs 2 --strategy fsdp")),
+    "sp0": Run(2, flags("--tp 2 --sequence_parallel --num_epochs 2")),
     "dp_loss": Run(2, flags(DP_LOSS)),
     "tp_loss": Run(2, flags(TP_LOSS)),
     "pp0": Run(2, flags("--pp 2 --num_epochs 1")),
@@ -94,16 +97,17 @@ def metrics(study: SharedRuns, name: str) -> tuple[Path, list[dict[str, str]]]:
     return run_dir, rows(run_dir / "round0" / "metrics.csv")
 
 
-@uses("base", "tp0", "tp0_fsdp")
+@uses("base", "tp0", "tp0_fsdp", "sp0")
 def test_lossless_tp_trains_the_model_of_a_run_without_tp(study):
-    """Loss 0, dp=1: tp=2 (DDP or FSDP2 over the dp mesh) equals the one-rank run up to the
-    order of the tp sums (rel 1e-4 on the losses and perplexity: measured equal to the 6
-    digits metrics.csv keeps; accuracies within 2e-3); tp packets counted, none lost."""
+    """Loss 0, dp=1: tp=2 (DDP or FSDP2 over the dp mesh; DDP with sequence parallelism)
+    equals the one-rank run up to the order of the tp sums (rel 1e-4 on the losses and
+    perplexity: measured equal to the 6 digits metrics.csv keeps; accuracies within 2e-3);
+    tp packets counted, none lost."""
     base_dir, base = metrics(study, "base")
     assert "_tp" not in base_dir.name and "tl-" not in base_dir.name  # the names of before
-    for name in ("tp0", "tp0_fsdp"):
+    for name in ("tp0", "tp0_fsdp", "sp0"):
         run_dir, tp = metrics(study, name)
-        assert "_tp2_" in run_dir.name and "tl-" not in run_dir.name
+        assert ("_tp2-sp_" if name == "sp0" else "_tp2_") in run_dir.name and "tl-" not in run_dir.name
         assert [r["steps"] for r in tp] == [r["steps"] for r in base]
         for a, b in zip(base, tp, strict=True):
             for key in ("train_loss", "val_loss", "val_perplexity"):
@@ -148,7 +152,8 @@ def test_traffic_loss_moves_only_the_tp_counters(study):
 def test_killed_model_parallel_run_resumes_exactly(study, kind, lossy):
     """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's and every
     type's group states, each rank's shards, stage or experts and optimizer): every row
-    equals the uninterrupted run's. tp x pp at W = 4 (tp 5% and pp 10% lost, 1F1B), ep at
+    equals the uninterrupted run's. tp x pp at W = 4 (sequence-parallel tp 5% and pp 10%
+    lost, 1F1B), ep at
     W = 2 (stale)."""
     cut = study.fact(f"{kind}_cut")
     assert cut["code"] != 0 and "Signal 9 (SIGKILL)" in cut["output"]
@@ -252,6 +257,25 @@ def test_composed_parallelisms_train_the_model_of_a_run_without_them(study):
     assert lossy[0]["train_loss"] != lossless[0]["train_loss"]
 
 
+@uses("pp_loss")
+def test_sequence_parallel_traffic_is_gathers_and_scatters(study):
+    """tp x pp at W = 4 with --sequence_parallel, tp 5% lost: buckets.csv has the tp traffic
+    as all-gathers and reduce-scatters (and the norms' gradient all-reduces, a few packets),
+    in the ratio of a one-block stage's step (6 all-gathers to 4 reduce-scatters of equal
+    size: test_group.py), and the tp losses in the 99.9% binomial interval of 5%."""
+    run_dir, run = metrics(study, "pp_loss")
+    assert "_tp2-sp_pp2-1f1b_" in run_dir.name
+    traffic = [r for r in rows(run_dir / "round0" / "buckets.csv") if r["drop_point"] == "tp"]
+    sent = {kind: sum(int(r["packets_sent"]) for r in traffic if r["bucket"] == kind) for kind in KINDS}
+    assert sent["all_gather"] * 4 == sent["reduce_scatter"] * 6
+    assert 0 < sent["all_reduce"] < sent["reduce_scatter"] / 20
+    total = sum(int(r["tp_packets_sent"]) for r in run)
+    lost = sum(int(r["tp_packets_lost"]) for r in run)
+    assert total == sum(sent.values())
+    lo, hi = binomial_interval(total, 0.05, 0.999)
+    assert lo <= lost <= hi, (total, lost)
+
+
 @uses("ep_loss", "ep0")
 def test_ep_traffic_loss_moves_only_its_counters(study):
     """10% on ep alone (stale): the data-parallel packets all arrive, the ep lost packets are
@@ -291,6 +315,7 @@ def test_ep_traffic_loss_moves_only_its_counters(study):
         (["--tp", "2", "--traffic_loss", "tp=1%", "--traffic_fill", "rescale"], 2, "loses all_gather too"),
         (["--tp", "2", "--traffic_loss", "tp=deadline 1.5x"], 2, "tp: the deadline loss model needs"),
         (["--tp", "2", "--traffic_fill", "stale"], 2, "--traffic_fill stale needs --traffic_loss"),
+        (["--sequence_parallel"], 2, "--sequence_parallel needs --tp > 1"),
         (["--pp", "0"], 1, "--pp must be >= 1"),
         (["--pp", "3"], 3, "--pp 3: more stages than the 2 layers of gpt-tiny"),
         (["--model", "moe-tiny", "--pp", "2"], 2, "pipeline stages of an MoE model are not supported"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lossy_hooks.study.workloads.gpt import GPTStage, build_gpt, tensor_parallel
+from lossy_hooks.study.workloads.gpt import GPT, GPTConfig, GPTStage, build_gpt, tensor_parallel
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
@@ -38,3 +38,16 @@ def test_more_stages_than_layers_and_tp_not_dividing_heads_are_refused():
 
     with pytest.raises(ValueError, match="--tp 3 must divide the model's 4 attention heads"):
         tensor_parallel(model, ThreeRanks())  # type: ignore[arg-type]
+
+
+def test_sequence_parallel_needs_tp_to_divide_the_sequence():
+    """DTensor's sequence shards are even: a 6-token model refuses --tp 4 with
+    --sequence_parallel (the heads alone would allow it)."""
+
+    class FourRanks:
+        def size(self) -> int:
+            return 4
+
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=6))
+    with pytest.raises(ValueError, match="--tp 4 must divide the model's 6-token sequences"):
+        tensor_parallel(model, FourRanks(), sequence_parallel=True)  # type: ignore[arg-type]

@@ -185,7 +185,8 @@ class ShardedCollectives:
         main = before_collective(call)
 
         def scatter(tensor: torch.Tensor, reduce_op: Any) -> torch.Tensor:
-            into = output if tensor is rows else tensor.new_empty(tensor.numel() // world)
+            # flat as the input (Gloo checks the first dimensions: a sequence-parallel shard is 3-D)
+            into = output.view(-1) if tensor is rows else tensor.new_empty(tensor.numel() // world)
             if reduce_op is None:  # the payload: through the placement's collective
                 state.placement.reduce_scatter(into, tensor.reshape(-1), op, group)
             else:

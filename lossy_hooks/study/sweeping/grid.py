@@ -20,6 +20,7 @@ BOOLEAN_FLAGS = {
     "measure_fidelity",
     "overwrite",
     "error_feedback",
+    "sequence_parallel",
 }
 
 

@@ -26,10 +26,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 from torch.nn import functional as F
@@ -175,7 +180,9 @@ def build_gpt(name: str, ep_group: dist.ProcessGroup | None = None) -> GPT:
     return GPT(cfg, ep_group)
 
 
-def tensor_parallel(model: GPT | GPTStage, tp_mesh: DeviceMesh) -> GPT | GPTStage:
+def tensor_parallel(
+    model: GPT | GPTStage, tp_mesh: DeviceMesh, sequence_parallel: bool = False
+) -> GPT | GPTStage:
     """Megatron-style tensor parallelism of ``model``'s blocks (a GPT's, or a pipeline stage's:
     ``--tp`` with ``--pp``) over ``tp_mesh`` (DTensor's
     ``parallelize_module``), in place: in each block ``attn.qkv`` and ``fc`` column-sharded,
@@ -185,22 +192,90 @@ def tensor_parallel(model: GPT | GPTStage, tp_mesh: DeviceMesh) -> GPT | GPTStag
     replicated. ``qkv``'s rows are first reordered from ``[q; k; v]`` to ``[q_0; k_0; v_0;
     q_1; ...]`` (``q_r`` the heads of rank ``r``), so that a column shard holds whole heads of
     all three: the model computes the same function (its parameters permuted). Refuses a tp
-    size that does not divide the heads."""
+    size that does not divide the heads.
+
+    ``sequence_parallel`` (``--sequence_parallel``, Megatron-LM's sequence parallelism, as
+    torchtitan's plan): between the row- and the column-sharded layers the residual stream
+    is split along the sequence, rank ``r`` holding positions ``[r T/tp, (r+1) T/tp)``
+    (``tp`` must divide the sequences' ``T = block_size``: DTensor's local shards are even),
+    and the blocks' norms (``ln1``, ``ln2``) run on their rank's positions
+    (``SequenceParallel``: replicated weights, their gradients' partial sums
+    all-reduced over the tp group). Each sublayer's all-reduce becomes an all-gather of the
+    sequence before its column-sharded layer and a reduce-scatter after its row-sharded one
+    (forward; in the backward each one's adjoint: a reduce-scatter and an all-gather), each
+    of ``1/tp`` the all-reduce's tensor: per block and step 4 all-gathers and 4
+    reduce-scatters in place of 4 all-reduces (tests/multiprocess/test_group.py). The stream
+    is split at the entry of the first block (a local slice; its backward all-gathers the
+    gradient) and gathered after the last (an all-gather; its backward a local slice), so
+    the embeddings, ``ln_f`` and the head, and a pipeline stage's messages, are the full
+    sequence as without it. An MoE layer (experts whole on every rank) takes the gathered
+    sequence and returns its rank's positions."""
     tp, cfg = tp_mesh.size(), model.cfg
     if cfg.n_head % tp:
         raise ValueError(f"--tp {tp} must divide the model's {cfg.n_head} attention heads")
+    if sequence_parallel and cfg.block_size % tp:
+        raise ValueError(
+            f"--sequence_parallel: --tp {tp} must divide the model's {cfg.block_size}-token sequences"
+        )
     plan: dict[str, ParallelStyle] = {}
+    seq, whole = Shard(1), Replicate()
     for i, block in enumerate(model.blocks):
         qkv = block.attn.qkv
         with torch.no_grad():
             qkv.weight.copy_(qkv.weight.view(3, tp, -1, cfg.n_embd).transpose(0, 1).reshape(-1, cfg.n_embd))
             qkv.bias.copy_(qkv.bias.view(3, tp, -1).transpose(0, 1).reshape(-1))
-        for name, style in (("attn.qkv", ColwiseParallel), ("attn.proj", RowwiseParallel)):
-            plan[f"blocks.{i}.{name}"] = style()
-        if hasattr(block, "fc"):  # a dense MLP (an MoE block's experts stay whole on each rank)
-            plan[f"blocks.{i}.fc"], plan[f"blocks.{i}.proj"] = ColwiseParallel(), RowwiseParallel()
+        dense = hasattr(block, "fc")  # a dense MLP (an MoE block's experts stay whole on each rank)
+        plan[f"blocks.{i}.attn.qkv"] = ColwiseParallel()
+        if not sequence_parallel:
+            plan[f"blocks.{i}.attn.proj"] = RowwiseParallel()
+            if dense:
+                plan[f"blocks.{i}.fc"], plan[f"blocks.{i}.proj"] = ColwiseParallel(), RowwiseParallel()
+            continue
+        plan[f"blocks.{i}.ln1"] = plan[f"blocks.{i}.ln2"] = SequenceParallel(use_local_output=True)
+        # the attention reads (B, T) from its input: it gets the gathered sequence, a DTensor
+        # (qkv takes it as is: the gather's backward is a reduce-scatter, not an all-reduce)
+        plan[f"blocks.{i}.attn"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(whole,))
+        plan[f"blocks.{i}.attn.proj"] = RowwiseParallel(output_layouts=seq)
+        if dense:
+            plan[f"blocks.{i}.fc"] = ColwiseParallel(input_layouts=seq)
+            plan[f"blocks.{i}.proj"] = RowwiseParallel(output_layouts=seq)
+        else:
+            plan[f"blocks.{i}.moe"] = _gathered(seq, whole)
+        ends = {"input": i == 0, "output": i == len(model.blocks) - 1}
+        if any(ends.values()):
+            plan[f"blocks.{i}"] = _stream_ends(seq, whole, **ends)
     parallelize_module(model, tp_mesh, plan)
     return model
+
+
+def _gathered(seq: Shard, whole: Replicate) -> ParallelStyle:
+    """A module run on the whole sequence inside a sequence-parallel stream: its input
+    gathered, its output sliced back to this rank's positions."""
+    return PrepareModuleInputOutput(
+        input_layouts=(seq,),
+        desired_input_layouts=(whole,),
+        output_layouts=(whole,),
+        desired_output_layouts=(seq,),
+        use_local_input=True,
+        use_local_output=True,
+    )
+
+
+def _stream_ends(seq: Shard, whole: Replicate, input: bool, output: bool) -> ParallelStyle:
+    """The first block's input sliced to this rank's positions and/or the last block's
+    output gathered (a one-block model or stage: both)."""
+    if input and output:
+        return PrepareModuleInputOutput(
+            input_layouts=(whole,),
+            desired_input_layouts=(seq,),
+            output_layouts=(seq,),
+            desired_output_layouts=(whole,),
+            use_local_input=True,
+            use_local_output=True,
+        )
+    if input:
+        return PrepareModuleInput(input_layouts=(whole,), desired_input_layouts=(seq,), use_local_output=True)
+    return PrepareModuleOutput(output_layouts=(seq,), desired_output_layouts=(whole,), use_local_output=True)
 
 
 class GPTStage(nn.Module):
