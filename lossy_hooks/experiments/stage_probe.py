@@ -58,7 +58,8 @@ FIELDS = (
 
 def _load_stages(stages: tuple[GPTStage, GPTStage], checkpoint: Path) -> None:
     """The parameters of a ``--pp 2`` run's checkpoint: ranks 0 and 1 hold stages 0 and 1 of
-    replica 0 (each rank saves its own parameters under their stage's names)."""
+    replica 0 (each rank saves its own parameters under their stage's names; whole ones
+    under DDP without ``--tp``)."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["ranks"]
     with torch.no_grad():
         for rank, stage in enumerate(stages):
@@ -67,6 +68,12 @@ def _load_stages(stages: tuple[GPTStage, GPTStage], checkpoint: Path) -> None:
                 if name not in own:
                     raise ValueError(
                         f"--checkpoint {checkpoint}: rank {rank} has no {name} (not a --pp 2 run?)"
+                    )
+                shape = tuple(own[name].shape)
+                if shape != p.shape:  # a --tp or FSDP2 run saves its ranks' shards
+                    raise ValueError(
+                        f"--checkpoint {checkpoint}: rank {rank}'s {name} is a shard {shape} of "
+                        f"{tuple(p.shape)} (a --pp 2 run without --tp, under DDP?)"
                     )
                 p.copy_(own[name])
 

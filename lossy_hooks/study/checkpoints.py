@@ -2,10 +2,11 @@
 
 One file per round, written atomically by rank 0: the model and optimizer (gathered whole
 under FSDP), the AMP scaler, and every rank's own part (``ranks[r]``): its hook state (loss
-streams, ledger, clock), its all-gather state, its traffic states (``--tp``'s), its RNG
-states, and, where the replicas differ (``--post_sync independent``) or the rank holds shards
-of its own (``--tp`` under DDP), its own model and optimizer. Restoring it gives the same
-results as a run that was never stopped.
+streams, ledger, clock), its all-gather state, its traffic states (``--tp``'s, ...), its
+RNG states, and, where the replicas differ (``--post_sync independent``) or the rank holds
+parameters of its own (``--tp`` under DDP, ``--pp``, ``--ep``; under FSDP2 the local shards),
+its own model and optimizer. Restoring it gives the same results as a run that was never
+stopped.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def _save(runner: RoundRunner, path: Path, epoch: int) -> None:
         mine["gather"] = runner.gather.state_dict()
     if runner.traffic:  # the traffic states (tp, ...): their streams continue on resume
         mine["traffic"] = {kind: state.state_dict() for kind, state in runner.traffic.items()}
-    if runner.local_params:  # tensor-parallel under DDP: each rank its own shards
-        model_sd, opt_sd = local_state(runner.local_params), to_cpu(runner.opt.state_dict())
+    if runner.local_params:  # model-parallel: each rank its own shards, stage or experts
+        if runner.fsdp:  # sharded again, as state_dict()'s FSDP hook does (the whole-model
+            runner.module.reshard()  # save): the next forward gathers, as after a resume
+        model_sd, opt_sd = local_state(runner.local_params, runner.opt)
         mine["model"], mine["optimizer"] = model_sd, opt_sd
     elif runner.fsdp:  # the whole model and optimizer, gathered on rank 0 (a collective)
         model_sd, opt_sd = full_state(runner.module, runner.opt)
@@ -78,16 +81,15 @@ def load_checkpoint(runner: RoundRunner, path: Path) -> tuple[int, int]:
 def _load(runner: RoundRunner, path: Path) -> tuple[int, int]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     mine = ckpt["ranks"][runner.rank]
-    if runner.fsdp:
+    if runner.local_params:
+        load_local_state(runner.local_params, runner.opt, mine["model"], mine["optimizer"])
+    elif runner.fsdp:
         load_full_state(runner.module, runner.opt, ckpt["model"], ckpt["optimizer"])
-        if runner.gather is not None:
-            runner.gather.load_state_dict(mine["gather"])
-    elif runner.local_params:
-        load_local_state(runner.local_params, mine["model"])
-        runner.opt.load_state_dict(mine["optimizer"])
     else:
         runner.module.load_state_dict(mine.get("model", ckpt["model"]))
         runner.opt.load_state_dict(mine.get("optimizer", ckpt["optimizer"]))
+    if runner.gather is not None:
+        runner.gather.load_state_dict(mine["gather"])
     runner.scaler.load_state_dict(ckpt["scaler"])
     runner.state.load_state_dict(mine["hook"])
     for kind, state in runner.traffic.items():

@@ -150,7 +150,7 @@ def _model_parallel_problem(
     dense GPT (the MoE load-balancing loss of each stage does not travel through the
     schedule, so ``--pp`` and ``--ep`` exclude each other) in at most its layers, without AMP
     (the schedule runs the backward: no GradScaler); ``ep`` divides an MoE model's experts;
-    ``pp`` and ``ep`` under DDP; the world is ``dp x pp x tp`` with ``ep`` dividing dp
+    the world is ``dp x pp x tp`` with ``ep`` dividing dp
     (:class:`~lossy_hooks.study.mesh.MeshShape`); none goes with the replica flags (they
     compare or copy whole replicas over the world)."""
     given = " with ".join(f"--{k} {v}" for k, v in sizes.items())
@@ -181,10 +181,6 @@ def _model_parallel_problem(
             return f"--ep {ep} needs an MoE model (--model {moe}), got {args.model}"
         if cfg.moe.n_expert % ep:
             return f"--ep {ep} must divide the {cfg.moe.n_expert} experts of {args.model}"
-    for flag in ("pp", "ep"):
-        if flag in sizes and args.strategy != "ddp":
-            what = f"--{flag} {sizes[flag]} with --strategy {args.strategy}"
-            return f"{what}: this version runs --{flag} under DDP"
     try:
         MeshShape(world, tp, pp, ep)
     except ValueError as e:

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -221,8 +222,11 @@ def parallelize(
     parameters turned into local ones (``_pre_dp_module_transform``: DDP refuses DTensors,
     measured on torch 2.14) and DDP over the dp group (``state.process_group`` must be that
     group; ``None``, the world, without tp and pp), leaving an ep model's experts out
-    (:func:`reduce_expert_gradients` reduces them); ``fsdp`` (tensor parallelism only),
-    ``fully_shard`` over the dp mesh (the 2-D recipe)."""
+    (:func:`reduce_expert_gradients` reduces them); ``fsdp``, ``fully_shard`` over the dp
+    mesh (with tp the 2-D recipe; with pp the stage's blocks and the stage, which
+    ``PipelineStage`` drives as an FSDP module), an ep model's experts left out
+    (``ignored_params``: sharded over the ep group already, reduced by
+    :func:`reduce_expert_gradients`)."""
     tensor_parallel_model = layout is not None and layout.tp_group is not None
     if tensor_parallel_model:
         with reliable():
@@ -244,30 +248,64 @@ def parallelize(
         return ddp
     if strategy != "fsdp":
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if layout is not None and (layout.pp_group is not None or layout.ep_group is not None):
-        raise ValueError("--pp and --ep run under --strategy ddp")
     fsdp = fsdp_api()
-    mesh = {"mesh": layout.dp_mesh} if layout is not None else {}
+    options: dict[str, Any] = {"mesh": layout.dp_mesh} if layout is not None else {}
+    if layout is not None and layout.ep_group is not None:
+        options["ignored_params"] = {p for _, p in expert_parameters(model)}
     for unit in shard_units(model):
-        fsdp.fully_shard(unit, **mesh)
-    fsdp.fully_shard(model, **mesh)
+        fsdp.fully_shard(unit, **options)
+    fsdp.fully_shard(model, **options)
     fsdp.register(model, state, all_gather=gather)
     return model
 
 
-def local_state(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
-    """This rank's own parameters (CPU copies) by name: a model-parallel model under DDP, whose
-    parameters are this rank's shards, stage or experts (``named`` as taken right after
-    :func:`parallelize`: after a forward its DTensor parameters are module attributes, out of
-    ``state_dict()``)."""
-    return {name: p.detach().cpu().clone() for name, p in named}
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (an FSDP shard), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_state(
+    named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's own parameters by name and its optimizer state, CPU copies of their local
+    parts: a model-parallel model, whose parameters are this rank's shards, stage or experts
+    (under FSDP, with pp or ep, DTensors sharded over the dp group: their local shards).
+    ``named`` as taken right after :func:`parallelize` (after a forward a tp model's DTensor
+    parameters are module attributes under DDP, and FSDP's may be unsharded)."""
+    model_sd = {name: _local(p.detach()).cpu().clone() for name, p in named}
+    opt_sd = opt.state_dict()
+    state = {
+        key: {k: _local(v).cpu().clone() if torch.is_tensor(v) else v for k, v in per_param.items()}
+        for key, per_param in opt_sd["state"].items()
+    }
+    return model_sd, {"state": state, "param_groups": opt_sd["param_groups"]}
 
 
 @torch.no_grad()
-def load_local_state(named: list[tuple[str, nn.Parameter]], sd: dict[str, torch.Tensor]) -> None:
-    """Copy what :func:`local_state` saved back into the parameters."""
+def load_local_state(
+    named: list[tuple[str, nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    model_sd: dict[str, torch.Tensor],
+    opt_sd: dict[str, Any],
+) -> None:
+    """Copy what :func:`local_state` saved back into the parameters (their local parts) and
+    the optimizer (a state tensor shaped as its DTensor parameter becomes a DTensor of the
+    parameter's mesh and placements again)."""
     for name, p in named:
-        p.copy_(sd[name])
+        _local(p).copy_(model_sd[name])
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def like(p: torch.Tensor, v: Any) -> Any:
+        if not (isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == _local(p).shape and v.dim()):
+            return v
+        local = v.to(_local(p).device)
+        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+    state = {
+        key: {k: like(params[int(key)], v) for k, v in per_param.items()}
+        for key, per_param in opt_sd["state"].items()
+    }
+    opt.load_state_dict({"state": state, "param_groups": opt_sd["param_groups"]})
 
 
 @contextlib.contextmanager

@@ -98,13 +98,16 @@ class RoundRunner:
             layout,
             bool(cfg.get("sequence_parallel")),
         )
-        # a model-parallel model under DDP: its parameters (this rank's shards, stage or
-        # experts) as made here; after a forward a tp model's DTensor ones are module
-        # attributes, out of named_parameters()
-        self.local_params = list(model.named_parameters()) if layout is not None and not self.fsdp else []
+        # a model-parallel model: its parameters (this rank's shards, stage or experts) as
+        # made here, checkpointed per rank (after a forward a tp model's DTensor ones are
+        # module attributes under DDP, out of named_parameters()); FSDP with tp alone
+        # gathers the whole model on rank 0 instead
+        staged = layout is not None and (layout.pp_group is not None or layout.ep_group is not None)
+        per_rank = layout is not None and (not self.fsdp or staged)
+        self.local_params = list(model.named_parameters()) if per_rank else []
         if layout is not None:
             self.state.name_parameters(model)
-        # --ep: the experts' gradients, reduced outside DDP (1/dp: the mean DDP takes)
+        # --ep: the experts' gradients, reduced outside DDP or FSDP (1/dp: the mean they take)
         with_ep = layout is not None and layout.ep_group is not None
         self.experts = [p for _, p in expert_parameters(model)] if with_ep else []
         self.expert_replicas = layout.replica_group if layout is not None else None
@@ -117,14 +120,20 @@ class RoundRunner:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg["amp_init_scale"], enabled=cfg["amp"])
         # per-replica data randomness: the tp ranks (pp stages) of a replica draw the same
         torch.manual_seed(derive_seed(self.seed, Stream.DATA, self.dp_rank))
-        if not self.fsdp:  # FSDP does not rebuild buckets
-            self.warm_up()
+        if not self.fsdp or self.pipeline is not None:  # FSDP rebuilds no buckets; a schedule
+            self.warm_up()  # fixes its messages' shapes
+        self.sampler, self.loader, self.val_loader = self.loaders()
+        self.start_epoch, self.steps = 0, 0
+
+    def loaders(self) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+        """This rank's training sampler and loader (its replica's share) and validation loader."""
+        cfg, data, device = self.cfg, self.data, self.device
         workers = 0 if isinstance(data.train, torch.utils.data.TensorDataset) else cfg["workers"]
-        self.sampler = DistributedSampler(data.train, self.dp, self.dp_rank, shuffle=True, seed=self.seed)
-        self.loader = DataLoader(
+        sampler = DistributedSampler(data.train, self.dp, self.dp_rank, shuffle=True, seed=self.seed)
+        loader = DataLoader(
             data.train,
             batch_size=cfg["batch_size"],
-            sampler=self.sampler,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
@@ -136,13 +145,15 @@ class RoundRunner:
         even = self.fsdp or self.ep > 1
         val_end = len(data.val) // self.dp * self.dp if even else len(data.val)
         val_shard = Subset(data.val, range(self.dp_rank, val_end, self.dp))
-        self.val_loader = DataLoader(val_shard, batch_size=cfg["batch_size"], num_workers=workers)
-        self.start_epoch, self.steps = 0, 0
+        val_loader = DataLoader(val_shard, batch_size=cfg["batch_size"], num_workers=workers)
+        return sampler, loader, val_loader
 
     def warm_up(self) -> None:
-        """One lossless, uncounted iteration so DDP rebuilds its buckets before the first
-        real step: fresh and resumed runs then draw identical loss sequences."""
-        with self.state.passthrough(), self.traffic_passthrough():
+        """One lossless, uncounted iteration so DDP rebuilds its buckets (and a pipeline's
+        schedule fixes its shapes) before the first real step: fresh and resumed runs then
+        draw identical loss sequences."""
+        gather = self.gather.passthrough() if self.gather is not None else contextlib.nullcontext()
+        with self.state.passthrough(), self.traffic_passthrough(), gather:
             if self.pipeline is not None:  # of the training shapes (the schedule's first step)
                 self.pipeline.warm_up(self.data.example_batch(self.cfg["batch_size"], self.device))
             else:

@@ -58,3 +58,22 @@ def test_bad_input_exits_2_naming_the_flag(argv, message, capsys):
         stage_probe.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_shards_is_refused(tmp_path, capsys):
+    """An FSDP2 (or --tp) run's ranks save shards of their stage's parameters: refused, exit 2
+    naming the flag and the shapes, before any probe."""
+    from lossy_hooks.study.workloads.gpt import GPTStage, build_gpt
+
+    model = build_gpt("gpt-tiny")
+    ranks = []
+    for s in range(2):
+        own = {name: p.detach() for name, p in GPTStage(model, s, 2).named_parameters()}
+        own["tok.weight" if s == 0 else "head.weight"] = torch.zeros(128, 64)  # half of the rows
+        ranks.append({"model": own})
+    path = tmp_path / "final.pt"
+    torch.save({"ranks": ranks}, path)
+    with pytest.raises(SystemExit) as exc:
+        stage_probe.main(["--checkpoint", str(path), "--trials", "2"])
+    assert exc.value.code == 2
+    assert "rank 0's tok.weight is a shard (128, 64) of (256, 64)" in capsys.readouterr().err

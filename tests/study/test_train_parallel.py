@@ -34,8 +34,12 @@ TP_LOSS = DP_LOSS + " --traffic_loss tp=10%"
 # W = 4, composed: tp (sequence-parallel) and pp traffic lossy (zero fill) under 1F1B, killed
 # and resumed
 PP_LOSS = "--tp 2 --pp 2 --sequence_parallel --traffic_loss tp=5%,pp=10% --pp_schedule 1f1b"
-EP_LOSS = "--model moe-tiny --ep 2 --traffic_loss ep=10% --traffic_fill stale"
-CUTS = {"pp_cut": (4, PP_LOSS), "ep_cut": (2, EP_LOSS)}  # name: (world, flags)
+# W = 2, FSDP2 over dp = 2 with the experts over ep = 2, ep lossy (stale), killed and resumed
+EP_LOSS = "--model moe-tiny --ep 2 --strategy fsdp --traffic_loss ep=10% --traffic_fill stale"
+# W = 4, FSDP2 over dp = 2 per stage x pp = 2: pp, dp gradients and all-gathers lossy
+PPF_LOSS = "--pp 2 --strategy fsdp --traffic_loss pp=10% --loss_rate 0.05 --worker_drop"
+PPF_LOSS += " --all_gather_loss_rate 0.05"
+CUTS = {"pp_cut": (4, PP_LOSS), "ep_cut": (2, EP_LOSS), "ppf_cut": (4, PPF_LOSS)}  # name: (world, flags)
 KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
 
@@ -56,6 +60,9 @@ RUNS = {
     "pp0_1f1b": Run(2, flags("--pp 2 --num_epochs 1 --pp_schedule 1f1b")),
     "moe": Run(2, flags("--model moe-tiny --num_epochs 2")),
     "ep0": Run(2, flags("--model moe-tiny --ep 2 --num_epochs 2")),
+    "ep0_fsdp": Run(2, flags("--model moe-tiny --ep 2 --num_epochs 2 --strategy fsdp")),
+    # dp = 2 without pipelining, the 4 steps of a 2-stage pipeline's epoch (short groups dropped)
+    "dp2_steps4": Run(2, flags("--num_epochs 1 --max_steps 4")),
     "ep_loss": Run(2, flags(EP_LOSS)),
     "ep_resume": Run(2, flags(EP_LOSS + " --resume"), out="ep_cut", after="ep_cut"),
     # W = 4, ep = 2: two ranks hold each expert (their gradients summed outside DDP)
@@ -67,6 +74,9 @@ RUNS = {
     "tp_ep": Run(4, flags("--model moe-tiny --tp 2 --ep 2 --num_epochs 2")),
     "pp_loss": Run(4, flags(PP_LOSS)),
     "pp_resume": Run(4, flags(PP_LOSS + " --resume"), out="pp_cut", after="pp_cut"),
+    "pp_fsdp": Run(4, flags("--pp 2 --strategy fsdp --num_epochs 1")),
+    "ppf_loss": Run(4, flags(PPF_LOSS)),
+    "ppf_resume": Run(4, flags(PPF_LOSS + " --resume"), out="ppf_cut", after="ppf_cut"),
 }
 
 
@@ -147,14 +157,20 @@ def test_traffic_loss_moves_only_the_tp_counters(study):
         assert sum(int(r["packets_lost"]) for r in mine) == int(row["tp_packets_lost"])
 
 
-@uses(*CUTS, "pp_resume", "ep_resume", "pp_loss", "ep_loss")
-@pytest.mark.parametrize("kind, lossy", [("pp", ("tp", "pp")), ("ep", ("ep",))], ids=["tp-pp", "ep"])
+@uses(*CUTS, "pp_resume", "ep_resume", "ppf_resume", "pp_loss", "ep_loss", "ppf_loss")
+@pytest.mark.parametrize(
+    "kind, lossy",
+    [("pp", ("tp", "pp")), ("ep", ("ep",)), ("ppf", ("pp", "worker", "gather"))],
+    ids=["tp-pp", "fsdp-ep", "fsdp-pp"],
+)
 def test_killed_model_parallel_run_resumes_exactly(study, kind, lossy):
-    """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's and every
-    type's group states, each rank's shards, stage or experts and optimizer): every row
-    equals the uninterrupted run's. tp x pp at W = 4 (sequence-parallel tp 5% and pp 10%
-    lost, 1F1B), ep at
-    W = 2 (stale)."""
+    """Killed after epoch 2's row, resumed from epoch 1's checkpoint (the dp hook's, the
+    all-gather's and every type's group states, each rank's shards, stage or experts and
+    optimizer, under FSDP2 their local shards): every row equals the uninterrupted run's.
+    tp x pp at W = 4 (sequence-parallel tp 5% and pp 10% lost, 1F1B, DDP); FSDP2 with ep at
+    W = 2 (stale); FSDP2 over dp = 2 per stage x pp = 2 at W = 4 (pp 10%, dp worker 5%,
+    all-gather 5%: the stage's root module resharded at each checkpoint, as a resumed run
+    starts)."""
     cut = study.fact(f"{kind}_cut")
     assert cut["code"] != 0 and "Signal 9 (SIGKILL)" in cut["output"]
     _, resumed = metrics(study, f"{kind}_resume")
@@ -189,6 +205,25 @@ def test_lossless_pp_and_ep_train_the_model_of_a_run_without_them(study):
         if kind == "ep":  # the capacity's own drops, the same with and without ep
             assert [r["moe_dropped_slots"] for r in run] == [r["moe_dropped_slots"] for r in ref]
             assert all(0 < int(r["moe_dropped_slots"]) < int(r["moe_routed_slots"]) for r in run)
+
+
+@uses("dp2_steps4", "pp_fsdp", "moe", "ep0_fsdp")
+def test_lossless_pp_and_ep_under_fsdp_train_the_model_of_ddp(study):
+    """Loss 0 under FSDP2: 2 stages, each sharded over a dp group of 2 (W = 4), train the
+    2-rank DDP model of the same 4 steps; the experts over ep = 2, left out of FSDP's
+    sharding (``ignored_params``) and reduced outside it, the 2-rank DDP MoE model with the
+    same capacity drops: equal to the 6 digits metrics.csv keeps (rel 2e-5)."""
+    cases = (("dp2_steps4", "pp_fsdp", "_fsdp_pp2_"), ("moe", "ep0_fsdp", "_fsdp_moe-ep2_"))
+    for ref_name, name, part in cases:
+        _, ref = metrics(study, ref_name)
+        run_dir, run = metrics(study, name)
+        assert part in run_dir.name
+        assert [r["steps"] for r in run] == [r["steps"] for r in ref]
+        for a, b in zip(ref, run, strict=True):
+            for key in ("train_loss", "val_loss", "val_perplexity", "train_acc", "val_acc"):
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=2e-5), (name, key)
+            assert a["moe_dropped_slots"] == b["moe_dropped_slots"]
+        assert float(run[-1]["val_loss"]) < float(run[0]["train_loss"])
 
 
 @uses("pp0", "pp0_1f1b")
@@ -320,7 +355,6 @@ def test_ep_traffic_loss_moves_only_its_counters(study):
         (["--pp", "3"], 3, "--pp 3: more stages than the 2 layers of gpt-tiny"),
         (["--model", "moe-tiny", "--pp", "2"], 2, "pipeline stages of an MoE model are not supported"),
         (["--pp", "2"], 3, "--pp 2 must divide the world size 3"),
-        (["--pp", "2", "--strategy", "fsdp"], 2, "this version runs --pp under DDP"),
         (["--pp", "2", "--amp"], 2, "--pp 2 with --amp"),
         (
             ["--pp", "2", "--pp_schedule", "1f1b", "--accumulation_steps", "1"],
@@ -333,7 +367,6 @@ def test_ep_traffic_loss_moves_only_its_counters(study):
             6,
             "--tp 2 x --pp 2 = 4 must divide the world size 6 (W = dp x pp x tp)",
         ),
-        (["--pp", "2", "--tp", "2", "--strategy", "fsdp"], 4, "this version runs --pp under DDP"),
         (["--model", "moe-tiny", "--pp", "2", "--ep", "2"], 4, "pipeline stages of an MoE model"),
         (["--model", "moe-tiny", "--tp", "2", "--ep", "2"], 2, "--ep 2 must divide the data-parallel size 1"),
         (["--pp", "2", "--traffic_loss", "pp=1%", "--traffic_fill", "rescale"], 2, "loses p2p too"),
