@@ -147,8 +147,7 @@ def _model_parallel_problem(
 ) -> str | None:
     """Why ``sizes`` (``--tp``, ``--pp``, ``--ep`` given > 1, composable) cannot run with the
     other flags, or ``None``: ``tp`` divides the heads (a language model's); ``pp`` stages a
-    dense GPT (the MoE load-balancing loss of each stage does not travel through the
-    schedule, so ``--pp`` and ``--ep`` exclude each other) in at most its layers, without AMP
+    GPT in at most its layers, without AMP
     (the schedule runs the backward: no GradScaler); ``ep`` divides an MoE model's experts;
     the world is ``dp x pp x tp`` with ``ep`` dividing dp
     (:class:`~lossy_hooks.study.mesh.MeshShape`); none goes with the replica flags (they
@@ -161,11 +160,6 @@ def _model_parallel_problem(
     if cfg.n_head % tp:
         return f"--tp {tp} must divide the {cfg.n_head} attention heads of {args.model}"
     if pp > 1:
-        if cfg.moe is not None:
-            return (
-                f"--pp {pp} with --model {args.model}: pipeline stages of an MoE model are not supported "
-                "(each stage's load-balancing loss would need a backward of its own outside the schedule)"
-            )
         if pp > cfg.n_layer:
             return f"--pp {pp}: more stages than the {cfg.n_layer} layers of {args.model}"
         if args.amp:

@@ -81,7 +81,7 @@ def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
         default=1,
         help="tensor-parallel size (>= 1; > 1 for a language model only): W = dp x pp x tp, ranks "
         "r*tp .. r*tp+tp-1 one tp group; it must divide the model's attention heads; composes with "
-        "--pp (dense) and --ep (MoE)",
+        "--pp and --ep (MoE)",
     )
     t.add_argument(
         "--sequence_parallel",
@@ -94,7 +94,7 @@ def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
         "--pp",
         type=int,
         default=1,
-        help="pipeline-parallel stages (>= 1; > 1 for a dense language model, at most its layers): "
+        help="pipeline-parallel stages (>= 1; > 1 for a language model, at most its layers): "
         "W = dp x pp x tp, the ranks (d*pp+s)*tp+t of s = 0..pp-1 one pipeline, --accumulation_steps its "
         "micro-batches",
     )

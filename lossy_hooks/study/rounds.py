@@ -44,7 +44,7 @@ from lossy_hooks.study.run_io import (
 )
 from lossy_hooks.study.tensorboard_log import TensorBoardLog, round_log_dir
 from lossy_hooks.study.traffic import TRAFFIC_KINDS, traffic_counts, traffic_states
-from lossy_hooks.study.workloads.gpt import GPT, GPTStage, auxiliary_loss
+from lossy_hooks.study.workloads.gpt import GPT, GPTStage, MoEBlocks, auxiliary_loss
 from lossy_hooks.study.workloads.models import build_model, build_optimizer, logits
 
 METRICS, BUCKETS, LAYERS = "metrics.csv", "buckets.csv", "layers.csv"
@@ -210,7 +210,7 @@ class RoundRunner:
             for b in counts["buckets"]:
                 b["drop_point"] = "gather"
             buckets += packet_rows({"points": {}, "buckets": counts["buckets"], "parameters": []}, epoch)[1]
-        if isinstance(self.module, GPT) and self.module.moe_layers():  # capacity drops (every rank)
+        if isinstance(self.module, MoEBlocks) and self.module.moe_layers():  # capacity drops (every rank)
             columns |= moe_columns(self.module, self.tp)
         if self.state.clock is not None:  # the same on every rank (one shared random stream)
             columns |= self.state.clock.since_mark()
@@ -229,7 +229,7 @@ class RoundRunner:
         cfg, dev = self.cfg, self.device
         self.ddp.train()
         self.sampler.set_epoch(epoch)
-        if isinstance(self.module, GPT):
+        if isinstance(self.module, MoEBlocks):
             self.module.reset_moe_counts()
         if self.pipeline is not None:
             return self.pipeline_epoch(epoch)
@@ -407,7 +407,7 @@ def _rate(stats: dict[str, Any]) -> float:
     return lost / sent if sent else 0.0
 
 
-def moe_columns(model: GPT, copies: int) -> dict[str, Any]:
+def moe_columns(model: GPT | GPTStage, copies: int) -> dict[str, Any]:
     """metrics.csv's ``moe_dropped_slots``, ``moe_routed_slots`` and ``moe_drop_rate``: the
     token-slots the MoE layers' capacity dropped in the epoch's training forwards, summed over
     the ranks (a collective; each of ``copies`` tp ranks of a replica routes the same tokens)."""

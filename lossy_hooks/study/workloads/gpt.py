@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,7 +108,38 @@ class Block(nn.Module):
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
-class GPT(nn.Module):
+class MoEBlocks:
+    """What a :class:`GPT` and its pipeline stages (:class:`GPTStage`) share: the MoE layers
+    of their ``blocks``, their weighted load-balancing loss and their capacity counters."""
+
+    blocks: nn.ModuleList
+    cfg: GPTConfig
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, one per block (none in a dense GPT)."""
+        return [block.moe for block in self.blocks if hasattr(block, "moe")]
+
+    def blocks_aux_loss(self) -> torch.Tensor | None:
+        r"""``aux_coef`` times the sum of the blocks' load-balancing losses of the last forward,
+        :math:`c \sum_l L_{aux,l}` (``None`` for a dense model)."""
+        if self.cfg.moe is None or not self.moe_layers():
+            return None
+        return self.cfg.moe.aux_coef * torch.stack([m.aux_loss for m in self.moe_layers()]).sum()
+
+    def moe_slot_counts(self) -> torch.Tensor | None:
+        """``(dropped, routed)`` token-slots of the training forwards since
+        :meth:`reset_moe_counts`, summed over the MoE layers (an int64 device tensor; ``None``
+        before the first forward or for a dense GPT). Read it at epoch end: a host sync."""
+        counts = [m.slot_counts for m in self.moe_layers() if m.slot_counts is not None]
+        return torch.stack(counts).sum(0) if counts else None
+
+    def reset_moe_counts(self) -> None:
+        """Start every MoE layer's slot counters over."""
+        for m in self.moe_layers():
+            m.reset_counts()
+
+
+class GPT(MoEBlocks, nn.Module):
     """``forward(idx)``: token ids ``(B, T)``, ``T <= block_size`` -> logits ``(B, T, vocab)``."""
 
     def __init__(self, cfg: GPTConfig, ep_group: dist.ProcessGroup | None = None) -> None:
@@ -138,26 +170,8 @@ class GPT(nn.Module):
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        if self.cfg.moe is not None:
-            layers = [block.moe.aux_loss for block in self.blocks]
-            self.aux_loss = self.cfg.moe.aux_coef * torch.stack(layers).sum()
+        self.aux_loss = self.blocks_aux_loss()
         return self.head(self.ln_f(x))
-
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE layers, one per block (none in a dense GPT)."""
-        return [block.moe for block in self.blocks if hasattr(block, "moe")]
-
-    def moe_slot_counts(self) -> torch.Tensor | None:
-        """``(dropped, routed)`` token-slots of the training forwards since
-        :meth:`reset_moe_counts`, summed over the MoE layers (an int64 device tensor; ``None``
-        before the first forward or for a dense GPT). Read it at epoch end: a host sync."""
-        counts = [m.slot_counts for m in self.moe_layers() if m.slot_counts is not None]
-        return torch.stack(counts).sum(0) if counts else None
-
-    def reset_moe_counts(self) -> None:
-        """Start every MoE layer's slot counters over."""
-        for m in self.moe_layers():
-            m.reset_counts()
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
@@ -278,13 +292,34 @@ def _stream_ends(seq: Shard, whole: Replicate, input: bool, output: bool) -> Par
     return PrepareModuleOutput(output_layouts=(seq,), desired_output_layouts=(whole,), use_local_output=True)
 
 
-class GPTStage(nn.Module):
-    """Stage ``stage`` of ``stages`` of a :class:`GPT` for pipeline parallelism: blocks
+class _WithAuxLoss(torch.autograd.Function):
+    r"""``forward(x, aux) = x``; in the backward ``x``'s gradient passes and ``aux`` gets 1: the
+    auxiliary loss joins the objective of whatever loss ``x`` reaches, :math:`\ell + aux`
+    (a pipeline stage's load balancing, which has no loss of its own; Megatron-LM's
+    ``MoEAuxLossAutoScaler`` at scale 1: the schedule's ``1/A`` then divides both)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_like = (aux.shape, aux.dtype, aux.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, dtype, device = ctx.aux_like
+        return grad, torch.ones(shape, dtype=dtype, device=device)
+
+
+class GPTStage(MoEBlocks, nn.Module):
+    r"""Stage ``stage`` of ``stages`` of a :class:`GPT` for pipeline parallelism: blocks
     ``[stage * L / stages, (stage + 1) * L / stages)`` (the first ``L mod stages`` stages one
     more), the first stage also the embeddings (token ids in), the last also the final norm
     and the head (logits out); between stages the ``(B, T, n_embd)`` hidden states travel
     (``torch.distributed.pipelining`` sends them, and their gradients back). The stages in
-    order compute the model's forward exactly (the same modules, the same ops)."""
+    order compute the model's forward exactly (the same modules, the same ops). An MoE
+    model's stage attaches its blocks' weighted load-balancing loss to its output
+    (:class:`_WithAuxLoss`), so that the schedule's backward of each micro-batch's loss
+    :math:`\ell_m` is the backward of :math:`\ell_m + \sum_{stages} aux_m`, the objective
+    of the model without pipelining."""
 
     def __init__(self, model: GPT, stage: int, stages: int) -> None:
         super().__init__()
@@ -306,6 +341,9 @@ class GPTStage(nn.Module):
             x = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks:
             x = block(x)
+        aux = self.blocks_aux_loss()
+        if aux is not None and torch.is_grad_enabled():
+            x = _WithAuxLoss.apply(x, aux)
         if self.head is not None and self.ln_f is not None:
             x = self.head(self.ln_f(x))
         return x
