@@ -1079,8 +1079,8 @@ MUTANTS = [
     M(
         "M122",
         "lossy_hooks/study/parallel.py",
-        "DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())",
-        "local",
+        "DTensor.from_local(placed, p.device_mesh, p.placements, **spec)",
+        "placed",
         "a resumed FSDP rank's optimizer state is DTensors of its parameters' mesh and placements",
         (("tests/study/test_train_parallel.py", "-k", "resumes_exactly and fsdp"),),
     ),

@@ -17,7 +17,7 @@ the layout that has it, with the fills its flags allow (``--fills`` selects amon
     gather  FSDP2's parameter all-gather: zero, stale (delivered, not summed: no rescale)
     tp      tensor-parallel activations and their gradients (--tp 2): zero, stale (rescale
             refused: the tp group loses all-gathers too)
-    pp      pipeline activations and gradients (--pp 2; dense models only): zero, stale
+    pp      pipeline activations and gradients (--pp 2): zero, stale
             (point-to-point is delivered, not summed: no rescale)
     ep      MoE dispatch and combine all-to-all (--ep 4; moe-* only): zero, stale
 
@@ -62,7 +62,7 @@ class Traffic:
     """One traffic type: the layout that has it (its lossless run's name) and that layout's
     flags, the fills its flags allow, the metrics.csv counters that measure it
     (``<counters>_packets_sent`` / ``_lost``), its rate and fill flags, and which models
-    have it (``all``, ``dense``: no experts, ``moe``)."""
+    have it (``all``, or ``moe``: an MoE model only)."""
 
     layout: str
     layout_flags: tuple[str, ...]
@@ -92,7 +92,7 @@ TRAFFIC = {
         "--all_gather_fill",
     ),
     "tp": Traffic("tp2", ("--tp", "2"), ("zero", "stale"), "tp"),
-    "pp": Traffic("pp2", ("--pp", "2"), ("zero", "stale"), "pp", models="dense"),
+    "pp": Traffic("pp2", ("--pp", "2"), ("zero", "stale"), "pp"),
     "ep": Traffic("ep4", ("--ep", "4"), ("zero", "stale"), "ep", models="moe"),
 }  # fmt: skip
 

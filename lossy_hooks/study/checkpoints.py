@@ -82,6 +82,8 @@ def _load(runner: RoundRunner, path: Path) -> tuple[int, int]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     mine = ckpt["ranks"][runner.rank]
     if runner.local_params:
+        if runner.fsdp:  # the sharded parameters are the ones registered (as at the save)
+            runner.module.reshard()
         load_local_state(runner.local_params, runner.opt, mine["model"], mine["optimizer"])
     elif runner.fsdp:
         load_full_state(runner.module, runner.opt, ckpt["model"], ckpt["optimizer"])

@@ -170,6 +170,11 @@ def _model_parallel_problem(
                 f"pipeline), got {args.accumulation_steps}"
             )
     if ep > 1:
+        if args.sequence_parallel:
+            return (
+                f"--sequence_parallel with --ep {ep}: the MoE layer takes the gathered sequence (its experts "
+                "whole on each tp rank), so every tp rank would exchange every token and keep 1/tp of them"
+            )
         if cfg.moe is None:
             moe = "|".join(name for name, c in GPT_CONFIGS.items() if c.moe is not None)
             return f"--ep {ep} needs an MoE model (--model {moe}), got {args.model}"

@@ -269,16 +269,23 @@ def local_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This rank's own parameters by name and its optimizer state, CPU copies of their local
     parts: a model-parallel model, whose parameters are this rank's shards, stage or experts
-    (under FSDP, with pp or ep, DTensors sharded over the dp group: their local shards).
-    ``named`` as taken right after :func:`parallelize` (after a forward a tp model's DTensor
-    parameters are module attributes under DDP, and FSDP's may be unsharded)."""
+    (under FSDP, with pp or ep, DTensors sharded over the dp group: their local shards; the
+    optimizer state's ``"dtensor"`` lists which entries were DTensors). ``named`` as taken
+    right after :func:`parallelize` (after a forward a tp model's DTensor parameters are
+    module attributes under DDP, and FSDP's may be unsharded)."""
     model_sd = {name: _local(p.detach()).cpu().clone() for name, p in named}
     opt_sd = opt.state_dict()
     state = {
         key: {k: _local(v).cpu().clone() if torch.is_tensor(v) else v for k, v in per_param.items()}
         for key, per_param in opt_sd["state"].items()
     }
-    return model_sd, {"state": state, "param_groups": opt_sd["param_groups"]}
+    dtensor = [
+        [key, k]
+        for key, per_param in opt_sd["state"].items()
+        for k, v in per_param.items()
+        if isinstance(v, DTensor)
+    ]
+    return model_sd, {"state": state, "param_groups": opt_sd["param_groups"], "dtensor": dtensor}
 
 
 @torch.no_grad()
@@ -288,23 +295,17 @@ def load_local_state(
     model_sd: dict[str, torch.Tensor],
     opt_sd: dict[str, Any],
 ) -> None:
-    """Copy what :func:`local_state` saved back into the parameters (their local parts) and
-    the optimizer (a state tensor shaped as its DTensor parameter becomes a DTensor of the
-    parameter's mesh and placements again)."""
+    """Copy what :func:`local_state` saved back into the parameters (their local parts; an
+    FSDP module must be sharded, as after the round's warm-up) and the optimizer (the entries
+    that were DTensors become DTensors of their parameter's mesh and placements again)."""
     for name, p in named:
         _local(p).copy_(model_sd[name])
     params = [p for group in opt.param_groups for p in group["params"]]
-
-    def like(p: torch.Tensor, v: Any) -> Any:
-        if not (isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == _local(p).shape and v.dim()):
-            return v
-        local = v.to(_local(p).device)
-        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-
-    state = {
-        key: {k: like(params[int(key)], v) for k, v in per_param.items()}
-        for key, per_param in opt_sd["state"].items()
-    }
+    state = {key: dict(per_param) for key, per_param in opt_sd["state"].items()}
+    for key, k in opt_sd.get("dtensor", []):
+        p, placed = params[int(key)], state[key][k].to(_local(p).device)
+        spec = {"shape": p.shape, "stride": p.stride()}
+        state[key][k] = DTensor.from_local(placed, p.device_mesh, p.placements, **spec)
     opt.load_state_dict({"state": state, "param_groups": opt_sd["param_groups"]})
 
 

@@ -78,7 +78,7 @@ class StagePipeline:
         torch 2.14: rebuilding after the schedule's micro-batches fails an internal assert,
         their backward passes recording each parameter once per micro-batch); then a step of
         the schedule on ``microbatches`` copies of ``x``, which fixes the messages' shapes."""
-        shape = (*x.shape, self.stage.width)
+        shape = self.stage.message_shape(x.shape)
         h = x if self.first else torch.zeros(shape, device=self.device, requires_grad=True)
         self.wrapped(h).float().sum().backward()
         self.step([x] * self.microbatches, [x] * self.microbatches)
@@ -108,13 +108,14 @@ class StagePipeline:
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The logits of token ids ``x`` ``(B, T)`` on the last stage (``None`` elsewhere): each
-        stage receives the hidden states ``(B, T, width)`` from the one before, runs its
+        stage receives the hidden states (``GPTStage.message_shape``: ``(B, T, width)``, with
+        sequence parallelism this rank's ``T / tp`` positions) from the one before, runs its
         blocks and sends them on (every stage of the pipeline calls it with the same batch)."""
         group, stage = self.layout.pp_group, self.layout.stage
         if self.first:
             h = x
         else:
-            h = torch.empty(*x.shape, self.stage.width, device=self.device)
+            h = torch.empty(self.stage.message_shape(x.shape), device=self.device)
             dist.recv(h, group=group, group_src=stage - 1)
         out = self.stage(h)
         if self.last:

@@ -6,6 +6,7 @@ into loss masks; control traffic; the stale fill; a resume. Usage: group_worker.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -398,38 +399,53 @@ def subgroups() -> dict[str, Any]:
 
 
 def sequence_parallel_step(lists: list[list[int]]) -> dict[str, Any]:
-    """gpt-tiny tensor- and sequence-parallel on this rank's group of ``lists`` at loss 0, and
-    a one-block stage of it (GPTStage: the stream split and gathered in the same block): the
-    loss, the embedding's and the first norm's gradients (partial sums all-reduced) against
-    the unsharded model; the calls and packets of every kind."""
+    """Tensor and sequence parallelism on this rank's group of ``lists`` at loss 0: gpt-tiny
+    whole (``"whole"``: 2 blocks), a 1-block GPT (``"one_block"``: one block splits and
+    gathers the stream) and the first of 2 pipeline stages of gpt-tiny (``"stage0"``: it
+    sends this rank's half of the positions, not gathered). The loss (of the rank's half for
+    the stage, over the whole output's size, so that the ranks' losses sum to the model's),
+    the embedding's and the first norm's gradients (partial sums reduced) against the
+    unsharded model; the calls and packets of every kind."""
     from lossy_hooks import lossy_subgroups
-    from lossy_hooks.study.workloads.gpt import GPTStage, build_gpt, tensor_parallel
+    from lossy_hooks.study.workloads.gpt import GPT, GPT_CONFIGS, GPTStage, build_gpt, tensor_parallel
 
     state = LossyState(loss_rate=0.0, fill="zero", mtu=1500, seed=9)
     group = lossy_subgroups(state, lists, kinds=("all_reduce", "all_gather", "reduce_scatter"))
     mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("tp-sp",))
     x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5))
+    one_block = dataclasses.replace(GPT_CONFIGS["gpt-tiny"], n_layer=1)
+    builds = {
+        "whole": lambda: GPTStage(build_gpt("gpt-tiny"), 0, 1),
+        "one_block": lambda: GPTStage(GPT(one_block), 0, 1),
+        "stage0": lambda: GPTStage(build_gpt("gpt-tiny"), 0, 2),
+    }
     out: dict[str, Any] = {}
-    for stages in (1, 2):
+    for case, build in builds.items():
         torch.manual_seed(0)
-        whole = build_gpt("gpt-tiny")
-        model, ref = (GPTStage(m, 0, stages) for m in (whole, copy.deepcopy(whole)))
+        model = build()
+        ref = copy.deepcopy(model)
         with reliable():
             tensor_parallel(model, mesh, sequence_parallel=True)
         norm = model.blocks[0].ln1.weight  # a parameter (DTensor); after the forward an attribute
         before = state.stats().get("collectives", {})
-        losses = []
-        for m in (model, ref):
-            loss = m(x).float().square().mean()  # a stage's output: hidden states or logits
-            loss.backward()
-            losses.append(float(loss.detach()))
+        whole = ref(x).float()
+        mine = model(x).float()  # the stage: this rank's positions of the hidden states
+        half = whole.chunk(group.size(), dim=1)[group.rank()] if case == "stage0" else whole
+        losses = [mine.square().sum() / whole.numel(), half.square().sum() / whole.numel()]
+        losses[0].backward()
+        whole.square().mean().backward()
         pairs = {"tok": (model.tok.weight.grad, ref.tok.weight.grad)}
         pairs["ln1"] = (norm.grad.full_tensor(), ref.blocks[0].ln1.weight.grad)
         err = {k: (a - b).abs().max() / b.abs().max() for k, (a, b) in pairs.items()}
         after = state.stats().get("collectives", {})
         keys = ("calls", "packets_sent", "packets_lost")
         counts = {kind: {k: after[kind][k] - before.get(kind, {}).get(k, 0) for k in keys} for kind in after}
-        out[str(stages)] = {"losses": losses, **{k: float(v) for k, v in err.items()}, "counts": counts}
+        out[case] = {
+            "losses": [float(v.detach()) for v in losses],
+            "shape": list(mine.shape),
+            **{k: float(v) for k, v in err.items()},
+            "counts": counts,
+        }
     return out
 
 

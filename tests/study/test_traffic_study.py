@@ -21,15 +21,16 @@ RATES = [0.0, 0.01, 0.05, 0.1, 0.2]
 
 def test_each_model_gets_the_types_it_has_with_one_lossless_run_per_layout():
     grid = ts.configurations(["gpt-tiny", "moe-tiny"], list(ts.TRAFFIC), list(ts.FILLS), RATES)
-    assert len(grid) == 2 * 4 * (1 + 4 * 2) == 72  # 4 types a model, each 2 fills x 4 rates + lossless
+    # 4 types of gpt-tiny, 5 of moe-tiny: each 2 fills x 4 rates + lossless
+    assert len(grid) == (4 + 5) * (1 + 4 * 2) == 81
     lossless = [(c.model, c.layout) for c in grid if c.rate == 0.0]
     assert lossless == [
         *[("gpt-tiny", layout) for layout in ("ddp", "fsdp", "tp2", "pp2")],
-        *[("moe-tiny", layout) for layout in ("ddp", "fsdp", "tp2", "ep4")],
+        *[("moe-tiny", layout) for layout in ("ddp", "fsdp", "tp2", "pp2", "ep4")],
     ]
     assert all(c.fill == "" for c in grid if c.rate == 0.0)
     assert {c.traffic for c in grid if c.model == "gpt-tiny"} == {"dp", "gather", "tp", "pp"}  # no ep
-    assert {c.traffic for c in grid if c.model == "moe-tiny"} == {"dp", "gather", "tp", "ep"}  # no pp
+    assert {c.traffic for c in grid if c.model == "moe-tiny"} == {"dp", "gather", "tp", "pp", "ep"}
     assert {c.fill for c in grid if c.fill == "rescale"} == {"rescale"}
     assert {c.traffic for c in grid if c.fill == "rescale"} == {"dp"}
     assert sorted({c.rate for c in grid}) == RATES

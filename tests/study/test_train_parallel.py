@@ -1,12 +1,14 @@
-"""Model parallelism in the study script (issue 43): ``--tp``, ``--pp`` and ``--ep``. Loss 0
-trains the model of a run without them, ``--traffic_loss TYPE=10%`` moves only that type's
+"""Model parallelism in the study script (issue 43): ``--tp`` (with ``--sequence_parallel``),
+``--pp`` and ``--ep``, composed, under DDP and FSDP2. Loss 0 trains the model of a run without
+them, ``--traffic_loss TYPE=10%`` moves only that type's
 counters, a kill and ``--resume`` continue the exact loss sequences, and the refusals of
 ``--tp``, ``--pp``, ``--ep``, ``--traffic_loss`` and ``--traffic_fill`` (before any work).
 
 The runs: a group at W=1 (the references without model parallelism), one of 2 processes
 (dp=1 x tp=2, pp=2 or ep=2) and one of 4 (the composed layouts tp x pp and tp x ep, the
 expert replicas) holding the others (tests/study/study_batch.py); each run killed at a fault
-point (tp x pp at W = 4, ep at W = 2) is a torchrun launch of its own, made first."""
+point (tp x pp at W = 4, FSDP pp at W = 4, FSDP ep at W = 2) is a torchrun launch of its own,
+made first."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ PPF_LOSS = "--pp 2 --strategy fsdp --traffic_loss pp=10% --loss_rate 0.05 --work
 PPF_LOSS += " --all_gather_loss_rate 0.05"
 CUTS = {"pp_cut": (4, PP_LOSS), "ep_cut": (2, EP_LOSS), "ppf_cut": (4, PPF_LOSS)}  # name: (world, flags)
 KINDS = ("all_gather", "reduce_scatter", "all_reduce")
+TP_PP_FSDP = "--tp 2 --pp 2 --strategy fsdp --sequence_parallel --pp_schedule 1f1b"
 
 
 def flags(text: str) -> Callable[[dict], list[str]]:
@@ -74,6 +77,9 @@ RUNS = {
     "tp_pp_loss": Run(4, flags("--tp 2 --pp 2 --num_epochs 1 --traffic_loss pp=10% --pp_schedule 1f1b")),
     "tp_ep": Run(4, flags("--model moe-tiny --tp 2 --ep 2 --num_epochs 2")),
     "pp_ep": Run(4, flags("--model moe-tiny --pp 2 --ep 2 --num_epochs 1")),
+    # under FSDP2: tp x pp with sequence parallelism and 1F1B (dp = 1); pp x ep of an MoE model
+    "tp_pp_fsdp": Run(4, flags(TP_PP_FSDP + " --num_epochs 1")),
+    "pp_ep_fsdp": Run(4, flags("--model moe-tiny --pp 2 --ep 2 --num_epochs 1 --strategy fsdp")),
     "pp_loss": Run(4, flags(PP_LOSS)),
     "pp_resume": Run(4, flags(PP_LOSS + " --resume"), out="pp_cut", after="pp_cut"),
     "pp_fsdp": Run(4, flags("--pp 2 --strategy fsdp --num_epochs 1")),
@@ -255,7 +261,7 @@ def test_expert_replicas_train_the_model_of_a_run_without_ep(study):
         assert int(b["ep_packets_sent"]) > 0 and b["ep_packets_lost"] == "0"
 
 
-@uses("base_steps8", "tp_pp", "tp_pp_loss", "moe", "tp_ep", "moe_steps4", "pp_ep")
+@uses("base_steps8", "tp_pp", "tp_pp_loss", "moe", "tp_ep", "moe_steps4", "pp_ep", "tp_pp_fsdp", "pp_ep_fsdp")
 def test_composed_parallelisms_train_the_model_of_a_run_without_them(study):
     """Loss 0 at W = 4: 2 stages of 2 tensor-parallel ranks each train the one-rank model of
     the same 8 steps, and 2 replicas of 2 tp ranks with the experts over the replicas (ep=2
@@ -265,19 +271,21 @@ def test_composed_parallelisms_train_the_model_of_a_run_without_them(study):
     and an MoE model's 2 stages over 2 replicas each, the experts of a stage over its 2
     replicas (pp=2, ep=2 within dp=2), the 2-rank MoE model of the same 4 steps: each stage's
     load-balancing loss joins the schedule's backward (measured: without it the train loss
-    moves by 4e-4 relative). With pp=10% on top (and the 1F1B schedule: the same messages in
+    moves by 4e-4 relative). Under FSDP2 too: tp x pp with sequence parallelism and 1F1B
+    (dp = 1), pp x ep of the MoE model. With pp=10% on top (and the 1F1B schedule: the same messages in
     another order) only the pp counters move: the tp packets are the same and all arrive, the
     pp losses in the 99.9% binomial interval."""
     cases = (
-        ("base_steps8", "tp_pp", ("tp", "pp"), 1e-4),
-        ("moe", "tp_ep", ("tp", "ep"), 5e-4),
-        ("moe_steps4", "pp_ep", ("pp", "ep"), 2e-5),
+        ("base_steps8", "tp_pp", ("tp", "pp"), 1e-4, "_tp2_pp2_"),
+        ("moe", "tp_ep", ("tp", "ep"), 5e-4, "_tp2_moe-ep2_"),
+        ("moe_steps4", "pp_ep", ("pp", "ep"), 2e-5, "_pp2_moe-ep2_"),
+        ("base_steps8", "tp_pp_fsdp", ("tp", "pp"), 1e-4, "_fsdp_tp2-sp_pp2-1f1b_"),
+        ("moe_steps4", "pp_ep_fsdp", ("pp", "ep"), 2e-5, "_fsdp_pp2_moe-ep2_"),
     )
-    for ref_name, name, kinds, rel in cases:
+    for ref_name, name, kinds, rel, part in cases:
         _, ref = metrics(study, ref_name)
         run_dir, run = metrics(study, name)
-        parts = {"tp": "tp2", "pp": "pp2", "ep": "moe-ep2"}
-        assert "_" + "_".join(parts[k] for k in kinds) + "_" in run_dir.name
+        assert part in run_dir.name
         assert [r["steps"] for r in run] == [r["steps"] for r in ref]
         for a, b in zip(ref, run, strict=True):
             for key in ("train_loss", "val_loss", "val_perplexity"):
@@ -302,17 +310,21 @@ def test_composed_parallelisms_train_the_model_of_a_run_without_them(study):
     assert lossy[0]["train_loss"] != lossless[0]["train_loss"]
 
 
-@uses("pp_loss")
+@uses("pp_loss", "tp_pp_loss")
 def test_sequence_parallel_traffic_is_gathers_and_scatters(study):
     """tp x pp at W = 4 with --sequence_parallel, tp 5% lost: buckets.csv has the tp traffic
     as all-gathers and reduce-scatters (and the norms' gradient all-reduces, a few packets),
-    in the ratio of a one-block stage's step (6 all-gathers to 4 reduce-scatters of equal
-    size: test_group.py), and the tp losses in the 99.9% binomial interval of 5%."""
+    in the ratio of a one-block stage's step (5 all-gathers to 4 reduce-scatters of equal
+    size: the stream stays split between the stages, test_group.py), the pp messages half
+    the sequence (the tp2 x pp2 run's per packet count halved), and the tp losses in the
+    99.9% binomial interval of 5%."""
     run_dir, run = metrics(study, "pp_loss")
     assert "_tp2-sp_pp2-1f1b_" in run_dir.name
     traffic = [r for r in rows(run_dir / "round0" / "buckets.csv") if r["drop_point"] == "tp"]
     sent = {kind: sum(int(r["packets_sent"]) for r in traffic if r["bucket"] == kind) for kind in KINDS}
-    assert sent["all_gather"] * 4 == sent["reduce_scatter"] * 6
+    assert sent["all_gather"] * 4 == sent["reduce_scatter"] * 5
+    _, whole = metrics(study, "tp_pp_loss")  # tp2 x pp2 without sequence parallelism, 1 epoch
+    assert int(run[0]["pp_packets_sent"]) * 2 == int(whole[0]["pp_packets_sent"])
     assert 0 < sent["all_reduce"] < sent["reduce_scatter"] / 20
     total = sum(int(r["tp_packets_sent"]) for r in run)
     lost = sum(int(r["tp_packets_lost"]) for r in run)
@@ -321,14 +333,14 @@ def test_sequence_parallel_traffic_is_gathers_and_scatters(study):
     assert lo <= lost <= hi, (total, lost)
 
 
-@uses("ep_loss", "ep0")
+@uses("ep_loss", "ep0_fsdp")
 def test_ep_traffic_loss_moves_only_its_counters(study):
     """10% on ep alone (stale): the data-parallel packets all arrive, the ep lost packets are
     in the 99.9% binomial interval of 10% of its sent ones, and the lost tokens change the
     training (pp alone: test_composed_parallelisms_train_the_model_of_a_run_without_them)."""
     kind = "ep"
     _, lossy = metrics(study, "ep_loss")
-    _, lossless = metrics(study, "ep0")
+    _, lossless = metrics(study, "ep0_fsdp")
     sent = sum(int(r[f"{kind}_packets_sent"]) for r in lossy)
     lost = sum(int(r[f"{kind}_packets_lost"]) for r in lossy)
     lo, hi = binomial_interval(sent, 0.1, 0.999)
@@ -361,6 +373,11 @@ def test_ep_traffic_loss_moves_only_its_counters(study):
         (["--tp", "2", "--traffic_loss", "tp=deadline 1.5x"], 2, "tp: the deadline loss model needs"),
         (["--tp", "2", "--traffic_fill", "stale"], 2, "--traffic_fill stale needs --traffic_loss"),
         (["--sequence_parallel"], 2, "--sequence_parallel needs --tp > 1"),
+        (
+            ["--model", "moe-tiny", "--tp", "2", "--ep", "2", "--sequence_parallel"],
+            4,
+            "--sequence_parallel with --ep 2: the MoE layer takes the gathered sequence",
+        ),
         (["--pp", "0"], 1, "--pp must be >= 1"),
         (["--pp", "3"], 3, "--pp 3: more stages than the 2 layers of gpt-tiny"),
         (["--pp", "2"], 3, "--pp 2 must divide the world size 3"),

@@ -42,7 +42,16 @@ from torch.nn import functional as F
 
 from lossy_hooks.study.workloads.moe import MoEConfig, MoELayer
 
-__all__ = ["GPT", "GPT_CONFIGS", "GPTConfig", "GPTStage", "auxiliary_loss", "build_gpt", "tensor_parallel"]
+__all__ = [
+    "GPT",
+    "GPT_CONFIGS",
+    "GPTConfig",
+    "GPTStage",
+    "MoEBlocks",
+    "auxiliary_loss",
+    "build_gpt",
+    "tensor_parallel",
+]
 
 
 @dataclass(frozen=True)
@@ -219,11 +228,15 @@ def tensor_parallel(
     (forward; in the backward each one's adjoint: a reduce-scatter and an all-gather), each
     of ``1/tp`` the all-reduce's tensor: per block and step 4 all-gathers and 4
     reduce-scatters in place of 4 all-reduces (tests/multiprocess/test_group.py). The stream
-    is split at the entry of the first block (a local slice; its backward all-gathers the
-    gradient) and gathered after the last (an all-gather; its backward a local slice), so
-    the embeddings, ``ln_f`` and the head, and a pipeline stage's messages, are the full
-    sequence as without it. An MoE layer (experts whole on every rank) takes the gathered
-    sequence and returns its rank's positions."""
+    is split after the embeddings, entering the model's first block (a local slice; its
+    backward all-gathers the gradient), and gathered before the final norm and head, leaving
+    its last block (an all-gather; its backward a local slice): embeddings, ``ln_f`` and head
+    see whole sequences as without it. Between pipeline stages the stream stays split (as
+    Megatron-LM's): a stage without the embeddings takes, and one without the head sends,
+    its rank's ``(B, T/tp, C)`` positions (:attr:`GPTStage.sequence_shards` = ``tp``). An MoE
+    layer (experts whole on every rank) takes the gathered sequence and returns its rank's
+    positions (with ``--ep`` refused: every tp rank would exchange every token, of which it
+    keeps ``1/tp``)."""
     tp, cfg = tp_mesh.size(), model.cfg
     if cfg.n_head % tp:
         raise ValueError(f"--tp {tp} must divide the model's {cfg.n_head} attention heads")
@@ -255,10 +268,13 @@ def tensor_parallel(
             plan[f"blocks.{i}.proj"] = RowwiseParallel(output_layouts=seq)
         else:
             plan[f"blocks.{i}.moe"] = _gathered(seq, whole)
-        ends = {"input": i == 0, "output": i == len(model.blocks) - 1}
+        ends = {"input": i == 0 and model.tok is not None, "output": i == len(model.blocks) - 1}
+        ends["output"] &= model.head is not None
         if any(ends.values()):
             plan[f"blocks.{i}"] = _stream_ends(seq, whole, **ends)
     parallelize_module(model, tp_mesh, plan)
+    if sequence_parallel and isinstance(model, GPTStage):
+        model.sequence_shards = tp
     return model
 
 
@@ -335,6 +351,13 @@ class GPTStage(MoEBlocks, nn.Module):
         self.blocks = nn.ModuleList(model.blocks[bounds[stage] : bounds[stage + 1]])
         self.ln_f = model.ln_f if self.last else None
         self.head = model.head if self.last else None
+        self.sequence_shards = 1  # tp under sequence parallelism: messages of T / tp positions
+
+    def message_shape(self, tokens: torch.Size) -> tuple[int, ...]:
+        """The hidden states this stage receives or sends for token ids of shape ``(B, T)``:
+        ``(B, T / sequence_shards, width)``."""
+        b, t = tokens
+        return (b, t // self.sequence_shards, self.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tok is not None and self.pos is not None:
