@@ -251,8 +251,8 @@ def test_dry_run_prints_the_plan_its_count_and_its_cost(tmp_path, monkeypatch, c
     assert list(tmp_path.iterdir()) == []
     assert ts.main(["--out", str(tmp_path), "--dry_run"]) == 0  # the whole grid, whatever is refused yet
     last = capsys.readouterr().out.splitlines()[-1]
-    assert re.match(r"72 configurations \(\d+ refused by the study script, 0 done before\); 72 launch", last)
-    assert last.endswith(f"x 165 s = {72 * 165 / 3600:.1f} h (--launch_seconds)")
+    assert re.match(r"81 configurations \(\d+ refused by the study script, 0 done before\); 81 launch", last)
+    assert last.endswith(f"x 165 s = {81 * 165 / 3600:.1f} h (--launch_seconds)")
 
 
 def test_collect_only_tables_what_finished_and_launches_nothing(tmp_path, monkeypatch):
