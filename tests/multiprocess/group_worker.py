@@ -401,9 +401,10 @@ def subgroups() -> dict[str, Any]:
 def sequence_parallel_step(lists: list[list[int]]) -> dict[str, Any]:
     """Tensor and sequence parallelism on this rank's group of ``lists`` at loss 0: gpt-tiny
     whole (``"whole"``: 2 blocks), a 1-block GPT (``"one_block"``: one block splits and
-    gathers the stream) and the first of 2 pipeline stages of gpt-tiny (``"stage0"``: it
-    sends this rank's half of the positions, not gathered). The loss (of the rank's half for
-    the stage, over the whole output's size, so that the ranks' losses sum to the model's),
+    gathers the stream), the first of 2 pipeline stages of gpt-tiny (``"stage0"``: it sends
+    this rank's half of the positions, not gathered) and moe-tiny whole (``"moe"``). The
+    loss (of the rank's half for the stage, over the whole output's size, so that the ranks'
+    losses sum to the model's),
     the embedding's and the first norm's gradients (partial sums reduced) against the
     unsharded model; the calls and packets of every kind."""
     from lossy_hooks import lossy_subgroups
@@ -418,6 +419,7 @@ def sequence_parallel_step(lists: list[list[int]]) -> dict[str, Any]:
         "whole": lambda: GPTStage(build_gpt("gpt-tiny"), 0, 1),
         "one_block": lambda: GPTStage(GPT(one_block), 0, 1),
         "stage0": lambda: GPTStage(build_gpt("gpt-tiny"), 0, 2),
+        "moe": lambda: GPTStage(build_gpt("moe-tiny"), 0, 1),  # the MoE layer on the gathered sequence
     }
     out: dict[str, Any] = {}
     for case, build in builds.items():

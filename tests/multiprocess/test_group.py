@@ -187,21 +187,30 @@ def test_subgroups_carry_a_tensor_parallel_gpt(ranks):
 def test_sequence_parallel_gpt_over_the_lossy_subgroup(ranks):
     """gpt-tiny with --sequence_parallel (whole, a 1-block GPT whose block splits and gathers
     the stream, and the first of 2 pipeline stages, which sends its rank's 32 of 64
-    positions): the loss and the embedding's and first norm's gradients (the norm's partial
-    sums reduced: read whole here) are the unsharded model's to round-off, and a step is
-    Megatron's pattern: per block 4 all-gathers and 4 reduce-scatters (attention and MLP,
-    forward and backward) of a rank's half of the sequence, 2 x 32 x 64 fp32 = 11 packets of
+    positions), and moe-tiny (its MoE layer on the gathered sequence: an all-gather in, a
+    slice out, whose adjoints are a slice and an all-gather): the loss and the embedding's
+    and first norm's gradients (the norm's partial sums reduced: read whole here) are the
+    unsharded model's to round-off, and a step is Megatron's pattern: per block 4
+    all-gathers and 4 reduce-scatters (attention and MLP, forward and backward; an MoE
+    block 4 and 2) of a rank's half of the sequence, 2 x 32 x 64 fp32 = 11 packets of
     1500 B (half an all-reduce's 22: the same bytes), plus one all-gather at each end of the
     stream (the first block's input gradient; the last block's output, not for a stage that
     sends on)."""
+    # case: (blocks, all-gathers and reduce-scatters per block, stream ends gathered, output shape)
+    cases = {
+        "whole": (2, 4, 4, 2, [2, 64, 256]),
+        "one_block": (1, 4, 4, 2, [2, 64, 256]),
+        "stage0": (1, 4, 4, 1, [2, 32, 64]),
+        "moe": (2, 4, 2, 2, [2, 64, 256]),  # the MoE layer's gather and its adjoint: no scatter
+    }
     for r in ranks[:2]:
-        for case, blocks, ends, width in (("whole", 2, 2, 64), ("one_block", 1, 2, 64), ("stage0", 1, 1, 32)):
+        for case, (blocks, block_gathers, block_scatters, ends, shape) in cases.items():
             sp = r["subgroups"]["sequence_parallel"][case]
-            assert sp["shape"] == [2, width, 64 if case == "stage0" else 256], case
+            assert sp["shape"] == shape, case
             assert sp["losses"][0] == pytest.approx(sp["losses"][1], rel=1e-5), case
             assert sp["tok"] < 1e-5 and sp["ln1"] < 1e-5, case
             counts = sp["counts"]
-            gathers, scatters = 4 * blocks + ends, 4 * blocks
+            gathers, scatters = block_gathers * blocks + ends, block_scatters * blocks
             for kind, calls in (("all_gather", gathers), ("reduce_scatter", scatters)):
                 assert counts[kind] == {"calls": calls, "packets_sent": 11 * calls, "packets_lost": 0}, case
             assert counts["all_reduce"]["calls"] == 1  # the test's own: the norm's gradient read whole

@@ -278,31 +278,30 @@ def tensor_parallel(
     return model
 
 
-def _gathered(seq: Shard, whole: Replicate) -> ParallelStyle:
-    """A module run on the whole sequence inside a sequence-parallel stream: its input
-    gathered, its output sliced back to this rank's positions."""
+def _converted(outside: Shard | Replicate, inside: Shard | Replicate) -> ParallelStyle:
+    """A module whose input arrives laid out as ``outside`` and is run as ``inside``, its
+    output turned back from ``inside`` to ``outside`` (local tensors in and out)."""
     return PrepareModuleInputOutput(
-        input_layouts=(seq,),
-        desired_input_layouts=(whole,),
-        output_layouts=(whole,),
-        desired_output_layouts=(seq,),
+        input_layouts=(outside,),
+        desired_input_layouts=(inside,),
+        output_layouts=(inside,),
+        desired_output_layouts=(outside,),
         use_local_input=True,
         use_local_output=True,
     )
+
+
+def _gathered(seq: Shard, whole: Replicate) -> ParallelStyle:
+    """A module run on the whole sequence inside a sequence-parallel stream: its input
+    gathered, its output sliced back to this rank's positions."""
+    return _converted(seq, whole)
 
 
 def _stream_ends(seq: Shard, whole: Replicate, input: bool, output: bool) -> ParallelStyle:
     """The first block's input sliced to this rank's positions and/or the last block's
     output gathered (a one-block model or stage: both)."""
     if input and output:
-        return PrepareModuleInputOutput(
-            input_layouts=(whole,),
-            desired_input_layouts=(seq,),
-            output_layouts=(seq,),
-            desired_output_layouts=(whole,),
-            use_local_input=True,
-            use_local_output=True,
-        )
+        return _converted(whole, seq)
     if input:
         return PrepareModuleInput(input_layouts=(whole,), desired_input_layouts=(seq,), use_local_output=True)
     return PrepareModuleOutput(output_layouts=(seq,), desired_output_layouts=(whole,), use_local_output=True)
