@@ -275,16 +275,11 @@ def local_state(
     module attributes under DDP, and FSDP's may be unsharded)."""
     model_sd = {name: _local(p.detach()).cpu().clone() for name, p in named}
     opt_sd = opt.state_dict()
-    state = {
-        key: {k: _local(v).cpu().clone() if torch.is_tensor(v) else v for k, v in per_param.items()}
-        for key, per_param in opt_sd["state"].items()
-    }
-    dtensor = [
-        [key, k]
-        for key, per_param in opt_sd["state"].items()
-        for k, v in per_param.items()
-        if isinstance(v, DTensor)
-    ]
+    state: dict[Any, dict[str, Any]] = {}
+    dtensor = []  # [key, entry] of the DTensor entries, rebuilt by load_local_state
+    for key, per_param in opt_sd["state"].items():
+        state[key] = {k: _local(v).cpu().clone() if torch.is_tensor(v) else v for k, v in per_param.items()}
+        dtensor += [[key, k] for k, v in per_param.items() if isinstance(v, DTensor)]
     return model_sd, {"state": state, "param_groups": opt_sd["param_groups"], "dtensor": dtensor}
 
 

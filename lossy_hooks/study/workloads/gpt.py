@@ -131,9 +131,10 @@ class MoEBlocks:
     def blocks_aux_loss(self) -> torch.Tensor | None:
         r"""``aux_coef`` times the sum of the blocks' load-balancing losses of the last forward,
         :math:`c \sum_l L_{aux,l}` (``None`` for a dense model)."""
-        if self.cfg.moe is None or not self.moe_layers():
+        layers = self.moe_layers()
+        if self.cfg.moe is None or not layers:
             return None
-        return self.cfg.moe.aux_coef * torch.stack([m.aux_loss for m in self.moe_layers()]).sum()
+        return self.cfg.moe.aux_coef * torch.stack([m.aux_loss for m in layers]).sum()
 
     def moe_slot_counts(self) -> torch.Tensor | None:
         """``(dropped, routed)`` token-slots of the training forwards since
@@ -267,7 +268,7 @@ def tensor_parallel(
             plan[f"blocks.{i}.fc"] = ColwiseParallel(input_layouts=seq)
             plan[f"blocks.{i}.proj"] = RowwiseParallel(output_layouts=seq)
         else:
-            plan[f"blocks.{i}.moe"] = _gathered(seq, whole)
+            plan[f"blocks.{i}.moe"] = _converted(seq, whole)  # run on the gathered sequence
         ends = {"input": i == 0 and model.tok is not None, "output": i == len(model.blocks) - 1}
         ends["output"] &= model.head is not None
         if any(ends.values()):
@@ -289,12 +290,6 @@ def _converted(outside: Shard | Replicate, inside: Shard | Replicate) -> Paralle
         use_local_input=True,
         use_local_output=True,
     )
-
-
-def _gathered(seq: Shard, whole: Replicate) -> ParallelStyle:
-    """A module run on the whole sequence inside a sequence-parallel stream: its input
-    gathered, its output sliced back to this rank's positions."""
-    return _converted(seq, whole)
 
 
 def _stream_ends(seq: Shard, whole: Replicate, input: bool, output: bool) -> ParallelStyle:
